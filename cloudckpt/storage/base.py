@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import google_crc32c
@@ -48,6 +48,12 @@ log = logging.getLogger("cloudckpt.storage")
 #: User-metadata field that tags each write with a per-call nonce; lets a retried
 #: conditional write tell "my first attempt landed" from "someone else wrote".
 WRITER_NONCE_KEY = "cloudckpt-writer"
+
+#: Where a backend keeps temporary objects (GCS compose chunks, write probes), under the
+#: storage root. Names there end in TEMP_SUFFIX too, so bucket lifecycle rules can expire
+#: them by prefix (S3) or by suffix (GCS ``matches_suffix``) - see terraform/.
+TEMP_PREFIX = ".cloudckpt-tmp/"
+TEMP_SUFFIX = ".cloudckpt-tmp"
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -484,6 +490,14 @@ class Storage(ABC):
         fulls = [self._full(k) for k in key_list]
         url = self.url_for(key_list[0]) if len(key_list) == 1 else f"{self.url} ({len(key_list)} keys)"
         self._call(lambda: self._delete_many(fulls), url, describe="DELETE")
+
+    def server_time(self) -> datetime:
+        """The store's clock (S3/GCS: the ``Date`` header of a request), timezone-aware.
+
+        Cleanup of crashed saves compares object ages with this clock, never the local
+        one: a VM's clock can be off by minutes, the store's stamped the objects.
+        """
+        return datetime.now(timezone.utc)
 
     def close(self) -> None:
         """Stop the thread pool. The storage object stays usable (a new pool starts lazily)."""
