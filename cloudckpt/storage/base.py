@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
-import google_crc32c
-
+from cloudckpt.checksum import crc32c_base64 as crc32c_base64  # re-exported for backends
+from cloudckpt.checksum import crc32c_of as crc32c_of
 from cloudckpt.errors import (
     InvalidKeyError,
     InvalidRangeError,
@@ -207,6 +207,8 @@ class Storage(ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     #: Whether ``create`` / ``UpdateVersion`` modes are honoured atomically.
     supports_conditional_writes: bool = True
+    #: Whether large objects go up in parallel parts; without it every put is one write.
+    supports_multipart: bool = True
 
     def __init__(self, url: str, config: TransferConfig | None = None) -> None:
         self._url = url.rstrip("/")
@@ -235,6 +237,10 @@ class Storage(ABC):
     def _full(self, key: str) -> str:
         return self._prefix + validate_key(key, self.url_for(key))
 
+    def _url_of_full(self, full_key: str) -> str:
+        """The user-facing URL of a full key (for messages raised inside primitives)."""
+        return self.url_for(full_key[len(self._prefix):] if full_key.startswith(self._prefix) else full_key)
+
     def _relative(self, meta: ObjectMeta) -> ObjectMeta:
         return replace(meta, key=meta.key[len(self._prefix):])
 
@@ -250,6 +256,10 @@ class Storage(ABC):
     def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
         """Fill ``out`` from ``offset``; backends override to avoid the extra copy."""
         data = self._get_range(full_key, ByteRange.bounded(offset, offset + out.nbytes))
+        if len(data) != out.nbytes:
+            url = self._url_of_full(full_key)
+            raise InvalidRangeError(f"{url} ends before byte {offset + out.nbytes} "
+                                    f"(got {len(data)} of {out.nbytes} requested bytes)", url)
         out[:] = data
 
     @abstractmethod
@@ -342,7 +352,7 @@ class Storage(ABC):
                 return b""
         data = self._call(lambda: self._get_range(full, byte_range), url, describe="GET")
         expected = byte_range.length if byte_range is not None else None
-        if expected is not None and len(data) != expected:
+        if byte_range is not None and len(data) != expected:
             raise InvalidRangeError(
                 f"range {byte_range.http_header()} of {url} runs past the end of the object "
                 f"(got {len(data)} of {expected} bytes)", url)
@@ -416,7 +426,7 @@ class Storage(ABC):
         size = sum(b.nbytes for b in buffers)
         nonce = uuid.uuid4().hex
         meta = {**(metadata or {}), WRITER_NONCE_KEY: nonce}
-        if size <= self.config.multipart_threshold:
+        if size <= self.config.multipart_threshold or not self.supports_multipart:
             result = self._conditional_aware(
                 lambda: self._put_whole(full, buffers, mode, meta), full, url, mode, nonce, "PUT")
         else:
@@ -553,11 +563,3 @@ def _slice_concat(buffers: Sequence[memoryview], start: int, end: int) -> memory
         joined[cursor:cursor + piece.nbytes] = piece
         cursor += piece.nbytes
     return memoryview(joined)
-
-
-def crc32c_of(buffers: Sequence[memoryview]) -> int:
-    """CRC32C of the concatenation, computed as the bytes pass (hardware-accelerated)."""
-    checksum = google_crc32c.Checksum()
-    for buf in buffers:
-        checksum.update(buf)
-    return int.from_bytes(checksum.digest(), "big")
