@@ -352,7 +352,7 @@ class Storage(ABC):
                 return b""
         data = self._call(lambda: self._get_range(full, byte_range), url, describe="GET")
         expected = byte_range.length if byte_range is not None else None
-        if byte_range is not None and len(data) != expected:
+        if byte_range is not None and expected is not None and len(data) != expected:
             raise InvalidRangeError(
                 f"range {byte_range.http_header()} of {url} runs past the end of the object "
                 f"(got {len(data)} of {expected} bytes)", url)
