@@ -34,6 +34,7 @@ __all__ = [
     "TransferConfig",
     "UpdateVersion",
     "WriteMode",
+    "join_url",
     "open_storage",
     "split_url",
     "url_scheme",
@@ -70,6 +71,14 @@ def open_storage(url: str | os.PathLike[str], **options: Any) -> Storage:
         return GCSStorage(text, **options)
     from cloudckpt.storage.fsspec_store import FsspecStorage
     return FsspecStorage(text, **options)
+
+
+def join_url(directory: str | os.PathLike[str], name: str) -> str:
+    """``directory`` + ``/`` + ``name``, for URLs and local paths alike."""
+    text = os.fspath(directory)
+    if "://" in text:
+        return f"{text.rstrip('/')}/{name}"
+    return os.path.join(text, name)
 
 
 def split_url(path: str | os.PathLike[str]) -> tuple[str, str]:
