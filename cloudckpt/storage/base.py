@@ -480,13 +480,13 @@ class Storage(ABC):
 
         try:
             return self._call(op, url, describe=describe, on_retry=mark)
-        except (PreconditionError, NotFoundError):
+        except (PreconditionError, NotFoundError) as refused:
             if not retried:
                 raise
             try:
-                current = self._head(full)
-            except Exception:
-                raise
+                current = self._call(lambda: self._head(full), url, describe="HEAD")
+            except NotFoundError:
+                raise refused from None  # nothing landed: the refusal stands (not the HEAD's 404)
             if current.metadata.get(WRITER_NONCE_KEY) == nonce:
                 log.info("%s %s: an earlier attempt had landed; treating as success", describe, url)
                 return current

@@ -1,0 +1,747 @@
+"""Google Cloud Storage backend (``gs://bucket/prefix``) on google-cloud-storage.
+
+How each verb maps onto GCS, and why:
+
+- **Small writes** (``put`` up to ``multipart_threshold``) are one *simple* upload
+  (``uploadType=multipart``: JSON metadata + bytes in one ``multipart/related``
+  request), whatever the size. google-cloud-storage switches to a resumable upload
+  above 8 MiB, and fake-gcs-server silently drops ``ifGenerationMatch`` on resumable
+  uploads, so a create-if-absent or compare-and-swap write must never take that path.
+  The request is sent through the client's authorized session (the library's only
+  way to force a simple upload is a private method whose signature changed between
+  2.x and 3.x), streamed from the caller's buffers without joining them.
+- **Large writes** are a *parallel composite upload*: each part becomes a temporary
+  object under ``<root>/.cloudckpt-tmp/<upload id>/`` whose name ends in
+  ``.cloudckpt-tmp`` (so a bucket lifecycle rule with ``matches_suffix`` expires
+  whatever a SIGKILL left behind), uploaded concurrently by the base class's pool;
+  ``compose`` then concatenates them into the final key (a tree of compose calls when
+  there are more than 32), and every temporary object is deleted - on failure too.
+  GCS has no minimum part size for compose (S3's 5 MiB minimum does not apply).
+  fake-gcs-server has no XML multipart API, which is why compose and not
+  ``transfer_manager.upload_chunks_concurrently``.
+- **Conditional writes**: ``create`` is ``ifGenerationMatch=0``, ``UpdateVersion(g)``
+  is ``ifGenerationMatch=g`` - on the simple upload and on the final compose. Some
+  servers (fake-gcs-server 1.54, measured) ignore preconditions on compose, copy and
+  rewrite; a one-time probe per bucket detects that, and a conditional write above
+  the threshold then goes up as one simple upload (correct, not parallel).
+- **Integrity**: the CRC32C of every upload is sent (``crc32c`` in the object
+  resource, base64 of the big-endian value) so GCS rejects corrupted bytes; the value
+  the server reports back is compared too, because fake-gcs-server does not verify it.
+  A composite object has no MD5, only a CRC32C; the backend checks it against the
+  CRC32C combined from the parts' values (no extra pass over the data).
+- **Reads** are ranged GETs of ``alt=media`` through the authorized session, read
+  straight into the destination buffer in slices.
+- **Retries**: every library call gets ``retry=None`` and the raw requests have none,
+  so the base class's ``_call`` is the one retry layer.
+- **Deletes** go one request per key: fake-gcs-server has no batch endpoint.
+
+Capabilities: conditional writes yes; server-side CRC32C yes; listing is a plain
+string prefix (temporary objects are hidden unless the listed prefix is inside
+``TEMP_PREFIX``, which is how cleanup tooling finds them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from http.client import HTTPException
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import requests
+import urllib3
+from google.api_core import exceptions as api_exceptions
+from google.api_core.datetime_helpers import from_rfc3339
+from google.auth import exceptions as auth_exceptions
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.cloud import storage as gcs
+
+from cloudckpt.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    BucketNotFoundError,
+    ChecksumError,
+    InvalidRangeError,
+    InvalidURLError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    StorageError,
+    TransientError,
+)
+from cloudckpt.storage.base import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    ByteRange,
+    MultipartUpload,
+    ObjectMeta,
+    Storage,
+    TransferConfig,
+    UpdateVersion,
+    WriteMode,
+    crc32c_base64,
+    crc32c_of,
+)
+
+log = logging.getLogger("cloudckpt.storage")
+
+#: (connect, read) seconds for every request; a stalled connection becomes a retryable
+#: timeout instead of a hang.
+TIMEOUT = (30.0, 120.0)
+#: GCS composes at most this many sources in one call.
+MAX_COMPOSE_SOURCES = 32
+#: Project name used against an emulator, which needs one but checks none.
+EMULATOR_PROJECT = "cloudckpt-emulator"
+#: Bytes per ``readinto`` while streaming a ranged read into the caller's buffer.
+_READ_SLICE = 1024 * 1024
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    requests.ConnectionError,  # includes resets and connect timeouts
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,  # a reset or short body while streaming a read
+    urllib3.exceptions.TimeoutError,
+    HTTPException,
+    ConnectionError,
+    TimeoutError,
+    auth_exceptions.TransportError,  # token endpoint unreachable
+)
+
+
+# ---------------------------------------------------------------------- clients
+class _ClientCache:
+    """One ``storage.Client`` per process and configuration.
+
+    Why: a client owns an HTTP connection pool and (for real credentials) a token that
+    refreshes itself; building one per storage object would redo the auth handshake
+    and defeat connection reuse. A forked child must not share its parent's sockets,
+    so the cache is keyed by PID and a child builds its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[Any, ...], gcs.Client] = {}
+        self._pid = os.getpid()
+
+    def get(self, project: str | None, credentials: Credentials | None) -> gcs.Client:
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
+        key = (emulator, project, credentials)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._clients.clear()
+                self._pid = os.getpid()
+            client = self._clients.get(key)
+            if client is None:
+                client = _build_client(project, credentials, emulator)
+                self._clients[key] = client
+            return client
+
+    def reset_after_fork(self) -> None:
+        """A lock held by another thread at fork time would stay held forever in the child."""
+        self._lock = threading.Lock()
+        self._clients = {}
+        self._pid = os.getpid()
+
+
+def _build_client(project: str | None, credentials: Credentials | None, emulator: str | None) -> gcs.Client:
+    """Against an emulator: anonymous credentials and a dummy project; else google-auth's chain."""
+    if emulator is not None:
+        return gcs.Client(project=project or EMULATOR_PROJECT,
+                          credentials=credentials or AnonymousCredentials())  # type: ignore[no-untyped-call]
+    return gcs.Client(project=project, credentials=credentials)
+
+
+_CLIENTS = _ClientCache()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_CLIENTS.reset_after_fork)
+
+#: Whether compose honours ``ifGenerationMatch``, per (endpoint, bucket), probed once.
+_COMPOSE_PRECONDITIONS: dict[tuple[str, str], bool] = {}
+_COMPOSE_PROBE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------- helpers
+def _generation_match(mode: WriteMode) -> int | None:
+    """``ifGenerationMatch`` for a write mode: 0 = must not exist, g = must be at g."""
+    if mode == "create":
+        return 0
+    if isinstance(mode, UpdateVersion):
+        try:
+            return int(mode.version)
+        except ValueError:
+            return -1  # matches no generation: a version from another store is stale here
+    return None
+
+
+def _precondition_error(mode: WriteMode, url: str) -> PreconditionError:
+    if mode == "create":
+        return AlreadyExistsError(f"{url} already exists (put mode='create')", url)
+    assert isinstance(mode, UpdateVersion)
+    return PreconditionError(
+        f"{url} is no longer at generation {mode.version} (or is absent): another writer changed it", url)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and value:
+        parsed: datetime = from_rfc3339(value)  # type: ignore[no-untyped-call]
+        return parsed
+    return None
+
+
+def _meta_from_resource(resource: Mapping[str, Any]) -> ObjectMeta:
+    """ObjectMeta from a JSON object resource (``key`` is the full name)."""
+    return ObjectMeta(
+        key=str(resource["name"]),
+        size=int(resource.get("size", 0)),
+        version=str(resource["generation"]) if resource.get("generation") is not None else None,
+        last_modified=_parse_time(resource.get("updated") or resource.get("timeCreated")),
+        metadata=dict(resource.get("metadata") or {}),
+    )
+
+
+def _meta_from_blob(blob: gcs.Blob) -> ObjectMeta:
+    return ObjectMeta(
+        key=str(blob.name),
+        size=int(blob.size or 0),
+        version=str(blob.generation) if blob.generation is not None else None,
+        last_modified=blob.updated or blob.time_created,
+        metadata=dict(blob.metadata or {}),
+    )
+
+
+def _raise_for_status(response: requests.Response) -> None:
+    """Turn an HTTP error of a raw request into the google.api_core exception the library raises."""
+    if response.status_code >= 400:
+        raise api_exceptions.from_http_response(response)  # type: ignore[no-untyped-call]
+
+
+class _StreamedBody:
+    """A request body sent piece by piece from the caller's buffers.
+
+    Why: joining metadata + payload into one ``bytes`` would copy every byte once more
+    (64 MiB per in-flight write at the default threshold). requests sends an iterable
+    with a known ``len`` as a plain Content-Length body; iterating again restarts it,
+    so a re-send (google-auth retries once after refreshing a rejected token) is whole.
+    """
+
+    def __init__(self, pieces: Sequence[memoryview]) -> None:
+        self._pieces = [p for p in pieces if p.nbytes]
+        self._length = sum(p.nbytes for p in self._pieces)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return iter(self._pieces)
+
+
+# CRC32C (Castagnoli), reflected polynomial. combine() follows zlib's crc32_combine:
+# crc(A + B) = crc(A) * x^(8 * len(B)) mod P  xor  crc(B).
+_CRC32C_POLY = 0x82F63B78
+
+
+def _gf2_multiply(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC32C polynomial, both in reflected bit order."""
+    mask = 1 << 31
+    product = 0
+    while True:
+        if a & mask:
+            product ^= b
+            if a & (mask - 1) == 0:
+                return product
+        mask >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+
+
+def _x_to_the_2_to_the(n: int) -> list[int]:
+    table = [1 << 30]  # x^1
+    for _ in range(1, n):
+        table.append(_gf2_multiply(table[-1], table[-1]))
+    return table
+
+
+_X2N = _x_to_the_2_to_the(32)
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """CRC32C of ``A + B`` from the CRC32C of each and the length of ``B`` (no data pass)."""
+    power = 1 << 31  # x^0
+    k = 3  # x^(8 * length_b) = product of x^(2^k) over the set bits of length_b, shifted by 3
+    n = length_b
+    while n:
+        if n & 1:
+            power = _gf2_multiply(_X2N[k & 31], power)
+        n >>= 1
+        k += 1
+    return _gf2_multiply(power, crc_a) ^ crc_b
+
+
+# ---------------------------------------------------------------------- storage
+class GCSStorage(Storage):
+    """``gs://bucket/prefix`` on Google Cloud Storage (or fake-gcs-server).
+
+    Args:
+        url: ``gs://bucket`` or ``gs://bucket/prefix`` (``gcs://`` is accepted too).
+        client: a ready ``google.cloud.storage.Client``; used as-is (a forked child
+            must build its own). Without it, one shared client per process is built
+            from ``project`` / ``credentials``: anonymous credentials and a dummy
+            project when ``STORAGE_EMULATOR_HOST`` is set, else google-auth's default
+            chain. Concurrency above 10 wants a client whose session has a larger
+            connection pool (requests' default is 10 per host).
+        project: billing/owner project; inferred from the environment when omitted.
+        credentials: google-auth credentials (they refresh themselves).
+        config: part sizes, concurrency, bandwidth cap and retry policy.
+        kms_key_name: Cloud KMS key that encrypts the objects written (CMEK).
+        storage_class: storage class of the objects written (e.g. ``"NEARLINE"``);
+            temporary parts are always ``STANDARD``, which has no minimum storage
+            duration to pay for when they are deleted a moment later.
+        user_project: project billed for requests to a requester-pays bucket.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("gs", "gcs")
+
+    def __init__(self, url: str, *, client: gcs.Client | None = None, project: str | None = None,
+                 credentials: Credentials | None = None, config: TransferConfig | None = None,
+                 kms_key_name: str | None = None, storage_class: str | None = None,
+                 user_project: str | None = None) -> None:
+        bucket, prefix = _parse_url(url)
+        root = f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
+        super().__init__(root, config)
+        self.bucket_name = bucket
+        self._key_prefix = f"{prefix}/" if prefix else ""
+        self._given_client = client
+        self._project = project
+        self._credentials = credentials
+        self.kms_key_name = kms_key_name
+        self.storage_class = storage_class
+        self.user_project = user_project
+        self._bucket_seen = False
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def _prefix(self) -> str:
+        return self._key_prefix
+
+    @property
+    def client(self) -> gcs.Client:
+        """The client in use: the one given, or this process's shared one."""
+        if self._given_client is not None:
+            return self._given_client
+        return _CLIENTS.get(self._project, self._credentials)
+
+    def _bucket(self) -> gcs.Bucket:
+        return self.client.bucket(self.bucket_name, user_project=self.user_project)
+
+    def _blob(self, full_key: str) -> gcs.Blob:
+        return self._bucket().blob(full_key, kms_key_name=self.kms_key_name)
+
+    def _endpoint(self) -> str:
+        client = self.client
+        endpoint = getattr(client, "api_endpoint", None) or client._connection.API_BASE_URL
+        return str(endpoint).rstrip("/")
+
+    def _session(self) -> requests.Session:
+        """The client's authorized session (it adds and refreshes the OAuth token)."""
+        session: requests.Session = self.client._http
+        return session
+
+    def _query(self, **extra: Any) -> dict[str, str]:
+        params = {k: str(v) for k, v in extra.items() if v is not None}
+        if self.user_project is not None:
+            params["userProject"] = self.user_project
+        return params
+
+    def _temp_name(self, upload_id: str, part: str) -> str:
+        return f"{self._prefix}{TEMP_PREFIX}{upload_id}/{part}{TEMP_SUFFIX}"
+
+    # ------------------------------------------------------------------ reads
+    def _head(self, full_key: str) -> ObjectMeta:
+        blob = self._blob(full_key)
+        blob.reload(projection="noAcl", timeout=TIMEOUT, retry=None)
+        return _meta_from_blob(blob)
+
+    def _media_url(self, full_key: str) -> str:
+        return (f"{self._endpoint()}/download/storage/v1/b/{quote(self.bucket_name, safe='')}"
+                f"/o/{quote(full_key, safe='')}")
+
+    def _media_get(self, full_key: str, range_header: str | None) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}  # no transcoding: ranges count stored bytes
+        if range_header is not None:
+            headers["Range"] = range_header
+        response = self._session().get(self._media_url(full_key), params=self._query(alt="media"),
+                                       headers=headers, stream=True, timeout=TIMEOUT)
+        if response.status_code >= 400:
+            try:
+                response.content  # noqa: B018 - the error body, for the message
+            finally:
+                response.close()
+            _raise_for_status(response)
+        return response
+
+    def _get_range(self, full_key: str, byte_range: ByteRange | None) -> bytes:
+        if byte_range is not None and byte_range.suffix_length == 0:
+            self._head(full_key)  # "bytes=-0" is unsatisfiable; still fail for a missing key
+            return b""
+        header = byte_range.http_header() if byte_range is not None else None
+        # A 200 (whole object) answers a range only if that range covers the whole object.
+        whole_ok = byte_range is None or byte_range.suffix_length is not None or byte_range == ByteRange(0)
+        with self._media_get(full_key, header) as response:
+            if response.status_code != 206 and not whole_ok:
+                where = self._url_for_full(full_key)
+                raise StorageError(f"server ignored Range {header} for {where}", where)
+            return response.content
+
+    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
+        url = self._url_for_full(full_key)
+        header = ByteRange.bounded(offset, offset + out.nbytes).http_header()
+        with self._media_get(full_key, header) as response:
+            if response.status_code != 206:
+                raise StorageError(f"server ignored Range {header} for {url}", url)
+            filled = 0
+            while filled < out.nbytes:
+                n = response.raw.readinto(out[filled:filled + _READ_SLICE])
+                if not n:
+                    break
+                filled += n
+        if filled != out.nbytes:
+            raise InvalidRangeError(
+                f"range {header} of {url} runs past the end of the object "
+                f"(got {filled} of {out.nbytes} bytes)", url)
+
+    def _list(self, full_prefix: str) -> Iterator[ObjectMeta]:
+        temp_root = self._prefix + TEMP_PREFIX
+        show_temp = full_prefix.startswith(temp_root)
+        blobs = self.client.list_blobs(self._bucket(), prefix=full_prefix or None, projection="noAcl",
+                                       timeout=TIMEOUT, retry=None)
+        for blob in blobs:
+            if not show_temp and str(blob.name).startswith(temp_root):
+                continue  # a composite upload in flight (or abandoned) is not an object
+            yield _meta_from_blob(blob)
+
+    # ------------------------------------------------------------------ writes
+    def _upload(self, full_key: str, buffers: Sequence[memoryview], *, generation_match: int | None,
+                metadata: Mapping[str, str] | None, storage_class: str | None) -> ObjectMeta:
+        """One simple (non-resumable) upload; returns the new object's metadata.
+
+        Raises the SDK's ``PreconditionFailed`` on 412 (callers map it by mode) and
+        ``ChecksumError`` when the server stored other bytes than were sent.
+        """
+        crc = crc32c_base64(crc32c_of(buffers))
+        resource: dict[str, Any] = {"name": full_key, "contentType": "application/octet-stream",
+                                    "crc32c": crc}
+        if metadata:
+            resource["metadata"] = dict(metadata)
+        if storage_class is not None:
+            resource["storageClass"] = storage_class
+        boundary = f"cloudckpt-{uuid.uuid4().hex}"
+        head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                f"{json.dumps(resource)}\r\n"
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        # requests' stubs do not know that an iterable of buffers with a len() is a body.
+        body: Any = _StreamedBody([memoryview(head), *buffers, memoryview(tail)])
+        url = f"{self._endpoint()}/upload/storage/v1/b/{quote(self.bucket_name, safe='')}/o"
+        params = self._query(uploadType="multipart", ifGenerationMatch=generation_match,
+                             kmsKeyName=self.kms_key_name)
+        response = self._session().post(
+            url, params=params, data=body, timeout=TIMEOUT,
+            headers={"Content-Type": f'multipart/related; boundary="{boundary}"'})
+        _raise_for_status(response)
+        stored = response.json()
+        if stored.get("crc32c") not in (None, crc):
+            where = self._url_for_full(full_key)
+            raise ChecksumError(f"{where}: server stored CRC32C {stored['crc32c']}, sent {crc}; "
+                                "the bytes were corrupted in transit")
+        return _meta_from_resource(stored)
+
+    def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: WriteMode,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        try:
+            return self._upload(full_key, buffers, generation_match=_generation_match(mode),
+                                metadata=metadata, storage_class=self.storage_class)
+        except api_exceptions.PreconditionFailed as exc:
+            raise _precondition_error(mode, self._url_for_full(full_key)) from exc
+
+    def _begin_multipart(self, full_key: str, mode: WriteMode, metadata: Mapping[str, str],
+                         size: int, part_size: int) -> MultipartUpload:
+        if mode != "overwrite" and not self._compose_honours_preconditions():
+            log.debug("compose ignores preconditions on %s: writing %s in one request",
+                      self.bucket_name, self._url_for_full(full_key))
+            return _WholeUpload(self, full_key, mode, metadata)
+        return _CompositeUpload(self, full_key, mode, metadata)
+
+    def _compose_honours_preconditions(self) -> bool:
+        """Probe once per bucket whether compose enforces ``ifGenerationMatch``.
+
+        Composes a scratch temporary object onto itself with ``ifGenerationMatch=0``:
+        GCS answers 412; a server that ignores the condition (fake-gcs-server) succeeds.
+        """
+        key = (self._endpoint(), self.bucket_name)
+        with _COMPOSE_PROBE_LOCK:
+            known = _COMPOSE_PRECONDITIONS.get(key)
+        if known is not None:
+            return known
+        probe = self._temp_name(uuid.uuid4().hex, "compose-precondition-probe")
+        self._upload(probe, [memoryview(b"")], generation_match=None, metadata=None,
+                     storage_class="STANDARD")
+        try:
+            blob = self._blob(probe)
+            blob.compose([blob], if_generation_match=0, timeout=TIMEOUT, retry=None)
+            honoured = False
+        except api_exceptions.PreconditionFailed:
+            honoured = True
+        finally:
+            self._delete_quietly([probe])
+        if not honoured:
+            log.warning("gs://%s: compose ignores ifGenerationMatch (an emulator?); conditional writes "
+                        "above the multipart threshold go up as one simple upload", self.bucket_name)
+        with _COMPOSE_PROBE_LOCK:
+            _COMPOSE_PRECONDITIONS[key] = honoured
+        return honoured
+
+    # ------------------------------------------------------------------ deletes
+    def _delete_many(self, full_keys: Sequence[str]) -> None:
+        for full_key in full_keys:
+            with contextlib.suppress(api_exceptions.NotFound):
+                self._blob(full_key).delete(timeout=TIMEOUT, retry=None)
+
+    def _delete_quietly(self, full_keys: Sequence[str]) -> None:
+        """Best-effort cleanup of temporary objects: log, never raise (lifecycle rules expire leftovers)."""
+        try:
+            self._delete_many(full_keys)
+        except Exception as exc:
+            log.warning("could not delete %d temporary objects in gs://%s: %s",
+                        len(full_keys), self.bucket_name, exc)
+
+    # ------------------------------------------------------------------ errors
+    def _is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, api_exceptions.GoogleAPICallError):
+            return exc.code in _TRANSIENT_STATUS
+        return isinstance(exc, _TRANSIENT_TYPES)
+
+    def _translate(self, exc: BaseException, url: str) -> BaseException:
+        if isinstance(exc, (auth_exceptions.DefaultCredentialsError, auth_exceptions.RefreshError)):
+            return AuthenticationError(f"GCS credentials for {url} are missing or rejected: {exc}", url)
+        if isinstance(exc, _TRANSIENT_TYPES):
+            return TransientError(f"{url}: {type(exc).__name__}: {exc}", url)
+        if not isinstance(exc, api_exceptions.GoogleAPICallError):
+            return exc  # our own errors (ChecksumError, ValueError) and programming errors pass
+        detail = f"{exc.code} {exc.message}"
+        if isinstance(exc, api_exceptions.NotFound):
+            if self._bucket_missing():
+                return BucketNotFoundError(f"bucket gs://{self.bucket_name} does not exist "
+                                           f"(or these credentials cannot see it), for {url}", url)
+            return NotFoundError(f"{url} not found", url)
+        if isinstance(exc, api_exceptions.PreconditionFailed):
+            return PreconditionError(f"{url}: precondition failed ({detail})", url)
+        if isinstance(exc, api_exceptions.Unauthorized):
+            return AuthenticationError(f"GCS rejected the credentials for {url}: {detail}", url)
+        if isinstance(exc, api_exceptions.Forbidden):
+            return PermissionDeniedError(f"permission denied for {url}: {detail}", url)
+        if isinstance(exc, api_exceptions.RequestRangeNotSatisfiable):
+            return InvalidRangeError(f"byte range not satisfiable for {url} (starts past the end?)", url)
+        if exc.code in _TRANSIENT_STATUS:
+            return TransientError(f"{url}: {detail}", url)
+        return StorageError(f"GCS request for {url} failed: {detail}", url)
+
+    def _bucket_missing(self) -> bool:
+        """Tell a missing bucket from a missing object: both are a bare 404 on some servers.
+
+        Costs one bucket GET on the first 404 only; once the bucket was seen, a 404 is
+        an object's. An inconclusive probe (403, network) counts as "bucket exists".
+        """
+        if self._bucket_seen:
+            return False
+        try:
+            response = self._session().get(
+                f"{self._endpoint()}/storage/v1/b/{quote(self.bucket_name, safe='')}",
+                params=self._query(fields="name"), timeout=TIMEOUT)
+            response.close()
+        except Exception as exc:
+            log.debug("bucket probe of gs://%s failed: %s", self.bucket_name, exc)
+            return False
+        if response.status_code == 404:
+            return True
+        self._bucket_seen = True
+        return False
+
+    def _url_for_full(self, full_key: str) -> str:
+        return self.url_for(full_key[len(self._prefix):])
+
+    # ------------------------------------------------------------------ clock
+    def server_time(self) -> datetime:
+        """GCS's clock: the ``Date`` header of a bucket GET (any status carries one)."""
+        def probe() -> datetime:
+            response = self._session().get(
+                f"{self._endpoint()}/storage/v1/b/{quote(self.bucket_name, safe='')}",
+                params=self._query(fields="name"), timeout=TIMEOUT)
+            response.close()
+            date = response.headers.get("Date")
+            if not date:
+                _raise_for_status(response)
+                raise StorageError(f"no Date header from GCS for {self.url}", self.url)
+            return parsedate_to_datetime(date)
+
+        return self._call(probe, self.url, describe="server time of")
+
+
+def _parse_url(url: str) -> tuple[str, str]:
+    """``gs://bucket/a/b/`` -> ``("bucket", "a/b")``; refuse a missing bucket or '..' segments."""
+    text = os.fspath(url)
+    if "://" not in text or text.split("://", 1)[0].lower() not in GCSStorage.schemes:
+        raise InvalidURLError(f"{text!r} is not a gs:// URL", text)
+    rest = text.split("://", 1)[1]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InvalidURLError(f"{text!r} names no bucket (expected gs://bucket/prefix)", text)
+    prefix = prefix.strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise InvalidURLError(f"{text!r} has an empty, '.' or '..' path segment", text)
+    return bucket, prefix
+
+
+# ---------------------------------------------------------------------- multipart writes
+@dataclass
+class _Part:
+    name: str
+    size: int
+    crc32c: int
+
+
+class _CompositeUpload(MultipartUpload):
+    """A parallel composite upload: parts as temporary objects, then compose.
+
+    ``upload_part`` runs on pool threads; each part is a simple upload of a temporary
+    object (retries overwrite it, so they are idempotent). ``complete`` composes the
+    parts - through intermediate temporary composites when there are more than 32 -
+    into the final key with the generation precondition of the write mode, then
+    deletes every temporary object. ``abort`` deletes them too, tolerating parts that
+    never arrived. A retried ``complete`` skips the intermediate composites it already
+    made.
+    """
+
+    def __init__(self, storage: GCSStorage, full_key: str, mode: WriteMode,
+                 metadata: Mapping[str, str]) -> None:
+        self._storage = storage
+        self._full_key = full_key
+        self._mode = mode
+        self._metadata = dict(metadata)
+        self._id = uuid.uuid4().hex
+        self._parts: dict[int, _Part] = {}
+        self._intermediates: list[str] = []
+        self._composed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def upload_part(self, index: int, data: memoryview) -> None:
+        name = self._storage._temp_name(self._id, f"part-{index:06d}")
+        with self._lock:
+            self._parts[index] = _Part(name, data.nbytes, -1)  # registered first: abort finds it
+        self._storage._upload(name, [data], generation_match=None, metadata=None,
+                              storage_class="STANDARD")
+        with self._lock:
+            self._parts[index] = _Part(name, data.nbytes, crc32c_of([data]))
+
+    def _temp_names(self) -> list[str]:
+        with self._lock:
+            return [p.name for p in self._parts.values()] + list(self._intermediates)
+
+    def complete(self) -> ObjectMeta:
+        storage = self._storage
+        url = storage._url_for_full(self._full_key)
+        parts = [self._parts[i] for i in sorted(self._parts)]
+        sources = [p.name for p in parts]
+        level = 0
+        while len(sources) > MAX_COMPOSE_SOURCES:
+            next_level = []
+            for group_index, start in enumerate(range(0, len(sources), MAX_COMPOSE_SOURCES)):
+                group = sources[start:start + MAX_COMPOSE_SOURCES]
+                if len(group) == 1:
+                    next_level.append(group[0])
+                    continue
+                name = storage._temp_name(self._id, f"compose-{level}-{group_index:06d}")
+                if name not in self._composed:
+                    with self._lock:
+                        if name not in self._intermediates:
+                            self._intermediates.append(name)
+                    self._compose(storage._blob(name), group, generation_match=None)
+                    self._composed.add(name)
+                next_level.append(name)
+            sources = next_level
+            level += 1
+        final = storage._blob(self._full_key)
+        final.metadata = self._metadata
+        final.content_type = "application/octet-stream"
+        if storage.storage_class is not None:
+            final.storage_class = storage.storage_class
+        try:
+            self._compose(final, sources, generation_match=_generation_match(self._mode))
+        except api_exceptions.PreconditionFailed as exc:
+            # Over either way: another writer won, or an earlier attempt of ours landed
+            # (the base class checks the writer nonce). The parts are no longer needed.
+            storage._delete_quietly(self._temp_names())
+            raise _precondition_error(self._mode, url) from exc
+        storage._delete_quietly(self._temp_names())
+        self._check_crc32c(final, parts, url)
+        return _meta_from_blob(final)
+
+    def _compose(self, destination: gcs.Blob, sources: Sequence[str], generation_match: int | None) -> None:
+        bucket = self._storage._bucket()
+        destination.compose([bucket.blob(name) for name in sources], if_generation_match=generation_match,
+                            timeout=TIMEOUT, retry=None)
+
+    @staticmethod
+    def _check_crc32c(final: gcs.Blob, parts: Sequence[_Part], url: str) -> None:
+        """Compare the composite's CRC32C with the one combined from the parts (no data pass)."""
+        if final.crc32c is None:
+            return
+        combined = parts[0].crc32c
+        for part in parts[1:]:
+            combined = crc32c_combine(combined, part.crc32c, part.size)
+        if final.crc32c != crc32c_base64(combined):
+            raise ChecksumError(f"{url}: composite object has CRC32C {final.crc32c}, "
+                                f"its parts combine to {crc32c_base64(combined)}")
+
+    def abort(self) -> None:
+        names = self._temp_names()
+        if names:
+            self._storage._delete_quietly(names)
+
+
+class _WholeUpload(MultipartUpload):
+    """A conditional write above the threshold on a server whose compose ignores preconditions.
+
+    Parts are only collected (views of the caller's buffers, which outlive ``put``);
+    ``complete`` sends them as one simple upload, the one path with an enforced
+    ``ifGenerationMatch``. Correct, not parallel - real GCS never takes this path.
+    """
+
+    def __init__(self, storage: GCSStorage, full_key: str, mode: WriteMode,
+                 metadata: Mapping[str, str]) -> None:
+        self._storage = storage
+        self._full_key = full_key
+        self._mode = mode
+        self._metadata = metadata
+        self._parts: dict[int, memoryview] = {}
+        self._lock = threading.Lock()
+
+    def upload_part(self, index: int, data: memoryview) -> None:
+        with self._lock:
+            self._parts[index] = data
+
+    def complete(self) -> ObjectMeta:
+        buffers = [self._parts[i] for i in sorted(self._parts)]
+        return self._storage._put_whole(self._full_key, buffers, self._mode, self._metadata)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._parts.clear()
