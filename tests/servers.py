@@ -138,9 +138,10 @@ def _wait_s3_writable(endpoint: str, process: subprocess.Popen[bytes], log_path:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1",
-                          config=Config(retries={"max_attempts": 1}))
+    # The environment's credentials: ``weed`` reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+    # at start-up (conftest sets dummy ones) and then enforces them on every request.
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          config=Config(retries={"total_max_attempts": 1}))
     bucket = "cloudckpt-ready-probe"
     deadline = time.monotonic() + READY_TIMEOUT
     last: Exception | None = None

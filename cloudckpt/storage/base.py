@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 from cloudckpt.checksum import crc32c_base64 as crc32c_base64  # re-exported for backends
 from cloudckpt.checksum import crc32c_of as crc32c_of
 from cloudckpt.errors import (
+    BucketNotFoundError,
     InvalidKeyError,
     InvalidRangeError,
     NotFoundError,
@@ -335,8 +336,12 @@ class Storage(ABC):
         return self._relative(self._call(lambda: self._head(full), self.url_for(key), describe="HEAD"))
 
     def exists(self, key: str) -> bool:
+        """Whether ``key`` exists. A missing *bucket* is an error, not "no such key":
+        a mistyped bucket must not look like "no checkpoint yet"."""
         try:
             self.head(key)
+        except BucketNotFoundError:
+            raise
         except NotFoundError:
             return False
         return True

@@ -1,0 +1,773 @@
+"""S3 (and S3-compatible stores) through boto3: ``s3://bucket/prefix``.
+
+What this backend adds to the shared machinery in ``base``:
+
+* **One client per process**, cached by endpoint/region/pool size, rebuilt in a forked
+  child (a boto3 client's connection pool must not be shared across ``fork``). The client
+  resolves credentials through the normal boto3 chain and keeps refreshable credentials
+  refreshable; endpoint and region come from ``AWS_ENDPOINT_URL(_S3)``, ``AWS_REGION`` /
+  ``AWS_DEFAULT_REGION`` and the config files unless given in code.
+* **One retry layer**: botocore's own retries are off (``total_max_attempts=1``); the
+  base class retries what ``_is_transient`` accepts.
+* **Integrity**: every PUT and every part carries the CRC32C computed while the bytes
+  pass (``ChecksumCRC32C``); stores that check it (AWS, SeaweedFS) reject damaged bytes.
+  moto accepts and ignores it.
+* **Conditional writes**: ``create`` -> ``If-None-Match: *``, ``UpdateVersion(etag)`` ->
+  ``If-Match``, on ``PutObject`` and on ``CompleteMultipartUpload``. A store that silently
+  ignores them is detected by a probe (once per bucket and process) and conditional modes
+  are refused with ``NotSupportedError``. A store that honours them on PUT but not on
+  ``CompleteMultipartUpload`` (moto ignores ``If-Match`` there) gets conditional writes of
+  any size as one PUT (S3 allows up to 5 GiB in one PUT), so they stay atomic.
+
+Where stores differ, and what callers see:
+
+* ``UpdateVersion`` on a missing key: AWS and moto answer 404, SeaweedFS 412; both come
+  out as ``PreconditionError`` ("not at that version").
+* A missing bucket: GET/LIST say ``NoSuchBucket``, but HEAD has no error body (bare 404)
+  and SeaweedFS answers PUT with 403 ``AccessDenied``; a ``HeadBucket`` on those error
+  paths tells ``BucketNotFoundError`` from ``NotFoundError`` / ``PermissionDeniedError``.
+* ETags are content hashes: writing the same bytes again keeps the version, so
+  ``UpdateVersion`` cannot see an A -> B -> A change of the object (ABA). Objects that are
+  compare-and-swapped (the manager's state file) carry a writer token and timestamps.
+* moto reports a fixed 2010 ``Initiated`` time for multipart uploads.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import logging
+import math
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, ClassVar, NamedTuple
+
+import boto3
+import botocore.exceptions as bce
+import urllib3.exceptions
+from botocore.config import Config
+
+from cloudckpt.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    BucketNotFoundError,
+    InvalidRangeError,
+    InvalidURLError,
+    NotFoundError,
+    NotSupportedError,
+    PermissionDeniedError,
+    PreconditionError,
+    StorageError,
+    TransientError,
+)
+from cloudckpt.storage.base import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    ByteRange,
+    GiB,
+    MiB,
+    MultipartUpload,
+    ObjectMeta,
+    Storage,
+    TransferConfig,
+    UpdateVersion,
+    WriteMode,
+    crc32c_of,
+)
+
+log = logging.getLogger("cloudckpt.storage")
+
+#: S3 limits: one PUT, one part (min / max), parts per upload, keys per DeleteObjects.
+MAX_PUT_SIZE = 5 * GiB
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+DELETE_BATCH = 1000
+
+#: Bodies up to this size are sent as ``bytes`` (a cheap join); larger ones stream from
+#: the caller's buffers. botocore sends ``Expect: 100-continue`` for streamed bodies,
+#: which costs a round trip that small index/state writes should not pay.
+SMALL_BODY = 1 * MiB
+
+#: Response bodies are copied into the destination in slices of this size: large enough
+#: to keep per-call overhead low, small enough that the temporary stays in cache.
+READ_SLICE = 1 * MiB
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
+    "ThrottlingException", "RequestThrottled", "TooManyRequests", "RequestTimeoutException",
+})
+AUTH_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+    "TokenRefreshRequired", "MissingSecurityHeader", "InvalidSecurity",
+})
+CREDENTIAL_ERRORS = (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)
+#: Network-level failures worth retrying. botocore's ``SSLError`` is left out on purpose:
+#: it is almost always certificate validation, which no retry fixes.
+TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    bce.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+    bce.EndpointConnectionError,
+    bce.ConnectTimeoutError,
+    bce.IncompleteReadError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.ReadTimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class PendingUpload(NamedTuple):
+    """An incomplete multipart upload, as the store reports it (for cleanup tooling)."""
+
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+# ---------------------------------------------------------------------- clients
+@dataclass(frozen=True, slots=True)
+class _ClientKey:
+    pid: int
+    endpoint_url: str | None
+    env_endpoint: str | None  # what botocore will read from the environment, when not given
+    region_name: str | None
+    pool_size: int
+    path_style: bool
+
+
+_clients: dict[_ClientKey, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    """A forked child must not use the parent's connections, nor a lock held at fork time."""
+    global _clients_lock, _probe_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+    _probes.clear()
+    _probe_locks.clear()
+    _probe_lock = threading.Lock()
+
+
+def _configured_endpoint() -> str | None:
+    """The endpoint botocore will pick up from the environment, if any.
+
+    botocore reads ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` itself; we only look so
+    that a custom endpoint gets path-style addressing (``http://host/bucket/key``), which
+    every S3-compatible store understands, unlike ``http://bucket.host/key``.
+    """
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _shared_client(endpoint_url: str | None, region_name: str | None, pool_size: int) -> Any:
+    """The process-wide boto3 S3 client for these settings (created on first use)."""
+    env_endpoint = None if endpoint_url else _configured_endpoint()
+    key = _ClientKey(os.getpid(), endpoint_url, env_endpoint, region_name, pool_size,
+                     path_style=bool(endpoint_url or env_endpoint))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _new_client(key)
+            _clients[key] = client
+        return client
+
+
+def _new_client(key: _ClientKey) -> Any:
+    config = Config(
+        # One retry layer: ours (base.Storage._call). Note ``max_attempts`` would count
+        # *retries* (1 -> two tries); ``total_max_attempts`` counts tries.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=key.pool_size,
+        # botocore >= 1.36 defaults to "when_supported": it adds a CRC32 to every upload,
+        # sent as an aws-chunked body with a trailer. Several S3-compatible stores reject
+        # or mangle that encoding, and hashing every payload in Python costs CPU that a
+        # small training VM does not have. We send our own precomputed CRC32C instead.
+        request_checksum_calculation="when_required",
+        # Likewise for reads: no per-GET hashing in Python; restore verifies the CRC32C
+        # recorded per leaf in the checkpoint index, end to end.
+        response_checksum_validation="when_required",
+        s3={
+            "addressing_style": "path" if key.path_style else "auto",
+            # SigV4 would SHA-256 the whole body over plain http (and over https unless a
+            # checksum header it recognises is present): pure CPU cost. Integrity comes
+            # from the CRC32C the store verifies; TLS protects https endpoints.
+            "payload_signing_enabled": False,
+        },
+        user_agent_extra="cloudckpt",
+    )
+    # A fresh Session per client: boto3's default session is not safe to share across
+    # threads while creating clients, and a Session resolves (and later refreshes)
+    # credentials from the standard chain without freezing them.
+    session = boto3.session.Session(region_name=key.region_name)
+    return session.client("s3", endpoint_url=key.endpoint_url, config=config)
+
+
+# ---------------------------------------------------------------------- capability probes
+@dataclass(frozen=True, slots=True)
+class _MultipartConditions:
+    if_none_match: bool
+    if_match: bool
+
+
+_probes: dict[tuple[str, str, str], Any] = {}
+_probe_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_probe_lock = threading.Lock()
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+# ---------------------------------------------------------------------- small helpers
+def parse_s3_url(url: str) -> tuple[str, str, str]:
+    """``s3://bucket/a/b`` -> ``("s3", "bucket", "a/b/")``; the prefix is '' or ends in '/'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in S3Storage.schemes:
+        raise InvalidURLError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)", url)
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InvalidURLError(f"S3 URL {url!r} names no bucket (expected s3://bucket/prefix)", url)
+    prefix = prefix.strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise InvalidURLError(f"S3 URL {url!r} has an empty, '.' or '..' path segment", url)
+    return scheme.lower(), bucket, f"{prefix}/" if prefix else ""
+
+
+def _crc32c_b64(buffers: Sequence[memoryview]) -> str:
+    """S3's ``ChecksumCRC32C``: base64 of the big-endian 4-byte CRC32C."""
+    return base64.b64encode(crc32c_of(buffers).to_bytes(4, "big")).decode("ascii")
+
+
+def _etag(response: Mapping[str, Any]) -> str | None:
+    etag = response.get("ETag")
+    return etag.strip('"') if isinstance(etag, str) else None
+
+
+def _error_info(exc: bce.ClientError) -> tuple[str, int]:
+    """(error code, HTTP status) of a ClientError; HEAD errors have only the status."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if not status and code.isdigit():
+        status = int(code)
+    return code, status
+
+
+def _condition(mode: WriteMode) -> dict[str, str]:
+    """The request parameters that make a write conditional."""
+    if mode == "create":
+        return {"IfNoneMatch": "*"}
+    if isinstance(mode, UpdateVersion):
+        return {"IfMatch": f'"{mode.version}"'}
+    return {}
+
+
+class _BufferReader:
+    """A read-only, seekable file over memoryviews, so botocore streams the caller's bytes.
+
+    botocore accepts bytes, bytearray or a file-like body - not a memoryview - and would
+    otherwise force a copy of every part. ``read(n)`` hands out zero-copy slices (possibly
+    shorter than ``n`` at a buffer boundary, as a raw file may), which urllib3 passes
+    straight to ``socket.sendall``.
+    """
+
+    def __init__(self, buffers: Sequence[memoryview]) -> None:
+        self._buffers = [b for b in buffers if b.nbytes]
+        self._size = sum(b.nbytes for b in self._buffers)
+        self._pos = 0
+
+    def read(self, size: int | None = -1) -> bytes | memoryview:
+        if size is None or size < 0:
+            chunks = []
+            while piece := self.read(self._size):
+                chunks.append(bytes(piece))
+            return b"".join(chunks)
+        start = self._pos
+        for buf in self._buffers:
+            if start < buf.nbytes:
+                piece = buf[start:start + size]
+                self._pos += piece.nbytes
+                return piece
+            start -= buf.nbytes
+        return b""
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = min(max(base + offset, 0), self._size)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _body(buffers: Sequence[memoryview], size: int) -> bytes | _BufferReader:
+    """Small bodies joined into bytes (no 100-continue round trip), large ones streamed."""
+    if size <= SMALL_BODY:
+        return b"".join(buffers)
+    return _BufferReader(buffers)
+
+
+def _read_body_into(body: Any, out: memoryview) -> int:
+    """Fill ``out`` from a streaming body, slice by slice; return the bytes filled."""
+    filled = 0
+    while filled < out.nbytes:
+        n = body.readinto(out[filled:filled + READ_SLICE])
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+# ---------------------------------------------------------------------- the backend
+class S3Storage(Storage):
+    """A prefix of an S3 bucket (or of an S3-compatible store such as SeaweedFS or MinIO).
+
+    Args:
+        url: ``s3://bucket/prefix`` (``s3a://`` accepted too).
+        client: a ready boto3 S3 client. It is used as is - configure it like ours
+            (retries off, ``request_checksum_calculation="when_required"``) and do not
+            share it across ``fork``. Default: the process-wide client built here.
+        endpoint_url: overrides ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.
+        region_name: overrides ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile.
+        config: part size, concurrency, retries, bandwidth cap. The multipart threshold is
+            clamped to 5 GiB (S3's single-PUT limit).
+        sse_kms_key_id: encrypt new objects with this KMS key (SSE-KMS).
+        storage_class: e.g. ``"STANDARD_IA"`` for new objects.
+        requester_pays: send ``x-amz-request-payer: requester`` on every request.
+        check_conditional_writes: probe once per bucket that the store honours
+            ``If-None-Match`` / ``If-Match`` before the first conditional write. Turn off
+            only for a store known to honour them (saves two requests per process).
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("s3", "s3a")
+
+    def __init__(self, url: str, *, client: Any = None, endpoint_url: str | None = None,
+                 region_name: str | None = None, config: TransferConfig | None = None,
+                 sse_kms_key_id: str | None = None, storage_class: str | None = None,
+                 requester_pays: bool = False, check_conditional_writes: bool = True) -> None:
+        scheme, self.bucket, self._key_prefix = parse_s3_url(url)
+        config = config or TransferConfig()
+        if config.multipart_threshold > MAX_PUT_SIZE:
+            config = replace(config, multipart_threshold=MAX_PUT_SIZE)
+        super().__init__(f"{scheme}://{self.bucket}/{self._key_prefix}", config)
+        self._scheme = scheme
+        self._own_client = client
+        self._endpoint_url = endpoint_url
+        self._region_name = region_name
+        self._check_conditional = check_conditional_writes
+        self._payer: dict[str, str] = {"RequestPayer": "requester"} if requester_pays else {}
+        self._write_params: dict[str, str] = {}  # what new objects carry (``_loc`` adds the payer)
+        if sse_kms_key_id:
+            self._write_params.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=sse_kms_key_id)
+        if storage_class:
+            self._write_params["StorageClass"] = storage_class
+        self._bucket_seen = False
+        self._client: Any = None
+        self._client_pid = -1
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def _prefix(self) -> str:
+        return self._key_prefix
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client in use (this process's shared one unless one was given)."""
+        if self._own_client is not None:
+            return self._own_client
+        if self._client is None or self._client_pid != os.getpid():
+            pool = max(10, 2 * self.config.max_concurrency)
+            self._client = _shared_client(self._endpoint_url, self._region_name, pool)
+            self._client_pid = os.getpid()
+        return self._client
+
+    def _url_of(self, full_key: str) -> str:
+        return f"{self._scheme}://{self.bucket}/{full_key}"
+
+    def _loc(self, full_key: str) -> dict[str, Any]:
+        """Bucket, key and requester-pays: what every object request carries."""
+        return {"Bucket": self.bucket, "Key": full_key, **self._payer}
+
+    # ------------------------------------------------------------------ reads
+    def _head(self, full_key: str) -> ObjectMeta:
+        response = self.client.head_object(**self._loc(full_key))
+        self._bucket_seen = True
+        return ObjectMeta(key=full_key, size=int(response["ContentLength"]), version=_etag(response),
+                          last_modified=response.get("LastModified"),
+                          metadata=dict(response.get("Metadata") or {}))
+
+    def _get_range(self, full_key: str, byte_range: ByteRange | None) -> bytes:
+        if byte_range is not None and byte_range.suffix_length == 0:
+            self._head(full_key)  # S3 refuses "bytes=-0"; the answer is b"" if the key exists
+            return b""
+        params = self._loc(full_key)
+        if byte_range is not None:
+            params["Range"] = byte_range.http_header()
+        try:
+            response = self.client.get_object(**params)
+        except bce.ClientError as exc:
+            if byte_range is not None and _error_info(exc)[1] == 416 and self._range_at_end(full_key, byte_range):
+                return b""
+            raise
+        with contextlib.closing(response["Body"]) as body:
+            data: bytes = body.read()
+        return data
+
+    def _range_at_end(self, full_key: str, byte_range: ByteRange) -> bool:
+        """Whether a refused (416) range is an empty one at the object's end.
+
+        S3 refuses any range of an empty object and ``bytes=<size>-``; the other backends
+        answer those with ``b""``, so this one does too (checked only on the error path).
+        """
+        size = self._head(full_key).size
+        if byte_range.suffix_length is not None:
+            return size == 0
+        return byte_range.start == size
+
+    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
+        end = offset + out.nbytes
+        response = self.client.get_object(Range=f"bytes={offset}-{end - 1}", **self._loc(full_key))
+        with contextlib.closing(response["Body"]) as body:
+            length = int(response.get("ContentLength", out.nbytes))
+            filled = _read_body_into(body, out) if length >= out.nbytes else length
+        if filled < out.nbytes:
+            url = self._url_of(full_key)
+            raise InvalidRangeError(f"{url} ends before byte {end}: the requested range "
+                                    f"[{offset}, {end}) runs past the end of the object", url)
+
+    def _list(self, full_prefix: str) -> Iterator[ObjectMeta]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix, **self._payer):
+            for obj in page.get("Contents", ()):
+                yield ObjectMeta(key=obj["Key"], size=int(obj["Size"]), version=_etag(obj),
+                                 last_modified=obj.get("LastModified"))
+
+    # ------------------------------------------------------------------ writes
+    def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: WriteMode,
+                   metadata: Mapping[str, str]) -> ObjectMeta:
+        size = sum(b.nbytes for b in buffers)
+        with self._conditional_errors(full_key, mode):
+            response = self.client.put_object(
+                Body=_body(buffers, size), ContentLength=size, ChecksumCRC32C=_crc32c_b64(buffers),
+                Metadata=dict(metadata), **_condition(mode), **self._write_params, **self._loc(full_key))
+        return ObjectMeta(key=full_key, size=size, version=_etag(response), metadata=dict(metadata))
+
+    def _begin_multipart(self, full_key: str, mode: WriteMode, metadata: Mapping[str, str],
+                         size: int, part_size: int) -> MultipartUpload:
+        # Declaring CRC32C here is what lets each part carry its own ChecksumCRC32C (AWS
+        # rejects part checksums of a type the upload was not created with).
+        response = self.client.create_multipart_upload(
+            Metadata=dict(metadata), ChecksumAlgorithm="CRC32C", **self._write_params, **self._loc(full_key))
+        self._bucket_seen = True
+        return _S3Multipart(self, full_key, str(response["UploadId"]), mode, metadata, size, part_size)
+
+    def _part_size(self, size: int) -> int:
+        """At least the configured size, 5 MiB, and 1/10,000 of the object; at most 5 GiB."""
+        return min(max(self.config.part_size, math.ceil(size / MAX_PARTS), MIN_PART_SIZE), MAX_PART_SIZE)
+
+    def _put_multipart(self, full: str, url: str, buffers: Sequence[memoryview], size: int,
+                       mode: WriteMode, meta: Mapping[str, str], nonce: str) -> ObjectMeta:
+        """Multipart, unless the store ignores this mode's condition on the final request.
+
+        Then the write goes as one conditional PUT, which the probe showed is honoured.
+        """
+        if mode == "overwrite" or self._multipart_honours(mode, url):
+            return super()._put_multipart(full, url, buffers, size, mode, meta, nonce)
+        if size > MAX_PUT_SIZE:
+            raise NotSupportedError(
+                f"{url}: this store ignores conditions on CompleteMultipartUpload and the object "
+                f"({size} bytes) is above S3's 5 GiB single-PUT limit; write it with mode='overwrite'", url)
+        log.debug("%s: conditional write as one PUT (the store ignores conditions on multipart)", url)
+        return self._conditional_aware(lambda: self._put_whole(full, buffers, mode, meta),
+                                       full, url, mode, nonce, "PUT")
+
+    @contextlib.contextmanager
+    def _conditional_errors(self, full_key: str, mode: WriteMode) -> Iterator[None]:
+        """Translate a refused conditional write here, where the mode is still known."""
+        try:
+            yield
+        except bce.ClientError as exc:
+            refused = self._refusal(exc, self._url_of(full_key), mode)
+            if refused is None:
+                raise
+            raise refused from exc
+
+    @staticmethod
+    def _refusal(exc: bce.ClientError, url: str, mode: WriteMode) -> PreconditionError | None:
+        code, status = _error_info(exc)
+        if mode == "overwrite":
+            return None
+        if status == 409 and code == "ConditionalRequestConflict":
+            return PreconditionError(
+                f"{url} was written concurrently by another writer (409 {code}); re-read and retry", url)
+        if status == 412 and mode == "create":
+            return AlreadyExistsError(f"{url} already exists (mode='create')", url)
+        if isinstance(mode, UpdateVersion) and (status == 412 or code == "NoSuchKey"):
+            # AWS/moto say 404 for If-Match on a missing key, SeaweedFS 412: same meaning.
+            return PreconditionError(
+                f"{url} is not at version {mode.version!r} (changed or deleted since it was read)", url)
+        return None
+
+    def _delete_many(self, full_keys: Sequence[str]) -> None:
+        if len(full_keys) == 1:
+            self.client.delete_object(**self._loc(full_keys[0]))
+            return
+        for start in range(0, len(full_keys), DELETE_BATCH):
+            batch = full_keys[start:start + DELETE_BATCH]
+            response = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}, **self._payer)
+            errors = [e for e in response.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                raise _delete_error(errors)
+
+    # ------------------------------------------------------------------ conditional probes
+    def _require_conditional(self, url: str) -> None:
+        """Refuse conditional modes on a store that ignores ``If-None-Match`` (probed once)."""
+        if not self._check_conditional:
+            return
+        honoured = self._probe("put", self._probe_put_conditions, url)
+        if not honoured:
+            raise NotSupportedError(
+                f"{self._scheme}://{self.bucket} ignores conditional writes (If-None-Match): a "
+                f"'create' or UpdateVersion write to {url} could silently overwrite another writer; "
+                f"use a store that honours them (AWS S3, SeaweedFS, MinIO >= 2024) or mode='overwrite'", url)
+
+    def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
+        if not self._check_conditional:
+            return True
+        found: _MultipartConditions = self._probe("multipart", self._probe_multipart_conditions, url)
+        return found.if_none_match if mode == "create" else found.if_match
+
+    def _probe(self, what: str, run: Callable[[str], Any], url: str) -> Any:
+        """Run a capability probe once per (endpoint, bucket, what) in this process.
+
+        Concurrent first writers wait for one probe instead of each running their own; a
+        failed probe is not remembered, so the next conditional write tries again.
+        """
+        key = (str(self.client.meta.endpoint_url), self.bucket, what)
+        with _probe_lock:
+            lock = _probe_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in _probes:
+                _probes[key] = self._call(lambda: run(self._probe_key()), url,
+                                          describe=f"probe conditional writes ({what}) before writing")
+            return _probes[key]
+
+    def _probe_key(self) -> str:
+        return f"{self._prefix}{TEMP_PREFIX}probe-{uuid.uuid4().hex}{TEMP_SUFFIX}"
+
+    def _probe_put_conditions(self, key: str) -> bool:
+        """Write a scratch key, then create it again with If-None-Match: expect 412."""
+        self.client.put_object(Body=b"probe", **self._loc(key))
+        try:
+            self.client.put_object(Body=b"probe", IfNoneMatch="*", **self._loc(key))
+            return False
+        except bce.ClientError as exc:
+            if _error_info(exc)[1] in (409, 412):
+                return True
+            raise
+        finally:
+            self._quiet_delete(key)
+
+    def _probe_multipart_conditions(self, key: str) -> _MultipartConditions:
+        """Complete two one-part uploads onto an existing scratch key: each must get 412."""
+        self.client.put_object(Body=b"probe", **self._loc(key))
+        try:
+            return _MultipartConditions(
+                if_none_match=self._probe_completion(key, {"IfNoneMatch": "*"}),
+                if_match=self._probe_completion(key, {"IfMatch": f'"{"0" * 32}"'}))
+        finally:
+            self._quiet_delete(key)
+
+    def _probe_completion(self, key: str, condition: dict[str, str]) -> bool:
+        upload_id = self.client.create_multipart_upload(**self._loc(key))["UploadId"]
+        try:
+            part = self.client.upload_part(Body=b"probe", PartNumber=1, UploadId=upload_id, **self._loc(key))
+            self.client.complete_multipart_upload(
+                UploadId=upload_id, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+                **condition, **self._loc(key))
+            return False
+        except bce.ClientError as exc:
+            if _error_info(exc)[1] in (409, 412):
+                return True
+            raise
+        finally:
+            self._quiet_abort(key, upload_id)
+
+    def _quiet_delete(self, full_key: str) -> None:
+        try:
+            self.client.delete_object(**self._loc(full_key))
+        except Exception as exc:  # a leftover under TEMP_PREFIX is expired by the lifecycle rule
+            log.warning("could not delete probe object %s: %s", self._url_of(full_key), exc)
+
+    def _quiet_abort(self, full_key: str, upload_id: str) -> None:
+        try:
+            self._abort(full_key, upload_id)
+        except Exception as exc:
+            log.warning("could not abort multipart upload %s of %s: %s", upload_id, self._url_of(full_key), exc)
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        """Abort one multipart upload; one already gone (aborted, completed) is fine."""
+        try:
+            self.client.abort_multipart_upload(UploadId=upload_id, **self._loc(full_key))
+        except bce.ClientError as exc:
+            if _error_info(exc)[0] != "NoSuchUpload":
+                raise
+
+    # ------------------------------------------------------------------ cleanup tooling
+    def list_multipart_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Incomplete multipart uploads under ``prefix`` (keys relative to the root).
+
+        A SIGKILLed writer never aborts its upload; its parts cost storage until aborted.
+        Compare ``initiated`` with ``server_time()``, not with the local clock.
+        """
+        full_prefix = self._prefix + prefix
+
+        def fetch() -> list[PendingUpload]:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            return [PendingUpload(u["Key"][len(self._prefix):], u["UploadId"], u["Initiated"])
+                    for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix, **self._payer)
+                    for u in page.get("Uploads", ())]
+
+        return self._call(fetch, self.url_for(prefix), describe="LIST multipart uploads of")
+
+    def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        """Abort an incomplete multipart upload of ``key``; an unknown upload id is fine."""
+        full = self._full(key)
+        self._call(lambda: self._abort(full, upload_id), self.url_for(key), describe="abort multipart upload of")
+
+    def server_time(self) -> datetime:
+        """The store's clock: the ``Date`` header of a ``HeadBucket`` (error answers carry it too)."""
+        def fetch() -> str | None:
+            try:
+                headers = self.client.head_bucket(Bucket=self.bucket)["ResponseMetadata"]["HTTPHeaders"]
+            except bce.ClientError as exc:
+                headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            date = headers.get("date")
+            return str(date) if date else None
+
+        date = self._call(fetch, self.url, describe="HEAD bucket")
+        if date is None:
+            log.warning("%s sent no Date header; using the local clock", self.url)
+            return datetime.now(timezone.utc)
+        return email.utils.parsedate_to_datetime(date).astimezone(timezone.utc)
+
+    # ------------------------------------------------------------------ errors
+    def _is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, StorageError):
+            return False
+        if isinstance(exc, bce.ClientError):
+            code, status = _error_info(exc)
+            return status in TRANSIENT_STATUS or code in TRANSIENT_CODES
+        if isinstance(exc, bce.SSLError):
+            return False
+        return isinstance(exc, TRANSIENT_EXCEPTIONS)
+
+    def _translate(self, exc: BaseException, url: str) -> BaseException:
+        if isinstance(exc, StorageError):
+            return exc
+        if isinstance(exc, CREDENTIAL_ERRORS):
+            return AuthenticationError(
+                f"no usable AWS credentials for {url}: {exc} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"AWS_PROFILE, or run with an instance/workload role)", url)
+        if isinstance(exc, bce.ClientError):
+            return self._translate_client_error(exc, url)
+        if self._is_transient(exc):
+            return TransientError(f"{url} kept failing after retries: {exc}", url)
+        if isinstance(exc, bce.BotoCoreError):
+            return StorageError(f"S3 request for {url} failed: {exc}", url)
+        return exc
+
+    def _translate_client_error(self, exc: bce.ClientError, url: str) -> StorageError:
+        """Most specific first; ``url`` names the object, or the prefix for bulk calls."""
+        code, status = _error_info(exc)
+        message = exc.response.get("Error", {}).get("Message") or code
+        if code in ("NoSuchKey", "NoSuchUpload"):
+            return NotFoundError(f"{url} not found", url)
+        if code == "NoSuchBucket":
+            return self._bucket_missing_error(url)
+        if code in AUTH_CODES:
+            return AuthenticationError(f"S3 rejected the credentials for {url}: {code}: {message}", url)
+        if code == "InvalidRange" or status == 416:
+            return InvalidRangeError(f"byte range not satisfiable for {url} (beyond the object's end)", url)
+        if status == 404:
+            return self._bucket_missing_error(url) if self._bucket_missing() else NotFoundError(
+                f"{url} not found", url)
+        if status == 403 or code == "AccessDenied":
+            if self._bucket_missing():  # SeaweedFS answers writes to a missing bucket with 403
+                return self._bucket_missing_error(url)
+            return PermissionDeniedError(f"access denied to {url}: {code}: {message}", url)
+        if status == 412 or code == "ConditionalRequestConflict":
+            return PreconditionError(f"conditional request on {url} refused: {code}: {message}", url)
+        if self._is_transient(exc):
+            return TransientError(f"{url} kept failing after retries: {code} (HTTP {status}): {message}", url)
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"):
+            return StorageError(f"the store received different bytes for {url} than were sent "
+                                f"(CRC32C mismatch) - was the buffer modified during the upload?", url)
+        return StorageError(f"S3 error on {url}: {code} (HTTP {status}): {message}", url)
+
+    def _bucket_missing_error(self, url: str) -> BucketNotFoundError:
+        return BucketNotFoundError(f"bucket {self.bucket!r} of {url} does not exist", url)
+
+    def _bucket_missing(self) -> bool:
+        """Whether the bucket is gone: HEAD bucket answers 404 (checked on error paths only)."""
+        if self._bucket_seen:
+            return False
+        try:
+            self.client.head_bucket(Bucket=self.bucket, **self._payer)
+        except bce.ClientError as exc:
+            return _error_info(exc)[1] == 404
+        except Exception:
+            return False
+        self._bucket_seen = True
+        return False
+
+
+def _delete_error(errors: Sequence[Mapping[str, str]]) -> bce.ClientError:
+    """Per-key DeleteObjects failures, as a ClientError so classification stays in one place."""
+    first = errors[0]
+    message = (f"DeleteObjects failed for {len(errors)} key(s); first: {first.get('Key')!r}: "
+               f"{first.get('Message') or first.get('Code')}")
+    return bce.ClientError({"Error": {"Code": first.get("Code", "InternalError"), "Message": message}},
+                           "DeleteObjects")
+
+
+class _S3Multipart(MultipartUpload):
+    """One S3 multipart upload: parts go up concurrently, each with its CRC32C."""
+
+    def __init__(self, storage: S3Storage, full_key: str, upload_id: str, mode: WriteMode,
+                 metadata: Mapping[str, str], size: int, part_size: int) -> None:
+        self._storage = storage
+        self._key = full_key
+        self._upload_id = upload_id
+        self._mode = mode
+        self._metadata = dict(metadata)
+        self._size = size
+        self._parts: list[dict[str, Any] | None] = [None] * math.ceil(size / part_size)
+
+    def upload_part(self, index: int, data: memoryview) -> None:
+        checksum = _crc32c_b64([data])
+        response = self._storage.client.upload_part(
+            Body=_body([data], data.nbytes), ContentLength=data.nbytes, ChecksumCRC32C=checksum,
+            PartNumber=index + 1, UploadId=self._upload_id, **self._storage._loc(self._key))
+        self._parts[index] = {"PartNumber": index + 1, "ETag": response["ETag"], "ChecksumCRC32C": checksum}
+
+    def complete(self) -> ObjectMeta:
+        parts = [p for p in self._parts if p is not None]
+        if len(parts) != len(self._parts):
+            raise StorageError(f"internal error: completing {self._storage._url_of(self._key)} "
+                               f"with {len(parts)} of {len(self._parts)} parts")
+        with self._storage._conditional_errors(self._key, self._mode):
+            response = self._storage.client.complete_multipart_upload(
+                UploadId=self._upload_id, MultipartUpload={"Parts": parts}, **_condition(self._mode),
+                **self._storage._loc(self._key))
+        return ObjectMeta(key=self._key, size=self._size, version=_etag(response), metadata=self._metadata)
+
+    def abort(self) -> None:
+        url = self._storage._url_of(self._key)
+        self._storage._call(lambda: self._storage._abort(self._key, self._upload_id), url,
+                            describe="abort multipart upload of")

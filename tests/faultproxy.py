@@ -1,0 +1,244 @@
+"""A tiny fault-injecting HTTP proxy for S3 tests (stdlib only, loopback only).
+
+It sits between a client and a real S3 server (SeaweedFS) and, for requests matching a
+rule, answers with an error status, resets the connection, forwards the request and then
+drops the server's answer - the trap of conditional writes: the client cannot know that
+its write landed - or plays a store that ignores ``If-None-Match`` / ``If-Match`` (the
+server's 412 becomes a 200; the headers themselves cannot be stripped, they are signed).
+Everything else is forwarded unchanged.
+
+Bounded: every socket has a timeout, a held response is held for a bounded time, and
+``stop()`` shuts every client connection and joins the server thread with a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
+from urllib.parse import urlsplit
+
+SOCKET_TIMEOUT = 30.0
+Action = Literal["status", "reset", "drop_response", "hold_response", "ignore_conditions"]
+
+#: Hop-by-hop headers (and ones this proxy re-computes) that are never forwarded.
+_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding",
+                          "expect", "te", "trailer", "upgrade", "content-length"})
+
+
+@dataclass
+class Rule:
+    """Apply ``action`` to the next ``times`` requests that match.
+
+    A request matches when its method equals ``method`` (if given) and its path+query
+    contains ``contains`` (if given).
+    """
+
+    action: Action
+    times: int = 1
+    method: str | None = None
+    contains: str | None = None
+    status: int = 503
+    code: str = "SlowDown"
+    hold_seconds: float = 3.0
+
+    def matches(self, method: str, target: str) -> bool:
+        return (self.times > 0 and (self.method is None or self.method == method)
+                and (self.contains is None or self.contains in target))
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the proxy saw it, and what it did with it."""
+
+    method: str
+    target: str
+    action: str
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Connections reset on purpose end in errors; they are expected, not news."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream) as proxy: ...`` - point the client at ``proxy.endpoint``."""
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.upstream_host = parts.hostname or "127.0.0.1"
+        self.upstream_port = parts.port or 80
+        self._rules: list[Rule] = []
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="faultproxy", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def add(self, rule: Rule) -> Rule:
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+            self.seen.clear()
+
+    def requests(self, contains: str = "", method: str | None = None) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.seen if contains in s.target and (method is None or s.method == method)]
+
+    def _decide(self, method: str, target: str) -> Rule | None:
+        with self._lock:
+            for rule in self._rules:
+                if rule.matches(method, target):
+                    rule.times -= 1
+                    self.seen.append(Seen(method, target, rule.action))
+                    return rule
+            self.seen.append(Seen(method, target, "forward"))
+            return None
+
+    def _track(self, conn: socket.socket, active: bool) -> None:
+        with self._lock:
+            (self._connections.add if active else self._connections.discard)(conn)
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, and 100-continue handled for us
+        timeout = SOCKET_TIMEOUT
+
+        def setup(self) -> None:
+            super().setup()
+            proxy._track(self.connection, True)
+
+        def finish(self) -> None:
+            with contextlib.suppress(OSError):
+                super().finish()
+            proxy._track(self.connection, False)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self._handle()
+
+        do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+        def _handle(self) -> None:
+            body = self._read_body()
+            if body is None:
+                return
+            rule = proxy._decide(self.command, self.path)
+            action = rule.action if rule else None
+            if rule is not None and action == "status":
+                self._send_error(rule.status, rule.code)
+                return
+            if action == "reset":
+                self._reset()
+                return
+            status, reason, headers, data = self._forward(body)
+            if action == "ignore_conditions" and status == 412:
+                status, reason, headers, data = 200, "OK", [("ETag", '"' + "0" * 32 + '"')], b""
+            if rule is not None and action in ("drop_response", "hold_response"):
+                if action == "hold_response":
+                    time.sleep(min(rule.hold_seconds, SOCKET_TIMEOUT))
+                self._reset()
+                return
+            self._relay(status, reason, headers, data)
+
+        def _read_body(self) -> bytes | None:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self._send_error(501, "NotImplemented")
+                return None
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+            headers["Content-Length"] = str(len(body))
+            conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=SOCKET_TIMEOUT)
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                return response.status, response.reason, response.getheaders(), data
+            finally:
+                conn.close()
+
+        def _relay(self, status: int, reason: str, headers: list[tuple[str, str]], data: bytes) -> None:
+            self.send_response_only(status, reason)
+            for name, value in headers:
+                if name.lower() not in _HOP_HEADERS:
+                    self.send_header(name, value)
+            if self.command == "HEAD":
+                length = next((v for k, v in headers if k.lower() == "content-length"), "0")
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                return
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _send_error(self, status: int, code: str) -> None:
+            payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                       f"<Message>injected by faultproxy</Message></Error>").encode()
+            self.send_response_only(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Date", self.date_time_string())
+            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+        def _reset(self) -> None:
+            """Close with RST: the client sees a reset, never an answer."""
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            self.close_connection = True
+
+    return Handler
+
+
+@contextlib.contextmanager
+def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
+    with FaultProxy(upstream) as proxy:
+        yield proxy
