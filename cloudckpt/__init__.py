@@ -3,9 +3,57 @@
 The package imports light: cloud SDKs and torch load only when a URL or an object needs them.
 """
 
+from typing import Any
+
 from cloudckpt import errors
+from cloudckpt.async_save import SaveStats
+from cloudckpt.checkpoint import Checkpoint
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ChecksumError,
+    CloudCkptError,
+    ConcurrentWriterError,
+    NotFoundError,
+    SaveError,
+)
+from cloudckpt.loading import CheckpointReader, list_variables, load_checkpoint, load_variable
+from cloudckpt.options import CheckpointOptions
 from cloudckpt.storage import open_storage
+from cloudckpt.trackable import Trackable, Variable
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "errors", "open_storage"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointFormatError",
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointOptions",
+    "CheckpointReader",
+    "ChecksumError",
+    "CloudCkptError",
+    "ConcurrentWriterError",
+    "NotFoundError",
+    "SaveError",
+    "SaveStats",
+    "Trackable",
+    "Variable",
+    "__version__",
+    "errors",
+    "latest_checkpoint",
+    "list_variables",
+    "load_checkpoint",
+    "load_variable",
+    "open_storage",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``latest_checkpoint`` and ``CheckpointManager`` come from ``cloudckpt.manager``, loaded on first use."""
+    if name in ("latest_checkpoint", "CheckpointManager"):
+        from cloudckpt import manager
+        return getattr(manager, name)
+    raise AttributeError(f"module 'cloudckpt' has no attribute {name!r}")

@@ -21,6 +21,7 @@ Every message names the URL or key at fault.
     │   └── InvalidURLError(ValueError)            unknown scheme, missing bucket
     ├── ChecksumError                              CRC32C mismatch on read
     ├── CheckpointFormatError(ValueError)          malformed or unknown index
+    ├── CheckpointMismatchError(ValueError)        stored shape/dtype/type differs from the object
     ├── CheckpointNotFoundError(NotFoundError)     no index at a checkpoint path
     ├── ConcurrentWriterError                      another writer claimed the directory
     └── SaveError                                  background / multi-rank save failed
@@ -95,6 +96,13 @@ class ChecksumError(CloudCkptError):
 
 class CheckpointFormatError(CloudCkptError, ValueError):
     """A checkpoint index that is malformed, hostile, or of an unknown format version."""
+
+
+class CheckpointMismatchError(CloudCkptError, ValueError):
+    """A checkpoint value does not fit the object it would restore into (shape, dtype, type).
+
+    Raised while validating, before anything is assigned: the objects are left untouched.
+    """
 
 
 class CheckpointNotFoundError(NotFoundError):

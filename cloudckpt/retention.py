@@ -68,7 +68,7 @@ class SweepResult:
     """What one sweep decided. ``preserved`` leave the active list but stay on store."""
 
     deleted: list[str] = field(default_factory=list)
-    preserved: list[str] = field(default_factory=list)
+    preserved: dict[str, float] = field(default_factory=dict)
     last_preserved_timestamp: float = 0.0
 
 
@@ -96,7 +96,7 @@ class RetentionPolicy:
             timestamp = active.pop(name)
             if self.preserve is not None and self.preserve.preserves(timestamp, result.last_preserved_timestamp):
                 result.last_preserved_timestamp = timestamp
-                result.preserved.append(name)
+                result.preserved[name] = timestamp
             else:
                 result.deleted.append(name)
         return result

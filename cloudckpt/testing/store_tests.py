@@ -111,7 +111,7 @@ class StorageContract:
         store.put("ranged", data)
         out = np.zeros(7 * MiB + 5, dtype=np.uint8)
         small = bytearray(100)
-        store.read_into([ReadRequest("ranged", 1234, memoryview(out)),
+        store.read_into([ReadRequest("ranged", 1234, out.data),
                          ReadRequest("ranged", 42, memoryview(small))])
         assert out.tobytes() == data[1234:1234 + out.nbytes]
         assert bytes(small) == data[42:142]

@@ -1,0 +1,189 @@
+"""Async saves: snapshot on the caller's thread, upload and commit on one background worker.
+
+Better than TensorFlow's in three ways: a background failure is re-raised (by the next
+``save`` and by ``sync``) instead of only logged; the stored ``save_counter`` is the
+true one (the snapshot is taken after the increment); and the staging memory is bounded
+by a budget and reused between saves instead of growing with every save.
+
+When the state exceeds the budget, what does not fit is uploaded straight from the live
+objects before ``save`` returns - the caller is blocked for that part, which the stats'
+``blocked_seconds`` and ``overflow_bytes`` show.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cloudckpt.errors import ConcurrentWriterError, SaveError
+from cloudckpt.graph import ArrayLeaf, Collected
+
+log = logging.getLogger("cloudckpt.async_save")
+
+_ALIGN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SaveStats:
+    """What one save did.
+
+    Attributes:
+        path: the checkpoint path written.
+        bytes: bytes stored (data objects and index).
+        objects: objects stored (data objects and index).
+        seconds: wall time from the ``save`` call until the commit and bookkeeping finished.
+        blocked_seconds: how long the caller was blocked (all of it for a sync save).
+        asynchronous: whether the upload ran in the background.
+        staged_bytes: bytes copied into the staging snapshot (async only).
+        overflow_bytes: bytes that did not fit the staging budget and were uploaded
+            from live memory while the caller waited (async only).
+    """
+
+    path: str
+    bytes: int
+    objects: int
+    seconds: float
+    blocked_seconds: float
+    asynchronous: bool
+    staged_bytes: int = 0
+    overflow_bytes: int = 0
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class StagingBuffer:
+    """One staging area reused by every async save of a checkpoint, grown up to its budget.
+
+    Safe to reuse because a save waits for the previous one to finish before it stages.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buffer is None else int(self._buffer.nbytes)
+
+    def stage(self, entries: Mapping[str, Collected], budget: int) -> tuple[dict[str, Collected], set[str], int]:
+        """Copy array leaves into the buffer while they fit ``budget``.
+
+        Returns the entries with staged arrays swapped for their copies, the paths that
+        did not fit (still pointing at live memory), and the bytes staged.
+        """
+        placed: list[tuple[str, ArrayLeaf, int]] = []
+        overflow: set[str] = set()
+        used = 0
+        for path, item in entries.items():
+            if not isinstance(item, ArrayLeaf):
+                continue
+            size = _aligned(int(item.array.nbytes))
+            if used + size <= budget:
+                placed.append((path, item, used))
+                used += size
+            else:
+                overflow.add(path)
+        if used > self.capacity:
+            self._buffer = None  # free the old one before allocating the larger one
+            self._buffer = np.empty(used, dtype=np.uint8)
+        out = dict(entries)
+        buffer = self._buffer
+        for path, item, offset in placed:
+            assert buffer is not None
+            array = item.array
+            view = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+            np.copyto(view, array, casting="no")
+            out[path] = ArrayLeaf(view, item.pytype)
+        return out, overflow, sum(int(item.array.nbytes) for _, item, _ in placed)
+
+
+class AsyncSaver:
+    """One background worker thread running one save at a time, in order.
+
+    ``wait`` re-raises the failure of the save in flight exactly once: wrapped in
+    ``SaveError`` (the cause chained), except ``ConcurrentWriterError``, which is raised
+    as is - a fenced writer must see the same error whether its save was sync or async.
+    ``close`` waits and stops the thread; it also runs at interpreter exit so a job that
+    returns from ``main`` does not lose its last save.
+    """
+
+    def __init__(self) -> None:
+        self.staging = StagingBuffer()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        self._pending_path = ""
+        self._lock = threading.Lock()
+        self._atexit = _register_atexit(self)
+
+    def submit(self, path: str, job: Callable[[], None]) -> None:
+        """Run ``job`` in the background; the caller must have ``wait``-ed for the previous one."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-async-save")
+            self._pending = self._executor.submit(job)
+            self._pending_path = path
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the save in flight; re-raise its failure as ``SaveError``.
+
+        Raises:
+            TimeoutError: it did not finish within ``timeout`` seconds (it keeps running).
+            SaveError: it failed; no checkpoint was committed (unless only a write
+                callback failed, which the message says).
+        """
+        with self._lock:
+            pending, path = self._pending, self._pending_path
+        if pending is None:
+            return
+        try:
+            pending.result(timeout=timeout)
+        except FutureTimeoutError:
+            raise TimeoutError(f"async save of {path} still running after {timeout} s") from None
+        except BaseException as exc:
+            self._clear(pending)
+            if isinstance(exc, (SaveError, ConcurrentWriterError)):
+                raise
+            raise SaveError(f"async save of {path} failed: {exc!r}") from exc
+        self._clear(pending)
+
+    def _clear(self, pending: Future[None]) -> None:
+        with self._lock:
+            if self._pending is pending:
+                self._pending = None
+
+    def close(self) -> None:
+        """Finish the save in flight (re-raising its failure) and stop the worker."""
+        try:
+            self.wait()
+        finally:
+            with self._lock:
+                executor, self._executor = self._executor, None
+            if executor is not None:
+                executor.shutdown(wait=True)
+            atexit.unregister(self._atexit)
+
+
+def _register_atexit(saver: AsyncSaver) -> Callable[[], None]:
+    ref = weakref.ref(saver)
+
+    def finish() -> None:
+        alive = ref()
+        if alive is None:
+            return
+        try:
+            alive.close()
+        except Exception as exc:
+            log.error("async checkpoint save failed at interpreter exit: %s", exc)
+
+    atexit.register(finish)
+    return finish

@@ -1,0 +1,269 @@
+"""``Checkpoint``: TensorFlow's ``tf.train.Checkpoint`` for numpy and PyTorch state.
+
+It groups the objects to save (keyword arguments, or a root ``Trackable`` and extra
+keyword arguments), numbers saves with ``save_counter``, and composes the layers below:
+``graph.collect`` -> ``writer`` (plan, upload, commit) for saves, ``reader`` +
+``restore`` for restores, ``async_save`` for background saves, ``state_file`` for the
+directory's ``checkpoint`` file that ``latest_checkpoint`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from cloudckpt import state_file
+from cloudckpt.async_save import AsyncSaver, SaveStats
+from cloudckpt.graph import Kind, classify, collect
+from cloudckpt.options import CheckpointOptions
+from cloudckpt.reader import load_index, resolve
+from cloudckpt.restore import RestoreSession
+from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
+from cloudckpt.trackable import Trackable, Variable
+from cloudckpt.writer import WriteResult, discard, plan_write, upload, write_checkpoint
+
+log = logging.getLogger("cloudckpt.checkpoint")
+
+PathLike = str | os.PathLike[str]
+#: Called on the saving thread after the commit, before the write callbacks, with what
+#: was committed: the ``CheckpointManager``'s bookkeeping (state file, retention) plugs in here.
+AfterCommit = Callable[[WriteResult], None]
+
+_STATEFUL_KINDS = frozenset({Kind.VARIABLE, Kind.NDARRAY, Kind.TENSOR, Kind.TRACKABLE, Kind.DICT, Kind.LIST,
+                             Kind.TUPLE, Kind.ADAPTED})
+
+
+def _check_trackable(name: str, value: object) -> None:
+    """TensorFlow's check: a checkpoint's dependencies must hold state.
+
+    A bare scalar is refused (as ``tf.train.Checkpoint`` refuses a Python int): it could
+    not be restored into anything the caller holds. Wrap it in a ``Variable``.
+    """
+    found = classify(value)
+    if found is None or found.kind not in _STATEFUL_KINDS:
+        raise ValueError(
+            f"`Checkpoint` was expecting {name} to be a trackable object (a Trackable, Variable, numpy "
+            f"array, torch tensor, container, or an object with state_dict()), got {value!r}. "
+            f"Wrap plain Python values in cloudckpt.Variable.")
+
+
+class Checkpoint(Trackable):
+    """Groups trackable objects, saving and restoring them (``tf.train.Checkpoint``).
+
+    Args:
+        root: optional root ``Trackable``; its dependencies become the checkpoint's.
+        **kwargs: more dependencies, by name. With a root, a name the root already uses
+            for a different object is an error.
+
+    Raises:
+        ValueError: a non-trackable root or keyword argument, a keyword argument that
+            shadows a ``Checkpoint`` attribute (such as ``save_counter``), or one that
+            clashes with ``root.<name>``.
+    """
+
+    _root: Trackable | None
+    _save_counter: Variable
+    _saver: AsyncSaver | None
+    _last_stats: SaveStats | None
+
+    def __init__(self, root: Trackable | None = None, **kwargs: Any) -> None:
+        if root is not None and not isinstance(root, Trackable):
+            raise ValueError(f"`Checkpoint` was expecting root to be a trackable object (an object derived "
+                             f"from `Trackable`), got {root!r}.")
+        root_deps = dict(root._checkpoint_dependencies()) if root is not None else {}
+        for name, value in sorted(kwargs.items()):
+            if name.startswith("_") or hasattr(Checkpoint, name):
+                raise ValueError(f"`Checkpoint` keyword argument {name!r} is reserved (it would shadow "
+                                 f"Checkpoint.{name.lstrip('_')}); choose another name")
+            _check_trackable(name, value)
+            if name in root_deps and root_deps[name] is not value:
+                raise ValueError(f"Cannot create a Checkpoint with keyword argument {name} if root.{name} "
+                                 f"already exists.")
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_save_counter", Variable(0, name=SAVE_COUNTER, dtype=np.int64))
+        object.__setattr__(self, "_saver", None)
+        object.__setattr__(self, "_last_stats", None)
+        for name, value in sorted(kwargs.items()):
+            if name not in root_deps:
+                setattr(self, name, value)
+
+    # ------------------------------------------------------------------ graph
+    def _checkpoint_dependencies(self) -> Iterator[tuple[str, Any]]:
+        """``save_counter``, the root's dependencies, then this object's public attributes."""
+        yield SAVE_COUNTER, self._save_counter
+        seen = {SAVE_COUNTER}
+        if self._root is not None:
+            for name, value in self._root._checkpoint_dependencies():
+                if name not in seen:
+                    seen.add(name)
+                    yield name, value
+        for name, value in sorted(vars(self).items()):
+            if not name.startswith("_") and name not in seen:
+                yield name, value
+
+    def _attribute_owner(self, name: str) -> Trackable:
+        """Attributes the root provides live on the root, where later assignments go too."""
+        if self._root is not None and name not in vars(self):
+            return self._root
+        return self
+
+    @property
+    def save_counter(self) -> Variable:
+        """An int64 ``Variable``: 0 until the first ``save``, incremented by each ``save``."""
+        return self._save_counter
+
+    @property
+    def last_save_stats(self) -> SaveStats | None:
+        """What the most recent finished save did (bytes, objects, seconds, blocked seconds)."""
+        return self._last_stats
+
+    # ------------------------------------------------------------------ saving
+    def save(self, file_prefix: PathLike, options: CheckpointOptions | None = None) -> str:
+        """Increment ``save_counter`` and write ``<file_prefix>-<save_counter>``; return that path.
+
+        Like TensorFlow's, it also records the new checkpoint in the directory's state
+        file (``<dir>/checkpoint``), so ``latest_checkpoint(dir)`` finds it.
+        """
+        self._saver_wait()
+        self._save_counter.assign_add(1)
+        path = f"{os.fspath(file_prefix)}-{int(self._save_counter)}"
+        return self._write_managed(path, options, after_commit=lambda _: _record_in_state_file(path))
+
+    def write(self, file_prefix: PathLike, options: CheckpointOptions | None = None) -> str:
+        """Write exactly ``file_prefix`` (no numbering, no state file); return the path.
+
+        An existing checkpoint there is replaced atomically; its data objects are
+        deleted only after the new index is committed.
+        """
+        return self._write_managed(os.fspath(file_prefix), options)
+
+    def _write_managed(self, path: PathLike, options: CheckpointOptions | None = None, *,
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+        """``write`` with a hook run after the commit and user metadata in the index.
+
+        The interface ``CheckpointManager`` builds on. ``after_commit(written)`` runs on
+        the thread that committed (the background worker for async saves), before the
+        write callbacks; its failure is the save's failure, and it alone may decide to
+        undo the commit (``written`` names the index version and data objects).
+        """
+        path = os.fspath(path)
+        options = options or CheckpointOptions()
+        self._saver_wait()
+        started = time.monotonic()
+        storage, name = resolve(path)
+        entries = collect(self)
+        if not options.enable_async:
+            plan = plan_write(name, entries, max_objects=storage.config.max_concurrency)
+            result = write_checkpoint(storage, plan, metadata)
+            blocked = time.monotonic() - started
+            self._complete(path, result, started, blocked, False, 0, 0, options, after_commit)
+            return path
+        saver = self._async_saver()
+        staged, overflow, staged_bytes = saver.staging.stage(entries, options.async_staging_budget)
+        plan = plan_write(name, staged, max_objects=storage.config.max_concurrency, first=overflow)
+        early = range(plan.first)
+        try:
+            crcs = upload(storage, plan, early)
+        except BaseException:
+            discard(storage, plan)
+            raise
+        blocked = time.monotonic() - started
+        overflow_bytes = sum(plan.objects[k].size for k in early)
+
+        def job() -> None:
+            result = write_checkpoint(storage, plan, metadata, crcs=crcs, skip=plan.first)
+            self._complete(path, result, started, blocked, True, staged_bytes, overflow_bytes, options,
+                           after_commit)
+
+        saver.submit(path, job)
+        return path
+
+    def _complete(self, path: str, result: WriteResult, started: float, blocked: float, asynchronous: bool,
+                  staged_bytes: int, overflow_bytes: int, options: CheckpointOptions,
+                  after_commit: AfterCommit | None) -> None:
+        """After the commit: bookkeeping, stats and log line, then the write callbacks."""
+        if after_commit is not None:
+            after_commit(result)
+        stats = SaveStats(path, result.bytes, result.objects, time.monotonic() - started, blocked,
+                          asynchronous, staged_bytes, overflow_bytes)
+        object.__setattr__(self, "_last_stats", stats)
+        log.info("saved %s: %d bytes in %d objects, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
+                 stats.objects, stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
+        options.run_write_callbacks(path)
+
+    def _async_saver(self) -> AsyncSaver:
+        saver = self._saver
+        if saver is None:
+            saver = AsyncSaver()
+            object.__setattr__(self, "_saver", saver)
+        return saver
+
+    def _saver_wait(self, timeout: float | None = None) -> None:
+        if self._saver is not None:
+            self._saver.wait(timeout)
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Wait for an in-flight async save; re-raise its failure as ``SaveError``.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+            SaveError: the background save (or one of its write callbacks) failed.
+        """
+        self._saver_wait(timeout)
+
+    def close(self) -> None:
+        """Finish in-flight saves (re-raising a failure) and stop the background worker."""
+        saver = self._saver
+        if saver is not None:
+            object.__setattr__(self, "_saver", None)
+            saver.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ restoring
+    def restore(self, save_path: PathLike | None, options: CheckpointOptions | None = None
+                ) -> CheckpointLoadStatus | InitializationOnlyStatus:
+        """Restore from ``save_path`` (expecting ``save_counter``); ``None`` -> initialise only.
+
+        Values for objects that do not exist yet are restored when they are attached.
+
+        Raises:
+            CheckpointNotFoundError: nothing committed at ``save_path``.
+            CheckpointMismatchError: a stored shape/dtype/type does not fit its object;
+                nothing was restored.
+            ChecksumError: stored bytes are corrupt.
+        """
+        return self._restore(save_path, expect_save_counter=True)
+
+    def read(self, save_path: PathLike | None, options: CheckpointOptions | None = None
+             ) -> CheckpointLoadStatus | InitializationOnlyStatus:
+        """Like ``restore``, but does not expect ``save_counter`` (for paths made by ``write``)."""
+        return self._restore(save_path, expect_save_counter=False)
+
+    def _restore(self, save_path: PathLike | None, *, expect_save_counter: bool
+                 ) -> CheckpointLoadStatus | InitializationOnlyStatus:
+        if save_path is None:
+            return InitializationOnlyStatus()
+        self._saver_wait()
+        storage, name = resolve(save_path)
+        session = RestoreSession(storage, load_index(storage, name))
+        for owner in (self, self._root):
+            if owner is not None:
+                owner._clear_deferred()  # values of an earlier restore must not leak into this one
+        session.restore("", self, None)
+        return CheckpointLoadStatus(session, self, expect_save_counter=expect_save_counter)
+
+
+def _record_in_state_file(path: str) -> None:
+    """What ``tf.train.Checkpoint.save`` does after writing: point ``<dir>/checkpoint`` at it."""
+    storage, name = resolve(path)
+    state_file.record_checkpoint(storage, name)

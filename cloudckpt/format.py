@@ -1,0 +1,573 @@
+"""The on-store format: object names, key paths, dtypes and the index (manifest).
+
+A checkpoint at ``<dir>/<name>`` is the object ``<name>.index`` (JSON, written last: its
+presence is the commit) plus data objects ``<name>.data-0000k-of-0000N.<suffix>``, whose
+suffix is unique to the write that made them. docs/format.md is the human-readable
+specification; this module is the only code that encodes or decodes it.
+
+Why everything here is validated strictly: an index is read from a bucket other people
+may write to. A hostile or truncated index must end in ``CheckpointFormatError`` - never
+an ``IndexError`` deep in the reader, a huge allocation, a read outside the checkpoint's
+own objects, or (since nothing is pickled) code execution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import ml_dtypes
+import numpy as np
+
+from cloudckpt.errors import CheckpointFormatError
+
+#: Bump on any change a reader of the previous version could misread.
+FORMAT_VERSION = 1
+FORMAT_NAME = "cloudckpt-index"
+
+INDEX_SUFFIX = ".index"
+DATA_INFIX = ".data-"
+
+#: Sanity bounds a hostile index cannot exceed (far above anything real).
+MAX_NDIM = 64
+MAX_BYTES = 2**53
+MAX_CHUNKS_PER_ARRAY = 1 << 16
+MAX_ITEMSIZE = 1 << 20
+
+#: Types of JSON leaves (small Python values stored inline in the index).
+ValueType = Literal["none", "bool", "int", "float", "str"]
+#: What Python type an array leaf had, so restore can rebuild it (a tensor stays a tensor).
+ArrayPyType = Literal["ndarray", "variable", "numpy_scalar", "tensor"]
+#: Container kinds of inner nodes.
+NodeType = Literal["object", "dict", "list", "tuple"]
+
+VALUE_TYPES: frozenset[str] = frozenset({"none", "bool", "int", "float", "str"})
+ARRAY_PYTYPES: frozenset[str] = frozenset({"ndarray", "variable", "numpy_scalar", "tensor"})
+NODE_TYPES: frozenset[str] = frozenset({"object", "dict", "list", "tuple"})
+#: Adapters that turn an object's state into a structure and back (see adapters/).
+ADAPTERS: frozenset[str] = frozenset({"state_dict", "numpy_generator", "python_random", "torch_generator"})
+
+#: dtypes numpy lacks natively, named through ml_dtypes.
+_ML_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(getattr(ml_dtypes, name))
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                 "float8_e4m3b11fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu",
+                 "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn", "int2", "int4", "uint2", "uint4")
+    if hasattr(ml_dtypes, name)
+}
+_NATIVE_KINDS = frozenset("biufcUSmM")
+
+
+# ---------------------------------------------------------------------------- names
+def index_key(name: str) -> str:
+    """The index object of checkpoint ``name`` (relative to its directory)."""
+    return name + INDEX_SUFFIX
+
+
+def data_key(name: str, shard: int, num_shards: int, suffix: str) -> str:
+    """Data object ``shard`` of ``num_shards``; ``suffix`` is unique to one write."""
+    return f"{name}{DATA_INFIX}{shard:05d}-of-{num_shards:05d}.{suffix}"
+
+
+def data_key_pattern(name: str) -> re.Pattern[str]:
+    """What a data object of checkpoint ``name`` may be called (no other object, no '/')."""
+    return re.compile(re.escape(name) + r"\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
+
+
+# ---------------------------------------------------------------------------- key paths
+def encode_segment(key: object) -> str:
+    """One path segment for a dict key, keeping its type.
+
+    ``str`` keys are kept readable with ``~`` escapes (``~0`` = ``~``, ``~1`` = ``/``,
+    ``~2`` = a leading ``#``, ``~3`` = the empty string); other key types get a ``#``
+    tag: ``#0`` is the int 0 (PyTorch optimizers key their state by int), ``#true``,
+    ``#null``, ``#f:0.5``. List and tuple items use plain decimal indexes (the node's
+    type tells them apart).
+
+    Raises:
+        ValueError: for key types that cannot round-trip (tuples, objects, ...).
+    """
+    if isinstance(key, str):
+        if key == "":
+            return "~3"
+        text = key.replace("~", "~0").replace("/", "~1")
+        return "~2" + text[1:] if text.startswith("#") else text
+    if isinstance(key, bool):
+        return "#true" if key else "#false"
+    if isinstance(key, int):
+        return f"#{key}"
+    if key is None:
+        return "#null"
+    if isinstance(key, float):
+        return f"#f:{key!r}"
+    raise ValueError(f"dict keys must be str, int, float, bool or None to be checkpointed, "
+                     f"got {type(key).__name__} key {key!r}")
+
+
+_INT_RE = re.compile(r"-?[0-9]{1,400}")
+_INDEX_RE = re.compile(r"0|[1-9][0-9]{0,11}")
+
+
+def decode_segment(segment: str) -> object:
+    """Inverse of ``encode_segment``; ``CheckpointFormatError`` on anything else."""
+    if segment.startswith("#"):
+        body = segment[1:]
+        if body == "true":
+            return True
+        if body == "false":
+            return False
+        if body == "null":
+            return None
+        if body.startswith("f:"):
+            try:
+                return float(body[2:])
+            except ValueError:
+                raise CheckpointFormatError(f"bad float key segment {segment!r}") from None
+        if _INT_RE.fullmatch(body):
+            return int(body)
+        raise CheckpointFormatError(f"bad typed key segment {segment!r}")
+    if segment == "~3":
+        return ""
+    if not segment:
+        raise CheckpointFormatError("empty key segment")
+    out = []
+    i = 0
+    while i < len(segment):
+        ch = segment[i]
+        if ch == "/":
+            raise CheckpointFormatError(f"unescaped '/' in key segment {segment!r}")
+        if ch == "~":
+            code = segment[i + 1:i + 2]
+            if code == "0":
+                out.append("~")
+            elif code == "1":
+                out.append("/")
+            elif code == "2" and i == 0:
+                out.append("#")
+            else:
+                raise CheckpointFormatError(f"bad escape in key segment {segment!r}")
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def join_path(parent: str, segment: str) -> str:
+    """Child path; the root node's path is ``""``."""
+    return f"{parent}/{segment}" if parent else segment
+
+
+def parent_path(path: str) -> tuple[str, str]:
+    """``(parent, last segment)`` of a non-root path."""
+    if "/" in path:
+        parent, seg = path.rsplit("/", 1)
+        return parent, seg
+    return "", path
+
+
+# ---------------------------------------------------------------------------- dtypes
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The stored name of a dtype; ``ValueError`` for dtypes a checkpoint cannot hold."""
+    for name, known in _ML_DTYPES.items():
+        if dtype == known:
+            return name
+    if dtype.kind not in _NATIVE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"dtype {dtype} cannot be checkpointed (object, structured and void "
+                         f"dtypes are refused: they could hold Python objects)")
+    if dtype.kind in "USmM":
+        return storage_dtype(dtype).str
+    return storage_dtype(dtype).name
+
+
+def parse_dtype(name: object) -> np.dtype[Any]:
+    """The dtype a stored name means; ``CheckpointFormatError`` for anything unknown."""
+    if not isinstance(name, str) or not 0 < len(name) <= 40:
+        raise CheckpointFormatError(f"dtype must be a short string, got {name!r}")
+    if name in _ML_DTYPES:
+        return _ML_DTYPES[name]
+    if not re.fullmatch(r"[<|]?[A-Za-z0-9\[\]]+", name):
+        raise CheckpointFormatError(f"unknown dtype {name!r}")
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        raise CheckpointFormatError(f"unknown dtype {name!r}") from None
+    if (dtype.kind not in _NATIVE_KINDS or dtype.fields is not None or dtype.subdtype is not None
+            or not 0 < dtype.itemsize <= MAX_ITEMSIZE):
+        raise CheckpointFormatError(f"dtype {name!r} is not allowed in a checkpoint")
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def storage_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The byte order data objects use: little-endian (numpy's ``=`` on every target we run)."""
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+# ---------------------------------------------------------------------------- index model
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Where one chunk of an array's bytes lives.
+
+    Unsharded arrays have one chunk covering the whole array (``start`` all zeros,
+    ``shape`` = the global shape); sharded arrays one chunk per shard, each with its
+    offsets into the global array.
+    """
+
+    object: int
+    offset: int
+    length: int
+    crc32c: int
+    start: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayEntry:
+    """An array leaf: dtype, global shape, Python type to rebuild, and its chunks."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    pytype: ArrayPyType
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ValueEntry:
+    """A small Python value stored inline (NaN and infinities survive)."""
+
+    type: ValueType
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    """An inner node: a container or a trackable object, with its children's segments.
+
+    ``adapter`` names how a live object produces and accepts this structure as a whole
+    (``state_dict`` objects, random-number generators); ``None`` for plain containers
+    and trackables, whose children are matched one by one.
+    """
+
+    type: NodeType
+    children: tuple[str, ...]
+    adapter: str | None = None
+
+
+Entry = Union[ArrayEntry, ValueEntry, NodeEntry]  # noqa: UP007 - runtime alias on 3.10
+
+
+@dataclass(frozen=True, slots=True)
+class DataObject:
+    """One data object of the checkpoint: its key (relative to the directory) and size."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointIndex:
+    """A whole parsed index. ``entries`` maps key paths to entries; ``""`` is the root."""
+
+    name: str
+    entries: Mapping[str, Entry]
+    objects: tuple[DataObject, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------------------- encode
+def encode_value(value: object) -> ValueEntry:
+    """A JSON leaf for a Python scalar or string; ``TypeError`` for anything else."""
+    if value is None:
+        return ValueEntry("none", None)
+    if isinstance(value, bool):
+        return ValueEntry("bool", value)
+    if isinstance(value, int):
+        return ValueEntry("int", int(value))
+    if isinstance(value, float):
+        return ValueEntry("float", float(value))
+    if isinstance(value, str):
+        return ValueEntry("str", value)
+    raise TypeError(f"{type(value).__name__} is not a JSON scalar")
+
+
+def _float_to_json(x: float) -> float | str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _entry_to_json(entry: Entry) -> dict[str, Any]:
+    if isinstance(entry, ArrayEntry):
+        return {"kind": "array", "dtype": entry.dtype, "shape": list(entry.shape), "pytype": entry.pytype,
+                "chunks": [{"object": c.object, "offset": c.offset, "length": c.length, "crc32c": c.crc32c,
+                            "start": list(c.start), "shape": list(c.shape)} for c in entry.chunks]}
+    if isinstance(entry, ValueEntry):
+        value = _float_to_json(entry.value) if entry.type == "float" else entry.value
+        return {"kind": "value", "type": entry.type, "value": value}
+    out: dict[str, Any] = {"kind": "node", "type": entry.type, "children": list(entry.children)}
+    if entry.adapter is not None:
+        out["adapter"] = entry.adapter
+    return out
+
+
+def encode_index(index: CheckpointIndex) -> bytes:
+    """The index as UTF-8 JSON (strict JSON: no NaN literals)."""
+    doc = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "name": index.name,
+        "objects": [{"name": o.name, "size": o.size} for o in index.objects],
+        "entries": {path: _entry_to_json(e) for path, e in index.entries.items()},
+        "metadata": dict(index.metadata),
+    }
+    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------------------- decode
+class _Checker:
+    """Type checks that raise ``CheckpointFormatError`` naming where in the index."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def fail(self, where: str, problem: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"malformed checkpoint index {self.url}: {where}: {problem}")
+
+    def dict_(self, value: object, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected an object, got {type(value).__name__}")
+        return value
+
+    def list_(self, value: object, where: str, max_len: int) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(where, f"expected a list, got {type(value).__name__}")
+        if len(value) > max_len:
+            raise self.fail(where, f"list of {len(value)} items exceeds {max_len}")
+        return value
+
+    def int_(self, value: object, where: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(where, f"expected an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise self.fail(where, f"{value} is outside [{lo}, {hi}]")
+        return value
+
+    def str_(self, value: object, where: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, f"expected a string, got {type(value).__name__}")
+        return value
+
+    def keys(self, doc: dict[str, Any], where: str, required: set[str], optional: frozenset[str] = frozenset()) -> None:
+        missing = required - doc.keys()
+        if missing:
+            raise self.fail(where, f"missing field(s) {sorted(missing)}")
+        extra = doc.keys() - required - optional
+        if extra:
+            raise self.fail(where, f"unknown field(s) {sorted(extra)}")
+
+
+def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
+    """Parse and fully validate the index of checkpoint ``name``.
+
+    Raises:
+        CheckpointFormatError: the bytes are not an index this version understands, or
+            describe something impossible (offsets past an object, chunks outside their
+            array, data objects of another checkpoint, an inconsistent tree, ...).
+    """
+    check = _Checker(url)
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise check.fail("document", f"not valid UTF-8 JSON ({exc})") from None
+    doc = check.dict_(doc, "document")
+    if doc.get("format") != FORMAT_NAME:
+        raise check.fail("format", f"expected {FORMAT_NAME!r}, got {doc.get('format')!r}")
+    version = doc.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads version "
+            f"{FORMAT_VERSION} only - upgrade cloudckpt to read it")
+    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"})
+    if check.str_(doc["name"], "name") != name:
+        raise check.fail("name", f"index is for checkpoint {doc['name']!r}, not {name!r}")
+    objects = _decode_objects(check, doc["objects"], name)
+    raw_entries = check.dict_(doc["entries"], "entries")
+    entries: dict[str, Entry] = {}
+    for path, raw in raw_entries.items():
+        entries[path] = _decode_entry(check, path, raw, objects)
+    _check_tree(check, entries)
+    metadata = check.dict_(doc["metadata"], "metadata")
+    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version)
+
+
+def _reject_constant(token: str) -> None:
+    raise ValueError(f"non-standard JSON constant {token}")
+
+
+def _decode_objects(check: _Checker, raw: object, name: str) -> tuple[DataObject, ...]:
+    pattern = data_key_pattern(name)
+    objects = []
+    seen: set[str] = set()
+    for i, item in enumerate(check.list_(raw, "objects", 1 << 20)):
+        where = f"objects[{i}]"
+        obj = check.dict_(item, where)
+        check.keys(obj, where, {"name", "size"})
+        obj_name = check.str_(obj["name"], where + ".name")
+        if not pattern.fullmatch(obj_name):
+            raise check.fail(where, f"data object name {obj_name!r} is not a data object of {name!r}")
+        if obj_name in seen:
+            raise check.fail(where, f"duplicate data object {obj_name!r}")
+        seen.add(obj_name)
+        objects.append(DataObject(obj_name, check.int_(obj["size"], where + ".size")))
+    return tuple(objects)
+
+
+def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[DataObject]) -> Entry:
+    where = f"entries[{path!r}]"
+    _check_path(check, path, where)
+    doc = check.dict_(raw, where)
+    kind = doc.get("kind")
+    if kind == "array":
+        check.keys(doc, where, {"kind", "dtype", "shape", "pytype", "chunks"})
+        return _decode_array(check, doc, where, objects)
+    if kind == "value":
+        check.keys(doc, where, {"kind", "type", "value"})
+        return _decode_value(check, doc, where)
+    if kind == "node":
+        check.keys(doc, where, {"kind", "type", "children"}, frozenset({"adapter"}))
+        node_type = doc["type"]
+        if node_type not in NODE_TYPES:
+            raise check.fail(where, f"unknown node type {node_type!r}")
+        children = check.list_(doc["children"], where + ".children", 1 << 24)
+        for seg in children:
+            check.str_(seg, where + ".children")
+        if len(set(children)) != len(children):
+            raise check.fail(where, "duplicate children")
+        adapter = doc.get("adapter")
+        if adapter is not None and adapter not in ADAPTERS:
+            raise check.fail(where, f"unknown adapter {adapter!r}")
+        return NodeEntry(node_type, tuple(children), adapter)
+    raise check.fail(where, f"unknown entry kind {kind!r}")
+
+
+def _check_path(check: _Checker, path: str, where: str) -> None:
+    if path == "":
+        return
+    if len(path) > 1 << 16:
+        raise check.fail(where, "key path too long")
+    for seg in path.split("/"):
+        try:
+            decode_segment(seg)
+        except CheckpointFormatError as exc:
+            raise check.fail(where, str(exc)) from None
+
+
+def _decode_shape(check: _Checker, raw: object, where: str) -> tuple[int, ...]:
+    dims = check.list_(raw, where, MAX_NDIM)
+    return tuple(check.int_(d, where) for d in dims)
+
+
+def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Sequence[DataObject]) -> ArrayEntry:
+    try:
+        dtype = parse_dtype(doc["dtype"])
+    except CheckpointFormatError as exc:
+        raise check.fail(where, str(exc)) from None
+    shape = _decode_shape(check, doc["shape"], where + ".shape")
+    size = math.prod(shape)
+    if size * dtype.itemsize > MAX_BYTES:
+        raise check.fail(where, f"array of shape {shape} is absurdly large")
+    pytype = doc["pytype"]
+    if pytype not in ARRAY_PYTYPES:
+        raise check.fail(where, f"unknown pytype {pytype!r}")
+    if pytype == "numpy_scalar" and shape != ():
+        raise check.fail(where, "a numpy scalar must have shape ()")
+    raw_chunks = check.list_(doc["chunks"], where + ".chunks", MAX_CHUNKS_PER_ARRAY)
+    if not raw_chunks:
+        raise check.fail(where, "an array needs at least one chunk")
+    chunks = tuple(_decode_chunk(check, c, f"{where}.chunks[{i}]", shape, dtype.itemsize, objects)
+                   for i, c in enumerate(raw_chunks))
+    if sum(math.prod(c.shape) for c in chunks) != size:
+        raise check.fail(where, "chunks do not cover the array exactly")
+    if len(chunks) > 1:
+        _check_disjoint(check, where, chunks)
+    return ArrayEntry(dtype_name(dtype), shape, pytype, chunks)
+
+
+def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ...], itemsize: int,
+                  objects: Sequence[DataObject]) -> Chunk:
+    doc = check.dict_(raw, where)
+    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"})
+    obj = check.int_(doc["object"], where + ".object", 0, max(len(objects) - 1, -1))
+    offset = check.int_(doc["offset"], where + ".offset")
+    length = check.int_(doc["length"], where + ".length")
+    crc = check.int_(doc["crc32c"], where + ".crc32c", 0, 2**32 - 1)
+    start = _decode_shape(check, doc["start"], where + ".start")
+    cshape = _decode_shape(check, doc["shape"], where + ".shape")
+    if len(start) != len(shape) or len(cshape) != len(shape):
+        raise check.fail(where, "chunk rank differs from the array's")
+    if any(s + n > dim for s, n, dim in zip(start, cshape, shape, strict=True)):
+        raise check.fail(where, f"chunk at {start} of shape {cshape} lies outside the array {shape}")
+    if length != math.prod(cshape) * itemsize:
+        raise check.fail(where, f"length {length} does not match chunk shape {cshape}")
+    if offset + length > objects[obj].size:
+        raise check.fail(where, f"bytes [{offset}, {offset + length}) run past the end of "
+                                f"{objects[obj].name} ({objects[obj].size} bytes)")
+    return Chunk(obj, offset, length, crc, start, cshape)
+
+
+def _check_disjoint(check: _Checker, where: str, chunks: Sequence[Chunk]) -> None:
+    boxes = sorted((c.start, c.shape) for c in chunks if math.prod(c.shape))
+    if len(boxes) > 4096:
+        raise check.fail(where, "too many chunks to verify")
+    for i, (a_start, a_shape) in enumerate(boxes):
+        for b_start, b_shape in boxes[i + 1:]:
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(a_start, a_shape, b_start, b_shape,
+                                                                          strict=True)):
+                raise check.fail(where, f"chunks at {a_start} and {b_start} overlap")
+
+
+def _decode_value(check: _Checker, doc: dict[str, Any], where: str) -> ValueEntry:
+    vtype, value = doc["type"], doc["value"]
+    if vtype == "none" and value is None:
+        return ValueEntry("none", None)
+    if vtype == "bool" and isinstance(value, bool):
+        return ValueEntry("bool", value)
+    if vtype == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return ValueEntry("int", value)
+    if vtype == "str" and isinstance(value, str):
+        return ValueEntry("str", value)
+    if vtype == "float":
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            return ValueEntry("float", float(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return ValueEntry("float", float(value))
+    raise check.fail(where, f"value {value!r} does not match type {vtype!r}")
+
+
+def _check_tree(check: _Checker, entries: Mapping[str, Entry]) -> None:
+    """Every entry hangs under the root through nodes that list it, and vice versa."""
+    root = entries.get("")
+    if not isinstance(root, NodeEntry) or root.type != "object":
+        raise check.fail("entries", "the root entry '' must be an object node")
+    for path, entry in entries.items():
+        if path:
+            parent, seg = parent_path(path)
+            node = entries.get(parent)
+            if not isinstance(node, NodeEntry) or seg not in node.children:
+                raise check.fail(f"entries[{path!r}]", "not listed by a parent node")
+        if isinstance(entry, NodeEntry):
+            for seg in entry.children:
+                if join_path(path, seg) not in entries:
+                    raise check.fail(f"entries[{path!r}]", f"child {seg!r} has no entry")
+                if entry.type in ("list", "tuple") and not _INDEX_RE.fullmatch(seg):
+                    raise check.fail(f"entries[{path!r}]", f"list item segment {seg!r} is not an index")
+            if entry.type in ("list", "tuple") and sorted(int(s) for s in entry.children) != list(
+                    range(len(entry.children))):
+                raise check.fail(f"entries[{path!r}]", "list items are not 0..n-1")

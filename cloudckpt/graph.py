@@ -1,0 +1,239 @@
+"""The object graph: what a value is to a checkpoint, and the walk that flattens it.
+
+``classify`` decides, once for save and restore alike, whether a value is an array leaf
+(numpy array, ``Variable``, numpy scalar, torch tensor), a JSON leaf (``None``, bool,
+int, float, str), a container (dict, list, tuple), a ``Trackable`` or an object with an
+adapter (``state_dict`` objects, random generators). ``collect`` walks a root into a
+flat, ordered mapping of key paths (``model/layers/0/kernel``) to entries. Nothing is
+ever pickled: anything else is refused with a ``ValueError`` naming its path and type.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudckpt import adapters
+from cloudckpt.adapters import StateAdapter
+from cloudckpt.format import (
+    ArrayPyType,
+    NodeEntry,
+    NodeType,
+    ValueEntry,
+    dtype_name,
+    encode_segment,
+    encode_value,
+    join_path,
+    storage_dtype,
+)
+from cloudckpt.trackable import Trackable, Variable
+
+
+class Kind(enum.Enum):
+    """What a live value is to the checkpoint."""
+
+    VARIABLE = "variable"
+    NDARRAY = "ndarray"
+    NUMPY_SCALAR = "numpy_scalar"
+    TENSOR = "tensor"
+    VALUE = "value"
+    TRACKABLE = "object"
+    DICT = "dict"
+    LIST = "list"
+    TUPLE = "tuple"
+    ADAPTED = "adapted"
+
+    @property
+    def is_array(self) -> bool:
+        return self in (Kind.VARIABLE, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.TENSOR)
+
+    @property
+    def is_container(self) -> bool:
+        return self in (Kind.TRACKABLE, Kind.DICT, Kind.LIST, Kind.TUPLE)
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    kind: Kind
+    adapter: StateAdapter | None = None
+
+
+def classify(value: object) -> Classified | None:
+    """The kind of ``value``, or ``None`` if it cannot be checkpointed."""
+    if isinstance(value, Variable):
+        return Classified(Kind.VARIABLE)
+    if isinstance(value, np.ndarray):
+        return Classified(Kind.NDARRAY)
+    if isinstance(value, np.generic):
+        return Classified(Kind.NUMPY_SCALAR)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return Classified(Kind.VALUE)
+    if adapters.is_tensor(value):
+        return Classified(Kind.TENSOR)
+    if isinstance(value, Trackable):
+        return Classified(Kind.TRACKABLE)
+    if isinstance(value, dict):
+        return Classified(Kind.DICT)
+    if isinstance(value, list):
+        return Classified(Kind.LIST)
+    if isinstance(value, tuple):
+        return Classified(Kind.TUPLE)
+    adapter = adapters.adapter_for(value)
+    if adapter is not None:
+        return Classified(Kind.ADAPTED, adapter)
+    return None
+
+
+def describe_type(value: object) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def display_path(path: str) -> str:
+    """How messages name a key path (the root is the checkpoint itself)."""
+    return repr(path) if path else "the checkpoint root"
+
+
+def unsupported(path: str, value: object) -> ValueError:
+    return ValueError(
+        f"cannot checkpoint {display_path(path)}: a {describe_type(value)} is not checkpointable. "
+        f"Supported: numpy arrays, cloudckpt.Variable, Trackable objects, dicts/lists/tuples, "
+        f"None/bool/int/float/str, torch tensors, objects with state_dict()/load_state_dict(), "
+        f"and numpy/random/torch random generators.")
+
+
+def children(value: Any, kind: Kind) -> list[tuple[str, Any]]:
+    """``(segment, child)`` pairs of a container, in a stable order."""
+    if kind is Kind.TRACKABLE:
+        return [(encode_segment(name), child) for name, child in value._checkpoint_dependencies()]
+    if kind is Kind.DICT:
+        return [(encode_segment(key), child) for key, child in value.items()]
+    if kind in (Kind.LIST, Kind.TUPLE):
+        return [(str(i), child) for i, child in enumerate(value)]
+    raise TypeError(kind)
+
+
+def array_of(value: Any, kind: Kind, path: str) -> NDArray[Any]:
+    """The bytes of an array leaf as a C-contiguous little-endian array (a view if possible)."""
+    if kind is Kind.VARIABLE:
+        array = value._buffer()
+    elif kind is Kind.TENSOR:
+        from cloudckpt.adapters import torch as torch_adapter
+        try:
+            array = torch_adapter.tensor_to_numpy(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
+    else:
+        array = np.asarray(value)
+    try:
+        dtype_name(array.dtype)
+    except ValueError as exc:
+        raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
+    wanted = storage_dtype(array.dtype)
+    if wanted != array.dtype:
+        array = array.astype(wanted)
+    return array if array.flags.c_contiguous else np.array(array, order="C", copy=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayLeaf:
+    """An array to write: its bytes (C-contiguous) and the Python type to rebuild."""
+
+    array: NDArray[Any]
+    pytype: ArrayPyType
+
+
+Collected = Union[NodeEntry, ValueEntry, ArrayLeaf]  # noqa: UP007 - runtime alias on 3.10
+
+_PYTYPE: dict[Kind, ArrayPyType] = {Kind.VARIABLE: "variable", Kind.NDARRAY: "ndarray",
+                                    Kind.NUMPY_SCALAR: "numpy_scalar", Kind.TENSOR: "tensor"}
+_NODE_TYPE: dict[Kind, NodeType] = {Kind.TRACKABLE: "object", Kind.DICT: "dict", Kind.LIST: "list",
+                                    Kind.TUPLE: "tuple"}
+
+
+def collect(root: Trackable) -> dict[str, Collected]:
+    """Flatten ``root`` (and everything it depends on) into ``{key path: entry}``.
+
+    Raises:
+        ValueError: an unsupported value, an object array, a cyclic reference, or a dict
+            key that cannot round-trip; the message names the key path.
+    """
+    out: dict[str, Collected] = {}
+    _collect(root, "", out, set(), inside_adapter=False)
+    return out
+
+
+def _collect(value: Any, path: str, out: dict[str, Collected], active: set[int], inside_adapter: bool) -> None:
+    found = classify(value)
+    if found is None or (inside_adapter and found.kind in (Kind.TRACKABLE, Kind.ADAPTED, Kind.VARIABLE)):
+        raise unsupported(path, value)
+    kind = found.kind
+    if kind.is_array:
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            raise ValueError(f"cannot checkpoint {display_path(path)}: object arrays are refused "
+                             f"(they hold Python objects, which would need pickling)")
+        out[path] = ArrayLeaf(array_of(value, kind, path), _PYTYPE[kind])
+        return
+    if kind is Kind.VALUE:
+        out[path] = encode_value(value)
+        return
+    if id(value) in active:
+        raise ValueError(f"cannot checkpoint {display_path(path)}: it refers back to one of its own "
+                         f"containers (a cycle)")
+    active.add(id(value))
+    try:
+        if kind is Kind.ADAPTED:
+            assert found.adapter is not None
+            state = found.adapter.get_state(value)
+            state_kind = classify(state)
+            if state_kind is None or state_kind.kind not in (Kind.DICT, Kind.LIST, Kind.TUPLE):
+                raise ValueError(f"cannot checkpoint {display_path(path)}: its state is a "
+                                 f"{describe_type(state)}, not a dict, list or tuple")
+            items = _safe_children(state, state_kind.kind, path)
+            out[path] = NodeEntry(_NODE_TYPE[state_kind.kind], tuple(s for s, _ in items), found.adapter.name)
+            inside = True
+        else:
+            items = _safe_children(value, kind, path)
+            out[path] = NodeEntry(_NODE_TYPE[kind], tuple(s for s, _ in items))
+            inside = inside_adapter
+        for segment, child in items:
+            _collect(child, join_path(path, segment), out, active, inside)
+    finally:
+        active.discard(id(value))
+
+
+def _safe_children(value: Any, kind: Kind, path: str) -> list[tuple[str, Any]]:
+    try:
+        return children(value, kind)
+    except ValueError as exc:
+        raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
+
+
+def live_value_paths(root: Trackable) -> Iterator[str]:
+    """Paths of the values a restore should fill: leaves, and adapted objects as wholes.
+
+    Walks without touching array data (the load-status assertions call it).
+    """
+    yield from _live(root, "", set())
+
+
+def _live(value: Any, path: str, active: set[int]) -> Iterator[str]:
+    found = classify(value)
+    if found is None:
+        raise unsupported(path, value)
+    if not found.kind.is_container:
+        yield path
+        return
+    if id(value) in active:
+        return
+    active.add(id(value))
+    try:
+        for segment, child in _safe_children(value, found.kind, path):
+            yield from _live(child, join_path(path, segment), active)
+    finally:
+        active.discard(id(value))

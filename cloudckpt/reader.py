@@ -1,0 +1,251 @@
+"""Reading a checkpoint: resolve its path, load its index, stream its bytes into buffers.
+
+Restore is the hot path: every chunk is fetched with a ranged read straight into the
+destination array's memory (no intermediate copy), in parallel on the storage's pool,
+and then verified against the CRC32C the writer recorded. Only the chunks asked for are
+fetched, so reading one variable out of a large checkpoint costs one small GET.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudckpt.checksum import crc32c_of
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ChecksumError,
+    InvalidRangeError,
+    NotFoundError,
+    StorageError,
+)
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, decode_index, index_key, parse_dtype
+from cloudckpt.storage import ReadRequest, Storage, open_storage, split_url
+
+_CACHE_SIZE = 16
+_storages: OrderedDict[str, Storage] = OrderedDict()
+_storages_lock = threading.Lock()
+
+
+def storage_for_directory(directory: str | os.PathLike[str]) -> Storage:
+    """The storage rooted at ``directory``, reused across calls (its pool and clients).
+
+    Why a cache: a training job saves to the same directory every few minutes; building
+    a boto3 client and a thread pool each time would cost more than a small save.
+    """
+    key = _cache_key(directory)
+    with _storages_lock:
+        storage = _storages.get(key)
+        if storage is None:
+            storage = open_storage(key)
+            _storages[key] = storage
+            while len(_storages) > _CACHE_SIZE:
+                _storages.popitem(last=False)[1].close()
+        else:
+            _storages.move_to_end(key)
+        return storage
+
+
+def _cache_key(directory: str | os.PathLike[str]) -> str:
+    text = os.fspath(directory)
+    if "://" in text:
+        return text.rstrip("/")
+    return os.path.abspath(text)
+
+
+def register_storage(storage: Storage) -> None:
+    """Use ``storage`` for every checkpoint directly under its URL.
+
+    For what environment variables cannot say: a custom client, credentials or endpoint
+    given in code, transfer tuning, or a test's fault-injecting store.
+    """
+    with _storages_lock:
+        _storages[_cache_key(storage.url)] = storage
+        _storages.move_to_end(_cache_key(storage.url))
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[Storage, str]:
+    """``(storage of the directory, checkpoint name)`` for a checkpoint path or URL."""
+    directory, name = split_url(path)
+    return storage_for_directory(directory), name
+
+
+def load_index(storage: Storage, name: str) -> CheckpointIndex:
+    """The validated index of checkpoint ``name``.
+
+    Raises:
+        CheckpointNotFoundError: no index (the checkpoint does not exist or is not
+            committed); the message suggests ``<name>-N`` checkpoints that do exist.
+        CheckpointFormatError: the index is malformed or of an unknown version.
+    """
+    key = index_key(name)
+    try:
+        data = storage.get(key)
+    except NotFoundError as exc:
+        raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name)) from exc
+    return decode_index(data, name, storage.url_for(key))
+
+
+def _not_found_message(storage: Storage, name: str) -> str:
+    url = storage.url_for(name)
+    message = f"no checkpoint at {url!r} (no {index_key(name)!r} object)"
+    try:
+        numbered = [m.key[:-len(".index")] for m in storage.list(f"{name}-") if m.key.endswith(".index")]
+    except (StorageError, OSError, ValueError):
+        numbered = []
+    numbered = [n for n in numbered if re.fullmatch(re.escape(name) + r"-\d+", n)]
+    if numbered:
+        newest = max(numbered, key=lambda n: int(n.rsplit("-", 1)[1]))
+        message += (f". Checkpoint.save() appends '-N' to its prefix: did you mean "
+                    f"{storage.url_for(newest)!r}? (found {len(numbered)} numbered checkpoint(s))")
+    elif not re.search(r"-\d+$", name):
+        message += ". Note that Checkpoint.save() writes '<prefix>-N', not '<prefix>'"
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class ReadTarget:
+    """One array to fill: ``dest`` has the entry's shape and dtype and is C-contiguous.
+
+    ``live`` marks memory the user's objects own (an in-place restore): a failure after
+    bytes started arriving leaves it partly written, and the error says so.
+    """
+
+    path: str
+    entry: ArrayEntry
+    dest: NDArray[Any]
+    live: bool
+
+
+def new_buffer(entry: ArrayEntry) -> NDArray[Any]:
+    """A fresh destination for ``entry`` (uninitialised: every byte will be read)."""
+    return np.empty(entry.shape, dtype=parse_dtype(entry.dtype))
+
+
+def _bytes_view(array: NDArray[Any]) -> memoryview:
+    return array.reshape(-1).view(np.uint8).data
+
+
+def _contiguous_region(chunk: Chunk, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(first element, count)`` if the chunk is one contiguous run of the C-order array."""
+    ndim = len(shape)
+    for j in range(ndim + 1):
+        if all(n == 1 for n in chunk.shape[:j]) and chunk.shape[j + 1:] == shape[j + 1:]:
+            first = int(np.ravel_multi_index(chunk.start, shape)) if ndim and math.prod(shape) else 0
+            return first, math.prod(chunk.shape)
+    return None
+
+
+def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[ReadTarget]) -> None:
+    """Fill every target from the data objects, in parallel ranged reads, and verify CRC32C.
+
+    Raises:
+        ChecksumError: a chunk's bytes do not match their recorded CRC32C (names the key
+            and the object).
+        CheckpointNotFoundError: a data object is gone (deleted while reading?).
+        CheckpointFormatError: a data object is shorter than the index says.
+    """
+    requests: list[ReadRequest] = []
+    checks: list[tuple[ReadTarget, Chunk, memoryview]] = []
+    scatters: list[tuple[ReadTarget, Chunk, NDArray[Any]]] = []
+    for target in targets:
+        flat = _bytes_view(target.dest)
+        itemsize = target.dest.dtype.itemsize
+        for chunk in target.entry.chunks:
+            if chunk.length == 0:
+                continue
+            region = _contiguous_region(chunk, target.entry.shape)
+            if region is not None:
+                first, count = region
+                out = flat[first * itemsize:(first + count) * itemsize]
+            else:
+                temp = np.empty(chunk.shape, dtype=target.dest.dtype)
+                out = _bytes_view(temp)
+                scatters.append((target, chunk, temp))
+            requests.append(ReadRequest(index.objects[chunk.object].name, chunk.offset, out))
+            checks.append((target, chunk, out))
+    any_live = any(t.live for t in targets)
+    try:
+        _read_coalesced(storage, requests)
+    except NotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"a data object of checkpoint {storage.url_for(index.name)!r} is missing (deleted while "
+            f"reading?): {exc}{_partial_note(any_live)}", storage.url_for(index.name)) from exc
+    except InvalidRangeError as exc:
+        raise CheckpointFormatError(
+            f"a data object of checkpoint {storage.url_for(index.name)!r} is shorter than its index "
+            f"says (truncated?): {exc}{_partial_note(any_live)}") from exc
+    except StorageError as exc:
+        if any_live:
+            raise type(exc)(f"{exc}{_partial_note(True)}", exc.url) from exc
+        raise
+    for target, chunk, out in checks:
+        actual = crc32c_of([out])
+        if actual != chunk.crc32c:
+            obj = storage.url_for(index.objects[chunk.object].name)
+            raise ChecksumError(
+                f"checksum mismatch for {target.path!r} in {obj} bytes [{chunk.offset}, "
+                f"{chunk.offset + chunk.length}): recorded CRC32C {chunk.crc32c:08x}, read {actual:08x}"
+                f"{_partial_note(target.live)}")
+    for target, chunk, temp in scatters:
+        box = tuple(slice(s, s + n) for s, n in zip(chunk.start, chunk.shape, strict=True))
+        target.dest[box] = temp
+
+
+#: Reads smaller than this are merged with their neighbours in the same object: hundreds
+#: of small arrays cost a few GETs instead of hundreds of round trips.
+SMALL_READ = 1024 * 1024
+MERGED_READ = 16 * 1024 * 1024
+
+
+def _read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
+    """``storage.read_into``, with runs of small adjacent ranges fetched as one range.
+
+    Large reads still land straight in their destination; merged small ones go through
+    one bounded bytearray and are copied out (cheap next to a request's latency).
+    """
+    direct: list[ReadRequest] = []
+    merged: list[tuple[ReadRequest, list[ReadRequest]]] = []
+    by_object: dict[str, list[ReadRequest]] = {}
+    for req in requests:
+        if req.out.nbytes >= SMALL_READ:
+            direct.append(req)
+        else:
+            by_object.setdefault(req.key, []).append(req)
+    for key, small in by_object.items():
+        small.sort(key=lambda r: r.offset)
+        runs: list[list[ReadRequest]] = []
+        for req in small:
+            last = runs[-1] if runs else None
+            if last is not None and req.offset == last[-1].offset + last[-1].out.nbytes \
+                    and req.offset + req.out.nbytes - last[0].offset <= MERGED_READ:
+                last.append(req)
+            else:
+                runs.append([req])
+        for run in runs:
+            if len(run) == 1:
+                direct.append(run[0])
+                continue
+            start = run[0].offset
+            buffer = bytearray(run[-1].offset + run[-1].out.nbytes - start)
+            merged.append((ReadRequest(key, start, memoryview(buffer)), run))
+    storage.read_into(direct + [whole for whole, _ in merged])
+    for whole, parts in merged:
+        for part in parts:
+            begin = part.offset - whole.offset
+            part.out[:] = whole.out[begin:begin + part.out.nbytes]
+
+
+def _partial_note(live: bool) -> str:
+    return (" - restore had started writing into the objects' own buffers, so they may be "
+            "partly overwritten" if live else "")

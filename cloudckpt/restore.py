@@ -1,0 +1,328 @@
+"""Restore: match a checkpoint's entries to live objects, validate everything, then assign.
+
+The order is what keeps a failed restore harmless::
+
+    match     -> walk index and live graph together; every array target is checked
+                 (shape, dtype, writability, adapter keys) and nothing is touched yet
+    read      -> ranged reads straight into the targets' own buffers, CRC32C verified
+    apply     -> replacements of immutable values (scalars, tuples), adapters'
+                 ``load_state_dict``/``set_state``, in post-order (children first)
+    defer     -> values for attributes that do not exist yet wait on their Trackable
+                 and are restored when the attribute is assigned
+
+A shape or dtype mismatch is raised in ``match`` and leaves every object untouched; a
+checksum or I/O failure during ``read`` may leave live targets partly written (the error
+says so).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudckpt.errors import CheckpointMismatchError
+from cloudckpt.format import (
+    ArrayEntry,
+    CheckpointIndex,
+    NodeEntry,
+    ValueEntry,
+    decode_segment,
+    join_path,
+    parse_dtype,
+    storage_dtype,
+)
+from cloudckpt.graph import Kind, children, classify, describe_type, display_path, unsupported
+from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.storage import Storage
+from cloudckpt.trackable import Trackable
+
+Setter = Callable[[Any], None]
+Builder = Callable[[], Any]
+
+
+def value_paths(index: CheckpointIndex) -> list[str]:
+    """Paths that carry values: leaves, and adapted objects as wholes."""
+    out: list[str] = []
+    stack = [""]
+    while stack:
+        path = stack.pop()
+        entry = index.entries[path]
+        if isinstance(entry, NodeEntry) and entry.adapter is None:
+            stack.extend(join_path(path, seg) for seg in reversed(entry.children))
+        else:
+            out.append(path)
+    return out
+
+
+class RestoreSession:
+    """One ``restore``/``read``: the index, where its bytes are, and what was consumed.
+
+    Deferred restorations keep the session alive, so values can still be fetched when
+    their objects are created later (as TensorFlow does).
+    """
+
+    def __init__(self, storage: Storage, index: CheckpointIndex) -> None:
+        self.storage = storage
+        self.index = index
+        self.url = storage.url_for(index.name)
+        self.expected = value_paths(index)
+        self._consumed: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def consumed(self) -> set[str]:
+        with self._lock:
+            return set(self._consumed)
+
+    def unused(self) -> list[str]:
+        """Checkpoint values no object has taken (yet)."""
+        consumed = self.consumed
+        return [p for p in self.expected if p not in consumed]
+
+    def restore(self, path: str, live: Any, setter: Setter | None) -> None:
+        """Restore the entry at ``path`` into ``live`` (validate all, read, then apply)."""
+        plan = _Plan(self)
+        plan.match(path, live, setter)
+        plan.execute()
+
+    def materialize(self, path: str) -> Any:
+        """The stored value at ``path`` as fresh Python/numpy objects (nothing restored)."""
+        plan = _Plan(self)
+        build = plan.materialize(path, None)
+        plan.execute()
+        return build()
+
+    def mark_consumed(self, paths: set[str]) -> None:
+        with self._lock:
+            self._consumed |= paths
+
+
+class _Deferred:
+    """A checkpoint value waiting on ``owner.<name>`` (see ``Trackable.__setattr__``)."""
+
+    def __init__(self, session: RestoreSession, path: str) -> None:
+        self.session = session
+        self.path = path
+
+    def restore(self, owner: Trackable, name: str, value: Any) -> None:
+        def setter(new: Any) -> None:
+            object.__setattr__(owner, name, new)
+        self.session.restore(self.path, value, setter)
+
+
+def _mismatch(path: str, stored: str, live: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"cannot restore {display_path(path)}: the checkpoint holds {stored}, the object is {live}; "
+        f"nothing was restored")
+
+
+def _describe_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str:
+    return f"an array of shape {shape} and dtype {dtype}"
+
+
+class _Plan:
+    """What one restore will read and do, built entirely before anything is touched."""
+
+    def __init__(self, session: RestoreSession) -> None:
+        self.session = session
+        self.entries = session.index.entries
+        self.reads: list[ReadTarget] = []
+        self.ops: list[Callable[[], None]] = []
+        self.deferred: list[tuple[Trackable, str, str]] = []
+        self.consumed: set[str] = set()
+
+    def execute(self) -> None:
+        read_arrays(self.session.storage, self.session.index, self.reads)
+        for op in self.ops:
+            op()
+        for owner, name, path in self.deferred:
+            owner._add_deferred(name, _Deferred(self.session, path))
+        self.session.mark_consumed(self.consumed)
+
+    # ------------------------------------------------------------------ matching
+    def match(self, path: str, live: Any, setter: Setter | None) -> None:
+        entry = self.entries[path]
+        found = classify(live)
+        if found is None:
+            raise unsupported(path, live)
+        if isinstance(entry, ArrayEntry):
+            self._match_array(path, entry, live, found.kind, setter)
+        elif isinstance(entry, ValueEntry):
+            if found.kind is not Kind.VALUE or setter is None:
+                raise _mismatch(path, f"the value {entry.value!r}", f"a {describe_type(live)}")
+            value = entry.value
+            self.ops.append(lambda: setter(value))
+            self.consumed.add(path)
+        elif entry.adapter is not None:
+            self._match_adapted(path, entry, live, found.kind, found.adapter)
+        else:
+            self._match_container(path, entry, live, found.kind, setter)
+
+    def _match_array(self, path: str, entry: ArrayEntry, live: Any, kind: Kind, setter: Setter | None) -> None:
+        dtype = parse_dtype(entry.dtype)
+        stored = _describe_array(entry.shape, dtype)
+        if kind is Kind.VARIABLE:
+            self._check(path, entry, stored, live.shape, live.dtype)
+            buffer = live._buffer()
+            self._into(path, entry, buffer, lambda dest: np.copyto(buffer, dest))
+        elif kind is Kind.NDARRAY:
+            self._check(path, entry, stored, live.shape, live.dtype)
+            if not live.flags.writeable:
+                raise _mismatch(path, stored, "a read-only numpy array")
+            self._into(path, entry, live, lambda dest: np.copyto(live, dest))
+        elif kind is Kind.TENSOR:
+            from cloudckpt.adapters import torch as torch_adapter
+            shape, tdtype = torch_adapter.tensor_meta(live)
+            self._check(path, entry, stored, shape, tdtype)
+            view = torch_adapter.writable_view(live)
+            if view is not None:
+                self.reads.append(ReadTarget(path, entry, view, live=True))
+            else:
+                dest = new_buffer(entry)
+                self.reads.append(ReadTarget(path, entry, dest, live=False))
+                self.ops.append(lambda: torch_adapter.copy_into(live, dest))
+        elif kind is Kind.NUMPY_SCALAR and entry.pytype == "numpy_scalar" and setter is not None:
+            self._check(path, entry, stored, (), np.asarray(live).dtype)
+            dest = new_buffer(entry)
+            self.reads.append(ReadTarget(path, entry, dest, live=False))
+            self.ops.append(lambda: setter(dest[()]))
+        else:
+            raise _mismatch(path, stored, f"a {describe_type(live)}")
+        self.consumed.add(path)
+
+    def _into(self, path: str, entry: ArrayEntry, live: NDArray[Any], copy: Callable[[NDArray[Any]], Any]) -> None:
+        """Read straight into ``live`` if its layout allows, else into a buffer copied after."""
+        if live.flags.c_contiguous and live.dtype == parse_dtype(entry.dtype):
+            self.reads.append(ReadTarget(path, entry, live, live=True))
+        else:
+            dest = new_buffer(entry)
+            self.reads.append(ReadTarget(path, entry, dest, live=False))
+            self.ops.append(lambda: copy(dest))
+
+    @staticmethod
+    def _check(path: str, entry: ArrayEntry, stored: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        if tuple(shape) != entry.shape or storage_dtype(np.dtype(dtype)) != parse_dtype(entry.dtype):
+            raise _mismatch(path, stored, _describe_array(tuple(shape), np.dtype(dtype)))
+
+    def _match_adapted(self, path: str, entry: NodeEntry, live: Any, kind: Kind, adapter: Any) -> None:
+        assert entry.adapter is not None
+        if kind is not Kind.ADAPTED or adapter.name != entry.adapter:
+            raise _mismatch(path, f"the state of a {entry.adapter} object", f"a {describe_type(live)}")
+        keys = {decode_segment(s) if entry.type == "dict" else int(s) for s in entry.children}
+        try:
+            adapter.check(live, keys, path)
+        except ValueError as exc:
+            raise CheckpointMismatchError(f"cannot restore {display_path(path)}: {exc}; nothing was restored") from None
+        build = self.materialize(path, adapter.get_state(live))
+
+        def apply() -> None:
+            try:
+                adapter.set_state(live, build())
+            except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+                raise CheckpointMismatchError(
+                    f"cannot restore {display_path(path)}: the {describe_type(live)} rejected the stored "
+                    f"state ({exc}); objects restored before it keep their new values") from exc
+        self.ops.append(apply)
+
+    def _match_container(self, path: str, entry: NodeEntry, live: Any, kind: Kind, setter: Setter | None) -> None:
+        if kind.value != entry.type:
+            raise _mismatch(path, f"a {entry.type}", f"a {describe_type(live)}")
+        present = dict(children(live, kind))
+        tuple_items: list[Any] | None = list(live) if kind is Kind.TUPLE else None
+        for seg in entry.children:
+            child_path = join_path(path, seg)
+            key = decode_segment(seg) if kind in (Kind.TRACKABLE, Kind.DICT) else int(seg)
+            if seg in present:
+                self.match(child_path, present[seg], self._child_setter(live, kind, key, tuple_items))
+            elif kind is Kind.TRACKABLE and isinstance(key, str):
+                self.deferred.append((live._attribute_owner(key), key, child_path))
+        if tuple_items is not None and setter is not None:
+            original = live
+            items = tuple_items
+
+            def rebuild() -> None:
+                if any(a is not b for a, b in zip(items, original, strict=True)):
+                    make = getattr(type(original), "_make", None)
+                    setter(make(items) if make is not None else tuple(items))
+            self.ops.append(rebuild)
+
+    @staticmethod
+    def _child_setter(live: Any, kind: Kind, key: Any, tuple_items: list[Any] | None) -> Setter:
+        if kind is Kind.TRACKABLE:
+            owner = live._attribute_owner(key)
+            return lambda value: object.__setattr__(owner, key, value)
+        if tuple_items is not None:
+            return lambda value: tuple_items.__setitem__(key, value)
+        return lambda value: live.__setitem__(key, value)
+
+    # ------------------------------------------------------------------ materializing
+    def materialize(self, path: str, template: Any) -> Builder:
+        """A builder of the stored value at ``path``; reads into ``template``'s arrays where they fit."""
+        entry = self.entries[path]
+        if isinstance(entry, ValueEntry):
+            value = entry.value
+            self.consumed.add(path)
+            return lambda: value
+        if isinstance(entry, ArrayEntry):
+            return self._materialize_array(path, entry, template)
+        if entry.adapter is not None:
+            self.consumed.add(path)
+        builders = []
+        for seg in entry.children:
+            key = int(seg) if entry.type in ("list", "tuple") else decode_segment(seg)
+            builders.append((key, self.materialize(join_path(path, seg), _lookup(template, key))))
+        if entry.type in ("dict", "object"):
+            return lambda: {key: build() for key, build in builders}
+        if entry.type == "list":
+            return lambda: [build() for _, build in builders]
+        return lambda: tuple(build() for _, build in builders)
+
+    def _materialize_array(self, path: str, entry: ArrayEntry, template: Any) -> Builder:
+        """Read into the template's own array when it has one here (a module's parameters).
+
+        A template array of another shape or dtype is a mismatch: the object's
+        ``load_state_dict`` would fail after other objects had been restored.
+        """
+        self.consumed.add(path)
+        found = classify(template) if template is not None else None
+        dtype = parse_dtype(entry.dtype)
+        stored = _describe_array(entry.shape, dtype)
+        if found is not None and found.kind is Kind.TENSOR:
+            from cloudckpt.adapters import torch as torch_adapter
+            shape, tdtype = torch_adapter.tensor_meta(template)
+            self._check(path, entry, stored, shape, tdtype)
+            view = torch_adapter.writable_view(template)
+            if view is not None and view.dtype == dtype:
+                self.reads.append(ReadTarget(path, entry, view, live=True))
+                return lambda: template
+        if found is not None and found.kind is Kind.NDARRAY:
+            self._check(path, entry, stored, template.shape, template.dtype)
+            if template.dtype == dtype and template.flags.c_contiguous and template.flags.writeable:
+                self.reads.append(ReadTarget(path, entry, template, live=True))
+                return lambda: template
+        dest = new_buffer(entry)
+        self.reads.append(ReadTarget(path, entry, dest, live=False))
+        pytype = entry.pytype
+        if pytype == "tensor":
+            from cloudckpt.adapters import torch as torch_adapter
+            return lambda: torch_adapter.numpy_to_tensor(dest)
+        if pytype == "numpy_scalar":
+            return lambda: dest[()]
+        return lambda: dest
+
+
+def _lookup(template: Any, key: Any) -> Any:
+    """The template's child at ``key``, or ``None`` (then a fresh buffer is used)."""
+    try:
+        if isinstance(template, dict):
+            return template.get(key)
+        if isinstance(template, (list, tuple)) and isinstance(key, int) and key < len(template):
+            return template[key]
+    except TypeError:
+        return None
+    return None
+

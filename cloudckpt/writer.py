@@ -1,0 +1,287 @@
+"""Writing a checkpoint: plan data objects, upload them, then commit the index.
+
+The call order is fixed, and every step is what makes a crash harmless::
+
+    plan_write  -> leaves packed into a few data objects, each named with a suffix
+                   unique to this write (so no committed index's bytes are ever touched)
+    upload      -> each data object PUT from the arrays' own memory (zero copy),
+                   in parallel; CRC32C of every leaf computed on the way
+    commit      -> HEAD the index; PUT it conditionally on what was seen (absent ->
+                   create-if-absent, present -> replace-if-unchanged); only now is the
+                   checkpoint visible; then delete the data objects the replaced index named
+    discard     -> on any failure before the commit: delete what this write uploaded
+
+A crash before the commit leaves unreferenced data objects (cleaned up later by the
+manager) and no index a reader would accept; a crash after it leaves a complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cloudckpt.checksum import crc32c_of
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    ConcurrentWriterError,
+    NotFoundError,
+    PreconditionError,
+    StorageError,
+)
+from cloudckpt.format import (
+    ArrayEntry,
+    CheckpointIndex,
+    Chunk,
+    DataObject,
+    Entry,
+    data_key,
+    decode_index,
+    dtype_name,
+    encode_index,
+    index_key,
+)
+from cloudckpt.graph import ArrayLeaf, Collected
+from cloudckpt.storage import Storage, UpdateVersion, WriteMode
+from cloudckpt.storage.transfer import gather
+
+log = logging.getLogger("cloudckpt.writer")
+
+MiB = 1024 * 1024
+#: Aim for data objects of about this size; more objects upload in parallel, but each
+#: costs a request and (on S3) a multipart round trip. The storage's own multipart
+#: writer parallelises inside one large object, so a handful of objects is enough.
+TARGET_OBJECT_SIZE = 256 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedObject:
+    """One data object: its key and the leaves it holds, in order, with their offsets."""
+
+    key: str
+    leaves: tuple[tuple[str, int], ...]
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """What one write will upload. ``first`` objects hold the leaves asked for first."""
+
+    name: str
+    entries: Mapping[str, Collected]
+    objects: tuple[PlannedObject, ...]
+    first: int
+
+    def array(self, path: str) -> np.ndarray[Any, Any]:
+        leaf = self.entries[path]
+        assert isinstance(leaf, ArrayLeaf)
+        return leaf.array
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(o.size for o in self.objects)
+
+
+def _pack(paths: Sequence[str], sizes: Mapping[str, int], max_objects: int) -> list[list[str]]:
+    """Largest first onto the least-filled bin; each bin keeps the collection order."""
+    total = sum(sizes[p] for p in paths)
+    if not paths:
+        return []
+    count = max(1, min(max_objects, len(paths), math.ceil(total / TARGET_OBJECT_SIZE)))
+    bins: list[list[str]] = [[] for _ in range(count)]
+    fill = [0] * count
+    for path in sorted(paths, key=lambda p: -sizes[p]):
+        i = fill.index(min(fill))
+        bins[i].append(path)
+        fill[i] += sizes[path]
+    order = {p: i for i, p in enumerate(paths)}
+    return [sorted(b, key=order.__getitem__) for b in bins if b]
+
+
+def plan_write(name: str, entries: Mapping[str, Collected], *, max_objects: int,
+               first: Collection[str] = ()) -> WritePlan:
+    """Assign every array leaf to a data object; leaves in ``first`` get objects of their own.
+
+    Why ``first``: an async save whose state exceeds its staging budget uploads those
+    leaves from live memory before returning, and the rest in the background.
+    """
+    arrays = [p for p, e in entries.items() if isinstance(e, ArrayLeaf)]
+    sizes = {p: int(entries[p].array.nbytes) for p in arrays}  # type: ignore[union-attr]
+    early = [p for p in arrays if p in first]
+    late = [p for p in arrays if p not in first]
+    groups = _pack(early, sizes, max_objects) + _pack(late, sizes, max_objects)
+    suffix = uuid.uuid4().hex[:16]
+    objects = []
+    for k, group in enumerate(groups):
+        offsets = []
+        position = 0
+        for path in group:
+            offsets.append((path, position))
+            position += sizes[path]
+        objects.append(PlannedObject(data_key(name, k, len(groups), suffix), tuple(offsets), position))
+    first_count = len(_pack(early, sizes, max_objects))
+    return WritePlan(name, entries, tuple(objects), first_count)
+
+
+def _byte_view(array: np.ndarray[Any, Any]) -> memoryview:
+    return array.reshape(-1).view(np.uint8).data
+
+
+def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[str, int]:
+    """PUT the data objects ``which`` in parallel; return the CRC32C of each of their leaves."""
+    def one(k: int) -> dict[str, int]:
+        obj = plan.objects[k]
+        views = [_byte_view(plan.array(path)) for path, _ in obj.leaves]
+        crcs = {path: crc32c_of([view]) for (path, _), view in zip(obj.leaves, views, strict=True)}
+        storage.put(obj.key, views)
+        return crcs
+
+    result: dict[str, int] = {}
+    if not which:
+        return result
+    if len(which) == 1:
+        return one(which[0])
+    workers = min(len(which), storage.config.max_concurrency)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudckpt-upload") as pool:
+        futures = [pool.submit(one, k) for k in which]
+        gather(futures)
+        for future in futures:
+            result.update(future.result())
+    return result
+
+
+def build_index(plan: WritePlan, crcs: Mapping[str, int], metadata: Mapping[str, Any] | None) -> CheckpointIndex:
+    """The index naming every leaf's object, offset, length and CRC32C."""
+    where = {path: (k, offset) for k, obj in enumerate(plan.objects) for path, offset in obj.leaves}
+    entries: dict[str, Entry] = {}
+    for path, item in plan.entries.items():
+        if isinstance(item, ArrayLeaf):
+            k, offset = where[path]
+            array = item.array
+            chunk = Chunk(k, offset, int(array.nbytes), crcs[path], (0,) * array.ndim, tuple(array.shape))
+            entries[path] = ArrayEntry(dtype_name(array.dtype), tuple(array.shape), item.pytype, (chunk,))
+        else:
+            entries[path] = item
+    objects = tuple(DataObject(o.key, o.size) for o in plan.objects)
+    return CheckpointIndex(plan.name, entries, objects, dict(metadata or {}))
+
+
+def commit(storage: Storage, index: CheckpointIndex) -> tuple[int, str | None, list[str]]:
+    """Make the checkpoint visible: one conditional PUT of the index.
+
+    Returns the index size, its version (ETag/generation) and the data objects of the
+    index it replaced that the new one does not name; the caller deletes those
+    (``delete_replaced``) once the commit stands.
+
+    Raises:
+        ConcurrentWriterError: the index changed (or appeared) between our HEAD and our
+            PUT - another writer is saving to the same path. Nothing of theirs is touched.
+    """
+    key = index_key(index.name)
+    url = storage.url_for(key)
+    data = encode_index(index)
+    try:
+        seen = storage.head(key)
+    except NotFoundError:
+        seen = None
+    replaced = _objects_named_by(storage, key, index.name) if seen is not None else []
+    if not storage.supports_conditional_writes:
+        written = storage.put(key, data)
+    else:
+        mode: WriteMode = "create" if seen is None else UpdateVersion(seen.version or "")
+        try:
+            written = storage.put(key, data, mode=mode)
+        except (PreconditionError, NotFoundError) as exc:
+            raise ConcurrentWriterError(
+                f"another writer changed {url} while this save was committing; this save was not "
+                f"committed and the other writer's checkpoint was left alone") from exc
+    ours = {o.name for o in index.objects}
+    return len(data), written.version, [name for name in replaced if name not in ours]
+
+
+def delete_replaced(storage: Storage, name: str, stale: Sequence[str]) -> None:
+    """Delete the data objects of a replaced index (after the new one is committed)."""
+    if not stale:
+        return
+    try:
+        storage.delete(stale)
+    except StorageError as exc:
+        log.warning("could not delete %d data object(s) of the replaced %s: %s", len(stale),
+                    storage.url_for(index_key(name)), exc)
+
+
+def _objects_named_by(storage: Storage, key: str, name: str) -> list[str]:
+    """Data objects of the index we are about to replace (only what it names, never a listing)."""
+    try:
+        return [o.name for o in decode_index(storage.get(key), name, storage.url_for(key)).objects]
+    except (CheckpointFormatError, NotFoundError) as exc:
+        log.warning("not deleting the data of the replaced %s: %s", storage.url_for(key), exc)
+        return []
+
+
+def discard(storage: Storage, plan: WritePlan) -> None:
+    """Best-effort removal of this write's data objects after a failure.
+
+    If the failure hid a successful commit (the index PUT landed but its response was
+    lost), the index at the path names our objects: then they are kept.
+    """
+    ours = {o.key for o in plan.objects}
+    if not ours:
+        return
+    try:
+        current = decode_index(storage.get(index_key(plan.name)), plan.name, storage.url_for(plan.name))
+        if ours & {o.name for o in current.objects}:
+            log.warning("keeping the data of %s: its index was committed despite the error",
+                        storage.url_for(plan.name))
+            return
+    except Exception:
+        pass
+    try:
+        storage.delete(sorted(ours))
+    except Exception as exc:
+        log.warning("could not remove the data objects of a failed save of %s: %s",
+                    storage.url_for(plan.name), exc)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What a committed write stored.
+
+    Attributes:
+        name: the checkpoint's name (relative to its directory).
+        bytes: bytes stored (data objects and index).
+        objects: objects stored (data objects and index).
+        index_version: the committed index's version (ETag / generation), so a manager
+            that must undo this write deletes the index only if it is still ours.
+        data_keys: this write's data objects.
+    """
+
+    name: str
+    bytes: int
+    objects: int
+    index_version: str | None
+    data_keys: tuple[str, ...]
+
+
+def write_checkpoint(storage: Storage, plan: WritePlan, metadata: Mapping[str, Any] | None = None, *,
+                     crcs: Mapping[str, int] | None = None, skip: int = 0) -> WriteResult:
+    """Upload ``plan``'s objects from ``skip`` on (``crcs`` has those before), then commit.
+
+    On any failure the data objects of this write are deleted and the error re-raised.
+    """
+    try:
+        all_crcs = dict(crcs or {})
+        all_crcs.update(upload(storage, plan, range(skip, len(plan.objects))))
+        index_size, version, stale = commit(storage, build_index(plan, all_crcs, metadata))
+    except BaseException:
+        discard(storage, plan)
+        raise
+    delete_replaced(storage, plan.name, stale)
+    return WriteResult(plan.name, plan.data_bytes + index_size, len(plan.objects) + 1, version,
+                       tuple(o.key for o in plan.objects))

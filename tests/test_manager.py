@@ -1,0 +1,286 @@
+"""CheckpointManager: TensorFlow's own manager tests, ported, on local disk, SeaweedFS and GCS."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from test_checkpoint_cloud import gcs_bucket, root, s3_bucket  # noqa: F401 - shared fixtures
+
+from cloudckpt import Checkpoint, CheckpointOptions, Variable
+from cloudckpt.errors import ConcurrentWriterError
+from cloudckpt.format import index_key
+from cloudckpt.manager import CheckpointManager, latest_checkpoint
+from cloudckpt.retention import BestN
+from cloudckpt.state_file import STATE_KEY, parse, read_state
+from cloudckpt.storage import join_url, open_storage
+
+
+def _exists(directory: str, name: str) -> bool:
+    return open_storage(directory).exists(index_key(name))
+
+
+def _names(paths: list[str]) -> list[str]:
+    return [p.rsplit("/", 1)[-1] for p in paths]
+
+
+class Clock:
+    """A patched ``time.time`` (TensorFlow's tests do the same)."""
+
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> object:
+    fake = Clock()
+    with mock.patch("cloudckpt.manager.time.time", fake):
+        yield fake
+
+
+def test_validation(tmp_path: Path) -> None:
+    ckpt = Checkpoint()
+    with pytest.raises(ValueError, match="max_to_keep"):
+        CheckpointManager(ckpt, tmp_path, max_to_keep=0)
+    with pytest.raises(ValueError, match="step_counter"):
+        CheckpointManager(ckpt, tmp_path, max_to_keep=1, checkpoint_interval=5)
+
+
+def test_deletion_keeps_max_to_keep(root: str, clock: Clock) -> None:  # noqa: F811
+    ckpt = Checkpoint(v=Variable(np.zeros(3)))
+    manager = CheckpointManager(ckpt, root, max_to_keep=2)
+    paths = []
+    for _ in range(4):
+        clock.now += 1
+        paths.append(manager.save())
+    assert _names(paths) == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    assert _names(manager.checkpoints) == ["ckpt-3", "ckpt-4"]
+    assert [_exists(root, f"ckpt-{i}") for i in range(1, 5)] == [False, False, True, True]
+    assert manager.latest_checkpoint == join_url(root, "ckpt-4")
+    assert latest_checkpoint(root) == join_url(root, "ckpt-4")
+    # Deleted checkpoints leave no data objects behind.
+    assert [m.key for m in open_storage(root).list("ckpt-1")] == []
+
+
+def test_state_survives_instances_with_preserved_checkpoints(tmp_path: Path, clock: Clock) -> None:
+    ckpt = Checkpoint(v=Variable(1.0))
+    first = CheckpointManager(ckpt, tmp_path, max_to_keep=2, keep_checkpoint_every_n_hours=1.5)
+    clock.now = 10_000.0 + 3600 * 2  # 2 h after the manager's "last preserved"
+    first.save()                                   # ckpt-1 @ +2h
+    clock.now += 60
+    first.save()                                   # ckpt-2
+    clock.now += 60
+    first.save()                                   # ckpt-3: evicts ckpt-1 -> preserved (>=1.5h after start)
+    assert _names(first.checkpoints) == ["ckpt-2", "ckpt-3"]
+    assert _names(first.preserved_checkpoints) == ["ckpt-1"]
+    assert _exists(str(tmp_path), "ckpt-1")
+    clock.now += 60
+    first.save()                                   # ckpt-4: evicts ckpt-2, too soon to preserve -> deleted
+    assert not _exists(str(tmp_path), "ckpt-2")
+
+    second = CheckpointManager(Checkpoint(v=Variable(0.0)), tmp_path, max_to_keep=2,
+                               keep_checkpoint_every_n_hours=1.5)
+    assert _names(second.checkpoints) == ["ckpt-3", "ckpt-4"]
+    assert _names(second.preserved_checkpoints) == ["ckpt-1"]
+    state = parse((tmp_path / "checkpoint").read_text(), "x")
+    assert state.last_preserved_timestamp == 10_000.0 + 3600 * 2
+    assert state.all_model_checkpoint_paths == ["ckpt-3", "ckpt-4"]
+
+
+def test_keep_all_then_bounded_manager(tmp_path: Path, clock: Clock) -> None:
+    ckpt = Checkpoint()
+    keep_all = CheckpointManager(ckpt, tmp_path, max_to_keep=None)
+    for _ in range(3):
+        clock.now += 1
+        keep_all.save()
+    assert _names(keep_all.checkpoints) == ["ckpt-1", "ckpt-2", "ckpt-3"]
+    bounded = CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+    clock.now += 1
+    bounded.save()
+    assert _names(bounded.checkpoints) == ["ckpt-4"]
+    assert not any(_exists(str(tmp_path), f"ckpt-{i}") for i in (1, 2, 3))
+
+
+def test_continues_from_unmanaged_checkpoint_save(tmp_path: Path, clock: Clock) -> None:
+    ckpt = Checkpoint(v=Variable(2.0))
+    prefix = str(tmp_path / "ckpt")
+    ckpt.save(prefix)
+    ckpt.save(prefix)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
+    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+    assert manager.checkpoints == []  # no timestamps: never deleted by a manager
+    clock.now += 1
+    manager.save()
+    clock.now += 1
+    manager.save()
+    assert _exists(str(tmp_path), "ckpt-1") and _exists(str(tmp_path), "ckpt-2")
+    assert _names(manager.checkpoints) == ["ckpt-4"]
+
+
+def test_clock_reset_clamps_with_warning(tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    manager = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=3, keep_checkpoint_every_n_hours=1)
+    clock.now += 10
+    manager.save()
+    clock.now = 100.0  # the clock went backwards
+    again = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=3, keep_checkpoint_every_n_hours=1)
+    assert "clock go backwards" in caplog.text
+    assert again.checkpoints == []  # the recovered timestamp is capped at now
+
+
+def test_custom_numbering_and_name(tmp_path: Path) -> None:
+    ckpt = Checkpoint()
+    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=2, checkpoint_name="step")
+    assert _names([manager.save(checkpoint_number=100)]) == ["step-100"]
+    assert int(ckpt.save_counter) == 1
+    step = Variable(np.int64(7))
+    assert _names([manager.save(checkpoint_number=step)]) == ["step-7"]
+    manager.save(checkpoint_number=100)  # re-saving moves it to the newest position
+    assert _names(manager.checkpoints) == ["step-7", "step-100"]
+    assert int(ckpt.save_counter) == 3
+
+
+def test_restore_or_initialize(tmp_path: Path) -> None:
+    v = Variable(np.arange(3.0))
+    calls = []
+    manager = CheckpointManager(Checkpoint(v=v), tmp_path, max_to_keep=1, init_fn=lambda: calls.append(1))
+    assert manager.restore_or_initialize() is None
+    assert calls == [1]
+    manager.save()
+    w = Variable(np.zeros(3))
+    other = CheckpointManager(Checkpoint(v=w), tmp_path, max_to_keep=1, init_fn=lambda: calls.append(2))
+    assert other.restore_or_initialize() == str(tmp_path / "ckpt-1")
+    np.testing.assert_array_equal(w.numpy(), np.arange(3.0))
+    assert calls == [1]
+
+
+def test_pathlike_directory(tmp_path: Path) -> None:
+    manager = CheckpointManager(Checkpoint(), pathlib.PurePosixPath(tmp_path) / "sub", max_to_keep=1)
+    assert manager.save() == os.path.join(str(tmp_path), "sub", "ckpt-1")
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_checkpoint_interval(tmp_path: Path, restore: bool) -> None:
+    step = Variable(np.int64(0))
+    ckpt = Checkpoint(step=step)
+    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=None, step_counter=step, checkpoint_interval=2)
+    if restore:
+        manager.save()
+        manager = CheckpointManager(ckpt, tmp_path, max_to_keep=None, step_counter=step, checkpoint_interval=2)
+        manager.restore_or_initialize()
+    saved = []
+    for i in range(1, 7):
+        step.assign(i)
+        saved.append(manager.save() is not None)
+    assert saved == [False, True, False, True, False, True] if restore else [True, False, True, False, True, False]
+    step.assign(7)
+    assert manager.save(check_interval=False) is not None  # interval ignored
+    assert manager.save(check_interval=False) is None  # same step as the last save: always skipped
+
+
+def test_reading_never_writes(tmp_path: Path) -> None:
+    CheckpointManager(Checkpoint(), tmp_path, max_to_keep=1)
+    latest_checkpoint(tmp_path)
+    CheckpointManager(Checkpoint(), tmp_path, max_to_keep=1).restore_or_initialize()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_latest_skips_checkpoints_whose_index_is_gone(tmp_path: Path, clock: Clock) -> None:
+    manager = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=3)
+    for _ in range(3):
+        clock.now += 1
+        manager.save()
+    (tmp_path / "ckpt-3.index").unlink()
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
+    assert manager.latest_checkpoint == str(tmp_path / "ckpt-2")
+
+
+def test_zombie_writer_is_fenced(root: str, clock: Clock) -> None:  # noqa: F811
+    old = CheckpointManager(Checkpoint(v=Variable(1.0)), root, max_to_keep=3)
+    clock.now += 1
+    old.save()
+    new_ckpt = Checkpoint(v=Variable(2.0))
+    new = CheckpointManager(new_ckpt, root, max_to_keep=3)
+    new.restore_or_initialize()
+    clock.now += 1
+    new.save()
+    clock.now += 1
+    with pytest.raises(ConcurrentWriterError, match="another writer"):
+        old.save()
+    with pytest.raises(ConcurrentWriterError):
+        old.save()
+    clock.now += 1
+    new.save()
+    assert _names(new.checkpoints) == ["ckpt-1", "ckpt-2", "ckpt-3"]
+    assert all(_exists(root, n) for n in ("ckpt-1", "ckpt-2", "ckpt-3"))
+    assert latest_checkpoint(root) == join_url(root, "ckpt-3")
+
+
+def test_fenced_during_upload_rolls_back_only_its_own_write(tmp_path: Path, clock: Clock) -> None:
+    old_ckpt = Checkpoint(v=Variable(1.0))
+    old = CheckpointManager(old_ckpt, tmp_path, max_to_keep=5)
+    clock.now += 1
+    old.save()
+    new = CheckpointManager(Checkpoint(v=Variable(2.0)), tmp_path, max_to_keep=5)
+
+    real = old_ckpt._write_managed
+
+    def write_then_lose_race(path: str, **kwargs: object) -> str:
+        clock.now += 1
+        new.save(checkpoint_number=50)  # the new job claims the directory mid-upload
+        return real(path, **kwargs)  # type: ignore[arg-type]
+
+    with mock.patch.object(old_ckpt, "_write_managed", write_then_lose_race), \
+            pytest.raises(ConcurrentWriterError, match="rolled back"):
+        old.save()
+    assert not _exists(str(tmp_path), "ckpt-2")
+    assert [p.name for p in tmp_path.glob("ckpt-2.*")] == []
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-50")
+
+
+def test_async_saves_update_state_only_after_commit(tmp_path: Path) -> None:
+    ckpt = Checkpoint(v=Variable(np.ones(1000)))
+    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=2)
+    options = CheckpointOptions(enable_async=True)
+    for _ in range(3):
+        manager.save(options=options)
+    manager.sync()
+    assert _names(manager.checkpoints) == ["ckpt-2", "ckpt-3"]
+    state = (read_state(open_storage(tmp_path)) or (None,))[0]
+    assert state is not None and state.model_checkpoint_path == "ckpt-3"
+    manager.close()
+
+
+def test_keep_best_and_metadata(tmp_path: Path, clock: Clock) -> None:
+    from cloudckpt.loading import load_checkpoint
+
+    manager = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=1, keep_best=BestN("loss", 1))
+    for loss in (0.5, 0.1, 0.9, 0.7):
+        clock.now += 1
+        manager.save(metadata={"loss": loss})
+    assert _names(manager.checkpoints) == ["ckpt-2", "ckpt-4"]
+    assert load_checkpoint(str(tmp_path / "ckpt-2")).metadata["loss"] == 0.1
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage line", b"\xff\xfe", b'model_checkpoint_path: "ckpt-1'])
+def test_broken_state_file_warns_and_recovers(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / STATE_KEY).write_bytes(content)
+    ckpt = Checkpoint(v=Variable(1.0))
+    with pytest.warns(RuntimeWarning) if content not in (b"",) else _no_warning():
+        manager = CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+    assert manager.save() == str(tmp_path / "ckpt-1")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
