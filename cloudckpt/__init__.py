@@ -3,8 +3,6 @@
 The package imports light: cloud SDKs and torch load only when a URL or an object needs them.
 """
 
-from typing import Any
-
 from cloudckpt import errors
 from cloudckpt.async_save import SaveStats
 from cloudckpt.checkpoint import Checkpoint
@@ -19,13 +17,17 @@ from cloudckpt.errors import (
     SaveError,
 )
 from cloudckpt.loading import CheckpointReader, list_variables, load_checkpoint, load_variable
+from cloudckpt.manager import CheckpointManager, latest_checkpoint
 from cloudckpt.options import CheckpointOptions
+from cloudckpt.preemption import PreemptionCheckpointHandler
+from cloudckpt.retention import BestN
 from cloudckpt.storage import open_storage
 from cloudckpt.trackable import Trackable, Variable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestN",
     "Checkpoint",
     "CheckpointFormatError",
     "CheckpointManager",
@@ -37,6 +39,7 @@ __all__ = [
     "CloudCkptError",
     "ConcurrentWriterError",
     "NotFoundError",
+    "PreemptionCheckpointHandler",
     "SaveError",
     "SaveStats",
     "Trackable",
@@ -50,10 +53,3 @@ __all__ = [
     "open_storage",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """``latest_checkpoint`` and ``CheckpointManager`` come from ``cloudckpt.manager``, loaded on first use."""
-    if name in ("latest_checkpoint", "CheckpointManager"):
-        from cloudckpt import manager
-        return getattr(manager, name)
-    raise AttributeError(f"module 'cloudckpt' has no attribute {name!r}")
