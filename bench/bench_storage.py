@@ -77,6 +77,10 @@ def bench_local(data: np.ndarray, repeat: int, workdir: Path) -> list[Result]:
         with open(plain, "rb") as f:
             f.readinto(memoryview(out))
 
+    # Warm-up, untimed: the first large write of a run pays for page-cache eviction and
+    # writeback of whatever came before (seen as a 5x outlier on whichever path ran first).
+    plain_write()
+    store.put("obj", data)
     results = [
         Result("local", "write", "cloudckpt LocalStorage.put (fsync)", best_of(repeat, lambda: store.put("obj", data)),
                size, True),
