@@ -36,6 +36,7 @@ from cloudckpt.errors import (
     InvalidKeyError,
     InvalidRangeError,
     NotFoundError,
+    PermissionDeniedError,
     PreconditionError,
     StorageError,
     TransientError,
@@ -529,6 +530,19 @@ class Storage(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def translate_os_error(exc: BaseException, url: str) -> BaseException:
+    """The cloudckpt error for an ``OSError`` from a file-system-like backend (local, fsspec)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return NotFoundError(f"{url} not found", url)
+    if isinstance(exc, PermissionError):
+        return PermissionDeniedError(f"permission denied on {url}: {exc.strerror}", url)
+    if isinstance(exc, OSError):
+        return StorageError(f"I/O error on {url}: {exc.strerror or exc}", url)
+    return exc
 
 
 def validate_key(key: str, url: str) -> str:

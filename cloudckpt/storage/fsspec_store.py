@@ -38,6 +38,7 @@ from cloudckpt.storage.base import (
     Storage,
     TransferConfig,
     WriteMode,
+    translate_os_error,
 )
 
 
@@ -121,8 +122,7 @@ class FsspecStorage(Storage):
         return isinstance(exc, (TimeoutError, ConnectionError))
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
-        if isinstance(exc, StorageError):
-            return exc
+        return translate_os_error(exc, url)
         if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             return NotFoundError(f"{url} not found", url)
         if isinstance(exc, PermissionError):

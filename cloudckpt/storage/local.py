@@ -50,6 +50,7 @@ from cloudckpt.storage.base import (
     TransferConfig,
     UpdateVersion,
     WriteMode,
+    translate_os_error,
 )
 
 _VERSION_XATTR = "user.cloudckpt.version"
@@ -270,8 +271,7 @@ class LocalStorage(Storage):
         return isinstance(exc, OSError) and exc.errno in (errno.EINTR, errno.EAGAIN)
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
-        if isinstance(exc, StorageError):
-            return exc
+        return translate_os_error(exc, url)
         if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             return NotFoundError(f"{url} not found", url)
         if isinstance(exc, PermissionError):
