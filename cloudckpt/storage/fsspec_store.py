@@ -26,10 +26,7 @@ import fsspec
 from cloudckpt.errors import (
     InvalidRangeError,
     InvalidURLError,
-    NotFoundError,
     NotSupportedError,
-    PermissionDeniedError,
-    StorageError,
 )
 from cloudckpt.storage.base import (
     ByteRange,
@@ -123,13 +120,6 @@ class FsspecStorage(Storage):
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         return translate_os_error(exc, url)
-        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-            return NotFoundError(f"{url} not found", url)
-        if isinstance(exc, PermissionError):
-            return PermissionDeniedError(f"permission denied on {url}", url)
-        if isinstance(exc, OSError):
-            return StorageError(f"I/O error on {url}: {exc}", url)
-        return exc
 
 
 def _meta(key: str, info: Mapping[str, Any]) -> ObjectMeta:

@@ -35,10 +35,7 @@ from cloudckpt.errors import (
     AlreadyExistsError,
     InvalidRangeError,
     InvalidURLError,
-    NotFoundError,
-    PermissionDeniedError,
     PreconditionError,
-    StorageError,
 )
 from cloudckpt.storage.base import (
     TEMP_PREFIX,
@@ -272,13 +269,6 @@ class LocalStorage(Storage):
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         return translate_os_error(exc, url)
-        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-            return NotFoundError(f"{url} not found", url)
-        if isinstance(exc, PermissionError):
-            return PermissionDeniedError(f"permission denied on {url}: {exc.strerror}", url)
-        if isinstance(exc, OSError):
-            return StorageError(f"I/O error on {url}: {exc.strerror or exc}", url)
-        return exc
 
 
 class _LocalMultipart(MultipartUpload):
