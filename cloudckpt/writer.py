@@ -48,7 +48,7 @@ from cloudckpt.format import (
     index_key,
 )
 from cloudckpt.graph import ArrayLeaf, Collected
-from cloudckpt.storage import Storage, UpdateVersion, WriteMode
+from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 from cloudckpt.storage.transfer import gather
 
 log = logging.getLogger("cloudckpt.writer")
@@ -172,24 +172,31 @@ def build_index(plan: WritePlan, crcs: Mapping[str, int], metadata: Mapping[str,
     return CheckpointIndex(plan.name, entries, objects, dict(metadata or {}))
 
 
-def commit(storage: Storage, index: CheckpointIndex) -> tuple[int, str | None, list[str]]:
-    """Make the checkpoint visible: one conditional PUT of the index.
+def head_index(storage: Storage, name: str) -> ObjectMeta | None:
+    """The index of checkpoint ``name`` as it is now, or ``None`` if absent."""
+    try:
+        return storage.head(index_key(name))
+    except NotFoundError:
+        return None
+
+
+def commit(storage: Storage, index: CheckpointIndex, seen: ObjectMeta | None) -> tuple[int, str | None, list[str]]:
+    """Make the checkpoint visible: one PUT of the index, conditional on ``seen``.
+
+    ``seen`` is what the writer found at the index before it started uploading (absent ->
+    create-if-absent; present -> replace-if-unchanged).
 
     Returns the index size, its version (ETag/generation) and the data objects of the
     index it replaced that the new one does not name; the caller deletes those
     (``delete_replaced``) once the commit stands.
 
     Raises:
-        ConcurrentWriterError: the index changed (or appeared) between our HEAD and our
-            PUT - another writer is saving to the same path. Nothing of theirs is touched.
+        ConcurrentWriterError: the index changed (or appeared) since ``seen`` - another
+            writer is saving to the same path. Nothing of theirs is touched.
     """
     key = index_key(index.name)
     url = storage.url_for(key)
     data = encode_index(index)
-    try:
-        seen = storage.head(key)
-    except NotFoundError:
-        seen = None
     replaced = _objects_named_by(storage, key, index.name) if seen is not None else []
     if not storage.supports_conditional_writes:
         written = storage.put(key, data)
@@ -276,9 +283,12 @@ def write_checkpoint(storage: Storage, plan: WritePlan, metadata: Mapping[str, A
     On any failure the data objects of this write are deleted and the error re-raised.
     """
     try:
+        # HEAD the index *before* uploading: an index another writer commits while our bytes
+        # are in flight then makes our conditional commit fail, instead of being replaced.
+        seen = head_index(storage, plan.name)
         all_crcs = dict(crcs or {})
         all_crcs.update(upload(storage, plan, range(skip, len(plan.objects))))
-        index_size, version, stale = commit(storage, build_index(plan, all_crcs, metadata))
+        index_size, version, stale = commit(storage, build_index(plan, all_crcs, metadata), seen)
     except BaseException:
         discard(storage, plan)
         raise

@@ -8,6 +8,7 @@ import os
 import warnings
 from collections import namedtuple
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -485,7 +486,7 @@ def test_sharded_array_entries_are_assembled(tmp_path: Path, split: str) -> None
         chunks.append(Chunk(0, offset, piece.nbytes, crc32c_of([piece.tobytes()]), start, piece.shape))
         offset += piece.nbytes
     entries = {"": NodeEntry("object", ("w",)), "w": ArrayEntry("float64", (4, 6), "ndarray", tuple(chunks))}
-    commit(storage, CheckpointIndex(name, entries, (DataObject(key, offset),)))
+    commit(storage, CheckpointIndex(name, entries, (DataObject(key, offset),)), None)
     np.testing.assert_array_equal(cloudckpt.load_variable(tmp_path / "sharded", "w"), full)
     target = np.zeros((4, 6))
     Checkpoint(w=target).read(tmp_path / "sharded").assert_consumed()
@@ -552,3 +553,24 @@ def test_deferred_plain_values_take_the_stored_value(tmp_path: Path) -> None:
     fresh.epoch = 0  # created after the restore, like a variable: it takes the checkpoint's value
     assert fresh.epoch == 3
     status.assert_consumed()
+
+
+def test_index_committed_by_another_writer_during_upload_is_not_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index is HEADed before the data upload, so a rival commit in that window wins."""
+    from cloudckpt import writer
+
+    rival = Checkpoint(v=Variable(np.full(4, 7.0)))
+    real_upload = writer.upload
+
+    def upload_while_rival_commits(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(writer, "upload", real_upload)
+        rival.write(tmp_path / "shared")  # lands while our bytes are "in flight"
+        return real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "upload", upload_while_rival_commits)
+    with pytest.raises(ConcurrentWriterError):
+        Checkpoint(v=Variable(np.zeros(4))).write(tmp_path / "shared")
+    target = Variable(np.zeros(4))
+    Checkpoint(v=target).read(tmp_path / "shared").assert_consumed()
+    np.testing.assert_array_equal(target.numpy(), np.full(4, 7.0))
