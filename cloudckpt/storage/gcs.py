@@ -90,6 +90,7 @@ from cloudckpt.storage.base import (
     crc32c_base64,
     crc32c_of,
 )
+from cloudckpt.storage.clients import ProcessLocalCache
 
 log = logging.getLogger("cloudckpt.storage")
 
@@ -117,40 +118,6 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
 
 
 # ---------------------------------------------------------------------- clients
-class _ClientCache:
-    """One ``storage.Client`` per process and configuration.
-
-    Why: a client owns an HTTP connection pool and (for real credentials) a token that
-    refreshes itself; building one per storage object would redo the auth handshake
-    and defeat connection reuse. A forked child must not share its parent's sockets,
-    so the cache is keyed by PID and a child builds its own.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._clients: dict[tuple[Any, ...], gcs.Client] = {}
-        self._pid = os.getpid()
-
-    def get(self, project: str | None, credentials: Credentials | None) -> gcs.Client:
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
-        key = (emulator, project, credentials)
-        with self._lock:
-            if self._pid != os.getpid():
-                self._clients.clear()
-                self._pid = os.getpid()
-            client = self._clients.get(key)
-            if client is None:
-                client = _build_client(project, credentials, emulator)
-                self._clients[key] = client
-            return client
-
-    def reset_after_fork(self) -> None:
-        """A lock held by another thread at fork time would stay held forever in the child."""
-        self._lock = threading.Lock()
-        self._clients = {}
-        self._pid = os.getpid()
-
-
 def _build_client(project: str | None, credentials: Credentials | None, emulator: str | None) -> gcs.Client:
     """Against an emulator: anonymous credentials and a dummy project; else google-auth's chain."""
     if emulator is not None:
@@ -159,9 +126,8 @@ def _build_client(project: str | None, credentials: Credentials | None, emulator
     return gcs.Client(project=project, credentials=credentials)
 
 
-_CLIENTS = _ClientCache()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_CLIENTS.reset_after_fork)
+#: (emulator host, project, credentials) -> client, one per process.
+_CLIENTS: ProcessLocalCache[tuple[Any, ...], gcs.Client] = ProcessLocalCache()
 
 #: Whether compose honours ``ifGenerationMatch``, per (endpoint, bucket), probed once.
 _COMPOSE_PRECONDITIONS: dict[tuple[str, str], bool] = {}
@@ -337,7 +303,10 @@ class GCSStorage(Storage):
         """The client in use: the one given, or this process's shared one."""
         if self._given_client is not None:
             return self._given_client
-        return _CLIENTS.get(self._project, self._credentials)
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
+        project, credentials = self._project, self._credentials
+        return _CLIENTS.get((emulator, project, credentials),
+                            lambda: _build_client(project, credentials, emulator))
 
     def _bucket(self) -> gcs.Bucket:
         return self.client.bucket(self.bucket_name, user_project=self.user_project)

@@ -79,6 +79,7 @@ from cloudckpt.storage.base import (
     WriteMode,
     crc32c_of,
 )
+from cloudckpt.storage.clients import ProcessLocalCache
 
 log = logging.getLogger("cloudckpt.storage")
 
@@ -133,7 +134,6 @@ class PendingUpload(NamedTuple):
 # ---------------------------------------------------------------------- clients
 @dataclass(frozen=True, slots=True)
 class _ClientKey:
-    pid: int
     endpoint_url: str | None
     env_endpoint: str | None  # what botocore will read from the environment, when not given
     region_name: str | None
@@ -141,15 +141,12 @@ class _ClientKey:
     path_style: bool
 
 
-_clients: dict[_ClientKey, Any] = {}
-_clients_lock = threading.Lock()
+_clients: ProcessLocalCache[_ClientKey, Any] = ProcessLocalCache()
 
 
 def _reset_after_fork() -> None:
-    """A forked child must not use the parent's connections, nor a lock held at fork time."""
-    global _clients_lock, _probe_lock
-    _clients.clear()
-    _clients_lock = threading.Lock()
+    """A forked child re-probes its buckets and must not inherit a lock held at fork time."""
+    global _probe_lock
     _probes.clear()
     _probe_locks.clear()
     _probe_lock = threading.Lock()
@@ -170,14 +167,9 @@ def _configured_endpoint() -> str | None:
 def _shared_client(endpoint_url: str | None, region_name: str | None, pool_size: int) -> Any:
     """The process-wide boto3 S3 client for these settings (created on first use)."""
     env_endpoint = None if endpoint_url else _configured_endpoint()
-    key = _ClientKey(os.getpid(), endpoint_url, env_endpoint, region_name, pool_size,
+    key = _ClientKey(endpoint_url, env_endpoint, region_name, pool_size,
                      path_style=bool(endpoint_url or env_endpoint))
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _new_client(key)
-            _clients[key] = client
-        return client
+    return _clients.get(key, lambda: _new_client(key))
 
 
 def _new_client(key: _ClientKey) -> Any:
