@@ -33,9 +33,10 @@ from typing import Any
 
 from cloudckpt.errors import CheckpointFormatError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.reader import storage_for_directory
 from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
 from cloudckpt.state_file import STATE_KEY, CheckpointState, CheckpointStateError, read_state, write_state
-from cloudckpt.storage import ObjectMeta, Storage, join_url, open_storage
+from cloudckpt.storage import ObjectMeta, Storage, join_url
 
 log = logging.getLogger("cloudckpt.manager")
 
@@ -61,7 +62,7 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
     only when there is no state file (or it is unreadable): then the highest-numbered
     ``<name>-<N>.index`` wins.
     """
-    storage = open_storage(checkpoint_dir)
+    storage = storage_for_directory(checkpoint_dir)
     return _latest(storage, os.fspath(checkpoint_dir))
 
 
@@ -142,7 +143,7 @@ class CheckpointManager:
             raise ValueError(f"checkpoint_name must be a non-empty name without '/', got {checkpoint_name!r}")
         self._checkpoint = checkpoint
         self._directory = os.fspath(directory)
-        self._storage = storage or open_storage(self._directory)
+        self._storage = storage or storage_for_directory(self._directory)
         self._name = checkpoint_name
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
