@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointFormatError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
 from cloudckpt.reader import storage_for_directory
@@ -356,6 +357,7 @@ class CheckpointManager:
                 self._undo_write(name, written)
                 self._fence(f"another writer took over {self._directory} while {name} was being saved; "
                             f"this save was rolled back and this manager will not save again")
+        crash_point("after_state_write")
         for gone in sweep.deleted:
             delete_checkpoint(self._storage, gone)
 
@@ -415,5 +417,7 @@ def delete_checkpoint(storage: Storage, name: str) -> None:
         log.warning("not deleting data objects of %s: its index is unreadable (%s)", storage.url_for(key), exc)
         objects = []
     storage.delete(key)
+    crash_point("after_delete_index")
     storage.delete(objects)
+    crash_point("after_delete_data")
     log.info("deleted checkpoint %s (%d data objects)", storage.url_for(name), len(objects))

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.checksum import crc32c_of
+from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import (
     CheckpointFormatError,
     ConcurrentWriterError,
@@ -288,10 +289,12 @@ def write_checkpoint(storage: Storage, plan: WritePlan, metadata: Mapping[str, A
         seen = head_index(storage, plan.name)
         all_crcs = dict(crcs or {})
         all_crcs.update(upload(storage, plan, range(skip, len(plan.objects))))
+        crash_point("after_data_upload")
         index_size, version, stale = commit(storage, build_index(plan, all_crcs, metadata), seen)
     except BaseException:
         discard(storage, plan)
         raise
+    crash_point("after_index_write")
     delete_replaced(storage, plan.name, stale)
     return WriteResult(plan.name, plan.data_bytes + index_size, len(plan.objects) + 1, version,
                        tuple(o.key for o in plan.objects))
