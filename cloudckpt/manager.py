@@ -29,11 +29,13 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointFormatError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.leftovers import find_leftovers, remove_leftovers
 from cloudckpt.reader import storage_for_directory
 from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
 from cloudckpt.state_file import STATE_KEY, CheckpointState, CheckpointStateError, read_state, write_state
@@ -42,6 +44,9 @@ from cloudckpt.storage import ObjectMeta, Storage, join_url
 log = logging.getLogger("cloudckpt.manager")
 
 _CLAIM_ATTEMPTS = 20
+#: Default age before a crashed save's leftovers are removed: far longer than any save
+#: should take, so a zombie VM still uploading is never robbed of its bytes mid-save.
+DEFAULT_LEFTOVER_MIN_AGE = timedelta(hours=1)
 
 
 def _as_number(value: Any, what: str) -> int:
@@ -53,6 +58,15 @@ def _as_number(value: Any, what: str) -> int:
     except (TypeError, ValueError):
         raise TypeError(f"{what} must be an integer or hold one, got {type(value).__name__}") from None
     return number
+
+
+def _as_age(value: float | timedelta | None) -> timedelta | None:
+    if value is None:
+        return None
+    age = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+    if age < timedelta(0):
+        raise ValueError(f"leftover_min_age must not be negative, got {value!r}")
+    return age
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
@@ -126,13 +140,19 @@ class CheckpointManager:
         init_fn: called by ``restore_or_initialize`` when there is nothing to restore.
         keep_best: optional ``BestN`` rule (metric from ``save(metadata=...)``) on top.
         storage: an already-open ``Storage`` for ``directory`` (tests, custom clients).
+        leftover_min_age: the first save removes what crashed saves left in ``directory``
+            (data objects no index names, temporary chunks, stale multipart uploads) when
+            older than this by the store's clock (seconds or a ``timedelta``); it must exceed
+            the longest save, since anything younger may still be uploading. ``None``
+            disables the cleanup. See ``cloudckpt.leftovers``.
     """
 
     def __init__(self, checkpoint: Any, directory: str | os.PathLike[str], max_to_keep: int | None,
                  keep_checkpoint_every_n_hours: float | None = None, checkpoint_name: str = "ckpt",
                  step_counter: Any = None, checkpoint_interval: int | None = None,
                  init_fn: Callable[[], Any] | None = None, *, keep_best: BestN | None = None,
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None,
+                 leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE) -> None:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         if checkpoint_interval is not None:
@@ -142,6 +162,7 @@ class CheckpointManager:
                 raise ValueError(f"checkpoint_interval must be a non-negative int, got {checkpoint_interval!r}")
         if not checkpoint_name or "/" in checkpoint_name:
             raise ValueError(f"checkpoint_name must be a non-empty name without '/', got {checkpoint_name!r}")
+        self._leftover_min_age = _as_age(leftover_min_age)
         self._checkpoint = checkpoint
         self._directory = os.fspath(directory)
         self._storage = storage or storage_for_directory(self._directory)
@@ -163,6 +184,7 @@ class CheckpointManager:
         self._preserved: dict[str, float] = {}
         self._metrics: dict[str, float] = {}
         self._latest: str | None = None
+        self._warned_unreadable = False
         self._adopt(self._read_state_for_adoption(), now=time.time())
 
     # ------------------------------------------------------------------ properties
@@ -209,8 +231,10 @@ class CheckpointManager:
         try:
             return read_state(self._storage)
         except CheckpointStateError as exc:
-            warnings.warn(f"{exc}; starting with no managed checkpoints (none will be deleted)",
-                          RuntimeWarning, stacklevel=3)
+            if not self._warned_unreadable:  # once per manager: the claim re-reads the same file
+                self._warned_unreadable = True
+                warnings.warn(f"{exc}; starting with no managed checkpoints (none will be deleted)",
+                              RuntimeWarning, stacklevel=3)
             return None
         except PreconditionError:
             return read_state(self._storage)
@@ -267,8 +291,26 @@ class CheckpointManager:
                     continue
                 self._claimed = True
                 log.info("claimed %s for writer %s", self._directory, self._token[:8])
-                return
+            self._remove_leftovers()
+            return
         raise ConcurrentWriterError(f"could not claim {self._directory}: its state file kept changing")
+
+    def _remove_leftovers(self) -> None:
+        """Clean up after crashed saves, once, before this manager uploads anything.
+
+        Runs before our own first upload so that not even ``leftover_min_age=0`` can touch
+        bytes of ours; a failure is logged, never raised - cleanup must not stop training.
+        """
+        if self._leftover_min_age is None:
+            return
+        try:
+            found = find_leftovers(self._storage, min_age=self._leftover_min_age)
+            if found:
+                removal = remove_leftovers(self._storage, found)
+                for key, why in removal.failed:
+                    log.warning("could not remove leftover %s: %s", self._storage.url_for(key), why)
+        except Exception as exc:
+            log.warning("could not clean up leftovers of crashed saves in %s: %s", self._directory, exc)
 
     def _garbage_state_meta(self) -> ObjectMeta | None:
         """When the state file is unreadable we replace it, but only that exact version."""

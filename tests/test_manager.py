@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -69,9 +70,9 @@ def test_deletion_keeps_max_to_keep(root: str, clock: Clock) -> None:  # noqa: F
     assert [m.key for m in open_storage(root).list("ckpt-1")] == []
 
 
-def test_state_survives_instances_with_preserved_checkpoints(tmp_path: Path, clock: Clock) -> None:
+def test_state_survives_instances_with_preserved_checkpoints(root: str, clock: Clock) -> None:  # noqa: F811
     ckpt = Checkpoint(v=Variable(1.0))
-    first = CheckpointManager(ckpt, tmp_path, max_to_keep=2, keep_checkpoint_every_n_hours=1.5)
+    first = CheckpointManager(ckpt, root, max_to_keep=2, keep_checkpoint_every_n_hours=1.5)
     clock.now = 10_000.0 + 3600 * 2  # 2 h after the manager's "last preserved"
     first.save()                                   # ckpt-1 @ +2h
     clock.now += 60
@@ -80,63 +81,63 @@ def test_state_survives_instances_with_preserved_checkpoints(tmp_path: Path, clo
     first.save()                                   # ckpt-3: evicts ckpt-1 -> preserved (>=1.5h after start)
     assert _names(first.checkpoints) == ["ckpt-2", "ckpt-3"]
     assert _names(first.preserved_checkpoints) == ["ckpt-1"]
-    assert _exists(str(tmp_path), "ckpt-1")
+    assert _exists(root, "ckpt-1")
     clock.now += 60
     first.save()                                   # ckpt-4: evicts ckpt-2, too soon to preserve -> deleted
-    assert not _exists(str(tmp_path), "ckpt-2")
+    assert not _exists(root, "ckpt-2")
 
-    second = CheckpointManager(Checkpoint(v=Variable(0.0)), tmp_path, max_to_keep=2,
+    second = CheckpointManager(Checkpoint(v=Variable(0.0)), root, max_to_keep=2,
                                keep_checkpoint_every_n_hours=1.5)
     assert _names(second.checkpoints) == ["ckpt-3", "ckpt-4"]
     assert _names(second.preserved_checkpoints) == ["ckpt-1"]
-    state = parse((tmp_path / "checkpoint").read_text(), "x")
+    state = parse(open_storage(root).get(STATE_KEY).decode(), "x")
     assert state.last_preserved_timestamp == 10_000.0 + 3600 * 2
     assert state.all_model_checkpoint_paths == ["ckpt-3", "ckpt-4"]
 
 
-def test_keep_all_then_bounded_manager(tmp_path: Path, clock: Clock) -> None:
+def test_keep_all_then_bounded_manager(root: str, clock: Clock) -> None:  # noqa: F811
     ckpt = Checkpoint()
-    keep_all = CheckpointManager(ckpt, tmp_path, max_to_keep=None)
+    keep_all = CheckpointManager(ckpt, root, max_to_keep=None)
     for _ in range(3):
         clock.now += 1
         keep_all.save()
     assert _names(keep_all.checkpoints) == ["ckpt-1", "ckpt-2", "ckpt-3"]
-    bounded = CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+    bounded = CheckpointManager(ckpt, root, max_to_keep=1)
     clock.now += 1
     bounded.save()
     assert _names(bounded.checkpoints) == ["ckpt-4"]
-    assert not any(_exists(str(tmp_path), f"ckpt-{i}") for i in (1, 2, 3))
+    assert not any(_exists(root, f"ckpt-{i}") for i in (1, 2, 3))
 
 
-def test_continues_from_unmanaged_checkpoint_save(tmp_path: Path, clock: Clock) -> None:
+def test_continues_from_unmanaged_checkpoint_save(root: str, clock: Clock) -> None:  # noqa: F811
     ckpt = Checkpoint(v=Variable(2.0))
-    prefix = str(tmp_path / "ckpt")
+    prefix = f"{root}/ckpt"
     ckpt.save(prefix)
     ckpt.save(prefix)
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
-    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+    assert latest_checkpoint(root) == join_url(root, "ckpt-2")
+    manager = CheckpointManager(ckpt, root, max_to_keep=1)
     assert manager.checkpoints == []  # no timestamps: never deleted by a manager
     clock.now += 1
     manager.save()
     clock.now += 1
     manager.save()
-    assert _exists(str(tmp_path), "ckpt-1") and _exists(str(tmp_path), "ckpt-2")
+    assert _exists(root, "ckpt-1") and _exists(root, "ckpt-2")
     assert _names(manager.checkpoints) == ["ckpt-4"]
 
 
-def test_clock_reset_clamps_with_warning(tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
-    manager = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=3, keep_checkpoint_every_n_hours=1)
+def test_clock_reset_clamps_with_warning(root: str, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    manager = CheckpointManager(Checkpoint(), root, max_to_keep=3, keep_checkpoint_every_n_hours=1)
     clock.now += 10
     manager.save()
     clock.now = 100.0  # the clock went backwards
-    again = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=3, keep_checkpoint_every_n_hours=1)
+    again = CheckpointManager(Checkpoint(), root, max_to_keep=3, keep_checkpoint_every_n_hours=1)
     assert "clock go backwards" in caplog.text
     assert again.checkpoints == []  # the recovered timestamp is capped at now
 
 
-def test_custom_numbering_and_name(tmp_path: Path) -> None:
+def test_custom_numbering_and_name(root: str) -> None:  # noqa: F811
     ckpt = Checkpoint()
-    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=2, checkpoint_name="step")
+    manager = CheckpointManager(ckpt, root, max_to_keep=2, checkpoint_name="step")
     assert _names([manager.save(checkpoint_number=100)]) == ["step-100"]
     assert int(ckpt.save_counter) == 1
     step = Variable(np.int64(7))
@@ -146,16 +147,16 @@ def test_custom_numbering_and_name(tmp_path: Path) -> None:
     assert int(ckpt.save_counter) == 3
 
 
-def test_restore_or_initialize(tmp_path: Path) -> None:
+def test_restore_or_initialize(root: str) -> None:  # noqa: F811
     v = Variable(np.arange(3.0))
     calls = []
-    manager = CheckpointManager(Checkpoint(v=v), tmp_path, max_to_keep=1, init_fn=lambda: calls.append(1))
+    manager = CheckpointManager(Checkpoint(v=v), root, max_to_keep=1, init_fn=lambda: calls.append(1))
     assert manager.restore_or_initialize() is None
     assert calls == [1]
     manager.save()
     w = Variable(np.zeros(3))
-    other = CheckpointManager(Checkpoint(v=w), tmp_path, max_to_keep=1, init_fn=lambda: calls.append(2))
-    assert other.restore_or_initialize() == str(tmp_path / "ckpt-1")
+    other = CheckpointManager(Checkpoint(v=w), root, max_to_keep=1, init_fn=lambda: calls.append(2))
+    assert other.restore_or_initialize() == join_url(root, "ckpt-1")
     np.testing.assert_array_equal(w.numpy(), np.arange(3.0))
     assert calls == [1]
 
@@ -166,13 +167,13 @@ def test_pathlike_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("restore", [False, True])
-def test_checkpoint_interval(tmp_path: Path, restore: bool) -> None:
+def test_checkpoint_interval(root: str, restore: bool) -> None:  # noqa: F811
     step = Variable(np.int64(0))
     ckpt = Checkpoint(step=step)
-    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=None, step_counter=step, checkpoint_interval=2)
+    manager = CheckpointManager(ckpt, root, max_to_keep=None, step_counter=step, checkpoint_interval=2)
     if restore:
         manager.save()
-        manager = CheckpointManager(ckpt, tmp_path, max_to_keep=None, step_counter=step, checkpoint_interval=2)
+        manager = CheckpointManager(ckpt, root, max_to_keep=None, step_counter=step, checkpoint_interval=2)
         manager.restore_or_initialize()
     saved = []
     for i in range(1, 7):
@@ -184,21 +185,21 @@ def test_checkpoint_interval(tmp_path: Path, restore: bool) -> None:
     assert manager.save(check_interval=False) is None  # same step as the last save: always skipped
 
 
-def test_reading_never_writes(tmp_path: Path) -> None:
-    CheckpointManager(Checkpoint(), tmp_path, max_to_keep=1)
-    latest_checkpoint(tmp_path)
-    CheckpointManager(Checkpoint(), tmp_path, max_to_keep=1).restore_or_initialize()
-    assert list(tmp_path.iterdir()) == []
+def test_reading_never_writes(root: str) -> None:  # noqa: F811
+    CheckpointManager(Checkpoint(), root, max_to_keep=1)
+    latest_checkpoint(root)
+    CheckpointManager(Checkpoint(), root, max_to_keep=1).restore_or_initialize()
+    assert open_storage(root).list() == []
 
 
-def test_latest_skips_checkpoints_whose_index_is_gone(tmp_path: Path, clock: Clock) -> None:
-    manager = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=3)
+def test_latest_skips_checkpoints_whose_index_is_gone(root: str, clock: Clock) -> None:  # noqa: F811
+    manager = CheckpointManager(Checkpoint(), root, max_to_keep=3)
     for _ in range(3):
         clock.now += 1
         manager.save()
-    (tmp_path / "ckpt-3.index").unlink()
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
-    assert manager.latest_checkpoint == str(tmp_path / "ckpt-2")
+    open_storage(root).delete("ckpt-3.index")
+    assert latest_checkpoint(root) == join_url(root, "ckpt-2")
+    assert manager.latest_checkpoint == join_url(root, "ckpt-2")
 
 
 def test_zombie_writer_is_fenced(root: str, clock: Clock) -> None:  # noqa: F811
@@ -274,7 +275,10 @@ def test_broken_state_file_warns_and_recovers(tmp_path: Path, content: bytes) ->
     ckpt = Checkpoint(v=Variable(1.0))
     with pytest.warns(RuntimeWarning) if content not in (b"",) else _no_warning():
         manager = CheckpointManager(ckpt, tmp_path, max_to_keep=1)
-    assert manager.save() == str(tmp_path / "ckpt-1")
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        assert manager.save() == str(tmp_path / "ckpt-1")
+    assert [str(w.message) for w in later] == []  # warned once, at construction, not again at the claim
     assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
 
 
