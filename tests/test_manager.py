@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -256,6 +257,30 @@ def test_async_saves_update_state_only_after_commit(tmp_path: Path) -> None:
     state = (read_state(open_storage(tmp_path)) or (None,))[0]
     assert state is not None and state.model_checkpoint_path == "ckpt-3"
     manager.close()
+
+
+@pytest.mark.parametrize("enable_async", [False, True])
+def test_evictions_are_deleted_off_the_training_thread_for_async_saves(tmp_path: Path, enable_async: bool) -> None:
+    """Async saves delete evicted checkpoints on the background worker, after the state write."""
+    import cloudckpt.manager as manager_module
+
+    deleting: list[tuple[str, bool, str | None]] = []
+    real_delete = manager_module.delete_checkpoint
+
+    def spy(storage: object, name: str) -> None:
+        state = (read_state(open_storage(tmp_path)) or (None,))[0]
+        assert state is not None
+        deleting.append((name, threading.current_thread() is threading.main_thread(), state.model_checkpoint_path))
+        real_delete(storage, name)  # type: ignore[arg-type]
+
+    manager = CheckpointManager(Checkpoint(v=Variable(np.ones(100))), tmp_path, max_to_keep=1)
+    with mock.patch.object(manager_module, "delete_checkpoint", spy):
+        for _ in range(3):
+            manager.save(options=CheckpointOptions(enable_async=enable_async))
+        manager.sync()
+    # Each eviction happens after the state file already names the newer checkpoint.
+    assert deleting == [("ckpt-1", not enable_async, "ckpt-2"), ("ckpt-2", not enable_async, "ckpt-3")]
+    assert not _exists(str(tmp_path), "ckpt-1") and not _exists(str(tmp_path), "ckpt-2")
 
 
 def test_keep_best_and_metadata(tmp_path: Path, clock: Clock) -> None:
