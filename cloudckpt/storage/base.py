@@ -23,8 +23,9 @@ import os
 import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal, TypeVar, Union
@@ -422,37 +423,67 @@ class Storage(ABC):
         unless the current version is ``v``; ``NotFoundError``-or-``PreconditionError``
         if absent, depending on the store). Returns the new object's metadata.
         """
+        buffers = as_buffers(data)
+        size = sum(b.nbytes for b in buffers)
+        return self._write(key, size, lambda: buffers, lambda start, end: _slice_concat(buffers, start, end),
+                           mode, metadata, None)
+
+    def put_stream(self, key: str, size: int, read: Callable[[int, int], Any], *, mode: WriteMode = "overwrite",
+                   metadata: Mapping[str, str] | None = None,
+                   consume: Callable[[int, memoryview], None] | None = None) -> ObjectMeta:
+        """Write a ``size``-byte object whose bytes ``read(start, end)`` produces, part by part.
+
+        For objects that should not sit in memory whole - copying a checkpoint between
+        stores. Above the multipart threshold, parts are read and uploaded on the pool with
+        at most ``max_concurrency`` parts in memory; below it, ``read(0, size)`` is called
+        once. ``consume(start, part)``, if given, sees every part in order on the calling
+        thread (for checksums computed as the bytes pass). Same ``mode`` semantics and
+        atomicity as :meth:`put`.
+
+        Raises:
+            ValueError: ``read`` returned a part of the wrong length.
+        """
+        def whole() -> list[memoryview]:
+            data = _exact(read(0, size), 0, size, self.url_for(key))
+            if consume is not None:
+                consume(0, data)
+            return [data]
+
+        return self._write(key, size, whole, read, mode, metadata, consume)
+
+    def _write(self, key: str, size: int, whole: Callable[[], Sequence[memoryview]],
+               read: Callable[[int, int], Any], mode: WriteMode, metadata: Mapping[str, str] | None,
+               consume: Callable[[int, memoryview], None] | None) -> ObjectMeta:
+        """The one write path: one PUT up to the threshold, multipart above it."""
         full = self._full(key)
         url = self.url_for(key)
         if mode not in ("overwrite", "create") and not isinstance(mode, UpdateVersion):
             raise ValueError(f"put mode must be 'overwrite', 'create' or UpdateVersion, got {mode!r}")
         if mode != "overwrite":
             self._require_conditional(url)
-        buffers = as_buffers(data)
-        size = sum(b.nbytes for b in buffers)
         nonce = uuid.uuid4().hex
         meta = {**(metadata or {}), WRITER_NONCE_KEY: nonce}
         if size <= self.config.multipart_threshold or not self.supports_multipart:
+            buffers = whole()
             result = self._conditional_aware(
                 lambda: self._put_whole(full, buffers, mode, meta), full, url, mode, nonce, "PUT")
         else:
-            result = self._put_multipart(full, url, buffers, size, mode, meta, nonce)
+            result = self._put_multipart(full, url, PartSource(size, read, whole, consume), mode, meta, nonce)
         self._upload_limiter.consume(size)
         return self._relative(result)
 
     def _require_conditional(self, url: str) -> None:  # noqa: B027 - optional hook
         """Backends that cannot honour conditional modes override this to raise."""
 
-    def _put_multipart(self, full: str, url: str, buffers: Sequence[memoryview], size: int,
-                       mode: WriteMode, meta: Mapping[str, str], nonce: str) -> ObjectMeta:
-        part_size = self._part_size(size)
-        upload = self._call(lambda: self._begin_multipart(full, mode, meta, size, part_size), url,
+    def _put_multipart(self, full: str, url: str, source: PartSource, mode: WriteMode,
+                       meta: Mapping[str, str], nonce: str) -> ObjectMeta:
+        part_size = self._part_size(source.size)
+        upload = self._call(lambda: self._begin_multipart(full, mode, meta, source.size, part_size), url,
                             describe="begin multipart upload of")
         try:
-            tasks = [self._part_task(upload, index, buffers, start, end, url)
-                     for index, (start, end) in enumerate(part_boundaries(size, part_size))]
-            self._run_parallel(tasks)
-            log.debug("uploaded %d parts of %s", len(tasks), url)
+            bounds = part_boundaries(source.size, part_size)
+            self._upload_parts(upload, source, bounds, url)
+            log.debug("uploaded %d parts of %s", len(bounds), url)
             return self._conditional_aware(upload.complete, full, url, mode, nonce,
                                            "complete multipart upload of")
         except BaseException:
@@ -462,14 +493,36 @@ class Storage(ABC):
                 log.warning("could not abort multipart upload of %s: %s", url, abort_exc)
             raise
 
-    def _part_task(self, upload: MultipartUpload, index: int, buffers: Sequence[memoryview],
-                   start: int, end: int, url: str) -> Callable[[], None]:
-        def task() -> None:
-            view = _slice_concat(buffers, start, end)
-            self._call(lambda: upload.upload_part(index, view), url,
-                       describe=f"upload part {index + 1} of")
+    def _upload_parts(self, upload: MultipartUpload, source: PartSource, bounds: Sequence[tuple[int, int]],
+                      url: str) -> None:
+        """Read and upload parts on the pool, a bounded window of them in memory; consume in order."""
+        def part(index: int, start: int, end: int) -> memoryview:
+            view = _exact(source.read(start, end), start, end, url)
+            self._call(lambda: upload.upload_part(index, view), url, describe=f"upload part {index + 1} of")
             self._upload_limiter.consume(view.nbytes)
-        return task
+            return view
+
+        pool = self._executor()
+        window: deque[tuple[int, Future[memoryview]]] = deque()
+
+        def drain_one() -> None:
+            start, future = window.popleft()
+            view = future.result()
+            if source.consume is not None:
+                source.consume(start, view)
+
+        try:
+            for index, (start, end) in enumerate(bounds):
+                if len(window) >= self.config.max_concurrency:
+                    drain_one()
+                window.append((start, pool.submit(part, index, start, end)))
+            while window:
+                drain_one()
+        except BaseException:
+            for _, future in window:
+                future.cancel()
+            wait([future for _, future in window])  # no part may still upload once the caller aborts
+            raise
 
     def _conditional_aware(self, op: Callable[[], ObjectMeta], full: str, url: str,
                            mode: WriteMode, nonce: str, describe: str) -> ObjectMeta:
@@ -561,6 +614,25 @@ def validate_key(key: str, url: str) -> str:
     if any(part == "" for part in parts[:-1]):
         raise InvalidKeyError(f"storage key {key!r} has an empty path segment at {url}", url)
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class PartSource:
+    """Where a multipart write's bytes come from: ``read(start, end)`` per part, or ``whole()``."""
+
+    size: int
+    read: Callable[[int, int], Any]
+    whole: Callable[[], Sequence[memoryview]]
+    consume: Callable[[int, memoryview], None] | None = None
+
+
+def _exact(data: Any, start: int, end: int, url: str) -> memoryview:
+    """``data`` as a flat byte view, refused unless it is exactly bytes ``[start, end)``."""
+    view = as_buffers(data)[0] if not isinstance(data, memoryview) or data.format != "B" else data
+    if view.nbytes != end - start:
+        raise ValueError(f"writing {url}: the source gave {view.nbytes} bytes for [{start}, {end}), "
+                         f"expected {end - start}")
+    return view
 
 
 def _slice_concat(buffers: Sequence[memoryview], start: int, end: int) -> memoryview:

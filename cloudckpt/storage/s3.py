@@ -73,6 +73,7 @@ from cloudckpt.storage.base import (
     MiB,
     MultipartUpload,
     ObjectMeta,
+    PartSource,
     Storage,
     TransferConfig,
     UpdateVersion,
@@ -461,19 +462,21 @@ class S3Storage(Storage):
         """At least the configured size, 5 MiB, and 1/10,000 of the object; at most 5 GiB."""
         return min(max(self.config.part_size, math.ceil(size / MAX_PARTS), MIN_PART_SIZE), MAX_PART_SIZE)
 
-    def _put_multipart(self, full: str, url: str, buffers: Sequence[memoryview], size: int,
-                       mode: WriteMode, meta: Mapping[str, str], nonce: str) -> ObjectMeta:
+    def _put_multipart(self, full: str, url: str, source: PartSource, mode: WriteMode,
+                       meta: Mapping[str, str], nonce: str) -> ObjectMeta:
         """Multipart, unless the store ignores this mode's condition on the final request.
 
-        Then the write goes as one conditional PUT, which the probe showed is honoured.
+        Then the write goes as one conditional PUT, which the probe showed is honoured
+        (a streamed source is then read whole into memory first).
         """
         if mode == "overwrite" or self._multipart_honours(mode, url):
-            return super()._put_multipart(full, url, buffers, size, mode, meta, nonce)
-        if size > MAX_PUT_SIZE:
+            return super()._put_multipart(full, url, source, mode, meta, nonce)
+        if source.size > MAX_PUT_SIZE:
             raise NotSupportedError(
                 f"{url}: this store ignores conditions on CompleteMultipartUpload and the object "
-                f"({size} bytes) is above S3's 5 GiB single-PUT limit; write it with mode='overwrite'", url)
+                f"({source.size} bytes) is above S3's 5 GiB single-PUT limit; write it with mode='overwrite'", url)
         log.debug("%s: conditional write as one PUT (the store ignores conditions on multipart)", url)
+        buffers = source.whole()
         return self._conditional_aware(lambda: self._put_whole(full, buffers, mode, meta),
                                        full, url, mode, nonce, "PUT")
 

@@ -75,6 +75,29 @@ class StorageContract:
         store.put("big", chunks)
         assert store.get("big") == b"".join(chunks)
 
+    @pytest.mark.parametrize("size", [1000, MULTIPART_SIZE], ids=["small", "multipart"])
+    def test_put_stream_reads_parts_and_consumes_them_in_order(self, store: Storage, size: int) -> None:
+        data = payload(size, seed=3)
+        reads: list[tuple[int, int]] = []
+        seen: list[tuple[int, bytes]] = []
+
+        def read(start: int, end: int) -> bytes:
+            reads.append((start, end))
+            return data[start:end]
+
+        meta = store.put_stream("streamed", size, read, consume=lambda start, part: seen.append((start, bytes(part))))
+        assert meta.size == size and store.get("streamed") == data
+        assert [start for start, _ in seen] == sorted(start for start, _ in reads)  # in order, every part once
+        assert b"".join(part for _, part in seen) == data
+        streamed = size > CONTRACT_CONFIG.multipart_threshold and store.supports_multipart
+        assert len(reads) == (3 if streamed else 1)  # 5 + 5 + 3 MiB parts, or one whole read
+
+    def test_put_stream_refuses_a_short_part_and_leaves_nothing(self, store: Storage) -> None:
+        data = payload(MULTIPART_SIZE)
+        with pytest.raises(ValueError, match="expected"):
+            store.put_stream("short", MULTIPART_SIZE, lambda start, end: data[start:end - (end == MULTIPART_SIZE)])
+        assert not store.exists("short")
+
     def test_overwrite_replaces(self, store: Storage) -> None:
         store.put("k", b"one")
         store.put("k", b"two!")
