@@ -18,19 +18,33 @@ import google_crc32c
 _SLICE = 256 * 1024
 
 
-def crc32c_of(buffers: Iterable[memoryview | bytes]) -> int:
-    """CRC32C of the concatenation of ``buffers``, without joining them."""
-    checksum = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
-    for buf in buffers:
+class Crc32c:
+    """A running CRC32C, fed buffers of any kind as they arrive (a streamed copy, say)."""
+
+    def __init__(self) -> None:
+        self._checksum = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
+
+    def update(self, buf: memoryview | bytes) -> None:
         if isinstance(buf, bytes):
-            checksum.update(buf)  # type: ignore[no-untyped-call]
-            continue
+            self._checksum.update(buf)  # type: ignore[no-untyped-call]
+            return
         view = memoryview(buf)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
         for start in range(0, view.nbytes, _SLICE):
-            checksum.update(bytes(view[start:start + _SLICE]))  # type: ignore[no-untyped-call]
-    return int.from_bytes(checksum.digest(), "big")  # type: ignore[no-untyped-call]
+            self._checksum.update(bytes(view[start:start + _SLICE]))  # type: ignore[no-untyped-call]
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self._checksum.digest(), "big")  # type: ignore[no-untyped-call]
+
+
+def crc32c_of(buffers: Iterable[memoryview | bytes]) -> int:
+    """CRC32C of the concatenation of ``buffers``, without joining them."""
+    checksum = Crc32c()
+    for buf in buffers:
+        checksum.update(buf)
+    return checksum.value
 
 
 def crc32c_base64(value: int) -> str:

@@ -73,6 +73,10 @@ def data_key(name: str, shard: int, num_shards: int, suffix: str) -> str:
     return f"{name}{DATA_INFIX}{shard:05d}-of-{num_shards:05d}.{suffix}"
 
 
+#: Any data object (``<name>.data-0000k-of-0000N.<suffix>``); group ``name`` is its checkpoint.
+DATA_OBJECT = re.compile(r"(?P<name>[^/]+)\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
+
+
 def data_key_pattern(name: str) -> re.Pattern[str]:
     """What a data object of checkpoint ``name`` may be called (no other object, no '/')."""
     return re.compile(re.escape(name) + r"\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")

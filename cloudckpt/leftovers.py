@@ -21,23 +21,19 @@ sub-directories (other runs), and anything that does not look like ours.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
 from cloudckpt.errors import CheckpointFormatError, NotFoundError
-from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, decode_index, index_key
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 
 log = logging.getLogger("cloudckpt.leftovers")
 
 LeftoverKind = Literal["unreferenced-data", "temporary", "multipart-upload"]
-
-#: A data object of checkpoint ``name`` directly in the directory (see format.data_key).
-_DATA_OBJECT = re.compile(r"(?P<name>[^/]+)\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +99,15 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
     found: list[Leftover] = []
 
     def old(stamp: datetime | None) -> timedelta | None:
-        age = now - stamp if stamp is not None else None
-        return age if age is not None and age >= min_age else None
+        if stamp is None:
+            return None
+        # The Date header has 1 s resolution: an object stamped within that second can look
+        # younger than "now"; count it as age 0 rather than negative.
+        age = max(now - stamp, timedelta(0))
+        return age if age >= min_age else None
 
     for meta in objects:
-        match = _DATA_OBJECT.fullmatch(meta.key)
+        match = DATA_OBJECT.fullmatch(meta.key)
         if match is None or meta.key in named or match["name"] in unreadable:
             continue
         age = old(meta.last_modified)
@@ -135,7 +135,7 @@ def remove_leftovers(storage: Storage, leftovers: Sequence[Leftover]) -> Removal
     data = [item for item in leftovers if item.kind == "unreferenced-data"]
     by_name: dict[str, list[Leftover]] = {}
     for item in data:
-        match = _DATA_OBJECT.fullmatch(item.key)
+        match = DATA_OBJECT.fullmatch(item.key)
         if match is not None:
             by_name.setdefault(match["name"], []).append(item)
     doomed: list[Leftover] = []

@@ -1,0 +1,303 @@
+"""``cloudckpt cp SRC DST``: copy a checkpoint, or a managed directory, between any two stores.
+
+The order is what makes an interrupted copy harmless, the same as a save's::
+
+    check     -> the destination index (and state file) must be absent, unless --force
+    data      -> every data object, streamed: ranged GETs from SRC feed a multipart upload
+                 to DST, at most ``max_concurrency`` parts in flight; the bytes' CRC32C is
+                 computed per array chunk as they pass and compared with the index
+    re-read   -> DST's data objects are read back and every chunk's CRC32C checked
+                 (``verify.verify_data``); skipped with --no-reread
+    commit    -> the index, last, with create-if-absent (replace-if-unchanged with --force):
+                 only now does the copy exist as a checkpoint
+    state     -> for a directory: the state file, after every checkpoint
+
+Data objects keep their names (they are unique to the write that made them), so a copy
+never overwrites bytes another index names. A failure before the commit removes the data
+objects this copy wrote; a SIGKILL leaves them for ``cloudckpt gc``.
+
+Memory: objects up to the destination's ``multipart_threshold`` (64 MiB by default) are
+copied whole - one GET, one PUT, up to ``max_concurrency`` of them at once; larger ones
+are streamed in parts, at most ``max_concurrency`` parts held at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cloudckpt.checksum import Crc32c
+from cloudckpt.cli.common import (
+    EXIT_CONFLICT,
+    EXIT_DAMAGED,
+    CliError,
+    Progress,
+    checkpoint_at,
+    human_size,
+    no_checkpoints_error,
+    open_directory,
+    scan_directory,
+    sort_names,
+)
+from cloudckpt.cli.verify import Problem, verify_data
+from cloudckpt.errors import CheckpointFormatError, InvalidRangeError, NotFoundError, PreconditionError, StorageError
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, decode_index, index_key
+from cloudckpt.reader import load_index
+from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
+from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, open_storage, split_url, url_scheme
+from cloudckpt.storage.transfer import gather
+from cloudckpt.writer import commit, delete_replaced, head_index
+
+#: S3 refuses parts below 5 MiB (except the last); no store needs smaller ones.
+MIN_PART_SIZE = 5 * 1024 * 1024
+
+log = logging.getLogger("cloudckpt.cli")
+
+
+class _ChunkSums:
+    """Running CRC32C of each array chunk of one data object, fed bytes in offset order.
+
+    Why running sums: the bytes arrive part by part from a stream that is never held whole.
+    """
+
+    def __init__(self, chunks: Sequence[tuple[str, Chunk]]) -> None:
+        self._chunks = sorted(chunks, key=lambda item: item[1].offset)
+        self._starts = [chunk.offset for _, chunk in self._chunks]
+        self._sums = [Crc32c() for _ in self._chunks]
+
+    def feed(self, start: int, data: memoryview) -> None:
+        end = start + data.nbytes
+        first = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        for i in range(first, len(self._chunks)):
+            chunk = self._chunks[i][1]
+            if chunk.offset >= end:
+                break
+            lo, hi = max(chunk.offset, start), min(chunk.offset + chunk.length, end)
+            if lo < hi:
+                self._sums[i].update(data[lo - start:hi - start])
+
+    def problems(self, obj: str) -> list[Problem]:
+        out = []
+        for (path, chunk), checksum in zip(self._chunks, self._sums, strict=True):
+            actual = checksum.value
+            if actual != chunk.crc32c:
+                out.append(Problem("crc-mismatch", f"source bytes [{chunk.offset}, {chunk.offset + chunk.length}) "
+                                   f"of {obj} fail their CRC32C: recorded {chunk.crc32c:08x}, read {actual:08x}",
+                                   key=path, object=obj))
+        return out
+
+
+def _chunks_by_object(index: CheckpointIndex) -> dict[int, list[tuple[str, Chunk]]]:
+    out: dict[int, list[tuple[str, Chunk]]] = {i: [] for i in range(len(index.objects))}
+    for path, entry in index.entries.items():
+        if isinstance(entry, ArrayEntry):
+            for chunk in entry.chunks:
+                out[chunk.object].append((path, chunk))
+    return out
+
+
+class _Copier:
+    """Streams data objects from one store to another through ``Storage.put_stream``."""
+
+    def __init__(self, src: Storage, dst: Storage, progress: Progress) -> None:
+        self.src = src
+        self.dst = dst
+        self.progress = progress
+        self.workers = max(1, dst.config.max_concurrency)
+
+    def copies_whole(self, size: int) -> bool:
+        """Whether an object of ``size`` bytes goes in one GET and one PUT (held whole in memory)."""
+        return size <= self.dst.config.multipart_threshold or not self.dst.supports_multipart
+
+    def copy_object(self, src_key: str, dst_key: str, size: int, sums: _ChunkSums) -> None:
+        """One data object: ranged GETs feed the destination's writer; chunk CRCs computed in passing."""
+        url = self.src.url_for(src_key)
+
+        def read(start: int, end: int) -> bytes:
+            if end == start:
+                return b""
+            try:
+                return self.src.get(src_key, ByteRange.bounded(start, end))
+            except InvalidRangeError as exc:
+                raise CheckpointFormatError(f"{url} is shorter than the {size} bytes its index records "
+                                            "(truncated?)") from exc
+
+        def consume(start: int, part: memoryview) -> None:
+            sums.feed(start, part)
+            self.progress.update(part.nbytes)
+
+        self.dst.put_stream(dst_key, size, read, consume=consume)
+
+
+@dataclass(frozen=True, slots=True)
+class Copied:
+    """What one checkpoint copy did."""
+
+    src: str
+    dst: str
+    objects: int
+    bytes: int
+    verified: bool
+
+
+def _renamed(index: CheckpointIndex, name: str) -> CheckpointIndex:
+    """The index under another checkpoint name: data objects carry the name as their prefix."""
+    if name == index.name:
+        return index
+    objects = tuple(DataObject(name + o.name[len(index.name):], o.size) for o in index.objects)
+    return replace(index, name=name, objects=objects)
+
+
+def _discard(dst: Storage, name: str, written: Sequence[str]) -> None:
+    """Remove what this copy wrote, except objects an index at ``name`` names (a same-source recopy)."""
+    keep: set[str] = set()
+    with contextlib.suppress(NotFoundError, CheckpointFormatError):
+        keep = {o.name for o in decode_index(dst.get(index_key(name)), name, dst.url_for(name)).objects}
+    doomed = [key for key in written if key not in keep]
+    try:
+        dst.delete(doomed)
+    except StorageError as exc:
+        log.warning("could not remove %d copied data object(s) from %s: %s (cloudckpt gc will)",
+                    len(doomed), dst.url, exc)
+
+
+def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *, force: bool, reread: bool,
+                    quiet: bool) -> Copied:
+    """Copy one committed checkpoint; the destination index is written last."""
+    index = load_index(src, src_name)
+    seen = head_index(dst, dst_name)
+    if seen is not None and not force:
+        raise CliError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)", EXIT_CONFLICT)
+    new_index = _renamed(index, dst_name)
+    chunks = _chunks_by_object(index)
+    total = sum(o.size for o in index.objects)
+    written: list[str] = []
+    problems: list[Problem] = []
+    try:
+        with Progress(total, f"copy {src_name}", enabled=not quiet) as progress:
+            copier = _Copier(src, dst, progress)
+            sums = [_ChunkSums(chunks[i]) for i in range(len(index.objects))]
+            written.extend(o.name for o in new_index.objects)
+            pairs = list(zip(index.objects, new_index.objects, sums, strict=True))
+            # Objects copied whole go in parallel (at most max_concurrency held at once);
+            # large ones one at a time, each with its parts in parallel on the destination's pool.
+            with ThreadPoolExecutor(max_workers=copier.workers, thread_name_prefix="cloudckpt-cp-small") as pool:
+                whole = [pool.submit(copier.copy_object, old.name, new.name, old.size, checks)
+                         for old, new, checks in pairs if copier.copies_whole(old.size)]
+                for old, new, checks in pairs:
+                    if not copier.copies_whole(old.size):
+                        copier.copy_object(old.name, new.name, old.size, checks)
+                gather(whole)
+            for old, _, checks in pairs:
+                problems += checks.problems(src.url_for(old.name))
+        if problems:
+            raise CliError(f"the source {src.url_for(src_name)} is damaged, nothing was committed: "
+                           + "; ".join(p.line() for p in problems[:5])
+                           + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""), EXIT_DAMAGED)
+        if reread:
+            with Progress(total, f"verify {dst_name}", enabled=not quiet) as progress:
+                problems = verify_data(dst, new_index, progress)
+            if problems:
+                raise CliError(f"the copy at {dst.url_for(dst_name)} reads back wrong, nothing was committed: "
+                               + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
+        _, _, stale = commit(dst, new_index, seen)
+    except BaseException:
+        _discard(dst, dst_name, written)
+        raise
+    delete_replaced(dst, dst_name, stale)
+    return Copied(src.url_for(src_name), dst.url_for(dst_name), len(index.objects), total, reread)
+
+
+def _destination_storage(url: str, part_size: int | None) -> Storage:
+    """The destination, with the requested part size (a fresh storage: the cached one keeps its config)."""
+    if part_size is None:
+        return open_directory(url)
+    size = max(part_size, MIN_PART_SIZE)
+    return open_storage(url, config=TransferConfig(part_size=size, multipart_threshold=size))
+
+
+def _is_directory_target(dst: str) -> bool:
+    """A trailing '/' (or an existing local directory) means "into this directory"."""
+    if dst.endswith("/"):
+        return True
+    return url_scheme(dst) == "file" and "://" not in dst and Path(dst).is_dir()
+
+
+def _relative(name: str, directory: str) -> str:
+    prefix = directory.rstrip("/") + "/"
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def _copy_state(src: Storage, dst: Storage, copied: set[str], force: bool) -> bool:
+    """The state file, with paths made relative and the writer token dropped (the copy is unclaimed)."""
+    found = read_state(src)
+    if found is None:
+        return False
+    state = found[0]
+    names = [_relative(p, src.url) for p in state.all_model_checkpoint_paths]
+    latest = _relative(state.model_checkpoint_path, src.url) if state.model_checkpoint_path else None
+    new = CheckpointState(
+        model_checkpoint_path=latest, all_model_checkpoint_paths=names,
+        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
+        last_preserved_timestamp=state.last_preserved_timestamp, writer=None,
+        preserved={k: v for k, v in state.preserved.items() if _relative(k, src.url) in copied},
+        metrics=dict(state.metrics))
+    current: ObjectMeta | None
+    try:
+        current = dst.head(STATE_KEY)
+    except NotFoundError:
+        current = None
+    if current is not None and not force:
+        raise CliError(f"{dst.url_for(STATE_KEY)} already exists (use --force to replace it)", EXIT_CONFLICT)
+    try:
+        write_state(dst, new, current)
+    except PreconditionError as exc:
+        raise CliError(f"{dst.url_for(STATE_KEY)} changed while copying: {exc}", EXIT_CONFLICT) from exc
+    return True
+
+
+def _report(result: Copied) -> None:
+    print(f"copied {result.src} -> {result.dst}  ({result.objects} data objects, {human_size(result.bytes)}"
+          f"{', re-read and verified' if result.verified else ''})")
+
+
+def run(args: Any) -> int:
+    src_url = args.src.rstrip("/") or args.src
+    single = checkpoint_at(src_url)
+    if single is not None:
+        src, src_name = single
+        if _is_directory_target(args.dst):
+            dst, dst_name = _destination_storage(args.dst.rstrip("/") or args.dst, args.part_size), src_name
+        else:
+            directory, dst_name = split_url(args.dst)
+            dst = _destination_storage(directory, args.part_size)
+        _report(copy_checkpoint(src, src_name, dst, dst_name, force=args.force, reread=not args.no_reread,
+                                quiet=args.quiet))
+        return 0
+    src = open_directory(src_url)
+    scan = scan_directory(src)
+    if not scan.indexes:
+        raise no_checkpoints_error(src.url, scan)
+    dst = _destination_storage(args.dst.rstrip("/") or args.dst, args.part_size)
+    names = sort_names(set(scan.indexes))
+    if not args.force:
+        existing = [n for n in names if dst.exists(index_key(n))]
+        if scan.has_state and dst.exists(STATE_KEY):
+            existing.append(STATE_KEY)
+        if existing:
+            raise CliError(f"{dst.url} already has {', '.join(existing)} (use --force to replace)", EXIT_CONFLICT)
+    for name in names:
+        _report(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread, quiet=args.quiet))
+    skipped = [n for n in scan.names if n not in scan.indexes]
+    if skipped:
+        print(f"not copied (incomplete saves, no index): {', '.join(skipped)}")
+    if _copy_state(src, dst, set(names), args.force):
+        print(f"copied {src.url_for(STATE_KEY)} -> {dst.url_for(STATE_KEY)}")
+    return 0
+

@@ -1,0 +1,219 @@
+"""``cloudckpt verify URL``: re-read a checkpoint's bytes and check every CRC32C the index records.
+
+A restore stops at the first bad chunk; verify keeps going and lists everything that is
+wrong, by key: missing data objects, objects whose size differs from the index (truncated
+or grown), chunks whose CRC32C does not match, an index that does not parse. The index
+itself is validated whole by ``format.decode_index`` (tree, offsets, shapes, names).
+
+Memory stays bounded: each data object is streamed in windows of at most
+``WINDOW`` bytes (one ranged GET each), and the windows' bytes are fed to the running
+CRC32C of each chunk they cover; data objects are verified in parallel on a pool as wide
+as the storage's ``max_concurrency``. ``cloudckpt cp`` uses :func:`verify_data` to check
+what it wrote before committing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudckpt.checksum import crc32c_of
+from cloudckpt.cli.common import (
+    EXIT_DAMAGED,
+    EXIT_OK,
+    Progress,
+    checkpoint_at,
+    fail,
+    human_size,
+    no_checkpoints_error,
+    open_directory,
+    print_json,
+    scan_directory,
+)
+from cloudckpt.errors import CheckpointFormatError, InvalidRangeError, NotFoundError
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk
+from cloudckpt.manager import latest_checkpoint
+from cloudckpt.reader import load_index
+from cloudckpt.state_file import CheckpointStateError, read_state
+from cloudckpt.storage import ByteRange, ObjectMeta, Storage, split_url
+
+#: Bytes per ranged GET while streaming a data object.
+WINDOW = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a checkpoint. ``key`` is the array's key path when one is at fault."""
+
+    kind: str  # bad-index | missing-object | size-mismatch | crc-mismatch | unreadable
+    detail: str
+    key: str | None = None
+    object: str | None = None
+
+    def line(self) -> str:
+        return f"{self.key}: {self.detail}" if self.key else self.detail
+
+
+@dataclass(slots=True)
+class Report:
+    """The verdict on one checkpoint."""
+
+    name: str
+    url: str
+    arrays: int = 0
+    objects: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "intact": self.intact, "arrays": self.arrays,
+                "objects": self.objects, "bytes": self.bytes,
+                "problems": [{"kind": p.kind, "key": p.key, "object": p.object, "detail": p.detail}
+                             for p in self.problems]}
+
+
+class _ObjectStream:
+    """One data object read front to back in windows, handed out as slices of byte ranges.
+
+    Chunks are asked for in offset order, so each window is fetched once; a window starts
+    at the first byte a chunk needs, so gaps between chunks are not read.
+    """
+
+    def __init__(self, storage: Storage, key: str, end: int, progress: Progress) -> None:
+        self._storage = storage
+        self._key = key
+        self._end = end
+        self._progress = progress
+        self._buffer = b""
+        self._start = 0
+
+    def segments(self, start: int, stop: int) -> Iterator[memoryview]:
+        while start < stop:
+            if not self._start <= start < self._start + len(self._buffer):
+                window_end = min(start + WINDOW, self._end)
+                self._buffer = self._storage.get(self._key, ByteRange.bounded(start, window_end))
+                self._start = start
+                self._progress.update(len(self._buffer))
+            piece_end = min(stop, self._start + len(self._buffer))
+            yield memoryview(self._buffer)[start - self._start:piece_end - self._start]
+            start = piece_end
+
+
+def _verify_object(storage: Storage, index: CheckpointIndex, position: int,
+                   chunks: Sequence[tuple[str, Chunk]], progress: Progress) -> list[Problem]:
+    """Check one data object: present, the recorded size, and each chunk's CRC32C."""
+    obj = index.objects[position]
+    try:
+        meta: ObjectMeta = storage.head(obj.name)
+    except NotFoundError:
+        keys = sorted({path for path, _ in chunks})
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        return [Problem("missing-object", f"data object {obj.name} is missing"
+                        f"{f' (holds {shown})' if keys else ''}", object=obj.name)]
+    problems: list[Problem] = []
+    if meta.size != obj.size:
+        what = "truncated" if meta.size < obj.size else "longer than recorded"
+        problems.append(Problem("size-mismatch", f"data object {obj.name} is {what}: {meta.size} bytes, "
+                                f"the index records {obj.size}", object=obj.name))
+    readable = min(meta.size, obj.size)
+    stream = _ObjectStream(storage, obj.name, readable, progress)
+    for path, chunk in sorted(chunks, key=lambda item: item[1].offset):
+        where = f"in {obj.name} bytes [{chunk.offset}, {chunk.offset + chunk.length})"
+        if chunk.offset + chunk.length > readable:
+            problems.append(Problem("unreadable", f"bytes lost {where}: the object ends at byte {meta.size}",
+                                    key=path, object=obj.name))
+            continue
+        try:
+            actual = crc32c_of(stream.segments(chunk.offset, chunk.offset + chunk.length))
+        except (NotFoundError, InvalidRangeError) as exc:
+            problems.append(Problem("unreadable", f"could not read {where}: {exc}", key=path, object=obj.name))
+            continue
+        if actual != chunk.crc32c:
+            problems.append(Problem("crc-mismatch", f"CRC32C mismatch {where}: recorded {chunk.crc32c:08x}, "
+                                    f"read {actual:08x}", key=path, object=obj.name))
+    return problems
+
+
+def verify_data(storage: Storage, index: CheckpointIndex, progress: Progress) -> list[Problem]:
+    """Every data object of ``index`` present, of its recorded size, every chunk's CRC32C right."""
+    by_object: dict[int, list[tuple[str, Chunk]]] = {i: [] for i in range(len(index.objects))}
+    for path, entry in index.entries.items():
+        if isinstance(entry, ArrayEntry):
+            for chunk in entry.chunks:
+                by_object[chunk.object].append((path, chunk))
+    workers = max(1, min(storage.config.max_concurrency, len(by_object)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudckpt-verify") as pool:
+        results = list(pool.map(lambda i: _verify_object(storage, index, i, by_object[i], progress), by_object))
+    return [problem for problems in results for problem in problems]
+
+
+def verify_checkpoint(storage: Storage, name: str, *, show_progress: bool) -> Report:
+    report = Report(name, storage.url_for(name))
+    try:
+        index = load_index(storage, name)
+    except CheckpointFormatError as exc:
+        report.problems.append(Problem("bad-index", str(exc)))
+        return report
+    report.arrays = sum(1 for e in index.entries.values() if isinstance(e, ArrayEntry))
+    report.objects = len(index.objects)
+    report.bytes = sum(o.size for o in index.objects)
+    with Progress(report.bytes, f"verify {name}", enabled=show_progress) as progress:
+        report.problems = verify_data(storage, index, progress)
+    return report
+
+
+def _targets(url: str, latest_only: bool) -> tuple[Storage, list[str], list[str]]:
+    """The storage, the checkpoint names to verify, and directory-level problems."""
+    single = checkpoint_at(url)
+    if single is not None:
+        return single[0], [single[1]], []
+    storage = open_directory(url)
+    scan = scan_directory(storage)
+    notes: list[str] = []
+    if scan.has_state:
+        try:
+            read_state(storage)
+        except CheckpointStateError as exc:
+            notes.append(f"state file: {exc}")
+    if latest_only:
+        latest = latest_checkpoint(url) if scan.indexes else None
+        if latest is None:
+            raise no_checkpoints_error(storage.url, scan)
+        return storage, [split_url(latest)[1]], notes
+    if not scan.indexes:
+        raise no_checkpoints_error(storage.url, scan)
+    return storage, [n for n in scan.names if n in scan.indexes], notes
+
+
+def run(args: Any) -> int:
+    storage, names, notes = _targets(args.url.rstrip("/") or args.url, args.latest)
+    reports: list[Report] = []
+    for name in names:
+        reports.append(verify_checkpoint(storage, name, show_progress=not args.quiet))
+    damaged = [r for r in reports if not r.intact]
+    if args.json:
+        print_json({"intact": not damaged and not notes, "checkpoints": [r.to_json() for r in reports],
+                    "directory_problems": notes})
+    else:
+        for report in reports:
+            if report.intact:
+                print(f"OK      {report.url}  ({report.arrays} arrays, {report.objects} data objects, "
+                      f"{human_size(report.bytes)})")
+            else:
+                print(f"DAMAGED {report.url}  ({len(report.problems)} problem(s))")
+                for problem in report.problems:
+                    print(f"  - {problem.line()}")
+        for note in notes:
+            print(f"DAMAGED {note}")
+        print(f"{len(reports)} checkpoint(s) verified: {len(reports) - len(damaged)} intact, {len(damaged)} damaged")
+    if damaged or notes:
+        if not args.json:
+            fail(f"{len(damaged)} damaged checkpoint(s)" + (f", {len(notes)} directory problem(s)" if notes else ""))
+        return EXIT_DAMAGED
+    return EXIT_OK
