@@ -120,6 +120,8 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
     list_uploads = getattr(storage, "list_multipart_uploads", None)
     if list_uploads is not None:
         for upload in list_uploads(""):
+            if "/" in upload.key and not upload.key.startswith(TEMP_PREFIX):
+                continue  # a sub-directory's upload: another run's business
             age = old(upload.initiated)
             if age is not None:
                 found.append(Leftover("multipart-upload", upload.key, None, age, upload.upload_id))
