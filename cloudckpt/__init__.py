@@ -6,6 +6,7 @@ The package imports light: cloud SDKs and torch load only when a URL or an objec
 from cloudckpt import errors
 from cloudckpt.async_save import SaveStats
 from cloudckpt.checkpoint import Checkpoint
+from cloudckpt.distributed import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointMismatchError,
@@ -27,6 +28,7 @@ from cloudckpt.trackable import Trackable, Variable
 __version__ = "0.1.0"
 
 __all__ = [
+    "UNSHARDED",
     "BestN",
     "Checkpoint",
     "CheckpointFormatError",
@@ -38,10 +40,14 @@ __all__ = [
     "ChecksumError",
     "CloudCkptError",
     "ConcurrentWriterError",
+    "DTensorCheckpoint",
+    "Layout",
+    "Mesh",
     "NotFoundError",
     "PreemptionCheckpointHandler",
     "SaveError",
     "SaveStats",
+    "ShardedArray",
     "Trackable",
     "Variable",
     "__version__",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import ConcurrentWriterError, SaveError
-from cloudckpt.graph import ArrayLeaf, Collected
+from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 
 log = logging.getLogger("cloudckpt.async_save")
 
@@ -81,16 +81,23 @@ class StagingBuffer:
         Returns the entries with staged arrays swapped for their copies, the paths that
         did not fit (still pointing at live memory), and the bytes staged.
         """
-        placed: list[tuple[str, ArrayLeaf, int]] = []
+        placed: list[tuple[str, ArrayLeaf | ShardedLeaf, list[int]]] = []
         overflow: set[str] = set()
         used = 0
         for path, item in entries.items():
-            if not isinstance(item, ArrayLeaf):
+            if isinstance(item, ArrayLeaf):
+                arrays = [item.array]
+            elif isinstance(item, ShardedLeaf):
+                arrays = [data for _, data in item.shards]
+            else:
                 continue
-            size = _aligned(int(item.array.nbytes))
-            if used + size <= budget:
-                placed.append((path, item, used))
-                used += size
+            need = sum(_aligned(int(a.nbytes)) for a in arrays)
+            if used + need <= budget:
+                offsets = []
+                for a in arrays:
+                    offsets.append(used)
+                    used += _aligned(int(a.nbytes))
+                placed.append((path, item, offsets))
             else:
                 overflow.add(path)
         if used > self.capacity:
@@ -98,13 +105,25 @@ class StagingBuffer:
             self._buffer = np.empty(used, dtype=np.uint8)
         out = dict(entries)
         buffer = self._buffer
-        for path, item, offset in placed:
+        staged = 0
+        for path, item, offsets in placed:
             assert buffer is not None
-            array = item.array
-            view = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
-            np.copyto(view, array, casting="no")
-            out[path] = ArrayLeaf(view, item.pytype)
-        return out, overflow, sum(int(item.array.nbytes) for _, item, _ in placed)
+            if isinstance(item, ArrayLeaf):
+                out[path] = ArrayLeaf(_copy_into(buffer, offsets[0], item.array), item.pytype)
+                staged += int(item.array.nbytes)
+            else:
+                shards = tuple((start, _copy_into(buffer, offset, data))
+                               for (start, data), offset in zip(item.shards, offsets, strict=True))
+                out[path] = ShardedLeaf(item.shape, item.dtype, item.pytype, shards)
+                staged += sum(int(data.nbytes) for _, data in item.shards)
+        return out, overflow, staged
+
+
+def _copy_into(buffer: np.ndarray[Any, np.dtype[np.uint8]], offset: int,
+               array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    view: np.ndarray[Any, Any] = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    np.copyto(view, array, casting="no")
+    return view
 
 
 class AsyncSaver:

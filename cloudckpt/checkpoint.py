@@ -13,19 +13,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cloudckpt import state_file
 from cloudckpt.async_save import AsyncSaver, SaveStats
-from cloudckpt.graph import Kind, classify, collect
+from cloudckpt.graph import Collected, Kind, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.reader import load_index, resolve
 from cloudckpt.restore import RestoreSession
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.trackable import Trackable, Variable
 from cloudckpt.writer import WriteResult, discard, plan_write, upload, write_checkpoint
+
+if TYPE_CHECKING:
+    from cloudckpt.distributed.coordinator import Coordinator
 
 log = logging.getLogger("cloudckpt.checkpoint")
 
@@ -34,8 +37,8 @@ PathLike = str | os.PathLike[str]
 #: was committed: the ``CheckpointManager``'s bookkeeping (state file, retention) plugs in here.
 AfterCommit = Callable[[WriteResult], None]
 
-_STATEFUL_KINDS = frozenset({Kind.VARIABLE, Kind.NDARRAY, Kind.TENSOR, Kind.TRACKABLE, Kind.DICT, Kind.LIST,
-                             Kind.TUPLE, Kind.ADAPTED})
+_STATEFUL_KINDS = frozenset({Kind.VARIABLE, Kind.NDARRAY, Kind.TENSOR, Kind.SHARDED, Kind.TRACKABLE, Kind.DICT,
+                             Kind.LIST, Kind.TUPLE, Kind.ADAPTED})
 
 
 def _check_trackable(name: str, value: object) -> None:
@@ -70,6 +73,8 @@ class Checkpoint(Trackable):
     _save_counter: Variable
     _saver: AsyncSaver | None
     _last_stats: SaveStats | None
+    #: Set by ``DTensorCheckpoint``: every save runs the multi-host protocol on it.
+    _coordinator: Coordinator | None = None
 
     def __init__(self, root: Trackable | None = None, **kwargs: Any) -> None:
         if root is not None and not isinstance(root, Trackable):
@@ -156,7 +161,16 @@ class Checkpoint(Trackable):
         self._saver_wait()
         started = time.monotonic()
         storage, name = resolve(path)
-        entries = collect(self)
+        try:
+            entries = collect(self)
+        except Exception as exc:
+            if self._coordinator is None:
+                raise
+            from cloudckpt.distributed.save import announce_failure
+            raise announce_failure(self._coordinator, storage.url_for(name), exc) from exc
+        coordinator = self._coordinator_for(entries)
+        if coordinator is not None:
+            return self._write_distributed(path, coordinator, entries, options, started, after_commit, metadata)
         if not options.enable_async:
             plan = plan_write(name, entries, max_objects=storage.config.max_concurrency)
             result = write_checkpoint(storage, plan, metadata)
@@ -179,6 +193,64 @@ class Checkpoint(Trackable):
             result = write_checkpoint(storage, plan, metadata, crcs=crcs, skip=plan.first)
             self._complete(path, result, started, blocked, True, staged_bytes, overflow_bytes, options,
                            after_commit)
+
+        saver.submit(path, job)
+        return path
+
+    def _coordinator_for(self, entries: Mapping[str, Collected]) -> Coordinator | None:
+        """The coordinator of a multi-host save, or ``None`` for the plain single-host path.
+
+        A ``DTensorCheckpoint`` always has one; a plain ``Checkpoint`` holding sharded
+        arrays (a ``DTensor`` in a ``state_dict``) uses the process-wide default, since its
+        shards may be spread over the job's processes.
+        """
+        if self._coordinator is not None:
+            return self._coordinator
+        if any(isinstance(e, ShardedLeaf) for e in entries.values()):
+            from cloudckpt.distributed.coordinator import default_coordinator
+            return default_coordinator()
+        return None
+
+    def _write_distributed(self, path: str, coordinator: Coordinator, entries: dict[str, Collected],
+                           options: CheckpointOptions, started: float, after_commit: AfterCommit | None,
+                           metadata: Mapping[str, Any] | None) -> str:
+        """Save through the multi-host protocol (``cloudckpt.distributed.save``) on every rank.
+
+        ``after_commit`` (the state file of ``save``, a manager's bookkeeping) runs only on
+        the committing host - rank 0, or the io host - the one host that touches the
+        index, before the others learn the outcome; write callbacks run on every host.
+
+        Async: each host snapshots into its staging buffer and runs the whole protocol
+        (plan, upload, commit) on its background worker; a host whose state exceeds the
+        budget runs it in the foreground instead (the collectives are the same either way).
+        """
+        from cloudckpt.distributed import save as distributed
+        from cloudckpt.distributed.options import io_rank
+
+        storage, name = resolve(path)
+        target = io_rank(options, coordinator)
+        committer = 0 if target is None else target
+        if coordinator.rank != committer:
+            after_commit = None  # the bookkeeping (state file, retention) is the committing host's alone
+        if not options.enable_async:
+            result = distributed.save(coordinator, storage, name, entries, metadata=metadata, io_rank=target,
+                                      after_commit=after_commit)
+            self._complete(path, result, started, time.monotonic() - started, False, 0, 0, options, None)
+            return path
+        saver = self._async_saver()
+        staged, overflow, staged_bytes = saver.staging.stage(entries, options.async_staging_budget)
+        if overflow:
+            result = distributed.save(coordinator, storage, name, staged, metadata=metadata, io_rank=target,
+                                      after_commit=after_commit)
+            self._complete(path, result, started, time.monotonic() - started, False, staged_bytes, 0, options,
+                           None)
+            return path
+        blocked = time.monotonic() - started
+
+        def job() -> None:
+            done = distributed.save(coordinator, storage, name, staged, metadata=metadata, io_rank=target,
+                                    after_commit=after_commit)
+            self._complete(path, done, started, blocked, True, staged_bytes, 0, options, None)
 
         saver.submit(path, job)
         return path

@@ -11,9 +11,9 @@ ever pickled: anything else is refused with a ``ValueError`` naming its path and
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,6 +41,7 @@ class Kind(enum.Enum):
     NDARRAY = "ndarray"
     NUMPY_SCALAR = "numpy_scalar"
     TENSOR = "tensor"
+    SHARDED = "sharded"
     VALUE = "value"
     TRACKABLE = "object"
     DICT = "dict"
@@ -50,7 +51,7 @@ class Kind(enum.Enum):
 
     @property
     def is_array(self) -> bool:
-        return self in (Kind.VARIABLE, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.TENSOR)
+        return self in (Kind.VARIABLE, Kind.NDARRAY, Kind.NUMPY_SCALAR, Kind.TENSOR, Kind.SHARDED)
 
     @property
     def is_container(self) -> bool:
@@ -63,8 +64,61 @@ class Classified:
     adapter: StateAdapter | None = None
 
 
+#: One local shard to restore: ``(start, shape, dest or None, assign)`` (see ``ShardedValue``).
+RestoreTarget = tuple[tuple[int, ...], tuple[int, ...], "NDArray[Any] | None", Callable[[NDArray[Any]], None]]
+
+
+class ShardedValue(Protocol):
+    """What a sharded array (this process's shards of a global array) shows the checkpoint.
+
+    Implemented by ``cloudckpt.distributed`` for its ``ShardedArray`` and for torch
+    ``DTensor``; defined here so the graph walker and restore need not import it (the
+    distributed layer sits above this one and registers itself with ``register_sharded``).
+    """
+
+    @property
+    def global_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+    @property
+    def pytype(self) -> ArrayPyType: ...
+
+    def save_shards(self) -> Sequence[tuple[tuple[int, ...], NDArray[Any]]]:
+        """``(start, data)`` of every local shard; ``data`` C-contiguous, little-endian."""
+        ...
+
+    def restore_targets(self) -> Sequence[RestoreTarget]:
+        """``(start, shape, dest, assign)`` per local shard: restore reads straight into
+        ``dest`` when it is not ``None`` (then ``assign`` is not called), else into a fresh
+        buffer of ``shape`` that ``assign`` then copies in."""
+        ...
+
+
+#: Functions that return a ``ShardedValue`` view of an object, or ``None`` if it is not theirs.
+_sharded_views: list[Callable[[object], ShardedValue | None]] = []
+
+
+def register_sharded(view: Callable[[object], ShardedValue | None]) -> None:
+    """Teach the graph a sharded array type (called by ``cloudckpt.distributed`` on import)."""
+    if view not in _sharded_views:
+        _sharded_views.append(view)
+
+
+def sharded_view(value: object) -> ShardedValue | None:
+    """The sharded-array view of ``value``, or ``None`` if it is not a sharded array."""
+    for view in _sharded_views:
+        found = view(value)
+        if found is not None:
+            return found
+    return None
+
+
 def classify(value: object) -> Classified | None:
     """The kind of ``value``, or ``None`` if it cannot be checkpointed."""
+    if _sharded_views and sharded_view(value) is not None:
+        return Classified(Kind.SHARDED)
     if isinstance(value, Variable):
         return Classified(Kind.VARIABLE)
     if isinstance(value, np.ndarray):
@@ -148,7 +202,20 @@ class ArrayLeaf:
     pytype: ArrayPyType
 
 
-Collected = Union[NodeEntry, ValueEntry, ArrayLeaf]  # noqa: UP007 - runtime alias on 3.10
+@dataclass(frozen=True, slots=True)
+class ShardedLeaf:
+    """This process's shards of a global array: ``(start, data)`` boxes, data C-contiguous.
+
+    Shards with the same start (replicas on several local devices) appear once.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    pytype: ArrayPyType
+    shards: tuple[tuple[tuple[int, ...], NDArray[Any]], ...]
+
+
+Collected = Union[NodeEntry, ValueEntry, ArrayLeaf, ShardedLeaf]  # noqa: UP007 - runtime alias on 3.10
 
 _PYTYPE: dict[Kind, ArrayPyType] = {Kind.VARIABLE: "variable", Kind.NDARRAY: "ndarray",
                                     Kind.NUMPY_SCALAR: "numpy_scalar", Kind.TENSOR: "tensor"}
@@ -173,6 +240,9 @@ def _collect(value: Any, path: str, out: dict[str, Collected], active: set[int],
     if found is None or (inside_adapter and found.kind in (Kind.TRACKABLE, Kind.ADAPTED, Kind.VARIABLE)):
         raise unsupported(path, value)
     kind = found.kind
+    if kind is Kind.SHARDED:
+        out[path] = sharded_leaf(value, path)
+        return
     if kind.is_array:
         if isinstance(value, np.ndarray) and value.dtype == object:
             raise ValueError(f"cannot checkpoint {display_path(path)}: object arrays are refused "
@@ -205,6 +275,33 @@ def _collect(value: Any, path: str, out: dict[str, Collected], active: set[int],
             _collect(child, join_path(path, segment), out, active, inside)
     finally:
         active.discard(id(value))
+
+
+def sharded_leaf(value: object, path: str) -> ShardedLeaf:
+    """The ``ShardedLeaf`` of a sharded array: its local shards, checked against the global shape."""
+    view = sharded_view(value)
+    assert view is not None
+    shape = tuple(view.global_shape)
+    try:
+        dtype_name(view.dtype)
+    except ValueError as exc:
+        raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
+    shards: dict[tuple[int, ...], NDArray[Any]] = {}
+    for start, data in view.save_shards():
+        box = tuple(start)
+        if len(box) != len(shape) or data.ndim != len(shape) or any(
+                s < 0 or s + n > dim for s, n, dim in zip(box, data.shape, shape, strict=True)):
+            raise ValueError(f"cannot checkpoint {display_path(path)}: a shard at {box} of shape {data.shape} "
+                             f"lies outside the global shape {shape}")
+        wanted = storage_dtype(data.dtype)
+        if wanted != data.dtype:
+            data = data.astype(wanted)
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        if box in shards and shards[box].shape != data.shape:
+            raise ValueError(f"cannot checkpoint {display_path(path)}: two local shards at {box} differ in shape")
+        shards.setdefault(box, data)
+    return ShardedLeaf(shape, storage_dtype(view.dtype), view.pytype, tuple(shards.items()))
 
 
 def _safe_children(value: Any, kind: Kind, path: str) -> list[tuple[str, Any]]:

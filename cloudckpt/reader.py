@@ -115,7 +115,11 @@ def _not_found_message(storage: Storage, name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ReadTarget:
-    """One array to fill: ``dest`` has the entry's shape and dtype and is C-contiguous.
+    """One array (or one box of it) to fill; ``dest`` is C-contiguous with the entry's dtype.
+
+    ``start`` is where ``dest`` sits in the global array (``None``: at the origin, and
+    ``dest`` has the entry's whole shape). A sharded restore passes each local shard's
+    box: only the bytes inside it are fetched.
 
     ``live`` marks memory the user's objects own (an in-place restore): a failure after
     bytes started arriving leaves it partly written, and the error says so.
@@ -125,29 +129,76 @@ class ReadTarget:
     entry: ArrayEntry
     dest: NDArray[Any]
     live: bool
+    start: tuple[int, ...] | None = None
 
 
-def new_buffer(entry: ArrayEntry) -> NDArray[Any]:
-    """A fresh destination for ``entry`` (uninitialised: every byte will be read)."""
-    return np.empty(entry.shape, dtype=parse_dtype(entry.dtype))
+def new_buffer(entry: ArrayEntry, shape: tuple[int, ...] | None = None) -> NDArray[Any]:
+    """A fresh destination for ``entry`` or a box of it (uninitialised: every byte will be read)."""
+    return np.empty(entry.shape if shape is None else shape, dtype=parse_dtype(entry.dtype))
 
 
 def _bytes_view(array: NDArray[Any]) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def _contiguous_region(chunk: Chunk, shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """``(first element, count)`` if the chunk is one contiguous run of the C-order array."""
+def _contiguous_in(start: Sequence[int], extent: Sequence[int], shape: Sequence[int]) -> tuple[int, int] | None:
+    """``(first element, count)`` if the box ``start``/``extent`` is one contiguous run of a C-order ``shape``."""
     ndim = len(shape)
     for j in range(ndim + 1):
-        if all(n == 1 for n in chunk.shape[:j]) and chunk.shape[j + 1:] == shape[j + 1:]:
-            first = int(np.ravel_multi_index(chunk.start, shape)) if ndim and math.prod(shape) else 0
-            return first, math.prod(chunk.shape)
+        if all(n == 1 for n in extent[:j]) and tuple(extent[j + 1:]) == tuple(shape[j + 1:]):
+            first = int(np.ravel_multi_index(tuple(start), tuple(shape))) if ndim and math.prod(shape) else 0
+            return first, math.prod(extent)
     return None
+
+
+def _flat(index: Sequence[int], shape: Sequence[int]) -> int:
+    flat = 0
+    for i, n in zip(index, shape, strict=True):
+        flat = flat * n + i
+    return flat
+
+
+#: A partial read of a chunk may fetch up to this many unneeded bytes (the gaps between
+#: the rows it needs) to save requests; beyond it the read is split.
+MAX_READ_WASTE = 1024 * 1024
+
+
+def partial_reads(cshape: Sequence[int], start: Sequence[int], extent: Sequence[int],
+                  itemsize: int) -> list[tuple[int, int, tuple[int, ...], tuple[int, ...]]]:
+    """Byte ranges of a C-order chunk that cover its sub-box ``start``/``extent``.
+
+    Returns ``(first element, element count, sub-box start, sub-box extent)`` per read:
+    each read spans its sub-box from its first to its last element, wasting at most
+    ``MAX_READ_WASTE`` bytes of gaps; larger sub-boxes are halved along their first
+    dimension longer than one until they fit. (A sub-box whose rows are whole is
+    contiguous and costs exactly its bytes.)
+    """
+    out: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = []
+    stack = [(tuple(start), tuple(extent))]
+    while stack:
+        s, e = stack.pop()
+        if math.prod(e) == 0:
+            continue
+        first = _flat(s, cshape)
+        span = _flat([a + n - 1 for a, n in zip(s, e, strict=True)], cshape) - first + 1
+        if (span - math.prod(e)) * itemsize <= MAX_READ_WASTE:
+            out.append((first, span, s, e))
+            continue
+        d = next(i for i, n in enumerate(e) if n > 1)
+        half = e[d] // 2
+        upper = (s, (*e[:d], half, *e[d + 1:]))
+        lower = ((*s[:d], s[d] + half, *s[d + 1:]), (*e[:d], e[d] - half, *e[d + 1:]))
+        stack.extend((lower, upper))
+    return out
 
 
 def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[ReadTarget]) -> None:
     """Fill every target from the data objects, in parallel ranged reads, and verify CRC32C.
+
+    Only the chunks that overlap a target's box are fetched, and of a chunk only
+    partly inside the box only the byte ranges covering that part. Chunks read whole
+    are verified against their CRC32C; a partial read cannot be (the checksum covers
+    the whole chunk), which docs/distributed.md states.
 
     Raises:
         ChecksumError: a chunk's bytes do not match their recorded CRC32C (names the key
@@ -157,23 +208,46 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     """
     requests: list[ReadRequest] = []
     checks: list[tuple[ReadTarget, Chunk, memoryview]] = []
-    scatters: list[tuple[ReadTarget, Chunk, NDArray[Any]]] = []
+    scatters: list[tuple[ReadTarget, tuple[slice, ...], NDArray[Any]]] = []
     for target in targets:
         flat = _bytes_view(target.dest)
-        itemsize = target.dest.dtype.itemsize
+        dtype = target.dest.dtype
+        itemsize = dtype.itemsize
+        shape = tuple(target.dest.shape)
+        origin = target.start if target.start is not None else (0,) * len(shape)
         for chunk in target.entry.chunks:
             if chunk.length == 0:
                 continue
-            region = _contiguous_region(chunk, target.entry.shape)
-            if region is not None:
-                first, count = region
-                out = flat[first * itemsize:(first + count) * itemsize]
-            else:
-                temp = np.empty(chunk.shape, dtype=target.dest.dtype)
-                out = _bytes_view(temp)
-                scatters.append((target, chunk, temp))
-            requests.append(ReadRequest(index.objects[chunk.object].name, chunk.offset, out))
-            checks.append((target, chunk, out))
+            lo = [max(c, o) for c, o in zip(chunk.start, origin, strict=True)]
+            hi = [min(c + n, o + m) for c, n, o, m in zip(chunk.start, chunk.shape, origin, shape, strict=True)]
+            if any(h <= low for low, h in zip(lo, hi, strict=True)):
+                continue
+            extent = tuple(h - low for low, h in zip(lo, hi, strict=True))
+            in_dest = tuple(low - o for low, o in zip(lo, origin, strict=True))
+            dest_box = tuple(slice(a, a + n) for a, n in zip(in_dest, extent, strict=True))
+            obj = index.objects[chunk.object].name
+            if extent == chunk.shape:
+                region = _contiguous_in(in_dest, extent, shape)
+                if region is not None:
+                    first, count = region
+                    out = flat[first * itemsize:(first + count) * itemsize]
+                else:
+                    temp = np.empty(chunk.shape, dtype=dtype)
+                    out = _bytes_view(temp)
+                    scatters.append((target, dest_box, temp))
+                requests.append(ReadRequest(obj, chunk.offset, out))
+                checks.append((target, chunk, out))
+                continue
+            in_chunk = tuple(low - c for low, c in zip(lo, chunk.start, strict=True))
+            strides = tuple(int(np.prod(chunk.shape[i + 1:], dtype=np.int64)) * itemsize
+                            for i in range(len(chunk.shape)))
+            for first, count, sub_start, sub_extent in partial_reads(chunk.shape, in_chunk, extent, itemsize):
+                temp = np.empty(count, dtype=dtype)
+                requests.append(ReadRequest(obj, chunk.offset + first * itemsize, _bytes_view(temp)))
+                values = np.lib.stride_tricks.as_strided(temp, shape=sub_extent, strides=strides, writeable=False)
+                sub_dest = tuple(slice(a - c + d, a - c + d + n) for a, c, d, n in
+                                 zip(sub_start, in_chunk, in_dest, sub_extent, strict=True))
+                scatters.append((target, sub_dest, values))
     any_live = any(t.live for t in targets)
     try:
         _read_coalesced(storage, requests)
@@ -197,9 +271,8 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 f"checksum mismatch for {target.path!r} in {obj} bytes [{chunk.offset}, "
                 f"{chunk.offset + chunk.length}): recorded CRC32C {chunk.crc32c:08x}, read {actual:08x}"
                 f"{_partial_note(target.live)}")
-    for target, chunk, temp in scatters:
-        box = tuple(slice(s, s + n) for s, n in zip(chunk.start, chunk.shape, strict=True))
-        target.dest[box] = temp
+    for target, box, values in scatters:
+        target.dest[box] = values
 
 
 #: Reads smaller than this are merged with their neighbours in the same object: hundreds

@@ -35,7 +35,15 @@ from cloudckpt.format import (
     parse_dtype,
     storage_dtype,
 )
-from cloudckpt.graph import Kind, children, classify, describe_type, display_path, unsupported
+from cloudckpt.graph import (
+    Kind,
+    children,
+    classify,
+    describe_type,
+    display_path,
+    sharded_view,
+    unsupported,
+)
 from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
@@ -185,6 +193,8 @@ class _Plan:
                 dest = new_buffer(entry)
                 self.reads.append(ReadTarget(path, entry, dest, live=False))
                 self.ops.append(lambda: torch_adapter.copy_into(live, dest))
+        elif kind is Kind.SHARDED:
+            self._into_shards(path, entry, stored, live)
         elif kind is Kind.NUMPY_SCALAR and entry.pytype == "numpy_scalar" and setter is not None:
             self._check(path, entry, stored, (), np.asarray(live).dtype)
             dest = new_buffer(entry)
@@ -202,6 +212,31 @@ class _Plan:
             dest = new_buffer(entry)
             self.reads.append(ReadTarget(path, entry, dest, live=False))
             self.ops.append(lambda: copy(dest))
+
+    def _into_shards(self, path: str, entry: ArrayEntry, stored: str, live: Any) -> None:
+        """Read each local shard's box (only its bytes), whatever layout the checkpoint has.
+
+        Local shards with the same box (replicas on several local devices) are read once
+        and copied, so a host fetches each byte it needs once.
+        """
+        view = sharded_view(live)
+        assert view is not None
+        self._check(path, entry, stored, tuple(view.global_shape), view.dtype)
+        dtype = parse_dtype(entry.dtype)
+        first_of: dict[tuple[int, ...], NDArray[Any]] = {}
+        for start, shape, dest, assign in view.restore_targets():
+            start = tuple(start)
+            if start in first_of:
+                self.ops.append(_assigner(dest, assign, first_of[start]))
+                continue
+            if dest is not None and dest.flags.c_contiguous and dest.dtype == dtype:
+                self.reads.append(ReadTarget(path, entry, dest, live=True, start=start))
+                first_of[start] = dest
+            else:
+                buffer = new_buffer(entry, tuple(shape))
+                self.reads.append(ReadTarget(path, entry, buffer, live=False, start=start))
+                self.ops.append(_assigner(dest, assign, buffer))
+                first_of[start] = buffer
 
     @staticmethod
     def _check(path: str, entry: ArrayEntry, stored: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
@@ -299,6 +334,9 @@ class _Plan:
             if view is not None and view.dtype == dtype:
                 self.reads.append(ReadTarget(path, entry, view, live=True))
                 return lambda: template
+        if found is not None and found.kind is Kind.SHARDED:
+            self._into_shards(path, entry, stored, template)
+            return lambda: template
         if found is not None and found.kind is Kind.NDARRAY:
             self._check(path, entry, stored, template.shape, template.dtype)
             if template.dtype == dtype and template.flags.c_contiguous and template.flags.writeable:
@@ -313,6 +351,17 @@ class _Plan:
         if pytype == "numpy_scalar":
             return lambda: dest[()]
         return lambda: dest
+
+
+def _assigner(dest: NDArray[Any] | None, assign: Callable[[NDArray[Any]], None],
+              source: NDArray[Any]) -> Callable[[], None]:
+    """Copy ``source`` into a shard after the reads: into ``dest`` if it is an array, else via ``assign``."""
+    def apply() -> None:
+        if dest is not None:
+            np.copyto(dest, source)
+        else:
+            assign(source)
+    return apply
 
 
 def _lookup(template: Any, key: Any) -> Any:

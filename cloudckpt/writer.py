@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.crashpoints import crash_point
@@ -48,7 +49,7 @@ from cloudckpt.format import (
     encode_index,
     index_key,
 )
-from cloudckpt.graph import ArrayLeaf, Collected
+from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 from cloudckpt.storage.transfer import gather
 
@@ -61,89 +62,128 @@ MiB = 1024 * 1024
 TARGET_OBJECT_SIZE = 256 * MiB
 
 
+#: One contiguous box of an array leaf, as stored: ``(key path, start in the global array)``.
+#: An unsharded leaf is one piece starting at the origin; a sharded leaf has one per shard.
+PieceId = tuple[str, tuple[int, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedObject:
-    """One data object: its key and the leaves it holds, in order, with their offsets."""
+    """One data object: its key and the pieces it holds, in order, with their offsets."""
 
     key: str
-    leaves: tuple[tuple[str, int], ...]
+    pieces: tuple[tuple[PieceId, int], ...]
     size: int
 
 
 @dataclass(frozen=True, slots=True)
 class WritePlan:
-    """What one write will upload. ``first`` objects hold the leaves asked for first."""
+    """What one write (of one host) will upload. ``first`` objects hold the pieces asked for first.
+
+    ``index_offset`` is the global number of this plan's first object: in a multi-host
+    save each host's objects are numbered after the lower ranks' (``data-0000k-of-0000N``).
+    """
 
     name: str
     entries: Mapping[str, Collected]
+    pieces: Mapping[PieceId, NDArray[Any]]
     objects: tuple[PlannedObject, ...]
     first: int
+    index_offset: int = 0
 
-    def array(self, path: str) -> np.ndarray[Any, Any]:
-        leaf = self.entries[path]
-        assert isinstance(leaf, ArrayLeaf)
-        return leaf.array
+    def array(self, piece: PieceId) -> NDArray[Any]:
+        return self.pieces[piece]
 
     @property
     def data_bytes(self) -> int:
         return sum(o.size for o in self.objects)
 
 
-def _pack(paths: Sequence[str], sizes: Mapping[str, int], max_objects: int) -> list[list[str]]:
+def pieces_of(entries: Mapping[str, Collected]) -> dict[PieceId, NDArray[Any]]:
+    """Every array piece of the collected entries, in collection order."""
+    out: dict[PieceId, NDArray[Any]] = {}
+    for path, item in entries.items():
+        if isinstance(item, ArrayLeaf):
+            out[(path, (0,) * item.array.ndim)] = item.array
+        elif isinstance(item, ShardedLeaf):
+            for start, data in item.shards:
+                out[(path, start)] = data
+    return out
+
+
+def _pack(pieces: Sequence[PieceId], sizes: Mapping[PieceId, int], max_objects: int) -> list[list[PieceId]]:
     """Largest first onto the least-filled bin; each bin keeps the collection order."""
-    total = sum(sizes[p] for p in paths)
-    if not paths:
+    total = sum(sizes[p] for p in pieces)
+    if not pieces:
         return []
-    count = max(1, min(max_objects, len(paths), math.ceil(total / TARGET_OBJECT_SIZE)))
-    bins: list[list[str]] = [[] for _ in range(count)]
+    count = max(1, min(max_objects, len(pieces), math.ceil(total / TARGET_OBJECT_SIZE)))
+    bins: list[list[PieceId]] = [[] for _ in range(count)]
     fill = [0] * count
-    for path in sorted(paths, key=lambda p: -sizes[p]):
+    for piece in sorted(pieces, key=lambda p: -sizes[p]):
         i = fill.index(min(fill))
-        bins[i].append(path)
-        fill[i] += sizes[path]
-    order = {p: i for i, p in enumerate(paths)}
+        bins[i].append(piece)
+        fill[i] += sizes[piece]
+    order = {p: i for i, p in enumerate(pieces)}
     return [sorted(b, key=order.__getitem__) for b in bins if b]
 
 
-def plan_write(name: str, entries: Mapping[str, Collected], *, max_objects: int,
-               first: Collection[str] = ()) -> WritePlan:
-    """Assign every array leaf to a data object; leaves in ``first`` get objects of their own.
+def object_groups(pieces: Mapping[PieceId, NDArray[Any]], *, max_objects: int,
+                  first: Collection[str] = ()) -> tuple[list[list[PieceId]], int]:
+    """The pieces grouped into data objects, and how many groups hold the ``first`` key paths."""
+    sizes = {p: int(a.nbytes) for p, a in pieces.items()}
+    early = [p for p in pieces if p[0] in first]
+    late = [p for p in pieces if p[0] not in first]
+    early_groups = _pack(early, sizes, max_objects)
+    return early_groups + _pack(late, sizes, max_objects), len(early_groups)
 
-    Why ``first``: an async save whose state exceeds its staging budget uploads those
-    leaves from live memory before returning, and the rest in the background.
-    """
-    arrays = [p for p, e in entries.items() if isinstance(e, ArrayLeaf)]
-    sizes = {p: int(entries[p].array.nbytes) for p in arrays}  # type: ignore[union-attr]
-    early = [p for p in arrays if p in first]
-    late = [p for p in arrays if p not in first]
-    groups = _pack(early, sizes, max_objects) + _pack(late, sizes, max_objects)
-    suffix = uuid.uuid4().hex[:16]
+
+def new_suffix() -> str:
+    """The suffix unique to one write (every data object of the write carries it)."""
+    return uuid.uuid4().hex[:16]
+
+
+def plan_objects(name: str, entries: Mapping[str, Collected], pieces: Mapping[PieceId, NDArray[Any]],
+                 groups: Sequence[Sequence[PieceId]], first: int, *, suffix: str, index_offset: int = 0,
+                 total_objects: int | None = None) -> WritePlan:
+    """A plan from already grouped pieces, its objects numbered from ``index_offset`` of ``total_objects``."""
+    total = len(groups) if total_objects is None else total_objects
     objects = []
     for k, group in enumerate(groups):
         offsets = []
         position = 0
-        for path in group:
-            offsets.append((path, position))
-            position += sizes[path]
-        objects.append(PlannedObject(data_key(name, k, len(groups), suffix), tuple(offsets), position))
-    first_count = len(_pack(early, sizes, max_objects))
-    return WritePlan(name, entries, tuple(objects), first_count)
+        for piece in group:
+            offsets.append((piece, position))
+            position += int(pieces[piece].nbytes)
+        objects.append(PlannedObject(data_key(name, index_offset + k, total, suffix), tuple(offsets), position))
+    return WritePlan(name, entries, pieces, tuple(objects), first, index_offset)
 
 
-def _byte_view(array: np.ndarray[Any, Any]) -> memoryview:
+def plan_write(name: str, entries: Mapping[str, Collected], *, max_objects: int,
+               first: Collection[str] = ()) -> WritePlan:
+    """Assign every array piece to a data object; leaves in ``first`` get objects of their own.
+
+    Why ``first``: an async save whose state exceeds its staging budget uploads those
+    leaves from live memory before returning, and the rest in the background.
+    """
+    pieces = pieces_of(entries)
+    groups, first_count = object_groups(pieces, max_objects=max_objects, first=first)
+    return plan_objects(name, entries, pieces, groups, first_count, suffix=new_suffix())
+
+
+def _byte_view(array: NDArray[Any]) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[str, int]:
-    """PUT the data objects ``which`` in parallel; return the CRC32C of each of their leaves."""
-    def one(k: int) -> dict[str, int]:
+def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[PieceId, int]:
+    """PUT the data objects ``which`` in parallel; return the CRC32C of each of their pieces."""
+    def one(k: int) -> dict[PieceId, int]:
         obj = plan.objects[k]
-        views = [_byte_view(plan.array(path)) for path, _ in obj.leaves]
-        crcs = {path: crc32c_of([view]) for (path, _), view in zip(obj.leaves, views, strict=True)}
+        views = [_byte_view(plan.array(piece)) for piece, _ in obj.pieces]
+        crcs = {piece: crc32c_of([view]) for (piece, _), view in zip(obj.pieces, views, strict=True)}
         storage.put(obj.key, views)
         return crcs
 
-    result: dict[str, int] = {}
+    result: dict[PieceId, int] = {}
     if not which:
         return result
     if len(which) == 1:
@@ -157,20 +197,45 @@ def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[str,
     return result
 
 
-def build_index(plan: WritePlan, crcs: Mapping[str, int], metadata: Mapping[str, Any] | None) -> CheckpointIndex:
-    """The index naming every leaf's object, offset, length and CRC32C."""
-    where = {path: (k, offset) for k, obj in enumerate(plan.objects) for path, offset in obj.leaves}
-    entries: dict[str, Entry] = {}
-    for path, item in plan.entries.items():
-        if isinstance(item, ArrayLeaf):
-            k, offset = where[path]
-            array = item.array
-            chunk = Chunk(k, offset, int(array.nbytes), crcs[path], (0,) * array.ndim, tuple(array.shape))
-            entries[path] = ArrayEntry(dtype_name(array.dtype), tuple(array.shape), item.pytype, (chunk,))
-        else:
-            entries[path] = item
+def locate(plan: WritePlan, crcs: Mapping[PieceId, int]) -> dict[PieceId, Chunk]:
+    """Where each piece of ``plan`` landed: a chunk naming the (global) object number."""
+    out: dict[PieceId, Chunk] = {}
+    for k, obj in enumerate(plan.objects):
+        for piece, offset in obj.pieces:
+            array = plan.array(piece)
+            out[piece] = Chunk(plan.index_offset + k, offset, int(array.nbytes), crcs[piece], piece[1],
+                               tuple(array.shape))
+    return out
+
+
+def build_index(plan: WritePlan, crcs: Mapping[PieceId, int], metadata: Mapping[str, Any] | None) -> CheckpointIndex:
+    """The index naming every piece's object, offset, length and CRC32C (one host wrote everything)."""
     objects = tuple(DataObject(o.key, o.size) for o in plan.objects)
-    return CheckpointIndex(plan.name, entries, objects, dict(metadata or {}))
+    return assemble_index(plan.name, plan.entries, objects, locate(plan, crcs), metadata)
+
+
+def assemble_index(name: str, entries: Mapping[str, Collected], objects: Sequence[DataObject],
+                   chunks: Mapping[PieceId, Chunk], metadata: Mapping[str, Any] | None) -> CheckpointIndex:
+    """The index from the tree (``entries``) and where every piece of every host landed (``chunks``).
+
+    Array leaves take their chunks from ``chunks`` by key path, so a sharded array's
+    chunks may come from pieces other hosts wrote.
+    """
+    by_path: dict[str, list[Chunk]] = {}
+    for (path, _), chunk in chunks.items():
+        by_path.setdefault(path, []).append(chunk)
+    out: dict[str, Entry] = {}
+    for path, item in entries.items():
+        if isinstance(item, (ArrayLeaf, ShardedLeaf)):
+            array_chunks = sorted(by_path.get(path, []), key=lambda c: c.start)
+            if isinstance(item, ArrayLeaf):
+                dtype, shape = item.array.dtype, tuple(item.array.shape)
+            else:
+                dtype, shape = item.dtype, item.shape
+            out[path] = ArrayEntry(dtype_name(dtype), shape, item.pytype, tuple(array_chunks))
+        else:
+            out[path] = item
+    return CheckpointIndex(name, out, tuple(objects), dict(metadata or {}))
 
 
 def head_index(storage: Storage, name: str) -> ObjectMeta | None:
@@ -278,7 +343,7 @@ class WriteResult:
 
 
 def write_checkpoint(storage: Storage, plan: WritePlan, metadata: Mapping[str, Any] | None = None, *,
-                     crcs: Mapping[str, int] | None = None, skip: int = 0) -> WriteResult:
+                     crcs: Mapping[PieceId, int] | None = None, skip: int = 0) -> WriteResult:
     """Upload ``plan``'s objects from ``skip`` on (``crcs`` has those before), then commit.
 
     On any failure the data objects of this write are deleted and the error re-raised.

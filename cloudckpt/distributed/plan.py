@@ -1,0 +1,168 @@
+"""The multi-host save plan: a pure function of what every host reported.
+
+Every host describes its pieces (``(key path, start, shape, bytes)`` of each shard it
+holds) and the arrays it knows; the descriptions are all-gathered, and every host then
+computes the *same* plan from the same list - no second round trip. The plan says:
+
+- which host writes each distinct box: a box held by several hosts (a replica) is
+  written once, by the holder with the fewest bytes assigned so far (largest boxes
+  first), so replicas spread the work instead of piling it on rank 0; with an
+  ``io_device``, the I/O host writes what it holds itself and the others send it theirs;
+- how the writing hosts' pieces are grouped into data objects, and their global
+  numbering ``data-0000k-of-0000N`` (host r's objects follow those of ranks < r), all
+  with the one write-unique suffix the committing host chose;
+- that every array is covered exactly once by disjoint boxes - checked before any byte
+  moves, so an inconsistent sharding fails the save instead of producing a bad index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cloudckpt.writer import PieceId, _pack
+
+
+@dataclass(frozen=True, slots=True)
+class PieceInfo:
+    """One distinct box of one array, and the ranks holding it."""
+
+    piece: PieceId
+    shape: tuple[int, ...]
+    nbytes: int
+    holders: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    """Who writes what, and how the data objects are named.
+
+    Attributes:
+        suffix: the write-unique suffix of every data object.
+        committer: the rank that HEADs and commits the index (rank 0, or the io host).
+        io_rank: the only rank touching storage, or ``None`` (every rank writes its own).
+        writer: the rank that provides each piece's bytes.
+        groups: per rank, its data objects' pieces (empty for ranks that upload nothing).
+        offsets: per rank, the global number of its first data object.
+        total_objects: N in ``data-0000k-of-0000N``.
+        pieces: every distinct piece, in a deterministic order.
+    """
+
+    suffix: str
+    committer: int
+    io_rank: int | None
+    writer: Mapping[PieceId, int]
+    groups: tuple[tuple[tuple[PieceId, ...], ...], ...]
+    offsets: tuple[int, ...]
+    total_objects: int
+    pieces: Mapping[PieceId, PieceInfo]
+
+    def sent_by(self, rank: int) -> list[PieceId]:
+        """Pieces ``rank`` sends to the io host, in the order both sides use."""
+        return [p for p, w in self.writer.items() if w == rank]
+
+
+class PlanError(ValueError):
+    """The hosts' descriptions do not make one consistent checkpoint (names the key)."""
+
+
+def describe(pieces: Mapping[PieceId, Any], arrays: Mapping[str, tuple[str, tuple[int, ...]]], *,
+             suffix: str, max_objects: int) -> dict[str, Any]:
+    """This host's description: plain lists and strings (it is all-gathered as an object)."""
+    return {
+        "ok": True,
+        "suffix": suffix,
+        "max_objects": max_objects,
+        "arrays": {path: [dtype, list(shape)] for path, (dtype, shape) in arrays.items()},
+        "pieces": [[path, list(start), list(a.shape), int(a.nbytes)] for (path, start), a in pieces.items()],
+    }
+
+
+def make_plan(descriptions: Sequence[Mapping[str, Any]], *, committer: int, io_rank: int | None) -> SavePlan:
+    """The plan every host computes from the all-gathered descriptions (identical everywhere).
+
+    Raises:
+        PlanError: hosts disagree on an array's dtype or global shape, hold different
+            boxes at the same start, or the boxes of an array overlap or leave holes.
+    """
+    arrays: dict[str, tuple[str, tuple[int, ...]]] = {}
+    first_rank: dict[str, int] = {}
+    for rank, desc in enumerate(descriptions):
+        for path, (dtype, shape) in desc["arrays"].items():
+            meta = (str(dtype), tuple(int(n) for n in shape))
+            known = arrays.setdefault(path, meta)
+            first_rank.setdefault(path, rank)
+            if known != meta:
+                raise PlanError(f"hosts disagree on array {path!r}: rank {first_rank[path]} has dtype {known[0]} "
+                                f"and global shape {known[1]}, rank {rank} has {meta[0]} and {meta[1]}")
+    infos: dict[PieceId, PieceInfo] = {}
+    for rank, desc in enumerate(descriptions):
+        for path, start, shape, nbytes in desc["pieces"]:
+            piece: PieceId = (str(path), tuple(int(s) for s in start))
+            extent = tuple(int(n) for n in shape)
+            known_info = infos.get(piece)
+            if known_info is None:
+                infos[piece] = PieceInfo(piece, extent, int(nbytes), (rank,))
+            elif known_info.shape != extent:
+                raise PlanError(f"hosts hold different shards of {path!r} at {piece[1]}: {known_info.shape} "
+                                f"(rank {known_info.holders[0]}) and {extent} (rank {rank})")
+            elif rank not in known_info.holders:
+                infos[piece] = PieceInfo(piece, extent, known_info.nbytes, (*known_info.holders, rank))
+    _check_coverage(arrays, infos)
+    ordered = dict(sorted(infos.items(), key=lambda kv: kv[0]))
+    loads = [0] * len(descriptions)
+    writer: dict[PieceId, int] = {}
+    for info in sorted(ordered.values(), key=lambda i: (-i.nbytes, i.piece)):
+        if io_rank is not None and io_rank in info.holders:
+            chosen = io_rank
+        else:
+            chosen = min(info.holders, key=lambda r: (loads[r], r))
+        writer[info.piece] = chosen
+        loads[chosen] += info.nbytes
+    writer = {p: writer[p] for p in ordered}
+    sizes = {p: i.nbytes for p, i in ordered.items()}
+    groups: list[tuple[tuple[PieceId, ...], ...]] = []
+    for rank, desc in enumerate(descriptions):
+        if io_rank is not None:
+            mine = list(ordered) if rank == io_rank else []
+        else:
+            mine = [p for p in ordered if writer[p] == rank]
+        groups.append(tuple(tuple(g) for g in _pack(mine, sizes, int(desc["max_objects"]))))
+    offsets = tuple(sum(len(g) for g in groups[:r]) for r in range(len(groups)))
+    return SavePlan(suffix=str(descriptions[committer]["suffix"]), committer=committer, io_rank=io_rank,
+                    writer=writer, groups=tuple(groups), offsets=offsets,
+                    total_objects=sum(len(g) for g in groups), pieces=ordered)
+
+
+def _check_coverage(arrays: Mapping[str, tuple[str, tuple[int, ...]]], infos: Mapping[PieceId, PieceInfo]) -> None:
+    boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {path: [] for path in arrays}
+    for (path, start), info in infos.items():
+        if path not in boxes:
+            raise PlanError(f"a host holds shards of {path!r}, which no host describes as an array")
+        shape = arrays[path][1]
+        if len(start) != len(shape) or any(s + n > dim for s, n, dim in zip(start, info.shape, shape, strict=True)):
+            raise PlanError(f"a shard of {path!r} at {start} of shape {info.shape} lies outside its global "
+                            f"shape {shape}")
+        if math.prod(info.shape):
+            boxes[path].append((start, info.shape))
+    for path, found in boxes.items():
+        shape = arrays[path][1]
+        if sum(math.prod(e) for _, e in found) != math.prod(shape) or _overlap(found):
+            raise PlanError(f"the hosts' shards of {path!r} do not cover its global shape {shape} exactly once "
+                            f"(boxes {sorted(found)[:8]}{'...' if len(found) > 8 else ''}); every element must be "
+                            f"held by at least one host, and shards must be disjoint boxes or identical replicas")
+
+
+def _overlap(boxes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    ordered = sorted(boxes)
+    for i, (a_start, a_shape) in enumerate(ordered):
+        a_end0 = a_start[0] + a_shape[0] if a_start else 0
+        for b_start, b_shape in ordered[i + 1:]:
+            if b_start and b_start[0] >= a_end0:
+                break  # sorted by the first coordinate: nothing later can overlap in dimension 0
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(a_start, a_shape, b_start, b_shape,
+                                                                          strict=True)):
+                return True
+    return False
