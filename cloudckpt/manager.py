@@ -33,9 +33,12 @@ from datetime import timedelta
 from typing import Any
 
 from cloudckpt.crashpoints import crash_point
+from cloudckpt.distributed.coordinator import Coordinator
+from cloudckpt.distributed.options import io_rank
 from cloudckpt.errors import CheckpointFormatError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
 from cloudckpt.leftovers import find_leftovers, remove_leftovers
+from cloudckpt.options import CheckpointOptions
 from cloudckpt.reader import storage_for_directory
 from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
 from cloudckpt.state_file import STATE_KEY, CheckpointState, CheckpointStateError, read_state, write_state
@@ -140,18 +143,29 @@ class CheckpointManager:
         init_fn: called by ``restore_or_initialize`` when there is nothing to restore.
         keep_best: optional ``BestN`` rule (metric from ``save(metadata=...)``) on top.
         storage: an already-open ``Storage`` for ``directory`` (tests, custom clients).
+        options: default ``CheckpointOptions`` for ``save``. In a multi-host job its
+            ``experimental_io_device`` also picks the host that reads and writes the
+            state file (the one that commits), since it may be the only one with access.
         leftover_min_age: the first save removes what crashed saves left in ``directory``
             (data objects no index names, temporary chunks, stale multipart uploads) when
             older than this by the store's clock (seconds or a ``timedelta``); it must exceed
             the longest save, since anything younger may still be uploading. ``None``
             disables the cleanup. See ``cloudckpt.leftovers``.
+
+    Many hosts: with a ``DTensorCheckpoint`` the manager is a collective object - every
+    rank constructs it and calls ``save``, ``restore_or_initialize`` and ``sync`` together,
+    as SPMD training does anyway. One host (rank 0, or the io host) alone reads and writes
+    the state file, claims the directory and deletes; it broadcasts what it found, so every
+    rank restores the same checkpoint and agrees on the active list. ``step_counter`` must
+    advance identically on every rank (it decides the interval locally, without a
+    collective, so that a skipped save never waits on an in-flight upload).
     """
 
     def __init__(self, checkpoint: Any, directory: str | os.PathLike[str], max_to_keep: int | None,
                  keep_checkpoint_every_n_hours: float | None = None, checkpoint_name: str = "ckpt",
                  step_counter: Any = None, checkpoint_interval: int | None = None,
                  init_fn: Callable[[], Any] | None = None, *, keep_best: BestN | None = None,
-                 storage: Storage | None = None,
+                 storage: Storage | None = None, options: CheckpointOptions | None = None,
                  leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE) -> None:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
@@ -185,7 +199,13 @@ class CheckpointManager:
         self._metrics: dict[str, float] = {}
         self._latest: str | None = None
         self._warned_unreadable = False
-        self._adopt(self._read_state_for_adoption(), now=time.time())
+        self._options = options
+        self._coordinator: Coordinator | None = getattr(checkpoint, "_coordinator", None)
+        if self._coordinator is not None and self._coordinator.world_size == 1:
+            self._coordinator = None
+        self._owner = self._committer(options)
+        self._adopt(self._read_state_for_adoption() if self._owns_storage else None, now=time.time())
+        self._share_state()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -208,11 +228,17 @@ class CheckpointManager:
 
     @property
     def latest_checkpoint(self) -> str | None:
-        """The newest committed checkpoint (HEAD-checked), or ``None``."""
+        """The newest committed checkpoint (HEAD-checked), or ``None``.
+
+        On a multi-host manager's other ranks: the owner's answer as of the last
+        collective call, without touching storage.
+        """
         with self._lock:
             names = list(reversed(self._active))
             if self._latest and self._latest not in names:
                 names.insert(0, self._latest)
+        if not self._owns_storage:
+            return join_url(self._directory, names[0]) if names else None
         for name in names:
             if self._storage.exists(index_key(name)):
                 return join_url(self._directory, name)
@@ -225,6 +251,55 @@ class CheckpointManager:
         """Checkpoints kept forever by ``keep_checkpoint_every_n_hours`` (full paths)."""
         with self._lock:
             return [join_url(self._directory, name) for name in self._preserved]
+
+    # ------------------------------------------------------------------ many hosts
+    @property
+    def _owns_storage(self) -> bool:
+        """Whether this process reads/writes the state file (always, on one host)."""
+        return self._coordinator is None or self._coordinator.rank == self._owner
+
+    def _committer(self, options: CheckpointOptions | None) -> int:
+        """The rank that commits a save with ``options`` (and so runs the bookkeeping)."""
+        if self._coordinator is None or options is None:
+            return 0
+        return io_rank(options, self._coordinator) or 0
+
+    def _share_state(self) -> None:
+        """Multi-host: every rank adopts the owner's view of the directory (a collective)."""
+        if self._coordinator is None:
+            return
+        with self._lock:
+            mine = self._snapshot() if self._owns_storage else None
+        theirs = self._coordinator.broadcast_object(mine, src=self._owner)
+        if not self._owns_storage:
+            with self._lock:
+                self._active = OrderedDict((name, float(stamp)) for name, stamp in theirs["active"])
+                self._preserved = {k: float(v) for k, v in theirs["preserved"].items()}
+                self._metrics = {k: float(v) for k, v in theirs["metrics"].items()}
+                self._latest = theirs["latest"]
+                self._last_preserved = float(theirs["last_preserved"])
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"active": [[name, stamp] for name, stamp in self._active.items()], "preserved": dict(self._preserved),
+                "metrics": dict(self._metrics), "latest": self._latest, "last_preserved": self._last_preserved}
+
+    def _ensure_ownership(self) -> None:
+        """Claim the directory (first save) or check we still own it; every rank learns the outcome."""
+        failure: str | None = None
+        if self._owns_storage:
+            try:
+                if not self._claimed:
+                    self._claim()
+                else:
+                    self._check_still_owner()
+            except ConcurrentWriterError as exc:
+                if self._coordinator is None:
+                    raise
+                failure = str(exc)
+        if self._coordinator is not None:
+            failure = self._coordinator.broadcast_object(failure, src=self._owner)
+            if failure is not None:
+                raise ConcurrentWriterError(failure)
 
     # ------------------------------------------------------------------ state adoption
     def _read_state_for_adoption(self) -> tuple[CheckpointState, ObjectMeta] | None:
@@ -354,11 +429,13 @@ class CheckpointManager:
                 if check_interval and step < self._last_checkpoint_step + self._checkpoint_interval:
                     return None
             self._last_checkpoint_step = step
+        options = options if options is not None else self._options
+        if self._committer(options) != self._owner:
+            raise ValueError(f"options.experimental_io_device={options.experimental_io_device!r} names another host "
+                             f"than the one this manager's state file is kept by (rank {self._owner}); pass the "
+                             "same io_device as CheckpointManager(options=...)")
         self.sync()
-        if not self._claimed:
-            self._claim()
-        else:
-            self._check_still_owner()
+        self._ensure_ownership()
         counter = self._checkpoint.save_counter
         counter.assign_add(1)
         number = _as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
@@ -370,6 +447,8 @@ class CheckpointManager:
         written_path: str = self._checkpoint._write_managed(
             path, options=options, metadata=metadata,
             after_commit=lambda written: self._after_commit(name, written, metric))
+        if options is None or not options.enable_async:
+            self._share_state()  # async saves share theirs at the next sync()
         return written_path
 
     def _after_commit(self, name: str, written: Any, metric: float | None) -> None:
@@ -416,7 +495,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------ restore
     def restore_or_initialize(self) -> str | None:
         """Restore the latest checkpoint and return its path, or run ``init_fn`` and return ``None``."""
-        latest = self.latest_checkpoint
+        latest: str | None
+        if self._coordinator is not None:
+            self.sync()  # no collective of ours may overlap a background save's
+            latest = self._coordinator.broadcast_object(self.latest_checkpoint, src=self._owner)
+        else:
+            latest = self.latest_checkpoint
         if latest is not None:
             self._checkpoint.restore(latest)
             if self._step_counter is not None and self._checkpoint_interval is not None:
@@ -427,10 +511,11 @@ class CheckpointManager:
         return None
 
     def sync(self, timeout: float | None = None) -> None:
-        """Wait for in-flight async saves; re-raise their failure."""
+        """Wait for in-flight async saves; re-raise their failure. Collective on many hosts."""
         sync = getattr(self._checkpoint, "sync", None)
         if sync is not None:
             sync(timeout) if timeout is not None else sync()
+        self._share_state()
 
     def close(self) -> None:
         self.sync()

@@ -10,6 +10,13 @@ training loop calls ``save_checkpoint_if_preempted()`` once per step::
         train_step()
         handler.save_checkpoint_if_preempted()   # saves, waits for the upload, exits
 
+Many hosts: the signal usually reaches one VM, but every rank must save at the same
+step or the save's collectives deadlock. With a multi-host manager (a
+``DTensorCheckpoint``), each ``save_checkpoint_if_preempted`` call combines the flag
+across ranks with one tiny all-reduce on the job's default process group - the training
+loop's own group, called from the training thread like its other collectives, so it never
+interleaves with a background save's traffic on the checkpoint group.
+
 Named after TensorFlow's ``tf.distribute.experimental.PreemptionCheckpointHandler``.
 """
 
@@ -37,6 +44,22 @@ def _default_exit() -> None:
     sys.exit(0)
 
 
+def _multi_host(manager: object) -> bool:
+    coordinator = getattr(getattr(manager, "checkpoint", None), "_coordinator", None)
+    return coordinator is not None and int(getattr(coordinator, "world_size", 1)) > 1
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over every rank of the job's default ``torch.distributed`` group."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class PreemptionCheckpointHandler:
     """Installs signal handlers that request a final checkpoint; restores the old ones on close.
 
@@ -53,6 +76,7 @@ class PreemptionCheckpointHandler:
             raise RuntimeError("PreemptionCheckpointHandler must be created on the main thread "
                                "(Python delivers signals only there)")
         self._manager = checkpoint_manager
+        self._combine: Callable[[bool], bool] | None = any_rank if _multi_host(checkpoint_manager) else None
         self._exit_fn = exit_fn
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
@@ -76,10 +100,13 @@ class PreemptionCheckpointHandler:
         """If preempted: save now (ignoring the interval), wait for the upload, call ``exit_fn``.
 
         Returns ``None`` when not preempted. When ``exit_fn`` returns instead of exiting,
-        returns the path saved.
+        returns the path saved. On many hosts, call it on every rank at every step: a
+        signal on any one host makes all of them save at this step.
         """
-        if not self.preempted:
+        preempted = self.preempted if self._combine is None else self._combine(self.preempted)
+        if not preempted:
             return None
+        self._event.set()
         log.warning("preemption signal received: saving a final checkpoint before exiting")
         path = self._manager.save(check_interval=False, metadata=metadata)
         self._manager.sync()

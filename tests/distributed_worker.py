@@ -285,7 +285,85 @@ def _two_hosts(rank: int, world: int, port: int, path: str, report: dict[str, An
     report["problems"] = problems
     report["counts"] = dict(storage.counts)
     dist.barrier()
+    _managed(rank, mesh, path.rsplit("/", 1)[0] + "/managed", report)
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def _managed(rank: int, mesh: Any, directory: str, report: dict[str, Any]) -> None:
+    """A CheckpointManager over a DTensorCheckpoint on 2 hosts: one owner, shared decisions, preemption."""
+    from cloudckpt import (
+        UNSHARDED,
+        CheckpointManager,
+        DTensorCheckpoint,
+        Layout,
+        PreemptionCheckpointHandler,
+        ShardedArray,
+        Variable,
+    )
+    from cloudckpt.errors import ConcurrentWriterError
+    from cloudckpt.reader import register_storage
+
+    storage = counting_storage(directory)
+    register_storage(storage)
+    g = global_arrays()
+    step = Variable(0)
+    w = ShardedArray.from_global(g["W"], Layout(["x", UNSHARDED], mesh))
+    manager = CheckpointManager(DTensorCheckpoint(mesh, W=w, step=step), directory, max_to_keep=2,
+                                step_counter=step, checkpoint_interval=2)
+    report["managed_initial"] = manager.restore_or_initialize()
+    saved = []
+    for i in range(1, 8):
+        step.assign(i)
+        for box, shard in zip(w.local_boxes(), w.local_shards, strict=True):
+            shard[...] = g["W"][_slices(box)] + i
+        saved.append(manager.save())
+    report["managed_saved"] = saved
+    report["managed_checkpoints"] = manager.checkpoints
+    report["managed_latest"] = manager.latest_checkpoint
+    report["managed_counts"] = dict(storage.counts)
+
+    # A fresh manager on every rank resumes from the same checkpoint, decided by rank 0.
+    storage.counts.clear()
+    step2 = Variable(0)
+    w2 = ShardedArray((8, 6), np.float32, Layout([UNSHARDED, "x"], mesh))
+    resumed = CheckpointManager(DTensorCheckpoint(mesh, W=w2, step=step2), directory, max_to_keep=2,
+                                step_counter=step2, checkpoint_interval=2)
+    report["managed_resumed"] = resumed.restore_or_initialize()
+    report["managed_resumed_step"] = int(step2)
+    report["managed_resumed_ok"] = all(
+        np.array_equal(shard, g["W"][_slices(box)] + 7) for box, shard in zip(w2.local_boxes(), w2.local_shards,
+                                                                               strict=True))
+    report["managed_resume_counts"] = dict(storage.counts)
+
+    # Preemption noticed by rank 1 only: both ranks save at the same step.
+    exits: list[int] = []
+    handler = PreemptionCheckpointHandler(resumed, signals=(), exit_fn=lambda: exits.append(1))
+    report["managed_preempted_at"] = None
+    for i in range(8, 12):
+        step2.assign(i)
+        if rank == 1 and i == 9:
+            handler.request_preemption()
+        if handler.save_checkpoint_if_preempted() is not None:
+            report["managed_preempted_at"] = i
+            break
+    report["managed_exits"] = len(exits)
+
+    # Another writer claims the directory: the next save fails on every rank, not just the owner.
+    if rank == 0:
+        from cloudckpt import Checkpoint
+        CheckpointManager(Checkpoint(v=Variable(1.0)), directory, max_to_keep=5).save(checkpoint_number=100)
+    step2.assign(20)
+    try:
+        resumed.save()
+        report["managed_fenced"] = None
+    except ConcurrentWriterError as exc:
+        report["managed_fenced"] = str(exc)
+
+
+def _slices(box: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[slice, ...]:
+    start, extent = box
+    return tuple(slice(s, s + n) for s, n in zip(start, extent, strict=True))
 
 
 def env_for_children(endpoint: str) -> dict[str, str]:

@@ -37,6 +37,7 @@ from cloudckpt.distributed.options import io_rank
 from cloudckpt.distributed.plan import PlanError, make_plan
 from cloudckpt.format import decode_index, index_key
 from cloudckpt.reader import partial_reads, register_storage, resolve
+from cloudckpt.state_file import STATE_KEY, parse
 from cloudckpt.storage.local import LocalStorage
 
 SPAWN_TIMEOUT = 300.0
@@ -359,11 +360,15 @@ def test_failing_rank_fails_every_rank_and_keeps_the_previous_checkpoint(four: l
     assert [m.key for m in storage.list("ck-3")] == []  # no index, and every host removed its data
 
 
-def test_restore_on_two_hosts_and_on_one(four: list[dict[str, Any]], s3_root: str) -> None:
+@pytest.fixture(scope="module")
+def two(four: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return spawn(distributed_worker.two_hosts, 2, four[0]["save_path"])
+
+
+def test_restore_on_two_hosts_and_on_one(four: list[dict[str, Any]], two: list[dict[str, Any]], s3_root: str) -> None:
     path = four[0]["save_path"]
     index = read_index(path)
     total = sum(o.size for o in index.objects)
-    two = spawn(distributed_worker.two_hosts, 2, path)
     for report in two:
         assert report["problems"] == [], report["rank"]
         assert 0 < report["counts"]["data_bytes_read"] < total  # each host fetched a part, not everything
@@ -382,3 +387,29 @@ def test_restore_on_two_hosts_and_on_one(four: list[dict[str, Any]], s3_root: st
     Checkpoint(W=sharded).restore(path).expect_partial()
     assert np.array_equal(sharded.to_numpy(), g["W"])
     assert math.prod(sharded.shape) == 48
+
+
+def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[str, Any]], s3_root: str) -> None:
+    """Rank 0 alone reads/writes the state file and deletes; both ranks see the same decisions."""
+    managed = f"{s3_root}/managed"
+    for report in two:
+        assert report["managed_initial"] is None
+        # checkpoint_interval=2 from step 1: saves at steps 1, 3, 5, 7 on both ranks, numbered alike.
+        assert report["managed_saved"] == [f"{managed}/ckpt-1", None, f"{managed}/ckpt-2", None,
+                                           f"{managed}/ckpt-3", None, f"{managed}/ckpt-4"]
+        assert report["managed_checkpoints"] == [f"{managed}/ckpt-3", f"{managed}/ckpt-4"]
+        assert report["managed_latest"] == f"{managed}/ckpt-4"
+        assert report["managed_resumed"] == f"{managed}/ckpt-4"
+        assert report["managed_resumed_step"] == 7 and report["managed_resumed_ok"]
+        # The preemption notice reached rank 1 only; both saved at that same step and "exited".
+        assert report["managed_preempted_at"] == 9 and report["managed_exits"] == 1
+        # Another writer claimed the directory: the fenced save fails on every rank, not only the owner.
+        assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
+    owner, other = two
+    assert owner["managed_counts"]["DELETE"] > 0 and owner["managed_counts"]["HEAD"] > 0
+    # Rank 1 only uploaded its shards (one PUT per save) and, on resume, read its ranges.
+    assert set(other["managed_counts"]) == {"PUT", "data_bytes_written"} and other["managed_counts"]["PUT"] == 4
+    assert set(other["managed_resume_counts"]) == {"GET", "data_bytes_read"}
+    assert other["managed_resume_counts"]["GET"] < owner["managed_resume_counts"]["GET"]  # no state file read
+    state = parse(resolve(f"{managed}/x")[0].get(STATE_KEY).decode(), "state")
+    assert state.model_checkpoint_path == "ckpt-100"  # the other writer's save; ours never overwrote it
