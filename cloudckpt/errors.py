@@ -24,7 +24,11 @@ Every message names the URL or key at fault.
     ├── CheckpointMismatchError(ValueError)        stored shape/dtype/type differs from the object
     ├── CheckpointNotFoundError(NotFoundError)     no index at a checkpoint path
     ├── ConcurrentWriterError                      another writer claimed the directory
+    ├── CoordinationError                          a checkpoint collective failed (host died, timed out);
+    │                                              defined in cloudckpt.distributed.coordinator
     └── SaveError                                  background / multi-rank save failed
+        └── DistributedSaveError                   some ranks failed; lists each rank and its cause
+                                                   (cloudckpt.distributed.save)
 
 Why the root derives from ``Exception`` and not ``BaseException``: callers' generic
 ``except Exception`` handlers must see our failures (a lesson from libraries whose

@@ -33,6 +33,10 @@ from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, decode_index, i
 from cloudckpt.storage import ReadRequest, Storage, open_storage, split_url
 
 _CACHE_SIZE = 16
+#: Largest index a reader will fetch. An index is JSON read whole into memory; a real one
+#: is ~200 bytes per array chunk, so this allows millions of chunks while refusing a
+#: multi-GB object that is not an index (or a hostile one) before a byte is fetched.
+MAX_INDEX_BYTES = 512 * 1024 * 1024
 _storages: OrderedDict[str, Storage] = OrderedDict()
 _storages_lock = threading.Lock()
 
@@ -90,6 +94,12 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
     """
     key = index_key(name)
     try:
+        # HEAD first: an index is read whole into memory, so a huge (hostile or corrupt)
+        # object must be refused by its size, before a byte of it is fetched.
+        size = storage.head(key).size
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointFormatError(f"{storage.url_for(key)} is {size} bytes, over the {MAX_INDEX_BYTES}-byte "
+                                        "limit for an index; refusing to read it (not a cloudckpt index?)")
         data = storage.get(key)
     except NotFoundError as exc:
         raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name)) from exc
@@ -101,8 +111,13 @@ def _not_found_message(storage: Storage, name: str) -> str:
     message = f"no checkpoint at {url!r} (no {index_key(name)!r} object)"
     try:
         numbered = [m.key[:-len(".index")] for m in storage.list(f"{name}-") if m.key.endswith(".index")]
+        inside = [m.key for m in storage.list(f"{name}/")[:1000] if m.key.endswith(".index")]
     except (StorageError, OSError, ValueError):
-        numbered = []
+        numbered, inside = [], []
+    if inside:
+        return (f"{message}. {url!r} is a directory holding {len(inside)} checkpoint index(es) "
+                f"(e.g. {storage.url_for(inside[-1][:-len('.index')])!r}): name a checkpoint in it, or list them "
+                "with `cloudckpt ls`")
     numbered = [n for n in numbered if re.fullmatch(re.escape(name) + r"-\d+", n)]
     if numbered:
         newest = max(numbered, key=lambda n: int(n.rsplit("-", 1)[1]))

@@ -255,3 +255,24 @@ def test_any_nested_structure_round_trips(tmp_path_factory: pytest.TempPathFacto
     directory = tmp_path_factory.mktemp("tree")
     path = Checkpoint(state=[tree]).write(directory / "c")
     assert same(load_variable(path, "state")[0], tree)
+
+
+def test_oversized_index_is_refused_before_it_is_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudckpt import reader
+
+    path = Checkpoint(v=Variable(np.arange(4.0))).write(str(tmp_path / "ck"))
+    size = (tmp_path / "ck.index").stat().st_size
+    monkeypatch.setattr(reader, "MAX_INDEX_BYTES", size - 1)
+    fetched: list[str] = []
+    storage, _ = reader.resolve(path)
+    real_get = storage.get
+    monkeypatch.setattr(storage, "get", lambda key, *a: fetched.append(key) or real_get(key, *a))
+    with pytest.raises(CheckpointFormatError, match=f"{size} bytes, over the {size - 1}-byte limit"):
+        Checkpoint(v=Variable(np.zeros(4))).read(path)
+    assert fetched == []
+
+
+def test_restoring_a_directory_says_it_is_one(tmp_path: Path) -> None:
+    Checkpoint(v=Variable(1.0)).save(str(tmp_path / "run" / "ckpt"))
+    with pytest.raises(CheckpointNotFoundError, match=r"is a directory holding 1 checkpoint index.*ckpt-1"):
+        Checkpoint(v=Variable(0.0)).restore(str(tmp_path / "run"))
