@@ -199,6 +199,7 @@ class CheckpointManager:
         self._metrics: dict[str, float] = {}
         self._latest: str | None = None
         self._warned_unreadable = False
+        self._deleting: list[str] = []
         self._options = options
         self._coordinator: Coordinator | None = getattr(checkpoint, "_coordinator", None)
         if self._coordinator is not None and self._coordinator.world_size == 1:
@@ -320,6 +321,7 @@ class CheckpointManager:
         if found is None:
             self._last_preserved = now - 1.0
             self._latest = None
+            self._deleting = []
             return
         state = found[0]
         self._latest = _relative_name(state.model_checkpoint_path, self._directory) \
@@ -338,6 +340,9 @@ class CheckpointManager:
                 self._active[name] = stamp
         self._preserved = dict(state.preserved)
         self._metrics = {k: v for k, v in state.metrics.items() if k in self._active}
+        kept = {*self._active, *self._preserved, self._latest}
+        self._deleting = [name for name in (_relative_name(p, self._directory) for p in state.deleting)
+                          if name not in kept]
 
     def _state(self) -> CheckpointState:
         return CheckpointState(
@@ -348,6 +353,7 @@ class CheckpointManager:
             writer=self._token,
             preserved=dict(self._preserved),
             metrics=dict(self._metrics),
+            deleting=list(self._deleting),
         )
 
     # ------------------------------------------------------------------ ownership
@@ -366,9 +372,29 @@ class CheckpointManager:
                     continue
                 self._claimed = True
                 log.info("claimed %s for writer %s", self._directory, self._token[:8])
+            self._finish_deletions()
             self._remove_leftovers()
             return
         raise ConcurrentWriterError(f"could not claim {self._directory}: its state file kept changing")
+
+    def _finish_deletions(self) -> None:
+        """Delete evicted checkpoints the state file lists as being deleted.
+
+        The state write that evicts a checkpoint also records it as ``deleting``, so one
+        killed before (or during) its deletion is finished by the next save or the next
+        owner's claim, instead of staying on the store unlisted forever. A failure is
+        logged and retried at the next save - the commit already stands.
+        """
+        for name in list(self._deleting):
+            try:
+                delete_checkpoint(self._storage, name)
+            except Exception as exc:
+                log.warning("could not delete evicted checkpoint %s (will retry at the next save): %s",
+                            join_url(self._directory, name), exc)
+                continue
+            with self._lock:
+                if name in self._deleting:
+                    self._deleting.remove(name)
 
     def _remove_leftovers(self) -> None:
         """Clean up after crashed saves, once, before this manager uploads anything.
@@ -464,6 +490,8 @@ class CheckpointManager:
             self._active.pop(name, None)
             self._active[name] = timestamp
             self._preserved.pop(name, None)
+            if name in self._deleting:  # re-saved before its old version was deleted: keep it
+                self._deleting.remove(name)
             if metric is not None:
                 self._metrics[name] = metric
             self._latest = name
@@ -472,6 +500,7 @@ class CheckpointManager:
             self._preserved.update(sweep.preserved)
             for dropped in [*sweep.preserved, *sweep.deleted]:
                 self._metrics.pop(dropped, None)
+            self._deleting.extend(gone for gone in sweep.deleted if gone not in self._deleting)
             try:
                 self._state_meta = write_state(self._storage, self._state(), self._state_meta)
             except PreconditionError:
@@ -479,8 +508,7 @@ class CheckpointManager:
                 self._fence(f"another writer took over {self._directory} while {name} was being saved; "
                             f"this save was rolled back and this manager will not save again")
         crash_point("after_state_write")
-        for gone in sweep.deleted:
-            delete_checkpoint(self._storage, gone)
+        self._finish_deletions()
 
     def _undo_write(self, name: str, written: Any) -> None:
         """Remove what this save wrote - and nothing another writer may have replaced it with."""

@@ -15,7 +15,9 @@ TensorFlow's parser rejects unknown fields but skips ``#`` comments, so cloudckp
 bookkeeping rides in comments: ``# cloudckpt-writer: <token>`` (who owns the directory),
 ``# cloudckpt-preserved: "ckpt-3" <timestamp>`` (kept forever by
 ``keep_checkpoint_every_n_hours``), ``# cloudckpt-metric: "ckpt-7" <value>`` (for
-keep-best). Paths are stored relative to the directory.
+keep-best), ``# cloudckpt-deleting: "ckpt-5"`` (evicted; its deletion may not have finished,
+so the next owner finishes it even if this one is killed mid-way). Paths are stored
+relative to the directory.
 
 The file is one object, replaced atomically by compare-and-swap on its version, so two
 writers can never silently overwrite each other's bookkeeping.
@@ -57,6 +59,7 @@ class CheckpointState:
     writer: str | None = None
     preserved: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    deleting: list[str] = field(default_factory=list)
 
 
 def parse(text: str, where: str) -> CheckpointState:
@@ -98,6 +101,8 @@ def _parse_extra(line: str, state: CheckpointState, where: str, number: int) -> 
     kind, raw = match.groups()
     if kind == "writer":
         state.writer = raw or None
+    elif kind == "deleting":
+        state.deleting.append(_string(raw, where, number))
     elif kind in ("preserved", "metric"):
         quoted = _QUOTED.match(raw)
         if not quoted:
@@ -152,6 +157,7 @@ def format_state(state: CheckpointState) -> str:
         lines.append(f"# cloudckpt-writer: {state.writer}")
     lines += [f"# cloudckpt-preserved: {_quote(n)} {t!r}" for n, t in state.preserved.items()]
     lines += [f"# cloudckpt-metric: {_quote(n)} {v!r}" for n, v in state.metrics.items()]
+    lines += [f"# cloudckpt-deleting: {_quote(n)}" for n in state.deleting]
     return "\n".join(lines) + "\n"
 
 

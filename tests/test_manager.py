@@ -283,6 +283,30 @@ def test_evictions_are_deleted_off_the_training_thread_for_async_saves(tmp_path:
     assert not _exists(str(tmp_path), "ckpt-1") and not _exists(str(tmp_path), "ckpt-2")
 
 
+def test_an_eviction_cut_short_is_finished_by_the_next_owner(root: str, clock: Clock) -> None:  # noqa: F811
+    """The state write that evicts ckpt-1 records it as being deleted; a killed (here: failed)
+    deletion is finished by the next manager's claim instead of leaving ckpt-1 unlisted forever."""
+    import cloudckpt.manager as manager_module
+
+    ckpt = Checkpoint(v=Variable(1.0))
+    first = CheckpointManager(ckpt, root, max_to_keep=1)
+    clock.now += 1
+    first.save()
+    with mock.patch.object(manager_module, "delete_checkpoint", side_effect=OSError("killed")):
+        clock.now += 1
+        assert _names([first.save()]) == ["ckpt-2"]  # the commit stands; the deletion is retried later
+    state = parse(open_storage(root).get(STATE_KEY).decode(), "state")
+    assert state.all_model_checkpoint_paths == ["ckpt-2"] and state.deleting == ["ckpt-1"]
+    assert _exists(root, "ckpt-1")
+
+    second = CheckpointManager(ckpt, root, max_to_keep=1)  # a new process, resumed (save_counter 2)
+    clock.now += 1
+    second.save()
+    assert not _exists(root, "ckpt-1") and not _exists(root, "ckpt-2") and _exists(root, "ckpt-3")
+    # ckpt-1 is done; ckpt-2, evicted by this save, stays recorded until the next state write.
+    assert parse(open_storage(root).get(STATE_KEY).decode(), "state").deleting == ["ckpt-2"]
+
+
 def test_keep_best_and_metadata(tmp_path: Path, clock: Clock) -> None:
     from cloudckpt.loading import load_checkpoint
 
