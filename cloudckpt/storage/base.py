@@ -467,9 +467,9 @@ class Storage(ABC):
             buffers = whole()
             result = self._conditional_aware(
                 lambda: self._put_whole(full, buffers, mode, meta), full, url, mode, nonce, "PUT")
-        else:
+            self._upload_limiter.consume(size)
+        else:  # each part accounts for itself as it goes
             result = self._put_multipart(full, url, PartSource(size, read, whole, consume), mode, meta, nonce)
-        self._upload_limiter.consume(size)
         return self._relative(result)
 
     def _require_conditional(self, url: str) -> None:  # noqa: B027 - optional hook
