@@ -477,8 +477,10 @@ class S3Storage(Storage):
                 f"({source.size} bytes) is above S3's 5 GiB single-PUT limit; write it with mode='overwrite'", url)
         log.debug("%s: conditional write as one PUT (the store ignores conditions on multipart)", url)
         buffers = source.whole()
-        return self._conditional_aware(lambda: self._put_whole(full, buffers, mode, meta),
-                                       full, url, mode, nonce, "PUT")
+        result = self._conditional_aware(lambda: self._put_whole(full, buffers, mode, meta),
+                                         full, url, mode, nonce, "PUT")
+        self._upload_limiter.consume(source.size)
+        return result
 
     @contextlib.contextmanager
     def _conditional_errors(self, full_key: str, mode: WriteMode) -> Iterator[None]:
