@@ -45,7 +45,7 @@ def test_failed_multipart_leaves_nothing_visible(tmp_path: Path, monkeypatch: py
     calls = 0
     real = local._LocalMultipart.upload_part
 
-    def failing(self: local._LocalMultipart, index: int, data: memoryview) -> None:
+    def failing(self: local._LocalMultipart, index: int, data: list[memoryview]) -> None:
         nonlocal calls
         calls += 1
         if index == 1:

@@ -120,7 +120,7 @@ def test_failed_multipart_leaves_no_incomplete_upload(any_store: S3Storage,
     real = s3mod._S3Multipart.upload_part
     uploaded: list[int] = []
 
-    def failing(self: s3mod._S3Multipart, index: int, data: memoryview) -> None:
+    def failing(self: s3mod._S3Multipart, index: int, data: list[memoryview]) -> None:
         if index == 2:
             raise OSError(28, "No space left on device")  # not transient: no retry
         real(self, index, data)

@@ -183,14 +183,16 @@ class TransferConfig:
 class MultipartUpload(ABC):
     """One in-flight multipart write, as a backend implements it.
 
-    ``upload_part`` is called from pool threads, concurrently, with 0-based indexes;
-    ``complete`` once after every part succeeded; ``abort`` on any failure (it must not
-    raise for parts that never arrived). S3 maps this onto its multipart API, GCS onto
-    chunk objects + compose, local disk onto positional writes into a temp file.
+    ``upload_part`` is called from pool threads, concurrently, with 0-based indexes and
+    the part as a list of pieces (views of the caller's buffers - a part spanning several
+    arrays is never joined into a copy); ``complete`` once after every part succeeded;
+    ``abort`` on any failure (it must not raise for parts that never arrived). S3 maps
+    this onto its multipart API, GCS onto chunk objects + compose, local disk onto
+    positional writes into a temp file.
     """
 
     @abstractmethod
-    def upload_part(self, index: int, data: memoryview) -> None: ...
+    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None: ...
 
     @abstractmethod
     def complete(self) -> ObjectMeta: ...
@@ -425,7 +427,7 @@ class Storage(ABC):
         """
         buffers = as_buffers(data)
         size = sum(b.nbytes for b in buffers)
-        return self._write(key, size, lambda: buffers, lambda start, end: _slice_concat(buffers, start, end),
+        return self._write(key, size, lambda: buffers, lambda start, end: _slice_pieces(buffers, start, end),
                            mode, metadata, None)
 
     def put_stream(self, key: str, size: int, read: Callable[[int, int], Any], *, mode: WriteMode = "overwrite",
@@ -444,10 +446,10 @@ class Storage(ABC):
             ValueError: ``read`` returned a part of the wrong length.
         """
         def whole() -> list[memoryview]:
-            data = _exact(read(0, size), 0, size, self.url_for(key))
+            pieces = _exact(read(0, size), 0, size, self.url_for(key))
             if consume is not None:
-                consume(0, data)
-            return [data]
+                _consume_pieces(consume, 0, pieces)
+            return pieces
 
         return self._write(key, size, whole, read, mode, metadata, consume)
 
@@ -496,20 +498,20 @@ class Storage(ABC):
     def _upload_parts(self, upload: MultipartUpload, source: PartSource, bounds: Sequence[tuple[int, int]],
                       url: str) -> None:
         """Read and upload parts on the pool, a bounded window of them in memory; consume in order."""
-        def part(index: int, start: int, end: int) -> memoryview:
-            view = _exact(source.read(start, end), start, end, url)
-            self._call(lambda: upload.upload_part(index, view), url, describe=f"upload part {index + 1} of")
-            self._upload_limiter.consume(view.nbytes)
-            return view
+        def part(index: int, start: int, end: int) -> list[memoryview]:
+            pieces = _exact(source.read(start, end), start, end, url)
+            self._call(lambda: upload.upload_part(index, pieces), url, describe=f"upload part {index + 1} of")
+            self._upload_limiter.consume(end - start)
+            return pieces
 
         pool = self._executor()
-        window: deque[tuple[int, Future[memoryview]]] = deque()
+        window: deque[tuple[int, Future[list[memoryview]]]] = deque()
 
         def drain_one() -> None:
             start, future = window.popleft()
-            view = future.result()
+            pieces = future.result()
             if source.consume is not None:
-                source.consume(start, view)
+                _consume_pieces(source.consume, start, pieces)
 
         try:
             for index, (start, end) in enumerate(bounds):
@@ -626,17 +628,23 @@ class PartSource:
     consume: Callable[[int, memoryview], None] | None = None
 
 
-def _exact(data: Any, start: int, end: int, url: str) -> memoryview:
-    """``data`` as a flat byte view, refused unless it is exactly bytes ``[start, end)``."""
-    view = as_buffers(data)[0] if not isinstance(data, memoryview) or data.format != "B" else data
-    if view.nbytes != end - start:
-        raise ValueError(f"writing {url}: the source gave {view.nbytes} bytes for [{start}, {end}), "
-                         f"expected {end - start}")
-    return view
+def _exact(data: Any, start: int, end: int, url: str) -> list[memoryview]:
+    """``data`` (bytes-like or a list of them) as flat byte views, refused unless exactly ``[start, end)``."""
+    pieces = as_buffers(data)
+    size = sum(p.nbytes for p in pieces)
+    if size != end - start:
+        raise ValueError(f"writing {url}: the source gave {size} bytes for [{start}, {end}), expected {end - start}")
+    return pieces
 
 
-def _slice_concat(buffers: Sequence[memoryview], start: int, end: int) -> memoryview:
-    """Bytes ``[start, end)`` of the concatenation, zero-copy when in one buffer."""
+def _consume_pieces(consume: Callable[[int, memoryview], None], start: int, pieces: Sequence[memoryview]) -> None:
+    for piece in pieces:
+        consume(start, piece)
+        start += piece.nbytes
+
+
+def _slice_pieces(buffers: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """Bytes ``[start, end)`` of the concatenation, as views of the buffers (never a copy)."""
     pieces = []
     position = 0
     for buf in buffers:
@@ -646,11 +654,4 @@ def _slice_concat(buffers: Sequence[memoryview], start: int, end: int) -> memory
         position = buf_end
         if position >= end:
             break
-    if len(pieces) == 1:
-        return pieces[0]
-    joined = bytearray(end - start)
-    cursor = 0
-    for piece in pieces:
-        joined[cursor:cursor + piece.nbytes] = piece
-        cursor += piece.nbytes
-    return memoryview(joined)
+    return pieces

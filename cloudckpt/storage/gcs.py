@@ -611,14 +611,15 @@ class _CompositeUpload(MultipartUpload):
         self._composed: set[str] = set()
         self._lock = threading.Lock()
 
-    def upload_part(self, index: int, data: memoryview) -> None:
+    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
         name = self._storage._temp_name(self._id, f"part-{index:06d}")
+        size = sum(p.nbytes for p in pieces)
         with self._lock:
-            self._parts[index] = _Part(name, data.nbytes, -1)  # registered first: abort finds it
-        self._storage._upload(name, [data], generation_match=None, metadata=None,
+            self._parts[index] = _Part(name, size, -1)  # registered first: abort finds it
+        self._storage._upload(name, list(pieces), generation_match=None, metadata=None,
                               storage_class="STANDARD")
         with self._lock:
-            self._parts[index] = _Part(name, data.nbytes, crc32c_of([data]))
+            self._parts[index] = _Part(name, size, crc32c_of(pieces))
 
     def _temp_names(self) -> list[str]:
         with self._lock:
@@ -700,15 +701,15 @@ class _WholeUpload(MultipartUpload):
         self._full_key = full_key
         self._mode = mode
         self._metadata = metadata
-        self._parts: dict[int, memoryview] = {}
+        self._parts: dict[int, Sequence[memoryview]] = {}
         self._lock = threading.Lock()
 
-    def upload_part(self, index: int, data: memoryview) -> None:
+    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
         with self._lock:
-            self._parts[index] = data
+            self._parts[index] = pieces
 
     def complete(self) -> ObjectMeta:
-        buffers = [self._parts[i] for i in sorted(self._parts)]
+        buffers = [piece for i in sorted(self._parts) for piece in self._parts[i]]
         return self._storage._put_whole(self._full_key, buffers, self._mode, self._metadata)
 
     def abort(self) -> None:

@@ -285,11 +285,13 @@ class _LocalMultipart(MultipartUpload):
         self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, size)
 
-    def upload_part(self, index: int, data: memoryview) -> None:
+    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
         offset = index * self._part_size
-        written = 0
-        while written < data.nbytes:
-            written += os.pwrite(self._fd, data[written:], offset + written)
+        for piece in pieces:
+            written = 0
+            while written < piece.nbytes:
+                written += os.pwrite(self._fd, piece[written:], offset + written)
+            offset += piece.nbytes
 
     def complete(self) -> ObjectMeta:
         try:

@@ -746,10 +746,11 @@ class _S3Multipart(MultipartUpload):
         self._size = size
         self._parts: list[dict[str, Any] | None] = [None] * math.ceil(size / part_size)
 
-    def upload_part(self, index: int, data: memoryview) -> None:
-        checksum = _crc32c_b64([data])
+    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
+        size = sum(p.nbytes for p in pieces)
+        checksum = _crc32c_b64(pieces)
         response = self._storage.client.upload_part(
-            Body=_body([data], data.nbytes), ContentLength=data.nbytes, ChecksumCRC32C=checksum,
+            Body=_body(pieces, size), ContentLength=size, ChecksumCRC32C=checksum,
             PartNumber=index + 1, UploadId=self._upload_id, **self._storage._loc(self._key))
         self._parts[index] = {"PartNumber": index + 1, "ETag": response["ETag"], "ChecksumCRC32C": checksum}
 
