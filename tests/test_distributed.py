@@ -133,6 +133,9 @@ def test_plan_refuses_inconsistent_hosts_naming_the_key() -> None:
     with pytest.raises(PlanError, match="disagree on array 'w'"):
         make_plan([_desc([["w", [0], [4], 16]], arrays), _desc([["w", [0], [4], 16]], {"w": ["int32", [4]]})],
                   committer=0, io_rank=None)
+    other_path = {**_desc([["w", [2], [2], 8]], arrays), "url": "s3://b/run/ckpt-1"}
+    with pytest.raises(PlanError, match=r"different paths: rank 0 to '', rank 1 to 's3://b/run/ckpt-1'"):
+        make_plan([_desc([["w", [0], [2], 8]], arrays), other_path], committer=0, io_rank=None)
 
 
 # ---------------------------------------------------------------------------- partial reads

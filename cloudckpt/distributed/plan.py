@@ -69,10 +69,16 @@ class PlanError(ValueError):
 
 
 def describe(pieces: Mapping[PieceId, Any], arrays: Mapping[str, tuple[str, tuple[int, ...]]], *,
-             suffix: str, max_objects: int) -> dict[str, Any]:
-    """This host's description: plain lists and strings (it is all-gathered as an object)."""
+             suffix: str, max_objects: int, url: str = "") -> dict[str, Any]:
+    """This host's description: plain lists and strings (it is all-gathered as an object).
+
+    ``url`` is where this host believes the checkpoint goes: hosts that disagree would
+    otherwise upload to different places and commit an index naming objects that are not
+    where it says.
+    """
     return {
         "ok": True,
+        "url": url,
         "suffix": suffix,
         "max_objects": max_objects,
         "arrays": {path: [dtype, list(shape)] for path, (dtype, shape) in arrays.items()},
@@ -87,6 +93,11 @@ def make_plan(descriptions: Sequence[Mapping[str, Any]], *, committer: int, io_r
         PlanError: hosts disagree on an array's dtype or global shape, hold different
             boxes at the same start, or the boxes of an array overlap or leave holes.
     """
+    urls = [str(desc.get("url", "")) for desc in descriptions]
+    if len(set(urls)) > 1:
+        differing = next(rank for rank, url in enumerate(urls) if url != urls[0])
+        raise PlanError(f"hosts save to different paths: rank 0 to {urls[0]!r}, rank {differing} to "
+                        f"{urls[differing]!r}; every rank must pass the same path")
     arrays: dict[str, tuple[str, tuple[int, ...]]] = {}
     first_rank: dict[str, int] = {}
     for rank, desc in enumerate(descriptions):

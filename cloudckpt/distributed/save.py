@@ -158,7 +158,7 @@ class _Save:
                 # HEAD before anyone uploads: a rival commit during our upload then fails ours.
                 seen = head_index(self.storage, self.name)
             mine: dict[str, Any] = describe(pieces, _arrays(self.entries), suffix=new_suffix(),
-                                            max_objects=self.storage.config.max_concurrency)
+                                            max_objects=self.storage.config.max_concurrency, url=self.url)
         except Exception as exc:
             mine = {"ok": False, "error": _describe_error(exc)}
         descriptions = self._collective(lambda: self.coord.all_gather_object(mine))
