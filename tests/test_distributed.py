@@ -412,7 +412,10 @@ def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[st
     assert owner["managed_counts"]["DELETE"] > 0 and owner["managed_counts"]["HEAD"] > 0
     # Rank 1 only uploaded its shards (one PUT per save) and, on resume, read its ranges.
     assert set(other["managed_counts"]) == {"PUT", "data_bytes_written"} and other["managed_counts"]["PUT"] == 4
-    assert set(other["managed_resume_counts"]) == {"GET", "data_bytes_read"}
+    # On resume rank 1 HEADs and GETs the index (its size is checked before it is read) and reads its
+    # ranges; the owner alone reads the state file and HEAD-checks the latest checkpoint.
+    assert set(other["managed_resume_counts"]) == {"HEAD", "GET", "data_bytes_read"}
+    assert other["managed_resume_counts"]["HEAD"] == 1
     assert other["managed_resume_counts"]["GET"] < owner["managed_resume_counts"]["GET"]  # no state file read
     state = parse(resolve(f"{managed}/x")[0].get(STATE_KEY).decode(), "state")
     assert state.model_checkpoint_path == "ckpt-100"  # the other writer's save; ours never overwrote it
