@@ -13,12 +13,13 @@ own objects, or (since nothing is pickled) code execution.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import ml_dtypes
 import numpy as np
@@ -227,6 +228,17 @@ class Chunk:
     crc32c: int
     start: tuple[int, ...]
     shape: tuple[int, ...]
+    #: CRC32C of each ``block_size`` bytes of the chunk (the last block may be shorter);
+    #: empty for a chunk that fits in one block (its ``crc32c`` covers it) and in indexes
+    #: written before blocks were recorded.
+    block_size: int = 0
+    block_crc32c: tuple[int, ...] = ()
+
+    def blocks(self) -> tuple[int, tuple[int, ...]]:
+        """``(unit, CRC32C per unit)``: the pieces a partial read can be verified in."""
+        if self.block_crc32c:
+            return self.block_size, self.block_crc32c
+        return max(self.length, 1), (self.crc32c,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,11 +319,19 @@ def _float_to_json(x: float) -> float | str:
     return x
 
 
+def _chunk_to_json(c: Chunk) -> dict[str, Any]:
+    out: dict[str, Any] = {"object": c.object, "offset": c.offset, "length": c.length, "crc32c": c.crc32c,
+                           "start": list(c.start), "shape": list(c.shape)}
+    if c.block_crc32c:
+        packed = b"".join(crc.to_bytes(4, "big") for crc in c.block_crc32c)
+        out["blocks"] = {"size": c.block_size, "crc32c": base64.b64encode(packed).decode("ascii")}
+    return out
+
+
 def _entry_to_json(entry: Entry) -> dict[str, Any]:
     if isinstance(entry, ArrayEntry):
         return {"kind": "array", "dtype": entry.dtype, "shape": list(entry.shape), "pytype": entry.pytype,
-                "chunks": [{"object": c.object, "offset": c.offset, "length": c.length, "crc32c": c.crc32c,
-                            "start": list(c.start), "shape": list(c.shape)} for c in entry.chunks]}
+                "chunks": [_chunk_to_json(c) for c in entry.chunks]}
     if isinstance(entry, ValueEntry):
         value = _float_to_json(entry.value) if entry.type == "float" else entry.value
         return {"kind": "value", "type": entry.type, "value": value}
@@ -447,7 +467,7 @@ def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[Dat
     if kind == "node":
         check.keys(doc, where, {"kind", "type", "children"}, frozenset({"adapter"}))
         node_type = doc["type"]
-        if node_type not in NODE_TYPES:
+        if not isinstance(node_type, str) or node_type not in NODE_TYPES:
             raise check.fail(where, f"unknown node type {node_type!r}")
         children = check.list_(doc["children"], where + ".children", 1 << 24)
         for seg in children:
@@ -455,9 +475,9 @@ def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[Dat
         if len(set(children)) != len(children):
             raise check.fail(where, "duplicate children")
         adapter = doc.get("adapter")
-        if adapter is not None and adapter not in ADAPTERS:
+        if adapter is not None and (not isinstance(adapter, str) or adapter not in ADAPTERS):
             raise check.fail(where, f"unknown adapter {adapter!r}")
-        return NodeEntry(node_type, tuple(children), adapter)
+        return NodeEntry(cast(NodeType, node_type), tuple(children), adapter)
     raise check.fail(where, f"unknown entry kind {kind!r}")
 
 
@@ -488,7 +508,7 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
     if size * dtype.itemsize > MAX_BYTES:
         raise check.fail(where, f"array of shape {shape} is absurdly large")
     pytype = doc["pytype"]
-    if pytype not in ARRAY_PYTYPES:
+    if not isinstance(pytype, str) or pytype not in ARRAY_PYTYPES:
         raise check.fail(where, f"unknown pytype {pytype!r}")
     if pytype == "numpy_scalar" and shape != ():
         raise check.fail(where, "a numpy scalar must have shape ()")
@@ -501,13 +521,13 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
         raise check.fail(where, "chunks do not cover the array exactly")
     if len(chunks) > 1:
         _check_disjoint(check, where, chunks)
-    return ArrayEntry(dtype_name(dtype), shape, pytype, chunks)
+    return ArrayEntry(dtype_name(dtype), shape, cast(ArrayPyType, pytype), chunks)
 
 
 def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ...], itemsize: int,
                   objects: Sequence[DataObject]) -> Chunk:
     doc = check.dict_(raw, where)
-    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"})
+    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"}, frozenset({"blocks"}))
     obj = check.int_(doc["object"], where + ".object", 0, max(len(objects) - 1, -1))
     offset = check.int_(doc["offset"], where + ".offset")
     length = check.int_(doc["length"], where + ".length")
@@ -523,7 +543,27 @@ def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ..
     if offset + length > objects[obj].size:
         raise check.fail(where, f"bytes [{offset}, {offset + length}) run past the end of "
                                 f"{objects[obj].name} ({objects[obj].size} bytes)")
-    return Chunk(obj, offset, length, crc, start, cshape)
+    block_size, block_crcs = _decode_blocks(check, doc.get("blocks"), where + ".blocks", length)
+    return Chunk(obj, offset, length, crc, start, cshape, block_size, block_crcs)
+
+
+def _decode_blocks(check: _Checker, raw: object, where: str, length: int) -> tuple[int, tuple[int, ...]]:
+    """A chunk's per-block CRC32Cs: ``{"size": bytes, "crc32c": base64 of big-endian uint32s}``."""
+    if raw is None:
+        return 0, ()
+    doc = check.dict_(raw, where)
+    check.keys(doc, where, {"size", "crc32c"})
+    size = check.int_(doc["size"], where + ".size", 4096, 2**30)
+    if size % 16:
+        raise check.fail(where, f"block size {size} is not a multiple of 16")
+    count = -(-length // size)
+    try:
+        packed = base64.b64decode(check.str_(doc["crc32c"], where + ".crc32c"), validate=True)
+    except (ValueError, TypeError):
+        raise check.fail(where, "crc32c is not base64") from None
+    if len(packed) != 4 * count:
+        raise check.fail(where, f"{len(packed) // 4} block checksums for {count} blocks of {size} bytes")
+    return size, tuple(int.from_bytes(packed[i:i + 4], "big") for i in range(0, len(packed), 4))
 
 
 def _check_disjoint(check: _Checker, where: str, chunks: Sequence[Chunk]) -> None:

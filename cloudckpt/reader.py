@@ -176,6 +176,10 @@ def _flat(index: Sequence[int], shape: Sequence[int]) -> int:
 #: A partial read of a chunk may fetch up to this many unneeded bytes (the gaps between
 #: the rows it needs) to save requests; beyond it the read is split.
 MAX_READ_WASTE = 1024 * 1024
+#: Verify partial reads too: each read of part of a chunk is widened to the chunk's
+#: checksum blocks (``Chunk.blocks``: 1 MiB blocks for large chunks, the whole chunk for
+#: small ones) and every block read is checked. Off only to measure exact byte ranges.
+VERIFY_PARTIAL_READS = True
 
 
 def partial_reads(cshape: Sequence[int], start: Sequence[int], extent: Sequence[int],
@@ -211,9 +215,9 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     """Fill every target from the data objects, in parallel ranged reads, and verify CRC32C.
 
     Only the chunks that overlap a target's box are fetched, and of a chunk only
-    partly inside the box only the byte ranges covering that part. Chunks read whole
-    are verified against their CRC32C; a partial read cannot be (the checksum covers
-    the whole chunk), which docs/distributed.md states.
+    partly inside the box only the byte ranges covering that part, widened to the
+    chunk's checksum blocks. Every byte read is verified: whole chunks against their
+    CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``).
 
     Raises:
         ChecksumError: a chunk's bytes do not match their recorded CRC32C (names the key
@@ -223,6 +227,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     """
     requests: list[ReadRequest] = []
     checks: list[tuple[ReadTarget, Chunk, memoryview]] = []
+    block_checks: list[tuple[ReadTarget, Chunk, int, NDArray[np.uint8]]] = []
     scatters: list[tuple[ReadTarget, tuple[slice, ...], NDArray[Any]]] = []
     for target in targets:
         flat = _bytes_view(target.dest)
@@ -257,8 +262,13 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             strides = tuple(int(np.prod(chunk.shape[i + 1:], dtype=np.int64)) * itemsize
                             for i in range(len(chunk.shape)))
             for first, count, sub_start, sub_extent in partial_reads(chunk.shape, in_chunk, extent, itemsize):
-                temp = np.empty(count, dtype=dtype)
-                requests.append(ReadRequest(obj, chunk.offset + first * itemsize, _bytes_view(temp)))
+                need_lo, need_hi = first * itemsize, (first + count) * itemsize
+                begin, end = _widen(chunk, need_lo, need_hi) if VERIFY_PARTIAL_READS else (need_lo, need_hi)
+                raw = np.empty(end - begin, dtype=np.uint8)
+                requests.append(ReadRequest(obj, chunk.offset + begin, _bytes_view(raw)))
+                if VERIFY_PARTIAL_READS:
+                    block_checks.append((target, chunk, begin, raw))
+                temp = raw[need_lo - begin:need_hi - begin].view(dtype)
                 values = np.lib.stride_tricks.as_strided(temp, shape=sub_extent, strides=strides, writeable=False)
                 sub_dest = tuple(slice(a - c + d, a - c + d + n) for a, c, d, n in
                                  zip(sub_start, in_chunk, in_dest, sub_extent, strict=True))
@@ -279,15 +289,32 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             raise type(exc)(f"{exc}{_partial_note(True)}", exc.url) from exc
         raise
     for target, chunk, out in checks:
-        actual = crc32c_of([out])
-        if actual != chunk.crc32c:
-            obj = storage.url_for(index.objects[chunk.object].name)
-            raise ChecksumError(
-                f"checksum mismatch for {target.path!r} in {obj} bytes [{chunk.offset}, "
-                f"{chunk.offset + chunk.length}): recorded CRC32C {chunk.crc32c:08x}, read {actual:08x}"
-                f"{_partial_note(target.live)}")
+        _verify(storage, index, target, chunk, 0, out, chunk.crc32c)
+    for target, chunk, begin, raw in block_checks:
+        unit, crcs = chunk.blocks()
+        for position in range(0, raw.size, unit):
+            _verify(storage, index, target, chunk, begin + position, raw[position:position + unit].data,
+                    crcs[(begin + position) // unit])
     for target, box, values in scatters:
         target.dest[box] = values
+
+
+def _widen(chunk: Chunk, lo: int, hi: int) -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` of a chunk widened to whole checksum blocks, so they can be verified."""
+    unit, _ = chunk.blocks()
+    return lo // unit * unit, min(-(-hi // unit) * unit, chunk.length)
+
+
+def _verify(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk, start: int,
+            data: memoryview, expected: int) -> None:
+    """Raise ``ChecksumError`` unless ``data`` (chunk bytes from ``start``) has CRC32C ``expected``."""
+    actual = crc32c_of([data])
+    if actual != expected:
+        obj = storage.url_for(index.objects[chunk.object].name)
+        first = chunk.offset + start
+        raise ChecksumError(
+            f"checksum mismatch for {target.path!r} in {obj} bytes [{first}, {first + data.nbytes}): "
+            f"recorded CRC32C {expected:08x}, read {actual:08x}{_partial_note(target.live)}")
 
 
 #: Reads smaller than this are merged with their neighbours in the same object: hundreds

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.checksum import crc32c_of
+from cloudckpt.checksum import CRC_BLOCK, crc32c_with_blocks
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import (
     CheckpointFormatError,
@@ -65,6 +65,8 @@ TARGET_OBJECT_SIZE = 256 * MiB
 #: One contiguous box of an array leaf, as stored: ``(key path, start in the global array)``.
 #: An unsharded leaf is one piece starting at the origin; a sharded leaf has one per shard.
 PieceId = tuple[str, tuple[int, ...]]
+#: A piece's CRC32C and its per-block CRC32Cs (``checksum.crc32c_with_blocks``).
+PieceCrc = tuple[int, tuple[int, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +176,16 @@ def _byte_view(array: NDArray[Any]) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[PieceId, int]:
+def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[PieceId, PieceCrc]:
     """PUT the data objects ``which`` in parallel; return the CRC32C of each of their pieces."""
-    def one(k: int) -> dict[PieceId, int]:
+    def one(k: int) -> dict[PieceId, PieceCrc]:
         obj = plan.objects[k]
         views = [_byte_view(plan.array(piece)) for piece, _ in obj.pieces]
-        crcs = {piece: crc32c_of([view]) for (piece, _), view in zip(obj.pieces, views, strict=True)}
+        crcs = {piece: crc32c_with_blocks(view) for (piece, _), view in zip(obj.pieces, views, strict=True)}
         storage.put(obj.key, views)
         return crcs
 
-    result: dict[PieceId, int] = {}
+    result: dict[PieceId, PieceCrc] = {}
     if not which:
         return result
     if len(which) == 1:
@@ -197,18 +199,20 @@ def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[Piec
     return result
 
 
-def locate(plan: WritePlan, crcs: Mapping[PieceId, int]) -> dict[PieceId, Chunk]:
+def locate(plan: WritePlan, crcs: Mapping[PieceId, PieceCrc]) -> dict[PieceId, Chunk]:
     """Where each piece of ``plan`` landed: a chunk naming the (global) object number."""
     out: dict[PieceId, Chunk] = {}
     for k, obj in enumerate(plan.objects):
         for piece, offset in obj.pieces:
             array = plan.array(piece)
-            out[piece] = Chunk(plan.index_offset + k, offset, int(array.nbytes), crcs[piece], piece[1],
-                               tuple(array.shape))
+            crc, blocks = crcs[piece]
+            out[piece] = Chunk(plan.index_offset + k, offset, int(array.nbytes), crc, piece[1], tuple(array.shape),
+                               CRC_BLOCK if blocks else 0, blocks)
     return out
 
 
-def build_index(plan: WritePlan, crcs: Mapping[PieceId, int], metadata: Mapping[str, Any] | None) -> CheckpointIndex:
+def build_index(plan: WritePlan, crcs: Mapping[PieceId, PieceCrc],
+                metadata: Mapping[str, Any] | None) -> CheckpointIndex:
     """The index naming every piece's object, offset, length and CRC32C (one host wrote everything)."""
     objects = tuple(DataObject(o.key, o.size) for o in plan.objects)
     return assemble_index(plan.name, plan.entries, objects, locate(plan, crcs), metadata)
@@ -343,7 +347,7 @@ class WriteResult:
 
 
 def write_checkpoint(storage: Storage, plan: WritePlan, metadata: Mapping[str, Any] | None = None, *,
-                     crcs: Mapping[PieceId, int] | None = None, skip: int = 0) -> WriteResult:
+                     crcs: Mapping[PieceId, PieceCrc] | None = None, skip: int = 0) -> WriteResult:
     """Upload ``plan``'s objects from ``skip`` on (``crcs`` has those before), then commit.
 
     On any failure the data objects of this write are deleted and the error re-raised.

@@ -108,6 +108,14 @@ def _mutations() -> list[tuple[str, Any]]:
         ("bad segment", lambda d: d["entries"][""]["children"].append("~9")),
         ("not a list", lambda d: d.update(objects="x")),
         ("size negative", lambda d: d["objects"][0].update(size=-1)),
+        ("list as pytype", lambda d: d["entries"]["state/w"].update(pytype=["ndarray"])),
+        ("list as node type", lambda d: d["entries"]["state"].update(type=["dict"])),
+        ("list as adapter", lambda d: d["entries"]["state"].update(adapter=["torch"])),
+        ("block count mismatch", lambda d: chunk(d).update(blocks={"size": 4096, "crc32c": "AAAAAAAAAAA="})),
+        ("blocks not base64", lambda d: chunk(d).update(blocks={"size": 4096, "crc32c": "!!!!"})),
+        ("block size tiny", lambda d: chunk(d).update(blocks={"size": 16, "crc32c": "AAAAAA=="})),
+        ("block size odd", lambda d: chunk(d).update(blocks={"size": 4097, "crc32c": "AAAAAA=="})),
+        ("blocks extra field", lambda d: chunk(d).update(blocks={"size": 4096, "crc32c": "AAAAAA==", "x": 1})),
     ]
 
 
@@ -276,3 +284,17 @@ def test_restoring_a_directory_says_it_is_one(tmp_path: Path) -> None:
     Checkpoint(v=Variable(1.0)).save(str(tmp_path / "run" / "ckpt"))
     with pytest.raises(CheckpointNotFoundError, match=r"is a directory holding 1 checkpoint index.*ckpt-1"):
         Checkpoint(v=Variable(0.0)).restore(str(tmp_path / "run"))
+
+
+def test_large_chunks_record_block_checksums_that_round_trip(tmp_path: Path) -> None:
+    from cloudckpt.checksum import CRC_BLOCK, crc32c_of
+
+    big = np.random.default_rng(1).standard_normal(CRC_BLOCK // 8 * 2 + 5)  # 2 MiB + 40 bytes: 3 blocks
+    Checkpoint(big=big).write(str(tmp_path / "c"))
+    index = decode_index((tmp_path / "c.index").read_bytes(), "c", "x")
+    (chunk,) = index.entries["big"].chunks  # type: ignore[union-attr]
+    raw = memoryview(big).cast("B")
+    assert chunk.block_size == CRC_BLOCK
+    assert chunk.block_crc32c == tuple(crc32c_of([raw[i:i + CRC_BLOCK]]) for i in range(0, raw.nbytes, CRC_BLOCK))
+    assert chunk.crc32c == crc32c_of([raw])  # combined from the blocks, equal to one pass
+    assert decode_index(encode_index(index), "c", "x") == index

@@ -24,7 +24,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from requests.structures import CaseInsensitiveDict
 
-from cloudckpt.checksum import crc32c_of
+from cloudckpt.checksum import crc32c_combine, crc32c_of
 from cloudckpt.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
@@ -37,7 +37,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.storage import Storage, TransferConfig, UpdateVersion, open_storage
 from cloudckpt.storage.base import TEMP_PREFIX, TEMP_SUFFIX, WRITER_NONCE_KEY
-from cloudckpt.storage.gcs import _COMPOSE_PRECONDITIONS, GCSStorage, crc32c_combine
+from cloudckpt.storage.gcs import _COMPOSE_PRECONDITIONS, GCSStorage
 from cloudckpt.storage.retry import RetryPolicy
 from cloudckpt.testing.store_tests import CONTRACT_CONFIG, MULTIPART_SIZE, StorageContract, payload
 

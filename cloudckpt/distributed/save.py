@@ -40,6 +40,7 @@ from cloudckpt.format import Chunk, DataObject, decode_index, dtype_name, index_
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import ObjectMeta, Storage
 from cloudckpt.writer import (
+    PieceCrc,
     PieceId,
     WritePlan,
     WriteResult,
@@ -257,14 +258,14 @@ class _Save:
         self.coord.transfer(self.rank, [], incoming)
         return out
 
-    def _start_upload(self, plan: SavePlan, data: dict[PieceId, NDArray[Any]]) -> Future[dict[PieceId, int]]:
+    def _start_upload(self, plan: SavePlan, data: dict[PieceId, NDArray[Any]]) -> Future[dict[PieceId, PieceCrc]]:
         """Start uploading this rank's data objects (on a worker thread when others must be polled)."""
         groups = plan.groups[self.rank]
         self.write_plan = write_plan = plan_objects(
             self.name, self.entries, data, groups, 0, suffix=plan.suffix, index_offset=plan.offsets[self.rank],
             total_objects=plan.total_objects)
         if self.coord.world_size == 1 or not groups:
-            future: Future[dict[PieceId, int]] = Future()
+            future: Future[dict[PieceId, PieceCrc]] = Future()
             try:
                 future.set_result(upload(self.storage, write_plan, range(len(groups))))
             except Exception as exc:
@@ -295,8 +296,8 @@ class _Save:
             return {"ok": False, "error": _describe_error(error)}
         plan = self.write_plan
         objects = [] if plan is None else [[o.key, o.size] for o in plan.objects]
-        chunks = [[path, list(start), c.object, c.offset, c.length, c.crc32c, list(c.shape)]
-                  for (path, start), c in located.items()]
+        chunks = [[path, list(start), c.object, c.offset, c.length, c.crc32c, list(c.shape), c.block_size,
+                   list(c.block_crc32c)] for (path, start), c in located.items()]
         return {"ok": True, "objects": objects, "chunks": chunks}
 
     def _commit(self, plan: SavePlan, reports: list[Any], seen: ObjectMeta | None
@@ -309,9 +310,9 @@ class _Save:
         for rank, rep in enumerate(reports):
             for k, (key, size) in enumerate(rep["objects"]):
                 objects[plan.offsets[rank] + k] = DataObject(str(key), int(size))
-            for path, start, obj, offset, length, crc, shape in rep["chunks"]:
+            for path, start, obj, offset, length, crc, shape, block_size, blocks in rep["chunks"]:
                 chunks[(str(path), tuple(start))] = Chunk(int(obj), int(offset), int(length), int(crc), tuple(start),
-                                                          tuple(shape))
+                                                          tuple(shape), int(block_size), tuple(int(b) for b in blocks))
         ordered = tuple(objects[k] for k in range(plan.total_objects))
         try:
             index = assemble_index(self.name, self.entries, ordered, chunks, self.metadata)

@@ -64,6 +64,7 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import storage as gcs
 
+from cloudckpt.checksum import crc32c_combine
 from cloudckpt.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -212,46 +213,6 @@ class _StreamedBody:
 
 
 # CRC32C (Castagnoli), reflected polynomial. combine() follows zlib's crc32_combine:
-# crc(A + B) = crc(A) * x^(8 * len(B)) mod P  xor  crc(B).
-_CRC32C_POLY = 0x82F63B78
-
-
-def _gf2_multiply(a: int, b: int) -> int:
-    """a(x) * b(x) modulo the CRC32C polynomial, both in reflected bit order."""
-    mask = 1 << 31
-    product = 0
-    while True:
-        if a & mask:
-            product ^= b
-            if a & (mask - 1) == 0:
-                return product
-        mask >>= 1
-        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
-
-
-def _x_to_the_2_to_the(n: int) -> list[int]:
-    table = [1 << 30]  # x^1
-    for _ in range(1, n):
-        table.append(_gf2_multiply(table[-1], table[-1]))
-    return table
-
-
-_X2N = _x_to_the_2_to_the(32)
-
-
-def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
-    """CRC32C of ``A + B`` from the CRC32C of each and the length of ``B`` (no data pass)."""
-    power = 1 << 31  # x^0
-    k = 3  # x^(8 * length_b) = product of x^(2^k) over the set bits of length_b, shifted by 3
-    n = length_b
-    while n:
-        if n & 1:
-            power = _gf2_multiply(_X2N[k & 31], power)
-        n >>= 1
-        k += 1
-    return _gf2_multiply(power, crc_a) ^ crc_b
-
-
 # ---------------------------------------------------------------------- storage
 class GCSStorage(Storage):
     """``gs://bucket/prefix`` on Google Cloud Storage (or fake-gcs-server).
