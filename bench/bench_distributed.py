@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+
+from cloudckpt.testing.processes import spawn_reports
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -341,33 +342,9 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
 
 
 # --------------------------------------------------------------------------- the parent
-def spawn(world: int, config: dict[str, Any], timeout: float, free_port: Callable[[], int]) -> dict[str, Any]:
+def spawn(world: int, config: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run ``worker`` in ``world`` spawned processes (bounded wait, killed by PID after it); rank 0's report."""
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-dist-") as out:
-        procs = [context.Process(target=worker, args=(rank, world, port, config, out), daemon=True)
-                 for rank in range(world)]
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-        reports = []
-        for rank in range(world):
-            file = Path(out, f"rank{rank}.json")
-            if not file.exists():
-                raise RuntimeError(f"world {world}: rank {rank} wrote no report (exit code {procs[rank].exitcode}; "
-                                   f"timeout {timeout:.0f} s)")
-            reports.append(json.loads(file.read_text()))
-    for report in reports:
-        if "crash" in report:
-            raise RuntimeError(f"world {world}: rank {report['rank']} failed:\n{report['crash']}")
-    return cast(dict[str, Any], reports[0])
+    return spawn_reports(worker, world, config, timeout=timeout)[0]
 
 
 def _requests(row: dict[str, Any]) -> str:
@@ -470,7 +447,7 @@ def main(argv: list[str]) -> int:
             for world in worlds:
                 print(f"world {world}: spawning {world} gloo process(es) ...", flush=True)
                 started = time.monotonic()
-                results.append(spawn(world, config, args.timeout, servers.free_port))
+                results.append(spawn(world, config, args.timeout))
                 print(f"world {world}: done in {time.monotonic() - started:.0f} s", flush=True)
     throughput, ratios, counts = report(results)
     specs = state_specs(size_mib * MiB)

@@ -9,12 +9,8 @@ restores onto a smaller mesh, and this process restores onto a single one.
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
 import os
-import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +36,7 @@ from cloudckpt.format import decode_index, index_key
 from cloudckpt.reader import partial_reads, register_storage, resolve
 from cloudckpt.state_file import STATE_KEY, parse
 from cloudckpt.storage.local import LocalStorage
+from cloudckpt.testing.processes import spawn_reports
 
 SPAWN_TIMEOUT = 300.0
 
@@ -305,28 +302,7 @@ def s3_root(seaweedfs: servers.Server) -> Iterator[str]:
 
 def spawn(target: Callable[..., None], world: int, *args: Any) -> list[dict[str, Any]]:
     """Run ``target(rank, world, port, *args, out_dir)`` in ``world`` spawned processes; their reports."""
-    context = multiprocessing.get_context("spawn")
-    port = servers.free_port()
-    with tempfile.TemporaryDirectory() as out:
-        procs = [context.Process(target=target, args=(rank, world, port, *args, out), daemon=True)
-                 for rank in range(world)]
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + SPAWN_TIMEOUT
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-        reports = []
-        for rank in range(world):
-            file = Path(out, f"rank{rank}.json")
-            assert file.exists(), f"rank {rank} wrote no report (exit code {procs[rank].exitcode})"
-            reports.append(json.loads(file.read_text()))
-    for report in reports:
-        assert "crash" not in report, f"rank {report['rank']} crashed:\n{report['crash']}"
-    return reports
+    return spawn_reports(target, world, *args, timeout=SPAWN_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,59 @@
+"""Run one function in N spawned processes (a ``torch.distributed`` group) and collect their reports.
+
+Shared by the multi-host tests and the multi-host benchmark, and shipped so users can test
+their own multi-host checkpointing the same way. Each process is called as
+``target(rank, world, port, *args, out_dir)`` and must write ``<out_dir>/rank<r>.json``
+(plain JSON; a ``"crash"`` key carries a traceback). Every wait is bounded: processes
+still alive at the deadline are killed by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: float) -> list[dict[str, Any]]:
+    """Run ``target`` in ``world`` spawned processes; their reports, by rank.
+
+    Raises:
+        RuntimeError: a rank wrote no report (it died or hit ``timeout``) or reported a crash.
+    """
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="cloudckpt-spawn-") as out:
+        procs = [context.Process(target=target, args=(rank, world, port, *args, out), daemon=True)
+                 for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        reports = []
+        for rank in range(world):
+            file = Path(out, f"rank{rank}.json")
+            if not file.exists():
+                raise RuntimeError(f"world {world}: rank {rank} wrote no report (exit code {procs[rank].exitcode}; "
+                                   f"timeout {timeout:.0f} s)")
+            reports.append(json.loads(file.read_text()))
+    for report in reports:
+        if "crash" in report:
+            raise RuntimeError(f"world {world}: rank {report.get('rank')} failed:\n{report['crash']}")
+    return reports
