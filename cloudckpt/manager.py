@@ -77,8 +77,9 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
 
     Walks the state file's list from newest to oldest and returns the first whose index
     exists (warning about listed checkpoints whose index is gone). Lists the directory
-    only when there is no state file (or it is unreadable): then the highest-numbered
-    ``<name>-<N>.index`` wins.
+    only when there is no state file, it is unreadable, or it names no checkpoint at all
+    (a manager claimed the directory and was killed before its first save was recorded):
+    then the highest-numbered ``<name>-<N>.index`` wins.
     """
     storage = storage_for_directory(checkpoint_dir)
     return _latest(storage, os.fspath(checkpoint_dir))
@@ -92,7 +93,7 @@ def _latest(storage: Storage, directory: str) -> str | None:
         found = None
     except PreconditionError:
         found = read_state(storage)  # replaced mid-read: once more is enough to see a stable file
-    if found is None:
+    if found is None or not (found[0].model_checkpoint_path or found[0].all_model_checkpoint_paths):
         name = _latest_by_listing(storage)
         return join_url(directory, name) if name else None
     state = found[0]
@@ -240,6 +241,9 @@ class CheckpointManager:
                 names.insert(0, self._latest)
         if not self._owns_storage:
             return join_url(self._directory, names[0]) if names else None
+        if not names:  # nothing recorded: the same listing fallback as latest_checkpoint()
+            listed = _latest_by_listing(self._storage)
+            return join_url(self._directory, listed) if listed else None
         for name in names:
             if self._storage.exists(index_key(name)):
                 return join_url(self._directory, name)

@@ -255,7 +255,7 @@ class Case:
 CASES = [
     Case("after_data_upload", returned=0, latest=0, orphan_data=1),      # nothing committed at all
     Case("after_data_upload:3", returned=2, latest=2, orphan_data=3),
-    Case("after_index_write", returned=0, latest=0),                     # committed, not yet listed
+    Case("after_index_write", returned=0, latest=1),                     # committed, not yet listed: found
     Case("after_index_write:3", returned=2, latest=2),
     Case("after_state_write", returned=0, latest=1),                     # listed, save never returned
     Case("after_state_write:3", returned=2, latest=3),                   # listed; ckpt-1 not yet deleted
