@@ -29,6 +29,7 @@ from cloudckpt.writer import WriteResult, discard, plan_write, upload, write_che
 
 if TYPE_CHECKING:
     from cloudckpt.distributed.coordinator import Coordinator
+    from cloudckpt.distributed.relay import ReadRelay
 
 log = logging.getLogger("cloudckpt.checkpoint")
 
@@ -307,6 +308,8 @@ class Checkpoint(Trackable):
         """Restore from ``save_path`` (expecting ``save_counter``); ``None`` -> initialise only.
 
         Values for objects that do not exist yet are restored when they are attached.
+        On many hosts, ``options.experimental_io_device`` makes that host alone read the
+        checkpoint and send every host its bytes (every rank calls ``restore`` together).
 
         Raises:
             CheckpointNotFoundError: nothing committed at ``save_path``.
@@ -314,25 +317,38 @@ class Checkpoint(Trackable):
                 nothing was restored.
             ChecksumError: stored bytes are corrupt.
         """
-        return self._restore(save_path, expect_save_counter=True)
+        return self._restore(save_path, options, expect_save_counter=True)
 
     def read(self, save_path: PathLike | None, options: CheckpointOptions | None = None
              ) -> CheckpointLoadStatus | InitializationOnlyStatus:
         """Like ``restore``, but does not expect ``save_counter`` (for paths made by ``write``)."""
-        return self._restore(save_path, expect_save_counter=False)
+        return self._restore(save_path, options, expect_save_counter=False)
 
-    def _restore(self, save_path: PathLike | None, *, expect_save_counter: bool
-                 ) -> CheckpointLoadStatus | InitializationOnlyStatus:
+    def _restore(self, save_path: PathLike | None, options: CheckpointOptions | None, *,
+                 expect_save_counter: bool) -> CheckpointLoadStatus | InitializationOnlyStatus:
         if save_path is None:
             return InitializationOnlyStatus()
         self._saver_wait()
         storage, name = resolve(save_path)
-        session = RestoreSession(storage, load_index(storage, name))
+        relay = self._read_relay(options)
+        session = RestoreSession(storage, relay.load_index(storage, name) if relay else load_index(storage, name),
+                                 relay)
         for owner in (self, self._root):
             if owner is not None:
                 owner._clear_deferred()  # values of an earlier restore must not leak into this one
         session.restore("", self, None)
+        session.ranges = None  # later (deferred) restorations are one host's business: no collective
         return CheckpointLoadStatus(session, self, expect_save_counter=expect_save_counter)
+
+    def _read_relay(self, options: CheckpointOptions | None) -> ReadRelay | None:
+        """The io host's relay when a multi-host restore routes its reads through one host."""
+        if options is None or self._coordinator is None or self._coordinator.world_size == 1:
+            return None
+        from cloudckpt.distributed.options import io_rank
+        from cloudckpt.distributed.relay import ReadRelay
+
+        target = io_rank(options, self._coordinator)
+        return None if target is None else ReadRelay(self._coordinator, target)
 
 
 def _record_in_state_file(path: str) -> None:

@@ -534,7 +534,7 @@ class CheckpointManager:
         else:
             latest = self.latest_checkpoint
         if latest is not None:
-            self._checkpoint.restore(latest)
+            self._checkpoint.restore(latest, options=self._options)  # io_device: that host reads for all
             if self._step_counter is not None and self._checkpoint_interval is not None:
                 self._last_checkpoint_step = _as_number(self._step_counter, "step_counter")
             return latest

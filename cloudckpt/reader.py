@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -211,7 +211,14 @@ def partial_reads(cshape: Sequence[int], start: Sequence[int], extent: Sequence[
     return out
 
 
-def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[ReadTarget]) -> None:
+class RangeReader(Protocol):
+    """Fills read requests some other way than reading them here (``distributed.relay``)."""
+
+    def read(self, storage: Storage, requests: Sequence[ReadRequest]) -> None: ...
+
+
+def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[ReadTarget],
+                ranges: RangeReader | None = None) -> None:
     """Fill every target from the data objects, in parallel ranged reads, and verify CRC32C.
 
     Only the chunks that overlap a target's box are fetched, and of a chunk only
@@ -275,7 +282,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 scatters.append((target, sub_dest, values))
     any_live = any(t.live for t in targets)
     try:
-        _read_coalesced(storage, requests)
+        (ranges.read if ranges is not None else read_coalesced)(storage, requests)
     except NotFoundError as exc:
         raise CheckpointNotFoundError(
             f"a data object of checkpoint {storage.url_for(index.name)!r} is missing (deleted while "
@@ -323,7 +330,7 @@ SMALL_READ = 1024 * 1024
 MERGED_READ = 16 * 1024 * 1024
 
 
-def _read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
+def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
     """``storage.read_into``, with runs of small adjacent ranges fetched as one range.
 
     Large reads still land straight in their destination; merged small ones go through

@@ -44,7 +44,7 @@ from cloudckpt.graph import (
     sharded_view,
     unsupported,
 )
-from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.reader import RangeReader, ReadTarget, new_buffer, read_arrays
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
 
@@ -73,9 +73,12 @@ class RestoreSession:
     their objects are created later (as TensorFlow does).
     """
 
-    def __init__(self, storage: Storage, index: CheckpointIndex) -> None:
+    def __init__(self, storage: Storage, index: CheckpointIndex, ranges: RangeReader | None = None) -> None:
         self.storage = storage
         self.index = index
+        #: How the restore's reads are made when not directly (the io host's relay); only the
+        #: first, collective restore uses it - deferred restorations read for themselves.
+        self.ranges = ranges
         self.url = storage.url_for(index.name)
         self.expected = value_paths(index)
         self._consumed: set[str] = set()
@@ -144,7 +147,7 @@ class _Plan:
         self.consumed: set[str] = set()
 
     def execute(self) -> None:
-        read_arrays(self.session.storage, self.session.index, self.reads)
+        read_arrays(self.session.storage, self.session.index, self.reads, self.session.ranges)
         for op in self.ops:
             op()
         for owner, name, path in self.deferred:

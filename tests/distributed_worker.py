@@ -219,6 +219,16 @@ def _four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, A
     DTensorCheckpoint(mesh, W=w3).read(io_path).expect_partial()
     problems = []
     _check_sharded("W", w3, g["W"], problems)
+    # ... and restoring with io_device: rank 2 reads for everyone, onto yet another layout.
+    dist.barrier()
+    storage.counts.clear()
+    io_storage.counts.clear()
+    w5 = ShardedArray((8, 6), np.float32, Layout([UNSHARDED, "y"], mesh))
+    b5 = ShardedArray((7,), np.int64, Layout(["x"], mesh))
+    DTensorCheckpoint(mesh, W=w5, B=b5).read(io_path, options=options).expect_partial()
+    _check_sharded("W (io_device restore)", w5, g["W"], problems)
+    _check_sharded("B (io_device restore)", b5, g["B"], problems)
+    report["io_restore_counts"] = {"main": storage.total_requests(), "io": io_storage.total_requests()}
     report["io_problems"] = problems
     dist.barrier()
 

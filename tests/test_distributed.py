@@ -199,8 +199,8 @@ def test_partial_reads_are_verified_block_by_block(tmp_path: Path, monkeypatch: 
     assert [len(c.block_crc32c) for c in chunks] == [2, 2] and all(c.block_size == CRC_BLOCK for c in chunks)
 
     read: list[int] = []
-    real = reader._read_coalesced
-    monkeypatch.setattr(reader, "_read_coalesced", lambda storage, requests: (
+    real = reader.read_coalesced
+    monkeypatch.setattr(reader, "read_coalesced", lambda storage, requests: (
         read.append(sum(r.out.nbytes for r in requests)) or real(storage, requests)))
     quarter = ShardedArray((1024, 1024), np.float32, Layout(["x", UNSHARDED], local_mesh((4,), ("x",))))
     Checkpoint(w=quarter).read(path).expect_partial()  # 4 hosts' worth: each stored shard read in halves
@@ -343,8 +343,10 @@ def test_io_device_only_that_rank_touches_storage(four: list[dict[str, Any]], s3
         assert report["io_problems"] == []
         if report["rank"] == 2:
             assert counts["io"] > 0 and counts["main"] == 0
-        else:
+            assert report["io_restore_counts"]["io"] > 0 and report["io_restore_counts"]["main"] == 0
+        else:  # neither the save nor the restore made a single storage request on the other hosts
             assert counts == {"main": 0, "io": 0, "io_data_bytes_written": 0}, report["rank"]
+            assert report["io_restore_counts"] == {"main": 0, "io": 0}, report["rank"]
     regular = read_index(f"{s3_root}/ck-1")
     routed = read_index(f"{s3_root}/io/ck-io")
 

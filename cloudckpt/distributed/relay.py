@@ -1,0 +1,108 @@
+"""Restoring through the io host: with ``experimental_io_device`` set, only that host reads.
+
+The same trade as for saving (docs/distributed.md): for jobs where one host alone has
+credentials or a route to the bucket, that host fetches the index and every byte range
+any host needs, and sends each host its bytes over the engine. It costs that host's
+bandwidth and the memory of the other hosts' ranges (held until sent).
+
+Call order, on every rank (collectives marked *)::
+
+    index   the io host loads the index; *broadcast of its JSON (or of the error)
+    read    *all_gather of every rank's byte ranges (object, offset, length); the io host
+            reads them all; *broadcast of its outcome; then, for each other rank r,
+            *transfer of r's bytes from the io host to r
+
+Every rank passes through each collective exactly once per restore, whatever it needs
+(possibly nothing). A host's own validation error before the read (a shape mismatch)
+leaves the others waiting for the group's timeout, which then fails them clearly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudckpt.distributed.coordinator import Coordinator
+from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError, StorageError
+from cloudckpt.format import CheckpointIndex, decode_index, encode_index, index_key
+from cloudckpt.reader import load_index, read_coalesced
+from cloudckpt.storage import ReadRequest, Storage
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ReadRelay:
+    """The io host reads for every host of a restore (see the module docs)."""
+
+    def __init__(self, coordinator: Coordinator, io_rank: int) -> None:
+        self.coord = coordinator
+        self.io_rank = io_rank
+
+    @property
+    def is_io(self) -> bool:
+        return self.coord.rank == self.io_rank
+
+    def load_index(self, storage: Storage, name: str) -> CheckpointIndex:
+        """The index, read by the io host and broadcast; its failure is every host's."""
+        url = storage.url_for(index_key(name))
+        with self.coord.session():
+            outcome: dict[str, Any] | None = None
+            failure: BaseException | None = None
+            index: CheckpointIndex | None = None
+            if self.is_io:
+                try:
+                    index = load_index(storage, name)
+                    outcome = {"ok": True, "index": encode_index(index).decode("utf-8")}
+                except Exception as exc:
+                    failure = exc
+                    kind = ("not_found" if isinstance(exc, CheckpointNotFoundError)
+                            else "format" if isinstance(exc, CheckpointFormatError) else "other")
+                    outcome = {"ok": False, "kind": kind, "error": str(exc), "described": _describe(exc)}
+            shared = self.coord.broadcast_object(outcome, src=self.io_rank)
+        if failure is not None:
+            raise failure
+        if index is not None:
+            return index
+        if not shared["ok"]:
+            if shared["kind"] == "not_found":
+                raise CheckpointNotFoundError(shared["error"], storage.url_for(name))
+            if shared["kind"] == "format":
+                raise CheckpointFormatError(shared["error"])
+            raise StorageError(f"the io host (rank {self.io_rank}) could not read {url}: {shared['described']}", url)
+        return decode_index(str(shared["index"]).encode("utf-8"), name, url)
+
+    def read(self, storage: Storage, requests: Sequence[ReadRequest]) -> None:
+        """Fill ``requests`` (this host's byte ranges) with bytes the io host read."""
+        with self.coord.session():
+            wanted = self.coord.all_gather_object([[r.key, r.offset, r.out.nbytes] for r in requests])
+            failure: BaseException | None = None
+            outgoing: dict[int, list[NDArray[np.uint8]]] = {}
+            if self.is_io:
+                try:
+                    read_coalesced(storage, requests)
+                    for rank, ranges in enumerate(wanted):
+                        if rank == self.io_rank:
+                            continue
+                        buffers = [np.empty(int(n), dtype=np.uint8) for _, _, n in ranges]
+                        read_coalesced(storage, [ReadRequest(str(key), int(offset), buf.data)
+                                                 for (key, offset, _), buf in zip(ranges, buffers, strict=True)])
+                        outgoing[rank] = buffers
+                except Exception as exc:
+                    failure = exc
+            error = self.coord.broadcast_object(None if failure is None else _describe(failure), src=self.io_rank)
+            if failure is not None:
+                raise failure
+            if error is not None:
+                raise StorageError(f"the io host (rank {self.io_rank}) could not read this restore's data: {error}",
+                                   storage.url)
+            mine = [np.frombuffer(r.out, dtype=np.uint8) for r in requests]
+            for rank in range(self.coord.world_size):
+                if rank == self.io_rank:
+                    continue
+                self.coord.transfer(rank, outgoing.get(rank, []) if self.is_io else [],
+                                    {self.io_rank: mine} if rank == self.coord.rank else {})
