@@ -450,7 +450,14 @@ class CheckpointManager:
 
         Raises:
             ConcurrentWriterError: another manager claimed this directory since.
+            ValueError: on many hosts, ``options`` route I/O through another host than the
+                one keeping this manager's state file (checked before anything changes).
         """
+        options = options if options is not None else self._options
+        if self._committer(options) != self._owner:
+            raise ValueError(f"options.experimental_io_device={options.experimental_io_device!r} names another host "
+                             f"than the one this manager's state file is kept by (rank {self._owner}); pass the "
+                             "same io_device as CheckpointManager(options=...)")
         if self._checkpoint_interval is not None:
             step = _as_number(self._step_counter, "step_counter")
             if self._last_checkpoint_step is not None:
@@ -459,11 +466,6 @@ class CheckpointManager:
                 if check_interval and step < self._last_checkpoint_step + self._checkpoint_interval:
                     return None
             self._last_checkpoint_step = step
-        options = options if options is not None else self._options
-        if self._committer(options) != self._owner:
-            raise ValueError(f"options.experimental_io_device={options.experimental_io_device!r} names another host "
-                             f"than the one this manager's state file is kept by (rank {self._owner}); pass the "
-                             "same io_device as CheckpointManager(options=...)")
         self.sync()
         self._ensure_ownership()
         counter = self._checkpoint.save_counter
