@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -143,14 +141,9 @@ class RequestCounter:
 
 
 # --------------------------------------------------------------------------- the spawned ranks
-def worker(rank: int, world: int, port: int, config: dict[str, Any], out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, config: dict[str, Any], report: dict[str, Any]) -> None:
     """Spawned ``world`` times: run every path in one gloo group; each rank reports (the parent uses rank 0's)."""
-    report: dict[str, Any] = {"rank": rank}
-    try:
-        report.update(_worker(rank, world, port, config))
-    except BaseException:
-        report["crash"] = traceback.format_exc()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    report.update(_worker(rank, world, port, config))
 
 
 def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[str, Any]:

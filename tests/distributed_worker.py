@@ -1,7 +1,8 @@
 """Functions run inside spawned ``torch.distributed`` (gloo) processes by tests/test_distributed.py.
 
 Each process runs several scenarios in one group (starting torch dominates the cost) and
-writes what it saw to ``<out>/rank<r>.json`` as plain data; the test asserts on those.
+fills its ``report`` dict with what it saw, as plain data (``cloudckpt.testing.processes``
+writes it out, or the traceback of a crash); the test asserts on those.
 Storage requests are counted per process by registering a counting S3 storage for the
 checkpoint directories, so a test can prove which process touched storage and how many
 bytes of data objects each one read or wrote.
@@ -9,14 +10,11 @@ bytes of data objects each one read or wrote.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import traceback
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,17 +137,8 @@ def _check_model(model: Any, g: Mapping[str, np.ndarray[Any, Any]], problems: li
         problems.append("model.bias differs")
 
 
-def four_hosts(rank: int, world: int, port: int, root: str, out: str) -> None:
+def four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, Any]) -> None:
     """Spawned 4x: save on a 2x2 mesh, restore with another layout, io_device, async save, a failing rank."""
-    report: dict[str, Any] = {"rank": rank}
-    try:
-        _four_hosts(rank, world, port, root, report)
-    except BaseException:
-        report["crash"] = traceback.format_exc()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-
-
-def _four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
@@ -257,17 +246,8 @@ def _four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, A
     dist.destroy_process_group()
 
 
-def two_hosts(rank: int, world: int, port: int, path: str, out: str) -> None:
+def two_hosts(rank: int, world: int, port: int, path: str, report: dict[str, Any]) -> None:
     """Spawned 2x: restore the 4-host checkpoint onto a 1-D mesh of 2, default read gaps."""
-    report: dict[str, Any] = {"rank": rank}
-    try:
-        _two_hosts(rank, world, port, path, report)
-    except BaseException:
-        report["crash"] = traceback.format_exc()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-
-
-def _two_hosts(rank: int, world: int, port: int, path: str, report: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard

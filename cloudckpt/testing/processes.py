@@ -1,10 +1,11 @@
 """Run one function in N spawned processes (a ``torch.distributed`` group) and collect their reports.
 
 Shared by the multi-host tests and the multi-host benchmark, and shipped so users can test
-their own multi-host checkpointing the same way. Each process is called as
-``target(rank, world, port, *args, out_dir)`` and must write ``<out_dir>/rank<r>.json``
-(plain JSON; a ``"crash"`` key carries a traceback). Every wait is bounded: processes
-still alive at the deadline are killed by PID.
+their own multi-host checkpointing the same way. Each process calls
+``target(rank, world, port, *args, report)``, which fills the ``report`` dict with plain JSON
+data; whatever it raises is recorded as a traceback (``report["crash"]``), keeping what it
+reported before. Every wait is bounded: processes still alive at the deadline are killed
+by PID.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import multiprocessing
 import socket
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _child(target: Callable[..., None], rank: int, world: int, port: int, args: tuple[Any, ...], out: str) -> None:
+    """Runs in the spawned process: the target, then its report (or its crash) as JSON."""
+    report: dict[str, Any] = {"rank": rank}
+    try:
+        target(rank, world, port, *args, report)
+    except BaseException:
+        report["crash"] = traceback.format_exc()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
 def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: float) -> list[dict[str, Any]]:
     """Run ``target`` in ``world`` spawned processes; their reports, by rank.
 
@@ -35,7 +47,7 @@ def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: 
     context = multiprocessing.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="cloudckpt-spawn-") as out:
-        procs = [context.Process(target=target, args=(rank, world, port, *args, out), daemon=True)
+        procs = [context.Process(target=_child, args=(target, rank, world, port, args, out), daemon=True)
                  for rank in range(world)]
         for proc in procs:
             proc.start()
