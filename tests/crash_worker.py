@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cloudckpt import Checkpoint, Trackable, Variable
+from cloudckpt import Checkpoint, CheckpointOptions, Trackable, Variable
 from cloudckpt import writer as _writer
 from cloudckpt.manager import CheckpointManager
 from cloudckpt.reader import register_storage
@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big", action="store_true",
                         help="add a 6 MiB array and a 5 MiB multipart threshold (a real multipart upload)")
     parser.add_argument("--leftover-min-age", type=float, default=0.0)
+    parser.add_argument("--async-saves", action="store_true",
+                        help="save with enable_async; a save is reported once the next save (or the final sync) "
+                             "has waited for it, as a training loop learns of it")
     args = parser.parse_args(argv)
 
     _writer.TARGET_OBJECT_SIZE = OBJECT_SIZE
@@ -151,10 +154,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"restored {resumed} does not hold state_for({start}): {problems}", file=sys.stderr, flush=True)
             return 3
     _append(args.report, f"# resumed {resumed or '-'} at step {start} pid {os.getpid()}")
+    options = CheckpointOptions(enable_async=True) if args.async_saves else None
+    pending: str | None = None  # an async save not yet known to be committed
     for step in range(start + 1, start + 1 + args.steps):
-        state.assign_step(step, args.big)
-        path = manager.save(checkpoint_number=step)
-        _append(args.report, f"{step} {path}")
+        state.assign_step(step, args.big)  # with async saves: while the previous one may still upload
+        path = manager.save(checkpoint_number=step, options=options)  # waits for (and re-raises) the previous
+        if pending is not None:
+            _append(args.report, pending)
+        pending = f"{step} {path}"
+        if options is None:
+            _append(args.report, pending)
+            pending = None
+    manager.sync()
+    if pending is not None:
+        _append(args.report, pending)
     return 0
 
 

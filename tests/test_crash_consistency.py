@@ -95,20 +95,20 @@ def target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
 
 
 # ---------------------------------------------------------------------------- worker runs
-def worker_argv(target: Target, report: Path, steps: int, big: bool) -> list[str]:
+def worker_argv(target: Target, report: Path, steps: int, big: bool, async_saves: bool = False) -> list[str]:
     argv = [sys.executable, str(WORKER), target.directory, str(report), "--steps", str(steps),
             "--max-to-keep", str(MAX_TO_KEEP)]
-    return [*argv, "--big"] if big else argv
+    return argv + (["--big"] if big else []) + (["--async-saves"] if async_saves else [])
 
 
 def run_worker(target: Target, report: Path, *, steps: int, crash_at: str | None = None,
-               big: bool = False) -> subprocess.CompletedProcess[str]:
+               big: bool = False, async_saves: bool = False) -> subprocess.CompletedProcess[str]:
     """One worker run to its end (exit 0) or to its crash point (SIGKILL), bounded in time."""
     env = dict(target.env)
     if crash_at is not None:
         env[CRASH_ENV] = crash_at
-    return subprocess.run(worker_argv(target, report, steps, big), env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, check=False)
+    return subprocess.run(worker_argv(target, report, steps, big, async_saves), env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
 
 
 def kill_after(target: Target, report: Path, delay: float, *, big: bool) -> tuple[int, str]:
@@ -212,7 +212,8 @@ def describe(items: list[Leftover]) -> list[str]:
     return sorted(f"{item.kind}:{item.key}" for item in items)
 
 
-def restart_and_check(target: Target, report: Path, latest: str | None, big: bool, why: str) -> None:
+def restart_and_check(target: Target, report: Path, latest: str | None, big: bool, why: str,
+                      async_saves: bool = False) -> None:
     """A clean worker resumes from exactly ``latest``; its first save leaves no leftovers.
 
     Checkpoints the killed save had evicted (the state file lists them as ``deleting``) must
@@ -220,7 +221,7 @@ def restart_and_check(target: Target, report: Path, latest: str | None, big: boo
     """
     pending = set(_deleting(target.storage()))
     orphans = committed_indexes(target.storage()) - set(_listed(target.storage())) - pending
-    result = run_worker(target, report, steps=2, big=big)
+    result = run_worker(target, report, steps=2, big=big, async_saves=async_saves)
     assert result.returncode == 0, f"{why}: restart failed ({result.returncode}):\n{result.stderr[-3000:]}"
     assert resumed_lines(report)[-1].startswith(f"# resumed {latest or '-'} "), \
         f"{why}: restart did not resume from {latest}: {resumed_lines(report)[-1]}"
@@ -276,11 +277,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("async_saves", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("case", CASES, ids=[c.crash_at for c in CASES])
-def test_sigkill_at_crash_point_loses_nothing(target: Target, case: Case) -> None:
-    why = f"{target.backend}, killed at {case.crash_at}"
+def test_sigkill_at_crash_point_loses_nothing(target: Target, case: Case, async_saves: bool) -> None:
+    """Async saves hit the same points on their background worker; a save counts as returned once
+    the next save (which waits for it) returned, so the expectations are the same."""
+    why = f"{target.backend}, {'async' if async_saves else 'sync'} saves, killed at {case.crash_at}"
     report = target.workdir / "report.txt"
-    result = run_worker(target, report, steps=6, crash_at=case.crash_at)
+    result = run_worker(target, report, steps=6, crash_at=case.crash_at, async_saves=async_saves)
     assert result.returncode == -signal.SIGKILL, \
         f"{why}: worker was not killed by its crash point (exit {result.returncode}):\n{result.stderr[-3000:]}"
     assert reported_saves(report) == list(range(1, case.returned + 1)), f"{why}: the crash landed elsewhere"
@@ -291,7 +295,7 @@ def test_sigkill_at_crash_point_loses_nothing(target: Target, case: Case) -> Non
     found = {item.split(".data-")[0] for item in describe(leftovers(target))}
     assert found == expected, f"{why}: leftovers before the restart: {describe(leftovers(target))}"
 
-    restart_and_check(target, report, latest, False, why)
+    restart_and_check(target, report, latest, False, why, async_saves)
 
 
 # ---------------------------------------------------------------------------- random moments
