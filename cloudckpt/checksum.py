@@ -8,7 +8,7 @@ save and restore costs almost nothing.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import google_crc32c
 
@@ -102,10 +102,15 @@ def crc32c_with_blocks(data: memoryview, block: int = CRC_BLOCK) -> tuple[int, t
     if size <= block:
         return crc32c_of([data]), ()
     blocks = tuple(crc32c_of([data[start:start + block]]) for start in range(0, size, block))
+    return combine_blocks(blocks, block, size), blocks
+
+
+def combine_blocks(blocks: Sequence[int], block: int, size: int) -> int:
+    """CRC32C of ``size`` bytes from the CRC32Cs of its consecutive ``block``-byte blocks."""
     whole = blocks[0]
     for k, crc in enumerate(blocks[1:], start=1):
         whole = crc32c_combine(whole, crc, min(block, size - k * block))
-    return whole, blocks
+    return whole
 
 
 def crc32c_base64(value: int) -> str:

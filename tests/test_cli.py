@@ -321,3 +321,22 @@ def test_sharded_array_layout_verify_and_export(tmp_path: Path) -> None:
     assert cli("export", str(tmp_path / "sharded-1"), str(tmp_path / "x.npz")).returncode == 0
     with np.load(tmp_path / "x.npz") as npz:
         assert np.array_equal(npz["x"], full)
+
+
+def test_verify_checks_block_checksums_too(tmp_path: Path) -> None:
+    """A large chunk's per-block CRC32Cs are index entries too: wrong ones fail verify even when the bytes are fine."""
+    import base64
+    import json
+
+    from cloudckpt import Checkpoint
+
+    Checkpoint(big=np.arange(600_000, dtype=np.float32)).write(str(tmp_path / "ck"))  # 2.3 MiB: 3 blocks
+    assert cli("verify", str(tmp_path / "ck")).returncode == 0
+    doc = json.loads((tmp_path / "ck.index").read_text())
+    blocks = doc["entries"]["big"]["chunks"][0]["blocks"]
+    packed = bytearray(base64.b64decode(blocks["crc32c"]))
+    packed[5] ^= 0x01  # the second block's checksum
+    blocks["crc32c"] = base64.b64encode(bytes(packed)).decode()
+    (tmp_path / "ck.index").write_text(json.dumps(doc))
+    result = cli("verify", str(tmp_path / "ck"))
+    assert result.returncode == 1 and "block CRC32C(s) [1]" in result.stdout + result.stderr

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt.checksum import crc32c_of
+from cloudckpt.checksum import combine_blocks, crc32c_of
 from cloudckpt.cli.common import (
     EXIT_DAMAGED,
     EXIT_OK,
@@ -129,11 +129,18 @@ def _verify_object(storage: Storage, index: CheckpointIndex, position: int,
             problems.append(Problem("unreadable", f"bytes lost {where}: the object ends at byte {meta.size}",
                                     key=path, object=obj.name))
             continue
+        unit, recorded = chunk.blocks()
         try:
-            actual = crc32c_of(stream.segments(chunk.offset, chunk.offset + chunk.length))
+            blocks = [crc32c_of(stream.segments(chunk.offset + start, chunk.offset + min(start + unit, chunk.length)))
+                      for start in range(0, chunk.length, unit)] or [crc32c_of([])]
         except (NotFoundError, InvalidRangeError) as exc:
             problems.append(Problem("unreadable", f"could not read {where}: {exc}", key=path, object=obj.name))
             continue
+        actual = combine_blocks(blocks, unit, chunk.length)
+        bad = [k for k, (crc, want) in enumerate(zip(blocks, recorded, strict=True)) if crc != want]
+        if bad and actual == chunk.crc32c:  # the bytes are right, the index's block checksums are not
+            problems.append(Problem("crc-mismatch", f"block CRC32C(s) {bad[:5]} of {unit} bytes {where} do not "
+                                    "match the bytes (a damaged index)", key=path, object=obj.name))
         if actual != chunk.crc32c:
             problems.append(Problem("crc-mismatch", f"CRC32C mismatch {where}: recorded {chunk.crc32c:08x}, "
                                     f"read {actual:08x}", key=path, object=obj.name))
