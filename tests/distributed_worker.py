@@ -137,6 +137,16 @@ def _check_model(model: Any, g: Mapping[str, np.ndarray[Any, Any]], problems: li
         problems.append("model.bias differs")
 
 
+def _check_restored(w: Any, b: Any, r: Any, model: Any, g: Mapping[str, np.ndarray[Any, Any]]) -> list[str]:
+    """What differs between the restored W, B, R and model and the global values."""
+    problems: list[str] = []
+    _check_sharded("W", w, g["W"], problems)
+    _check_sharded("B", b, g["B"], problems)
+    _check_sharded("R", r, g["R"], problems)
+    _check_model(model, g, problems)
+    return problems
+
+
 def four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, Any]) -> None:
     """Spawned 4x: save on a 2x2 mesh, restore with another layout, io_device, async save, a failing rank."""
     import torch.distributed as dist
@@ -183,11 +193,7 @@ def four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, An
     meta2: dict[str, Any] = {"lr": 0.0, "name": "", "rank_free": [0, 0]}
     step2 = Variable(0)
     DTensorCheckpoint(mesh, W=w2, B=b2, R=r2, model=model2, meta=meta2, step=step2).restore(path).assert_consumed()
-    problems: list[str] = []
-    _check_sharded("W", w2, g["W"], problems)
-    _check_sharded("B", b2, g["B"], problems)
-    _check_sharded("R", r2, g["R"], problems)
-    _check_model(model2, g, problems)
+    problems = _check_restored(w2, b2, r2, model2, g)
     if meta2 != meta or int(step2) != 7:
         problems.append(f"scalars differ: {meta2} {int(step2)}")
     report["restore_problems"] = problems
@@ -268,11 +274,7 @@ def two_hosts(rank: int, world: int, port: int, path: str, report: dict[str, Any
     meta: dict[str, Any] = {"lr": 0.0, "name": "", "rank_free": [0, 0]}
     step = Variable(0)
     DTensorCheckpoint(mesh, W=w, B=b, R=r, model=model, meta=meta, step=step).restore(path).assert_consumed()
-    problems: list[str] = []
-    _check_sharded("W", w, g["W"], problems)
-    _check_sharded("B", b, g["B"], problems)
-    _check_sharded("R", r, g["R"], problems)
-    _check_model(model, g, problems)
+    problems = _check_restored(w, b, r, model, g)
     if meta["name"] != "run" or int(step) != 7:
         problems.append("scalars differ")
     report["problems"] = problems
