@@ -2,14 +2,17 @@
 
 Storage errors also subclass the builtin a caller would naturally catch, so
 ``except FileNotFoundError`` keeps working when a path turns into an ``s3://`` URL.
-Every message names the URL or key at fault.
+Every message names the URL or key at fault, and so do the attributes: storage and
+checksum errors carry ``url`` (the full URL of the object or prefix) and ``key`` (the
+same object relative to its storage root, when known) for programs to read.
 
 ::
 
     CloudCkptError(Exception)
     ├── StorageError
     │   ├── NotFoundError(FileNotFoundError)
-    │   │   └── BucketNotFoundError
+    │   │   ├── BucketNotFoundError
+    │   │   └── CheckpointNotFoundError            no index at a checkpoint path
     │   ├── PreconditionError                      conditional write lost
     │   │   └── AlreadyExistsError(FileExistsError)  mode="create" on an existing key
     │   ├── PermissionDeniedError(PermissionError)
@@ -18,17 +21,17 @@ Every message names the URL or key at fault.
     │   ├── TransientError(ConnectionError)        retries exhausted
     │   ├── InvalidKeyError(ValueError)            "..", empty, absolute keys
     │   ├── InvalidRangeError(ValueError)          negative / inverted byte range
-    │   └── InvalidURLError(ValueError)            unknown scheme, missing bucket
+    │   ├── InvalidURLError(ValueError)            unknown scheme, missing bucket, "s3:/x" typos
+    │   └── MissingDependencyError(ImportError)    the URL needs an extra that is not installed
     ├── ChecksumError                              CRC32C mismatch on read
     ├── CheckpointFormatError(ValueError)          malformed or unknown index
+    │   └── CheckpointStateError                   malformed state file (<dir>/checkpoint)
     ├── CheckpointMismatchError(ValueError)        stored shape/dtype/type differs from the object
-    ├── CheckpointNotFoundError(NotFoundError)     no index at a checkpoint path
     ├── ConcurrentWriterError                      another writer claimed the directory
-    ├── CoordinationError                          a checkpoint collective failed (host died, timed out);
-    │                                              defined in cloudckpt.distributed.coordinator
+    ├── CoordinationError                          a checkpoint collective failed (host died, timed out)
+    ├── PlanError(ValueError)                      the hosts' shards do not make one checkpoint
     └── SaveError                                  background / multi-rank save failed
         └── DistributedSaveError                   some ranks failed; lists each rank and its cause
-                                                   (cloudckpt.distributed.save)
 
 Why the root derives from ``Exception`` and not ``BaseException``: callers' generic
 ``except Exception`` handlers must see our failures (a lesson from libraries whose
@@ -37,17 +40,25 @@ exception roots escaped them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class CloudCkptError(Exception):
     """Root of every error raised by cloudckpt."""
 
 
 class StorageError(CloudCkptError):
-    """A storage operation failed; ``url`` names the object or prefix involved."""
+    """A storage operation failed.
 
-    def __init__(self, message: str, url: str | None = None) -> None:
+    Attributes:
+        url: the full URL of the object or prefix involved (``None`` if there is none).
+        key: that object's key relative to its storage root, when the raiser knows it.
+    """
+
+    def __init__(self, message: str, url: str | None = None, *, key: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+        self.key = key
 
 
 class NotFoundError(StorageError, FileNotFoundError):
@@ -56,6 +67,10 @@ class NotFoundError(StorageError, FileNotFoundError):
 
 class BucketNotFoundError(NotFoundError):
     """The bucket named in the URL does not exist or is not visible to these credentials."""
+
+
+class CheckpointNotFoundError(NotFoundError):
+    """No committed checkpoint (no ``.index`` object) exists at the given path."""
 
 
 class PreconditionError(StorageError):
@@ -91,15 +106,33 @@ class InvalidRangeError(StorageError, ValueError):
 
 
 class InvalidURLError(StorageError, ValueError):
-    """A URL with an unknown scheme, no bucket, or otherwise unusable."""
+    """A URL with an unknown scheme, no bucket, or otherwise unusable (``s3:/x`` with one slash)."""
+
+
+class MissingDependencyError(StorageError, ImportError):
+    """The URL needs an SDK that is an install extra not installed here (names the extra)."""
 
 
 class ChecksumError(CloudCkptError):
-    """Bytes read back do not match the CRC32C recorded when they were written."""
+    """Bytes read back do not match the CRC32C recorded when they were written.
+
+    Attributes:
+        url: the full URL of the object whose bytes are damaged.
+        key: the checkpoint key path (``model/dense/kernel``) whose value they hold, when known.
+    """
+
+    def __init__(self, message: str, url: str | None = None, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.key = key
 
 
 class CheckpointFormatError(CloudCkptError, ValueError):
     """A checkpoint index that is malformed, hostile, or of an unknown format version."""
+
+
+class CheckpointStateError(CheckpointFormatError):
+    """The state file (``<directory>/checkpoint``) is not valid TensorFlow ``CheckpointState`` text."""
 
 
 class CheckpointMismatchError(CloudCkptError, ValueError):
@@ -109,13 +142,32 @@ class CheckpointMismatchError(CloudCkptError, ValueError):
     """
 
 
-class CheckpointNotFoundError(NotFoundError):
-    """No committed checkpoint (no ``.index`` object) exists at the given path."""
-
-
 class ConcurrentWriterError(CloudCkptError):
     """Another writer claimed the checkpoint directory; this writer is fenced off."""
 
 
+class CoordinationError(CloudCkptError):
+    """A collective of the checkpoint process group failed (a host died, timed out, or diverged)."""
+
+
+class PlanError(CloudCkptError, ValueError):
+    """The hosts' descriptions do not make one consistent checkpoint (names the key)."""
+
+
 class SaveError(CloudCkptError):
     """A save failed in the background or on one or more ranks; the cause is chained."""
+
+
+class DistributedSaveError(SaveError):
+    """A multi-host save failed; raised on every rank with the same list of failures.
+
+    Attributes:
+        failures: rank -> what went wrong there (as a string; exceptions do not travel).
+        committed: ``True`` if the checkpoint's index was nevertheless committed (the
+            committing host failed *after* the commit): the checkpoint is complete.
+    """
+
+    def __init__(self, message: str, failures: Mapping[int, str], *, committed: bool = False) -> None:
+        super().__init__(message)
+        self.failures = dict(failures)
+        self.committed = committed

@@ -35,13 +35,19 @@ from typing import Any
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.distributed.coordinator import Coordinator
 from cloudckpt.distributed.options import io_rank
-from cloudckpt.errors import CheckpointFormatError, ConcurrentWriterError, NotFoundError, PreconditionError
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    CheckpointStateError,
+    ConcurrentWriterError,
+    NotFoundError,
+    PreconditionError,
+)
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
 from cloudckpt.leftovers import find_leftovers, remove_leftovers
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.reader import storage_for_directory
 from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
-from cloudckpt.state_file import STATE_KEY, CheckpointState, CheckpointStateError, read_state, write_state
+from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ObjectMeta, Storage, join_url
 
 log = logging.getLogger("cloudckpt.manager")

@@ -321,7 +321,7 @@ def _verify(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk:
         first = chunk.offset + start
         raise ChecksumError(
             f"checksum mismatch for {target.path!r} in {obj} bytes [{first}, {first + data.nbytes}): "
-            f"recorded CRC32C {expected:08x}, read {actual:08x}{_partial_note(target.live)}")
+            f"recorded CRC32C {expected:08x}, read {actual:08x}{_partial_note(target.live)}", obj, key=target.path)
 
 
 #: Reads smaller than this are merged with their neighbours in the same object: hundreds

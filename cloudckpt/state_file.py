@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from cloudckpt.errors import CheckpointFormatError, NotFoundError, PreconditionError
+from cloudckpt.errors import CheckpointStateError, NotFoundError, PreconditionError
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion
 
 log = logging.getLogger("cloudckpt.state_file")
@@ -42,10 +42,6 @@ _RECORD_ATTEMPTS = 20
 _LINE = re.compile(r"^\s*([A-Za-z_]+)\s*:\s*(.*?)\s*$")
 _EXTRA = re.compile(r"^#\s*cloudckpt-([a-z]+)\s*:\s*(.*?)\s*$")
 _QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"(.*)$')
-
-
-class CheckpointStateError(CheckpointFormatError):
-    """The state file is not valid TensorFlow ``CheckpointState`` text."""
 
 
 @dataclass(slots=True)

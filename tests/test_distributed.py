@@ -30,8 +30,8 @@ from cloudckpt import UNSHARDED, Checkpoint, CheckpointOptions, DTensorCheckpoin
 from cloudckpt.distributed import CoordinationError, DistributedSaveError, LocalCoordinator
 from cloudckpt.distributed.mesh import split_extent
 from cloudckpt.distributed.options import io_rank
-from cloudckpt.distributed.plan import PlanError, make_plan
-from cloudckpt.errors import ChecksumError
+from cloudckpt.distributed.plan import make_plan
+from cloudckpt.errors import ChecksumError, PlanError
 from cloudckpt.format import decode_index, index_key
 from cloudckpt.reader import partial_reads, register_storage, resolve
 from cloudckpt.state_file import STATE_KEY, parse

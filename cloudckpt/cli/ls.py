@@ -28,11 +28,11 @@ from cloudckpt.cli.common import (
     scan_directory,
     sort_names,
 )
-from cloudckpt.errors import CheckpointFormatError, NotFoundError, PreconditionError
+from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, NotFoundError, PreconditionError
 from cloudckpt.format import CheckpointIndex
 from cloudckpt.manager import latest_checkpoint
 from cloudckpt.reader import load_index
-from cloudckpt.state_file import CheckpointState, CheckpointStateError, read_state
+from cloudckpt.state_file import CheckpointState, read_state
 from cloudckpt.storage import Storage, split_url
 
 log = logging.getLogger("cloudckpt.cli")

@@ -32,11 +32,11 @@ from cloudckpt.cli.common import (
     print_json,
     scan_directory,
 )
-from cloudckpt.errors import CheckpointFormatError, InvalidRangeError, NotFoundError
+from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, InvalidRangeError, NotFoundError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk
 from cloudckpt.manager import latest_checkpoint
 from cloudckpt.reader import load_index
-from cloudckpt.state_file import CheckpointStateError, read_state
+from cloudckpt.state_file import read_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage, split_url
 
 #: Bytes per ranged GET while streaming a data object.

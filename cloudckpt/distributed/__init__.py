@@ -6,7 +6,6 @@ imported only by ``TorchCoordinator`` and when a ``DTensor`` is met.
 
 from cloudckpt import graph as _graph
 from cloudckpt.distributed.coordinator import (
-    CoordinationError,
     Coordinator,
     LocalCoordinator,
     TorchCoordinator,
@@ -15,8 +14,8 @@ from cloudckpt.distributed.coordinator import (
 )
 from cloudckpt.distributed.dtensor_checkpoint import DTensorCheckpoint
 from cloudckpt.distributed.mesh import UNSHARDED, Layout, Mesh
-from cloudckpt.distributed.save import DistributedSaveError
 from cloudckpt.distributed.sharded import ShardedArray, view
+from cloudckpt.errors import CoordinationError, DistributedSaveError
 
 _graph.register_sharded(view)
 

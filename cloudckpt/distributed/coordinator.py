@@ -35,17 +35,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.errors import CloudCkptError
+from cloudckpt.errors import CoordinationError
 
 #: Default timeout of the checkpoint group's collectives, in seconds.
 DEFAULT_TIMEOUT = 60.0
 #: Shard bytes travel in messages of at most this size, so that each message finishes
 #: well within the group's timeout even on a slow network.
 MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-class CoordinationError(CloudCkptError):
-    """A collective of the checkpoint process group failed (a host died, timed out, or diverged)."""
 
 
 class Coordinator(ABC):

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cloudckpt.errors import PlanError
 from cloudckpt.writer import PieceId, _pack
 
 
@@ -62,10 +63,6 @@ class SavePlan:
     def sent_by(self, rank: int) -> list[PieceId]:
         """Pieces ``rank`` sends to the io host, in the order both sides use."""
         return [p for p, w in self.writer.items() if w == rank]
-
-
-class PlanError(ValueError):
-    """The hosts' descriptions do not make one consistent checkpoint (names the key)."""
 
 
 def describe(pieces: Mapping[PieceId, Any], arrays: Mapping[str, tuple[str, tuple[int, ...]]], *,

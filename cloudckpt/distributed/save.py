@@ -33,9 +33,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.crashpoints import crash_point
-from cloudckpt.distributed.coordinator import CoordinationError, Coordinator
+from cloudckpt.distributed.coordinator import Coordinator
 from cloudckpt.distributed.plan import SavePlan, describe, make_plan
-from cloudckpt.errors import CheckpointFormatError, ConcurrentWriterError, NotFoundError, SaveError
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    ConcurrentWriterError,
+    CoordinationError,
+    DistributedSaveError,
+    NotFoundError,
+)
 from cloudckpt.format import Chunk, DataObject, decode_index, dtype_name, index_key, parse_dtype
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import ObjectMeta, Storage
@@ -60,21 +66,6 @@ log = logging.getLogger("cloudckpt.distributed")
 
 _POLL_MIN = 0.005
 _POLL_MAX = 0.5
-
-
-class DistributedSaveError(SaveError):
-    """A multi-host save failed; raised on every rank with the same list of failures.
-
-    Attributes:
-        failures: rank -> what went wrong there (as a string; exceptions do not travel).
-        committed: ``True`` if the checkpoint's index was nevertheless committed (the
-            committing host failed *after* the commit): the checkpoint is complete.
-    """
-
-    def __init__(self, message: str, failures: Mapping[int, str], *, committed: bool = False) -> None:
-        super().__init__(message)
-        self.failures = dict(failures)
-        self.committed = committed
 
 
 def _describe_error(exc: BaseException) -> str:
