@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from cloudckpt.errors import CheckpointFormatError, NotFoundError
-from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, index_key
+from cloudckpt.index_store import head_index, read_index
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 
@@ -72,12 +73,13 @@ def _referenced(storage: Storage, indexes: Iterable[str]) -> tuple[set[str], set
     for key in indexes:
         name = key[: -len(INDEX_SUFFIX)]
         try:
-            named.update(obj.name for obj in decode_index(storage.get(key), name, storage.url_for(key)).objects)
-        except NotFoundError:
-            continue  # deleted since the listing: its data objects are fair game once old enough
+            index = read_index(storage, name)
         except CheckpointFormatError as exc:
             log.warning("keeping every data object of %s: its index is unreadable (%s)", storage.url_for(name), exc)
             unreadable.add(name)
+            continue
+        if index is not None:  # None: deleted since the listing - its data objects are fair game once old enough
+            named.update(obj.name for obj in index.objects)
     return named, unreadable
 
 
@@ -169,8 +171,4 @@ def remove_leftovers(storage: Storage, leftovers: Sequence[Leftover]) -> Removal
 
 
 def _existing_index(storage: Storage, name: str) -> list[str]:
-    try:
-        storage.head(index_key(name))
-    except NotFoundError:
-        return []
-    return [index_key(name)]
+    return [] if head_index(storage, name) is None else [index_key(name)]

@@ -6,14 +6,14 @@ inspecting one array of a large checkpoint on S3 costs two small GETs.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from cloudckpt.format import ArrayEntry, NodeEntry, ValueEntry, parse_dtype
-from cloudckpt.reader import load_index, resolve
+from cloudckpt.index_store import load_index
 from cloudckpt.restore import RestoreSession
+from cloudckpt.storage import CheckpointPath, resolve
 
 
 class CheckpointReader:
@@ -23,9 +23,9 @@ class CheckpointReader:
     inner node (``model``) loads that whole subtree as nested dicts/lists.
     """
 
-    def __init__(self, save_path: str | os.PathLike[str]) -> None:
-        storage, name = resolve(save_path)
-        self._session = RestoreSession(storage, load_index(storage, name))
+    def __init__(self, save_path: CheckpointPath) -> None:
+        location = resolve(save_path)
+        self._session = RestoreSession(location.storage, load_index(location.storage, location.name))
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -67,16 +67,16 @@ class CheckpointReader:
         self._session.restore(name, target, None)
 
 
-def load_checkpoint(save_path: str | os.PathLike[str]) -> CheckpointReader:
+def load_checkpoint(save_path: CheckpointPath) -> CheckpointReader:
     """Open a checkpoint for reading (``tf.train.load_checkpoint``)."""
     return CheckpointReader(save_path)
 
 
-def list_variables(save_path: str | os.PathLike[str]) -> list[tuple[str, list[int]]]:
+def list_variables(save_path: CheckpointPath) -> list[tuple[str, list[int]]]:
     """``(key, shape)`` of every value in the checkpoint, sorted (``tf.train.list_variables``)."""
     return sorted(load_checkpoint(save_path).get_variable_to_shape_map().items())
 
 
-def load_variable(save_path: str | os.PathLike[str], name: str) -> Any:
+def load_variable(save_path: CheckpointPath, name: str) -> Any:
     """One value (or subtree) of a checkpoint (``tf.train.load_variable``)."""
     return load_checkpoint(save_path).get_tensor(name)

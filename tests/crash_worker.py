@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 
 from cloudckpt import Checkpoint, CheckpointOptions, Trackable, Variable
-from cloudckpt import writer as _writer
 from cloudckpt.manager import CheckpointManager
-from cloudckpt.reader import register_storage
+from cloudckpt.saving import objects as saving_objects
 from cloudckpt.storage import TransferConfig, open_storage
 
 MiB = 1024 * 1024
@@ -137,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                              "has waited for it, as a training loop learns of it")
     args = parser.parse_args(argv)
 
-    _writer.TARGET_OBJECT_SIZE = OBJECT_SIZE
+    saving_objects.TARGET_OBJECT_SIZE = OBJECT_SIZE
     config = TransferConfig(multipart_threshold=SMALL_MULTIPART, part_size=SMALL_MULTIPART) if args.big else None
     storage = open_storage(args.directory, config=config)
-    register_storage(storage)  # Checkpoint's own writes go through it too (same transfer config)
 
     state = TrainState(args.big)
     ckpt = Checkpoint(state=state)

@@ -157,7 +157,7 @@ def four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, An
     from cloudckpt import UNSHARDED, CheckpointOptions, DTensorCheckpoint, Layout, Mesh, ShardedArray, Variable
     from cloudckpt import reader as reader_module
     from cloudckpt.distributed import DistributedSaveError
-    from cloudckpt.reader import register_storage
+    from cloudckpt.storage import register_storage
 
     coordinator = _init(rank, world, port)
     device_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("x", "y"))
@@ -259,7 +259,7 @@ def two_hosts(rank: int, world: int, port: int, path: str, report: dict[str, Any
     from torch.distributed.tensor import Shard
 
     from cloudckpt import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray, Variable
-    from cloudckpt.reader import register_storage
+    from cloudckpt.storage import register_storage
 
     coordinator = _init(rank, world, port)
     device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("x",))
@@ -297,7 +297,7 @@ def _managed(rank: int, mesh: Any, directory: str, report: dict[str, Any]) -> No
         Variable,
     )
     from cloudckpt.errors import ConcurrentWriterError
-    from cloudckpt.reader import register_storage
+    from cloudckpt.storage import register_storage
 
     storage = counting_storage(directory)
     register_storage(storage)

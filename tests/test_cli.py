@@ -24,13 +24,12 @@ import numpy as np
 import pytest
 import servers
 from botocore.config import Config
-from test_checkpoint_cloud import gcs_bucket, s3_bucket  # noqa: F401 - shared fixtures
 
 from cloudckpt import Checkpoint, CheckpointManager, Variable, load_checkpoint
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, NodeEntry, encode_index, index_key
-from cloudckpt.reader import load_index, resolve
-from cloudckpt.storage import open_storage
+from cloudckpt.index_store import load_index
+from cloudckpt.storage import open_storage, resolve
 from cloudckpt.storage.base import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +82,7 @@ def assert_restores(path: str, expected: dict[str, Any]) -> None:
 
 
 def data_object(directory: str, name: str) -> str:
-    storage, _ = resolve(f"{directory}/{name}")
+    storage = resolve(f"{directory}/{name}").storage
     (obj,) = load_index(storage, name).objects
     return obj.name
 
@@ -191,8 +190,8 @@ def s3_env(seaweedfs: servers.Server, monkeypatch: pytest.MonkeyPatch) -> str:
     return seaweedfs.endpoint
 
 
-def test_cp_between_s3_gcs_and_local(s3_env: str, s3_bucket: str, fake_gcs: servers.Server,  # noqa: F811
-                                     gcs_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+def test_cp_between_s3_gcs_and_local(s3_env: str, s3_bucket: str, fake_gcs: servers.Server,
+                                     gcs_bucket: str, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:8]
     s3_run, gs_run, local = f"s3://{s3_bucket}/cp-{tag}", f"gs://{gcs_bucket}/cp-{tag}", tmp_path / "laptop"
     saved = save_run(s3_run, 2, big=True)
@@ -236,7 +235,7 @@ def _s3_client(endpoint: str) -> Any:
                         config=Config(s3={"addressing_style": "path"}))
 
 
-def test_gc_removes_a_crashed_saves_leftovers_on_s3(s3_env: str, s3_bucket: str) -> None:  # noqa: F811
+def test_gc_removes_a_crashed_saves_leftovers_on_s3(s3_env: str, s3_bucket: str) -> None:
     run = f"s3://{s3_bucket}/gc-{uuid.uuid4().hex[:8]}"
     saved = save_run(run, 1)
     prefix = run.split("/", 3)[3]
@@ -270,7 +269,7 @@ def test_gc_removes_a_crashed_saves_leftovers_on_s3(s3_env: str, s3_bucket: str)
     assert_restores(f"{run}/ckpt-1", saved["ckpt-1"])  # the committed checkpoint is untouched
 
 
-def test_gc_and_verify_on_gcs(fake_gcs: servers.Server, gcs_bucket: str) -> None:  # noqa: F811
+def test_gc_and_verify_on_gcs(fake_gcs: servers.Server, gcs_bucket: str) -> None:
     run = f"gs://{gcs_bucket}/gc-{uuid.uuid4().hex[:8]}"
     saved = save_run(run, 2)
     storage = open_storage(run)

@@ -47,12 +47,12 @@ from cloudckpt.cli.common import (
 )
 from cloudckpt.cli.verify import Problem, verify_data
 from cloudckpt.errors import CheckpointFormatError, InvalidRangeError, NotFoundError, PreconditionError, StorageError
-from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, decode_index, index_key
-from cloudckpt.reader import load_index
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key
+from cloudckpt.index_store import head_index, load_index, read_index
+from cloudckpt.saving.commit import commit, delete_replaced
 from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, open_storage, split_url, url_scheme
 from cloudckpt.storage.transfer import gather
-from cloudckpt.writer import commit, delete_replaced, head_index
 
 #: S3 refuses parts below 5 MiB (except the last); no store needs smaller ones.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -158,7 +158,8 @@ def _discard(dst: Storage, name: str, written: Sequence[str]) -> None:
     """Remove what this copy wrote, except objects an index at ``name`` names (a same-source recopy)."""
     keep: set[str] = set()
     with contextlib.suppress(NotFoundError, CheckpointFormatError):
-        keep = {o.name for o in decode_index(dst.get(index_key(name)), name, dst.url_for(name)).objects}
+        current = read_index(dst, name)
+        keep = set() if current is None else {o.name for o in current.objects}
     doomed = [key for key in written if key not in keep]
     try:
         dst.delete(doomed)

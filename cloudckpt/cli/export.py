@@ -31,8 +31,9 @@ from numpy.typing import NDArray
 from cloudckpt.cli.common import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, CliError, Progress, human_size
 from cloudckpt.cli.inspect import array_nbytes
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
-from cloudckpt.reader import ReadTarget, load_index, new_buffer, read_arrays, resolve
-from cloudckpt.storage import Storage
+from cloudckpt.index_store import load_index
+from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.storage import Storage, resolve
 
 log = logging.getLogger("cloudckpt.cli")
 
@@ -144,7 +145,8 @@ def run(args: Any) -> int:
         raise CliError(f"{args.out}: the output must end in .npz or .safetensors", EXIT_USAGE)
     if out_path.exists() and not args.force:
         raise CliError(f"{args.out} exists (use --force to overwrite it)", EXIT_CONFLICT)
-    storage, name = resolve(args.url)
+    location = resolve(args.url)
+    storage, name = location.storage, location.name
     index = load_index(storage, name)
     arrays, values, skipped = _plan(index, args.keys, suffix == ".safetensors")
     if not arrays and not values:

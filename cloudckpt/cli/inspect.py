@@ -13,8 +13,9 @@ from typing import Any
 
 from cloudckpt.cli.common import EXIT_NOT_FOUND, CliError, human_size, print_json, print_table
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
-from cloudckpt.reader import ReadTarget, load_index, new_buffer, read_arrays, resolve
-from cloudckpt.storage import Storage
+from cloudckpt.index_store import load_index
+from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.storage import Storage, resolve
 
 #: Largest array whose value ``inspect`` shows (0-d arrays are a few bytes each).
 _SCALAR_BYTES = 64
@@ -70,7 +71,8 @@ def _short(value: Any, width: int = 50) -> str:
 
 
 def run(args: Any) -> int:
-    storage, name = resolve(args.url)
+    location = resolve(args.url)
+    storage, name = location.storage, location.name
     index = load_index(storage, name)
     leaves = {p: e for p, e in index.entries.items() if not isinstance(e, NodeEntry)}
     values = {} if args.no_values else scalar_values(storage, index)

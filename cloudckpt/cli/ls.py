@@ -28,12 +28,12 @@ from cloudckpt.cli.common import (
     scan_directory,
     sort_names,
 )
-from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, NotFoundError, PreconditionError
+from cloudckpt.errors import CheckpointFormatError, NotFoundError
 from cloudckpt.format import CheckpointIndex
-from cloudckpt.manager import latest_checkpoint
-from cloudckpt.reader import load_index
-from cloudckpt.state_file import CheckpointState, read_state
-from cloudckpt.storage import Storage, split_url
+from cloudckpt.index_store import load_index
+from cloudckpt.manager.directory import latest_name, read_state_tolerant
+from cloudckpt.state_file import CheckpointState
+from cloudckpt.storage import Storage
 
 log = logging.getLogger("cloudckpt.cli")
 
@@ -63,13 +63,7 @@ class Row:
 
 def read_state_quietly(storage: Storage) -> CheckpointState | None:
     """The state file, or ``None`` (absent or unreadable: ``ls`` still lists by objects)."""
-    try:
-        found = read_state(storage)
-    except PreconditionError:
-        found = read_state(storage)  # replaced while we read it: once more sees a stable file
-    except CheckpointStateError as exc:
-        log.warning("%s; listing without it", exc)
-        return None
+    found = read_state_tolerant(storage, on_garbled=lambda exc: log.warning("%s; listing without it", exc))
     return found[0] if found else None
 
 
@@ -80,7 +74,7 @@ def _load(storage: Storage, name: str) -> CheckpointIndex | Exception:
         return exc
 
 
-def collect_rows(storage: Storage, url: str, scan: DirectoryScan) -> tuple[list[Row], str | None]:
+def collect_rows(storage: Storage, scan: DirectoryScan) -> tuple[list[Row], str | None]:
     """Every checkpoint name in the directory as a row, and the latest one's name."""
     state = read_state_quietly(storage) if scan.has_state else None
     listed = set(state.all_model_checkpoint_paths) if state else set()
@@ -110,8 +104,7 @@ def collect_rows(storage: Storage, url: str, scan: DirectoryScan) -> tuple[list[
     for row in rows.values():
         row.managed = row.name in listed
         row.preserved = row.name in preserved
-    latest_path = latest_checkpoint(url) if scan.indexes else None
-    latest = split_url(latest_path)[1] if latest_path else None
+    latest = latest_name(storage) if scan.indexes else None
     if latest in rows:
         rows[latest].latest = True
     return [rows[name] for name in sort_names(set(rows))], latest
@@ -135,7 +128,7 @@ def run(args: Any) -> int:
     url = args.url.rstrip("/") or args.url
     storage = open_directory(url)
     scan = scan_directory(storage)
-    rows, latest = collect_rows(storage, url, scan)
+    rows, latest = collect_rows(storage, scan)
     if args.json:
         print_json({"directory": storage.url, "latest": latest, "state_file": scan.has_state,
                     "checkpoints": [row.to_json() for row in rows],

@@ -34,10 +34,10 @@ from cloudckpt.cli.common import (
 )
 from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, InvalidRangeError, NotFoundError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk
-from cloudckpt.manager import latest_checkpoint
-from cloudckpt.reader import load_index
+from cloudckpt.index_store import load_index
+from cloudckpt.manager.directory import latest_name
 from cloudckpt.state_file import read_state
-from cloudckpt.storage import ByteRange, ObjectMeta, Storage, split_url
+from cloudckpt.storage import ByteRange, ObjectMeta, Storage
 
 #: Bytes per ranged GET while streaming a data object.
 WINDOW = 16 * 1024 * 1024
@@ -189,10 +189,10 @@ def _targets(url: str, latest_only: bool) -> tuple[Storage, list[str], list[str]
         except CheckpointStateError as exc:
             notes.append(f"state file: {exc}")
     if latest_only:
-        latest = latest_checkpoint(url) if scan.indexes else None
+        latest = latest_name(storage) if scan.indexes else None
         if latest is None:
             raise no_checkpoints_error(storage.url, scan)
-        return storage, [split_url(latest)[1]], notes
+        return storage, [latest], notes
     if not scan.indexes:
         raise no_checkpoints_error(storage.url, scan)
     return storage, [n for n in scan.names if n in scan.indexes], notes

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cloudckpt.errors import InvalidURLError
 from cloudckpt.storage.base import (
     ByteRange,
     MultipartUpload,
@@ -22,10 +21,24 @@ from cloudckpt.storage.base import (
     UpdateVersion,
     WriteMode,
 )
+from cloudckpt.storage.registry import (
+    CheckpointPath,
+    Directory,
+    Location,
+    register_storage,
+    resolve,
+    resolve_directory,
+    storage_for_directory,
+    unregister_storage,
+)
 from cloudckpt.storage.retry import RetryPolicy
+from cloudckpt.storage.urls import join_url, split_url, url_scheme
 
 __all__ = [
     "ByteRange",
+    "CheckpointPath",
+    "Directory",
+    "Location",
     "MultipartUpload",
     "ObjectMeta",
     "ReadRequest",
@@ -36,17 +49,14 @@ __all__ = [
     "WriteMode",
     "join_url",
     "open_storage",
+    "register_storage",
+    "resolve",
+    "resolve_directory",
     "split_url",
+    "storage_for_directory",
+    "unregister_storage",
     "url_scheme",
 ]
-
-
-def url_scheme(url: str | os.PathLike[str]) -> str:
-    """``"s3"``, ``"gs"``, ``"file"`` (for plain paths too), or another fsspec protocol."""
-    text = os.fspath(url)
-    if "://" not in text:
-        return "file"
-    return text.split("://", 1)[0].lower()
 
 
 def open_storage(url: str | os.PathLike[str], **options: Any) -> Storage:
@@ -71,30 +81,3 @@ def open_storage(url: str | os.PathLike[str], **options: Any) -> Storage:
         return GCSStorage(text, **options)
     from cloudckpt.storage.fsspec_store import FsspecStorage
     return FsspecStorage(text, **options)
-
-
-def join_url(directory: str | os.PathLike[str], name: str) -> str:
-    """``directory`` + ``/`` + ``name``, for URLs and local paths alike."""
-    text = os.fspath(directory)
-    if "://" in text:
-        return f"{text.rstrip('/')}/{name}"
-    return os.path.join(text, name)
-
-
-def split_url(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """Split a checkpoint path into (directory URL, last component).
-
-    ``"s3://b/run/ckpt-7"`` -> ``("s3://b/run", "ckpt-7")``; ``"ckpt-7"`` -> ``(".", "ckpt-7")``.
-    A checkpoint is a prefix, so its objects are ``<name>.index`` etc. in that directory.
-    """
-    text = os.fspath(path).rstrip("/")
-    if "://" in text:
-        scheme, rest = text.split("://", 1)
-        if "/" not in rest:
-            raise InvalidURLError(f"{text!r} names a bucket, not a checkpoint path inside it", text)
-        parent, name = rest.rsplit("/", 1)
-        return f"{scheme}://{parent}", name
-    parent, name = os.path.split(text)
-    if not name:
-        raise InvalidURLError(f"{text!r} does not name a checkpoint", text)
-    return parent or ".", name
