@@ -154,7 +154,8 @@ class Checkpoint(Trackable):
         return self._write_managed(file_prefix, options)
 
     def _write_managed(self, path: CheckpointPath, options: CheckpointOptions | None = None, *,
-                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                       base: str | None = None) -> str:
         """``write`` with a hook run after the commit and user metadata in the index.
 
         The interface ``CheckpointManager`` builds on. ``after_commit(written)`` runs on
@@ -166,11 +167,16 @@ class Checkpoint(Trackable):
         checkpoint's own on many hosts, a ``LocalCoordinator`` on one. Async: the caller
         is blocked for the snapshot into the staging buffer and for uploading what does
         not fit it (``early``); the rest of the protocol runs on the background worker.
+
+        ``base`` (a manager's incremental save): a committed checkpoint in the same directory
+        whose unchanged pieces the new one references instead of uploading again.
         """
-        return self._write_to(resolve(path), _shown(path), options, after_commit=after_commit, metadata=metadata)
+        return self._write_to(resolve(path), _shown(path), options, after_commit=after_commit, metadata=metadata,
+                              base=base)
 
     def _write_to(self, location: Location, shown: str, options: CheckpointOptions | None, *,
-                  after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+                  after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                  base: str | None = None) -> str:
         """Save to ``location`` (``shown`` is the path as the caller wrote it, returned and logged)."""
         self._saver_wait()
         started = time.monotonic()
@@ -186,7 +192,7 @@ class Checkpoint(Trackable):
         if settings.asynchronous:
             staged, early, staged_bytes = self._async_saver().staging.stage(entries, settings.staging_budget)
         run = SaveRun(coordinator, location, staged, metadata=metadata, io_rank=settings.io_rank,
-                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None)
+                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None, base=base)
         run.start(early)
         if not settings.asynchronous or run.must_finish_now:
             result = run.finish()
@@ -217,10 +223,11 @@ class Checkpoint(Trackable):
                   asynchronous: bool, staged_bytes: int, early_bytes: int) -> None:
         """After the commit and its bookkeeping: stats and log line, then the write callbacks."""
         stats = SaveStats(path, result.bytes, result.objects, time.monotonic() - started, blocked,
-                          asynchronous, staged_bytes, early_bytes)
+                          asynchronous, staged_bytes, early_bytes, result.reused_bytes)
         object.__setattr__(self, "_last_stats", stats)
-        log.info("saved %s: %d bytes in %d objects, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
-                 stats.objects, stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
+        log.info("saved %s: %d bytes in %d objects%s, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
+                 stats.objects, f", {stats.reused_bytes} unchanged bytes reused" if stats.reused_bytes else "",
+                 stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
         settings.options.run_write_callbacks(path)
 
     def _async_saver(self) -> AsyncSaver:

@@ -24,10 +24,12 @@ from typing import Any, Literal, Union, cast
 import ml_dtypes
 import numpy as np
 
-from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
 
-#: Bump on any change a reader of the previous version could misread.
-FORMAT_VERSION = 1
+#: Bump on any change a reader of the previous version could misread (docs/format.md has each).
+FORMAT_VERSION = 2
+#: Versions this reader understands; every earlier version stays readable.
+READABLE_VERSIONS = frozenset({1, 2})
 FORMAT_NAME = "cloudckpt-index"
 
 INDEX_SUFFIX = ".index"
@@ -76,11 +78,10 @@ def data_key(name: str, shard: int, num_shards: int, suffix: str) -> str:
 
 #: Any data object (``<name>.data-0000k-of-0000N.<suffix>``); group ``name`` is its checkpoint.
 DATA_OBJECT = re.compile(r"(?P<name>[^/]+)\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
-
-
-def data_key_pattern(name: str) -> re.Pattern[str]:
-    """What a data object of checkpoint ``name`` may be called (no other object, no '/')."""
-    return re.compile(re.escape(name) + r"\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
+#: A piece's strong content hash, as recorded (version 2): the algorithm, then the digest.
+CONTENT_HASH = re.compile(r"xxh3_128:[0-9a-f]{32}")
+#: A checkpoint name an index may reference (version 2): one path segment, no control characters.
+_CHECKPOINT_NAME = re.compile(r"[^/\\\x00-\x1f]{1,512}")
 
 
 # ---------------------------------------------------------------------------- key paths
@@ -233,6 +234,9 @@ class Chunk:
     #: written before blocks were recorded.
     block_size: int = 0
     block_crc32c: tuple[int, ...] = ()
+    #: The bytes' strong content hash (``CONTENT_HASH``; version 2): what an incremental save
+    #: compares to reuse these bytes instead of uploading them again. ``None`` in version 1.
+    hash: str | None = None
 
     def blocks(self) -> tuple[int, tuple[int, ...]]:
         """``(unit, CRC32C per unit)``: the pieces a partial read can be verified in."""
@@ -286,13 +290,33 @@ class DataObject:
 
 @dataclass(frozen=True, slots=True)
 class CheckpointIndex:
-    """A whole parsed index. ``entries`` maps key paths to entries; ``""`` is the root."""
+    """A whole parsed index. ``entries`` maps key paths to entries; ``""`` is the root.
+
+    ``references`` (version 2) names the other checkpoints whose data objects this index
+    also names: an incremental save reuses unchanged bytes where they already are.
+    """
 
     name: str
     entries: Mapping[str, Entry]
     objects: tuple[DataObject, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    references: tuple[str, ...] = ()
+
+    def owned_objects(self) -> tuple[DataObject, ...]:
+        """The data objects this checkpoint's own write made (not the ones it references)."""
+        return tuple(o for o in self.objects if object_checkpoint(o.name) == self.name)
+
+
+def object_checkpoint(object_name: str) -> str | None:
+    """The checkpoint a data object belongs to (the prefix its write gave it), or ``None``."""
+    match = DATA_OBJECT.fullmatch(object_name)
+    return match["name"] if match else None
+
+
+def referenced_checkpoints(name: str, objects: Sequence[DataObject]) -> tuple[str, ...]:
+    """The other checkpoints whose objects ``objects`` include, sorted (an index's ``references``)."""
+    return tuple(sorted({c for o in objects if (c := object_checkpoint(o.name)) is not None and c != name}))
 
 
 # ---------------------------------------------------------------------------- encode
@@ -325,6 +349,8 @@ def _chunk_to_json(c: Chunk) -> dict[str, Any]:
     if c.block_crc32c:
         packed = b"".join(crc.to_bytes(4, "big") for crc in c.block_crc32c)
         out["blocks"] = {"size": c.block_size, "crc32c": base64.b64encode(packed).decode("ascii")}
+    if c.hash is not None:
+        out["hash"] = c.hash
     return out
 
 
@@ -343,7 +369,7 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
 
 def encode_index(index: CheckpointIndex) -> bytes:
     """The index as UTF-8 JSON (strict JSON: no NaN literals)."""
-    doc = {
+    doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "name": index.name,
@@ -351,6 +377,9 @@ def encode_index(index: CheckpointIndex) -> bytes:
         "entries": {path: _entry_to_json(e) for path, e in index.entries.items()},
         "metadata": dict(index.metadata),
     }
+    references = referenced_checkpoints(index.name, index.objects)
+    if references:
+        doc["references"] = list(references)
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -360,6 +389,8 @@ class _Checker:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        #: The document's format version (fields a version lacks are unknown fields to it).
+        self.version = FORMAT_VERSION
 
     def fail(self, where: str, problem: str) -> CheckpointFormatError:
         return CheckpointFormatError(f"malformed checkpoint index {self.url}: {where}: {problem}")
@@ -414,29 +445,52 @@ def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
     if doc.get("format") != FORMAT_NAME:
         raise check.fail("format", f"expected {FORMAT_NAME!r}, got {doc.get('format')!r}")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads version "
-            f"{FORMAT_VERSION} only - upgrade cloudckpt to read it")
-    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"})
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise CheckpointVersionError(
+            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads versions "
+            f"{', '.join(map(str, sorted(READABLE_VERSIONS)))} - upgrade cloudckpt to read it", version)
+    check.version = version
+    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"},
+               frozenset({"references"}) if version >= 2 else frozenset())
     if check.str_(doc["name"], "name") != name:
         raise check.fail("name", f"index is for checkpoint {doc['name']!r}, not {name!r}")
-    objects = _decode_objects(check, doc["objects"], name)
+    references = _decode_references(check, doc.get("references", []), name)
+    objects = _decode_objects(check, doc["objects"], name, references)
     raw_entries = check.dict_(doc["entries"], "entries")
     entries: dict[str, Entry] = {}
     for path, raw in raw_entries.items():
         entries[path] = _decode_entry(check, path, raw, objects)
     _check_tree(check, entries)
     metadata = check.dict_(doc["metadata"], "metadata")
-    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version)
+    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version,
+                           references=references)
 
 
 def _reject_constant(token: str) -> None:
     raise ValueError(f"non-standard JSON constant {token}")
 
 
-def _decode_objects(check: _Checker, raw: object, name: str) -> tuple[DataObject, ...]:
-    pattern = data_key_pattern(name)
+def _decode_references(check: _Checker, raw: object, name: str) -> tuple[str, ...]:
+    """Version 2: the other checkpoints (of the same directory) whose data objects this index names."""
+    out = []
+    for i, item in enumerate(check.list_(raw, "references", 1 << 16)):
+        ref = check.str_(item, f"references[{i}]")
+        if not _CHECKPOINT_NAME.fullmatch(ref) or ref in (".", "..") or ref == name:
+            raise check.fail(f"references[{i}]", f"{ref!r} is not another checkpoint of this directory")
+        out.append(ref)
+    if len(set(out)) != len(out):
+        raise check.fail("references", "duplicate checkpoint names")
+    return tuple(out)
+
+
+def _decode_objects(check: _Checker, raw: object, name: str, references: Sequence[str]) -> tuple[DataObject, ...]:
+    """The data objects: of this checkpoint, or (version 2) of a checkpoint listed in ``references``.
+
+    A name of any other form is refused, so an index can never make a reader read - or a
+    manager delete - objects outside the checkpoints it declares, or outside its directory.
+    """
+    allowed = {name, *references}
+    used: set[str] = set()
     objects = []
     seen: set[str] = set()
     for i, item in enumerate(check.list_(raw, "objects", 1 << 20)):
@@ -444,12 +498,18 @@ def _decode_objects(check: _Checker, raw: object, name: str) -> tuple[DataObject
         obj = check.dict_(item, where)
         check.keys(obj, where, {"name", "size"})
         obj_name = check.str_(obj["name"], where + ".name")
-        if not pattern.fullmatch(obj_name):
-            raise check.fail(where, f"data object name {obj_name!r} is not a data object of {name!r}")
+        owner = object_checkpoint(obj_name)
+        if owner not in allowed:
+            also = f" or of the checkpoints it references {sorted(references)}" if references else ""
+            raise check.fail(where, f"data object name {obj_name!r} is not a data object of {name!r}{also}")
+        used.add(owner)
         if obj_name in seen:
             raise check.fail(where, f"duplicate data object {obj_name!r}")
         seen.add(obj_name)
         objects.append(DataObject(obj_name, check.int_(obj["size"], where + ".size")))
+    unused = set(references) - used
+    if unused:
+        raise check.fail("references", f"{sorted(unused)} named but none of their objects is")
     return tuple(objects)
 
 
@@ -527,7 +587,8 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
 def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ...], itemsize: int,
                   objects: Sequence[DataObject]) -> Chunk:
     doc = check.dict_(raw, where)
-    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"}, frozenset({"blocks"}))
+    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"},
+               frozenset({"blocks", "hash"}) if check.version >= 2 else frozenset({"blocks"}))
     obj = check.int_(doc["object"], where + ".object", 0, max(len(objects) - 1, -1))
     offset = check.int_(doc["offset"], where + ".offset")
     length = check.int_(doc["length"], where + ".length")
@@ -544,7 +605,10 @@ def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ..
         raise check.fail(where, f"bytes [{offset}, {offset + length}) run past the end of "
                                 f"{objects[obj].name} ({objects[obj].size} bytes)")
     block_size, block_crcs = _decode_blocks(check, doc.get("blocks"), where + ".blocks", length)
-    return Chunk(obj, offset, length, crc, start, cshape, block_size, block_crcs)
+    content_hash = doc.get("hash")
+    if content_hash is not None and not (isinstance(content_hash, str) and CONTENT_HASH.fullmatch(content_hash)):
+        raise check.fail(where + ".hash", f"expected 'xxh3_128:' and 32 hex digits, got {content_hash!r}")
+    return Chunk(obj, offset, length, crc, start, cshape, block_size, block_crcs, content_hash)
 
 
 def _decode_blocks(check: _Checker, raw: object, where: str, length: int) -> tuple[int, tuple[int, ...]]:
