@@ -116,7 +116,8 @@ class Variable:
         return self._array.copy()
 
     def assign(self, value: ArrayLike) -> Variable:
-        """Replace the value in place; ``ValueError`` if the shape differs, ``TypeError`` if the dtype cannot hold it."""
+        """Replace the value in place; ``ValueError`` if the shape differs, ``TypeError`` if the dtype cannot hold it
+        (see ``assign_add``)."""
         new = np.asarray(value)
         if new.shape != self._array.shape:
             raise ValueError(f"cannot assign a value of shape {new.shape} to Variable "
