@@ -38,6 +38,8 @@ DATA_INFIX = ".data-"
 MAX_NDIM = 64
 MAX_BYTES = 2**53
 MAX_CHUNKS_PER_ARRAY = 1 << 16
+#: Longest key path (characters): the only bound on nesting depth (walks are iterative).
+MAX_KEY_PATH = 1 << 16
 MAX_ITEMSIZE = 1 << 20
 
 #: Types of JSON leaves (small Python values stored inline in the index).
@@ -455,7 +457,7 @@ def _decode_objects(check: _Checker, raw: object, name: str) -> tuple[DataObject
 
 
 def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[DataObject]) -> Entry:
-    where = f"entries[{path!r}]"
+    where = f"entries[{path!r}]" if len(path) <= 200 else f"entries[{path[:200]!r}...]"
     _check_path(check, path, where)
     doc = check.dict_(raw, where)
     kind = doc.get("kind")
@@ -485,8 +487,8 @@ def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[Dat
 def _check_path(check: _Checker, path: str, where: str) -> None:
     if path == "":
         return
-    if len(path) > 1 << 16:
-        raise check.fail(where, "key path too long")
+    if len(path) > MAX_KEY_PATH:
+        raise check.fail(where, f"key path of {len(path)} characters is longer than {MAX_KEY_PATH}")
     for seg in path.split("/"):
         try:
             decode_segment(seg)

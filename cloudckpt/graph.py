@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from cloudckpt import adapters
 from cloudckpt.adapters import StateAdapter
 from cloudckpt.format import (
+    MAX_KEY_PATH,
     ArrayPyType,
     NodeEntry,
     NodeType,
@@ -241,8 +242,10 @@ def collect(root: Trackable) -> dict[str, Collected]:
     ``RecursionError``. Entries come out in pre-order, children in their order.
 
     Raises:
-        ValueError: an unsupported value, an object array, a cyclic reference, or a dict
-            key that cannot round-trip; the message names the key path.
+        ValueError: an unsupported value, an object array, a cyclic reference, a dict key
+            that cannot round-trip, or a key path longer than a reader accepts
+            (``MAX_KEY_PATH``: so no index is written that cannot be read back); the
+            message names the key path.
     """
     out: dict[str, Collected] = {}
     active: set[int] = set()
@@ -253,6 +256,9 @@ def collect(root: Trackable) -> dict[str, Collected]:
             active.discard(id(item.value))
             continue
         value, path, inside_adapter = item
+        if len(path) > MAX_KEY_PATH:
+            raise ValueError(f"cannot checkpoint {path[:200]!r}...: its key path is {len(path)} characters long, "
+                             f"over the {MAX_KEY_PATH} an index may hold (nested too deeply, or a very long key)")
         found = classify(value)
         if found is None or (inside_adapter and found.kind in (Kind.TRACKABLE, Kind.ADAPTED, Kind.VARIABLE)):
             raise unsupported(path, value)

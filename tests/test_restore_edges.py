@@ -174,3 +174,17 @@ def test_restoring_into_a_meta_tensor_is_refused_not_a_silent_no_op(tmp_path: Pa
     module.to_empty(device="cpu")
     Checkpoint(m=module, w=torch.zeros(3)).read(path).assert_consumed()
     assert torch.equal(module.weight, real.weight)
+
+
+def test_a_key_path_too_long_to_read_back_is_refused_at_save(tmp_path: Path) -> None:
+    """Readers refuse key paths over MAX_KEY_PATH, so the writer must not produce one."""
+    from cloudckpt.format import MAX_KEY_PATH
+
+    too_deep = chain(MAX_KEY_PATH // 2, 1)  # "d/a/a/...": one character and a '/' per level
+    with pytest.raises(ValueError, match=r"cannot checkpoint 'd/a/a/a.*key path is \d+ characters long"):
+        Checkpoint(d=too_deep).write(str(tmp_path / "deep"))
+    with pytest.raises(ValueError, match=f"over the {MAX_KEY_PATH}"):
+        Checkpoint(d={"k" * (MAX_KEY_PATH + 1): 1}).write(str(tmp_path / "long"))
+    assert not list(tmp_path.iterdir())
+    Checkpoint(d={"k" * (MAX_KEY_PATH - 2): 1}).write(str(tmp_path / "ok"))  # "d/" + key: exactly the bound
+    assert load_variable(str(tmp_path / "ok"), "d/" + "k" * (MAX_KEY_PATH - 2)) == 1
