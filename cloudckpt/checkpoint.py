@@ -138,9 +138,11 @@ class Checkpoint(Trackable):
         ``file_prefix`` is a path, a URL, or a ``Location`` (a storage opened in code).
         """
         self._saver_wait()
+        prefix = resolve(file_prefix)
+        if self._coordinator is None:  # one host: refuse a manager's directory before writing anything
+            state_file.check_unmanaged(prefix.storage, prefix.name)
         self._save_counter.assign_add(1)
         number = int(self._save_counter)
-        prefix = resolve(file_prefix)
         location = prefix.sibling(f"{prefix.name}-{number}")
         return self._write_to(location, f"{_shown(file_prefix)}-{number}", options,
                               after_commit=lambda written: state_file.record_checkpoint(location.storage, written.name))

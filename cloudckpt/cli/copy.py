@@ -10,7 +10,11 @@ The order is what makes an interrupted copy harmless, the same as a save's::
                  (``verify.verify_data``); skipped with --no-reread
     commit    -> the index, last, with create-if-absent (replace-if-unchanged with --force):
                  only now does the copy exist as a checkpoint
-    state     -> for a directory: the state file, after every checkpoint
+    state     -> for a directory: the state file, after every checkpoint, naming only those copied
+
+A directory copy skips a damaged checkpoint (malformed index, bytes failing their CRC32C,
+truncated or missing data objects), reports it, copies every intact one, and exits 1, so
+the destination's latest is the newest intact checkpoint of the source.
 
 Data objects keep their names (they are unique to the write that made them), so a copy
 never overwrites bytes another index names. A failure before the commit removes the data
@@ -39,14 +43,24 @@ from cloudckpt.cli.common import (
     CliError,
     Progress,
     checkpoint_at,
+    fail,
     human_size,
     no_checkpoints_error,
+    one_line,
     open_directory,
     scan_directory,
     sort_names,
 )
 from cloudckpt.cli.verify import Problem, verify_data
-from cloudckpt.errors import CheckpointFormatError, InvalidRangeError, NotFoundError, PreconditionError, StorageError
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    CheckpointStateError,
+    ChecksumError,
+    InvalidRangeError,
+    NotFoundError,
+    PreconditionError,
+    StorageError,
+)
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key
 from cloudckpt.index_store import head_index, load_index, read_index
 from cloudckpt.saving.commit import commit, delete_replaced
@@ -235,20 +249,28 @@ def _relative(name: str, directory: str) -> str:
     return name[len(prefix):] if name.startswith(prefix) else name
 
 
-def _copy_state(src: Storage, dst: Storage, copied: set[str], force: bool) -> bool:
-    """The state file, with paths made relative and the writer token dropped (the copy is unclaimed)."""
+def _copy_state(src: Storage, dst: Storage, copied: Sequence[str], force: bool) -> bool:
+    """The state file, naming only what was copied, paths made relative and the writer token dropped
+    (the copy is unclaimed). ``False`` when the source has none or none of its checkpoints was copied."""
     found = read_state(src)
     if found is None:
         return False
     state = found[0]
+    kept = set(copied)
     names = [_relative(p, src.url) for p in state.all_model_checkpoint_paths]
+    stamps: list[float | None] = [*state.all_model_checkpoint_timestamps] or [None] * len(names)
+    pairs = [(n, t) for n, t in zip(names, stamps, strict=True) if n in kept]
+    if not pairs:
+        return False
     latest = _relative(state.model_checkpoint_path, src.url) if state.model_checkpoint_path else None
+    if latest not in kept:
+        latest = pairs[-1][0]  # the source's latest was damaged: the newest one that was copied
     new = CheckpointState(
-        model_checkpoint_path=latest, all_model_checkpoint_paths=names,
-        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
+        model_checkpoint_path=latest, all_model_checkpoint_paths=[n for n, _ in pairs],
+        all_model_checkpoint_timestamps=[t for _, t in pairs if t is not None],
         last_preserved_timestamp=state.last_preserved_timestamp, writer=None,
-        preserved={k: v for k, v in state.preserved.items() if _relative(k, src.url) in copied},
-        metrics=dict(state.metrics))
+        preserved={k: v for k, v in state.preserved.items() if _relative(k, src.url) in kept},
+        metrics={k: v for k, v in state.metrics.items() if _relative(k, src.url) in kept})
     current: ObjectMeta | None
     try:
         current = dst.head(STATE_KEY)
@@ -261,6 +283,22 @@ def _copy_state(src: Storage, dst: Storage, copied: set[str], force: bool) -> bo
     except PreconditionError as exc:
         raise CliError(f"{dst.url_for(STATE_KEY)} changed while copying: {exc}", EXIT_CONFLICT) from exc
     return True
+
+
+def _damage(exc: Exception, src: Storage) -> str | None:
+    """Why one checkpoint of a directory could not be copied when the cause is damage, else ``None``.
+
+    Damage - a malformed index, bytes that fail their CRC32C, a truncated or missing data
+    object of the source, a copy that reads back wrong - skips that checkpoint; anything else
+    (credentials, the network, a full destination) stops the whole copy as before.
+    """
+    if isinstance(exc, CliError):
+        return str(exc) if exc.code == EXIT_DAMAGED else None
+    if isinstance(exc, (CheckpointFormatError, ChecksumError)):
+        return one_line(exc)
+    if isinstance(exc, NotFoundError) and (exc.url or "").startswith(src.url.rstrip("/") + "/"):
+        return f"an object it names is missing: {one_line(exc)}"
+    return None
 
 
 def _report(result: Copied) -> None:
@@ -293,12 +331,31 @@ def run(args: Any) -> int:
             existing.append(STATE_KEY)
         if existing:
             raise CliError(f"{dst.url} already has {', '.join(existing)} (use --force to replace)", EXIT_CONFLICT)
+    copied: list[str] = []
+    damaged: list[str] = []
     for name in names:
-        _report(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread, quiet=args.quiet))
+        try:
+            _report(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread,
+                                    quiet=args.quiet))
+        except Exception as exc:
+            reason = _damage(exc, src)
+            if reason is None:
+                raise
+            fail(f"not copied, damaged: {src.url_for(name)}: {reason}")
+            damaged.append(name)
+        else:
+            copied.append(name)
     skipped = [n for n in scan.names if n not in scan.indexes]
     if skipped:
         print(f"not copied (incomplete saves, no index): {', '.join(skipped)}")
-    if _copy_state(src, dst, set(names), args.force):
-        print(f"copied {src.url_for(STATE_KEY)} -> {dst.url_for(STATE_KEY)}")
+    try:
+        if copied and _copy_state(src, dst, copied, args.force):
+            print(f"copied {src.url_for(STATE_KEY)} -> {dst.url_for(STATE_KEY)}"
+                  f"{' (listing only the checkpoints copied)' if damaged else ''}")
+    except CheckpointStateError as exc:
+        fail(f"not copied, damaged: {one_line(exc)}")
+        damaged.append(STATE_KEY)
+    if damaged:
+        print(f"copied {len(copied)} of {len(names)} checkpoints; not copied (damaged): {', '.join(damaged)}")
+        return EXIT_DAMAGED
     return 0
-
