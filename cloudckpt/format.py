@@ -310,6 +310,17 @@ class CheckpointIndex:
         """The data objects this checkpoint's own write made (not the ones it references)."""
         return tuple(o for o in self.objects if object_checkpoint(o.name) == self.name)
 
+    def bytes_by_checkpoint(self) -> dict[str, int]:
+        """Array bytes per checkpoint whose objects hold them: this one's new bytes under its
+        own name, the bytes an incremental save reused under the checkpoints that wrote them."""
+        out: dict[str, int] = {}
+        for entry in self.entries.values():
+            if isinstance(entry, ArrayEntry):
+                for c in entry.chunks:
+                    owner = object_checkpoint(self.objects[c.object].name) or self.name
+                    out[owner] = out.get(owner, 0) + c.length
+        return out
+
 
 def object_checkpoint(object_name: str) -> str | None:
     """The checkpoint a data object belongs to (the prefix its write gave it), or ``None``."""

@@ -28,7 +28,6 @@ are streamed in parts, at most ``max_concurrency`` parts held at a time.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,8 +60,9 @@ from cloudckpt.errors import (
     PreconditionError,
     StorageError,
 )
-from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key
-from cloudckpt.index_store import head_index, load_index, read_index
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint
+from cloudckpt.index_store import head_index, load_index
+from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving.commit import commit, delete_replaced
 from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, open_storage, split_url, url_scheme
@@ -161,25 +161,41 @@ class Copied:
 
 
 def _renamed(index: CheckpointIndex, name: str) -> CheckpointIndex:
-    """The index under another checkpoint name: data objects carry the name as their prefix."""
+    """The index under another checkpoint name: data objects carry the name as their prefix.
+
+    Objects of the checkpoints an incremental index references are renamed too, so a copy
+    under a new name stands alone (it references nothing; their suffixes keep names unique).
+    """
     if name == index.name:
         return index
-    objects = tuple(DataObject(name + o.name[len(index.name):], o.size) for o in index.objects)
-    return replace(index, name=name, objects=objects)
+    objects = tuple(DataObject(name + o.name[len(object_checkpoint(o.name) or index.name):], o.size)
+                    for o in index.objects)
+    return replace(index, name=name, objects=objects, references=())
 
 
-def _discard(dst: Storage, name: str, written: Sequence[str]) -> None:
-    """Remove what this copy wrote, except objects an index at ``name`` names (a same-source recopy)."""
-    keep: set[str] = set()
-    with contextlib.suppress(NotFoundError, CheckpointFormatError):
-        current = read_index(dst, name)
-        keep = set() if current is None else {o.name for o in current.objects}
-    doomed = [key for key in written if key not in keep]
+def _discard(dst: Storage, written: Sequence[str]) -> None:
+    """Remove what this copy wrote, except objects a committed index names (a recopy, or a
+    checkpoint copied earlier that this one references)."""
     try:
-        dst.delete(doomed)
-    except StorageError as exc:
+        delete_unreferenced(dst, written)
+    except (StorageError, CheckpointFormatError) as exc:
         log.warning("could not remove %d copied data object(s) from %s: %s (cloudckpt gc will)",
-                    len(doomed), dst.url, exc)
+                    len(written), dst.url, exc)
+
+
+def _already_copied(dst: Storage, new: DataObject, src_name: str, old: DataObject) -> bool:
+    """Whether an object another checkpoint owns (one an incremental index references) is already
+    at the destination under the same name and size - copied with the checkpoint that wrote it.
+
+    Names are write-unique, so the same name and size is the same bytes; the re-read
+    verification (``--verify``, default) still checks them. Own objects are always copied.
+    """
+    if object_checkpoint(old.name) == src_name or new.name != old.name:
+        return False
+    try:
+        return dst.head(new.name).size == new.size
+    except NotFoundError:
+        return False
 
 
 def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *, force: bool, reread: bool,
@@ -198,8 +214,9 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
         with Progress(total, f"copy {src_name}", enabled=not quiet) as progress:
             copier = _Copier(src, dst, progress)
             sums = [_ChunkSums(chunks[i]) for i in range(len(index.objects))]
-            written.extend(o.name for o in new_index.objects)
-            pairs = list(zip(index.objects, new_index.objects, sums, strict=True))
+            pairs = [(old, new, checks) for old, new, checks in zip(index.objects, new_index.objects, sums, strict=True)
+                     if not _already_copied(dst, new, src_name, old)]
+            written.extend(new.name for _, new, _ in pairs)
             # Objects copied whole go in parallel (at most max_concurrency held at once);
             # large ones one at a time, each with its parts in parallel on the destination's pool.
             with ThreadPoolExecutor(max_workers=copier.workers, thread_name_prefix="cloudckpt-cp-small") as pool:
@@ -211,6 +228,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
                 gather(whole)
             for old, _, checks in pairs:
                 problems += checks.problems(src.url_for(old.name))
+            progress.update(sum(o.size for o in index.objects) - sum(old.size for old, _, _ in pairs))
         if problems:
             raise CliError(f"the source {src.url_for(src_name)} is damaged, nothing was committed: "
                            + "; ".join(p.line() for p in problems[:5])
@@ -223,7 +241,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
                                + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
         _, _, stale = commit(dst, new_index, seen)
     except BaseException:
-        _discard(dst, dst_name, written)
+        _discard(dst, written)
         raise
     delete_replaced(dst, dst_name, stale)
     return Copied(src.url_for(src_name), dst.url_for(dst_name), len(index.objects), total, reread)

@@ -77,9 +77,12 @@ def run(args: Any) -> int:
     leaves = {p: e for p, e in index.entries.items() if not isinstance(e, NodeEntry)}
     values = {} if args.no_values else scalar_values(storage, index)
     data_bytes = sum(o.size for o in index.objects)
+    by_checkpoint = index.bytes_by_checkpoint()
+    shared = {k: v for k, v in by_checkpoint.items() if k != name}
     if args.json:
         print_json({"checkpoint": storage.url_for(name), "name": name, "format_version": index.version,
                     "metadata": dict(index.metadata), "data_bytes": data_bytes,
+                    "new_bytes": by_checkpoint.get(name, 0), "shared_bytes": dict(sorted(shared.items())),
                     "objects": [{"name": o.name, "size": o.size} for o in index.objects],
                     "entries": [_entry_json(p, e, index, values) for p, e in leaves.items()]})
         return 0
@@ -88,6 +91,9 @@ def run(args: Any) -> int:
     print(f"format      cloudckpt-index version {index.version}")
     print(f"data        {len(arrays)} arrays, {len(leaves) - len(arrays)} inline values, "
           f"{human_size(data_bytes)} in {len(index.objects)} data object(s)")
+    if shared:
+        print(f"shared      {human_size(by_checkpoint.get(name, 0))} new in this checkpoint; unchanged bytes "
+              "referenced in " + ", ".join(f"{k} ({human_size(v)})" for k, v in sorted(shared.items())))
     if index.metadata:
         print(f"metadata    {json.dumps(dict(index.metadata), default=str)}")
     print()

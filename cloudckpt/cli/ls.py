@@ -53,12 +53,16 @@ class Row:
     managed: bool = False
     stray_objects: int = 0
     problem: str | None = None
+    #: Incremental checkpoints: array bytes new in this one, and bytes reused per earlier checkpoint.
+    new_bytes: int = 0
+    shared: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "number": checkpoint_number(self.name), "status": self.status,
                 "size": self.size, "objects": self.objects, "time": iso_time(self.time),
                 "metadata": self.metadata, "latest": self.latest, "preserved": self.preserved,
-                "managed": self.managed, "stray_objects": self.stray_objects, "problem": self.problem}
+                "managed": self.managed, "stray_objects": self.stray_objects, "problem": self.problem,
+                "new_bytes": self.new_bytes, "shared_bytes": self.shared}
 
 
 def read_state_quietly(storage: Storage) -> CheckpointState | None:
@@ -92,10 +96,12 @@ def collect_rows(storage: Storage, scan: DirectoryScan) -> tuple[list[Row], str 
                              time=max(stamps) if stamps else None)
         elif isinstance(index, CheckpointIndex):
             named = {o.name for o in index.objects}
+            by_checkpoint = index.bytes_by_checkpoint()
             rows[name] = Row(name, "committed", size=index_meta.size + sum(o.size for o in index.objects),
                              objects=1 + len(index.objects), time=index_meta.last_modified,
                              metadata=dict(index.metadata),
-                             stray_objects=sum(1 for m in data if m.key not in named))
+                             stray_objects=sum(1 for m in data if m.key not in named),
+                             new_bytes=by_checkpoint.pop(name, 0), shared=dict(sorted(by_checkpoint.items())))
         else:
             rows[name] = Row(name, "unreadable", size=index_meta.size + sum(m.size for m in data),
                              objects=1 + len(data), time=index_meta.last_modified, problem=str(index))
@@ -114,6 +120,8 @@ def _flags(row: Row) -> str:
     flags = [flag for flag, on in (("latest", row.latest), ("preserved", row.preserved)) if on]
     if row.stray_objects:
         flags.append(f"+{row.stray_objects} stray")
+    if row.shared:
+        flags.append(f"{human_size(sum(row.shared.values()))} shared ({','.join(row.shared)})")
     return ",".join(flags)
 
 
