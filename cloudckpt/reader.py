@@ -92,6 +92,19 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
             committed); the message suggests ``<name>-N`` checkpoints that do exist.
         CheckpointFormatError: the index is malformed or of an unknown version.
     """
+    return decode_index(read_index_bytes(storage, name), name, storage.url_for(index_key(name)))
+
+
+def read_index_bytes(storage: Storage, name: str) -> bytes:
+    """The bytes of checkpoint ``name``'s index object, refused by size (HEAD) if implausibly large.
+
+    Shared by both formats an ``.index`` can hold (cloudckpt's JSON, TensorFlow's table):
+    the caller tells them apart by content.
+
+    Raises:
+        CheckpointNotFoundError: no index; the message suggests checkpoints that do exist.
+        CheckpointFormatError: the object is larger than ``MAX_INDEX_BYTES``.
+    """
     key = index_key(name)
     try:
         # HEAD first: an index is read whole into memory, so a huge (hostile or corrupt)
@@ -100,10 +113,9 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
         if size > MAX_INDEX_BYTES:
             raise CheckpointFormatError(f"{storage.url_for(key)} is {size} bytes, over the {MAX_INDEX_BYTES}-byte "
                                         "limit for an index; refusing to read it (not a cloudckpt index?)")
-        data = storage.get(key)
+        return storage.get(key)
     except NotFoundError as exc:
         raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name)) from exc
-    return decode_index(data, name, storage.url_for(key))
 
 
 def _not_found_message(storage: Storage, name: str) -> str:

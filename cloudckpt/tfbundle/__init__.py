@@ -9,6 +9,14 @@ in pure Python and numpy: ``table`` (the table), ``wire`` (the protobuf wire for
 Read, never written. See docs/tensorflow-import.md.
 """
 
-from cloudckpt.tfbundle.bundle import Bundle, Tensor, data_object, is_bundle_index, nested
+from cloudckpt.tfbundle.bundle import (
+    Bundle,
+    Tensor,
+    data_object,
+    is_bundle_index,
+    load_any_index,
+    nested,
+    tensor_value,
+)
 
-__all__ = ["Bundle", "Tensor", "data_object", "is_bundle_index", "nested"]
+__all__ = ["Bundle", "Tensor", "data_object", "is_bundle_index", "load_any_index", "nested", "tensor_value"]

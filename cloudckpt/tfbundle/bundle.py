@@ -32,8 +32,8 @@ from cloudckpt.errors import (
     InvalidRangeError,
     NotFoundError,
 )
-from cloudckpt.format import decode_segment, index_key
-from cloudckpt.reader import read_coalesced
+from cloudckpt.format import CheckpointIndex, decode_index, decode_segment, index_key
+from cloudckpt.reader import read_coalesced, read_index_bytes
 from cloudckpt.storage import ByteRange, ReadRequest, Storage
 from cloudckpt.tfbundle.entries import (
     DT_STRING,
@@ -47,7 +47,7 @@ from cloudckpt.tfbundle.entries import (
     slice_box,
     slice_key,
 )
-from cloudckpt.tfbundle.objects import OBJECT_GRAPH_KEY, assign_names, object_paths
+from cloudckpt.tfbundle.objects import OBJECT_GRAPH_KEY, SLOT_SEGMENT, assign_names, object_paths
 from cloudckpt.tfbundle.strings import decode_strings
 from cloudckpt.tfbundle.table import looks_like_table, read_table
 
@@ -80,6 +80,8 @@ class Tensor:
         shape: the full shape (of the whole tensor, for a partitioned one).
         nbytes: bytes it takes in the data shards.
         slices: how many slices a partitioned tensor is stored in (0: stored whole).
+        numpy_dtype: the dtype it reads as (``object`` for strings); ``None`` for the
+            resource/variant tensors that cannot be read.
     """
 
     name: str
@@ -88,6 +90,7 @@ class Tensor:
     shape: tuple[int, ...]
     nbytes: int
     slices: int
+    numpy_dtype: np.dtype[Any] | None
 
 
 class Bundle:
@@ -183,7 +186,9 @@ class Bundle:
             entry = self.entries[key]
             parts = self._slice_entries.get(key, [])
             nbytes = sum(p.size for p, _, _ in parts) if entry.slices else entry.size
-            out.append(Tensor(name, key, dtype_label(entry.dtype), entry.shape, nbytes, len(entry.slices)))
+            readable = entry.dtype in DTYPES or entry.dtype == DT_STRING
+            out.append(Tensor(name, key, dtype_label(entry.dtype), entry.shape, nbytes, len(entry.slices),
+                              entry.np_dtype if readable else None))
         return sorted(out, key=lambda t: t.name)
 
     # ------------------------------------------------------------------ reading
@@ -200,8 +205,10 @@ class Bundle:
             ChecksumError: a tensor's bytes do not match their recorded CRC32C.
             CheckpointNotFoundError: a data shard is missing.
         """
-        wanted = [(name, self.entries[self.resolve(name)]) for name in names]
-        return self._read(wanted)
+        display = {key: name for name, key in self.names.items()}
+        keys = {name: self.resolve(name) for name in names}
+        values = self._read([(display.get(key, key), self.entries[key]) for key in keys.values()])
+        return {name: values[display.get(key, key)] for name, key in keys.items()}
 
     def _read(self, wanted: Sequence[tuple[str, Entry]]) -> dict[str, NDArray[Any]]:
         requests: list[ReadRequest] = []
@@ -213,13 +220,14 @@ class Bundle:
                     f"tensor {name!r} of TensorFlow checkpoint {self.url} is a {dtype_label(entry.dtype)} tensor: "
                     "it holds no portable values (TensorFlow-internal state), so it cannot be read without "
                     "TensorFlow")
+            parts = self._slice_entries.get(entry.key, []) if entry.slices else [(entry, (0,) * len(entry.shape),
+                                                                                  entry.shape)]
+            for part, _, _ in parts:  # every byte inside its shard (HEAD) before anything is allocated
+                self._check_range(part, name)
             dest = np.empty(entry.shape, dtype=entry.np_dtype)
             out[name] = dest
-            parts = self._slice_entries.get(entry.key) if entry.slices else [(entry, (0,) * len(entry.shape),
-                                                                              entry.shape)]
-            for part, start, shape in parts or []:
+            for part, start, shape in parts:
                 box: tuple[slice, ...] = tuple(slice(a, a + n) for a, n in zip(start, shape, strict=True))
-                self._check_range(part, name)
                 if part.dtype == DT_STRING:
                     raw = bytearray(part.size)
                     requests.append(ReadRequest(self.objects[part.shard], part.offset, memoryview(raw)))
@@ -358,21 +366,27 @@ def nested(bundle: Bundle, prefix: str) -> dict[str, Any] | None:
     """The tensors under object path ``prefix`` as nested dicts (``None`` if there are none).
 
     Keys are the decoded local names, as ``load_variable("model")`` returns a subtree of a
-    cloudckpt checkpoint.
+    cloudckpt checkpoint. Optimizer slots (``<variable>/.OPTIMIZER_SLOT/...``) are left out:
+    a variable is a leaf, so its slots cannot also hang below it (read them by their names).
+
+    Raises:
+        ValueError: some tensor is also the parent of another (no such tree exists).
     """
     head = prefix.rstrip("/") + "/"
-    inside = [n for n in bundle.names if n.startswith(head)]
+    inside = [n for n in bundle.names
+              if n.startswith(head) and f"/{SLOT_SEGMENT}/" not in n[len(head) - 1:]]
     if not inside:
         return None
     values = bundle.read(inside)
     tree: dict[str, Any] = {}
-    for name in inside:
+    for name in sorted(inside):
         node = tree
         segments = name[len(head):].split("/")
         for segment in segments[:-1]:
             child = node.setdefault(_segment(segment), {})
             if not isinstance(child, dict):
-                return None
+                raise ValueError(f"{prefix!r} of {bundle.url} cannot be read as one tree: a tensor is also the "
+                                 f"parent of {name!r}; read the tensors one by one")
             node = child
         node[_segment(segments[-1])] = values[name]
     return tree
@@ -384,3 +398,28 @@ def _segment(segment: str) -> str:
         return str(decode_segment(segment))
     except CheckpointFormatError:
         return segment
+
+
+def load_any_index(storage: Storage, name: str) -> CheckpointIndex | Bundle:
+    """Checkpoint ``name``'s index, whichever format it is in: cloudckpt's, or a TensorFlow bundle.
+
+    One HEAD and one GET of the ``.index`` object; the format is told from its bytes.
+
+    Raises:
+        CheckpointFormatError: the bytes are neither (a truncated TensorFlow index has lost
+            its magic number), or the index they hold is malformed.
+    """
+    data = read_index_bytes(storage, name)
+    url = storage.url_for(index_key(name))
+    if is_bundle_index(data):
+        return Bundle(storage, name, data)
+    if data.lstrip()[:1] == b"{":
+        return decode_index(data, name, url)
+    raise CheckpointFormatError(
+        f"{url} is not a checkpoint index: neither cloudckpt's (JSON) nor TensorFlow's (a table ending in "
+        f"its magic number); {len(data)} bytes - truncated, or not a checkpoint")
+
+
+def tensor_value(array: NDArray[Any]) -> Any:
+    """A value as ``tf.train.load_checkpoint(...).get_tensor`` returns it: a 0-d tensor as a scalar."""
+    return array[()] if array.ndim == 0 else array

@@ -37,6 +37,7 @@ from cloudckpt.tfbundle import wire
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VARIABLE_VALUE = "VARIABLE_VALUE"
+SLOT_SEGMENT = ".OPTIMIZER_SLOT"
 #: Most nodes an object graph may have (each takes at least 2 bytes of the proto anyway).
 MAX_NODES = 1 << 24
 
@@ -112,7 +113,7 @@ def object_paths(graph: bytes, url: str) -> dict[str, str]:
         for original, slot, variable in slots:
             original, variable = node_at(original), node_at(variable)
             if variable not in paths and original in paths:
-                paths[variable] = "/".join((paths[original], ".OPTIMIZER_SLOT", paths[optimizer],
+                paths[variable] = "/".join((paths[original], SLOT_SEGMENT, paths[optimizer],
                                             encode_segment(slot)))
     out: dict[str, str] = {}
     for node_id, path in paths.items():
