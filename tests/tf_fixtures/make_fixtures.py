@@ -17,7 +17,7 @@ It replaces ``tests/tf_fixtures/data/`` with:
   with TensorFlow's state file ``checkpoint``;
 - ``sharded/ckpt-1``: one checkpoint split over several data shards by
   ``tf.train.experimental.MaxShardSizePolicy``;
-- ``partitioned/model.ckpt``: a ``tf.compat.v1`` graph with a partitioned variable saved
+- ``partitioned/model.ckpt``: a ``tf.compat.v1`` graph with partitioned variables saved
   by a V1 ``Saver`` (V2 format, sharded): TensorBundle slices, no object graph.
 
 Next to each checkpoint, ``<name>.expected.json`` holds what every raw bundle key must
@@ -75,7 +75,9 @@ def write_expected(prefix: str) -> None:
         if key != OBJECT_GRAPH_KEY:
             entry["value"] = json_value(array)
         doc["keys"][key] = entry
-    Path(prefix + ".expected.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    lines = [f"  {json.dumps(key)}: {json.dumps(doc['keys'][key], sort_keys=True)}" for key in sorted(doc["keys"])]
+    text = f'{{"tensorflow": {json.dumps(doc["tensorflow"])}, "keys": {{\n' + ",\n".join(lines) + "\n}}\n"
+    Path(prefix + ".expected.json").write_text(text)
 
 
 class Layer(tf.Module):
@@ -190,6 +192,9 @@ def partitioned() -> None:
         init = tf.compat.v1.random_normal_initializer(seed=5)
         tf.compat.v1.get_variable("part", shape=[10, 4], initializer=init,
                                   partitioner=tf.compat.v1.fixed_size_partitioner(3))
+        # Slice starts past 63 and 8191 take 2- and 3-byte OrderedCode numbers in the slice keys.
+        tf.compat.v1.get_variable("long", shape=[16500], dtype=tf.int8, initializer=tf.compat.v1.ones_initializer(),
+                                  partitioner=tf.compat.v1.fixed_size_partitioner(2))
         tf.compat.v1.get_variable("plain", initializer=np.array([1, 2, 3], np.int32))
         saver = tf.compat.v1.train.Saver(sharded=True)
         with tf.compat.v1.Session(graph=graph) as session:
