@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.checksum import Crc32c, crc32c_of
+from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -34,25 +34,21 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import CheckpointIndex, decode_index, decode_segment, index_key
 from cloudckpt.reader import read_coalesced, read_index_bytes
-from cloudckpt.storage import ByteRange, ReadRequest, Storage
+from cloudckpt.storage import ReadRequest, Storage
 from cloudckpt.tfbundle.entries import (
     DT_STRING,
-    DTYPES,
-    REFUSED,
     Entry,
     Header,
     decode_entry,
     decode_header,
     dtype_label,
+    readable,
     slice_box,
     slice_key,
 )
 from cloudckpt.tfbundle.objects import OBJECT_GRAPH_KEY, SLOT_SEGMENT, assign_names, object_paths
 from cloudckpt.tfbundle.strings import decode_strings
 from cloudckpt.tfbundle.table import looks_like_table, read_table
-
-#: Bytes per ranged GET when a tensor's CRC32C is checked without holding it (``verify``).
-VERIFY_WINDOW = 16 * 1024 * 1024
 
 
 def is_bundle_index(data: bytes) -> bool:
@@ -105,7 +101,7 @@ class Bundle:
         self.name = name
         self.url = storage.url_for(name)
         self.index_url = storage.url_for(index_key(name))
-        self.index_size = len(index_bytes)
+        self.index_bytes = index_bytes  # kept: ``cloudckpt cp`` copies it as-is
         rows = read_table(index_bytes, self.index_url)
         if not rows or rows[0][0] != b"":
             raise CheckpointFormatError(f"malformed TensorFlow checkpoint index {self.index_url}: "
@@ -186,9 +182,8 @@ class Bundle:
             entry = self.entries[key]
             parts = self._slice_entries.get(key, [])
             nbytes = sum(p.size for p, _, _ in parts) if entry.slices else entry.size
-            readable = entry.dtype in DTYPES or entry.dtype == DT_STRING
             out.append(Tensor(name, key, dtype_label(entry.dtype), entry.shape, nbytes, len(entry.slices),
-                              entry.np_dtype if readable else None))
+                              entry.np_dtype if readable(entry.dtype) else None))
         return sorted(out, key=lambda t: t.name)
 
     # ------------------------------------------------------------------ reading
@@ -215,7 +210,7 @@ class Bundle:
         checks: list[tuple[str, Entry, NDArray[Any] | bytearray, NDArray[Any], tuple[slice, ...] | None]] = []
         out: dict[str, NDArray[Any]] = {}
         for name, entry in wanted:
-            if entry.dtype in REFUSED or (entry.dtype not in DTYPES and entry.dtype != DT_STRING):
+            if not readable(entry.dtype):
                 raise CheckpointFormatError(
                     f"tensor {name!r} of TensorFlow checkpoint {self.url} is a {dtype_label(entry.dtype)} tensor: "
                     "it holds no portable values (TensorFlow-internal state), so it cannot be read without "
@@ -302,42 +297,22 @@ class Bundle:
             raise CheckpointFormatError(f"a data shard of TensorFlow checkpoint {self.url} is shorter than "
                                         f"its index says (truncated?): {exc}") from exc
 
-    # ------------------------------------------------------------------ verification
-    def stored_entries(self) -> Iterator[tuple[str, Entry]]:
-        """Every entry that holds bytes (slices one by one, the object graph too), with its display name."""
-        names = {key: name for name, key in self.names.items()}
+    # ------------------------------------------------------------------ entries that hold bytes
+    @property
+    def index_size(self) -> int:
+        return len(self.index_bytes)
+
+    def stored_entries(self, names: Mapping[str, str]) -> Iterator[tuple[str, Entry]]:
+        """Every entry that holds bytes (slices one by one, the object graph too), named by ``names``.
+
+        ``names`` maps raw keys to display names (keys it lacks are shown raw).
+        """
         for key, entry in self.entries.items():
             if entry.slices:
                 for n, (part, _, _) in enumerate(self._slice_entries.get(key, [])):
                     yield f"{names.get(key, key)} (slice {n + 1} of {len(entry.slices)})", part
             elif not key.startswith("\x00"):
                 yield names.get(key, key), entry
-
-    def verify_entry(self, name: str, entry: Entry) -> bool:
-        """Check one stored entry's CRC32C, streaming numeric bytes in windows (never held whole).
-
-        Returns ``False`` for a resource/variant entry, whose per-element framing this
-        reader does not decode (its bytes are only checked to lie inside their shard).
-        """
-        self._check_range(entry, name)
-        if entry.dtype in REFUSED or (entry.dtype not in DTYPES and entry.dtype != DT_STRING):
-            return False
-        if entry.size == 0:
-            return True
-        shard = self.objects[entry.shard]
-        if entry.dtype == DT_STRING:
-            self._read([(name, entry)])
-            return True
-        crc = Crc32c()
-        for start in range(entry.offset, entry.offset + entry.size, VERIFY_WINDOW):
-            end = min(start + VERIFY_WINDOW, entry.offset + entry.size)
-            try:
-                crc.update(self.storage.get(shard, ByteRange.bounded(start, end)))
-            except InvalidRangeError as exc:
-                raise CheckpointFormatError(f"{self.storage.url_for(shard)} is shorter than the index of "
-                                            f"{self.url} says (truncated?): {exc}") from exc
-        self._verify(name, entry, crc.value)
-        return True
 
 
 def _check_cover(bundle: Bundle, entry: Entry, boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:

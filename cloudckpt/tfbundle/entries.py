@@ -76,6 +76,11 @@ for _number, _name in ((24, "float8_e5m2"), (25, "float8_e4m3fn"), (26, "float8_
 REFUSED = {DT_RESOURCE: "resource", DT_VARIANT: "variant"}
 
 
+def readable(number: int) -> bool:
+    """Whether tensors of this DataType can be read (numeric, bool, string; not resource/variant)."""
+    return number in DTYPES or number == DT_STRING
+
+
 def dtype_label(number: int) -> str:
     """TensorFlow's name for a DataType number (``float32``, ``string``, ``resource`` ...)."""
     if number in DTYPES:
