@@ -56,7 +56,7 @@ def expected_array(doc: dict[str, Any]) -> np.ndarray:
 
 
 def assert_same(actual: Any, want: np.ndarray, what: str) -> None:
-    actual = np.asarray(actual)
+    actual = np.array(actual, dtype=object) if isinstance(actual, bytes) else np.asarray(actual)
     assert actual.shape == want.shape, what
     if want.dtype == object:
         assert actual.dtype == object and actual.reshape(-1).tolist() == want.reshape(-1).tolist(), what
