@@ -1,4 +1,7 @@
-"""``python -m bench [storage|checkpoint|distributed|all] [options]`` - see docs/benchmarks.md."""
+"""``python -m bench [storage|checkpoint|distributed|tfimport|all] [options]`` - see docs/benchmarks.md.
+
+``tfimport`` needs TensorFlow, in its own environment: run it as ``./run bench tfimport``.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ def main(argv: list[str]) -> int:
     try:
         from bench import bench_distributed
         suites["distributed"] = bench_distributed.main
+    except ImportError:
+        pass
+    try:
+        from bench import bench_tf_import
+        suites["tfimport"] = bench_tf_import.main
     except ImportError:
         pass
     if which == "all":
