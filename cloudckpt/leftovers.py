@@ -27,9 +27,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from cloudckpt.errors import CheckpointFormatError, NotFoundError
-from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, index_key
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
+from cloudckpt.tfbundle import Bundle, load_any_index
 
 log = logging.getLogger("cloudckpt.leftovers")
 
@@ -72,7 +73,8 @@ def _referenced(storage: Storage, indexes: Iterable[str]) -> tuple[set[str], set
     for key in indexes:
         name = key[: -len(INDEX_SUFFIX)]
         try:
-            named.update(obj.name for obj in decode_index(storage.get(key), name, storage.url_for(key)).objects)
+            loaded = load_any_index(storage, name)  # a TensorFlow checkpoint names its shards
+            named.update(loaded.objects if isinstance(loaded, Bundle) else (obj.name for obj in loaded.objects))
         except NotFoundError:
             continue  # deleted since the listing: its data objects are fair game once old enough
         except CheckpointFormatError as exc:

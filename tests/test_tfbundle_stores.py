@@ -152,3 +152,20 @@ def test_cli_cp_refuses_a_damaged_tensorflow_source(tmp_path: Path) -> None:
         assert_one_line_error(result, 1, "f32: source bytes", "the source", "is damaged, nothing was committed")
         assert not (tmp_path / "dst" / "ckpt-1.index").exists()
         assert not (tmp_path / "dst" / "ckpt-1.data-00000-of-00001").exists()
+
+
+def test_gc_keeps_tensorflow_checkpoints_and_finds_their_crashed_temp_files(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for path in (FIXTURES / "manager").iterdir():
+        if not path.name.endswith(".expected.json"):
+            (run / path.name).write_bytes(path.read_bytes())
+    (run / "ckpt-5.data-00000-of-00001.tempstate8127").write_bytes(b"half a save")  # a TF save that died
+    (run / "ckpt-4.data-00000-of-00001.tempstate99").write_bytes(b"an older attempt")
+    result = cli("gc", str(run), "--min-age", "0s", "--json", "--yes")
+    assert result.returncode == 0 and "unreadable" not in result.stderr, result.stderr
+    removed = sorted(item["key"] for item in json.loads(result.stdout)["leftovers"])
+    assert removed == ["ckpt-4.data-00000-of-00001.tempstate99", "ckpt-5.data-00000-of-00001.tempstate8127"]
+    assert cloudckpt.latest_checkpoint(run) == str(run / "ckpt-4")
+    for name in ("ckpt-2", "ckpt-3", "ckpt-4"):
+        assert (run / f"{name}.index").exists() and (run / f"{name}.data-00000-of-00001").exists()
