@@ -115,6 +115,10 @@ def test_public_reader_api_reads_tensorflow_checkpoints() -> None:
     tree = cloudckpt.load_variable(path, "model/layers")
     assert sorted(tree) == ["0", "1"] and sorted(tree["1"]) == ["bias", "kernel"]
     assert_same(tree["1"]["bias"], expected_array(want["model/layers/1/bias/.ATTRIBUTES/VARIABLE_VALUE"]), "tree")
+    everything = cloudckpt.load_variable(path, "")  # the root: every tensor, slots left out
+    assert sorted(everything) == ["model", "optimizer", "save_counter"]
+    assert sorted(everything["model"]["config"]) == ["a/b", "x.y"]  # the local names, decoded
+    assert sorted(everything["optimizer"]) == ["beta1_power", "beta2_power"]
 
     reader = cloudckpt.load_checkpoint(FIXTURES / "basic" / "ckpt-1")
     assert reader.get_tensor("text") == b"hello, checkpoint"

@@ -341,15 +341,14 @@ def nested(bundle: Bundle, prefix: str) -> dict[str, Any] | None:
     """The tensors under object path ``prefix`` as nested dicts (``None`` if there are none).
 
     Keys are the decoded local names, as ``load_variable("model")`` returns a subtree of a
-    cloudckpt checkpoint. Optimizer slots (``<variable>/.OPTIMIZER_SLOT/...``) are left out:
+    cloudckpt checkpoint; ``""`` is the root (every tensor). One batched read fetches them all. Optimizer slots (``<variable>/.OPTIMIZER_SLOT/...``) are left out:
     a variable is a leaf, so its slots cannot also hang below it (read them by their names).
 
     Raises:
         ValueError: some tensor is also the parent of another (no such tree exists).
     """
-    head = prefix.rstrip("/") + "/"
-    inside = [n for n in bundle.names
-              if n.startswith(head) and f"/{SLOT_SEGMENT}/" not in n[len(head) - 1:]]
+    head = prefix.rstrip("/") + "/" if prefix else ""
+    inside = [n for n in bundle.names if n.startswith(head) and SLOT_SEGMENT not in n[len(head):].split("/")]
     if not inside:
         return None
     values = bundle.read(inside)
