@@ -388,7 +388,7 @@ def test_slices_must_tile_the_tensor(tmp_path: Path, slices: list[list[tuple[int
     if problem == "overlap":
         writer.add_raw(b"p", tfw.entry(1, [5, 2], slices=slices))
     with pytest.raises(CheckpointFormatError, match=problem):
-        cloudckpt.list_variables(_write(writer, tmp_path))
+        cloudckpt.load_variable(_write(writer, tmp_path), "p")  # overlaps are found when the tensor is read
 
 
 def test_lying_string_lengths_are_checksum_errors(tmp_path: Path) -> None:

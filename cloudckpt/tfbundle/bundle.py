@@ -219,6 +219,9 @@ class Bundle:
                                                                                   entry.shape)]
             for part, _, _ in parts:  # every byte inside its shard (HEAD) before anything is allocated
                 self._check_range(part, name)
+            if entry.slices:
+                _check_disjoint(self, entry, [tuple(slice(a, a + n) for a, n in zip(start, shape, strict=True))
+                                              for _, start, shape in parts])
             dest = np.empty(entry.shape, dtype=entry.np_dtype)
             out[name] = dest
             for part, start, shape in parts:
@@ -316,18 +319,26 @@ class Bundle:
 
 
 def _check_cover(bundle: Bundle, entry: Entry, boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
-    """The slices of a partitioned tensor must tile it exactly: no gaps, no overlaps."""
-    total = math.prod(entry.shape)
-    if sum(math.prod(shape) for _, shape in boxes) != total:
+    """The slices' volumes must add up to the tensor's (linear; overlaps are caught when it is read)."""
+    if sum(math.prod(shape) for _, shape in boxes) != math.prod(entry.shape):
         raise bundle._fail(entry, f"its {len(entry.slices)} slices do not cover the shape {list(entry.shape)} "
                                   "exactly")
-    if len(boxes) > 1:
-        starts = np.array([s for s, _ in boxes], dtype=np.int64).reshape(len(boxes), -1)
-        ends = starts + np.array([n for _, n in boxes], dtype=np.int64).reshape(len(boxes), -1)
-        overlap = np.all((starts[:, None, :] < ends[None, :, :]) & (starts[None, :, :] < ends[:, None, :]), axis=2)
-        np.fill_diagonal(overlap, False)
-        if overlap.any():
+
+
+def _check_disjoint(bundle: Bundle, entry: Entry, boxes: Sequence[tuple[slice, ...]]) -> None:
+    """No two slices overlap - so, with the volumes adding up, they tile the tensor exactly.
+
+    Done when the tensor is read, with a mask of its shape (one byte per element, bounded
+    like the tensor itself by the shards' real sizes): time linear in its size, where a
+    pairwise check at open time would be quadratic in a hostile index's slice count.
+    """
+    if len(boxes) < 2:
+        return
+    seen = np.zeros(entry.shape, dtype=bool)
+    for box in boxes:
+        if seen[box].any():
             raise bundle._fail(entry, "two of its slices overlap")
+        seen[box] = True
 
 
 def _byteswap(array: NDArray[Any]) -> None:
