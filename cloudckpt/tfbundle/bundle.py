@@ -352,8 +352,9 @@ def nested(bundle: Bundle, prefix: str) -> dict[str, Any] | None:
     """The tensors under object path ``prefix`` as nested dicts (``None`` if there are none).
 
     Keys are the decoded local names, as ``load_variable("model")`` returns a subtree of a
-    cloudckpt checkpoint; ``""`` is the root (every tensor). One batched read fetches them all. Optimizer slots (``<variable>/.OPTIMIZER_SLOT/...``) are left out:
-    a variable is a leaf, so its slots cannot also hang below it (read them by their names).
+    cloudckpt checkpoint; ``""`` is the root (every tensor). One batched read fetches them all.
+    Optimizer slots (``<variable>/.OPTIMIZER_SLOT/...``) are left out: a variable is a leaf,
+    so its slots cannot also hang below it (read them by their names).
 
     Raises:
         ValueError: some tensor is also the parent of another (no such tree exists).
