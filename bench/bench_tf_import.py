@@ -32,29 +32,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.bench_checkpoint import describe_run, make_state, s3_server
-
-MiB = 1024 * 1024
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Timing:
-    target: str
-    path: str
-    seconds: float
-    size: int
-    ours: bool
-
-    @property
-    def mib_s(self) -> float:
-        return self.size / MiB / self.seconds
+from bench.bench_storage import REPO, MiB, Result
 
 
 def write_tf_checkpoint(size_mib: int, directory: Path) -> tuple[str, int]:
@@ -107,7 +91,7 @@ def check(values: Mapping[str, Any], reference: Mapping[str, np.ndarray], key_of
 
 
 def measure(paths: list[tuple[str, str, bool, Callable[[], Mapping[str, Any]]]], size: int, repeat: int,
-            reference: Mapping[str, np.ndarray], key_of: Mapping[str, str]) -> list[Timing]:
+            reference: Mapping[str, np.ndarray], key_of: Mapping[str, str]) -> list[Result]:
     best = {label: float("inf") for _, label, _, _ in paths}
     for run in range(repeat):
         for _, label, _, fn in paths:
@@ -119,7 +103,7 @@ def measure(paths: list[tuple[str, str, bool, Callable[[], Mapping[str, Any]]]],
             if run == 0:
                 check(values, reference, key_of, label)
             del values
-    return [Timing(target, label, best[label], size, ours) for target, label, ours, _ in paths]
+    return [Result(target, "read", label, best[label], size, ours) for target, label, ours, _ in paths]
 
 
 def s3_download_then_tf(client: Any, bucket: str, prefix: str, objects: list[str], workdir: Path) -> Callable[
@@ -133,7 +117,7 @@ def s3_download_then_tf(client: Any, bucket: str, prefix: str, objects: list[str
     return run
 
 
-def report(timings: list[Timing]) -> None:
+def report(timings: list[Result]) -> None:
     print()
     print(f"{'target':6}  {'path':58}  {'MiB/s':>8}  {'vs best TF':>10}")
     for target in dict.fromkeys(t.target for t in timings):
@@ -167,7 +151,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     print(f"{describe_run()}; TensorFlow {tf.__version__}", flush=True)
-    timings: list[Timing] = []
+    timings: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-tf-", dir=REPO) as tmp:
         root = Path(tmp)
         print(f"writing a {args.size_mib} MiB TensorFlow checkpoint ...", flush=True)
