@@ -21,14 +21,16 @@ import numpy as np
 from cloudckpt import state_file
 from cloudckpt.async_save import AsyncSaver, SaveStats
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
+from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format import CheckpointIndex
 from cloudckpt.graph import Collected, Kind, ShardedLeaf, classify, collect
-from cloudckpt.index_store import load_index
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import ReadRelay
 from cloudckpt.restore import RestoreSession
 from cloudckpt.saving import AfterCommit, SaveRun, SaveSettings, WriteResult, announce_failure
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.storage import CheckpointPath, Location, resolve
+from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.trackable import Trackable, Variable
 
 log = logging.getLogger("cloudckpt.checkpoint")
@@ -294,7 +296,7 @@ class Checkpoint(Trackable):
         self._saver_wait()
         location = resolve(save_path)
         relay = self._read_relay(options)
-        index = relay.load_index(location) if relay else load_index(location.storage, location.name)
+        index = relay.load_index(location) if relay else self._load_own_index(location)
         session = RestoreSession(location.storage, index, relay)
         for owner in (self, self._root):
             if owner is not None:
@@ -302,6 +304,18 @@ class Checkpoint(Trackable):
         session.restore("", self, None)
         session.ranges = None  # later (deferred) restorations are one host's business: no collective
         return CheckpointLoadStatus(session, self, expect_save_counter=expect_save_counter)
+
+    @staticmethod
+    def _load_own_index(location: Location) -> CheckpointIndex:
+        """A cloudckpt index; a TensorFlow checkpoint is named as one (restoring into objects
+        by TensorFlow's object graph is not supported - ``load_checkpoint`` reads it)."""
+        found = load_any_index(location.storage, location.name)
+        if isinstance(found, Bundle):
+            raise CheckpointFormatError(
+                f"{location.url} is a TensorFlow checkpoint: Checkpoint.restore/read restore cloudckpt checkpoints "
+                "only; read its tensors with cloudckpt.load_checkpoint(path).get_tensor(key) or "
+                "cloudckpt.load_variable(path, 'model') (docs/tensorflow-import.md)")
+        return found
 
     def _read_relay(self, options: CheckpointOptions | None) -> ReadRelay | None:
         """The io host's relay when a multi-host restore routes its reads through one host."""

@@ -24,10 +24,10 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
+from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError, NotFoundError
 from cloudckpt.format import INDEX_SUFFIX, CheckpointIndex, object_checkpoint
-from cloudckpt.index_store import read_index
 from cloudckpt.storage import Storage
+from cloudckpt.tfbundle import Bundle, load_any_index
 
 log = logging.getLogger("cloudckpt.references")
 
@@ -69,9 +69,11 @@ def scan(storage: Storage, names: Sequence[str] | None = None) -> DirectoryRefer
     """Read every committed index of the directory (or of ``names``) and collect what they name."""
     names = index_names(storage) if names is None else list(names)
 
-    def load(name: str) -> CheckpointIndex | CheckpointFormatError | None:
+    def load(name: str) -> CheckpointIndex | Bundle | CheckpointFormatError | None:
         try:
-            return read_index(storage, name)
+            return load_any_index(storage, name)  # a TensorFlow checkpoint names its shards
+        except NotFoundError:
+            return None  # deleted since the listing
         except CheckpointFormatError as exc:
             return exc
 
@@ -88,7 +90,9 @@ def scan(storage: Storage, names: Sequence[str] | None = None) -> DirectoryRefer
         elif isinstance(found, CheckpointFormatError):
             log.warning("keeping every data object of %s: its index is unreadable (%s)", storage.url_for(name), found)
             unreadable.add(name)
-        elif found is not None:  # None: deleted since the listing
+        elif isinstance(found, Bundle):
+            named.update(found.objects)
+        elif found is not None:
             indexes[name] = found
             named.update(o.name for o in found.objects)
     return DirectoryReferences(frozenset(named), frozenset(unreadable), tuple(newer), indexes)

@@ -20,6 +20,9 @@ Data objects keep their names (they are unique to the write that made them), so 
 never overwrites bytes another index names. A failure before the commit removes the data
 objects this copy wrote; a SIGKILL leaves them for ``cloudckpt gc``.
 
+A TensorFlow checkpoint (told by its index bytes) is copied as-is - same index bytes, same
+shard layout, renamed with the checkpoint - with the same order and checks (``_copy_bundle``).
+
 Memory: objects up to the destination's ``multipart_threshold`` (64 MiB by default) are
 copied whole - one GET, one PUT, up to ``max_concurrency`` of them at once; larger ones
 are streamed in parts, at most ``max_concurrency`` parts held at a time.
@@ -50,7 +53,7 @@ from cloudckpt.cli.common import (
     scan_directory,
     sort_names,
 )
-from cloudckpt.cli.verify import Problem, verify_data
+from cloudckpt.cli.verify import Problem, verify_bundle, verify_data
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointStateError,
@@ -61,12 +64,14 @@ from cloudckpt.errors import (
     StorageError,
 )
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint
-from cloudckpt.index_store import head_index, load_index
+from cloudckpt.index_store import head_index
 from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving.commit import commit, delete_replaced
 from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, open_storage, split_url, url_scheme
 from cloudckpt.storage.transfer import gather
+from cloudckpt.tfbundle import Bundle, data_object, load_any_index
+from cloudckpt.tfbundle.entries import DTYPES
 
 #: S3 refuses parts below 5 MiB (except the last); no store needs smaller ones.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -201,7 +206,9 @@ def _already_copied(dst: Storage, new: DataObject, src_name: str, old: DataObjec
 def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *, force: bool, reread: bool,
                     quiet: bool) -> Copied:
     """Copy one committed checkpoint; the destination index is written last."""
-    index = load_index(src, src_name)
+    index = load_any_index(src, src_name)
+    if isinstance(index, Bundle):
+        return _copy_bundle(index, dst, dst_name, force=force, reread=reread, quiet=quiet)
     seen = head_index(dst, dst_name)
     if seen is not None and not force:
         raise CliError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)", EXIT_CONFLICT)
@@ -245,6 +252,66 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
         raise
     delete_replaced(dst, dst_name, stale)
     return Copied(src.url_for(src_name), dst.url_for(dst_name), len(index.objects), total, reread)
+
+
+def _copy_bundle(bundle: Bundle, dst: Storage, dst_name: str, *, force: bool, reread: bool, quiet: bool) -> Copied:
+    """Copy a TensorFlow checkpoint as-is: its shards (named after ``dst_name``), then its index bytes.
+
+    The order is a save's: shards first, their numeric tensors' CRC32Cs checked as the bytes
+    pass (a string tensor's CRC is not one of its raw bytes: the re-read checks those), then
+    the copy re-read and verified whole, then the index last with create-if-absent. TensorFlow's
+    data names are not unique per write, so ``--force`` first deletes the destination's old
+    index: while its shards are rewritten, no index points at them.
+    """
+    src = bundle.storage
+    count = bundle.header.num_shards
+    targets = [data_object(dst_name, i, count) for i in range(count)]
+    index = index_key(dst_name)
+    existing = [key for key in (index, *targets) if dst.exists(key)]
+    if existing and not force:
+        raise CliError(f"{dst.url_for(existing[0])} already exists (use --force to replace it)", EXIT_CONFLICT)
+    if force and index in existing:
+        dst.delete([index])
+    sizes = [bundle.shard_size(i) for i in range(count)]
+    display = {key: name for name, key in bundle.names.items()}
+    chunks: dict[int, list[tuple[str, Chunk]]] = {i: [] for i in range(count)}
+    for name, entry in bundle.stored_entries(display):
+        if entry.offset + entry.size > sizes[entry.shard]:
+            raise CliError(f"the source {bundle.url} is damaged, nothing was copied: {name} needs bytes "
+                           f"[{entry.offset}, {entry.offset + entry.size}) of {bundle.objects[entry.shard]}, "
+                           f"which has {sizes[entry.shard]}", EXIT_DAMAGED)
+        if entry.dtype in DTYPES and entry.size:
+            chunks[entry.shard].append((name, Chunk(entry.shard, entry.offset, entry.size, entry.crc32c, (), ())))
+    total = sum(sizes)
+    try:
+        with Progress(total, f"copy {bundle.name}", enabled=not quiet) as progress:
+            copier = _Copier(src, dst, progress)
+            sums = [_ChunkSums(chunks[i]) for i in range(count)]
+            with ThreadPoolExecutor(max_workers=copier.workers, thread_name_prefix="cloudckpt-cp-small") as pool:
+                whole = [pool.submit(copier.copy_object, bundle.objects[i], targets[i], sizes[i], sums[i])
+                         for i in range(count) if copier.copies_whole(sizes[i])]
+                for i in range(count):
+                    if not copier.copies_whole(sizes[i]):
+                        copier.copy_object(bundle.objects[i], targets[i], sizes[i], sums[i])
+                gather(whole)
+        problems = [p for i in range(count) for p in sums[i].problems(src.url_for(bundle.objects[i]))]
+        if problems:
+            raise CliError(f"the source {bundle.url} is damaged, nothing was committed: "
+                           + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
+        if reread:
+            with Progress(total, f"verify {dst_name}", enabled=not quiet) as progress:
+                problems = verify_bundle(Bundle(dst, dst_name, bundle.index_bytes), progress)
+            if problems:
+                raise CliError(f"the copy at {dst.url_for(dst_name)} reads back wrong, nothing was committed: "
+                               + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
+        dst.put(index, bundle.index_bytes, mode="create")
+    except BaseException:
+        try:
+            dst.delete(targets)
+        except StorageError as exc:
+            log.warning("could not remove %d copied data shard(s) from %s: %s", count, dst.url, exc)
+        raise
+    return Copied(bundle.url, dst.url_for(dst_name), count, total, reread)
 
 
 def _destination_storage(url: str, part_size: int | None) -> Storage:

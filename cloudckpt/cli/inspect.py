@@ -11,11 +11,12 @@ import json
 import math
 from typing import Any
 
+from cloudckpt.cli import tf
 from cloudckpt.cli.common import EXIT_NOT_FOUND, CliError, human_size, print_json, print_table
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
-from cloudckpt.index_store import load_index
 from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
 from cloudckpt.storage import Storage, resolve
+from cloudckpt.tfbundle import Bundle, load_any_index
 
 #: Largest array whose value ``inspect`` shows (0-d arrays are a few bytes each).
 _SCALAR_BYTES = 64
@@ -73,7 +74,9 @@ def _short(value: Any, width: int = 50) -> str:
 def run(args: Any) -> int:
     location = resolve(args.url)
     storage, name = location.storage, location.name
-    index = load_index(storage, name)
+    index = load_any_index(storage, name)
+    if isinstance(index, Bundle):
+        return tf.inspect(index, args)
     leaves = {p: e for p, e in index.entries.items() if not isinstance(e, NodeEntry)}
     values = {} if args.no_values else scalar_values(storage, index)
     data_bytes = sum(o.size for o in index.objects)
