@@ -37,7 +37,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.storage import Storage, TransferConfig, UpdateVersion, open_storage
 from cloudckpt.storage.base import TEMP_PREFIX, TEMP_SUFFIX, WRITER_NONCE_KEY
-from cloudckpt.storage.gcs import _COMPOSE_PRECONDITIONS, GCSStorage
+from cloudckpt.storage.gcs import GCSStorage
 from cloudckpt.storage.retry import RetryPolicy
 from cloudckpt.testing.store_tests import CONTRACT_CONFIG, MULTIPART_SIZE, StorageContract, payload
 
@@ -247,8 +247,7 @@ def test_compose_precondition_probe_matches_the_server(bucket: str) -> None:
     except api_exceptions.PreconditionFailed:
         enforced = True
     store = GCSStorage(f"gs://{bucket}")
-    _COMPOSE_PRECONDITIONS.clear()
-    assert store._compose_honours_preconditions() is enforced
+    assert store._probe_compose_preconditions() is enforced
     assert bucket_names(bucket) == ["existing"]  # the probe cleaned up after itself
 
 
@@ -256,7 +255,7 @@ def test_composite_create_sends_the_generation_precondition(bucket: str, faults:
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """On a server whose compose enforces preconditions (GCS), create composes with ifGenerationMatch=0."""
     store = faulty_store(bucket, faults)
-    monkeypatch.setitem(_COMPOSE_PRECONDITIONS, (store._endpoint(), bucket), True)
+    monkeypatch.setattr(store, "_multipart_honours", lambda mode, url: True)
     data = payload(MULTIPART_SIZE, seed=4)
     store.put("big", data, mode="create")
     composes = [r for r in faults.sent if is_compose(r)]

@@ -330,7 +330,7 @@ def test_a_forked_child_gets_its_own_client(any_store: S3Storage) -> None:
 
 def test_per_key_delete_errors_are_classified() -> None:
     store = S3Storage("s3://bucket/p")
-    store._bucket_seen = True  # no HeadBucket to disambiguate a 403: there is no server here
+    store._saw_bucket()  # no LIST to explain a 403: there is no server here
     denied = s3mod._delete_error([{"Key": "p/a", "Code": "AccessDenied", "Message": "no"}])
     assert isinstance(store._translate(denied, "s3://bucket/p/a"), PermissionDeniedError)
     busy = s3mod._delete_error([{"Key": "p/a", "Code": "SlowDown", "Message": "slow"}])
@@ -473,7 +473,7 @@ def test_bad_credentials_style_errors_name_the_url() -> None:
     from botocore.exceptions import ClientError
 
     store = S3Storage("s3://bucket/p")
-    store._bucket_seen = True  # no HeadBucket to disambiguate a 403: there is no server here
+    store._saw_bucket()  # no LIST to explain a 403: there is no server here
     url = "s3://bucket/p/k"
     for code, status, expected in [("InvalidAccessKeyId", 403, "AuthenticationError"),
                                    ("SignatureDoesNotMatch", 403, "AuthenticationError"),
