@@ -59,13 +59,13 @@ from urllib.parse import quote
 from cloudckpt.storage.extras import missing_extra
 
 try:
+    import google.cloud.storage as gcs
     import requests
     import urllib3
     from google.api_core import exceptions as api_exceptions
     from google.api_core.datetime_helpers import from_rfc3339
     from google.auth import exceptions as auth_exceptions
     from google.auth.credentials import AnonymousCredentials, Credentials
-    from google.cloud import storage as gcs
 except ImportError as _missing:  # google-cloud-storage is the install extra cloudckpt[gcs]
     raise missing_extra("gcs", _missing) from _missing
 
