@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,13 @@ from cloudckpt.errors import InvalidURLError, NotFoundError, StorageError
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 from cloudckpt.storage.local import LocalStorage
+from cloudckpt.testing.faults import Faults, PrimitiveFaults
 from cloudckpt.testing.store_tests import CONTRACT_CONFIG, MULTIPART_SIZE, StorageContract, payload
+
+
+def local_root(store: Storage) -> Path:
+    assert isinstance(store, LocalStorage)
+    return store.root
 
 
 class TestLocalStorage(StorageContract):
@@ -22,6 +29,34 @@ class TestLocalStorage(StorageContract):
         storage = LocalStorage(tmp_path / "root", config=CONTRACT_CONFIG)
         yield storage
         storage.close()
+
+    @pytest.fixture
+    def faulty(self, tmp_path: Path) -> Iterator[tuple[Storage, Faults]]:
+        storage = LocalStorage(tmp_path / "faulty", config=CONTRACT_CONFIG)
+        yield storage, PrimitiveFaults(storage, lambda: OSError(errno.EAGAIN, "injected: try again"))
+        storage.close()
+
+    @pytest.fixture
+    def missing_bucket_store(self, tmp_path: Path) -> Iterator[Storage]:
+        storage = LocalStorage(tmp_path / "not" / "created" / "yet", config=CONTRACT_CONFIG)
+        yield storage
+        storage.close()
+
+    def raw_put(self, store: Storage, key: str, data: bytes) -> None:
+        """As another program writes: a new file renamed into place (no cloudckpt xattrs)."""
+        path = local_root(store) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(path.name + ".raw-put")
+        scratch.write_bytes(data)
+        os.replace(scratch, path)
+
+    def raw_get(self, store: Storage, key: str) -> bytes | None:
+        path = local_root(store) / key
+        return path.read_bytes() if path.is_file() else None
+
+    def raw_keys(self, store: Storage) -> list[str]:
+        root = local_root(store)
+        return sorted(str(Path(d, name).relative_to(root)) for d, _, names in os.walk(root) for name in names)
 
 
 def test_open_storage_picks_local_for_paths_and_file_urls(tmp_path: Path) -> None:

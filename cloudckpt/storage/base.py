@@ -59,6 +59,8 @@ WRITER_NONCE_KEY = "cloudckpt-writer"
 #: them by prefix (S3) or by suffix (GCS ``matches_suffix``) - see terraform/.
 TEMP_PREFIX = ".cloudckpt-tmp/"
 TEMP_SUFFIX = ".cloudckpt-tmp"
+#: Scratch objects of capability probes (S3's conditional-write probe), under TEMP_PREFIX.
+PROBE_PREFIX = f"{TEMP_PREFIX}probe-"
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -42,7 +42,6 @@ string prefix (temporary objects are hidden unless the listed prefix is inside
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -106,6 +105,9 @@ log = logging.getLogger("cloudckpt.storage")
 TIMEOUT = (30.0, 120.0)
 #: GCS composes at most this many sources in one call.
 MAX_COMPOSE_SOURCES = 32
+#: Metadata of a composite upload's chunk objects: the key they are a part of (for whoever
+#: finds a leftover chunk, and for tests that fault one object's parts).
+PART_OF_KEY = "cloudckpt-part-of"
 #: Project name used against an emulator, which needs one but checks none.
 EMULATOR_PROJECT = "cloudckpt-emulator"
 #: Bytes per ``readinto`` while streaming a ranged read into the caller's buffer.
@@ -443,8 +445,11 @@ class GCSStorage(Storage):
     # ------------------------------------------------------------------ deletes
     def _delete_many(self, full_keys: Sequence[str]) -> None:
         for full_key in full_keys:
-            with contextlib.suppress(api_exceptions.NotFound):
+            try:
                 self._blob(full_key).delete(timeout=TIMEOUT, retry=None)
+            except api_exceptions.NotFound:
+                if self._bucket_missing():  # a missing key is fine, a missing bucket is not
+                    raise
 
     def _delete_quietly(self, full_keys: Sequence[str]) -> None:
         """Best-effort cleanup of temporary objects: log, never raise (lifecycle rules expire leftovers)."""
@@ -552,7 +557,7 @@ class _CompositeUpload(MultipartUpload):
         size = sum(p.nbytes for p in pieces)
         with self._lock:
             self._parts[index] = _Part(name, size, -1)  # registered first: abort finds it
-        self._storage._upload(name, list(pieces), generation_match=None, metadata=None,
+        self._storage._upload(name, list(pieces), generation_match=None, metadata={PART_OF_KEY: self._full_key},
                               storage_class="STANDARD")
         with self._lock:
             self._parts[index] = _Part(name, size, crc32c_of(pieces))

@@ -283,6 +283,7 @@ class _LocalMultipart(MultipartUpload):
         self._part_size = part_size
         self._temp = storage._new_temp(full_key)
         self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._result: ObjectMeta | None = None
         os.ftruncate(self._fd, size)
 
     def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
@@ -294,10 +295,15 @@ class _LocalMultipart(MultipartUpload):
             offset += piece.nbytes
 
     def complete(self) -> ObjectMeta:
-        try:
-            return self._storage._finish(self._fd, self._temp, self._key, self._mode, self._metadata)
-        finally:
+        """Move the filled temp file into place; safe to retry (the base class retries transient errors).
+
+        A failed attempt keeps the temp file for the retry (``abort`` removes it); a retry
+        after an attempt that finished returns that attempt's result.
+        """
+        if self._result is None:
+            self._result = self._storage._finish(self._fd, self._temp, self._key, self._mode, self._metadata)
             self._cleanup()
+        return self._result
 
     def abort(self) -> None:
         self._cleanup()

@@ -70,7 +70,7 @@ from cloudckpt.errors import (
     TransientError,
 )
 from cloudckpt.storage.base import (
-    TEMP_PREFIX,
+    PROBE_PREFIX,
     TEMP_SUFFIX,
     ByteRange,
     GiB,
@@ -509,7 +509,7 @@ class S3Storage(Storage):
         return found.if_none_match if mode == "create" else found.if_match
 
     def _probe_key(self) -> str:
-        return f"{self._prefix}{TEMP_PREFIX}probe-{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        return f"{self._prefix}{PROBE_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
 
     def _probe_put_conditions(self) -> bool:
         """Write a scratch key, then create it again with If-None-Match: expect 412."""
