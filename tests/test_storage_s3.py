@@ -315,10 +315,31 @@ def test_rejected_credentials_are_an_authentication_error(seaweedfs: servers.Ser
     else:
         client = bad_client(seaweedfs.endpoint, os.environ["AWS_ACCESS_KEY_ID"], "wrong-secret")
     store = fresh_store(seaweedfs.endpoint, weed_bucket, client=client)
-    with pytest.raises(AuthenticationError, match=r"s3://.*/k"):
-        store.get("k")
-    with pytest.raises(AuthenticationError):
-        store.put("k", b"x")
+    code = "InvalidAccessKeyId" if which == "unknown key" else "SignatureDoesNotMatch"
+    for call in (lambda: store.get("k"), lambda: store.head("k"), lambda: store.exists("k"),
+                 lambda: store.put("k", b"x"), lambda: store.list()):
+        with pytest.raises(AuthenticationError, match=rf"s3://.*{code}"):  # the real cause, even for a bodiless HEAD
+            call()
+
+
+def test_a_wrong_secret_names_its_cause_in_a_save_and_a_restore(seaweedfs: servers.Server, weed_bucket: str) -> None:
+    """Through the library, in a child process whose environment holds a wrong secret key."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": seaweedfs.endpoint, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+    script = textwrap.dedent(f"""
+        import numpy as np
+        import cloudckpt
+        from cloudckpt.errors import AuthenticationError
+        for verb in ("write", "read"):
+            try:
+                getattr(cloudckpt.Checkpoint(w=np.zeros(3)), verb)("s3://{weed_bucket}/wrong/ckpt")
+            except AuthenticationError as exc:
+                print(verb, type(exc).__name__, exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["write", "AuthenticationError"], ["read", "AuthenticationError"]]
+    assert all("SignatureDoesNotMatch" in line for line in lines), lines
 
 
 def test_the_store_checks_the_crc32c_we_send(seaweedfs: servers.Server, weed_bucket: str,

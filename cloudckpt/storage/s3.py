@@ -646,8 +646,10 @@ class S3Storage(Storage):
         code, status = _error_info(exc)
         message = exc.response.get("Error", {}).get("Message") or code
         bare = not code or code.isdigit() or code in ("Forbidden", "NotFound")
-        if (bare and status in (403, 404)) or code == "AccessDenied":
-            cause = self._diagnose()
+        if (bare and status == 403) or code == "AccessDenied" or (bare and status == 404):
+            # A 403 is diagnosed every time (credentials may be wrong whatever the bucket);
+            # a 404 only until the bucket was seen to exist.
+            cause = self._diagnose(always=status == 403 or code == "AccessDenied")
             if cause is not None and (cause[0] == "NoSuchBucket" or cause[0] in AUTH_CODES):
                 code, message = cause
         if code in ("NoSuchKey", "NoSuchUpload"):
@@ -671,14 +673,14 @@ class S3Storage(Storage):
                                 f"(CRC32C mismatch) - was the buffer modified during the upload?", url)
         return StorageError(f"S3 error on {url}: {code} (HTTP {status}): {message}", url)
 
-    def _diagnose(self) -> tuple[str, str] | None:
+    def _diagnose(self, always: bool = False) -> tuple[str, str] | None:
         """``(code, message)`` of a one-key LIST of the bucket, to explain a bare 403/404.
 
-        ``None`` when the LIST succeeds or the bucket was seen in this process (then the
-        original answer stands: the object is missing, or this request is not allowed).
-        Costs one request, on error paths only, until the bucket has been seen.
+        ``None`` when the LIST succeeds, or (unless ``always``) when the bucket was seen in
+        this process: then the original answer stands (the object is missing, or this
+        request is not allowed). Costs one request, on error paths only.
         """
-        if BUCKETS_SEEN.peek(self._store_identity()):
+        if not always and BUCKETS_SEEN.peek(self._store_identity()):
             return None
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1, **self._payer)
