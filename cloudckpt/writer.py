@@ -193,7 +193,7 @@ def upload(storage: Storage, plan: WritePlan, which: Sequence[int]) -> dict[Piec
     workers = min(len(which), storage.config.max_concurrency)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudckpt-upload") as pool:
         futures = [pool.submit(one, k) for k in which]
-        gather(futures)
+        gather(futures, cancel=storage.cancel_transfers)  # Ctrl-C: stop the other uploads at their next part
         for future in futures:
             result.update(future.result())
     return result

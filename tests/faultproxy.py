@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from cloudckpt.testing.faults import Faults
 
 SOCKET_TIMEOUT = 30.0
-Action = Literal["status", "reset", "drop_response", "hold_response", "ignore_conditions"]
+Action = Literal["status", "reset", "drop_response", "hold_response", "ignore_conditions", "delay"]
 
 #: Hop-by-hop headers (and ones this proxy re-computes) that are never forwarded.
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding",
@@ -72,6 +72,7 @@ class Request:
     path: str
     query: dict[str, list[str]] = field(default_factory=dict)
     body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 #: ``Request`` -> every ``(verb, key)`` it acts on (a bulk delete names several keys).
@@ -165,11 +166,11 @@ class FaultProxy:
         with self._lock:
             return [s for s in self.seen if contains in s.target and (method is None or s.method == method)]
 
-    def _decide(self, method: str, target: str, body: bytes) -> Rule | None:
+    def _decide(self, method: str, target: str, body: bytes, headers: dict[str, str]) -> Rule | None:
         if self.faults is not None:
             parts = urlsplit(target)
-            rule = self.faults.action_for(Request(method, unquote(parts.path), parse_qs(parts.query,
-                                                                                      keep_blank_values=True), body))
+            query = parse_qs(parts.query, keep_blank_values=True)
+            rule = self.faults.action_for(Request(method, unquote(parts.path), query, body, headers))
             if rule is not None:
                 with self._lock:
                     self.seen.append(Seen(method, target, rule.action))
@@ -234,7 +235,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             body = self._read_body()
             if body is None:
                 return
-            rule = proxy._decide(self.command, self.path, body)
+            rule = proxy._decide(self.command, self.path, body, {k.lower(): v for k, v in self.headers.items()})
             action = rule.action if rule else None
             if rule is not None and action == "status":
                 self._send_error(rule.status, rule.code)
@@ -242,6 +243,8 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if action == "reset":
                 self._reset()
                 return
+            if rule is not None and action == "delay":  # a slow link: the request arrives late, whole
+                time.sleep(min(rule.hold_seconds, SOCKET_TIMEOUT))
             status, reason, headers, data = self._forward(body)
             if action == "ignore_conditions" and status == 412:
                 status, reason, headers, data = 200, "OK", [("ETag", '"' + "0" * 32 + '"')], b""

@@ -109,9 +109,10 @@ def s3_classify(bucket: str, prefix: str) -> Classify:
         if not request.path.startswith(f"{root}/{prefix}"):
             return []
         key = request.path[len(f"{root}/{prefix}"):]
+        first_byte = request.headers.get("range") == "bytes=0-0"  # how S3Storage.head asks
         verb = {"PUT": "part" if "partNumber" in query else "put",
                 "POST": "complete" if "uploadId" in query else "begin",
-                "GET": "get", "HEAD": "head",
+                "GET": "head" if first_byte else "get", "HEAD": "head",
                 "DELETE": "abort" if "uploadId" in query else "delete"}.get(request.method)
         return [(verb, key)] if verb else []
 
@@ -487,3 +488,54 @@ def test_bad_credentials_style_errors_name_the_url() -> None:
                       NotFoundError)
     assert isinstance(store._translate(ValueError("x"), url), ValueError)
     assert not isinstance(store._translate(ValueError("x"), url), StorageError)
+
+
+# ---------------------------------------------------------------------- Ctrl-C
+CTRL_C_CHILD = """
+import sys
+import numpy as np
+import cloudckpt
+state = {f"w{i}": np.full(24 * 1024 * 1024, i, dtype=np.float32) for i in range(4)}  # 384 MiB, multipart
+print("ready", flush=True)
+try:
+    cloudckpt.Checkpoint(**state).write(sys.argv[1])
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    raise
+print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_save_stops_its_uploads_and_leaves_nothing(seaweedfs: servers.Server,
+                                                                   weed_bucket: str) -> None:
+    """A real SIGINT to a process saving to SeaweedFS: it raises KeyboardInterrupt once the parts on
+    the wire are done - no further part starts - and leaves no object and no multipart upload.
+
+    The proxy delays each part by a second, so the save is surely mid-flight when the signal lands.
+    """
+    prefix = f"{unique_name('ctrl-c')}/"
+    with FaultProxy(seaweedfs.endpoint) as proxy:
+        proxy.add(Rule("delay", times=10_000, method="PUT", contains="partNumber=", hold_seconds=1.0))
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+        child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, f"s3://{weed_bucket}/{prefix}ckpt"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while len(proxy.requests("partNumber=")) < 2 and time.monotonic() < deadline and child.poll() is None:
+                time.sleep(0.05)
+            started = len(proxy.requests("partNumber="))
+            assert started >= 2, "the save never got to its parts"
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=120)  # bounded: the parts on the wire, then the aborts
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=30)
+        total = len(proxy.requests("partNumber="))
+    assert "KeyboardInterrupt" in out and "finished" not in out, (out, err[-2000:])
+    assert child.returncode == -signal.SIGINT  # died of the interrupt, as Python does after KeyboardInterrupt
+    # No part starts after the interrupt: only those already on the wire (one per upload thread) finish.
+    assert total <= started + TransferConfig().max_concurrency, (started, total)  # the child uses the defaults
+    admin = admin_client(seaweedfs.endpoint)
+    assert admin.list_multipart_uploads(Bucket=weed_bucket, Prefix=prefix).get("Uploads", []) == []
+    assert admin.list_objects_v2(Bucket=weed_bucket, Prefix=prefix).get("Contents", []) == []

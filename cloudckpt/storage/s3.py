@@ -40,6 +40,7 @@ import email.utils
 import logging
 import math
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -371,9 +372,31 @@ class S3Storage(Storage):
 
     # ------------------------------------------------------------------ reads
     def _head(self, full_key: str) -> ObjectMeta:
-        response = self.client.head_object(**self._loc(full_key))
+        """Metadata of one object, from a GET of its first byte rather than a HEAD.
+
+        Why: a HEAD answer has no body, so a 404 cannot say whether the key or the bucket
+        is missing, and a 403 cannot name its cause (``SignatureDoesNotMatch``); telling
+        them apart took a second request - on the first save to a new directory, before
+        any data moved. A one-byte GET costs the same request and its errors carry their
+        code. An empty object has no first byte (416): that rare case asks HEAD.
+        """
+        try:
+            response = self.client.get_object(Range="bytes=0-0", **self._loc(full_key))
+        except bce.ClientError as exc:
+            if _error_info(exc)[1] != 416:
+                raise
+            response = self.client.head_object(**self._loc(full_key))
+            size = int(response["ContentLength"])
+        else:
+            with contextlib.closing(response["Body"]) as body:
+                total = str(response.get("ContentRange") or "").rpartition("/")[2]
+                if total.isdigit():
+                    body.read()  # the one byte: the connection goes back to the pool
+                    size = int(total)
+                else:  # the store ignored the range: closing drops the connection, not a GiB read
+                    size = int(response["ContentLength"])
         self._saw_bucket()
-        return ObjectMeta(key=full_key, size=int(response["ContentLength"]), version=_etag(response),
+        return ObjectMeta(key=full_key, size=size, version=_etag(response),
                           last_modified=response.get("LastModified"),
                           metadata=dict(response.get("Metadata") or {}))
 
@@ -522,8 +545,8 @@ class S3Storage(Storage):
             if _error_info(exc)[1] in (409, 412):
                 return True
             raise
-        finally:
-            self._quiet_delete(key)
+        finally:  # the answer is known: the scratch object goes in the background, off the commit's path
+            threading.Thread(target=self._quiet_delete, args=(key,), name="cloudckpt-probe-cleanup").start()
 
     def _probe_multipart_conditions(self) -> _MultipartConditions:
         """Complete two one-part uploads onto an existing scratch key: each must get 412."""

@@ -38,6 +38,7 @@ from cloudckpt.errors import (
     NotSupportedError,
     PermissionDeniedError,
     PreconditionError,
+    TransferCancelledError,
     TransientError,
 )
 from cloudckpt.storage import ByteRange, ReadRequest, Storage, TransferConfig, UpdateVersion, WriteMode
@@ -367,6 +368,25 @@ class StorageContract:
             t.join(timeout=120)
         assert not errors, errors
         assert int(store.get("counter")) == threads * increments
+
+    # ---------------------------------------------------------------- cancellation
+    def test_cancel_transfers_stops_a_write_in_flight_and_leaves_nothing(self, store: Storage) -> None:
+        """What an interrupted save relies on (Ctrl-C): a cancelled write stops, aborts, commits nothing."""
+        data = payload(MULTIPART_SIZE, seed=4)
+        reads: list[int] = []
+
+        def read(start: int, end: int) -> bytes:
+            reads.append(start)
+            if len(reads) == 2 or not store.supports_multipart:  # mid-way through the parts
+                store.cancel_transfers()
+            return data[start:end]
+
+        with pytest.raises(TransferCancelledError, match="cancelled"):
+            store.put_stream("cancelled", MULTIPART_SIZE, read)
+        assert self.raw_get(store, "cancelled") is None
+        assert self.leftovers(store) == []  # no parts, chunk objects, temporaries or incomplete upload
+        store.put("after", data)  # a write started after the cancel runs normally
+        assert self.raw_get(store, "after") == data
 
     # ---------------------------------------------------------------- faults: retries
     @pytest.mark.parametrize(("verb", "size"), [("put", 1000), ("part", MULTIPART_SIZE),
