@@ -453,16 +453,17 @@ def test_store_ignoring_conditions_is_refused(proxy: FaultProxy, weed_bucket: st
     store.put("k", b"first")
     with pytest.raises(NotSupportedError, match="ignores conditional writes"):
         store.put("k", b"second", mode="create")
-    probes = len(proxy.requests(TEMP_PREFIX))
+    probes = len(proxy.requests(TEMP_PREFIX, "PUT"))
+    assert probes == 2  # the scratch object, then its conditional re-creation
     with pytest.raises(NotSupportedError):
         store.put("k", b"second", mode=UpdateVersion("x"))
-    assert len(proxy.requests(TEMP_PREFIX)) == probes  # probed once per bucket, not per write
+    assert len(proxy.requests(TEMP_PREFIX, "PUT")) == probes  # probed once per bucket, not per write
     assert store.get("k") == b"first"
     assert store.list(TEMP_PREFIX) == []  # the probe cleaned up after itself
     unchecked = S3Storage(store.url, endpoint_url=proxy.endpoint, config=CONTRACT_CONFIG,
                           check_conditional_writes=False)
     unchecked.put("k", b"second", mode="create")  # believed: the store said 200
-    assert len(proxy.requests(TEMP_PREFIX)) == probes
+    assert len(proxy.requests(TEMP_PREFIX, "PUT")) == probes
 
 
 def test_bad_credentials_style_errors_name_the_url() -> None:

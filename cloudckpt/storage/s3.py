@@ -40,7 +40,6 @@ import email.utils
 import logging
 import math
 import os
-import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -545,8 +544,8 @@ class S3Storage(Storage):
             if _error_info(exc)[1] in (409, 412):
                 return True
             raise
-        finally:  # the answer is known: the scratch object goes in the background, off the commit's path
-            threading.Thread(target=self._quiet_delete, args=(key,), name="cloudckpt-probe-cleanup").start()
+        finally:  # before the answer is remembered: a save that relied on it leaves no scratch object
+            self._quiet_delete(key)
 
     def _probe_multipart_conditions(self) -> _MultipartConditions:
         """Complete two one-part uploads onto an existing scratch key: each must get 412."""
