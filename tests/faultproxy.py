@@ -82,9 +82,9 @@ Classify = Callable[[Request], list[tuple[str, str]]]
 class ProxyFaults(Faults):
     """The contract's ``Faults``, applied by a ``FaultProxy`` to the requests ``classify`` names.
 
-    ``fail`` alternates a ``503 SlowDown`` and a connection reset; ``lose_answer`` forwards
-    the request and resets the connection instead of relaying the answer; ``deny`` answers
-    ``403 AccessDenied``.
+    ``fail`` alternates a ``500 InternalError`` and a connection reset; ``throttle`` answers
+    ``503 SlowDown``; ``lose_answer`` forwards the request and resets the connection instead
+    of relaying the answer; ``deny`` answers ``403 AccessDenied``.
     """
 
     def __init__(self, proxy: FaultProxy, classify: Classify) -> None:
@@ -101,7 +101,9 @@ class ProxyFaults(Faults):
             with self._lock:
                 self._failures += 1
                 reset = self._failures % 2 == 0
-            return Rule("reset") if reset else Rule("status", status=503, code="SlowDown")
+            return Rule("reset") if reset else Rule("status", status=500, code="InternalError")
+        if kind == "throttle":
+            return Rule("status", status=503, code="SlowDown")
         if kind == "lose_answer":
             return Rule("drop_response")
         if kind == "deny":

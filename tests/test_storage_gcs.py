@@ -118,7 +118,7 @@ class FaultAdapter(requests.adapters.HTTPAdapter):
                 response.headers["Date"] = format_datetime(
                     parsedate_to_datetime(response.headers["Date"]) + self.clock_skew, usegmt=True)
             return response
-        if rule.kind in ("503", "403"):
+        if rule.kind in ("503", "500", "429", "403"):
             return _synthetic(request, int(rule.kind))
         if rule.kind == "reset":
             raise requests.ConnectionError("injected: connection reset by peer", request=request)
@@ -167,8 +167,8 @@ def gcs_classify(bucket: str, prefix: str, request: requests.PreparedRequest) ->
 
 
 class AdapterFaults(Faults):
-    """The contract's ``Faults`` through a ``FaultAdapter``: ``fail`` alternates 503 and a reset,
-    ``lose_answer`` is a read timeout after the server did the work, ``deny`` a 403."""
+    """The contract's ``Faults`` through a ``FaultAdapter``: ``fail`` alternates 500 and a reset,
+    ``throttle`` is a 429, ``lose_answer`` a read timeout after the server did the work, ``deny`` a 403."""
 
     def __init__(self, adapter: FaultAdapter, bucket: str, prefix: str) -> None:
         super().__init__()
@@ -183,7 +183,9 @@ class AdapterFaults(Faults):
             with self._lock:
                 self._failures += 1
                 reset = self._failures % 2 == 0
-            return Rule(lambda r: True, "reset" if reset else "503")
+            return Rule(lambda r: True, "reset" if reset else "500")
+        if kind == "throttle":
+            return Rule(lambda r: True, "429")
         if kind == "lose_answer":
             return Rule(lambda r: True, "timeout-after-send")
         if kind == "deny":
@@ -197,6 +199,7 @@ class AdapterFaults(Faults):
 
 class TestFakeGCS(StorageContract):
     has_buckets = True
+    throttles = True
 
     @pytest.fixture
     def store(self, bucket: str) -> Iterator[Storage]:

@@ -123,6 +123,7 @@ class S3Contract(StorageContract):
     """The storage contract on a real S3 server; raw access through a plain boto3 client."""
 
     has_buckets = True
+    throttles = True
     server_fixture: ClassVar[str]
     bucket_fixture: ClassVar[str]
     endpoint = ""

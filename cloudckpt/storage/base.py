@@ -45,6 +45,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.storage.clients import BUCKETS_SEEN, CAPABILITIES
 from cloudckpt.storage.retry import RetryPolicy, call_with_retry
+from cloudckpt.storage.throttle import AdaptiveConcurrency, TransferStats
 from cloudckpt.storage.transfer import Cancellation, CancelToken, RateLimiter, as_buffers, gather, part_boundaries
 
 T = TypeVar("T")
@@ -230,6 +231,7 @@ class Storage(ABC):
         self._upload_limiter = RateLimiter(self.config.max_bandwidth)
         self._download_limiter = RateLimiter(self.config.max_bandwidth)
         self._cancel = Cancellation()
+        self._concurrency = AdaptiveConcurrency(self.config.max_concurrency)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -300,6 +302,10 @@ class Storage(ABC):
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         """Map an SDK error onto the cloudckpt tree (most specific first)."""
 
+    def _is_throttle(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the store asking for fewer requests (503 SlowDown, 429)."""
+        return False
+
     def _part_size(self, size: int) -> int:
         """Part size for an object of ``size`` bytes; S3 raises it to fit its part limit."""
         return self.config.part_size
@@ -363,7 +369,8 @@ class Storage(ABC):
         """Run one primitive with retries; translate whatever escapes."""
         try:
             return call_with_retry(fn, policy=self.config.retry, is_transient=self._is_transient,
-                                   describe=f"{describe} {url}", on_retry=on_retry)
+                                   describe=f"{describe} {url}", on_retry=on_retry,
+                                   is_throttle=self._is_throttle, gate=self._concurrency)
         except StorageError:
             raise
         except Exception as exc:
@@ -649,6 +656,15 @@ class Storage(ABC):
         fulls = [self._full(k) for k in key_list]
         url = self.url_for(key_list[0]) if len(key_list) == 1 else f"{self.url} ({len(key_list)} keys)"
         self._call(lambda: self._delete_many(fulls), url, describe="DELETE")
+
+    def transfer_stats(self) -> TransferStats:
+        """Requests, throttled answers, retries and the concurrency throttling left (see throttle.py).
+
+        One adaptive limit serves every thread and transfer of this storage object: a
+        throttled answer halves the requests it lets into flight, successes raise it back
+        towards ``TransferConfig.max_concurrency``.
+        """
+        return self._concurrency.stats()
 
     def cancel_transfers(self) -> None:
         """Stop every write of this storage object that is in flight, promptly.

@@ -465,6 +465,10 @@ class GCSStorage(Storage):
             return exc.code in _TRANSIENT_STATUS
         return isinstance(exc, _TRANSIENT_TYPES)
 
+    def _is_throttle(self, exc: BaseException) -> bool:
+        """429 (rate limits: ``rateLimitExceeded``, ``tooManyRequests``) and 503: GCS asks to back off."""
+        return isinstance(exc, api_exceptions.GoogleAPICallError) and exc.code in (429, 503)
+
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         if isinstance(exc, (auth_exceptions.DefaultCredentialsError, auth_exceptions.RefreshError)):
             return AuthenticationError(f"GCS credentials for {url} are missing or rejected: {exc}", url)

@@ -105,6 +105,9 @@ SMALL_BODY = 1 * MiB
 READ_SLICE = 1 * MiB
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Answers that ask for fewer requests: back-pressure (throttle.py), retried for minutes.
+THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+                            "RequestLimitExceeded"})
 TRANSIENT_CODES = frozenset({
     "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
     "ThrottlingException", "RequestThrottled", "TooManyRequests", "RequestTimeoutException",
@@ -641,6 +644,12 @@ class S3Storage(Storage):
         if isinstance(exc, bce.SSLError):
             return False
         return isinstance(exc, TRANSIENT_EXCEPTIONS)
+
+    def _is_throttle(self, exc: BaseException) -> bool:
+        if not isinstance(exc, bce.ClientError):
+            return False
+        code, status = _error_info(exc)
+        return code in THROTTLE_CODES or status == 429
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         if isinstance(exc, StorageError):

@@ -16,9 +16,10 @@ Verbs (what one request does):
 * ``get`` (whole or ranged reads), ``head``, ``list`` (the key is the listed prefix),
   ``delete``.
 
-Kinds: ``fail`` (a transient failure before the request reaches the store: throttling, a
-reset), ``lose_answer`` (the store carries the request out, the client never hears back:
-the trap of conditional writes), ``deny`` (a permanent permission error).
+Kinds: ``fail`` (a transient failure before the request reaches the store: a 500, a
+reset), ``throttle`` (the store asks to slow down: 503 SlowDown, 429), ``lose_answer``
+(the store carries the request out, the client never hears back: the trap of conditional
+writes), ``deny`` (a permanent permission error).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from cloudckpt.storage import ByteRange, MultipartUpload, ObjectMeta, Storage, W
 
 T = TypeVar("T")
 Verb = Literal["put", "part", "complete", "commit", "get", "head", "list", "delete"]
-Kind = Literal["fail", "lose_answer", "deny"]
+Kind = Literal["fail", "throttle", "lose_answer", "deny"]
 
 #: What each verb matches among the concrete request kinds an injector sees.
 _MATCHES: Mapping[str, frozenset[str]] = {
@@ -72,6 +73,10 @@ class Faults:
     def fail(self, verb: Verb, key: str, times: int = 1) -> FaultRule:
         """The next ``times`` requests fail transiently, before the store sees them."""
         return self._add(FaultRule("fail", verb, key, times))
+
+    def throttle(self, verb: Verb, key: str, times: int = 1) -> FaultRule:
+        """The next ``times`` requests are answered "slow down" (stores that throttle only)."""
+        return self._add(FaultRule("throttle", verb, key, times))
 
     def lose_answer(self, verb: Verb, key: str, times: int = 1) -> FaultRule:
         """The next ``times`` requests are carried out, and their answers lost."""
@@ -134,7 +139,7 @@ class PrimitiveFaults(Faults):
 
     def _around(self, verb: str, key: str, call: Callable[[], T]) -> T:
         kind = self.decide(verb, key)
-        if kind == "fail":
+        if kind in ("fail", "throttle"):  # no network, no throttling: a throttle is one more transient failure
             raise self._transient()
         if kind == "deny":
             raise self._denied()

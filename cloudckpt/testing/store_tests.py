@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import ClassVar
 
@@ -83,6 +84,8 @@ class StorageContract:
     has_buckets: ClassVar[bool] = False
     #: SeaweedFS creates a missing bucket on the first authenticated write (writes succeed).
     creates_missing_bucket_on_write: ClassVar[bool] = False
+    #: Whether the store can answer "slow down" (S3 503 SlowDown, GCS 429): ``faults.throttle`` works.
+    throttles: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- hooks
     @pytest.fixture
@@ -449,6 +452,41 @@ class StorageContract:
             store.put("denied", payload(size))
         assert faults.pending() == 0
         assert self.leftovers(store) == []  # no object, no parts, no temporaries, no incomplete upload
+
+    # ---------------------------------------------------------------- throttling is back-pressure
+    def test_throttling_lowers_concurrency_and_recovers(self, faulty: tuple[Storage, Faults]) -> None:
+        store, faults = faulty
+        top = CONTRACT_CONFIG.max_concurrency
+        self.raw_put(store, "hot", b"x")
+        if not self.throttles:  # nothing here can ask for fewer requests: the limit never moves
+            for _ in range(5):
+                assert store.get("hot") == b"x"
+            assert (store.transfer_stats().throttled, store.transfer_stats().concurrency) == (0, top)
+            return
+        throttles = CONTRACT_CONFIG.retry.max_attempts + 4  # beyond the transient budget: throttling has its own
+        faults.throttle("get", "hot", times=throttles)
+        assert store.get("hot") == b"x"
+        assert faults.pending() == 0
+        backed_off = store.transfer_stats()
+        assert backed_off.throttled == throttles and backed_off.retries >= throttles
+        assert backed_off.concurrency < top and backed_off.min_concurrency == 1  # fewer requests in flight
+        for _ in range(8 * top):  # successes raise the limit again, about one per window of requests
+            store.head("hot")
+        recovered = store.transfer_stats()
+        assert recovered.concurrency == top and recovered.throttled == throttles
+
+    def test_throttling_ends_at_its_own_deadline(self, faulty: tuple[Storage, Faults]) -> None:
+        store, faults = faulty
+        if not self.throttles:
+            assert store._is_throttle(TimeoutError("not throttling")) is False
+            return
+        short = replace(CONTRACT_CONFIG, retry=replace(CONTRACT_CONFIG.retry, throttle_deadline=0.5))
+        store.config = short  # the retry policy is read per request
+        self.raw_put(store, "hot", b"x")
+        faults.throttle("get", "hot", times=10_000)
+        with pytest.raises(TransientError, match="hot"):
+            store.get("hot")
+        assert faults.attempts("get", "hot") >= 2  # retried while the deadline allowed, then gave up
 
     # ---------------------------------------------------------------- faults: the retry trap of conditional writes
     @pytest.mark.parametrize("size", [100, MULTIPART_SIZE], ids=["put", "multipart"])
