@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import (
+    BucketNotFoundError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     ChecksumError,
@@ -101,6 +102,8 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
             raise CheckpointFormatError(f"{storage.url_for(key)} is {size} bytes, over the {MAX_INDEX_BYTES}-byte "
                                         "limit for an index; refusing to read it (not a cloudckpt index?)")
         data = storage.get(key)
+    except BucketNotFoundError:
+        raise  # a mistyped bucket is not "no checkpoint yet"
     except NotFoundError as exc:
         raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name)) from exc
     return decode_index(data, name, storage.url_for(key))

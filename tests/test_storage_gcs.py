@@ -503,3 +503,15 @@ def test_a_retried_compose_tree_resumes_where_it_failed(bucket: str, faults: Fau
     assert faults.count(is_compose) == 5
     assert store.get("tree") == data
     assert bucket_names(bucket) == ["root/tree"]
+
+
+@pytest.mark.parametrize("verb", ["read", "restore"])
+def test_a_restore_from_a_missing_bucket_says_bucket_not_found(fake_gcs: Any, verb: str) -> None:
+    """Like every other call: a mistyped bucket is not "no checkpoint here"."""
+    import numpy as np
+
+    import cloudckpt
+
+    url = f"gs://{unique_name('missing')}/run/ckpt-1"
+    with pytest.raises(BucketNotFoundError, match="does not exist"):
+        getattr(cloudckpt.Checkpoint(w=np.zeros(3)), verb)(url)
