@@ -541,3 +541,13 @@ def test_ctrl_c_during_a_save_stops_its_uploads_and_leaves_nothing(seaweedfs: se
     admin = admin_client(seaweedfs.endpoint)
     assert admin.list_multipart_uploads(Bucket=weed_bucket, Prefix=prefix).get("Uploads", []) == []
     assert admin.list_objects_v2(Bucket=weed_bucket, Prefix=prefix).get("Contents", []) == []
+
+
+def test_head_of_an_archived_object_still_answers(moto: servers.Server, moto_bucket: str) -> None:
+    """head is a one-byte GET; an archived object cannot be read (InvalidObjectState): HEAD answers."""
+    store = fresh_store(moto.endpoint, moto_bucket, storage_class="GLACIER")
+    store.put("cold", b"archived bytes")
+    with pytest.raises(StorageError, match="InvalidObjectState"):
+        store.get("cold")  # moto plays the archive: the bytes are not readable
+    assert store.head("cold").size == len(b"archived bytes")
+    assert store.exists("cold")

@@ -380,12 +380,14 @@ class S3Storage(Storage):
         is missing, and a 403 cannot name its cause (``SignatureDoesNotMatch``); telling
         them apart took a second request - on the first save to a new directory, before
         any data moved. A one-byte GET costs the same request and its errors carry their
-        code. An empty object has no first byte (416): that rare case asks HEAD.
+        code. An empty object has no first byte (416), and an archived one cannot be read
+        (``InvalidObjectState``): those rare cases ask HEAD.
         """
         try:
             response = self.client.get_object(Range="bytes=0-0", **self._loc(full_key))
         except bce.ClientError as exc:
-            if _error_info(exc)[1] != 416:
+            code, status = _error_info(exc)
+            if status != 416 and code != "InvalidObjectState":
                 raise
             response = self.client.head_object(**self._loc(full_key))
             size = int(response["ContentLength"])
