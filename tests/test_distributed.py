@@ -392,6 +392,8 @@ def test_restore_on_two_hosts_and_on_one(four: list[dict[str, Any]], two: list[d
     for report in two:
         assert report["problems"] == [], report["rank"]
         assert 0 < report["counts"]["data_bytes_read"] < total  # each host fetched a part, not everything
+    # One index read per job: rank 0 HEADs and GETs it, validates it, broadcasts it; rank 1 makes none.
+    assert [report["counts"].get("index_requests", 0) for report in two] == [2, 0]
 
     g = distributed_worker.global_arrays()
     w, b, r = np.zeros((8, 6), np.float32), np.zeros(7, np.int64), np.zeros((5, 3))
@@ -431,10 +433,10 @@ def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[st
     assert owner["managed_counts"]["DELETE"] > 0 and owner["managed_counts"]["HEAD"] > 0
     # Rank 1 only uploaded its shards (one PUT per save) and, on resume, read its ranges.
     assert set(other["managed_counts"]) == {"PUT", "data_bytes_written"} and other["managed_counts"]["PUT"] == 4
-    # On resume rank 1 HEADs and GETs the index (its size is checked before it is read) and reads its
-    # ranges; the owner alone reads the state file and HEAD-checks the latest checkpoint.
-    assert set(other["managed_resume_counts"]) == {"HEAD", "GET", "data_bytes_read"}
-    assert other["managed_resume_counts"]["HEAD"] == 1
+    # On resume rank 1 only reads its ranges: the owner alone reads the state file, HEAD-checks the
+    # latest checkpoint, and reads the index once for the whole job (broadcast).
+    assert set(other["managed_resume_counts"]) == {"GET", "data_bytes_read"}
+    assert owner["managed_resume_counts"]["index_requests"] >= 2
     assert other["managed_resume_counts"]["GET"] < owner["managed_resume_counts"]["GET"]  # no state file read
     state = parse(resolve(f"{managed}/x").storage.get(STATE_KEY).decode(), "state")
     assert state.model_checkpoint_path == "ckpt-100"  # the other writer's save; ours never overwrote it
