@@ -27,7 +27,11 @@ import numpy as np
 from cloudckpt.errors import CheckpointFormatError
 
 #: Bump on any change a reader of the previous version could misread.
-FORMAT_VERSION = 1
+#: Version 2 added the ``bytes`` array pytype and the optional top-level ``dcp`` field
+#: (torch.distributed.checkpoint's metadata, docs/format.md "Version 2").
+FORMAT_VERSION = 2
+#: Versions this reader accepts (writers always write ``FORMAT_VERSION``).
+READABLE_VERSIONS: frozenset[int] = frozenset({1, 2})
 FORMAT_NAME = "cloudckpt-index"
 
 INDEX_SUFFIX = ".index"
@@ -42,12 +46,14 @@ MAX_ITEMSIZE = 1 << 20
 #: Types of JSON leaves (small Python values stored inline in the index).
 ValueType = Literal["none", "bool", "int", "float", "str"]
 #: What Python type an array leaf had, so restore can rebuild it (a tensor stays a tensor).
-ArrayPyType = Literal["ndarray", "variable", "numpy_scalar", "tensor"]
+#: ``bytes``: an opaque byte string (1-D uint8), handed back as ``bytes`` and never
+#: interpreted (torch.distributed.checkpoint's serialized non-tensor items).
+ArrayPyType = Literal["ndarray", "variable", "numpy_scalar", "tensor", "bytes"]
 #: Container kinds of inner nodes.
 NodeType = Literal["object", "dict", "list", "tuple"]
 
 VALUE_TYPES: frozenset[str] = frozenset({"none", "bool", "int", "float", "str"})
-ARRAY_PYTYPES: frozenset[str] = frozenset({"ndarray", "variable", "numpy_scalar", "tensor"})
+ARRAY_PYTYPES: frozenset[str] = frozenset({"ndarray", "variable", "numpy_scalar", "tensor", "bytes"})
 NODE_TYPES: frozenset[str] = frozenset({"object", "dict", "list", "tuple"})
 #: Adapters that turn an object's state into a structure and back (see adapters/).
 ADAPTERS: frozenset[str] = frozenset({"state_dict", "numpy_generator", "python_random", "torch_generator"})
@@ -293,6 +299,10 @@ class CheckpointIndex:
     objects: tuple[DataObject, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    #: What torch.distributed.checkpoint's ``Metadata`` carries beyond the entries (tensor
+    #: properties, planner data, ...), as plain JSON; ``None`` for other checkpoints.
+    #: Only ``cloudckpt.dcp`` interprets it (and validates it when it does).
+    dcp: Mapping[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------- encode
@@ -351,6 +361,8 @@ def encode_index(index: CheckpointIndex) -> bytes:
         "entries": {path: _entry_to_json(e) for path, e in index.entries.items()},
         "metadata": dict(index.metadata),
     }
+    if index.dcp is not None:
+        doc["dcp"] = dict(index.dcp)
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -414,11 +426,12 @@ def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
     if doc.get("format") != FORMAT_NAME:
         raise check.fail("format", f"expected {FORMAT_NAME!r}, got {doc.get('format')!r}")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise CheckpointFormatError(
-            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads version "
-            f"{FORMAT_VERSION} only - upgrade cloudckpt to read it")
-    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"})
+            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads versions "
+            f"{min(READABLE_VERSIONS)} to {FORMAT_VERSION} only - upgrade cloudckpt to read it")
+    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"},
+               frozenset({"dcp"}) if version >= 2 else frozenset())
     if check.str_(doc["name"], "name") != name:
         raise check.fail("name", f"index is for checkpoint {doc['name']!r}, not {name!r}")
     objects = _decode_objects(check, doc["objects"], name)
@@ -427,8 +440,14 @@ def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
     for path, raw in raw_entries.items():
         entries[path] = _decode_entry(check, path, raw, objects)
     _check_tree(check, entries)
+    if version < 2:
+        for path, entry in entries.items():
+            if isinstance(entry, ArrayEntry) and entry.pytype == "bytes":
+                raise check.fail(f"entries[{path!r}]", "pytype 'bytes' needs format version 2")
     metadata = check.dict_(doc["metadata"], "metadata")
-    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version)
+    dcp = check.dict_(doc["dcp"], "dcp") if "dcp" in doc else None
+    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version,
+                           dcp=dcp)
 
 
 def _reject_constant(token: str) -> None:
@@ -512,6 +531,8 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
         raise check.fail(where, f"unknown pytype {pytype!r}")
     if pytype == "numpy_scalar" and shape != ():
         raise check.fail(where, "a numpy scalar must have shape ()")
+    if pytype == "bytes" and (dtype != np.uint8 or len(shape) != 1):
+        raise check.fail(where, "a bytes entry must be a 1-D uint8 array")
     raw_chunks = check.list_(doc["chunks"], where + ".chunks", MAX_CHUNKS_PER_ARRAY)
     if not raw_chunks:
         raise check.fail(where, "an array needs at least one chunk")
