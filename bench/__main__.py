@@ -1,4 +1,4 @@
-"""``python -m bench [storage|checkpoint|distributed|all] [options]`` - see docs/benchmarks.md."""
+"""``python -m bench [storage|checkpoint|distributed|dcp|all] [options]`` - see docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def main(argv: list[str]) -> int:
     try:
         from bench import bench_distributed
         suites["distributed"] = bench_distributed.main
+    except ImportError:
+        pass
+    try:
+        from bench import bench_dcp
+        suites["dcp"] = bench_dcp.main
     except ImportError:
         pass
     if which == "all":

@@ -69,7 +69,7 @@ def test_unknown_version_is_a_clear_error(tmp_path: Path) -> None:
     write_sample(tmp_path)
     doc = index_doc(tmp_path)
     doc["version"] = FORMAT_VERSION + 1
-    with pytest.raises(CheckpointFormatError, match=r"format version 2.*upgrade cloudckpt"):
+    with pytest.raises(CheckpointFormatError, match=rf"format version {FORMAT_VERSION + 1}.*upgrade cloudckpt"):
         decode(doc)
     (tmp_path / "c.index").write_text(json.dumps(doc))
     with pytest.raises(CheckpointFormatError, match="upgrade"):

@@ -38,7 +38,13 @@ from cloudckpt.dcp import DCPCheckpoint, StorageReader, StorageWriter
 from cloudckpt.dcp import reader as reader_module
 from cloudckpt.dcp.metadata import decode_metadata
 from cloudckpt.dcp.plain import decode_plain, encode_plain
-from cloudckpt.errors import AlreadyExistsError, CheckpointFormatError, ChecksumError, SaveError
+from cloudckpt.errors import (
+    AlreadyExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ChecksumError,
+    SaveError,
+)
 from cloudckpt.format import ArrayEntry, CheckpointIndex, decode_index, encode_index, index_key
 from cloudckpt.index_store import load_index
 from cloudckpt.state_file import STATE_KEY, parse
@@ -211,6 +217,7 @@ def test_cli_on_a_dcp_checkpoint(ranks: list[dict[str, Any]], gcs_root: str, tmp
     assert cli_main(["export", path, str(tmp_path / "out.npz")]) == 0
     with np.load(tmp_path / "out.npz") as exported:
         assert np.array_equal(exported["params.W"], dcp_worker.global_w())
+        assert "step" not in exported.files  # an opaque byte item is not exported as an array
 
 
 def _chunk_regions(index: CheckpointIndex) -> dict[int, list[tuple[int, int, str, str]]]:
@@ -378,6 +385,8 @@ def test_manager_on_one_process_with_async_save_and_sync_reraising(tmp_path: Pat
     resumed = CheckpointManager(DCPCheckpoint(fresh, coordinator=LocalCoordinator()), tmp_path, max_to_keep=1)
     assert resumed.restore_or_initialize() == str(tmp_path / "ckpt-2")
     assert fresh["state"]["step"] == 9 and int(resumed.checkpoint.save_counter) == 2
+    with pytest.raises(CheckpointNotFoundError):
+        resumed.checkpoint.restore(tmp_path / "ckpt-9")
     storage.failing = True
     manager.save(options=CheckpointOptions(enable_async=True))
     with pytest.raises(SaveError, match="disk full"):

@@ -127,7 +127,9 @@ def _plan(index: CheckpointIndex, keys: Sequence[str], safetensors: bool,
         if isinstance(entry, NodeEntry) or not _selected(path, keys):
             continue
         if isinstance(entry, ArrayEntry):
-            if safetensors and entry.dtype not in SAFETENSORS_DTYPES:
+            if entry.pytype == "bytes":
+                skipped.append(f"{path} (opaque bytes, e.g. a DCP item serialized by torch.save)")
+            elif safetensors and entry.dtype not in SAFETENSORS_DTYPES:
                 skipped.append(f"{path} ({entry.dtype})")
             elif len(entry.chunks) > 0:
                 arrays.append((path, entry))

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.distributed.checkpoint.api import CheckpointException
@@ -225,5 +225,11 @@ class DCPCheckpoint:
             try:
                 dcp_load(self.app_state, storage_reader=reader, planner=self._load_planner, **self._dcp_args())
             except CheckpointException as exc:
-                raise load_error(exc, self._coordinator) from exc
+                raise (reader.metadata_error or load_error(exc, self._coordinator)) from exc
         self._save_counter.assign(reader.save_counter or 0)
+
+
+if TYPE_CHECKING:  # DCPCheckpoint is what CheckpointManager manages (checked by mypy, costs nothing at run time)
+    from cloudckpt.manager import ManagedCheckpoint
+
+    _managed: ManagedCheckpoint = DCPCheckpoint({})

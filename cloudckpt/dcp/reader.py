@@ -57,6 +57,8 @@ class StorageReader(DCPStorageReader):
         self._location = None if checkpoint_id is None else checkpoint_location(checkpoint_id, storage)
         self._index: CheckpointIndex | None = None
         self.load_id = uuid.uuid4().hex
+        #: Why the last ``read_metadata`` failed (``CheckpointNotFoundError``, ...), or ``None``.
+        self.metadata_error: Exception | None = None
 
     @property
     def checkpoint_id(self) -> str | None:
@@ -102,7 +104,12 @@ class StorageReader(DCPStorageReader):
         if kwargs.get("rank") is not None:  # DCP's fallback to per-rank metadata files: there are none
             raise CheckpointFormatError(f"{location.url} has one index for every rank; there is no per-rank metadata")
         self._index = None
-        metadata = decode_metadata(self._loaded(), location.url)
+        self.metadata_error = None
+        try:
+            metadata = decode_metadata(self._loaded(), location.url)
+        except Exception as exc:
+            self.metadata_error = exc  # DCP reports it only as text inside an AssertionError of its own
+            raise
         assert metadata.storage_meta is not None
         metadata.storage_meta.load_id = self.load_id
         return metadata
