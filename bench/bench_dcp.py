@@ -23,26 +23,28 @@ over ranks and runs. Paths run ``--repeat`` times, interleaved; the best time co
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.bench_distributed import COLS, ROW_ALIGN, _environ, local_block, make_local, state_specs
+from bench.bench_distributed import (
+    RankState,
+    local_block,
+    make_local,
+    parse_worlds,
+    seaweedfs_bucket,
+    state_specs,
+    world_parser,
+)
 from cloudckpt.testing.processes import spawn_reports
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
-GROUP_TIMEOUT = 600.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -84,45 +86,19 @@ def worker(rank: int, world: int, port: int, config: dict[str, Any], report: dic
 
 
 def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[str, Any]:
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
-    from cloudckpt import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray
-    from cloudckpt.coordination import TorchCoordinator, set_default_coordinator
+    from cloudckpt import DTensorCheckpoint
     from cloudckpt.dcp import StorageReader, StorageWriter
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=GROUP_TIMEOUT))
-    coordinator = TorchCoordinator(timeout=GROUP_TIMEOUT)
-    set_default_coordinator(coordinator)
-    device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("x",))
-    mesh = Mesh.from_device_mesh(device_mesh, coordinator=coordinator)
+    ranks = RankState(rank, world, port, config["size_bytes"])
+    mesh, specs, originals, dests = ranks.mesh, ranks.specs, ranks.originals, ranks.dests
+    ours_state, dcp_state = ranks.ours_state, ranks.dcp_state
     endpoint: str = config["endpoint"]
     bucket: str = config["bucket"]
     threads: int = config["peer_threads"]
-    specs = state_specs(config["size_bytes"])
-    originals = {s.name: make_local(s, rank, world, seed=0) for s in specs}
-    dests = {s.name: np.zeros_like(originals[s.name]) for s in specs}
-    global_bytes = sum(s.nbytes for s in specs)
-    layout = Layout(["x", UNSHARDED], mesh)
-
-    def dcp_state(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for s in specs:
-            tensor = torch.from_numpy(arrays[s.name])
-            out[s.name] = (DTensor.from_local(tensor, device_mesh, [Shard(0)], run_check=False,
-                                              shape=torch.Size((s.rows, COLS)), stride=(COLS, 1))
-                           if s.sharded else tensor)
-        return out
-
-    def ours_state(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {s.name: ShardedArray((s.rows, COLS), np.float32, layout, [arrays[s.name]]) if s.sharded
-                else arrays[s.name] for s in specs}
-
     save_dcp, restore_dcp = dcp_state(originals), dcp_state(dests)
 
     paths: list[tuple[str, str, Callable[[str], Any], Callable[[str], Any]]] = [
@@ -207,7 +183,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
             print(f"  world {world}: run {r + 1}/{config['repeat']} done", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return {"world": world, "global_bytes": global_bytes, "results": list(results.values()), "skipped": skipped}
+    return {"world": world, "global_bytes": ranks.global_bytes, "results": list(results.values()), "skipped": skipped}
 
 
 def report(worlds: list[dict[str, Any]]) -> str:
@@ -232,44 +208,25 @@ def report(worlds: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench dcp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=1024, help="global state size (default 1024)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 1 repeat (overrides both)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per path; the best counts (default 2)")
-    parser.add_argument("--worlds", default="1,2", help="comma-separated process counts (default 1,2)")
+    parser = world_parser("python -m bench dcp", __doc__, size_mib=1024, timeout=3600.0)
     parser.add_argument("--peer-threads", type=int, default=4,
                         help="writer threads of s3torchconnector and FsspecWriter (cloudckpt uploads with 4)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="bound on each world's spawn, seconds")
     args = parser.parse_args(argv)
     size_mib = 64 if args.quick else args.size_mib
-    repeat = 1 if args.quick else args.repeat
-    worlds = [int(w) for w in args.worlds.split(",") if w]
-    if any(w < 1 or w > ROW_ALIGN for w in worlds):
-        parser.error(f"--worlds must be between 1 and {ROW_ALIGN}")
+    repeat = 1 if args.quick else args.repeat  # a smoke run: one run of each path
+    worlds = parse_worlds(parser, args.worlds)
 
-    sys.path.insert(0, str(REPO / "tests"))
-    import boto3
-    import servers  # the launcher the tests use: 127.0.0.1, free ports, stopped by PID
     import torch
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     results = []
-    with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-dcp-", dir=REPO) as tmp, \
-            servers.seaweedfs(Path(tmp) / "weed") as server:
-        print(f"SeaweedFS at {server.endpoint}", flush=True)
-        bucket = f"bench-dcp-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
-        with _environ(AWS_ENDPOINT_URL=server.endpoint):
-            for world in sorted(worlds):
-                config = {"endpoint": server.endpoint, "bucket": bucket, "size_bytes": size_mib * MiB,
-                          "repeat": repeat, "peer_threads": args.peer_threads, "other_world": 1 in worlds}
-                print(f"world {world}: spawning {world} gloo process(es) ...", flush=True)
-                started = time.monotonic()
-                results.append(spawn_reports(worker, world, config, timeout=args.timeout)[0])
-                print(f"world {world}: done in {time.monotonic() - started:.0f} s", flush=True)
+    with seaweedfs_bucket("dcp") as (endpoint, bucket):
+        for world in sorted(worlds):
+            config = {"endpoint": endpoint, "bucket": bucket, "size_bytes": size_mib * MiB, "repeat": repeat,
+                      "peer_threads": args.peer_threads, "other_world": 1 in worlds}
+            print(f"world {world}: spawning {world} gloo process(es) ...", flush=True)
+            started = time.monotonic()
+            results.append(spawn_reports(worker, world, config, timeout=args.timeout)[0])
+            print(f"world {world}: done in {time.monotonic() - started:.0f} s", flush=True)
     specs = state_specs(size_mib * MiB)
     print()
     print(f"{sum(s.nbytes for s in specs) / MiB:.0f} MiB float32, best of {repeat}, {os.cpu_count()} cores, "

@@ -14,19 +14,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import dcp_worker
 import numpy as np
 import pytest
-import servers
 import torch
 import torch.distributed.checkpoint as dcp
-from botocore.config import Config
-from conftest import unique_name
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
@@ -64,22 +59,6 @@ def storage_of(root: str) -> Storage:
 
 
 # ---------------------------------------------------------------------------- the 2-process spawn
-@pytest.fixture(scope="module")
-def s3_root(seaweedfs: servers.Server) -> Iterator[str]:
-    bucket = unique_name("dcp")
-    boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
-                 config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket=bucket)
-    previous = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = seaweedfs.endpoint  # inherited by the spawned processes
-    try:
-        yield f"s3://{bucket}/run-{uuid.uuid4().hex[:8]}"
-    finally:
-        if previous is None:
-            os.environ.pop("AWS_ENDPOINT_URL", None)
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = previous
-
-
 @pytest.fixture(scope="module")
 def gcs_root(gcs_bucket: str) -> str:
     return f"gs://{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"

@@ -9,7 +9,7 @@ exactly as ``Checkpoint.write`` would name it. A ``Location`` is taken as is; wi
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Any, Union
 
 from cloudckpt.errors import InvalidURLError
 from cloudckpt.storage import Location, Storage, resolve, split_url
@@ -47,3 +47,37 @@ def is_checkpoint_id(checkpoint_id: object) -> bool:
     except (InvalidURLError, TypeError):
         return False
     return True
+
+
+class Addressed:
+    """The checkpoint a DCP writer or reader works on: set at construction or by DCP's ``reset``."""
+
+    _storage: Storage | None
+    _location: Location | None
+
+    def _address(self, checkpoint_id: CheckpointId | None, storage: Storage | None) -> None:
+        self._storage = storage
+        self._location = None if checkpoint_id is None else checkpoint_location(checkpoint_id, storage)
+
+    def _readdress(self, checkpoint_id: CheckpointId | None) -> None:
+        """``reset(checkpoint_id)``: a new path if one is given, else the same one."""
+        if checkpoint_id is not None and checkpoint_id != "":
+            self._location = checkpoint_location(checkpoint_id, self._storage)
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The checkpoint's URL (what DCP logs), or ``None`` before one is given."""
+        return None if self._location is None else self._location.url
+
+    @property
+    def location(self) -> Location | None:
+        return self._location
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
+        return is_checkpoint_id(checkpoint_id)
+
+    def _where(self) -> Location:
+        if self._location is None:
+            raise ValueError("no checkpoint path: pass it to the writer/reader, or checkpoint_id= to dcp.save/load")
+        return self._location

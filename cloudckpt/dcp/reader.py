@@ -32,7 +32,7 @@ from torch.futures import Future as TorchFuture
 
 from cloudckpt.adapters import torch as torch_adapter
 from cloudckpt.dcp.metadata import decode_metadata, fqn_path, saved_counter
-from cloudckpt.dcp.paths import CheckpointId, checkpoint_location, is_checkpoint_id
+from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import CheckpointFormatError, CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
 from cloudckpt.index_store import load_index
@@ -40,7 +40,7 @@ from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
 from cloudckpt.storage import Location, Storage
 
 
-class StorageReader(DCPStorageReader):
+class StorageReader(Addressed, DCPStorageReader):
     """Where ``dcp.load`` reads from: a cloudckpt checkpoint (written through ``StorageWriter``).
 
     Args:
@@ -53,24 +53,14 @@ class StorageReader(DCPStorageReader):
 
     def __init__(self, checkpoint_id: CheckpointId | None = None, *, storage: Storage | None = None) -> None:
         super().__init__()
-        self._storage = storage
-        self._location = None if checkpoint_id is None else checkpoint_location(checkpoint_id, storage)
+        self._address(checkpoint_id, storage)
         self._index: CheckpointIndex | None = None
         self.load_id = uuid.uuid4().hex
         #: Why the last ``read_metadata`` failed (``CheckpointNotFoundError``, ...), or ``None``.
         self.metadata_error: Exception | None = None
 
-    @property
-    def checkpoint_id(self) -> str | None:
-        return None if self._location is None else self._location.url
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
-        return is_checkpoint_id(checkpoint_id)
-
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
-        if checkpoint_id is not None and checkpoint_id != "":
-            self._location = checkpoint_location(checkpoint_id, self._storage)
+        self._readdress(checkpoint_id)
         self._index = None
         self.load_id = uuid.uuid4().hex
 
@@ -80,11 +70,6 @@ class StorageReader(DCPStorageReader):
         if self._index is None or self._location is None:
             return None
         return saved_counter(self._index, self._location.url)
-
-    def _where(self) -> Location:
-        if self._location is None:
-            raise ValueError("no checkpoint path: pass StorageReader(checkpoint_id) or dcp.load(checkpoint_id=...)")
-        return self._location
 
     def _loaded(self) -> CheckpointIndex:
         if self._index is None:

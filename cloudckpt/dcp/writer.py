@@ -57,7 +57,7 @@ from cloudckpt.adapters import torch as torch_adapter
 from cloudckpt.coordination import Coordinator, default_coordinator
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
-from cloudckpt.dcp.paths import CheckpointId, checkpoint_location, is_checkpoint_id
+from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import AlreadyExistsError, ConcurrentWriterError, CoordinationError, SaveError
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry, decode_index, encode_index
 from cloudckpt.graph import Collected, ShardedLeaf
@@ -181,7 +181,7 @@ def _done(value: Any) -> TorchFuture[Any]:
     return future
 
 
-class StorageWriter(DCPStorageWriter):
+class StorageWriter(Addressed, DCPStorageWriter):
     """Where ``dcp.save`` / ``dcp.async_save`` write: a cloudckpt checkpoint on S3, GCS, local disk, ...
 
     Args:
@@ -204,8 +204,7 @@ class StorageWriter(DCPStorageWriter):
     def __init__(self, checkpoint_id: CheckpointId | None = None, *, storage: Storage | None = None,
                  overwrite: bool = False, coordinator: Coordinator | None = None) -> None:
         super().__init__()
-        self._storage = storage
-        self._location = None if checkpoint_id is None else checkpoint_location(checkpoint_id, storage)
+        self._address(checkpoint_id, storage)
         self.overwrite = overwrite
         self._coordinator = coordinator if coordinator is not None else default_coordinator()
         self._managed = ManagedSave()
@@ -216,31 +215,12 @@ class StorageWriter(DCPStorageWriter):
         self.last_commit: CommitResult | None = None
 
     # ------------------------------------------------------------------ identity
-    @property
-    def checkpoint_id(self) -> str | None:
-        """The checkpoint's URL (what DCP logs), or ``None`` before one is given."""
-        return None if self._location is None else self._location.url
-
-    @property
-    def location(self) -> Location | None:
-        return self._location
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
-        return is_checkpoint_id(checkpoint_id)
-
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
-        if checkpoint_id is not None and checkpoint_id != "":
-            self._location = checkpoint_location(checkpoint_id, self._storage)
+        self._readdress(checkpoint_id)
 
     def storage_meta(self) -> StorageMeta | None:
         self._storage_meta = StorageMeta(checkpoint_id=self.checkpoint_id, save_id=uuid.uuid4().hex)
         return self._storage_meta
-
-    def _where(self) -> Location:
-        if self._location is None:
-            raise ValueError("no checkpoint path: pass StorageWriter(checkpoint_id) or dcp.save(checkpoint_id=...)")
-        return self._location
 
     # ------------------------------------------------------------------ DCP's protocol
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
