@@ -283,7 +283,7 @@ def test_refused_overwrite_writes_nothing_and_overwrite_replaces_atomically(tmp_
     dcp.save(state, storage_writer=StorageWriter(tmp_path / "ck", overwrite=True), no_dist=True)
     after = sorted(p.name for p in tmp_path.glob("ck.*"))
     assert len(after) == 2 and not (set(before) - {"ck.index"}) & set(after)
-    loaded = _load_state_dict_from_keys({"step"}, storage_reader=StorageReader(tmp_path / "ck"))
+    loaded = _load_state_dict_from_keys({"step"}, checkpoint_id=tmp_path / "ck", storage_reader=StorageReader())
     assert loaded == {"step": 4}
 
 

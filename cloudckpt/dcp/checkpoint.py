@@ -19,7 +19,6 @@ training step use from the main thread while an async save runs in the backgroun
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -43,8 +42,6 @@ from cloudckpt.saving.pipeline import describe_error, failure_message
 from cloudckpt.status import SAVE_COUNTER
 from cloudckpt.storage import CheckpointPath, Location, resolve
 from cloudckpt.trackable import Variable
-
-log = logging.getLogger("cloudckpt.dcp")
 
 
 def save_error(exc: BaseException, url: str, coordinator: Coordinator) -> BaseException:

@@ -39,6 +39,7 @@ import io
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,11 @@ from cloudckpt.storage import Location, ObjectMeta, Storage
 
 class BookkeepingError(SaveError):
     """The checkpoint was committed, but what runs after the commit (a manager's state file) failed."""
+
+
+#: After another rank is lost, how long this rank's upload in flight may take to end before
+#: its objects are removed (what it uploads later stays until a manager's cleanup).
+UPLOAD_GRACE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +288,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 error = future.exception()
                 errors = coord.all_gather_object(None if error is None else describe_error(error))
             except CoordinationError:
+                wait_futures([future], timeout=UPLOAD_GRACE)  # let an upload in flight end, then remove it all
                 discard(location.storage, location.name, self._log.snapshot())
                 raise
         if any(e is not None for e in errors):
