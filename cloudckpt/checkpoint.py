@@ -21,14 +21,16 @@ import numpy as np
 from cloudckpt import state_file
 from cloudckpt.async_save import AsyncSaver, SaveStats
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
+from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format import CheckpointIndex
 from cloudckpt.graph import Collected, Kind, ShardedLeaf, classify, collect
-from cloudckpt.index_store import load_index
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import ReadRelay
 from cloudckpt.restore import RestoreSession
 from cloudckpt.saving import AfterCommit, SaveRun, SaveSettings, WriteResult, announce_failure
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.storage import CheckpointPath, Location, resolve
+from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.trackable import Trackable, Variable
 
 log = logging.getLogger("cloudckpt.checkpoint")
@@ -138,9 +140,11 @@ class Checkpoint(Trackable):
         ``file_prefix`` is a path, a URL, or a ``Location`` (a storage opened in code).
         """
         self._saver_wait()
+        prefix = resolve(file_prefix)
+        if self._coordinator is None:  # one host: refuse a manager's directory before writing anything
+            state_file.check_unmanaged(prefix.storage, prefix.name)
         self._save_counter.assign_add(1)
         number = int(self._save_counter)
-        prefix = resolve(file_prefix)
         location = prefix.sibling(f"{prefix.name}-{number}")
         return self._write_to(location, f"{_shown(file_prefix)}-{number}", options,
                               after_commit=lambda written: state_file.record_checkpoint(location.storage, written.name))
@@ -154,7 +158,8 @@ class Checkpoint(Trackable):
         return self._write_managed(file_prefix, options)
 
     def _write_managed(self, path: CheckpointPath, options: CheckpointOptions | None = None, *,
-                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                       base: str | None = None) -> str:
         """``write`` with a hook run after the commit and user metadata in the index.
 
         The interface ``CheckpointManager`` builds on. ``after_commit(written)`` runs on
@@ -166,11 +171,16 @@ class Checkpoint(Trackable):
         checkpoint's own on many hosts, a ``LocalCoordinator`` on one. Async: the caller
         is blocked for the snapshot into the staging buffer and for uploading what does
         not fit it (``early``); the rest of the protocol runs on the background worker.
+
+        ``base`` (a manager's incremental save): a committed checkpoint in the same directory
+        whose unchanged pieces the new one references instead of uploading again.
         """
-        return self._write_to(resolve(path), _shown(path), options, after_commit=after_commit, metadata=metadata)
+        return self._write_to(resolve(path), _shown(path), options, after_commit=after_commit, metadata=metadata,
+                              base=base)
 
     def _write_to(self, location: Location, shown: str, options: CheckpointOptions | None, *,
-                  after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+                  after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                  base: str | None = None) -> str:
         """Save to ``location`` (``shown`` is the path as the caller wrote it, returned and logged)."""
         self._saver_wait()
         started = time.monotonic()
@@ -186,7 +196,7 @@ class Checkpoint(Trackable):
         if settings.asynchronous:
             staged, early, staged_bytes = self._async_saver().staging.stage(entries, settings.staging_budget)
         run = SaveRun(coordinator, location, staged, metadata=metadata, io_rank=settings.io_rank,
-                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None)
+                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None, base=base)
         run.start(early)
         if not settings.asynchronous or run.must_finish_now:
             result = run.finish()
@@ -217,10 +227,11 @@ class Checkpoint(Trackable):
                   asynchronous: bool, staged_bytes: int, early_bytes: int) -> None:
         """After the commit and its bookkeeping: stats and log line, then the write callbacks."""
         stats = SaveStats(path, result.bytes, result.objects, time.monotonic() - started, blocked,
-                          asynchronous, staged_bytes, early_bytes)
+                          asynchronous, staged_bytes, early_bytes, result.reused_bytes)
         object.__setattr__(self, "_last_stats", stats)
-        log.info("saved %s: %d bytes in %d objects, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
-                 stats.objects, stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
+        log.info("saved %s: %d bytes in %d objects%s, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
+                 stats.objects, f", {stats.reused_bytes} unchanged bytes reused" if stats.reused_bytes else "",
+                 stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
         settings.options.run_write_callbacks(path)
 
     def _async_saver(self) -> AsyncSaver:
@@ -285,7 +296,7 @@ class Checkpoint(Trackable):
         self._saver_wait()
         location = resolve(save_path)
         relay = self._read_relay(options)
-        index = relay.load_index(location) if relay else load_index(location.storage, location.name)
+        index = relay.load_index(location) if relay else self._load_own_index(location)
         session = RestoreSession(location.storage, index, relay)
         for owner in (self, self._root):
             if owner is not None:
@@ -293,6 +304,18 @@ class Checkpoint(Trackable):
         session.restore("", self, None)
         session.ranges = None  # later (deferred) restorations are one host's business: no collective
         return CheckpointLoadStatus(session, self, expect_save_counter=expect_save_counter)
+
+    @staticmethod
+    def _load_own_index(location: Location) -> CheckpointIndex:
+        """A cloudckpt index; a TensorFlow checkpoint is named as one (restoring into objects
+        by TensorFlow's object graph is not supported - ``load_checkpoint`` reads it)."""
+        found = load_any_index(location.storage, location.name)
+        if isinstance(found, Bundle):
+            raise CheckpointFormatError(
+                f"{location.url} is a TensorFlow checkpoint: Checkpoint.restore/read restore cloudckpt checkpoints "
+                "only; read its tensors with cloudckpt.load_checkpoint(path).get_tensor(key) or "
+                "cloudckpt.load_variable(path, 'model') (docs/tensorflow-import.md)")
+        return found
 
     def _read_relay(self, options: CheckpointOptions | None) -> ReadRelay | None:
         """The io host's relay when a multi-host restore routes its reads through one host."""

@@ -25,6 +25,7 @@ same object relative to its storage root, when known) for programs to read.
     │   └── MissingDependencyError(ImportError)    the URL needs an extra that is not installed
     ├── ChecksumError                              CRC32C mismatch on read
     ├── CheckpointFormatError(ValueError)          malformed or unknown index
+    │   ├── CheckpointVersionError                 an index format version this reader does not know
     │   └── CheckpointStateError                   malformed state file (<dir>/checkpoint)
     ├── CheckpointMismatchError(ValueError)        stored shape/dtype/type differs from the object
     ├── ConcurrentWriterError                      another writer claimed the directory
@@ -129,6 +130,18 @@ class ChecksumError(CloudCkptError):
 
 class CheckpointFormatError(CloudCkptError, ValueError):
     """A checkpoint index that is malformed, hostile, or of an unknown format version."""
+
+
+class CheckpointVersionError(CheckpointFormatError):
+    """The index is of a format version this cloudckpt does not read (written by a newer one).
+
+    Unlike a malformed index it may be perfectly valid, so cleanup treats it as naming
+    objects it cannot see: nothing is deleted while one exists.
+    """
+
+    def __init__(self, message: str, version: object) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class CheckpointStateError(CheckpointFormatError):

@@ -42,13 +42,14 @@ def head_index(storage: Storage, name: str) -> ObjectMeta | None:
         return None
 
 
-def read_index(storage: Storage, name: str, meta: ObjectMeta | None = None) -> CheckpointIndex | None:
-    """The validated index of checkpoint ``name``, or ``None`` if it has none.
+def read_index_bytes(storage: Storage, name: str, meta: ObjectMeta | None = None) -> bytes | None:
+    """The bytes of checkpoint ``name``'s index object (``None`` if absent), refused by size first.
 
-    ``meta`` is a HEAD of the index the caller already made (saves one request).
+    Shared by both formats an ``.index`` can hold (cloudckpt's JSON, TensorFlow's table): the
+    caller tells them apart by content. ``meta`` is a HEAD of the index the caller already made.
 
     Raises:
-        CheckpointFormatError: over ``MAX_INDEX_BYTES``, malformed, or of an unknown version.
+        CheckpointFormatError: over ``MAX_INDEX_BYTES`` (not an index, or a hostile one).
         BucketNotFoundError: the bucket is missing.
     """
     key = index_key(name)
@@ -61,14 +62,35 @@ def read_index(storage: Storage, name: str, meta: ObjectMeta | None = None) -> C
         raise CheckpointFormatError(f"{url} is {meta.size} bytes, over the {MAX_INDEX_BYTES}-byte limit for an "
                                     "index; refusing to read it (not a cloudckpt index?)")
     try:
-        data = storage.get(key, ByteRange.bounded(0, meta.size)) if meta.size else storage.get(key)
+        return storage.get(key, ByteRange.bounded(0, meta.size)) if meta.size else storage.get(key)
     except BucketNotFoundError:
         raise
     except NotFoundError:
         return None
     except InvalidRangeError:
         raise CheckpointFormatError(f"{url} shrank while it was being read (replaced by another writer?)") from None
-    return decode_index(data, name, url)
+
+
+def read_index(storage: Storage, name: str, meta: ObjectMeta | None = None) -> CheckpointIndex | None:
+    """The validated index of checkpoint ``name``, or ``None`` if it has none.
+
+    ``meta`` is a HEAD of the index the caller already made (saves one request).
+
+    Raises:
+        CheckpointFormatError: over ``MAX_INDEX_BYTES``, malformed, or of an unknown version.
+        BucketNotFoundError: the bucket is missing.
+    """
+    data = read_index_bytes(storage, name, meta)
+    return None if data is None else decode_index(data, name, storage.url_for(index_key(name)))
+
+
+def load_index_bytes(storage: Storage, name: str) -> bytes:
+    """``read_index_bytes`` of a checkpoint that must exist (``CheckpointNotFoundError`` otherwise)."""
+    data = read_index_bytes(storage, name)
+    if data is None:
+        raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name),
+                                      key=index_key(name))
+    return data
 
 
 def load_index(storage: Storage, name: str) -> CheckpointIndex:
@@ -80,11 +102,7 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
         BucketNotFoundError: the bucket is missing.
         CheckpointFormatError: the index is malformed, too large, or of an unknown version.
     """
-    index = read_index(storage, name)
-    if index is None:
-        raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name),
-                                      key=index_key(name))
-    return index
+    return decode_index(load_index_bytes(storage, name), name, storage.url_for(index_key(name)))
 
 
 def _not_found_message(storage: Storage, name: str) -> str:

@@ -263,6 +263,7 @@ def two_ranks(rank: int, world: int, port: int, s3_root: str, gcs_root: str, rep
     victim = CheckpointManager(DCPCheckpoint({"params": _params(mesh, Shard(0), global_w())}), killed,
                                max_to_keep=3)
     report["killed_first"] = victim.save()
+    victim.checkpoint.app_state["params"]["W"].to_local().add_(1)  # new bytes to upload (the rest is reused)
     if rank == 1:
         os.environ["CLOUDCKPT_CRASH_AT"] = "after_data_upload"
     try:

@@ -575,3 +575,17 @@ def test_index_committed_by_another_writer_during_upload_is_not_replaced(
     target = Variable(np.zeros(4))
     Checkpoint(v=target).read(tmp_path / "shared").assert_consumed()
     np.testing.assert_array_equal(target.numpy(), np.full(4, 7.0))
+
+
+@pytest.mark.parametrize("method", ["assign", "assign_add", "assign_sub"])
+def test_int_variable_refuses_floats_in_every_assign(method: str) -> None:
+    """``assign(2.5)`` raised while ``assign_add(1.7)`` truncated silently; now all three agree."""
+    step = Variable(np.int64(3), name="step")
+    with pytest.raises(TypeError, match=rf"cannot {method} a float64 value to Variable 'step' of dtype int64"):
+        getattr(step, method)(2.5 if method == "assign" else 1.7)
+    assert int(step) == 3 and step.dtype == np.int64
+    getattr(step, method)(2)  # same kind: fine
+    assert int(step) == {"assign": 2, "assign_add": 5, "assign_sub": 1}[method]
+    weights = Variable(np.zeros(2, np.float32))
+    getattr(weights, method)(np.ones(2))  # float64 into float32: same kind, as tf.Variable allows
+    assert weights.dtype == np.float32

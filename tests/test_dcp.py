@@ -149,7 +149,16 @@ def test_manager_round_trip_with_retention_preemption_and_fencing(ranks: list[di
         assert report["managed_after_preemption"] == [f"{managed}/ckpt-3", f"{managed}/ckpt-4"]
         assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
     storage = storage_of(managed)
-    assert not [m.key for m in storage.list("ckpt-1.")] and not [m.key for m in storage.list("ckpt-2.")]
+    kept = [load_index(storage, name) for name in ("ckpt-3", "ckpt-4")]
+    named = {o.name for index in kept for o in index.objects}
+    left = {m.key for m in storage.list("ckpt-") if not m.key.startswith("ckpt-100.")}  # not the fencer's
+    assert "ckpt-1.index" not in left and "ckpt-2.index" not in left  # evicted
+    assert {k for k in left if ".data-" in k} == named  # what evicted ones wrote stays only while referenced
+    # Incremental: R and B never changed, so every later save references the bytes the first one wrote.
+    for index in kept:
+        r = index.entries["params.R"]
+        assert isinstance(r, ArrayEntry) and index.objects[r.chunks[0].object].name.startswith("ckpt-1.data-")
+    assert kept[0].references and "ckpt-1" in kept[0].references
     state = parse(storage.get(STATE_KEY).decode(), "state")
     assert state.model_checkpoint_path == "ckpt-100"  # the other writer's; the fenced manager never overwrote it
 
@@ -170,10 +179,13 @@ def test_sigkill_mid_save_then_the_next_manager_save_cleans_up(ranks: list[dict[
                                 leftover_min_age=0)
     assert manager.restore_or_initialize() == f"{killed}/ckpt-1"
     assert torch.equal(app["params"]["W"], torch.from_numpy(dcp_worker.global_w()))
+    app["params"]["W"].add_(1)
     assert manager.save() == f"{killed}/ckpt-2"
-    left = [m.key for m in storage.list("")]
-    assert not set(orphans) & set(left)
-    assert len([k for k in left if k.startswith("ckpt-2.data-")]) == 1  # this save's object only
+    left = {m.key for m in storage.list("ckpt-2.data-")}
+    index = load_index(storage, "ckpt-2")
+    assert left == {o.name for o in index.owned_objects()} and not set(orphans) & left  # the crashed save's: gone
+    assert torch.equal(cloudckpt.load_variable(f"{killed}/ckpt-2", "params.W"),
+                       torch.from_numpy(dcp_worker.global_w(1)))
 
 
 def test_cli_on_a_dcp_checkpoint(ranks: list[dict[str, Any]], gcs_root: str, tmp_path: Path,
@@ -225,21 +237,24 @@ def test_no_object_holds_a_pickle_stream_of_ours(ranks: list[dict[str, Any]], s3
             if index.dcp is None:
                 continue  # the fencing writer's plain Checkpoint
             regions = _chunk_regions(index)
+            owned = {o.name for o in index.owned_objects()}
             byte_items = set()
             for k, obj in enumerate(index.objects):
                 data = sub.get(obj.name)
                 assert not data.startswith(PICKLE_STARTS) and len(data) == obj.size
                 position = 0
                 for offset, length, path, pytype in sorted(regions.get(k, [])):
-                    assert offset == position, (obj.name, path)  # no byte outside a listed chunk
-                    position += length
+                    # An object this save wrote holds nothing but its chunks (a referenced one, an
+                    # incremental save's base, also holds what its own save wrote).
+                    assert offset == position or obj.name not in owned, (obj.name, path)
+                    position = offset + length
                     piece = data[offset:offset + length]
                     if pytype == "bytes":
                         assert piece.startswith(ZIP_START)  # torch.save's zip: DCP's own item
                         byte_items.add(path)
                     else:
                         assert not piece.startswith((*PICKLE_STARTS, ZIP_START)), (obj.name, path)
-                assert position == obj.size
+                assert position == obj.size or obj.name not in owned
             if index.entries.keys() >= {"step", "name"}:
                 assert sorted(byte_items) == ranks[0]["byte_items"]  # exactly DCP's non-tensor items
             checked += 1
@@ -359,7 +374,7 @@ def test_manager_on_one_process_with_async_save_and_sync_reraising(tmp_path: Pat
     manager.save(options=CheckpointOptions(enable_async=True, experimental_write_callbacks=[written.append]))
     manager.sync()
     assert written == [str(tmp_path / "ckpt-2")]
-    assert manager.checkpoints == [str(tmp_path / "ckpt-2")] and not list(tmp_path.glob("ckpt-1.*"))
+    assert manager.checkpoints == [str(tmp_path / "ckpt-2")] and not (tmp_path / "ckpt-1.index").exists()
     fresh = {"state": _small_state()}
     resumed = CheckpointManager(DCPCheckpoint(fresh, coordinator=LocalCoordinator()), tmp_path, max_to_keep=1)
     assert resumed.restore_or_initialize() == str(tmp_path / "ckpt-2")
@@ -367,6 +382,7 @@ def test_manager_on_one_process_with_async_save_and_sync_reraising(tmp_path: Pat
     with pytest.raises(CheckpointNotFoundError):
         resumed.checkpoint.restore(tmp_path / "ckpt-9")
     storage.failing = True
+    app["state"]["step"] = 10  # something to upload (an incremental save would reuse everything else)
     manager.save(options=CheckpointOptions(enable_async=True))
     with pytest.raises(SaveError, match="disk full"):
         manager.sync()
@@ -429,6 +445,9 @@ def test_format_version_2_additions_and_version_1_still_read(tmp_path: Path) -> 
         decode_index(json.dumps(bad).encode(), "ck", "x")
     as_v1 = json.loads(json.dumps(doc))
     as_v1["version"] = 1
+    for entry in as_v1["entries"].values():
+        for chunk in entry.get("chunks", ()):
+            chunk.pop("hash", None)  # version 2's content hashes (incremental saves)
     with pytest.raises(CheckpointFormatError, match=r"unknown field\(s\) \['dcp'\]"):
         decode_index(json.dumps(as_v1).encode(), "ck", "x")
     del as_v1["dcp"]
@@ -439,7 +458,7 @@ def test_format_version_2_additions_and_version_1_still_read(tmp_path: Path) -> 
     raw["version"] = 1
     assert decode_index(json.dumps(raw).encode(), "c", "x").version == 1  # version 1 stays readable
     raw["version"] = 3
-    with pytest.raises(CheckpointFormatError, match="format version 3; this cloudckpt reads versions 1 to 2"):
+    with pytest.raises(CheckpointFormatError, match="format version 3; this cloudckpt reads versions 1, 2"):
         decode_index(json.dumps(raw).encode(), "c", "x")
 
 

@@ -403,6 +403,8 @@ def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[st
         # Another writer claimed the directory: the fenced save fails on every rank, not only the owner.
         assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
     owner, other = two
+    # The last save was incremental: rank 0's unchanged rows are ckpt-3's bytes, rank 1's are new.
+    assert owner["managed_w_chunks"] == {"[0, 0]": "ckpt-3", "[4, 0]": "ckpt-4"}
     assert owner["managed_counts"]["DELETE"] > 0 and owner["managed_counts"]["HEAD"] > 0
     # Rank 1 only uploaded its shards (one PUT per save) and, on resume, read its ranges.
     assert set(other["managed_counts"]) == {"PUT", "data_bytes_written"} and other["managed_counts"]["PUT"] == 4

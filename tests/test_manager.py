@@ -17,6 +17,7 @@ import pytest
 from cloudckpt import Checkpoint, CheckpointOptions, Variable
 from cloudckpt.errors import ConcurrentWriterError
 from cloudckpt.format import index_key
+from cloudckpt.index_store import load_index
 from cloudckpt.manager import CheckpointManager, latest_checkpoint
 from cloudckpt.retention import BestN
 from cloudckpt.state_file import STATE_KEY, parse, read_state
@@ -57,9 +58,10 @@ def test_validation(tmp_path: Path) -> None:
         CheckpointManager(ckpt, tmp_path, max_to_keep=1, checkpoint_interval=5)
 
 
-def test_deletion_keeps_max_to_keep(root: str, clock: Clock) -> None:
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
+def test_deletion_keeps_max_to_keep(root: str, clock: Clock, incremental: bool) -> None:
     ckpt = Checkpoint(v=Variable(np.zeros(3)))
-    manager = CheckpointManager(ckpt, root, max_to_keep=2)
+    manager = CheckpointManager(ckpt, root, max_to_keep=2, incremental=incremental)
     paths = []
     for _ in range(4):
         clock.now += 1
@@ -69,8 +71,16 @@ def test_deletion_keeps_max_to_keep(root: str, clock: Clock) -> None:
     assert [_exists(root, f"ckpt-{i}") for i in range(1, 5)] == [False, False, True, True]
     assert manager.latest_checkpoint == join_url(root, "ckpt-4")
     assert latest_checkpoint(root) == join_url(root, "ckpt-4")
-    # Deleted checkpoints leave no data objects behind.
-    assert [m.key for m in open_storage(root).list("ckpt-1")] == []
+    storage = open_storage(root)
+    if not incremental:  # deleted checkpoints leave no data objects behind
+        assert [m.key for m in storage.list("ckpt-1")] + [m.key for m in storage.list("ckpt-2")] == []
+        return
+    # Incremental: the unchanged array still lives in ckpt-1's object, which ckpt-3 and ckpt-4 name;
+    # ckpt-2's objects held only a changed save_counter and are gone. Nothing unnamed is left.
+    named = {o.name for n in ("ckpt-3", "ckpt-4") for o in load_index(storage, n).objects}
+    left = {m.key for m in storage.list("") if ".data-" in m.key}
+    assert left == named
+    assert [k for k in left if k.startswith("ckpt-1.")] and not [k for k in left if k.startswith("ckpt-2.")]
 
 
 def test_state_survives_instances_with_preserved_checkpoints(root: str, clock: Clock) -> None:

@@ -148,8 +148,10 @@ class DCPCheckpoint:
         return self._write_managed(path, options)
 
     def _write_managed(self, path: CheckpointPath, options: CheckpointOptions | None = None, *,
-                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
-        """One save; ``after_commit`` runs on the committing rank right after the commit (``ManagedCheckpoint``)."""
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                       base: str | None = None) -> str:
+        """One save (``ManagedCheckpoint``): ``after_commit`` runs on the committing rank right after the
+        commit; ``base`` (a manager's incremental save) is a checkpoint whose identical pieces are referenced."""
         options = options or CheckpointOptions()
         if io_rank(options, self._coordinator) is not None:
             raise ValueError("experimental_io_device is not supported for DCP checkpoints: every rank writes its own "
@@ -158,7 +160,7 @@ class DCPCheckpoint:
         location = resolve(path)
         shown = location.url if isinstance(path, Location) else os.fspath(path)
         writer = StorageWriter(location, overwrite=True, coordinator=self._coordinator)
-        writer._managed = ManagedSave(after_commit, metadata, int(self._save_counter), session_held=True)
+        writer._managed = ManagedSave(after_commit, metadata, int(self._save_counter), session_held=True, base=base)
         coord = self._coordinator
         if not options.enable_async:
             with coord.session(), _translated(location.url, coord):

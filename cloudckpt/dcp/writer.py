@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,14 +60,29 @@ from cloudckpt.coordination import Coordinator, default_coordinator
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
 from cloudckpt.dcp.paths import Addressed, CheckpointId
-from cloudckpt.errors import AlreadyExistsError, ConcurrentWriterError, CoordinationError, SaveError
+from cloudckpt.errors import (
+    AlreadyExistsError,
+    CheckpointFormatError,
+    ConcurrentWriterError,
+    CoordinationError,
+    SaveError,
+    StorageError,
+)
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry, decode_index, encode_index
 from cloudckpt.graph import Collected, ShardedLeaf
-from cloudckpt.index_store import head_index
+from cloudckpt.index_store import head_index, read_index
 from cloudckpt.saving import AfterCommit
 from cloudckpt.saving import WriteResult as CommitResult
 from cloudckpt.saving.commit import assemble_index, commit, delete_replaced, discard
-from cloudckpt.saving.objects import PieceId, UploadLog, locate, new_suffix, plan_objects, upload
+from cloudckpt.saving.objects import (
+    BaseCheckpoint,
+    PieceId,
+    StoredPiece,
+    UploadLog,
+    new_suffix,
+    plan_objects,
+    upload,
+)
 from cloudckpt.saving.pipeline import describe_error, wait_for_every_rank
 from cloudckpt.saving.plan import Description, PieceDescription, make_plan
 from cloudckpt.storage import Location, ObjectMeta, Storage
@@ -75,6 +91,8 @@ from cloudckpt.storage import Location, ObjectMeta, Storage
 class BookkeepingError(SaveError):
     """The checkpoint was committed, but what runs after the commit (a manager's state file) failed."""
 
+
+log = logging.getLogger("cloudckpt.dcp")
 
 #: After another rank is lost, how long this rank's upload in flight may take to end before
 #: its objects are removed (what it uploads later stays until a manager's cleanup).
@@ -108,10 +126,14 @@ class RankLayout:
 
 @dataclass(frozen=True, slots=True)
 class StoredItem:
-    """A ``WriteResult.storage_data``: where one item's bytes landed, and in which object."""
+    """A ``WriteResult.storage_data``: where one item's bytes are, and the size of that object.
 
-    chunk: Chunk
-    object: DataObject
+    The object is one this write uploaded, or - an incremental save - one of the base
+    checkpoint's that already holds identical bytes.
+    """
+
+    piece: StoredPiece
+    object_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +145,16 @@ class ManagedSave:
         metadata: user metadata for the index (``CheckpointManager.save(metadata=...)``).
         save_counter: recorded in the index's ``dcp`` field.
         session_held: the caller holds the coordinator's session for the whole save.
+        base: a committed checkpoint in the same directory whose identical pieces (same key,
+            box, dtype, size and XXH3-128) are referenced instead of uploaded (a manager's
+            incremental save); each rank reads its index.
     """
 
     after_commit: AfterCommit | None = None
     metadata: Mapping[str, Any] | None = None
     save_counter: int | None = None
     session_held: bool = False
+    base: str | None = None
 
 
 def piece_of(item: WriteItem) -> PieceId:
@@ -216,6 +242,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
         self._managed = ManagedSave()
         self._storage_meta: StorageMeta | None = None
         self._seen: ObjectMeta | None = None
+        self._suffix = ""
         self._log = UploadLog()
         #: What the last save committed (on the coordinator rank), for callers that want it.
         self.last_commit: CommitResult | None = None
@@ -265,7 +292,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 f"{location.url} already holds a committed checkpoint; pass StorageWriter(..., overwrite=True) to "
                 f"replace it (atomically: its data is deleted only after the new index is committed)", location.url)
         self._seen = seen
-        suffix = new_suffix()
+        suffix = self._suffix = new_suffix()
         layout = make_plan([_describe(p.items, info, suffix) for p, info in zip(plans, infos, strict=True)],
                            committer=0, io_rank=None)
         return [dataclasses.replace(p, storage_data=RankLayout(suffix, layout.groups[r], layout.offsets[r],
@@ -329,38 +356,54 @@ class StorageWriter(Addressed, DCPStorageWriter):
             raise ValueError(f"the plan assigns this rank pieces its state does not hold: {sorted(missing)[:4]}")
         objects = plan_objects(location.name, pieces, layout.groups, suffix=layout.suffix,
                                index_offset=layout.index_offset, total_objects=layout.total_objects)
-        crcs = upload(location.storage, objects, range(len(objects.objects)), self._log)
-        located = locate(objects, crcs)
+        stored = upload(location.storage, objects, range(len(objects.objects)), self._log, self._base(location))
         crash_point("after_data_upload")
-        stored = [DataObject(o.key, o.size) for o in objects.objects]
-        return [WriteResult(index=items[piece].index, size_in_bytes=chunk.length,
-                                        storage_data=StoredItem(chunk, stored[chunk.object - layout.index_offset]))
-                for piece, chunk in located.items()]
+        sizes = {**{o.name: o.size for o in stored.objects}, **stored.reused}
+        return [WriteResult(index=items[piece].index, size_in_bytes=p.length,
+                            storage_data=StoredItem(p, sizes[p.object])) for piece, p in stored.pieces.items()]
+
+    def _base(self, location: Location) -> BaseCheckpoint | None:
+        """The base checkpoint of an incremental save, or ``None`` (then this rank uploads everything)."""
+        name = self._managed.base
+        if name is None:
+            return None
+        try:
+            index = read_index(location.storage, name)
+        except (CheckpointFormatError, StorageError) as exc:
+            log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", location.url,
+                        location.storage.url_for(name), exc)
+            return None
+        return None if index is None else BaseCheckpoint(index)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         location = self._where()
-        chunks: dict[PieceId, Chunk] = {}
-        objects: dict[int, DataObject] = {}
+        pieces: dict[PieceId, StoredPiece] = {}
+        sizes: dict[str, int] = {}
         for rank_results in results:
             for result in rank_results:
                 stored = result.storage_data
                 if not isinstance(stored, StoredItem):
                     raise ValueError(f"write result for {result.index.fqn!r} did not come from cloudckpt's writer")
-                chunks[(fqn_path(result.index.fqn), stored.chunk.start)] = stored.chunk
-                objects[stored.chunk.object] = stored.object
-        keys = sorted(o.name for o in objects.values())
+                pieces[(fqn_path(result.index.fqn), stored.piece.start)] = stored.piece
+                sizes[stored.piece.object] = stored.object_size
+        written = sorted(n for n in sizes if n.endswith("." + self._suffix))  # data-0000k: in plan order
+        reused = sorted(sizes.keys() - set(written))
+        objects = tuple(DataObject(n, sizes[n]) for n in written + reused)
+        number = {o.name: k for k, o in enumerate(objects)}
+        chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
+                               p.block_crc32c, p.hash) for piece, p in pieces.items()}
         try:
             if metadata.version is None:
                 metadata.version = CURRENT_DCP_VERSION
             index = self._index(location, metadata, chunks, objects)
             size, version, stale = commit(location.storage, index, self._seen)
         except BaseException:
-            discard(location.storage, location.name, keys)
+            discard(location.storage, location.name, written)
             raise
         crash_point("after_index_write")
-        ordered = index.objects
-        self.last_commit = CommitResult(location.name, sum(o.size for o in ordered) + size, len(ordered) + 1,
-                                        version, tuple(o.name for o in ordered))
+        new_bytes = sum(sizes[n] for n in written)
+        self.last_commit = CommitResult(location.name, new_bytes + size, len(written) + 1, version, tuple(written),
+                                        sum(c.length for c in chunks.values()) - new_bytes)
         if self._managed.after_commit is not None:
             try:
                 self._managed.after_commit(self.last_commit)
@@ -373,10 +416,8 @@ class StorageWriter(Addressed, DCPStorageWriter):
         delete_replaced(location.storage, location.name, stale)
 
     def _index(self, location: Location, metadata: Metadata, chunks: Mapping[PieceId, Chunk],
-               objects: Mapping[int, DataObject]) -> CheckpointIndex:
+               objects: tuple[DataObject, ...]) -> CheckpointIndex:
         """The index of this save, validated as a reader will before it is committed."""
-        if sorted(objects) != list(range(len(objects))):
-            raise ValueError(f"the write results name data objects {sorted(objects)}, not 0..{len(objects) - 1}")
         entries: dict[str, Collected] = {"": NodeEntry("object", tuple(fqn_path(f)
                                                                        for f in metadata.state_dict_metadata))}
         for fqn, md in metadata.state_dict_metadata.items():
@@ -394,8 +435,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
                                             "tensor", ())
             else:
                 raise TypeError(f"DCP metadata for {fqn!r} is a {type(md).__name__}")
-        index = assemble_index(location.name, entries, tuple(objects[k] for k in range(len(objects))), chunks,
-                               self._managed.metadata)
+        index = assemble_index(location.name, entries, objects, chunks, self._managed.metadata)
         index = dataclasses.replace(index, dcp=encode_dcp_field(metadata, self._storage_meta,
                                                                 self._managed.save_counter))
         decode_index(encode_index(index), location.name, location.url)  # never commit what a reader refuses

@@ -14,6 +14,7 @@ from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, index_key
 from cloudckpt.index_store import read_index
+from cloudckpt.references import delete_unreferenced
 from cloudckpt.state_file import CheckpointState, read_state
 from cloudckpt.storage import ObjectMeta, Storage
 
@@ -110,10 +111,12 @@ def latest_name(storage: Storage) -> str | None:
 
 
 def delete_checkpoint(storage: Storage, name: str) -> None:
-    """Index first (the checkpoint disappears atomically), then the data objects it names.
+    """Index first (the checkpoint disappears atomically), then the data objects it names
+    that no other committed index names (``references.delete_unreferenced``).
 
     Never "everything under the prefix": a concurrent re-save of the same number has
-    data objects with other (write-unique) names that must survive.
+    data objects with other (write-unique) names that must survive, and an incremental
+    checkpoint may name this one's objects.
     """
     try:
         index = read_index(storage, name)
@@ -126,6 +129,7 @@ def delete_checkpoint(storage: Storage, name: str) -> None:
     objects = [obj.name for obj in index.objects]
     storage.delete(index_key(name))
     crash_point("after_delete_index")
-    storage.delete(objects)
+    deleted = delete_unreferenced(storage, objects)
     crash_point("after_delete_data")
-    log.info("deleted checkpoint %s (%d data objects)", storage.url_for(name), len(objects))
+    log.info("deleted checkpoint %s (%d of its %d data objects; the rest are named by other checkpoints)",
+             storage.url_for(name), len(deleted), len(objects))

@@ -59,7 +59,8 @@ class ManagedCheckpoint(Protocol):
     def coordinator(self) -> Coordinator | None: ...
 
     def _write_managed(self, path: Location, options: CheckpointOptions | None = None, *,
-                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str: ...
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                       base: str | None = None) -> str: ...
 
     def restore(self, save_path: Any, options: CheckpointOptions | None = None) -> Any: ...
 
@@ -124,6 +125,10 @@ class CheckpointManager:
             older than this by the store's clock (seconds or a ``timedelta``); it must exceed
             the longest save, since anything younger may still be uploading. ``None``
             disables the cleanup. See ``cloudckpt.leftovers``.
+        incremental: each save references the bytes of pieces unchanged since this manager's
+            latest checkpoint instead of uploading them again (identity: equal XXH3-128 hash,
+            key, dtype, box and size). On by default; ``save(incremental=False)`` writes one
+            save in full. Retention and cleanup delete only objects no kept checkpoint names.
 
     Many hosts: with a ``DTensorCheckpoint`` the manager is a collective object - every
     rank constructs it and calls ``save``, ``restore_or_initialize`` and ``sync`` together,
@@ -139,7 +144,8 @@ class CheckpointManager:
                  step_counter: Any = None, checkpoint_interval: int | None = None,
                  init_fn: Callable[[], Any] | None = None, *, keep_best: BestN | None = None,
                  storage: Storage | None = None, options: CheckpointOptions | None = None,
-                 leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE) -> None:
+                 leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE,
+                 incremental: bool = True) -> None:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         if checkpoint_interval is not None:
@@ -150,6 +156,7 @@ class CheckpointManager:
         if not checkpoint_name or "/" in checkpoint_name:
             raise ValueError(f"checkpoint_name must be a non-empty name without '/', got {checkpoint_name!r}")
         self._leftover_min_age = _as_age(leftover_min_age)
+        self._incremental = bool(incremental)
         self._checkpoint = checkpoint
         self._directory = _shown_directory(directory)
         self._storage = storage or resolve_directory(directory)
@@ -322,8 +329,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, checkpoint_number: Any = None, check_interval: bool = True,
-             options: CheckpointOptions | None = None, metadata: Mapping[str, Any] | None = None) -> str | None:
+             options: CheckpointOptions | None = None, metadata: Mapping[str, Any] | None = None, *,
+             incremental: bool | None = None) -> str | None:
         """Save a checkpoint (``write`` semantics) and apply retention; see the class docs.
+
+        ``incremental`` overrides the manager's setting for this save (``False``: upload
+        every byte, e.g. to start a fresh chain).
 
         Returns:
             The new checkpoint's path, or ``None`` when ``checkpoint_interval`` skipped it.
@@ -356,8 +367,10 @@ class CheckpointManager:
         metric = None
         if self._policy.best is not None and metadata is not None and self._policy.best.metric in metadata:
             metric = float(metadata[self._policy.best.metric])
+        with self._lock:
+            base = self._managed.latest if (self._incremental if incremental is None else incremental) else None
         self._checkpoint._write_managed(
-            Location(self._storage, name), options=options, metadata=metadata,
+            Location(self._storage, name), options=options, metadata=metadata, base=base,
             after_commit=lambda written: self._after_commit(name, written, metric))
         if options is None or not options.enable_async:
             self._share_state()  # async saves share theirs at the next sync()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.format import index_key
 from cloudckpt.manager.directory import read_state_tolerant
+from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving import WriteResult
 from cloudckpt.state_file import STATE_KEY, CheckpointState, write_state
 from cloudckpt.storage import ObjectMeta, Storage
@@ -107,14 +108,15 @@ class DirectoryOwnership:
         raise self._fenced
 
     def undo_write(self, written: WriteResult) -> None:
-        """Remove what one save wrote - and nothing another writer may have replaced it with."""
+        """Remove what one save wrote - and nothing another writer may have replaced it with
+        or referenced since (the newer writer's incremental saves may name our objects)."""
         try:
             current = self.storage.head(index_key(written.name))
             if current.version == written.index_version:
                 self.storage.delete(index_key(written.name))
         except NotFoundError:
             pass
-        self.storage.delete(list(written.data_keys))
+        delete_unreferenced(self.storage, written.data_keys)
 
     def _unreadable_version(self) -> ObjectMeta | None:
         """When the state file is unreadable we replace it, but only that exact version."""

@@ -25,6 +25,7 @@ from cloudckpt.errors import (
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, Entry, dtype_name, encode_index, index_key
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import read_index
+from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving.objects import PieceId
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 
@@ -41,7 +42,8 @@ class WriteResult:
         objects: objects stored (data objects and index).
         index_version: the committed index's version (ETag / generation), so a manager
             that must undo this write deletes the index only if it is still ours.
-        data_keys: this write's data objects.
+        data_keys: the data objects this write made (not those an incremental save reused).
+        reused_bytes: bytes of pieces an incremental save referenced instead of uploading.
     """
 
     name: str
@@ -49,6 +51,7 @@ class WriteResult:
     objects: int
     index_version: str | None
     data_keys: tuple[str, ...]
+    reused_bytes: int = 0
 
 
 def assemble_index(name: str, entries: Mapping[str, Collected], objects: Sequence[DataObject],
@@ -118,12 +121,13 @@ def _objects_named_by(storage: Storage, name: str, seen: ObjectMeta) -> list[str
 
 
 def delete_replaced(storage: Storage, name: str, stale: Sequence[str]) -> None:
-    """Delete the data objects of a replaced index (after the new one is committed)."""
+    """Delete the data objects of a replaced index (after the new one is committed) that no
+    committed index still names (an incremental checkpoint may reference them)."""
     if not stale:
         return
     try:
-        storage.delete(stale)
-    except StorageError as exc:
+        delete_unreferenced(storage, stale)
+    except (StorageError, CheckpointFormatError) as exc:
         log.warning("could not delete %d data object(s) of the replaced %s: %s", len(stale),
                     storage.url_for(index_key(name)), exc)
 

@@ -6,7 +6,12 @@ objects per host (largest first onto the least-filled object, each object keepin
 collection order), every object named with the one suffix unique to this write
 (``<name>.data-0000k-of-0000N.<suffix>``), so no committed index's bytes are ever
 touched. Uploading PUTs each object straight from the arrays' memory (a list of views,
-never a joined copy) and computes every piece's CRC32C on the way.
+never a joined copy) and computes every piece's CRC32C and content hash on the way.
+
+Incremental saves: a piece whose bytes equal a piece of the same key, dtype, box and length
+in the base checkpoint (equal XXH3-128, never CRC32C alone) is not uploaded; its record
+points at the bytes where the base checkpoint stored them. An object whose pieces were all
+reused is not written at all.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.checksum import CRC_BLOCK, crc32c_with_blocks
-from cloudckpt.format import Chunk, data_key
+from cloudckpt.content_hash import content_hash
+from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, data_key, dtype_name
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import Storage
 from cloudckpt.storage.transfer import gather
@@ -134,25 +140,109 @@ def plan_objects(name: str, pieces: Mapping[PieceId, NDArray[Any]], groups: Sequ
     return ObjectPlan({p: pieces[p] for group in groups for p in group}, tuple(objects), index_offset)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredPiece:
+    """Where one piece's bytes are, by object name (the committer numbers the objects).
+
+    A reused piece names an object of the base checkpoint, with the base's CRC32Cs.
+    """
+
+    object: str
+    offset: int
+    length: int
+    crc32c: int
+    start: tuple[int, ...]
+    shape: tuple[int, ...]
+    block_size: int
+    block_crc32c: tuple[int, ...]
+    hash: str
+
+
+@dataclass(slots=True)
+class Uploaded:
+    """What an upload stored: every piece's record, the objects written, and the base objects reused."""
+
+    pieces: dict[PieceId, StoredPiece] = field(default_factory=dict)
+    objects: list[DataObject] = field(default_factory=list)
+    reused: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: Uploaded) -> None:
+        self.pieces.update(other.pieces)
+        self.objects.extend(other.objects)
+        self.reused.update(other.reused)
+
+    @property
+    def reused_bytes(self) -> int:
+        return sum(p.length for p in self.pieces.values() if p.object in self.reused)
+
+
+class BaseCheckpoint:
+    """The checkpoint an incremental save may reuse bytes from: its hashed chunks, by box."""
+
+    def __init__(self, index: CheckpointIndex) -> None:
+        self.name = index.name
+        sizes = {o.name: o.size for o in index.objects}
+        self._pieces: dict[PieceId, tuple[str, StoredPiece, int]] = {}
+        for path, entry in index.entries.items():
+            if not isinstance(entry, ArrayEntry):
+                continue
+            for c in entry.chunks:
+                if c.hash is None or c.length == 0:
+                    continue  # checkpoints written without hashes are never reused
+                obj = index.objects[c.object].name
+                stored = StoredPiece(obj, c.offset, c.length, c.crc32c, c.start, c.shape, c.block_size,
+                                     c.block_crc32c, c.hash)
+                self._pieces[(path, c.start)] = (entry.dtype, stored, sizes[obj])
+
+    def find(self, piece: PieceId, array: NDArray[Any], digest: str) -> tuple[StoredPiece, int] | None:
+        """The base's record of ``piece`` if its bytes are identical (and the base object's size)."""
+        known = self._pieces.get(piece)
+        if known is None:
+            return None
+        dtype, stored, size = known
+        if (stored.hash != digest or stored.length != array.nbytes or stored.shape != tuple(array.shape)
+                or dtype != dtype_name(array.dtype)):
+            return None
+        return stored, size
+
+
 def _byte_view(array: NDArray[Any]) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: UploadLog) -> dict[PieceId, PieceCrc]:
-    """PUT the data objects ``which`` in parallel; return the CRC32C of each of their pieces.
+def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: UploadLog,
+           base: BaseCheckpoint | None = None) -> Uploaded:
+    """PUT the data objects ``which`` in parallel, leaving out pieces ``base`` already holds.
 
     Each object is marked in ``log`` before its first byte is sent, so a failed write
     removes exactly what it may have left behind (and nothing when nothing was sent).
     """
-    def one(k: int) -> dict[PieceId, PieceCrc]:
+    def one(k: int) -> Uploaded:
         obj = plan.objects[k]
-        views = [_byte_view(plan.pieces[piece]) for piece, _ in obj.pieces]
-        crcs = {piece: crc32c_with_blocks(view) for (piece, _), view in zip(obj.pieces, views, strict=True)}
-        log.mark(obj.key)
-        storage.put(obj.key, views)
-        return crcs
+        done = Uploaded()
+        views: list[memoryview] = []
+        position = 0
+        for piece, _ in obj.pieces:
+            array = plan.pieces[piece]
+            view = _byte_view(array)
+            digest = content_hash([view])
+            found = base.find(piece, array, digest) if base is not None else None
+            if found is not None:
+                done.pieces[piece] = found[0]
+                done.reused[found[0].object] = found[1]
+                continue
+            crc, blocks = crc32c_with_blocks(view)
+            done.pieces[piece] = StoredPiece(obj.key, position, view.nbytes, crc, piece[1], tuple(array.shape),
+                                             CRC_BLOCK if blocks else 0, blocks, digest)
+            views.append(view)
+            position += view.nbytes
+        if views:
+            log.mark(obj.key)
+            storage.put(obj.key, views)
+            done.objects.append(DataObject(obj.key, position))
+        return done
 
-    result: dict[PieceId, PieceCrc] = {}
+    result = Uploaded()
     if not which:
         return result
     if len(which) == 1:
@@ -161,18 +251,6 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudckpt-upload") as pool:
         futures = [pool.submit(one, k) for k in which]
         gather(futures)
-        for future in futures:
-            result.update(future.result())
+        for future in futures:  # in object order: the index lists objects as planned
+            result.merge(future.result())
     return result
-
-
-def locate(plan: ObjectPlan, crcs: Mapping[PieceId, PieceCrc]) -> dict[PieceId, Chunk]:
-    """Where each piece of ``plan`` landed: a chunk naming the (global) object number."""
-    out: dict[PieceId, Chunk] = {}
-    for k, obj in enumerate(plan.objects):
-        for piece, offset in obj.pieces:
-            array = plan.pieces[piece]
-            crc, blocks = crcs[piece]
-            out[piece] = Chunk(plan.index_offset + k, offset, int(array.nbytes), crc, piece[1], tuple(array.shape),
-                               CRC_BLOCK if blocks else 0, blocks)
-    return out

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -59,11 +59,12 @@ from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import head_index, read_index
 from cloudckpt.saving.commit import WriteResult, assemble_index, commit, delete_replaced, discard
 from cloudckpt.saving.objects import (
+    BaseCheckpoint,
     ObjectPlan,
-    PieceCrc,
     PieceId,
+    StoredPiece,
+    Uploaded,
     UploadLog,
-    locate,
     new_suffix,
     pieces_of,
     plan_objects,
@@ -83,11 +84,16 @@ AfterCommit = Callable[[WriteResult], None]
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """One rank's result, gathered to the committer: where its pieces landed, or why it failed."""
+    """One rank's result, gathered to the committer: where its pieces are, or why it failed.
+
+    ``objects`` are the data objects it wrote, ``reused`` the base checkpoint's objects
+    (name -> size) some of its pieces point at instead.
+    """
 
     error: str | None = None
     objects: tuple[DataObject, ...] = ()
-    chunks: Mapping[PieceId, Chunk] = field(default_factory=dict)
+    pieces: Mapping[PieceId, StoredPiece] = field(default_factory=dict)
+    reused: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,7 @@ class Outcome:
     bytes: int = 0
     objects: int = 0
     data_keys: tuple[str, ...] = ()
+    reused_bytes: int = 0
 
 
 def describe_error(exc: BaseException) -> str:
@@ -126,10 +133,11 @@ def _arrays(entries: Mapping[str, Collected]) -> dict[str, tuple[str, tuple[int,
 
 def save(coordinator: Coordinator, location: Location, entries: Mapping[str, Collected], *,
          metadata: Mapping[str, Any] | None = None, io_rank: int | None = None,
-         after_commit: AfterCommit | None = None, aggregate_errors: bool | None = None) -> WriteResult:
+         after_commit: AfterCommit | None = None, aggregate_errors: bool | None = None,
+         base: str | None = None) -> WriteResult:
     """Run the whole protocol on this rank (every rank calls it with its own entries)."""
     run = SaveRun(coordinator, location, entries, metadata=metadata, io_rank=io_rank, after_commit=after_commit,
-                  aggregate_errors=aggregate_errors)
+                  aggregate_errors=aggregate_errors, base=base)
     run.start()
     return run.finish()
 
@@ -156,11 +164,16 @@ class SaveRun:
     ``start`` runs on the caller's thread; ``finish`` on it too, or later on an async
     save's worker. The coordinator's session is held from ``start`` until ``finish``
     returns, so two saves of one process never interleave their collectives.
+
+    ``base`` names a committed checkpoint in the same directory (an incremental save: the
+    manager's previous one) whose identical pieces are referenced instead of uploaded. The
+    committer reads its index once and broadcasts it; if it is unreadable the save is full.
     """
 
     def __init__(self, coordinator: Coordinator, location: Location, entries: Mapping[str, Collected], *,
                  metadata: Mapping[str, Any] | None = None, io_rank: int | None = None,
-                 after_commit: AfterCommit | None = None, aggregate_errors: bool | None = None) -> None:
+                 after_commit: AfterCommit | None = None, aggregate_errors: bool | None = None,
+                 base: str | None = None) -> None:
         self.coord = coordinator
         #: Raise ``DistributedSaveError`` (default: on jobs of several ranks) instead of the cause.
         self.aggregate = coordinator.world_size > 1 if aggregate_errors is None else aggregate_errors
@@ -175,11 +188,13 @@ class SaveRun:
         self.touches_storage = io_rank is None or io_rank == self.rank
         self.after_commit = after_commit if self.rank == self.committer else None
         self.log = UploadLog()
+        self._base_name = base
+        self._base: BaseCheckpoint | None = None
         self._pieces = pieces_of(entries)
         self._plan: SavePlan | None = None
         self._objects: ObjectPlan | None = None
         self._seen: ObjectMeta | None = None
-        self._early_crcs: dict[PieceId, PieceCrc] = {}
+        self._early = Uploaded()
         self._early_bytes = 0
         self._local_error: BaseException | None = None
         self._early_paths: frozenset[str] = frozenset()
@@ -209,6 +224,7 @@ class SaveRun:
         self._in_session = True
         try:
             self._plan = self._agree_on_plan()
+            self._base = self._share_base()
             self._objects = self._own_objects(self._plan)
             self._upload_early()
         except BaseException:
@@ -250,6 +266,24 @@ class SaveRun:
             raise DistributedSaveError(f"multi-host save of {self.url} was not started: {exc}",
                                        {self.rank: str(exc)}) from exc
 
+    def _share_base(self) -> BaseCheckpoint | None:
+        """The base checkpoint of an incremental save: read once, by the committer, and broadcast."""
+        if self._base_name is None:
+            return None
+        index = None
+        if self.rank == self.committer:
+            try:
+                index = read_index(self.storage, self._base_name)
+                if index is None:
+                    log.info("incremental save of %s: its base %s is gone; saving in full", self.url,
+                             self.storage.url_for(self._base_name))
+            except (CheckpointFormatError, StorageError) as exc:
+                log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", self.url,
+                            self.storage.url_for(self._base_name), exc)
+        if self.coord.world_size > 1:
+            index = self._collective(lambda: self.coord.broadcast_object(index, src=self.committer))
+        return None if index is None else BaseCheckpoint(index)
+
     def _own_objects(self, plan: SavePlan) -> ObjectPlan:
         """This rank's data objects (pieces still to be received by an io host are placeholders)."""
         data = self._pieces if plan.io_rank is None else self._receive_buffers(plan)
@@ -274,16 +308,16 @@ class SaveRun:
         if not count:
             return
         try:
-            self._early_crcs = upload(self.storage, self._objects, range(count), self.log)
-            self._early_bytes = sum(self._objects.objects[k].size for k in range(count))
+            self._early = upload(self.storage, self._objects, range(count), self.log, self._base)
+            self._early_bytes = sum(o.size for o in self._early.objects)
         except Exception as exc:
             self._local_error = exc  # still take part in the protocol, or the other ranks would hang
 
     def _finish(self, plan: SavePlan) -> WriteResult:
-        located: dict[PieceId, Chunk] = {}
+        stored = Uploaded()
         local_error = self._local_error
         try:
-            future: Future[dict[PieceId, PieceCrc]]
+            future: Future[Uploaded]
             if local_error is None:
                 try:
                     self._transfer(plan)
@@ -296,16 +330,15 @@ class SaveRun:
                 future = _failed(local_error)
             if self.coord.world_size > 1:
                 self._poll(future)
-            crcs = {**self._early_crcs, **future.result()}
-            assert self._objects is not None
-            located = locate(self._objects, crcs)
+            stored.merge(self._early)
+            stored.merge(future.result())
             crash_point("after_data_upload")
         except CoordinationError as exc:
             self._discard()
             raise DistributedSaveError(f"multi-host save of {self.url} failed: {exc}", {self.rank: str(exc)}) from exc
         except Exception as exc:
             local_error = exc
-        report = self._report(local_error, located)
+        report = self._report(local_error, stored)
         reports = self._collective(lambda: self.coord.gather_object(report, dst=self.committer))
         outcome: Outcome | None = None
         commit_error: BaseException | None = None
@@ -322,7 +355,8 @@ class SaveRun:
             self._raise_failure(plan, outcome, local_error, commit_error)
         if self.rank == self.committer:
             delete_replaced(self.storage, self.name, stale)
-        return WriteResult(self.name, outcome.bytes, outcome.objects, outcome.version, outcome.data_keys)
+        return WriteResult(self.name, outcome.bytes, outcome.objects, outcome.version, outcome.data_keys,
+                           outcome.reused_bytes)
 
     def _raise_failure(self, plan: SavePlan, outcome: Outcome, local_error: BaseException | None,
                        commit_error: BaseException | None) -> None:
@@ -368,41 +402,35 @@ class SaveRun:
                 incoming.setdefault(writer, []).append(buffer.reshape(-1).view(np.uint8))
         self.coord.transfer(self.rank, [], incoming)
 
-    def _start_upload(self, plan: SavePlan) -> Future[dict[PieceId, PieceCrc]]:
+    def _start_upload(self, plan: SavePlan) -> Future[Uploaded]:
         """Upload this rank's remaining objects (on a worker thread when other ranks must be polled)."""
         assert self._objects is not None
         which = range(plan.early[self.rank], len(self._objects.objects))
         if self.coord.world_size == 1 or not which:
             try:
-                return _done(upload(self.storage, self._objects, which, self.log))
+                return _done(upload(self.storage, self._objects, which, self.log, self._base))
             except Exception as exc:
                 return _failed(exc)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-save-upload")
         try:
-            return pool.submit(upload, self.storage, self._objects, which, self.log)
+            return pool.submit(upload, self.storage, self._objects, which, self.log, self._base)
         finally:
             pool.shutdown(wait=False)
 
     def _poll(self, future: Future[Any]) -> None:
         wait_for_every_rank(self.coord, future)
 
-    def _report(self, error: BaseException | None, located: Mapping[PieceId, Chunk]) -> Report:
+    def _report(self, error: BaseException | None, stored: Uploaded) -> Report:
         if error is not None:
             return Report(error=describe_error(error))
-        objects = () if self._objects is None else tuple(DataObject(o.key, o.size) for o in self._objects.objects)
-        return Report(objects=objects, chunks=dict(located))
+        return Report(objects=tuple(stored.objects), pieces=dict(stored.pieces), reused=dict(stored.reused))
 
     def _commit(self, plan: SavePlan, reports: list[Report]) -> tuple[Outcome, BaseException | None, list[str]]:
         failures = {r: rep.error for r, rep in enumerate(reports) if rep.error is not None}
         if failures:
             return Outcome(ok=False, failures=failures), None, []
-        objects: dict[int, DataObject] = {}
-        chunks: dict[PieceId, Chunk] = {}
-        for rank, rep in enumerate(reports):
-            for k, obj in enumerate(rep.objects):
-                objects[plan.offsets[rank] + k] = obj
-            chunks.update(rep.chunks)
-        ordered = tuple(objects[k] for k in range(plan.total_objects))
+        ordered, chunks = _number_objects(reports)
+        written = tuple(o for rep in reports for o in rep.objects)
         try:
             index = assemble_index(self.name, self.entries, ordered, chunks, self.metadata)
             size, version, stale = commit(self.storage, index, self._seen)
@@ -411,15 +439,16 @@ class SaveRun:
             return Outcome(ok=False, failures={self.rank: describe_error(exc)}, concurrent=str(exc)), exc, []
         except Exception as exc:
             return Outcome(ok=False, failures={self.rank: describe_error(exc)}), exc, []
-        result = WriteResult(self.name, sum(o.size for o in ordered) + size, len(ordered) + 1, version,
-                             tuple(o.name for o in ordered))
+        reused_bytes = sum(c.length for c in chunks.values()) - sum(o.size for o in written)
+        result = WriteResult(self.name, sum(o.size for o in written) + size, len(written) + 1, version,
+                             tuple(o.name for o in written), reused_bytes)
         if self.after_commit is not None:
             try:
                 self.after_commit(result)
             except Exception as exc:
                 return Outcome(ok=False, committed=True, failures={self.rank: describe_error(exc)}), exc, stale
         return (Outcome(ok=True, version=version, bytes=result.bytes, objects=result.objects,
-                        data_keys=result.data_keys), None, stale)
+                        data_keys=result.data_keys, reused_bytes=reused_bytes), None, stale)
 
     def _discard(self) -> None:
         """Delete this rank's own data objects (after a failure; kept if an index names them)."""
@@ -478,13 +507,25 @@ def wait_for_every_rank(coord: Coordinator, future: Future[Any]) -> None:
         delay = min(delay * 2, _POLL_MAX)
 
 
-def _done(value: dict[PieceId, PieceCrc]) -> Future[dict[PieceId, PieceCrc]]:
-    future: Future[dict[PieceId, PieceCrc]] = Future()
+def _number_objects(reports: Sequence[Report]) -> tuple[tuple[DataObject, ...], dict[PieceId, Chunk]]:
+    """The index's object list (written objects in plan order, then reused ones) and each piece's chunk."""
+    objects: list[DataObject] = [o for rep in reports for o in rep.objects]
+    reused = {name: size for rep in reports for name, size in rep.reused.items()}
+    objects.extend(DataObject(name, size) for name, size in sorted(reused.items()))
+    number = {o.name: k for k, o in enumerate(objects)}
+    chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
+                           p.block_crc32c, p.hash)
+              for rep in reports for piece, p in rep.pieces.items()}
+    return tuple(objects), chunks
+
+
+def _done(value: Uploaded) -> Future[Uploaded]:
+    future: Future[Uploaded] = Future()
     future.set_result(value)
     return future
 
 
-def _failed(exc: BaseException) -> Future[dict[PieceId, PieceCrc]]:
-    future: Future[dict[PieceId, PieceCrc]] = Future()
+def _failed(exc: BaseException) -> Future[Uploaded]:
+    future: Future[Uploaded] = Future()
     future.set_exception(exc)
     return future
