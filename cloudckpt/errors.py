@@ -19,6 +19,7 @@ same object relative to its storage root, when known) for programs to read.
     │   │   └── AuthenticationError                credentials missing / rejected
     │   ├── NotSupportedError(NotImplementedError)   backend lacks a capability
     │   ├── TransientError(ConnectionError)        retries exhausted
+    │   ├── TransferCancelledError                 a write stopped by cancel_transfers (Ctrl-C)
     │   ├── InvalidKeyError(ValueError)            "..", empty, absolute keys
     │   ├── InvalidRangeError(ValueError)          negative / inverted byte range
     │   ├── InvalidURLError(ValueError)            unknown scheme, missing bucket, "s3:/x" typos
@@ -96,6 +97,10 @@ class NotSupportedError(StorageError, NotImplementedError):
 
 class TransientError(StorageError, ConnectionError):
     """A retryable failure (throttling, 5xx, reset, timeout) persisted past the retry budget."""
+
+
+class TransferCancelledError(StorageError):
+    """A write was stopped by ``Storage.cancel_transfers`` (the caller was interrupted); it left nothing."""
 
 
 class InvalidKeyError(StorageError, ValueError):

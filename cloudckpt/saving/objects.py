@@ -250,7 +250,7 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
     workers = min(len(which), storage.config.max_concurrency)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudckpt-upload") as pool:
         futures = [pool.submit(one, k) for k in which]
-        gather(futures)
+        gather(futures, cancel=storage.cancel_transfers)  # Ctrl-C: stop the other objects' parts promptly
         for future in futures:  # in object order: the index lists objects as planned
             result.merge(future.result())
     return result

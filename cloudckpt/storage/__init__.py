@@ -8,9 +8,6 @@ imported lazily so ``import cloudckpt`` does not pull in boto3 or google-cloud-s
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from cloudckpt.storage.base import (
     ByteRange,
     MultipartUpload,
@@ -21,6 +18,7 @@ from cloudckpt.storage.base import (
     UpdateVersion,
     WriteMode,
 )
+from cloudckpt.storage.factory import open_storage
 from cloudckpt.storage.registry import (
     CheckpointPath,
     Directory,
@@ -32,7 +30,7 @@ from cloudckpt.storage.registry import (
     unregister_storage,
 )
 from cloudckpt.storage.retry import RetryPolicy
-from cloudckpt.storage.urls import join_url, split_url, url_scheme
+from cloudckpt.storage.urls import check_url, join_url, split_url, url_scheme
 
 __all__ = [
     "ByteRange",
@@ -47,6 +45,7 @@ __all__ = [
     "TransferConfig",
     "UpdateVersion",
     "WriteMode",
+    "check_url",
     "join_url",
     "open_storage",
     "register_storage",
@@ -57,27 +56,3 @@ __all__ = [
     "unregister_storage",
     "url_scheme",
 ]
-
-
-def open_storage(url: str | os.PathLike[str], **options: Any) -> Storage:
-    """The storage backend for ``url``, rooted at it.
-
-    ``options`` go to the backend's constructor (e.g. ``client=``, ``config=``,
-    ``sse_kms_key_id=`` for S3); each backend documents its own and rejects unknown ones.
-
-    Raises:
-        InvalidURLError: unknown scheme, or a cloud URL without a bucket.
-    """
-    text = os.fspath(url)
-    scheme = url_scheme(text)
-    if scheme == "file":
-        from cloudckpt.storage.local import LocalStorage
-        return LocalStorage(text, **options)
-    if scheme in ("s3", "s3a"):
-        from cloudckpt.storage.s3 import S3Storage
-        return S3Storage(text, **options)
-    if scheme in ("gs", "gcs"):
-        from cloudckpt.storage.gcs import GCSStorage
-        return GCSStorage(text, **options)
-    from cloudckpt.storage.fsspec_store import FsspecStorage
-    return FsspecStorage(text, **options)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from cloudckpt.storage.base import Storage
+from cloudckpt.storage.factory import open_storage
 from cloudckpt.storage.urls import split_url
 
 #: Storages opened on demand that stay open (their pools and clients) for reuse.
@@ -86,8 +87,6 @@ def storage_for_directory(directory: PathLike) -> Storage:
             ``s3:/x`` missing a slash).
         MissingDependencyError: the URL needs an SDK extra that is not installed.
     """
-    from cloudckpt.storage import open_storage  # the factory lives in the package's front door
-
     key = _directory_key(directory)
     with _lock:
         registered = _registered.get(key)
