@@ -10,20 +10,14 @@ restores onto a smaller mesh, and this process restores onto a single one.
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import distributed_worker
 import numpy as np
 import pytest
-import servers
 import torch
-from botocore.config import Config
-from conftest import unique_name
 
 import cloudckpt
 from cloudckpt import UNSHARDED, Checkpoint, CheckpointOptions, DTensorCheckpoint, Layout, Mesh, ShardedArray, Variable
@@ -287,23 +281,6 @@ def test_committer_lost_after_commit_reports_a_complete_checkpoint(tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------- real process groups
-@pytest.fixture(scope="module")
-def s3_root(seaweedfs: servers.Server) -> Iterator[str]:
-    bucket = unique_name("dist")
-    client = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=bucket)
-    previous = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = seaweedfs.endpoint  # inherited by the spawned processes
-    try:
-        yield f"s3://{bucket}/run-{uuid.uuid4().hex[:8]}"
-    finally:
-        if previous is None:
-            os.environ.pop("AWS_ENDPOINT_URL", None)
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = previous
-
-
 def spawn(target: Callable[..., None], world: int, *args: Any) -> list[dict[str, Any]]:
     """Run ``target(rank, world, port, *args, out_dir)`` in ``world`` spawned processes; their reports."""
     return spawn_reports(target, world, *args, timeout=SPAWN_TIMEOUT)
