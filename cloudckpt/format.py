@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from cloudckpt.boxes import partition_problem
+from cloudckpt.chunks import Chunk as Chunk  # re-exported: part of the index model
+from cloudckpt.chunks import ChunkGrid, as_grid, grid_from_json, grid_to_json
 from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
 
 #: Bump on any change a reader of the previous version could misread (docs/format.md has each).
@@ -237,44 +239,17 @@ def storage_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 # ---------------------------------------------------------------------------- index model
 @dataclass(frozen=True, slots=True)
-class Chunk:
-    """Where one chunk of an array's bytes lives.
-
-    Unsharded arrays have one chunk covering the whole array (``start`` all zeros,
-    ``shape`` = the global shape); sharded arrays one chunk per shard, each with its
-    offsets into the global array.
-    """
-
-    object: int
-    offset: int
-    length: int
-    crc32c: int
-    start: tuple[int, ...]
-    shape: tuple[int, ...]
-    #: CRC32C of each ``block_size`` bytes of the chunk (the last block may be shorter);
-    #: empty for a chunk that fits in one block (its ``crc32c`` covers it) and in indexes
-    #: written before blocks were recorded.
-    block_size: int = 0
-    block_crc32c: tuple[int, ...] = ()
-    #: The bytes' strong content hash (``CONTENT_HASH``; version 2): what an incremental save
-    #: compares to reuse these bytes instead of uploading them again. ``None`` in version 1.
-    hash: str | None = None
-
-    def blocks(self) -> tuple[int, tuple[int, ...]]:
-        """``(unit, CRC32C per unit)``: the pieces a partial read can be verified in."""
-        if self.block_crc32c:
-            return self.block_size, self.block_crc32c
-        return max(self.length, 1), (self.crc32c,)
-
-
-@dataclass(frozen=True, slots=True)
 class ArrayEntry:
-    """An array leaf: dtype, global shape, Python type to rebuild, and its chunks."""
+    """An array leaf: dtype, global shape, Python type to rebuild, and its chunks.
+
+    ``chunks`` is a tuple of ``Chunk``, or (many shards on a grid, version 2) a ``ChunkGrid``:
+    the same ``Sequence[Chunk]`` to a reader, kept as columns (``cloudckpt.chunks``).
+    """
 
     dtype: str
     shape: tuple[int, ...]
     pytype: ArrayPyType
-    chunks: tuple[Chunk, ...]
+    chunks: Sequence[Chunk]
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,8 +380,15 @@ def _chunk_to_json(c: Chunk) -> dict[str, Any]:
 
 def _entry_to_json(entry: Entry) -> dict[str, Any]:
     if isinstance(entry, ArrayEntry):
-        return {"kind": "array", "dtype": entry.dtype, "shape": list(entry.shape), "pytype": entry.pytype,
-                "chunks": [_chunk_to_json(c) for c in entry.chunks]}
+        array: dict[str, Any] = {"kind": "array", "dtype": entry.dtype, "shape": list(entry.shape),
+                                 "pytype": entry.pytype}
+        grid = entry.chunks if isinstance(entry.chunks, ChunkGrid) else as_grid(
+            entry.shape, parse_dtype(entry.dtype).itemsize, entry.chunks)
+        if grid is not None:
+            array["grid"] = grid_to_json(grid)  # many chunks on a grid: the compact form (version 2)
+        else:
+            array["chunks"] = [_chunk_to_json(c) for c in entry.chunks]
+        return array
     if isinstance(entry, ValueEntry):
         value = _float_to_json(entry.value) if entry.type == "float" else entry.value
         return {"kind": "value", "type": entry.type, "value": value}
@@ -571,7 +553,10 @@ def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[Dat
     doc = check.dict_(raw, where)
     kind = doc.get("kind")
     if kind == "array":
-        check.keys(doc, where, {"kind", "dtype", "shape", "pytype", "chunks"})
+        if "grid" in doc and check.version >= 2:
+            check.keys(doc, where, {"kind", "dtype", "shape", "pytype", "grid"})
+        else:
+            check.keys(doc, where, {"kind", "dtype", "shape", "pytype", "chunks"})
         return _decode_array(check, doc, where, objects)
     if kind == "value":
         check.keys(doc, where, {"kind", "type", "value"})
@@ -628,6 +613,12 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
         raise check.fail(where, "pytype 'bytes' needs format version 2")
     if pytype == "bytes" and (dtype != np.uint8 or len(shape) != 1):
         raise check.fail(where, "a bytes entry must be a 1-D uint8 array")
+    if "grid" in doc:  # disjoint and covering by construction: the columns are checked, not pairs of boxes
+        if not shape or 0 in shape:
+            raise check.fail(where, "a grid needs an array with at least one element")
+        grid = grid_from_json(doc["grid"], shape, dtype.itemsize, [o.size for o in objects],
+                              lambda problem: check.fail(where + ".grid", problem))
+        return ArrayEntry(dtype_name(dtype), shape, cast(ArrayPyType, pytype), grid)
     raw_chunks = check.list_(doc["chunks"], where + ".chunks", MAX_CHUNKS_PER_ARRAY)
     if not raw_chunks:
         raise check.fail(where, "an array needs at least one chunk")

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.checksum import crc32c_of
+from cloudckpt.chunks import overlapping
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -143,7 +144,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
         itemsize = dtype.itemsize
         shape = tuple(target.dest.shape)
         origin = target.start if target.start is not None else (0,) * len(shape)
-        for chunk in target.entry.chunks:
+        for chunk in overlapping(target.entry.chunks, origin, shape):  # a grid bisects: no scan of every shard
             if chunk.length == 0:
                 continue
             lo = [max(c, o) for c, o in zip(chunk.start, origin, strict=True)]
