@@ -30,6 +30,7 @@ same object relative to its storage root, when known) for programs to read.
     │   └── CheckpointStateError                   malformed state file (<dir>/checkpoint)
     ├── CheckpointMismatchError(ValueError)        stored shape/dtype/type differs from the object
     ├── ConcurrentWriterError                      another writer claimed the directory
+    ├── NoIntactCheckpointError                    every committed checkpoint is damaged (restore_or_initialize)
     ├── CoordinationError                          a checkpoint collective failed (host died, timed out)
     ├── PlanError(ValueError)                      the hosts' shards do not make one checkpoint
     └── SaveError                                  background / multi-rank save failed
@@ -162,6 +163,18 @@ class CheckpointMismatchError(CloudCkptError, ValueError):
 
 class ConcurrentWriterError(CloudCkptError):
     """Another writer claimed the checkpoint directory; this writer is fenced off."""
+
+
+class NoIntactCheckpointError(CloudCkptError):
+    """Every committed checkpoint of the directory failed to restore because it is damaged.
+
+    Attributes:
+        causes: checkpoint name -> why it could not be restored, newest first.
+    """
+
+    def __init__(self, message: str, causes: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.causes = dict(causes)
 
 
 class CoordinationError(CloudCkptError):

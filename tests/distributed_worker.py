@@ -286,7 +286,46 @@ def two_hosts(rank: int, world: int, port: int, path: str, report: dict[str, Any
     dist.barrier()
     _managed(rank, mesh, path.rsplit("/", 1)[0] + "/managed", report)
     dist.barrier()
+    _resume_past_damage(rank, mesh, path.rsplit("/", 1)[0] + "/damaged", report)
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def _resume_past_damage(rank: int, mesh: Any, directory: str, report: dict[str, Any]) -> None:
+    """Only rank 1's bytes of the latest checkpoint are damaged: both ranks resume from the one before."""
+    import warnings
+
+    from cloudckpt import UNSHARDED, CheckpointManager, DTensorCheckpoint, Layout, ShardedArray
+    from cloudckpt.format import object_checkpoint
+    from cloudckpt.index_store import load_index
+    from cloudckpt.storage import open_storage
+
+    g = global_arrays()
+    w = ShardedArray.from_global(g["W"], Layout(["x", UNSHARDED], mesh))
+    manager = CheckpointManager(DTensorCheckpoint(mesh, W=w), directory, max_to_keep=3, incremental=False)
+    for i in (1, 2):
+        for box, shard in zip(w.local_boxes(), w.local_shards, strict=True):
+            shard[...] = g["W"][_slices(box)] + i
+        manager.save()
+    mesh.coordinator.barrier()
+    if rank == 0:  # flip a byte in the object holding rank 1's rows (4-7) of ckpt-2
+        storage = open_storage(directory)
+        index = load_index(storage, "ckpt-2")
+        chunk = next(c for c in index.entries["W"].chunks if c.start[0] == 4)  # type: ignore[union-attr]
+        key = index.objects[chunk.object].name
+        assert object_checkpoint(key) == "ckpt-2"
+        raw = bytearray(storage.get(key))
+        raw[chunk.offset + 3] ^= 0x01
+        storage.put(key, bytes(raw))
+    mesh.coordinator.barrier()
+    fresh = ShardedArray((8, 6), np.float32, Layout(["x", UNSHARDED], mesh))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = CheckpointManager(DTensorCheckpoint(mesh, W=fresh), directory, max_to_keep=3).restore_or_initialize()
+    report["damaged_resumed"] = resumed
+    report["damaged_warned"] = [str(c.message) for c in caught if "damaged" in str(c.message)]
+    report["damaged_values_ok"] = all(np.array_equal(shard, g["W"][_slices(box)] + 1)
+                                      for box, shard in zip(fresh.local_boxes(), fresh.local_shards, strict=True))
 
 
 def _managed(rank: int, mesh: Any, directory: str, report: dict[str, Any]) -> None:

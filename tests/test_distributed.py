@@ -404,6 +404,10 @@ def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[st
         assert report["managed_preempted_at"] == 9 and report["managed_exits"] == 1
         # Another writer claimed the directory: the fenced save fails on every rank, not only the owner.
         assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
+    # Rank 1's bytes of the newest checkpoint were damaged: both ranks warned and resumed from the one before.
+    for report in two:
+        assert report["damaged_resumed"] == f"{s3_root}/damaged/ckpt-1", report["rank"]
+        assert report["damaged_values_ok"] and any("ckpt-2 is damaged" in m for m in report["damaged_warned"])
     owner, other = two
     # The last save was incremental: rank 0's unchanged rows are ckpt-3's bytes, rank 1's are new.
     assert owner["managed_w_chunks"] == {"[0, 0]": "ckpt-3", "[4, 0]": "ckpt-4"}

@@ -405,3 +405,45 @@ def test_a_location_carries_its_storage(tmp_path: Path) -> None:
     target = np.zeros(3)
     Checkpoint(w=target).read(Location(storage, "custom")).assert_consumed()
     assert target.tolist() == [1.0, 1.0, 1.0] and "custom.index" in storage.read
+
+
+def _damage(storage: Any, name: str) -> None:
+    """Flip one byte of a data object of ``name`` (a bit rot the CRC32C catches)."""
+    obj = load_index(storage, name).objects[0].name
+    raw = bytearray(storage.get(obj))
+    raw[len(raw) // 2] ^= 0x40
+    storage.put(obj, bytes(raw))
+
+
+def test_resume_skips_a_damaged_latest_checkpoint_for_the_newest_intact_one(root: str) -> None:
+    from cloudckpt.errors import NoIntactCheckpointError
+
+    w = np.zeros(1000)
+    manager = CheckpointManager(Checkpoint(w=w), root, max_to_keep=2, incremental=False)
+    for n in (1, 2, 3):
+        w[:] = n
+        manager.save()
+    storage = open_storage(root)
+    _damage(storage, "ckpt-3")
+    w[:] = -1
+    resumed = CheckpointManager(Checkpoint(w=w), root, max_to_keep=2, incremental=False)
+    with pytest.warns(RuntimeWarning, match=r"ckpt-3 is damaged or incomplete \(ChecksumError"):
+        assert resumed.restore_or_initialize() == join_url(root, "ckpt-2")
+    assert (w == 2).all()  # fully restored from ckpt-2, not a mix
+    w[:] = 7
+    assert resumed.save() == join_url(root, "ckpt-3")  # the numbering continues from ckpt-2
+    assert _exists(root, "ckpt-2"), "the checkpoint the job resumed from was evicted by the next save"
+    _damage(storage, "ckpt-2")
+    _damage(storage, "ckpt-3")
+    with pytest.warns(RuntimeWarning), pytest.raises(NoIntactCheckpointError, match=r"ckpt-3.*ckpt-2"):
+        CheckpointManager(Checkpoint(w=w), root, max_to_keep=2).restore_or_initialize()
+
+
+def test_resume_does_not_hide_a_mismatch_behind_older_checkpoints(tmp_path: Path) -> None:
+    from cloudckpt.errors import CheckpointMismatchError
+
+    manager = CheckpointManager(Checkpoint(w=np.zeros(4)), tmp_path, max_to_keep=3)
+    manager.save()
+    manager.save()
+    with pytest.raises(CheckpointMismatchError):
+        CheckpointManager(Checkpoint(w=np.zeros(5)), tmp_path, max_to_keep=3).restore_or_initialize()

@@ -8,6 +8,7 @@ Read-only except ``delete_checkpoint``. Used by ``CheckpointManager``, the modul
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 from cloudckpt.crashpoints import crash_point
@@ -16,7 +17,7 @@ from cloudckpt.format import INDEX_SUFFIX, index_key
 from cloudckpt.index_store import read_index
 from cloudckpt.references import delete_unreferenced
 from cloudckpt.state_file import CheckpointState, read_state
-from cloudckpt.storage import ObjectMeta, Storage
+from cloudckpt.storage import Directory, ObjectMeta, Storage, join_url, resolve_directory
 
 log = logging.getLogger("cloudckpt.manager")
 
@@ -133,3 +134,17 @@ def delete_checkpoint(storage: Storage, name: str) -> None:
     crash_point("after_delete_data")
     log.info("deleted checkpoint %s (%d of its %d data objects; the rest are named by other checkpoints)",
              storage.url_for(name), len(deleted), len(objects))
+
+
+def shown_directory(directory: Directory) -> str:
+    return directory.url if isinstance(directory, Storage) else os.fspath(directory)
+
+
+def latest_checkpoint(checkpoint_dir: Directory) -> str | None:
+    """The newest *committed* checkpoint in ``checkpoint_dir`` (full path), or ``None``.
+
+    See ``directory.latest_name``: the state file's list newest first, the first whose
+    index exists; the directory is listed only when there is no usable state file.
+    """
+    name = latest_name(resolve_directory(checkpoint_dir))
+    return join_url(shown_directory(checkpoint_dir), name) if name else None

@@ -21,24 +21,31 @@ This class is the TensorFlow surface and the glue: the managed set lives in
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from cloudckpt.coordination import Coordinator, io_rank
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, PreconditionError
+from cloudckpt.format import index_key
 from cloudckpt.leftovers import find_leftovers, remove_leftovers
-from cloudckpt.manager.directory import delete_checkpoint, first_committed, latest_by_listing, latest_name
+from cloudckpt.manager.contract import ManagedCheckpoint, as_age, as_number
+from cloudckpt.manager.directory import (
+    delete_checkpoint,
+    first_committed,
+    latest_by_listing,
+    shown_directory,
+)
 from cloudckpt.manager.managed_set import ManagedSet
 from cloudckpt.manager.ownership import DirectoryOwnership
+from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
-from cloudckpt.saving import AfterCommit, WriteResult
+from cloudckpt.saving import WriteResult
 from cloudckpt.state_file import CheckpointState
 from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
 
@@ -47,58 +54,6 @@ log = logging.getLogger("cloudckpt.manager")
 #: Default age before a crashed save's leftovers are removed: far longer than any save
 #: should take, so a zombie VM still uploading is never robbed of its bytes mid-save.
 DEFAULT_LEFTOVER_MIN_AGE = timedelta(hours=1)
-
-
-class ManagedCheckpoint(Protocol):
-    """What ``CheckpointManager`` needs of the object it manages (``Checkpoint`` and its kin)."""
-
-    @property
-    def save_counter(self) -> Any: ...
-
-    @property
-    def coordinator(self) -> Coordinator | None: ...
-
-    def _write_managed(self, path: Location, options: CheckpointOptions | None = None, *,
-                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
-                       base: str | None = None) -> str: ...
-
-    def restore(self, save_path: Any, options: CheckpointOptions | None = None) -> Any: ...
-
-    def sync(self, timeout: float | None = None) -> None: ...
-
-
-def _as_number(value: Any, what: str) -> int:
-    """An int from an int, a numpy scalar, a ``Variable`` or a tensor (TF accepts all)."""
-    if hasattr(value, "numpy"):
-        value = value.numpy()
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be an integer or hold one, got {type(value).__name__}") from None
-    return number
-
-
-def _as_age(value: float | timedelta | None) -> timedelta | None:
-    if value is None:
-        return None
-    age = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
-    if age < timedelta(0):
-        raise ValueError(f"leftover_min_age must not be negative, got {value!r}")
-    return age
-
-
-def _shown_directory(directory: Directory) -> str:
-    return directory.url if isinstance(directory, Storage) else os.fspath(directory)
-
-
-def latest_checkpoint(checkpoint_dir: Directory) -> str | None:
-    """The newest *committed* checkpoint in ``checkpoint_dir`` (full path), or ``None``.
-
-    See ``directory.latest_name``: the state file's list newest first, the first whose
-    index exists; the directory is listed only when there is no usable state file.
-    """
-    name = latest_name(resolve_directory(checkpoint_dir))
-    return join_url(_shown_directory(checkpoint_dir), name) if name else None
 
 
 class CheckpointManager:
@@ -155,10 +110,10 @@ class CheckpointManager:
                 raise ValueError(f"checkpoint_interval must be a non-negative int, got {checkpoint_interval!r}")
         if not checkpoint_name or "/" in checkpoint_name:
             raise ValueError(f"checkpoint_name must be a non-empty name without '/', got {checkpoint_name!r}")
-        self._leftover_min_age = _as_age(leftover_min_age)
+        self._leftover_min_age = as_age(leftover_min_age)
         self._incremental = bool(incremental)
         self._checkpoint = checkpoint
-        self._directory = _shown_directory(directory)
+        self._directory = shown_directory(directory)
         self._storage = storage or resolve_directory(directory)
         self._name = checkpoint_name
         self._step_counter = step_counter
@@ -351,7 +306,7 @@ class CheckpointManager:
                              f"than the one this manager's state file is kept by (rank {self._owner}); pass the "
                              "same io_device as CheckpointManager(options=...)")
         if self._checkpoint_interval is not None:
-            step = _as_number(self._step_counter, "step_counter")
+            step = as_number(self._step_counter, "step_counter")
             if self._last_checkpoint_step is not None:
                 if step == self._last_checkpoint_step:
                     return None
@@ -362,7 +317,7 @@ class CheckpointManager:
         self._ensure_ownership()
         counter = self._checkpoint.save_counter
         counter.assign_add(1)
-        number = _as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
+        number = as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
         name = f"{self._name}-{number}"
         metric = None
         if self._policy.best is not None and metadata is not None and self._policy.best.metric in metadata:
@@ -398,21 +353,51 @@ class CheckpointManager:
     # ------------------------------------------------------------------ restore
     def restore_or_initialize(self) -> str | None:
         """Restore the latest checkpoint and return its path, or run ``init_fn`` and return ``None``."""
-        latest: str | None
+        candidates: list[str]
         if self._coordinator is not None:
             self.sync()  # no collective of ours may overlap a background save's
-            latest = self._coordinator.broadcast_object(self._latest_name(), src=self._owner)
+            mine = self._resume_candidates() if self._owns_storage else None  # only the owner touches storage
+            candidates = self._coordinator.broadcast_object(mine, src=self._owner)
         else:
-            latest = self._latest_name()
-        if latest is not None:
-            # Through this manager's storage; with an io_device, that host reads for all.
-            self._checkpoint.restore(Location(self._storage, latest), options=self._options)
+            candidates = self._resume_candidates()
+        if candidates:
+            # Through this manager's storage; with an io_device, that host reads for all. A damaged
+            # latest checkpoint is skipped with a warning for the newest intact one (manager/resume.py).
+            restored, damaged = restore_newest_intact(
+                lambda name: self._checkpoint.restore(Location(self._storage, name), options=self._options),
+                candidates, self._path, self._coordinator)
+            self._forget(damaged, restored)
             if self._step_counter is not None and self._checkpoint_interval is not None:
-                self._last_checkpoint_step = _as_number(self._step_counter, "step_counter")
-            return self._path(latest)
+                self._last_checkpoint_step = as_number(self._step_counter, "step_counter")
+            return self._path(restored)
         if self._init_fn is not None:
             self._init_fn()
         return None
+
+    def _resume_candidates(self) -> list[str]:
+        """The latest committed checkpoint, then the other managed ones, newest first (HEAD-checked)."""
+        latest = self._latest_name()
+        if latest is None:
+            return []
+        with self._lock:
+            older = [*self._managed.newest_first(),
+                     *sorted(self._managed.preserved, key=self._managed.preserved.__getitem__, reverse=True)]
+        rest = [n for n in dict.fromkeys(older) if n != latest]
+        return [latest, *(n for n in rest if self._storage.exists(index_key(n)))]
+
+    def _forget(self, damaged: Sequence[str], restored: str) -> None:
+        """Stop managing the damaged checkpoints a resume skipped, so retention keeps the one restored.
+
+        They stay on the store, unlisted from the next state write on (``cloudckpt ls`` and
+        ``verify`` still show them); the next save's base is the checkpoint restored.
+        """
+        if not damaged:
+            return
+        with self._lock:
+            for name in damaged:
+                self._managed.active.pop(name, None)
+                self._managed.metrics.pop(name, None)
+            self._managed.latest = restored
 
     def sync(self, timeout: float | None = None) -> None:
         """Wait for in-flight async saves; re-raise their failure. Collective on many hosts."""
