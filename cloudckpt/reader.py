@@ -9,6 +9,7 @@ fetched, so reading one variable out of a large checkpoint costs one small GET.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,6 +53,52 @@ class ReadTarget:
 def new_buffer(entry: ArrayEntry, shape: tuple[int, ...] | None = None) -> NDArray[Any]:
     """A fresh destination for ``entry`` or a box of it (uninitialised: every byte will be read)."""
     return np.empty(entry.shape if shape is None else shape, dtype=parse_dtype(entry.dtype))
+
+
+#: A buffer the index alone sizes (no live object of that size exists) above this many bytes is
+#: allocated only after HEADs showed the objects holding its bytes really are that large.
+CHECK_BEFORE_ALLOCATING = 16 * 1024 * 1024
+
+
+class ObjectSizes:
+    """The real sizes of a checkpoint's data objects, HEADed once each (``backed_buffer`` asks).
+
+    Why: an index is untrusted, and one that describes terabytes in a small object (its
+    recorded sizes lie too) would make a reader die allocating, with an untyped MemoryError.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def of(self, key: str) -> int:
+        with self._lock:
+            known = self._sizes.get(key)
+        if known is None:
+            known = self._storage.head(key).size
+            with self._lock:
+                self._sizes[key] = known
+        return known
+
+
+def backed_buffer(index: CheckpointIndex, path: str, entry: ArrayEntry, sizes: ObjectSizes | None) -> NDArray[Any]:
+    """``new_buffer(entry)``, refusing first an entry whose bytes the real objects cannot hold.
+
+    Raises:
+        CheckpointFormatError: a chunk of ``path`` lies past the real end of its object
+            (nothing was allocated). ``sizes`` ``None``: not checked (reads go elsewhere).
+    """
+    if sizes is not None and math.prod(entry.shape) * parse_dtype(entry.dtype).itemsize > CHECK_BEFORE_ALLOCATING:
+        for chunk in entry.chunks:
+            obj = index.objects[chunk.object].name
+            real = sizes.of(obj)
+            if chunk.offset + chunk.length > real:
+                raise CheckpointFormatError(
+                    f"cannot read {path!r}: the index puts {chunk.length} of its bytes at [{chunk.offset}, "
+                    f"{chunk.offset + chunk.length}) of {obj}, which has {real} bytes (a damaged or hostile index); "
+                    f"nothing was allocated for its {math.prod(entry.shape)} elements")
+    return new_buffer(entry)
 
 
 def _bytes_view(array: NDArray[Any]) -> memoryview:

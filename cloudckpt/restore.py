@@ -46,7 +46,7 @@ from cloudckpt.graph import (
     sharded_view,
     unsupported,
 )
-from cloudckpt.reader import RangeReader, ReadTarget, new_buffer, read_arrays
+from cloudckpt.reader import ObjectSizes, RangeReader, ReadTarget, backed_buffer, new_buffer, read_arrays
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
 
@@ -83,6 +83,9 @@ class RestoreSession:
         self.ranges = ranges
         self.url = storage.url_for(index.name)
         self.expected = value_paths(index)
+        #: Real object sizes, checked before an index-sized allocation (not through a relay:
+        #: then this host may not touch storage at all).
+        self.sizes = ObjectSizes(storage) if ranges is None else None
         self._consumed: set[str] = set()
         self._lock = threading.Lock()
 
@@ -420,7 +423,7 @@ class _Plan:
             if template.dtype == dtype and template.flags.c_contiguous and template.flags.writeable:
                 self.reads.append(ReadTarget(path, entry, template, live=True))
                 return lambda: template
-        dest = new_buffer(entry)
+        dest = backed_buffer(self.session.index, path, entry, self.session.sizes)
         self.reads.append(ReadTarget(path, entry, dest, live=False))
         pytype = entry.pytype
         if pytype == "tensor":

@@ -299,3 +299,22 @@ def test_large_chunks_record_block_checksums_that_round_trip(tmp_path: Path) -> 
     assert chunk.block_crc32c == tuple(crc32c_of([raw[i:i + CRC_BLOCK]]) for i in range(0, raw.nbytes, CRC_BLOCK))
     assert chunk.crc32c == crc32c_of([raw])  # combined from the blocks, equal to one pass
     assert decode_index(encode_index(index), "c", "x") == index
+
+
+def test_a_huge_array_claimed_in_a_small_object_is_refused_before_allocating(tmp_path: Path) -> None:
+    """The index's recorded sizes lie too: only the object's real size (HEAD) tells, before np.empty."""
+    path = Checkpoint(big=np.arange(4.0)).write(str(tmp_path / "c"))
+    doc = json.loads((tmp_path / "c.index").read_text())
+    entry = doc["entries"]["big"]
+    entry["shape"] = [2**40 // 8]  # 1 TiB of float64
+    chunk = entry["chunks"][0]
+    chunk.update(length=2**40, shape=[2**40 // 8])
+    chunk.pop("blocks", None)
+    doc["objects"][chunk["object"]]["size"] = 2**41
+    (tmp_path / "c.index").write_text(json.dumps(doc))
+    import cloudckpt
+
+    with pytest.raises(CheckpointFormatError, match=r"cannot read 'big'.*has \d+ bytes.*nothing was allocated"):
+        cloudckpt.load_variable(path, "big")
+    with pytest.raises(CheckpointFormatError, match="cannot read 'big'"):
+        cloudckpt.load_checkpoint(path).get_tensor("")  # the whole tree, materialised

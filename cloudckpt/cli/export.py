@@ -47,7 +47,7 @@ from cloudckpt.cli.common import (
 )
 from cloudckpt.cli.inspect import array_nbytes
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
-from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.reader import ObjectSizes, ReadTarget, backed_buffer, read_arrays
 from cloudckpt.storage import Storage, resolve
 from cloudckpt.tfbundle import Bundle, Tensor, load_any_index
 
@@ -94,6 +94,7 @@ def _arrays(storage: Storage, index: CheckpointIndex, entries: Sequence[tuple[st
     """The arrays in order, fetched in bounded batches, each verified against its CRC32C."""
     batch: list[ReadTarget] = []
     size = 0
+    sizes = ObjectSizes(storage)
 
     def flush() -> Iterator[tuple[str, NDArray[Any]]]:
         read_arrays(storage, index, batch)
@@ -106,7 +107,7 @@ def _arrays(storage: Storage, index: CheckpointIndex, entries: Sequence[tuple[st
         if batch and size + nbytes > BATCH_BYTES:
             yield from flush()
             batch, size = [], 0
-        batch.append(ReadTarget(path, entry, new_buffer(entry), live=False))
+        batch.append(ReadTarget(path, entry, backed_buffer(index, path, entry, sizes), live=False))
         size += nbytes
     if batch:
         yield from flush()
