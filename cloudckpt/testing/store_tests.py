@@ -480,7 +480,8 @@ class StorageContract:
         if not self.throttles:
             assert store._is_throttle(TimeoutError("not throttling")) is False
             return
-        short = replace(CONTRACT_CONFIG, retry=replace(CONTRACT_CONFIG.retry, throttle_deadline=0.5))
+        # Long enough that a first request slowed by a loaded machine still leaves room for a retry.
+        short = replace(CONTRACT_CONFIG, retry=replace(CONTRACT_CONFIG.retry, throttle_deadline=3.0))
         store.config = short  # the retry policy is read per request
         self.raw_put(store, "hot", b"x")
         faults.throttle("get", "hot", times=10_000)
