@@ -212,7 +212,6 @@ class _StreamedBody:
         return iter(self._pieces)
 
 
-# CRC32C (Castagnoli), reflected polynomial. combine() follows zlib's crc32_combine:
 # ---------------------------------------------------------------------- storage
 class GCSStorage(Storage):
     """``gs://bucket/prefix`` on Google Cloud Storage (or fake-gcs-server).

@@ -34,7 +34,6 @@ Where stores differ, and what callers see:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import email.utils
 import logging
@@ -78,6 +77,7 @@ from cloudckpt.storage.base import (
     TransferConfig,
     UpdateVersion,
     WriteMode,
+    crc32c_base64,
     crc32c_of,
 )
 from cloudckpt.storage.clients import ProcessLocalCache
@@ -233,7 +233,7 @@ def parse_s3_url(url: str) -> tuple[str, str, str]:
 
 def _crc32c_b64(buffers: Sequence[memoryview]) -> str:
     """S3's ``ChecksumCRC32C``: base64 of the big-endian 4-byte CRC32C."""
-    return base64.b64encode(crc32c_of(buffers).to_bytes(4, "big")).decode("ascii")
+    return crc32c_base64(crc32c_of(buffers))
 
 
 def _etag(response: Mapping[str, Any]) -> str | None:
