@@ -13,8 +13,9 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -233,9 +234,13 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
         CheckpointFormatError: a data object is shorter than the index says.
     """
     requests: list[ReadRequest] = []
-    checks: list[tuple[ReadTarget, Chunk, memoryview]] = []
-    block_checks: list[tuple[ReadTarget, Chunk, int, NDArray[np.uint8]]] = []
-    scatters: list[tuple[ReadTarget, tuple[slice, ...], NDArray[Any]]] = []
+    landings: list[_Landing] = []
+
+    def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]]) -> None:
+        landing = _Landing(steps)
+        landings.append(landing)
+        requests.append(ReadRequest(obj, offset, out, landing))
+
     for target in targets:
         flat = _bytes_view(target.dest)
         dtype = target.dest.dtype
@@ -255,15 +260,17 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             obj = index.objects[chunk.object].name
             if extent == chunk.shape:
                 region = _contiguous_in(in_dest, extent, shape)
+                steps: list[Callable[[], None]]
                 if region is not None:
                     first, count = region
                     out = flat[first * itemsize:(first + count) * itemsize]
+                    steps = [partial(_verify, storage, index, target, chunk, 0, out, chunk.crc32c)]
                 else:
                     temp = np.empty(chunk.shape, dtype=dtype)
                     out = _bytes_view(temp)
-                    scatters.append((target, dest_box, temp))
-                requests.append(ReadRequest(obj, chunk.offset, out))
-                checks.append((target, chunk, out))
+                    steps = [partial(_verify, storage, index, target, chunk, 0, out, chunk.crc32c),
+                             partial(_scatter, target.dest, dest_box, temp)]
+                fetch(obj, chunk.offset, out, steps)
                 continue
             in_chunk = tuple(low - c for low, c in zip(lo, chunk.start, strict=True))
             strides = tuple(int(np.prod(chunk.shape[i + 1:], dtype=np.int64)) * itemsize
@@ -272,14 +279,14 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 need_lo, need_hi = first * itemsize, (first + count) * itemsize
                 begin, end = _widen(chunk, need_lo, need_hi) if VERIFY_PARTIAL_READS else (need_lo, need_hi)
                 raw = np.empty(end - begin, dtype=np.uint8)
-                requests.append(ReadRequest(obj, chunk.offset + begin, _bytes_view(raw)))
-                if VERIFY_PARTIAL_READS:
-                    block_checks.append((target, chunk, begin, raw))
                 temp = raw[need_lo - begin:need_hi - begin].view(dtype)
                 values = np.lib.stride_tricks.as_strided(temp, shape=sub_extent, strides=strides, writeable=False)
                 sub_dest = tuple(slice(a - c + d, a - c + d + n) for a, c, d, n in
                                  zip(sub_start, in_chunk, in_dest, sub_extent, strict=True))
-                scatters.append((target, sub_dest, values))
+                steps = [partial(_verify_blocks, storage, index, target, chunk, begin, raw)] \
+                    if VERIFY_PARTIAL_READS else []
+                steps.append(partial(_scatter, target.dest, sub_dest, values))
+                fetch(obj, chunk.offset + begin, _bytes_view(raw), steps)
     any_live = any(t.live for t in targets)
     try:
         (ranges.read if ranges is not None else read_coalesced)(storage, requests)
@@ -295,15 +302,42 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
         if any_live:
             raise type(exc)(f"{exc}{_partial_note(True)}", exc.url) from exc
         raise
-    for target, chunk, out in checks:
-        _verify(storage, index, target, chunk, 0, out, chunk.crc32c)
-    for target, chunk, begin, raw in block_checks:
-        unit, crcs = chunk.blocks()
-        for position in range(0, raw.size, unit):
-            _verify(storage, index, target, chunk, begin + position, raw[position:position + unit].data,
-                    crcs[(begin + position) // unit])
-    for target, box, values in scatters:
-        target.dest[box] = values
+    for landing in landings:  # what a range reader filled without running ``done`` (the relay)
+        if not landing.ran:
+            landing()
+
+
+class _Landing:
+    """What happens to one request's bytes once they have landed: verify, then scatter.
+
+    It is the request's ``done``, so it runs on the pool thread that read the last byte
+    (the CRC32C releases the GIL: chunks are verified in parallel, overlapped with the
+    reads still in flight); ``read_arrays`` runs any that a range reader left out.
+    """
+
+    __slots__ = ("_steps", "ran")
+
+    def __init__(self, steps: list[Callable[[], None]]) -> None:
+        self._steps = steps
+        self.ran = False
+
+    def __call__(self) -> None:
+        for step in self._steps:
+            step()
+        self.ran = True
+
+
+def _scatter(dest: NDArray[Any], box: tuple[slice, ...], values: NDArray[Any]) -> None:
+    dest[box] = values
+
+
+def _verify_blocks(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk, begin: int,
+                   raw: NDArray[np.uint8]) -> None:
+    """Verify ``raw`` (chunk bytes from ``begin``, widened to whole blocks) block by block."""
+    unit, crcs = chunk.blocks()
+    for position in range(0, raw.size, unit):
+        _verify(storage, index, target, chunk, begin + position, raw[position:position + unit].data,
+                crcs[(begin + position) // unit])
 
 
 def _widen(chunk: Chunk, lo: int, hi: int) -> tuple[int, int]:
@@ -334,10 +368,11 @@ def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
     """``storage.read_into``, with runs of small adjacent ranges fetched as one range.
 
     Large reads still land straight in their destination; merged small ones go through
-    one bounded bytearray and are copied out (cheap next to a request's latency).
+    one bounded buffer and are copied out on the pool thread that read them (cheap next
+    to a request's latency), each part's ``done`` after its copy.
     """
     direct: list[ReadRequest] = []
-    merged: list[tuple[ReadRequest, list[ReadRequest]]] = []
+    merged: list[ReadRequest] = []
     by_object: dict[str, list[ReadRequest]] = {}
     for req in requests:
         if req.out.nbytes >= SMALL_READ:
@@ -359,13 +394,18 @@ def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
                 direct.append(run[0])
                 continue
             start = run[0].offset
-            buffer = bytearray(run[-1].offset + run[-1].out.nbytes - start)
-            merged.append((ReadRequest(key, start, memoryview(buffer)), run))
-    storage.read_into(direct + [whole for whole, _ in merged])
-    for whole, parts in merged:
-        for part in parts:
-            begin = part.offset - whole.offset
-            part.out[:] = whole.out[begin:begin + part.out.nbytes]
+            buffer = np.empty(run[-1].offset + run[-1].out.nbytes - start, dtype=np.uint8)
+            merged.append(ReadRequest(key, start, buffer.data, partial(_copy_out, buffer.data, start, run)))
+    storage.read_into(merged + direct)
+
+
+def _copy_out(whole: memoryview, start: int, parts: Sequence[ReadRequest]) -> None:
+    """Hand each small request its bytes of a merged read (``whole`` begins at ``start``)."""
+    for part in parts:
+        begin = part.offset - start
+        part.out[:] = whole[begin:begin + part.out.nbytes]
+        if part.done is not None:
+            part.done()
 
 
 def _partial_note(live: bool) -> str:

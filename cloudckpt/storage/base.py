@@ -142,11 +142,19 @@ class ByteRange:
 
 @dataclass(frozen=True, slots=True)
 class ReadRequest:
-    """Read ``len(out)`` bytes of ``key`` starting at ``offset`` straight into ``out``."""
+    """Read ``len(out)`` bytes of ``key`` starting at ``offset`` straight into ``out``.
+
+    ``done``, if given, runs once on the pool thread that landed the last byte of ``out``,
+    before ``read_into`` returns: a restore verifies each range's CRC32C there, in parallel
+    with the reads still in flight, instead of in one pass on one thread after all of them.
+    An exception it raises fails the ``read_into`` like a failed read. Readers that fill
+    requests some other way (the distributed relay) may not call it; callers check.
+    """
 
     key: str
     offset: int
     out: memoryview
+    done: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +379,8 @@ class Storage(ABC):
     def read_into(self, requests: Sequence[ReadRequest]) -> None:
         """Fill every request's buffer, in parallel ranged reads of at most ``read_chunk_size``.
 
-        This is the restore hot path: bytes land straight in the destination buffers.
+        This is the restore hot path: bytes land straight in the destination buffers, and
+        each request's ``done`` runs on the pool as soon as its last range has landed.
         """
         tasks: list[Callable[[], None]] = []
         chunk = self.config.read_chunk_size
@@ -382,18 +391,22 @@ class Storage(ABC):
                                         self.url_for(req.key))
             full = self._full(req.key)
             url = self.url_for(req.key)
-            for start in range(0, max(out.nbytes, 1), chunk):
-                piece = out[start:start + chunk]
-                tasks.append(self._read_task(full, url, req.offset + start, piece))
+            starts = range(0, max(out.nbytes, 1), chunk)
+            done = req.done if req.done is None or len(starts) == 1 else _Countdown(len(starts), req.done)
+            for start in starts:
+                tasks.append(self._read_task(full, url, req.offset + start, out[start:start + chunk], done))
         self._run_parallel(tasks)
 
-    def _read_task(self, full: str, url: str, offset: int, out: memoryview) -> Callable[[], None]:
+    def _read_task(self, full: str, url: str, offset: int, out: memoryview,
+                   done: Callable[[], None] | None) -> Callable[[], None]:
         def task() -> None:
             if out.nbytes == 0:
                 self._call(lambda: self._head(full), url, describe="HEAD")
-                return
-            self._call(lambda: self._read_into(full, offset, out), url, describe="GET")
-            self._download_limiter.consume(out.nbytes)
+            else:
+                self._call(lambda: self._read_into(full, offset, out), url, describe="GET")
+                self._download_limiter.consume(out.nbytes)
+            if done is not None:
+                done()
         return task
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -616,6 +629,23 @@ def validate_key(key: str, url: str) -> str:
     if any(part == "" for part in parts[:-1]):
         raise InvalidKeyError(f"storage key {key!r} has an empty path segment at {url}", url)
     return key
+
+
+class _Countdown:
+    """Runs ``fn`` on the call that brings the count to zero: a request split into several ranges
+    is done when its last range has landed, on whichever thread that was."""
+
+    def __init__(self, count: int, fn: Callable[[], None]) -> None:
+        self._count = count
+        self._fn = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            self._fn()
 
 
 @dataclass(frozen=True, slots=True)
