@@ -358,54 +358,10 @@ def _verify(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk:
             f"recorded CRC32C {expected:08x}, read {actual:08x}{_partial_note(target.live)}", obj, key=target.path)
 
 
-#: Reads smaller than this are merged with their neighbours in the same object: hundreds
-#: of small arrays cost a few GETs instead of hundreds of round trips.
-SMALL_READ = 1024 * 1024
-MERGED_READ = 16 * 1024 * 1024
-
-
 def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
-    """``storage.read_into``, with runs of small adjacent ranges fetched as one range.
-
-    Large reads still land straight in their destination; merged small ones go through
-    one bounded buffer and are copied out on the pool thread that read them (cheap next
-    to a request's latency), each part's ``done`` after its copy.
-    """
-    direct: list[ReadRequest] = []
-    merged: list[ReadRequest] = []
-    by_object: dict[str, list[ReadRequest]] = {}
-    for req in requests:
-        if req.out.nbytes >= SMALL_READ:
-            direct.append(req)
-        else:
-            by_object.setdefault(req.key, []).append(req)
-    for key, small in by_object.items():
-        small.sort(key=lambda r: r.offset)
-        runs: list[list[ReadRequest]] = []
-        for req in small:
-            last = runs[-1] if runs else None
-            if last is not None and req.offset == last[-1].offset + last[-1].out.nbytes \
-                    and req.offset + req.out.nbytes - last[0].offset <= MERGED_READ:
-                last.append(req)
-            else:
-                runs.append([req])
-        for run in runs:
-            if len(run) == 1:
-                direct.append(run[0])
-                continue
-            start = run[0].offset
-            buffer = np.empty(run[-1].offset + run[-1].out.nbytes - start, dtype=np.uint8)
-            merged.append(ReadRequest(key, start, buffer.data, partial(_copy_out, buffer.data, start, run)))
-    storage.read_into(merged + direct)
-
-
-def _copy_out(whole: memoryview, start: int, parts: Sequence[ReadRequest]) -> None:
-    """Hand each small request its bytes of a merged read (``whole`` begins at ``start``)."""
-    for part in parts:
-        begin = part.offset - start
-        part.out[:] = whole[begin:begin + part.out.nbytes]
-        if part.done is not None:
-            part.done()
+    """``storage.read_into``: it reads runs of adjacent requests together (a few GETs for
+    hundreds of small arrays) straight into their buffers, and runs each ``done`` as it lands."""
+    storage.read_into(requests)
 
 
 def _partial_note(live: bool) -> str:

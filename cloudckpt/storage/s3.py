@@ -81,6 +81,7 @@ from cloudckpt.storage.base import (
     crc32c_of,
 )
 from cloudckpt.storage.clients import ProcessLocalCache
+from cloudckpt.storage.transfer import fill_from
 
 log = logging.getLogger("cloudckpt.storage")
 
@@ -95,10 +96,6 @@ DELETE_BATCH = 1000
 #: the caller's buffers. botocore sends ``Expect: 100-continue`` for streamed bodies,
 #: which costs a round trip that small index/state writes should not pay.
 SMALL_BODY = 1 * MiB
-
-#: Response bodies are copied into the destination in slices of this size: large enough
-#: to keep per-call overhead low, small enough that the temporary stays in cache.
-READ_SLICE = 1 * MiB
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset({
@@ -304,17 +301,6 @@ def _body(buffers: Sequence[memoryview], size: int) -> bytes | _BufferReader:
     return _BufferReader(buffers)
 
 
-def _read_body_into(body: Any, out: memoryview) -> int:
-    """Fill ``out`` from a streaming body, slice by slice; return the bytes filled."""
-    filled = 0
-    while filled < out.nbytes:
-        n = body.readinto(out[filled:filled + READ_SLICE])
-        if not n:
-            break
-        filled += n
-    return filled
-
-
 # ---------------------------------------------------------------------- the backend
 class S3Storage(Storage):
     """A prefix of an S3 bucket (or of an S3-compatible store such as SeaweedFS or MinIO).
@@ -421,13 +407,14 @@ class S3Storage(Storage):
             return size == 0
         return byte_range.start == size
 
-    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
-        end = offset + out.nbytes
+    def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
+        size = sum(out.nbytes for out in outs)
+        end = offset + size
         response = self.client.get_object(Range=f"bytes={offset}-{end - 1}", **self._loc(full_key))
         with contextlib.closing(response["Body"]) as body:
-            length = int(response.get("ContentLength", out.nbytes))
-            filled = _read_body_into(body, out) if length >= out.nbytes else length
-        if filled < out.nbytes:
+            short = int(response.get("ContentLength", size)) < size
+            filled = 0 if short else fill_from(body.readinto, outs)
+        if filled < size:
             url = self._url_of(full_key)
             raise InvalidRangeError(f"{url} ends before byte {end}: the requested range "
                                     f"[{offset}, {end}) runs past the end of the object", url)

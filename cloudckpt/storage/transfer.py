@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from typing import Any
 
@@ -29,6 +29,25 @@ def as_buffers(data: Any) -> list[memoryview]:
             view = view.cast("B") if view.c_contiguous else view
         views.append(view)
     return views
+
+
+#: Bytes per ``readinto`` while streaming a response body into the caller's buffers: large
+#: enough to keep per-call overhead low, small enough that the socket's copy stays in cache.
+READ_SLICE = 1024 * 1024
+
+
+def fill_from(readinto: Callable[[memoryview], int | None], outs: Sequence[memoryview]) -> int:
+    """Fill ``outs`` in order from a stream's ``readinto``; return the bytes filled (fewer at its end)."""
+    filled = 0
+    for out in outs:
+        got = 0
+        while got < out.nbytes:
+            n = readinto(out[got:got + READ_SLICE])
+            if not n:
+                return filled + got
+            got += n
+        filled += got
+    return filled
 
 
 def part_boundaries(size: int, part_size: int) -> list[tuple[int, int]]:
