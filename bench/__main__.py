@@ -1,16 +1,16 @@
-"""``python -m bench [storage|checkpoint|distributed|all] [options]`` - see docs/benchmarks.md."""
+"""``python -m bench [storage|checkpoint|distributed|crc32c|all] [options]`` - see docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import bench_storage
+from bench import bench_crc32c, bench_storage
 
 
 def main(argv: list[str]) -> int:
     which = argv[0] if argv and not argv[0].startswith("-") else "storage"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
-    suites = {"storage": bench_storage.main}
+    suites = {"storage": bench_storage.main, "crc32c": bench_crc32c.main}
     try:
         from bench import bench_checkpoint
         suites["checkpoint"] = bench_checkpoint.main
