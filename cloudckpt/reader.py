@@ -2,7 +2,8 @@
 
 Restore is the hot path: every chunk is fetched with a ranged read straight into the
 destination array's memory (no intermediate copy), in parallel on the storage's pool,
-and then verified against the CRC32C the writer recorded. Only the chunks asked for are
+and each is verified against the CRC32C the writer recorded as soon as it lands, on the
+pool thread that read it. Only the chunks asked for are
 fetched, so reading one variable out of a large checkpoint costs one small GET.
 """
 
@@ -225,7 +226,8 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     Only the chunks that overlap a target's box are fetched, and of a chunk only
     partly inside the box only the byte ranges covering that part, widened to the
     chunk's checksum blocks. Every byte read is verified: whole chunks against their
-    CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``).
+    CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``) - on the pool, each
+    as soon as its bytes have landed, overlapped with the reads still in flight.
 
     Raises:
         ChecksumError: a chunk's bytes do not match their recorded CRC32C (names the key
