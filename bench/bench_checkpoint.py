@@ -434,8 +434,7 @@ def first_child(spec_json: str) -> int:
     if spec["phase"] == "save":
         path.save(0)
         seconds = time.perf_counter() - started
-    else:
-        path.before_restore()
+    else:  # the destination is fresh zeros: no before_restore needed
         restored = path.restore(0)
         seconds = time.perf_counter() - started
         verify(restored, state, f"first restore {path.name}")
