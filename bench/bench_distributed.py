@@ -159,7 +159,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
     from cloudckpt import UNSHARDED, CheckpointOptions, DTensorCheckpoint, Layout, Mesh, ShardedArray
     from cloudckpt.distributed import TorchCoordinator
     from cloudckpt.format import decode_index, index_key
-    from cloudckpt.reader import resolve, storage_for_directory
+    from cloudckpt.storage import resolve, storage_for_directory
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=GROUP_TIMEOUT))
@@ -312,7 +312,8 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
             if rank == 0:
                 objects = listing(f"{run_prefix}/{tag}/")
                 if tag.startswith("ours"):
-                    storage, name = resolve(url)
+                    location = resolve(url)
+                    storage, name = location.storage, location.name
                     index = decode_index(storage.get(index_key(name)), name, url)
                     extra["index_data_objects"] = len(index.objects)
             record("save", label, tag, seconds, requests, objects, extra)

@@ -22,7 +22,16 @@ from cloudckpt.manager import CheckpointManager, latest_checkpoint
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.preemption import PreemptionCheckpointHandler
 from cloudckpt.retention import BestN
-from cloudckpt.storage import open_storage
+from cloudckpt.storage import (
+    Location,
+    RetryPolicy,
+    Storage,
+    TransferConfig,
+    open_storage,
+    register_storage,
+    unregister_storage,
+)
+from cloudckpt.storage.base import GiB, MiB
 from cloudckpt.trackable import Trackable, Variable
 
 __version__ = "0.1.0"
@@ -41,14 +50,20 @@ __all__ = [
     "CloudCkptError",
     "ConcurrentWriterError",
     "DTensorCheckpoint",
+    "GiB",
     "Layout",
+    "Location",
     "Mesh",
+    "MiB",
     "NotFoundError",
     "PreemptionCheckpointHandler",
+    "RetryPolicy",
     "SaveError",
     "SaveStats",
     "ShardedArray",
+    "Storage",
     "Trackable",
+    "TransferConfig",
     "Variable",
     "__version__",
     "errors",
@@ -57,5 +72,7 @@ __all__ = [
     "load_checkpoint",
     "load_variable",
     "open_storage",
+    "register_storage",
+    "unregister_storage",
 ]
 

@@ -47,6 +47,8 @@ class SaveStats:
         staged_bytes: bytes copied into the staging snapshot (async only).
         overflow_bytes: bytes that did not fit the staging budget and were uploaded
             from live memory while the caller waited (async only).
+        reused_bytes: bytes an incremental save referenced in its base checkpoint instead
+            of uploading (unchanged since that save).
     """
 
     path: str
@@ -57,6 +59,7 @@ class SaveStats:
     asynchronous: bool
     staged_bytes: int = 0
     overflow_bytes: int = 0
+    reused_bytes: int = 0
 
 
 def _aligned(n: int) -> int:

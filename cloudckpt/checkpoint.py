@@ -2,9 +2,10 @@
 
 It groups the objects to save (keyword arguments, or a root ``Trackable`` and extra
 keyword arguments), numbers saves with ``save_counter``, and composes the layers below:
-``graph.collect`` -> ``writer`` (plan, upload, commit) for saves, ``reader`` +
-``restore`` for restores, ``async_save`` for background saves, ``state_file`` for the
-directory's ``checkpoint`` file that ``latest_checkpoint`` reads.
+``graph.collect`` -> ``saving`` (plan, upload, commit, on a coordinator) for saves,
+``index_store`` + ``restore`` (+ ``relay`` for io_device) for restores, ``async_save`` for
+background saves, ``state_file`` for the directory's ``checkpoint`` file that
+``latest_checkpoint`` reads. Paths are resolved once, here, into a ``Location``.
 """
 
 from __future__ import annotations
@@ -12,31 +13,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from cloudckpt import state_file
 from cloudckpt.async_save import AsyncSaver, SaveStats
+from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
+from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format import CheckpointIndex
 from cloudckpt.graph import Collected, Kind, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.reader import load_index, resolve
+from cloudckpt.relay import ReadRelay
 from cloudckpt.restore import RestoreSession
+from cloudckpt.saving import AfterCommit, SaveRun, SaveSettings, WriteResult, announce_failure
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
+from cloudckpt.storage import CheckpointPath, Location, resolve
+from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.trackable import Trackable, Variable
-from cloudckpt.writer import WriteResult, discard, plan_write, upload, write_checkpoint
-
-if TYPE_CHECKING:
-    from cloudckpt.distributed.coordinator import Coordinator
-    from cloudckpt.distributed.relay import ReadRelay
 
 log = logging.getLogger("cloudckpt.checkpoint")
-
-PathLike = str | os.PathLike[str]
-#: Called on the saving thread after the commit, before the write callbacks, with what
-#: was committed: the ``CheckpointManager``'s bookkeeping (state file, retention) plugs in here.
-AfterCommit = Callable[[WriteResult], None]
 
 _STATEFUL_KINDS = frozenset({Kind.VARIABLE, Kind.NDARRAY, Kind.TENSOR, Kind.SHARDED, Kind.TRACKABLE, Kind.DICT,
                              Kind.LIST, Kind.TUPLE, Kind.ADAPTED})
@@ -128,146 +125,114 @@ class Checkpoint(Trackable):
         """What the most recent finished save did (bytes, objects, seconds, blocked seconds)."""
         return self._last_stats
 
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The coordinator every save of this checkpoint runs on (``DTensorCheckpoint``), or
+        ``None`` for a plain one, whose saves are single-host unless it holds sharded arrays."""
+        return self._coordinator
+
     # ------------------------------------------------------------------ saving
-    def save(self, file_prefix: PathLike, options: CheckpointOptions | None = None) -> str:
+    def save(self, file_prefix: CheckpointPath, options: CheckpointOptions | None = None) -> str:
         """Increment ``save_counter`` and write ``<file_prefix>-<save_counter>``; return that path.
 
         Like TensorFlow's, it also records the new checkpoint in the directory's state
         file (``<dir>/checkpoint``), so ``latest_checkpoint(dir)`` finds it.
+        ``file_prefix`` is a path, a URL, or a ``Location`` (a storage opened in code).
         """
         self._saver_wait()
+        prefix = resolve(file_prefix)
+        if self._coordinator is None:  # one host: refuse a manager's directory before writing anything
+            state_file.check_unmanaged(prefix.storage, prefix.name)
         self._save_counter.assign_add(1)
-        path = f"{os.fspath(file_prefix)}-{int(self._save_counter)}"
-        return self._write_managed(path, options, after_commit=lambda _: _record_in_state_file(path))
+        number = int(self._save_counter)
+        location = prefix.sibling(f"{prefix.name}-{number}")
+        return self._write_to(location, f"{_shown(file_prefix)}-{number}", options,
+                              after_commit=lambda written: state_file.record_checkpoint(location.storage, written.name))
 
-    def write(self, file_prefix: PathLike, options: CheckpointOptions | None = None) -> str:
+    def write(self, file_prefix: CheckpointPath, options: CheckpointOptions | None = None) -> str:
         """Write exactly ``file_prefix`` (no numbering, no state file); return the path.
 
         An existing checkpoint there is replaced atomically; its data objects are
         deleted only after the new index is committed.
         """
-        return self._write_managed(os.fspath(file_prefix), options)
+        return self._write_managed(file_prefix, options)
 
-    def _write_managed(self, path: PathLike, options: CheckpointOptions | None = None, *,
-                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+    def _write_managed(self, path: CheckpointPath, options: CheckpointOptions | None = None, *,
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                       base: str | None = None) -> str:
         """``write`` with a hook run after the commit and user metadata in the index.
 
         The interface ``CheckpointManager`` builds on. ``after_commit(written)`` runs on
-        the thread that committed (the background worker for async saves), before the
-        write callbacks; its failure is the save's failure, and it alone may decide to
-        undo the commit (``written`` names the index version and data objects).
+        the committing host's thread that committed (the background worker for async
+        saves), before the write callbacks; its failure is the save's failure, and it
+        alone may decide to undo the commit (``written`` names the index version and data objects).
+
+        Every save runs one pipeline (``cloudckpt.saving``) on a coordinator - the
+        checkpoint's own on many hosts, a ``LocalCoordinator`` on one. Async: the caller
+        is blocked for the snapshot into the staging buffer and for uploading what does
+        not fit it (``early``); the rest of the protocol runs on the background worker.
+
+        ``base`` (a manager's incremental save): a committed checkpoint in the same directory
+        whose unchanged pieces the new one references instead of uploading again.
         """
-        path = os.fspath(path)
-        options = options or CheckpointOptions()
+        return self._write_to(resolve(path), _shown(path), options, after_commit=after_commit, metadata=metadata,
+                              base=base)
+
+    def _write_to(self, location: Location, shown: str, options: CheckpointOptions | None, *,
+                  after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                  base: str | None = None) -> str:
+        """Save to ``location`` (``shown`` is the path as the caller wrote it, returned and logged)."""
         self._saver_wait()
         started = time.monotonic()
-        storage, name = resolve(path)
         try:
             entries = collect(self)
         except Exception as exc:
             if self._coordinator is None:
                 raise
-            from cloudckpt.distributed.save import announce_failure
-            raise announce_failure(self._coordinator, storage.url_for(name), exc) from exc
+            raise announce_failure(self._coordinator, location.url, exc) from exc
         coordinator = self._coordinator_for(entries)
-        if coordinator is not None:
-            return self._write_distributed(path, coordinator, entries, options, started, after_commit, metadata)
-        if not options.enable_async:
-            plan = plan_write(name, entries, max_objects=storage.config.max_concurrency)
-            result = write_checkpoint(storage, plan, metadata)
-            blocked = time.monotonic() - started
-            self._complete(path, result, started, blocked, False, 0, 0, options, after_commit)
-            return path
-        saver = self._async_saver()
-        staged, overflow, staged_bytes = saver.staging.stage(entries, options.async_staging_budget)
-        plan = plan_write(name, staged, max_objects=storage.config.max_concurrency, first=overflow)
-        early = range(plan.first)
-        try:
-            crcs = upload(storage, plan, early)
-        except BaseException:
-            discard(storage, plan)
-            raise
+        settings = SaveSettings.of(options, coordinator)
+        staged, early, staged_bytes = entries, set[str](), 0
+        if settings.asynchronous:
+            staged, early, staged_bytes = self._async_saver().staging.stage(entries, settings.staging_budget)
+        run = SaveRun(coordinator, location, staged, metadata=metadata, io_rank=settings.io_rank,
+                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None, base=base)
+        run.start(early)
+        if not settings.asynchronous or run.must_finish_now:
+            result = run.finish()
+            self._complete(shown, result, settings, started, time.monotonic() - started, False, staged_bytes,
+                           run.early_bytes)
+            return shown
         blocked = time.monotonic() - started
-        overflow_bytes = sum(plan.objects[k].size for k in early)
 
         def job() -> None:
-            result = write_checkpoint(storage, plan, metadata, crcs=crcs, skip=plan.first)
-            self._complete(path, result, started, blocked, True, staged_bytes, overflow_bytes, options,
-                           after_commit)
+            self._complete(shown, run.finish(), settings, started, blocked, True, staged_bytes, run.early_bytes)
 
-        saver.submit(path, job)
-        return path
+        self._async_saver().submit(shown, job)
+        return shown
 
-    def _coordinator_for(self, entries: Mapping[str, Collected]) -> Coordinator | None:
-        """The coordinator of a multi-host save, or ``None`` for the plain single-host path.
+    def _coordinator_for(self, entries: Mapping[str, Collected]) -> Coordinator:
+        """The coordinator of this save: a ``DTensorCheckpoint``'s, else the single-host one.
 
-        A ``DTensorCheckpoint`` always has one; a plain ``Checkpoint`` holding sharded
-        arrays (a ``DTensor`` in a ``state_dict``) uses the process-wide default, since its
-        shards may be spread over the job's processes.
+        A plain ``Checkpoint`` holding sharded arrays (a ``DTensor`` in a ``state_dict``)
+        uses the process-wide default, since its shards may be spread over the job's processes.
         """
         if self._coordinator is not None:
             return self._coordinator
         if any(isinstance(e, ShardedLeaf) for e in entries.values()):
-            from cloudckpt.distributed.coordinator import default_coordinator
             return default_coordinator()
-        return None
+        return LocalCoordinator()
 
-    def _write_distributed(self, path: str, coordinator: Coordinator, entries: dict[str, Collected],
-                           options: CheckpointOptions, started: float, after_commit: AfterCommit | None,
-                           metadata: Mapping[str, Any] | None) -> str:
-        """Save through the multi-host protocol (``cloudckpt.distributed.save``) on every rank.
-
-        ``after_commit`` (the state file of ``save``, a manager's bookkeeping) runs only on
-        the committing host - rank 0, or the io host - the one host that touches the
-        index, before the others learn the outcome; write callbacks run on every host.
-
-        Async: each host snapshots into its staging buffer and runs the whole protocol
-        (plan, upload, commit) on its background worker; a host whose state exceeds the
-        budget runs it in the foreground instead (the collectives are the same either way).
-        """
-        from cloudckpt.distributed import save as distributed
-        from cloudckpt.distributed.options import io_rank
-
-        storage, name = resolve(path)
-        target = io_rank(options, coordinator)
-        committer = 0 if target is None else target
-        if coordinator.rank != committer:
-            after_commit = None  # the bookkeeping (state file, retention) is the committing host's alone
-        if not options.enable_async:
-            result = distributed.save(coordinator, storage, name, entries, metadata=metadata, io_rank=target,
-                                      after_commit=after_commit)
-            self._complete(path, result, started, time.monotonic() - started, False, 0, 0, options, None)
-            return path
-        saver = self._async_saver()
-        staged, overflow, staged_bytes = saver.staging.stage(entries, options.async_staging_budget)
-        if overflow:
-            result = distributed.save(coordinator, storage, name, staged, metadata=metadata, io_rank=target,
-                                      after_commit=after_commit)
-            self._complete(path, result, started, time.monotonic() - started, False, staged_bytes, 0, options,
-                           None)
-            return path
-        blocked = time.monotonic() - started
-
-        def job() -> None:
-            done = distributed.save(coordinator, storage, name, staged, metadata=metadata, io_rank=target,
-                                    after_commit=after_commit)
-            self._complete(path, done, started, blocked, True, staged_bytes, 0, options, None)
-
-        saver.submit(path, job)
-        return path
-
-    def _complete(self, path: str, result: WriteResult, started: float, blocked: float, asynchronous: bool,
-                  staged_bytes: int, overflow_bytes: int, options: CheckpointOptions,
-                  after_commit: AfterCommit | None) -> None:
-        """After the commit: bookkeeping, stats and log line, then the write callbacks."""
-        if after_commit is not None:
-            after_commit(result)
+    def _complete(self, path: str, result: WriteResult, settings: SaveSettings, started: float, blocked: float,
+                  asynchronous: bool, staged_bytes: int, early_bytes: int) -> None:
+        """After the commit and its bookkeeping: stats and log line, then the write callbacks."""
         stats = SaveStats(path, result.bytes, result.objects, time.monotonic() - started, blocked,
-                          asynchronous, staged_bytes, overflow_bytes)
+                          asynchronous, staged_bytes, early_bytes, result.reused_bytes)
         object.__setattr__(self, "_last_stats", stats)
-        log.info("saved %s: %d bytes in %d objects, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
-                 stats.objects, stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
-        options.run_write_callbacks(path)
+        log.info("saved %s: %d bytes in %d objects%s, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
+                 stats.objects, f", {stats.reused_bytes} unchanged bytes reused" if stats.reused_bytes else "",
+                 stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
+        settings.options.run_write_callbacks(path)
 
     def _async_saver(self) -> AsyncSaver:
         saver = self._saver
@@ -303,7 +268,7 @@ class Checkpoint(Trackable):
         self.close()
 
     # ------------------------------------------------------------------ restoring
-    def restore(self, save_path: PathLike | None, options: CheckpointOptions | None = None
+    def restore(self, save_path: CheckpointPath | None, options: CheckpointOptions | None = None
                 ) -> CheckpointLoadStatus | InitializationOnlyStatus:
         """Restore from ``save_path`` (expecting ``save_counter``); ``None`` -> initialise only.
 
@@ -319,20 +284,20 @@ class Checkpoint(Trackable):
         """
         return self._restore(save_path, options, expect_save_counter=True)
 
-    def read(self, save_path: PathLike | None, options: CheckpointOptions | None = None
+    def read(self, save_path: CheckpointPath | None, options: CheckpointOptions | None = None
              ) -> CheckpointLoadStatus | InitializationOnlyStatus:
         """Like ``restore``, but does not expect ``save_counter`` (for paths made by ``write``)."""
         return self._restore(save_path, options, expect_save_counter=False)
 
-    def _restore(self, save_path: PathLike | None, options: CheckpointOptions | None, *,
+    def _restore(self, save_path: CheckpointPath | None, options: CheckpointOptions | None, *,
                  expect_save_counter: bool) -> CheckpointLoadStatus | InitializationOnlyStatus:
         if save_path is None:
             return InitializationOnlyStatus()
         self._saver_wait()
-        storage, name = resolve(save_path)
+        location = resolve(save_path)
         relay = self._read_relay(options)
-        session = RestoreSession(storage, relay.load_index(storage, name) if relay else load_index(storage, name),
-                                 relay)
+        index = relay.load_index(location) if relay else self._load_own_index(location)
+        session = RestoreSession(location.storage, index, relay)
         for owner in (self, self._root):
             if owner is not None:
                 owner._clear_deferred()  # values of an earlier restore must not leak into this one
@@ -340,18 +305,26 @@ class Checkpoint(Trackable):
         session.ranges = None  # later (deferred) restorations are one host's business: no collective
         return CheckpointLoadStatus(session, self, expect_save_counter=expect_save_counter)
 
+    @staticmethod
+    def _load_own_index(location: Location) -> CheckpointIndex:
+        """A cloudckpt index; a TensorFlow checkpoint is named as one (restoring into objects
+        by TensorFlow's object graph is not supported - ``load_checkpoint`` reads it)."""
+        found = load_any_index(location.storage, location.name)
+        if isinstance(found, Bundle):
+            raise CheckpointFormatError(
+                f"{location.url} is a TensorFlow checkpoint: Checkpoint.restore/read restore cloudckpt checkpoints "
+                "only; read its tensors with cloudckpt.load_checkpoint(path).get_tensor(key) or "
+                "cloudckpt.load_variable(path, 'model') (docs/tensorflow-import.md)")
+        return found
+
     def _read_relay(self, options: CheckpointOptions | None) -> ReadRelay | None:
         """The io host's relay when a multi-host restore routes its reads through one host."""
         if options is None or self._coordinator is None or self._coordinator.world_size == 1:
             return None
-        from cloudckpt.distributed.options import io_rank
-        from cloudckpt.distributed.relay import ReadRelay
-
         target = io_rank(options, self._coordinator)
         return None if target is None else ReadRelay(self._coordinator, target)
 
 
-def _record_in_state_file(path: str) -> None:
-    """What ``tf.train.Checkpoint.save`` does after writing: point ``<dir>/checkpoint`` at it."""
-    storage, name = resolve(path)
-    state_file.record_checkpoint(storage, name)
+def _shown(path: CheckpointPath) -> str:
+    """A checkpoint path as the caller wrote it (what ``save``/``write`` return)."""
+    return path.url if isinstance(path, Location) else os.fspath(path)

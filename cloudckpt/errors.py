@@ -19,12 +19,14 @@ same object relative to its storage root, when known) for programs to read.
     │   │   └── AuthenticationError                credentials missing / rejected
     │   ├── NotSupportedError(NotImplementedError)   backend lacks a capability
     │   ├── TransientError(ConnectionError)        retries exhausted
+    │   ├── TransferCancelledError                 a write stopped by cancel_transfers (Ctrl-C)
     │   ├── InvalidKeyError(ValueError)            "..", empty, absolute keys
     │   ├── InvalidRangeError(ValueError)          negative / inverted byte range
     │   ├── InvalidURLError(ValueError)            unknown scheme, missing bucket, "s3:/x" typos
     │   └── MissingDependencyError(ImportError)    the URL needs an extra that is not installed
     ├── ChecksumError                              CRC32C mismatch on read
     ├── CheckpointFormatError(ValueError)          malformed or unknown index
+    │   ├── CheckpointVersionError                 an index format version this reader does not know
     │   └── CheckpointStateError                   malformed state file (<dir>/checkpoint)
     ├── CheckpointMismatchError(ValueError)        stored shape/dtype/type differs from the object
     ├── ConcurrentWriterError                      another writer claimed the directory
@@ -97,6 +99,10 @@ class TransientError(StorageError, ConnectionError):
     """A retryable failure (throttling, 5xx, reset, timeout) persisted past the retry budget."""
 
 
+class TransferCancelledError(StorageError):
+    """A write was stopped by ``Storage.cancel_transfers`` (the caller was interrupted); it left nothing."""
+
+
 class InvalidKeyError(StorageError, ValueError):
     """A key that is empty, absolute, or escapes the storage prefix with ``..``."""
 
@@ -129,6 +135,18 @@ class ChecksumError(CloudCkptError):
 
 class CheckpointFormatError(CloudCkptError, ValueError):
     """A checkpoint index that is malformed, hostile, or of an unknown format version."""
+
+
+class CheckpointVersionError(CheckpointFormatError):
+    """The index is of a format version this cloudckpt does not read (written by a newer one).
+
+    Unlike a malformed index it may be perfectly valid, so cleanup treats it as naming
+    objects it cannot see: nothing is deleted while one exists.
+    """
+
+    def __init__(self, message: str, version: object) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class CheckpointStateError(CheckpointFormatError):

@@ -24,10 +24,13 @@ from typing import Any, Literal, Union, cast
 import ml_dtypes
 import numpy as np
 
-from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.boxes import partition_problem
+from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
 
-#: Bump on any change a reader of the previous version could misread.
-FORMAT_VERSION = 1
+#: Bump on any change a reader of the previous version could misread (docs/format.md has each).
+FORMAT_VERSION = 2
+#: Versions this reader understands; every earlier version stays readable.
+READABLE_VERSIONS = frozenset({1, 2})
 FORMAT_NAME = "cloudckpt-index"
 
 INDEX_SUFFIX = ".index"
@@ -37,6 +40,8 @@ DATA_INFIX = ".data-"
 MAX_NDIM = 64
 MAX_BYTES = 2**53
 MAX_CHUNKS_PER_ARRAY = 1 << 16
+#: Longest key path (characters): the only bound on nesting depth (walks are iterative).
+MAX_KEY_PATH = 1 << 16
 MAX_ITEMSIZE = 1 << 20
 
 #: Types of JSON leaves (small Python values stored inline in the index).
@@ -76,11 +81,10 @@ def data_key(name: str, shard: int, num_shards: int, suffix: str) -> str:
 
 #: Any data object (``<name>.data-0000k-of-0000N.<suffix>``); group ``name`` is its checkpoint.
 DATA_OBJECT = re.compile(r"(?P<name>[^/]+)\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
-
-
-def data_key_pattern(name: str) -> re.Pattern[str]:
-    """What a data object of checkpoint ``name`` may be called (no other object, no '/')."""
-    return re.compile(re.escape(name) + r"\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
+#: A piece's strong content hash, as recorded (version 2): the algorithm, then the digest.
+CONTENT_HASH = re.compile(r"xxh3_128:[0-9a-f]{32}")
+#: A checkpoint name an index may reference (version 2): one path segment, no control characters.
+_CHECKPOINT_NAME = re.compile(r"[^/\\\x00-\x1f]{1,512}")
 
 
 # ---------------------------------------------------------------------------- key paths
@@ -233,6 +237,9 @@ class Chunk:
     #: written before blocks were recorded.
     block_size: int = 0
     block_crc32c: tuple[int, ...] = ()
+    #: The bytes' strong content hash (``CONTENT_HASH``; version 2): what an incremental save
+    #: compares to reuse these bytes instead of uploading them again. ``None`` in version 1.
+    hash: str | None = None
 
     def blocks(self) -> tuple[int, tuple[int, ...]]:
         """``(unit, CRC32C per unit)``: the pieces a partial read can be verified in."""
@@ -286,13 +293,44 @@ class DataObject:
 
 @dataclass(frozen=True, slots=True)
 class CheckpointIndex:
-    """A whole parsed index. ``entries`` maps key paths to entries; ``""`` is the root."""
+    """A whole parsed index. ``entries`` maps key paths to entries; ``""`` is the root.
+
+    ``references`` (version 2) names the other checkpoints whose data objects this index
+    also names: an incremental save reuses unchanged bytes where they already are.
+    """
 
     name: str
     entries: Mapping[str, Entry]
     objects: tuple[DataObject, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    references: tuple[str, ...] = ()
+
+    def owned_objects(self) -> tuple[DataObject, ...]:
+        """The data objects this checkpoint's own write made (not the ones it references)."""
+        return tuple(o for o in self.objects if object_checkpoint(o.name) == self.name)
+
+    def bytes_by_checkpoint(self) -> dict[str, int]:
+        """Array bytes per checkpoint whose objects hold them: this one's new bytes under its
+        own name, the bytes an incremental save reused under the checkpoints that wrote them."""
+        out: dict[str, int] = {}
+        for entry in self.entries.values():
+            if isinstance(entry, ArrayEntry):
+                for c in entry.chunks:
+                    owner = object_checkpoint(self.objects[c.object].name) or self.name
+                    out[owner] = out.get(owner, 0) + c.length
+        return out
+
+
+def object_checkpoint(object_name: str) -> str | None:
+    """The checkpoint a data object belongs to (the prefix its write gave it), or ``None``."""
+    match = DATA_OBJECT.fullmatch(object_name)
+    return match["name"] if match else None
+
+
+def referenced_checkpoints(name: str, objects: Sequence[DataObject]) -> tuple[str, ...]:
+    """The other checkpoints whose objects ``objects`` include, sorted (an index's ``references``)."""
+    return tuple(sorted({c for o in objects if (c := object_checkpoint(o.name)) is not None and c != name}))
 
 
 # ---------------------------------------------------------------------------- encode
@@ -325,6 +363,8 @@ def _chunk_to_json(c: Chunk) -> dict[str, Any]:
     if c.block_crc32c:
         packed = b"".join(crc.to_bytes(4, "big") for crc in c.block_crc32c)
         out["blocks"] = {"size": c.block_size, "crc32c": base64.b64encode(packed).decode("ascii")}
+    if c.hash is not None:
+        out["hash"] = c.hash
     return out
 
 
@@ -343,7 +383,7 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
 
 def encode_index(index: CheckpointIndex) -> bytes:
     """The index as UTF-8 JSON (strict JSON: no NaN literals)."""
-    doc = {
+    doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "name": index.name,
@@ -351,6 +391,9 @@ def encode_index(index: CheckpointIndex) -> bytes:
         "entries": {path: _entry_to_json(e) for path, e in index.entries.items()},
         "metadata": dict(index.metadata),
     }
+    references = referenced_checkpoints(index.name, index.objects)
+    if references:
+        doc["references"] = list(references)
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -360,6 +403,8 @@ class _Checker:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        #: The document's format version (fields a version lacks are unknown fields to it).
+        self.version = FORMAT_VERSION
 
     def fail(self, where: str, problem: str) -> CheckpointFormatError:
         return CheckpointFormatError(f"malformed checkpoint index {self.url}: {where}: {problem}")
@@ -414,29 +459,52 @@ def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
     if doc.get("format") != FORMAT_NAME:
         raise check.fail("format", f"expected {FORMAT_NAME!r}, got {doc.get('format')!r}")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads version "
-            f"{FORMAT_VERSION} only - upgrade cloudckpt to read it")
-    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"})
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise CheckpointVersionError(
+            f"checkpoint index {url} has format version {version!r}; this cloudckpt reads versions "
+            f"{', '.join(map(str, sorted(READABLE_VERSIONS)))} - upgrade cloudckpt to read it", version)
+    check.version = version
+    check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"},
+               frozenset({"references"}) if version >= 2 else frozenset())
     if check.str_(doc["name"], "name") != name:
         raise check.fail("name", f"index is for checkpoint {doc['name']!r}, not {name!r}")
-    objects = _decode_objects(check, doc["objects"], name)
+    references = _decode_references(check, doc.get("references", []), name)
+    objects = _decode_objects(check, doc["objects"], name, references)
     raw_entries = check.dict_(doc["entries"], "entries")
     entries: dict[str, Entry] = {}
     for path, raw in raw_entries.items():
         entries[path] = _decode_entry(check, path, raw, objects)
     _check_tree(check, entries)
     metadata = check.dict_(doc["metadata"], "metadata")
-    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version)
+    return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version,
+                           references=references)
 
 
 def _reject_constant(token: str) -> None:
     raise ValueError(f"non-standard JSON constant {token}")
 
 
-def _decode_objects(check: _Checker, raw: object, name: str) -> tuple[DataObject, ...]:
-    pattern = data_key_pattern(name)
+def _decode_references(check: _Checker, raw: object, name: str) -> tuple[str, ...]:
+    """Version 2: the other checkpoints (of the same directory) whose data objects this index names."""
+    out = []
+    for i, item in enumerate(check.list_(raw, "references", 1 << 16)):
+        ref = check.str_(item, f"references[{i}]")
+        if not _CHECKPOINT_NAME.fullmatch(ref) or ref in (".", "..") or ref == name:
+            raise check.fail(f"references[{i}]", f"{ref!r} is not another checkpoint of this directory")
+        out.append(ref)
+    if len(set(out)) != len(out):
+        raise check.fail("references", "duplicate checkpoint names")
+    return tuple(out)
+
+
+def _decode_objects(check: _Checker, raw: object, name: str, references: Sequence[str]) -> tuple[DataObject, ...]:
+    """The data objects: of this checkpoint, or (version 2) of a checkpoint listed in ``references``.
+
+    A name of any other form is refused, so an index can never make a reader read - or a
+    manager delete - objects outside the checkpoints it declares, or outside its directory.
+    """
+    allowed = {name, *references}
+    used: set[str] = set()
     objects = []
     seen: set[str] = set()
     for i, item in enumerate(check.list_(raw, "objects", 1 << 20)):
@@ -444,17 +512,23 @@ def _decode_objects(check: _Checker, raw: object, name: str) -> tuple[DataObject
         obj = check.dict_(item, where)
         check.keys(obj, where, {"name", "size"})
         obj_name = check.str_(obj["name"], where + ".name")
-        if not pattern.fullmatch(obj_name):
-            raise check.fail(where, f"data object name {obj_name!r} is not a data object of {name!r}")
+        owner = object_checkpoint(obj_name)
+        if owner not in allowed:
+            also = f" or of the checkpoints it references {sorted(references)}" if references else ""
+            raise check.fail(where, f"data object name {obj_name!r} is not a data object of {name!r}{also}")
+        used.add(owner)
         if obj_name in seen:
             raise check.fail(where, f"duplicate data object {obj_name!r}")
         seen.add(obj_name)
         objects.append(DataObject(obj_name, check.int_(obj["size"], where + ".size")))
+    unused = set(references) - used
+    if unused:
+        raise check.fail("references", f"{sorted(unused)} named but none of their objects is")
     return tuple(objects)
 
 
 def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[DataObject]) -> Entry:
-    where = f"entries[{path!r}]"
+    where = f"entries[{path!r}]" if len(path) <= 200 else f"entries[{path[:200]!r}...]"
     _check_path(check, path, where)
     doc = check.dict_(raw, where)
     kind = doc.get("kind")
@@ -484,8 +558,8 @@ def _decode_entry(check: _Checker, path: str, raw: object, objects: Sequence[Dat
 def _check_path(check: _Checker, path: str, where: str) -> None:
     if path == "":
         return
-    if len(path) > 1 << 16:
-        raise check.fail(where, "key path too long")
+    if len(path) > MAX_KEY_PATH:
+        raise check.fail(where, f"key path of {len(path)} characters is longer than {MAX_KEY_PATH}")
     for seg in path.split("/"):
         try:
             decode_segment(seg)
@@ -520,14 +594,17 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
     if sum(math.prod(c.shape) for c in chunks) != size:
         raise check.fail(where, "chunks do not cover the array exactly")
     if len(chunks) > 1:
-        _check_disjoint(check, where, chunks)
+        problem = partition_problem(shape, [(c.start, c.shape) for c in chunks])
+        if problem is not None:
+            raise check.fail(where, problem)
     return ArrayEntry(dtype_name(dtype), shape, cast(ArrayPyType, pytype), chunks)
 
 
 def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ...], itemsize: int,
                   objects: Sequence[DataObject]) -> Chunk:
     doc = check.dict_(raw, where)
-    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"}, frozenset({"blocks"}))
+    check.keys(doc, where, {"object", "offset", "length", "crc32c", "start", "shape"},
+               frozenset({"blocks", "hash"}) if check.version >= 2 else frozenset({"blocks"}))
     obj = check.int_(doc["object"], where + ".object", 0, max(len(objects) - 1, -1))
     offset = check.int_(doc["offset"], where + ".offset")
     length = check.int_(doc["length"], where + ".length")
@@ -544,7 +621,10 @@ def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ..
         raise check.fail(where, f"bytes [{offset}, {offset + length}) run past the end of "
                                 f"{objects[obj].name} ({objects[obj].size} bytes)")
     block_size, block_crcs = _decode_blocks(check, doc.get("blocks"), where + ".blocks", length)
-    return Chunk(obj, offset, length, crc, start, cshape, block_size, block_crcs)
+    content_hash = doc.get("hash")
+    if content_hash is not None and not (isinstance(content_hash, str) and CONTENT_HASH.fullmatch(content_hash)):
+        raise check.fail(where + ".hash", f"expected 'xxh3_128:' and 32 hex digits, got {content_hash!r}")
+    return Chunk(obj, offset, length, crc, start, cshape, block_size, block_crcs, content_hash)
 
 
 def _decode_blocks(check: _Checker, raw: object, where: str, length: int) -> tuple[int, tuple[int, ...]]:
@@ -566,17 +646,6 @@ def _decode_blocks(check: _Checker, raw: object, where: str, length: int) -> tup
     return size, tuple(int.from_bytes(packed[i:i + 4], "big") for i in range(0, len(packed), 4))
 
 
-def _check_disjoint(check: _Checker, where: str, chunks: Sequence[Chunk]) -> None:
-    boxes = sorted((c.start, c.shape) for c in chunks if math.prod(c.shape))
-    if len(boxes) > 4096:
-        raise check.fail(where, "too many chunks to verify")
-    for i, (a_start, a_shape) in enumerate(boxes):
-        for b_start, b_shape in boxes[i + 1:]:
-            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(a_start, a_shape, b_start, b_shape,
-                                                                          strict=True)):
-                raise check.fail(where, f"chunks at {a_start} and {b_start} overlap")
-
-
 def _decode_value(check: _Checker, doc: dict[str, Any], where: str) -> ValueEntry:
     vtype, value = doc["type"], doc["value"]
     if vtype == "none" and value is None:
@@ -596,22 +665,33 @@ def _decode_value(check: _Checker, doc: dict[str, Any], where: str) -> ValueEntr
 
 
 def _check_tree(check: _Checker, entries: Mapping[str, Entry]) -> None:
-    """Every entry hangs under the root through nodes that list it, and vice versa."""
+    """Every entry hangs under the root through nodes that list it, and vice versa.
+
+    One pass over the nodes' children and one over the entries, with set lookups: linear
+    in the index (a node with 10^5 children must not cost 10^10 comparisons). A child
+    segment never holds '/', so each listing names one entry whose parent is that node.
+    """
     root = entries.get("")
     if not isinstance(root, NodeEntry) or root.type != "object":
         raise check.fail("entries", "the root entry '' must be an object node")
+    listed: set[str] = set()
     for path, entry in entries.items():
-        if path:
-            parent, seg = parent_path(path)
-            node = entries.get(parent)
-            if not isinstance(node, NodeEntry) or seg not in node.children:
-                raise check.fail(f"entries[{path!r}]", "not listed by a parent node")
-        if isinstance(entry, NodeEntry):
+        if not isinstance(entry, NodeEntry):
+            continue
+        for seg in entry.children:
+            if "/" in seg or not seg:
+                raise check.fail(f"entries[{path!r}]", f"child segment {seg!r} is empty or holds '/'")
+            child = join_path(path, seg)
+            if child not in entries:
+                raise check.fail(f"entries[{path!r}]", f"child {seg!r} has no entry")
+            listed.add(child)
+        if entry.type in ("list", "tuple"):
             for seg in entry.children:
-                if join_path(path, seg) not in entries:
-                    raise check.fail(f"entries[{path!r}]", f"child {seg!r} has no entry")
-                if entry.type in ("list", "tuple") and not _INDEX_RE.fullmatch(seg):
+                if not _INDEX_RE.fullmatch(seg):
                     raise check.fail(f"entries[{path!r}]", f"list item segment {seg!r} is not an index")
-            if entry.type in ("list", "tuple") and sorted(int(s) for s in entry.children) != list(
-                    range(len(entry.children))):
+            if {int(s) for s in entry.children} != set(range(len(entry.children))):
                 raise check.fail(f"entries[{path!r}]", "list items are not 0..n-1")
+    if len(listed) != len(entries) - 1:
+        for path in entries:
+            if path and path not in listed:
+                raise check.fail(f"entries[{path!r}]", "not listed by a parent node")

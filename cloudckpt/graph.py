@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from cloudckpt import adapters
 from cloudckpt.adapters import StateAdapter
 from cloudckpt.format import (
+    MAX_KEY_PATH,
     ArrayPyType,
     NodeEntry,
     NodeType,
@@ -223,40 +224,62 @@ _NODE_TYPE: dict[Kind, NodeType] = {Kind.TRACKABLE: "object", Kind.DICT: "dict",
                                     Kind.TUPLE: "tuple"}
 
 
+class _Leave:
+    """A marker on the walk's stack: the container ``value`` is done (it holds ``value`` alive,
+    so its ``id`` cannot be reused by another object while it is on the cycle-check path)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
 def collect(root: Trackable) -> dict[str, Collected]:
     """Flatten ``root`` (and everything it depends on) into ``{key path: entry}``.
 
+    Walks with an explicit stack, not recursion, so a structure nested thousands of levels
+    deep is saved (and read back: restore walks the same way) instead of raising
+    ``RecursionError``. Entries come out in pre-order, children in their order.
+
     Raises:
-        ValueError: an unsupported value, an object array, a cyclic reference, or a dict
-            key that cannot round-trip; the message names the key path.
+        ValueError: an unsupported value, an object array, a cyclic reference, a dict key
+            that cannot round-trip, or a key path longer than a reader accepts
+            (``MAX_KEY_PATH``: so no index is written that cannot be read back); the
+            message names the key path.
     """
     out: dict[str, Collected] = {}
-    _collect(root, "", out, set(), inside_adapter=False)
-    return out
-
-
-def _collect(value: Any, path: str, out: dict[str, Collected], active: set[int], inside_adapter: bool) -> None:
-    found = classify(value)
-    if found is None or (inside_adapter and found.kind in (Kind.TRACKABLE, Kind.ADAPTED, Kind.VARIABLE)):
-        raise unsupported(path, value)
-    kind = found.kind
-    if kind is Kind.SHARDED:
-        out[path] = sharded_leaf(value, path)
-        return
-    if kind.is_array:
-        if isinstance(value, np.ndarray) and value.dtype == object:
-            raise ValueError(f"cannot checkpoint {display_path(path)}: object arrays are refused "
-                             f"(they hold Python objects, which would need pickling)")
-        out[path] = ArrayLeaf(array_of(value, kind, path), _PYTYPE[kind])
-        return
-    if kind is Kind.VALUE:
-        out[path] = encode_value(value)
-        return
-    if id(value) in active:
-        raise ValueError(f"cannot checkpoint {display_path(path)}: it refers back to one of its own "
-                         f"containers (a cycle)")
-    active.add(id(value))
-    try:
+    active: set[int] = set()
+    stack: list[tuple[Any, str, bool] | _Leave] = [(root, "", False)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Leave):
+            active.discard(id(item.value))
+            continue
+        value, path, inside_adapter = item
+        if len(path) > MAX_KEY_PATH:
+            raise ValueError(f"cannot checkpoint {path[:200]!r}...: its key path is {len(path)} characters long, "
+                             f"over the {MAX_KEY_PATH} an index may hold (nested too deeply, or a very long key)")
+        found = classify(value)
+        if found is None or (inside_adapter and found.kind in (Kind.TRACKABLE, Kind.ADAPTED, Kind.VARIABLE)):
+            raise unsupported(path, value)
+        kind = found.kind
+        if kind is Kind.SHARDED:
+            out[path] = sharded_leaf(value, path)
+            continue
+        if kind.is_array:
+            if isinstance(value, np.ndarray) and value.dtype == object:
+                raise ValueError(f"cannot checkpoint {display_path(path)}: object arrays are refused "
+                                 f"(they hold Python objects, which would need pickling)")
+            out[path] = ArrayLeaf(array_of(value, kind, path), _PYTYPE[kind])
+            continue
+        if kind is Kind.VALUE:
+            out[path] = encode_value(value)
+            continue
+        if id(value) in active:
+            raise ValueError(f"cannot checkpoint {display_path(path)}: it refers back to one of its own "
+                             f"containers (a cycle)")
+        active.add(id(value))
+        stack.append(_Leave(value))
         if kind is Kind.ADAPTED:
             assert found.adapter is not None
             state = found.adapter.get_state(value)
@@ -271,10 +294,8 @@ def _collect(value: Any, path: str, out: dict[str, Collected], active: set[int],
             items = _safe_children(value, kind, path)
             out[path] = NodeEntry(_NODE_TYPE[kind], tuple(s for s, _ in items))
             inside = inside_adapter
-        for segment, child in items:
-            _collect(child, join_path(path, segment), out, active, inside)
-    finally:
-        active.discard(id(value))
+        stack.extend((child, join_path(path, segment), inside) for segment, child in reversed(items))
+    return out
 
 
 def sharded_leaf(value: object, path: str) -> ShardedLeaf:
@@ -314,23 +335,26 @@ def _safe_children(value: Any, kind: Kind, path: str) -> list[tuple[str, Any]]:
 def live_value_paths(root: Trackable) -> Iterator[str]:
     """Paths of the values a restore should fill: leaves, and adapted objects as wholes.
 
-    Walks without touching array data (the load-status assertions call it).
+    Walks without touching array data (the load-status assertions call it), with an
+    explicit stack like ``collect``.
     """
-    yield from _live(root, "", set())
-
-
-def _live(value: Any, path: str, active: set[int]) -> Iterator[str]:
-    found = classify(value)
-    if found is None:
-        raise unsupported(path, value)
-    if not found.kind.is_container:
-        yield path
-        return
-    if id(value) in active:
-        return
-    active.add(id(value))
-    try:
-        for segment, child in _safe_children(value, found.kind, path):
-            yield from _live(child, join_path(path, segment), active)
-    finally:
-        active.discard(id(value))
+    active: set[int] = set()
+    stack: list[tuple[Any, str] | _Leave] = [(root, "")]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Leave):
+            active.discard(id(item.value))
+            continue
+        value, path = item
+        found = classify(value)
+        if found is None:
+            raise unsupported(path, value)
+        if not found.kind.is_container:
+            yield path
+            continue
+        if id(value) in active:
+            continue
+        active.add(id(value))
+        stack.append(_Leave(value))
+        items = _safe_children(value, found.kind, path)
+        stack.extend((child, join_path(path, segment)) for segment, child in reversed(items))

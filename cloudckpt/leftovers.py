@@ -13,21 +13,22 @@ clock may be minutes off. ``min_age`` is the guard against deleting a save in fl
 must exceed the longest save. Both users - ``CheckpointManager``'s first save and
 ``cloudckpt gc`` - go through :func:`find_leftovers` and :func:`remove_leftovers`.
 
-What is never touched: an index, anything an index names (an index that cannot be
-read protects every data object of its checkpoint name), the state file, objects in
-sub-directories (other runs), and anything that does not look like ours.
+What is never touched: an index, anything an index names (``cloudckpt.references``: a
+malformed index protects its own checkpoint's data objects; one of a newer format version
+protects every data object), the state file, objects in sub-directories (other runs), and
+anything that does not look like ours.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from cloudckpt.errors import CheckpointFormatError, NotFoundError
-from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX
+from cloudckpt.references import scan
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 
@@ -65,22 +66,6 @@ class Removal:
     failed: tuple[tuple[str, str], ...] = ()
 
 
-def _referenced(storage: Storage, indexes: Iterable[str]) -> tuple[set[str], set[str]]:
-    """Data objects named by the directory's indexes, and checkpoint names whose index is unreadable."""
-    named: set[str] = set()
-    unreadable: set[str] = set()
-    for key in indexes:
-        name = key[: -len(INDEX_SUFFIX)]
-        try:
-            named.update(obj.name for obj in decode_index(storage.get(key), name, storage.url_for(key)).objects)
-        except NotFoundError:
-            continue  # deleted since the listing: its data objects are fair game once old enough
-        except CheckpointFormatError as exc:
-            log.warning("keeping every data object of %s: its index is unreadable (%s)", storage.url_for(name), exc)
-            unreadable.add(name)
-    return named, unreadable
-
-
 def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
     """Everything in ``storage``'s directory that crashed saves left and is older than ``min_age``.
 
@@ -94,8 +79,8 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
     now = storage.server_time()
     objects = storage.list()
     temporaries = storage.list(TEMP_PREFIX)  # some backends hide these from a plain listing
-    indexes = [m.key for m in objects if "/" not in m.key and m.key.endswith(INDEX_SUFFIX)]
-    named, unreadable = _referenced(storage, indexes)
+    indexes = [m.key[:-len(INDEX_SUFFIX)] for m in objects if "/" not in m.key and m.key.endswith(INDEX_SUFFIX)]
+    references = scan(storage, indexes)
     found: list[Leftover] = []
 
     def old(stamp: datetime | None) -> timedelta | None:
@@ -107,8 +92,7 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
         return age if age >= min_age else None
 
     for meta in objects:
-        match = DATA_OBJECT.fullmatch(meta.key)
-        if match is None or meta.key in named or match["name"] in unreadable:
+        if DATA_OBJECT.fullmatch(meta.key) is None or references.protects(meta.key):
             continue
         age = old(meta.last_modified)
         if age is not None:
@@ -131,19 +115,15 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
 def remove_leftovers(storage: Storage, leftovers: Sequence[Leftover]) -> Removal:
     """Delete ``leftovers`` (as found by :func:`find_leftovers`); failures are reported, not raised.
 
-    A data object is re-checked against its checkpoint's index right before deletion, so a
-    save that committed between the listing and now keeps its bytes.
+    Data objects are re-checked against every committed index right before deletion, so a
+    save that committed between the listing and now keeps its bytes (and so do objects a
+    new incremental checkpoint references).
     """
     data = [item for item in leftovers if item.kind == "unreferenced-data"]
-    by_name: dict[str, list[Leftover]] = {}
-    for item in data:
-        match = DATA_OBJECT.fullmatch(item.key)
-        if match is not None:
-            by_name.setdefault(match["name"], []).append(item)
     doomed: list[Leftover] = []
-    for name, items in by_name.items():
-        named, unreadable = _referenced(storage, _existing_index(storage, name))
-        doomed.extend(item for item in items if item.key not in named and name not in unreadable)
+    if data:
+        deletable = set(scan(storage).deletable([item.key for item in data]))
+        doomed.extend(item for item in data if item.key in deletable)
     doomed.extend(item for item in leftovers if item.kind == "temporary")
     removed, freed = 0, 0
     failed: list[tuple[str, str]] = []
@@ -167,10 +147,3 @@ def remove_leftovers(storage: Storage, leftovers: Sequence[Leftover]) -> Removal
                  f"; {len(failed)} could not be removed" if failed else "")
     return Removal(removed, freed, tuple(failed))
 
-
-def _existing_index(storage: Storage, name: str) -> list[str]:
-    try:
-        storage.head(index_key(name))
-    except NotFoundError:
-        return []
-    return [index_key(name)]

@@ -34,6 +34,11 @@ log = logging.getLogger("cloudckpt.preemption")
 
 
 class _Manager(Protocol):
+    """What the handler needs of a ``CheckpointManager``."""
+
+    @property
+    def coordinator(self) -> Any: ...
+
     def save(self, checkpoint_number: Any = None, check_interval: bool = True, options: Any = None,
              metadata: Mapping[str, Any] | None = None) -> str | None: ...
 
@@ -42,11 +47,6 @@ class _Manager(Protocol):
 
 def _default_exit() -> None:
     sys.exit(0)
-
-
-def _multi_host(manager: object) -> bool:
-    coordinator = getattr(getattr(manager, "checkpoint", None), "_coordinator", None)
-    return coordinator is not None and int(getattr(coordinator, "world_size", 1)) > 1
 
 
 def any_rank(flag: bool) -> bool:
@@ -76,7 +76,7 @@ class PreemptionCheckpointHandler:
             raise RuntimeError("PreemptionCheckpointHandler must be created on the main thread "
                                "(Python delivers signals only there)")
         self._manager = checkpoint_manager
-        self._combine: Callable[[bool], bool] | None = any_rank if _multi_host(checkpoint_manager) else None
+        self._combine: Callable[[bool], bool] | None = any_rank if checkpoint_manager.coordinator is not None else None
         self._exit_fn = exit_fn
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}

@@ -1,19 +1,15 @@
-"""Reading a checkpoint: resolve its path, load its index, stream its bytes into buffers.
+"""Reading a checkpoint's arrays: stream their bytes into destination buffers and verify them.
 
 Restore is the hot path: every chunk is fetched with a ranged read straight into the
 destination array's memory (no intermediate copy), in parallel on the storage's pool,
 and each is verified against the CRC32C the writer recorded as soon as it lands, on the
-pool thread that read it. Only the chunks asked for are
-fetched, so reading one variable out of a large checkpoint costs one small GET.
+pool thread that read it. Only the chunks asked for are fetched, so reading one variable
+out of a large checkpoint costs one small GET.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -31,103 +27,8 @@ from cloudckpt.errors import (
     NotFoundError,
     StorageError,
 )
-from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, decode_index, index_key, parse_dtype
-from cloudckpt.storage import ReadRequest, Storage, open_storage, split_url
-
-_CACHE_SIZE = 16
-#: Largest index a reader will fetch. An index is JSON read whole into memory; a real one
-#: is ~200 bytes per array chunk, so this allows millions of chunks while refusing a
-#: multi-GB object that is not an index (or a hostile one) before a byte is fetched.
-MAX_INDEX_BYTES = 512 * 1024 * 1024
-_storages: OrderedDict[str, Storage] = OrderedDict()
-_storages_lock = threading.Lock()
-
-
-def storage_for_directory(directory: str | os.PathLike[str]) -> Storage:
-    """The storage rooted at ``directory``, reused across calls (its pool and clients).
-
-    Why a cache: a training job saves to the same directory every few minutes; building
-    a boto3 client and a thread pool each time would cost more than a small save.
-    """
-    key = _cache_key(directory)
-    with _storages_lock:
-        storage = _storages.get(key)
-        if storage is None:
-            storage = open_storage(key)
-            _storages[key] = storage
-            while len(_storages) > _CACHE_SIZE:
-                _storages.popitem(last=False)[1].close()
-        else:
-            _storages.move_to_end(key)
-        return storage
-
-
-def _cache_key(directory: str | os.PathLike[str]) -> str:
-    text = os.fspath(directory)
-    if "://" in text:
-        return text.rstrip("/")
-    return os.path.abspath(text)
-
-
-def register_storage(storage: Storage) -> None:
-    """Use ``storage`` for every checkpoint directly under its URL.
-
-    For what environment variables cannot say: a custom client, credentials or endpoint
-    given in code, transfer tuning, or a test's fault-injecting store.
-    """
-    with _storages_lock:
-        _storages[_cache_key(storage.url)] = storage
-        _storages.move_to_end(_cache_key(storage.url))
-
-
-def resolve(path: str | os.PathLike[str]) -> tuple[Storage, str]:
-    """``(storage of the directory, checkpoint name)`` for a checkpoint path or URL."""
-    directory, name = split_url(path)
-    return storage_for_directory(directory), name
-
-
-def load_index(storage: Storage, name: str) -> CheckpointIndex:
-    """The validated index of checkpoint ``name``.
-
-    Raises:
-        CheckpointNotFoundError: no index (the checkpoint does not exist or is not
-            committed); the message suggests ``<name>-N`` checkpoints that do exist.
-        CheckpointFormatError: the index is malformed or of an unknown version.
-    """
-    key = index_key(name)
-    try:
-        # HEAD first: an index is read whole into memory, so a huge (hostile or corrupt)
-        # object must be refused by its size, before a byte of it is fetched.
-        size = storage.head(key).size
-        if size > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(f"{storage.url_for(key)} is {size} bytes, over the {MAX_INDEX_BYTES}-byte "
-                                        "limit for an index; refusing to read it (not a cloudckpt index?)")
-        data = storage.get(key)
-    except NotFoundError as exc:
-        raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name)) from exc
-    return decode_index(data, name, storage.url_for(key))
-
-
-def _not_found_message(storage: Storage, name: str) -> str:
-    url = storage.url_for(name)
-    message = f"no checkpoint at {url!r} (no {index_key(name)!r} object)"
-    try:
-        numbered = [m.key[:-len(".index")] for m in storage.list(f"{name}-") if m.key.endswith(".index")]
-        inside = [m.key for m in storage.list(f"{name}/")[:1000] if m.key.endswith(".index")]
-    except (StorageError, OSError, ValueError):
-        numbered, inside = [], []
-    if inside:
-        return (f"{message}. {url!r} is a directory holding {len(inside)} checkpoint index(es) "
-                f"(e.g. {storage.url_for(inside[-1][:-len('.index')])!r}): name a checkpoint in it, or list them "
-                "with `cloudckpt ls`")
-    numbered = [n for n in numbered if re.fullmatch(re.escape(name) + r"-\d+", n)]
-    if numbered:
-        newest = max(numbered, key=lambda n: int(n.rsplit("-", 1)[1]))
-        message += (f". Checkpoint.save() appends '-N' to its prefix: did you mean "
-                    f"{storage.url_for(newest)!r}? (found {len(numbered)} numbered checkpoint(s))")
-    elif not re.search(r"-\d+$", name):
-        message += ". Note that Checkpoint.save() writes '<prefix>-N', not '<prefix>'"
-    return message
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
+from cloudckpt.storage import ReadRequest, Storage
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,9 @@ says so).
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from cloudckpt.errors import CheckpointMismatchError
 from cloudckpt.format import (
     ArrayEntry,
     CheckpointIndex,
+    Entry,
     NodeEntry,
     ValueEntry,
     decode_segment,
@@ -156,22 +158,39 @@ class _Plan:
 
     # ------------------------------------------------------------------ matching
     def match(self, path: str, live: Any, setter: Setter | None) -> None:
-        entry = self.entries[path]
-        found = classify(live)
-        if found is None:
-            raise unsupported(path, live)
-        if isinstance(entry, ArrayEntry):
-            self._match_array(path, entry, live, found.kind, setter)
-        elif isinstance(entry, ValueEntry):
-            if found.kind is not Kind.VALUE or setter is None:
-                raise _mismatch(path, f"the value {entry.value!r}", f"a {describe_type(live)}")
-            value = entry.value
-            self.ops.append(lambda: setter(value))
-            self.consumed.add(path)
-        elif entry.adapter is not None:
-            self._match_adapted(path, entry, live, found.kind, found.adapter)
-        else:
-            self._match_container(path, entry, live, found.kind, setter)
+        """Plan the restore of ``path`` into ``live``: depth first, with an explicit stack.
+
+        Why a stack and not recursion: an index may nest thousands of levels deep (honestly
+        or not), and a ``RecursionError`` mid-plan would be an untyped failure. Items are
+        visited in the order recursion would visit them, and a container's ``after`` step
+        (rebuilding a tuple) runs once all its children have been planned.
+        """
+        stack: list[tuple[str, Any, Setter | None] | Callable[[], None]] = [(path, live, setter)]
+        while stack:
+            item = stack.pop()
+            if callable(item):
+                item()
+                continue
+            path, live, setter = item
+            entry = self.entries[path]
+            found = classify(live)
+            if found is None:
+                raise unsupported(path, live)
+            if isinstance(entry, ArrayEntry):
+                self._match_array(path, entry, live, found.kind, setter)
+            elif isinstance(entry, ValueEntry):
+                if found.kind is not Kind.VALUE or setter is None:
+                    raise _mismatch(path, f"the value {entry.value!r}", f"a {describe_type(live)}")
+                value = entry.value
+                self.ops.append(functools.partial(setter, value))
+                self.consumed.add(path)
+            elif entry.adapter is not None:
+                self._match_adapted(path, entry, live, found.kind, found.adapter)
+            else:
+                after, items = self._match_container(path, entry, live, found.kind, setter)
+                if after is not None:
+                    stack.append(after)
+                stack.extend(reversed(items))
 
     def _match_array(self, path: str, entry: ArrayEntry, live: Any, kind: Kind, setter: Setter | None) -> None:
         dtype = parse_dtype(entry.dtype)
@@ -189,6 +208,7 @@ class _Plan:
             from cloudckpt.adapters import torch as torch_adapter
             shape, tdtype = torch_adapter.tensor_meta(live)
             self._check(path, entry, stored, shape, tdtype)
+            _refuse_without_data(path, live)
             view = torch_adapter.writable_view(live)
             if view is not None:
                 self.reads.append(ReadTarget(path, entry, view, live=True))
@@ -266,27 +286,63 @@ class _Plan:
                     f"state ({exc}); objects restored before it keep their new values") from exc
         self.ops.append(apply)
 
-    def _match_container(self, path: str, entry: NodeEntry, live: Any, kind: Kind, setter: Setter | None) -> None:
+    def _match_container(self, path: str, entry: NodeEntry, live: Any, kind: Kind, setter: Setter | None,
+                         ) -> tuple[Callable[[], None] | None, list[tuple[str, Any, Setter | None]]]:
+        """The children to match next, and what to plan after them (a tuple's rebuild)."""
         if kind.value != entry.type:
             raise _mismatch(path, f"a {entry.type}", f"a {describe_type(live)}")
+        if kind in (Kind.LIST, Kind.TUPLE) and len(live) != len(entry.children):
+            self._replace_sequence(path, entry, live, kind, setter)
+            return None, []
         present = dict(children(live, kind))
         tuple_items: list[Any] | None = list(live) if kind is Kind.TUPLE else None
+        items: list[tuple[str, Any, Setter | None]] = []
         for seg in entry.children:
             child_path = join_path(path, seg)
             key = decode_segment(seg) if kind in (Kind.TRACKABLE, Kind.DICT) else int(seg)
             if seg in present:
-                self.match(child_path, present[seg], self._child_setter(live, kind, key, tuple_items))
+                items.append((child_path, present[seg], self._child_setter(live, kind, key, tuple_items)))
             elif kind is Kind.TRACKABLE and isinstance(key, str):
                 self.deferred.append((live._attribute_owner(key), key, child_path))
-        if tuple_items is not None and setter is not None:
-            original = live
-            items = tuple_items
+        if tuple_items is None or setter is None:
+            return None, items
+        original = live
+        rebuilt = tuple_items
 
-            def rebuild() -> None:
-                if any(a is not b for a, b in zip(items, original, strict=True)):
-                    make = getattr(type(original), "_make", None)
-                    setter(make(items) if make is not None else tuple(items))
-            self.ops.append(rebuild)
+        def rebuild() -> None:
+            if any(a is not b for a, b in zip(rebuilt, original, strict=True)):
+                make = getattr(type(original), "_make", None)
+                setter(make(rebuilt) if make is not None else tuple(rebuilt))
+        return functools.partial(self.ops.append, rebuild), items
+
+    def _replace_sequence(self, path: str, entry: NodeEntry, live: Any, kind: Kind, setter: Setter | None) -> None:
+        """A list or tuple whose length differs from the stored one: the stored value replaces it whole.
+
+        Item by item would leave a mix (the stored items that fit, then the live ones past
+        them). Only plain data can be replaced (Python values, numpy scalars and containers
+        of them: nothing anyone else holds a reference into); a sequence holding arrays,
+        variables, tensors or objects must match in length, or nothing is restored. A list
+        keeps its identity (its contents are replaced in place); a tuple is rebuilt.
+        """
+        stored = f"a {entry.type} of {_items(len(entry.children))}"
+        found = f"a {describe_type(live)} of {_items(len(live))}"
+        if kind is Kind.TUPLE and (setter is None or hasattr(type(live), "_fields")):
+            raise CheckpointMismatchError(
+                f"cannot restore {display_path(path)}: the checkpoint holds {stored}, the object is {found} "
+                f"(a {'named tuple has a fixed length' if setter is not None else 'tuple cannot change in place'}); "
+                f"nothing was restored")
+        blocker = _not_plain(self.entries, path) or _live_not_plain(live, path)
+        if blocker is not None:
+            raise CheckpointMismatchError(
+                f"cannot restore {display_path(path)}: the checkpoint holds {stored}, the object is {found}, "
+                f"and {blocker}, so its length must match; nothing was restored")
+        build = self.materialize(path, None)
+        if kind is Kind.LIST:
+            target = live
+            self.ops.append(lambda: target.__setitem__(slice(None), build()))
+        else:
+            assert setter is not None
+            self.ops.append(lambda: setter(build()))
 
     @staticmethod
     def _child_setter(live: Any, kind: Kind, key: Any, tuple_items: list[Any] | None) -> Setter:
@@ -299,25 +355,43 @@ class _Plan:
 
     # ------------------------------------------------------------------ materializing
     def materialize(self, path: str, template: Any) -> Builder:
-        """A builder of the stored value at ``path``; reads into ``template``'s arrays where they fit."""
-        entry = self.entries[path]
-        if isinstance(entry, ValueEntry):
-            value = entry.value
-            self.consumed.add(path)
-            return lambda: value
-        if isinstance(entry, ArrayEntry):
-            return self._materialize_array(path, entry, template)
-        if entry.adapter is not None:
-            self.consumed.add(path)
-        builders = []
-        for seg in entry.children:
-            key = int(seg) if entry.type in ("list", "tuple") else decode_segment(seg)
-            builders.append((key, self.materialize(join_path(path, seg), _lookup(template, key))))
-        if entry.type in ("dict", "object"):
-            return lambda: {key: build() for key, build in builders}
-        if entry.type == "list":
-            return lambda: [build() for _, build in builders]
-        return lambda: tuple(build() for _, build in builders)
+        """A builder of the stored value at ``path``; reads into ``template``'s arrays where they fit.
+
+        Planned with an explicit stack (pre-order, as recursion would), and the builder
+        assembles containers bottom-up from a flat list - no recursion at either step,
+        however deep the stored structure is.
+        """
+        leaves: dict[str, Builder] = {}
+        nodes: list[tuple[str, str, list[tuple[Any, str]]]] = []
+        stack: list[tuple[str, Any]] = [(path, template)]
+        while stack:
+            node_path, node_template = stack.pop()
+            entry = self.entries[node_path]
+            if isinstance(entry, ValueEntry):
+                self.consumed.add(node_path)
+                leaves[node_path] = functools.partial(_identity, entry.value)
+                continue
+            if isinstance(entry, ArrayEntry):
+                leaves[node_path] = self._materialize_array(node_path, entry, node_template)
+                continue
+            if entry.adapter is not None:
+                self.consumed.add(node_path)
+            kids = [(int(seg) if entry.type in ("list", "tuple") else decode_segment(seg), join_path(node_path, seg))
+                    for seg in entry.children]
+            nodes.append((node_path, entry.type, kids))
+            stack.extend((child, _lookup(node_template, key)) for key, child in reversed(kids))
+
+        def build() -> Any:
+            values = {p: leaf() for p, leaf in leaves.items()}
+            for node_path, node_type, kids in reversed(nodes):  # children before their parents
+                if node_type in ("dict", "object"):
+                    values[node_path] = {key: values.pop(child) for key, child in kids}
+                elif node_type == "list":
+                    values[node_path] = [values.pop(child) for _, child in kids]
+                else:
+                    values[node_path] = tuple(values.pop(child) for _, child in kids)
+            return values[path]
+        return build
 
     def _materialize_array(self, path: str, entry: ArrayEntry, template: Any) -> Builder:
         """Read into the template's own array when it has one here (a module's parameters).
@@ -333,6 +407,7 @@ class _Plan:
             from cloudckpt.adapters import torch as torch_adapter
             shape, tdtype = torch_adapter.tensor_meta(template)
             self._check(path, entry, stored, shape, tdtype)
+            _refuse_without_data(path, template)
             view = torch_adapter.writable_view(template)
             if view is not None and view.dtype == dtype:
                 self.reads.append(ReadTarget(path, entry, view, live=True))
@@ -354,6 +429,60 @@ class _Plan:
         if pytype == "numpy_scalar":
             return lambda: dest[()]
         return lambda: dest
+
+
+def _refuse_without_data(path: str, tensor: Any) -> None:
+    """A tensor with no storage (meta) cannot take the stored bytes: refuse before anything is restored."""
+    from cloudckpt.adapters import torch as torch_adapter
+
+    problem = torch_adapter.no_data(tensor)
+    if problem is not None:
+        raise CheckpointMismatchError(f"cannot restore {display_path(path)}: {problem}; nothing was restored")
+
+
+def _items(n: int) -> str:
+    return f"{n} item{'' if n == 1 else 's'}"
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _not_plain(entries: Mapping[str, Entry], path: str) -> str | None:
+    """Why the stored subtree at ``path`` is not plain data (``None`` if it is)."""
+    stack = [path]
+    while stack:
+        node_path = stack.pop()
+        entry = entries[node_path]
+        if isinstance(entry, ArrayEntry) and entry.pytype != "numpy_scalar":
+            return f"the checkpoint's {display_path(node_path)} is an array"
+        if isinstance(entry, NodeEntry):
+            if entry.adapter is not None or entry.type == "object":
+                return f"the checkpoint's {display_path(node_path)} is an object"
+            stack.extend(join_path(node_path, seg) for seg in entry.children)
+    return None
+
+
+_PLAIN_KINDS = frozenset({Kind.VALUE, Kind.NUMPY_SCALAR, Kind.DICT, Kind.LIST, Kind.TUPLE})
+
+
+def _live_not_plain(live: Any, path: str) -> str | None:
+    """Why the live value at ``path`` is not plain data (``None`` if it is); cycles are walked once."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(live, path)]
+    while stack:
+        value, value_path = stack.pop()
+        found = classify(value)
+        if found is None or found.kind not in _PLAIN_KINDS:
+            return f"the object's {display_path(value_path)} is a {describe_type(value)}"
+        if found.kind.is_container and id(value) not in seen:
+            seen.add(id(value))
+            try:
+                items = children(value, found.kind)
+            except ValueError as exc:  # a key that cannot be checkpointed
+                return f"the object's {display_path(value_path)} cannot be checkpointed ({exc})"
+            stack.extend((child, join_path(value_path, seg)) for seg, child in items)
+    return None
 
 
 def _assigner(dest: NDArray[Any] | None, assign: Callable[[NDArray[Any]], None],

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 
-from cloudckpt.errors import CheckpointStateError, NotFoundError, PreconditionError
+from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion
 
 log = logging.getLogger("cloudckpt.state_file")
@@ -39,9 +38,11 @@ STATE_KEY = "checkpoint"
 _MAX_STATE_BYTES = 16 * 1024 * 1024
 _RECORD_ATTEMPTS = 20
 
-_LINE = re.compile(r"^\s*([A-Za-z_]+)\s*:\s*(.*?)\s*$")
-_EXTRA = re.compile(r"^#\s*cloudckpt-([a-z]+)\s*:\s*(.*?)\s*$")
-_QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"(.*)$')
+#: Longest number token parsed (a timestamp or metric is ~20 characters; float() of a
+#: megabyte of digits is slow for nothing).
+_MAX_NUMBER_CHARS = 64
+_FIELD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_EXTRA_PREFIX = "cloudckpt-"
 
 
 @dataclass(slots=True)
@@ -59,29 +60,40 @@ class CheckpointState:
 
 
 def parse(text: str, where: str) -> CheckpointState:
-    """Parse state-file text; ``CheckpointStateError`` naming ``where`` and the line if bad."""
+    """Parse state-file text; ``CheckpointStateError`` naming ``where`` and the line if bad.
+
+    Linear in the text, with string methods and one scan per quoted string - no
+    backtracking regular expression: the file comes from a bucket others may write to, and
+    a regex such as ``\\s*(.*?)\\s*$`` took seconds on one line of 40,000 spaces.
+
+    Paths are checked as well as parsed: an empty name, a NUL or backslash, or a ``.`` or
+    ``..`` segment (``../other-run/ckpt-3``) makes the file garbled, so callers warn and
+    fall back to listing the directory instead of failing later on a key the store refuses.
+    Absolute paths (TensorFlow writes them) are left to the caller to make relative.
+    """
     state = CheckpointState()
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped:
             continue
         if stripped.startswith("#"):
-            _parse_extra(stripped, state, where, number)
+            _parse_extra(stripped[1:].lstrip(), state, where, number)
             continue
-        match = _LINE.match(stripped)
-        if not match:
-            raise CheckpointStateError(f"{where} line {number}: expected 'field: value', got {line!r}")
-        name, raw = match.groups()
+        name, colon, raw = stripped.partition(":")
+        name = name.rstrip()
+        if not colon or not name or not _FIELD_CHARS.issuperset(name):
+            raise CheckpointStateError(f"{where} line {number}: expected 'field: value', got {_shown(line)}")
+        raw = raw.strip()
         if name == "model_checkpoint_path":
-            state.model_checkpoint_path = _string(raw, where, number)
+            state.model_checkpoint_path = _path(raw, where, number)
         elif name == "all_model_checkpoint_paths":
-            state.all_model_checkpoint_paths.append(_string(raw, where, number))
+            state.all_model_checkpoint_paths.append(_path(raw, where, number))
         elif name == "all_model_checkpoint_timestamps":
             state.all_model_checkpoint_timestamps.append(_number(raw, where, number))
         elif name == "last_preserved_timestamp":
             state.last_preserved_timestamp = _number(raw, where, number)
         else:
-            raise CheckpointStateError(f"{where} line {number}: unknown field {name!r}")
+            raise CheckpointStateError(f"{where} line {number}: unknown field {_shown(name)}")
     if state.all_model_checkpoint_timestamps and (
             len(state.all_model_checkpoint_timestamps) != len(state.all_model_checkpoint_paths)):
         raise CheckpointStateError(
@@ -90,35 +102,85 @@ def parse(text: str, where: str) -> CheckpointState:
     return state
 
 
-def _parse_extra(line: str, state: CheckpointState, where: str, number: int) -> None:
-    match = _EXTRA.match(line)
-    if not match:
+def _shown(text: str) -> str:
+    """``text`` for a message: repr'd, and cut short (a hostile line may be megabytes long)."""
+    return repr(text) if len(text) <= 80 else f"{text[:77]!r}... ({len(text)} characters)"
+
+
+def _parse_extra(comment: str, state: CheckpointState, where: str, number: int) -> None:
+    """A ``# cloudckpt-KIND: VALUE`` comment (``comment`` is the text after ``#``); others are ignored."""
+    if not comment.startswith(_EXTRA_PREFIX):
         return  # an ordinary comment
-    kind, raw = match.groups()
+    kind, colon, raw = comment[len(_EXTRA_PREFIX):].partition(":")
+    kind = kind.rstrip()
+    if not colon or not kind.isascii() or not kind.isalpha() or not kind.islower():
+        return  # an ordinary comment that happens to start with "cloudckpt-"
+    raw = raw.strip()
     if kind == "writer":
         state.writer = raw or None
     elif kind == "deleting":
-        state.deleting.append(_string(raw, where, number))
+        state.deleting.append(_path(raw, where, number))
     elif kind in ("preserved", "metric"):
-        quoted = _QUOTED.match(raw)
-        if not quoted:
-            raise CheckpointStateError(f"{where} line {number}: bad cloudckpt-{kind} entry {raw!r}")
-        name = _unescape(quoted.group(1))
-        value = _number(quoted.group(2).strip(), where, number)
+        try:
+            quoted, rest = _scan_quoted(raw)
+        except ValueError:
+            raise CheckpointStateError(f"{where} line {number}: bad cloudckpt-{kind} entry {_shown(raw)}") from None
+        name = _checked_path(quoted, where, number)
+        value = _number(rest.strip(), where, number)
         (state.preserved if kind == "preserved" else state.metrics)[name] = value
 
 
-def _string(raw: str, where: str, number: int) -> str:
-    match = _QUOTED.match(raw)
-    if not match or match.group(2).strip():
-        raise CheckpointStateError(f"{where} line {number}: expected a quoted string, got {raw!r}")
-    value = _unescape(match.group(1))
-    if not value or "\x00" in value:
-        raise CheckpointStateError(f"{where} line {number}: empty or invalid path")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
+
+
+def _scan_quoted(raw: str) -> tuple[str, str]:
+    """``"text"rest`` -> (unescaped text, rest); ``ValueError`` without both quotes.
+
+    Linear: each character is looked at a bounded number of times (the next quote is
+    searched for again only once an escape has carried the scan past it).
+    """
+    if not raw.startswith('"'):
+        raise ValueError("no opening quote")
+    out: list[str] = []
+    i = 1
+    close = raw.find('"', i)
+    while close >= 0:
+        slash = raw.find("\\", i, close)
+        if slash < 0:
+            out.append(raw[i:close])
+            return "".join(out), raw[close + 1:]
+        out.append(raw[i:slash])
+        out.append(_ESCAPES.get(raw[slash + 1], raw[slash + 1]))  # slash < close: the index exists
+        i = slash + 2
+        if i > close:  # the quote found was the escaped one
+            close = raw.find('"', i)
+    raise ValueError("no closing quote")
+
+
+def _path(raw: str, where: str, number: int) -> str:
+    """A quoted checkpoint path with nothing after it, checked by ``_checked_path``."""
+    try:
+        value, rest = _scan_quoted(raw)
+    except ValueError:
+        raise CheckpointStateError(f"{where} line {number}: expected a quoted string, got {_shown(raw)}") from None
+    if rest.strip():
+        raise CheckpointStateError(f"{where} line {number}: expected a quoted string, got {_shown(raw)}")
+    return _checked_path(value, where, number)
+
+
+def _checked_path(value: str, where: str, number: int) -> str:
+    """Refuse names that cannot be a checkpoint in this directory (see ``parse``)."""
+    if not value or "\x00" in value or "\\" in value:
+        raise CheckpointStateError(f"{where} line {number}: empty or invalid path {_shown(value)}")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise CheckpointStateError(
+            f"{where} line {number}: path {_shown(value)} has a '.' or '..' segment (it would leave the directory)")
     return value
 
 
 def _number(raw: str, where: str, number: int) -> float:
+    if len(raw) > _MAX_NUMBER_CHARS:
+        raise CheckpointStateError(f"{where} line {number}: expected a number, got {_shown(raw)}")
     try:
         value = float(raw)
     except ValueError:
@@ -126,13 +188,6 @@ def _number(raw: str, where: str, number: int) -> float:
     if not math.isfinite(value):
         raise CheckpointStateError(f"{where} line {number}: timestamp must be finite, got {raw!r}")
     return value
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), text)
 
 
 def _quote(text: str) -> str:
@@ -198,12 +253,49 @@ def write_state(storage: Storage, state: CheckpointState, expected: ObjectMeta |
     return storage.put(STATE_KEY, data, mode=UpdateVersion(expected.version or ""))
 
 
+def check_unmanaged(storage: Storage, name: str) -> None:
+    """Refuse, before anything is written, a ``Checkpoint.save`` into a manager's directory.
+
+    ``record_checkpoint`` refuses too, but only after the checkpoint was written; a caller
+    that calls this first fails without writing anything. A garbled or absent state file
+    is not a manager's (``record_checkpoint`` replaces a garbled one, as before).
+
+    Raises:
+        ConcurrentWriterError: the state file carries a ``CheckpointManager``'s writer token.
+    """
+    try:
+        found = read_state(storage)
+    except (CheckpointStateError, PreconditionError):
+        return
+    if found is not None and found[0].writer:
+        raise _managed(storage, name, found[0].writer, written=False)
+
+
+def _managed(storage: Storage, name: str, token: str, *, written: bool) -> ConcurrentWriterError:
+    what = (f"{storage.url_for(name)} was written but not recorded in it" if written
+            else f"nothing was written for {storage.url_for(name)}")
+    return ConcurrentWriterError(
+        f"{storage.url} is managed by a CheckpointManager (its state file {storage.url_for(STATE_KEY)} carries "
+        f"writer token {_shown(token)}): Checkpoint.save would replace that file with one listing only its own "
+        f"checkpoint and orphan the manager's, so {what}. Save through the manager (manager.save()), into "
+        f"another directory, or with Checkpoint.write, which leaves the state file alone")
+
+
 def record_checkpoint(storage: Storage, name: str) -> None:
     """What ``tf.train.Checkpoint.save`` does: point the state file at ``name`` alone.
 
     Like TensorFlow, no timestamps are recorded, so a ``CheckpointManager`` that later
     adopts the directory never deletes these checkpoints. Compare-and-swap retried, so two
     savers never interleave a half-merged file; a garbage state file is replaced.
+
+    Unlike TensorFlow, a directory a ``CheckpointManager`` owns (its state file carries a
+    writer token) is left alone: rewriting its state file would orphan the manager's
+    checkpoints (listed nowhere, and ``gc`` keeps them since they have indexes) and fence
+    the manager off at its next save. Adopting the manager's list instead would do the
+    latter too, and hand the manager a checkpoint its retention would then delete.
+
+    Raises:
+        ConcurrentWriterError: a manager owns the directory (nothing was recorded).
     """
     for _ in range(_RECORD_ATTEMPTS):
         try:
@@ -214,6 +306,8 @@ def record_checkpoint(storage: Storage, name: str) -> None:
         except PreconditionError:
             continue
         else:
+            if current is not None and current[0].writer:
+                raise _managed(storage, name, current[0].writer, written=True)
             current_meta = current[1] if current else None
         state = CheckpointState(model_checkpoint_path=name, all_model_checkpoint_paths=[name])
         try:

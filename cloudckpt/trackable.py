@@ -9,6 +9,7 @@ object layer does not depend on the I/O layers above it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -115,23 +116,43 @@ class Variable:
         return self._array.copy()
 
     def assign(self, value: ArrayLike) -> Variable:
-        """Replace the value in place; ``ValueError`` if the shape differs."""
+        """Replace the value in place; ``ValueError`` if the shape differs, ``TypeError`` if the dtype cannot hold it
+        (see ``assign_add``)."""
         new = np.asarray(value)
         if new.shape != self._array.shape:
             raise ValueError(f"cannot assign a value of shape {new.shape} to Variable "
                              f"{self._name or ''} of shape {self._array.shape}")
-        np.copyto(self._array, new, casting="same_kind")
+        with self._casting("assign", new):
+            np.copyto(self._array, new, casting="same_kind")
         return self
 
     def assign_add(self, delta: ArrayLike) -> Variable:
-        """Add ``delta`` in place (the dtype is kept)."""
-        np.add(self._array, delta, out=self._array, casting="unsafe")
+        """Add ``delta`` in place; the dtype is kept, so ``TypeError`` for a delta it cannot hold
+        (1.7 to an int64 variable), as ``assign`` - never a silent truncation."""
+        with self._casting("assign_add", delta):
+            np.add(self._array, delta, out=self._array, casting="same_kind")
         return self
 
     def assign_sub(self, delta: ArrayLike) -> Variable:
-        """Subtract ``delta`` in place (the dtype is kept)."""
-        np.subtract(self._array, delta, out=self._array, casting="unsafe")
+        """Subtract ``delta`` in place; ``TypeError`` for a delta the dtype cannot hold (see ``assign_add``)."""
+        with self._casting("assign_sub", delta):
+            np.subtract(self._array, delta, out=self._array, casting="same_kind")
         return self
+
+    @contextlib.contextmanager
+    def _casting(self, method: str, value: object) -> Iterator[None]:
+        """One message for a value of another kind, whichever method met it.
+
+        Why ``same_kind`` everywhere: ``tf.Variable`` refuses a float for an int variable in
+        ``assign`` and ``assign_add`` alike; numpy's ``unsafe`` casting would truncate 1.7 to 1.
+        """
+        try:
+            yield
+        except TypeError as exc:  # numpy's UFuncTypeError / copyto's casting error
+            kind = np.asarray(value).dtype
+            name = f" {self._name!r}" if self._name else ""
+            raise TypeError(f"cannot {method} a {kind} value to Variable{name} of dtype {self._array.dtype}: it "
+                            f"would change its kind (truncate a float, say); convert it explicitly") from exc
 
     def _buffer(self) -> NDArray[Any]:
         """The live array (for the checkpoint machinery; not a public view)."""

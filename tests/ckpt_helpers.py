@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from cloudckpt import Trackable, Variable
-from cloudckpt import reader as reader_mod
 from cloudckpt.errors import TransientError
-from cloudckpt.storage import ObjectMeta, ReadRequest, WriteMode
+from cloudckpt.storage import ObjectMeta, ReadRequest, WriteMode, register_storage, unregister_storage
 from cloudckpt.storage.local import LocalStorage
 
 
@@ -63,9 +62,8 @@ class FaultyStorage(LocalStorage):
 
 
 def install(storage: LocalStorage) -> None:
-    reader_mod.register_storage(storage)
+    register_storage(storage)
 
 
 def uninstall(storage: LocalStorage) -> None:
-    with reader_mod._storages_lock:
-        reader_mod._storages.pop(reader_mod._cache_key(storage.url), None)
+    unregister_storage(storage)

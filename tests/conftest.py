@@ -9,9 +9,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import boto3
 import pytest
 import servers
+from botocore.config import Config
+
+from cloudckpt.storage import Storage, resolve
 
 # Dummy credentials for the local servers: set before any SDK reads its environment so a
 # developer's real credentials are never sent to (or logged by) a test server.
@@ -57,3 +62,44 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Serve
 def unique_name(prefix: str = "t") -> str:
     """A DNS-valid unique bucket or prefix name (SeaweedFS refuses short or odd names)."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(seaweedfs: servers.Server) -> str:
+    """A fresh bucket on SeaweedFS, one per test module."""
+    name = unique_name("ckpt")
+    client = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket(fake_gcs: servers.Server) -> str:
+    """A fresh bucket on fake-gcs-server, one per test module."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    name = unique_name("ckpt")
+    gcs.Client(project="test", credentials=AnonymousCredentials()).create_bucket(name)  # type: ignore[no-untyped-call]
+    return name
+
+
+@pytest.fixture(params=["local", "s3", "gcs"])
+def root(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh checkpoint directory URL on each backend."""
+    kind = request.param
+    if kind == "local":
+        yield str(tmp_path)
+        return
+    if kind == "s3":
+        server: servers.Server = request.getfixturevalue("seaweedfs")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        yield f"s3://{request.getfixturevalue('s3_bucket')}/run-{uuid.uuid4().hex[:8]}"
+        return
+    yield f"gs://{request.getfixturevalue('gcs_bucket')}/run-{uuid.uuid4().hex[:8]}"
+
+
+def storage_of(root: str) -> Storage:
+    """The storage of a ``root`` directory (the one the library itself resolves to)."""
+    return resolve(f"{root}/x").storage

@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 
 from cloudckpt import Checkpoint, CheckpointOptions, Trackable, Variable
-from cloudckpt import writer as _writer
 from cloudckpt.manager import CheckpointManager
-from cloudckpt.reader import register_storage
+from cloudckpt.saving import objects as saving_objects
 from cloudckpt.storage import TransferConfig, open_storage
 
 MiB = 1024 * 1024
@@ -46,12 +45,18 @@ OBJECT_SIZE = 64 * 1024
 
 
 def state_for(step: int, big: bool = False) -> dict[str, Any]:
-    """Everything checkpoint ``ckpt-<step>`` must hold; a pure function of ``step``."""
+    """Everything checkpoint ``ckpt-<step>`` must hold; a pure function of ``step``.
+
+    ``frozen`` never changes and ``embedding`` changes every third step, so every save is an
+    incremental one (the manager's default) that references bytes of earlier checkpoints,
+    and evictions drop checkpoints whose objects later ones still name.
+    """
     rng = np.random.default_rng(1000 + step)
     state: dict[str, Any] = {
         "weights": rng.standard_normal((128, 256), dtype=np.float32),
         "bias": rng.standard_normal(1000),
-        "embedding": rng.integers(-30_000, 30_000, size=(7, 3001), dtype=np.int16),
+        "embedding": np.random.default_rng(step // 3).integers(-30_000, 30_000, size=(7, 3001), dtype=np.int16),
+        "frozen": np.random.default_rng(7).standard_normal(20_000, dtype=np.float32),
         "mask": rng.random(17) < 0.5,
         "hparams": {"lr": 0.1 / (step + 1), "epoch": step // 3, "tag": f"run-{step % 5}", "warm": step > 2},
         "step": step,
@@ -69,6 +74,7 @@ class TrainState(Trackable):
         self.weights = Variable(np.zeros_like(template["weights"]))
         self.bias = Variable(np.zeros_like(template["bias"]))
         self.embedding = np.zeros_like(template["embedding"])
+        self.frozen = np.zeros_like(template["frozen"])
         self.mask = np.zeros_like(template["mask"])
         self.hparams: dict[str, Any] = {"lr": 0.0, "epoch": -1, "tag": "", "warm": False}
         self.step = Variable(np.int64(0))
@@ -81,6 +87,7 @@ class TrainState(Trackable):
         self.weights.assign(new["weights"])
         self.bias.assign(new["bias"])
         np.copyto(self.embedding, new["embedding"])
+        np.copyto(self.frozen, new["frozen"])
         np.copyto(self.mask, new["mask"])
         self.hparams.clear()
         self.hparams.update(new["hparams"])
@@ -92,6 +99,7 @@ class TrainState(Trackable):
         """The live values, shaped like :func:`state_for`, for comparisons."""
         values: dict[str, Any] = {
             "weights": self.weights.numpy(), "bias": self.bias.numpy(), "embedding": self.embedding,
+            "frozen": self.frozen,
             "mask": self.mask, "hparams": dict(self.hparams), "step": int(self.step.numpy()),
         }
         if hasattr(self, "big"):
@@ -137,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                              "has waited for it, as a training loop learns of it")
     args = parser.parse_args(argv)
 
-    _writer.TARGET_OBJECT_SIZE = OBJECT_SIZE
+    saving_objects.TARGET_OBJECT_SIZE = OBJECT_SIZE
     config = TransferConfig(multipart_threshold=SMALL_MULTIPART, part_size=SMALL_MULTIPART) if args.big else None
     storage = open_storage(args.directory, config=config)
-    register_storage(storage)  # Checkpoint's own writes go through it too (same transfer config)
 
     state = TrainState(args.big)
     ckpt = Checkpoint(state=state)

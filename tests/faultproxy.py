@@ -1,11 +1,17 @@
 """A tiny fault-injecting HTTP proxy for S3 tests (stdlib only, loopback only).
 
-It sits between a client and a real S3 server (SeaweedFS) and, for requests matching a
-rule, answers with an error status, resets the connection, forwards the request and then
-drops the server's answer - the trap of conditional writes: the client cannot know that
-its write landed - or plays a store that ignores ``If-None-Match`` / ``If-Match`` (the
-server's 412 becomes a 200; the headers themselves cannot be stripped, they are signed).
-Everything else is forwarded unchanged.
+It sits between a client and a real S3 server (SeaweedFS, moto) and, for requests
+matching a rule, answers with an error status, resets the connection, forwards the
+request and then drops the server's answer - the trap of conditional writes: the client
+cannot know that its write landed - holds the answer past the client's read timeout, or
+plays a store that ignores ``If-None-Match`` / ``If-Match`` (the server's 412 becomes a
+200; the headers themselves cannot be stripped, they are signed). It can also shift the
+``Date`` of every answer, as a store whose clock differs from the client's. Everything
+else is forwarded unchanged.
+
+``ProxyFaults`` drives it from the storage contract's ``Faults`` (verbs and keys, see
+``cloudckpt.testing.faults``): a ``classify`` function names the verb and key of each
+request.
 
 Bounded: every socket has a timeout, a held response is held for a bounded time, and
 ``stop()`` shuts every client connection and joins the server thread with a timeout.
@@ -14,19 +20,23 @@ Bounded: every socket has a timeout, a held response is held for a bounded time,
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import http.client
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from cloudckpt.testing.faults import Faults
 
 SOCKET_TIMEOUT = 30.0
-Action = Literal["status", "reset", "drop_response", "hold_response", "ignore_conditions"]
+Action = Literal["status", "reset", "drop_response", "hold_response", "ignore_conditions", "delay"]
 
 #: Hop-by-hop headers (and ones this proxy re-computes) that are never forwarded.
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding",
@@ -55,6 +65,57 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Request:
+    """What a ``classify`` function sees of one request: the path is percent-decoded."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
+
+
+#: ``Request`` -> every ``(verb, key)`` it acts on (a bulk delete names several keys).
+Classify = Callable[[Request], list[tuple[str, str]]]
+
+
+class ProxyFaults(Faults):
+    """The contract's ``Faults``, applied by a ``FaultProxy`` to the requests ``classify`` names.
+
+    ``fail`` alternates a ``500 InternalError`` and a connection reset; ``throttle`` answers
+    ``503 SlowDown``; ``lose_answer`` forwards the request and resets the connection instead
+    of relaying the answer; ``deny`` answers ``403 AccessDenied``.
+    """
+
+    def __init__(self, proxy: FaultProxy, classify: Classify) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._classify = classify
+        self._failures = 0
+        proxy.faults = self
+
+    def action_for(self, request: Request) -> Rule | None:
+        kinds = [self.decide(verb, key) for verb, key in self._classify(request)]
+        kind = next((k for k in kinds if k is not None), None)
+        if kind == "fail":
+            with self._lock:
+                self._failures += 1
+                reset = self._failures % 2 == 0
+            return Rule("reset") if reset else Rule("status", status=500, code="InternalError")
+        if kind == "throttle":
+            return Rule("status", status=503, code="SlowDown")
+        if kind == "lose_answer":
+            return Rule("drop_response")
+        if kind == "deny":
+            return Rule("status", status=403, code="AccessDenied")
+        return None
+
+    def skew_clock(self, delta: timedelta) -> bool:
+        self._proxy.clock_skew = delta
+        return True
+
+
+@dataclass(frozen=True)
 class Seen:
     """One request as the proxy saw it, and what it did with it."""
 
@@ -79,6 +140,8 @@ class FaultProxy:
         self.upstream_port = parts.port or 80
         self._rules: list[Rule] = []
         self.seen: list[Seen] = []
+        self.faults: ProxyFaults | None = None
+        self.clock_skew = timedelta(0)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
@@ -105,7 +168,15 @@ class FaultProxy:
         with self._lock:
             return [s for s in self.seen if contains in s.target and (method is None or s.method == method)]
 
-    def _decide(self, method: str, target: str) -> Rule | None:
+    def _decide(self, method: str, target: str, body: bytes, headers: dict[str, str]) -> Rule | None:
+        if self.faults is not None:
+            parts = urlsplit(target)
+            query = parse_qs(parts.query, keep_blank_values=True)
+            rule = self.faults.action_for(Request(method, unquote(parts.path), query, body, headers))
+            if rule is not None:
+                with self._lock:
+                    self.seen.append(Seen(method, target, rule.action))
+                return rule
         with self._lock:
             for rule in self._rules:
                 if rule.matches(method, target):
@@ -166,7 +237,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             body = self._read_body()
             if body is None:
                 return
-            rule = proxy._decide(self.command, self.path)
+            rule = proxy._decide(self.command, self.path, body, {k.lower(): v for k, v in self.headers.items()})
             action = rule.action if rule else None
             if rule is not None and action == "status":
                 self._send_error(rule.status, rule.code)
@@ -174,6 +245,8 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if action == "reset":
                 self._reset()
                 return
+            if rule is not None and action == "delay":  # a slow link: the request arrives late, whole
+                time.sleep(min(rule.hold_seconds, SOCKET_TIMEOUT))
             status, reason, headers, data = self._forward(body)
             if action == "ignore_conditions" and status == 412:
                 status, reason, headers, data = 200, "OK", [("ETag", '"' + "0" * 32 + '"')], b""
@@ -206,6 +279,8 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _relay(self, status: int, reason: str, headers: list[tuple[str, str]], data: bytes) -> None:
             self.send_response_only(status, reason)
             for name, value in headers:
+                if name.lower() == "date" and proxy.clock_skew:
+                    value = _shifted(value, proxy.clock_skew)
                 if name.lower() not in _HOP_HEADERS:
                     self.send_header(name, value)
             if self.command == "HEAD":
@@ -222,7 +297,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                        f"<Message>injected by faultproxy</Message></Error>").encode()
             self.send_response_only(status)
             self.send_header("Content-Type", "application/xml")
-            self.send_header("Date", self.date_time_string())
+            self.send_header("Date", _shifted(self.date_time_string(), proxy.clock_skew))
             self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(payload)))
             self.end_headers()
             if self.command != "HEAD":
@@ -236,6 +311,13 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
 
     return Handler
+
+
+def _shifted(date: str, skew: timedelta) -> str:
+    """An HTTP ``Date`` value moved by ``skew``."""
+    if not skew:
+        return date
+    return email.utils.format_datetime(email.utils.parsedate_to_datetime(date) + skew, usegmt=True)
 
 
 @contextlib.contextmanager

@@ -255,14 +255,14 @@ def test_existing_objects_matched_allows_unused_checkpoint_values(tmp_path: Path
 
 def test_read_does_not_expect_save_counter_but_restore_does(tmp_path: Path) -> None:
     # A checkpoint without save_counter, as another tool would write it: a plain Trackable root.
+    from cloudckpt.coordination import LocalCoordinator
     from cloudckpt.graph import collect
-    from cloudckpt.reader import resolve
-    from cloudckpt.writer import plan_write, write_checkpoint
+    from cloudckpt.saving import save
+    from cloudckpt.storage import resolve
 
     root = Trackable()
     root.a = Variable(1.0)
-    storage, name = resolve(tmp_path / "foreign")
-    write_checkpoint(storage, plan_write(name, collect(root), max_objects=2))
+    save(LocalCoordinator(), resolve(tmp_path / "foreign"), collect(root))
     Checkpoint(a=Variable(0.0)).read(tmp_path / "foreign").assert_consumed()
     status = Checkpoint(a=Variable(0.0)).restore(tmp_path / "foreign")
     with pytest.raises(AssertionError, match="save_counter"):
@@ -373,14 +373,14 @@ def test_failed_data_upload_leaves_no_checkpoint(tmp_path: Path) -> None:
 
 def test_concurrent_writer_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another writer commits between our HEAD and our PUT: we lose cleanly, they stay intact."""
-    from cloudckpt import writer
+    from cloudckpt.storage import Storage
 
     ours = Checkpoint(v=Variable(np.ones(2)))
     theirs = Checkpoint(v=Variable(np.full(2, 7.0)))
-    real_head = writer.Storage.head
+    real_head = Storage.head
     fired = []
 
-    def head_then_race(self: writer.Storage, key: str) -> object:
+    def head_then_race(self: Storage, key: str) -> object:
         result = real_head(self, key) if (tmp_path / key).exists() else None
         if not fired:
             fired.append(True)
@@ -389,7 +389,7 @@ def test_concurrent_writer_is_detected(tmp_path: Path, monkeypatch: pytest.Monke
             raise NotFoundError("absent", key)
         return result
 
-    monkeypatch.setattr(writer.Storage, "head", head_then_race)
+    monkeypatch.setattr(Storage, "head", head_then_race)
     with pytest.raises(ConcurrentWriterError):
         ours.write(tmp_path / "c")
     monkeypatch.undo()
@@ -477,15 +477,16 @@ def test_sharded_array_entries_are_assembled(tmp_path: Path, split: str) -> None
     """Chunks with offsets into a global array (as multi-host saves write them)."""
     from cloudckpt.checksum import crc32c_of
     from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, NodeEntry, data_key
-    from cloudckpt.reader import resolve
-    from cloudckpt.writer import commit
+    from cloudckpt.saving.commit import commit
+    from cloudckpt.storage import resolve
 
     full = np.arange(24, dtype=np.float64).reshape(4, 6)
     if split == "rows":
         boxes = [((0, 0), full[:1]), ((1, 0), full[1:])]
     else:
         boxes = [((0, 0), full[:, :2]), ((0, 2), full[:, 2:])]
-    storage, name = resolve(tmp_path / "sharded")
+    location = resolve(tmp_path / "sharded")
+    storage, name = location.storage, location.name
     key = data_key(name, 0, 1, "abc123")
     pieces = [np.ascontiguousarray(b) for _, b in boxes]
     storage.put(key, [p.tobytes() for p in pieces])
@@ -566,19 +567,33 @@ def test_deferred_plain_values_take_the_stored_value(tmp_path: Path) -> None:
 def test_index_committed_by_another_writer_during_upload_is_not_replaced(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The index is HEADed before the data upload, so a rival commit in that window wins."""
-    from cloudckpt import writer
+    from cloudckpt.saving import pipeline
 
     rival = Checkpoint(v=Variable(np.full(4, 7.0)))
-    real_upload = writer.upload
+    real_upload = pipeline.upload
 
     def upload_while_rival_commits(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(writer, "upload", real_upload)
+        monkeypatch.setattr(pipeline, "upload", real_upload)
         rival.write(tmp_path / "shared")  # lands while our bytes are "in flight"
         return real_upload(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "upload", upload_while_rival_commits)
+    monkeypatch.setattr(pipeline, "upload", upload_while_rival_commits)
     with pytest.raises(ConcurrentWriterError):
         Checkpoint(v=Variable(np.zeros(4))).write(tmp_path / "shared")
     target = Variable(np.zeros(4))
     Checkpoint(v=target).read(tmp_path / "shared").assert_consumed()
     np.testing.assert_array_equal(target.numpy(), np.full(4, 7.0))
+
+
+@pytest.mark.parametrize("method", ["assign", "assign_add", "assign_sub"])
+def test_int_variable_refuses_floats_in_every_assign(method: str) -> None:
+    """``assign(2.5)`` raised while ``assign_add(1.7)`` truncated silently; now all three agree."""
+    step = Variable(np.int64(3), name="step")
+    with pytest.raises(TypeError, match=rf"cannot {method} a float64 value to Variable 'step' of dtype int64"):
+        getattr(step, method)(2.5 if method == "assign" else 1.7)
+    assert int(step) == 3 and step.dtype == np.int64
+    getattr(step, method)(2)  # same kind: fine
+    assert int(step) == {"assign": 2, "assign_add": 5, "assign_sub": 1}[method]
+    weights = Variable(np.zeros(2, np.float32))
+    getattr(weights, method)(np.ones(2))  # float64 into float32: same kind, as tf.Variable allows
+    assert weights.dtype == np.float32

@@ -2,66 +2,21 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import boto3
 import ml_dtypes
 import numpy as np
 import pytest
-import servers
 import torch
-from botocore.config import Config
-from conftest import unique_name
+from conftest import storage_of
 
 import cloudckpt
 from cloudckpt import Checkpoint, CheckpointOptions, Variable
 from cloudckpt.errors import CheckpointNotFoundError, ChecksumError
-from cloudckpt.reader import register_storage, resolve
 from cloudckpt.state_file import parse
-from cloudckpt.storage import Storage, TransferConfig, open_storage
+from cloudckpt.storage import TransferConfig, open_storage, register_storage
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def s3_bucket(seaweedfs: servers.Server) -> str:
-    name = unique_name("ckpt")
-    client = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture(scope="module")
-def gcs_bucket(fake_gcs: servers.Server) -> str:
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage as gcs
-
-    name = unique_name("ckpt")
-    gcs.Client(project="test", credentials=AnonymousCredentials()).create_bucket(name)  # type: ignore[no-untyped-call]
-    return name
-
-
-@pytest.fixture(params=["local", "s3", "gcs"])
-def root(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh checkpoint directory URL on each backend."""
-    kind = request.param
-    if kind == "local":
-        yield str(tmp_path)
-        return
-    if kind == "s3":
-        server: servers.Server = request.getfixturevalue("seaweedfs")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
-        yield f"s3://{request.getfixturevalue('s3_bucket')}/run-{uuid.uuid4().hex[:8]}"
-        return
-    yield f"gs://{request.getfixturevalue('gcs_bucket')}/run-{uuid.uuid4().hex[:8]}"
-
-
-def storage_of(root: str) -> Storage:
-    return resolve(f"{root}/x")[0]
 
 
 def test_round_trip_numpy_torch_and_values(root: str) -> None:

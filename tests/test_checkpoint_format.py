@@ -69,7 +69,7 @@ def test_unknown_version_is_a_clear_error(tmp_path: Path) -> None:
     write_sample(tmp_path)
     doc = index_doc(tmp_path)
     doc["version"] = FORMAT_VERSION + 1
-    with pytest.raises(CheckpointFormatError, match=r"format version 2.*upgrade cloudckpt"):
+    with pytest.raises(CheckpointFormatError, match=rf"format version {FORMAT_VERSION + 1}.*upgrade cloudckpt"):
         decode(doc)
     (tmp_path / "c.index").write_text(json.dumps(doc))
     with pytest.raises(CheckpointFormatError, match="upgrade"):
@@ -266,13 +266,14 @@ def test_any_nested_structure_round_trips(tmp_path_factory: pytest.TempPathFacto
 
 
 def test_oversized_index_is_refused_before_it_is_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cloudckpt import reader
+    from cloudckpt import index_store
+    from cloudckpt.storage import resolve
 
     path = Checkpoint(v=Variable(np.arange(4.0))).write(str(tmp_path / "ck"))
     size = (tmp_path / "ck.index").stat().st_size
-    monkeypatch.setattr(reader, "MAX_INDEX_BYTES", size - 1)
+    monkeypatch.setattr(index_store, "MAX_INDEX_BYTES", size - 1)
     fetched: list[str] = []
-    storage, _ = reader.resolve(path)
+    storage = resolve(path).storage
     real_get = storage.get
     monkeypatch.setattr(storage, "get", lambda key, *a: fetched.append(key) or real_get(key, *a))
     with pytest.raises(CheckpointFormatError, match=f"{size} bytes, over the {size - 1}-byte limit"):

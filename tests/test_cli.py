@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import servers
 from botocore.config import Config
-from test_checkpoint_cloud import gcs_bucket, s3_bucket  # noqa: F401 - shared fixtures
 
-from cloudckpt import Checkpoint, CheckpointManager, Variable, load_checkpoint
+from cloudckpt import Checkpoint, CheckpointManager, Variable, latest_checkpoint, load_checkpoint
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, NodeEntry, encode_index, index_key
-from cloudckpt.reader import load_index, resolve
-from cloudckpt.storage import open_storage
+from cloudckpt.index_store import load_index
+from cloudckpt.state_file import parse
+from cloudckpt.storage import open_storage, resolve
 from cloudckpt.storage.base import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def assert_restores(path: str, expected: dict[str, Any]) -> None:
 
 
 def data_object(directory: str, name: str) -> str:
-    storage, _ = resolve(f"{directory}/{name}")
+    storage = resolve(f"{directory}/{name}").storage
     (obj,) = load_index(storage, name).objects
     return obj.name
 
@@ -191,8 +191,8 @@ def s3_env(seaweedfs: servers.Server, monkeypatch: pytest.MonkeyPatch) -> str:
     return seaweedfs.endpoint
 
 
-def test_cp_between_s3_gcs_and_local(s3_env: str, s3_bucket: str, fake_gcs: servers.Server,  # noqa: F811
-                                     gcs_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+def test_cp_between_s3_gcs_and_local(s3_env: str, s3_bucket: str, fake_gcs: servers.Server,
+                                     gcs_bucket: str, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:8]
     s3_run, gs_run, local = f"s3://{s3_bucket}/cp-{tag}", f"gs://{gcs_bucket}/cp-{tag}", tmp_path / "laptop"
     saved = save_run(s3_run, 2, big=True)
@@ -236,7 +236,7 @@ def _s3_client(endpoint: str) -> Any:
                         config=Config(s3={"addressing_style": "path"}))
 
 
-def test_gc_removes_a_crashed_saves_leftovers_on_s3(s3_env: str, s3_bucket: str) -> None:  # noqa: F811
+def test_gc_removes_a_crashed_saves_leftovers_on_s3(s3_env: str, s3_bucket: str) -> None:
     run = f"s3://{s3_bucket}/gc-{uuid.uuid4().hex[:8]}"
     saved = save_run(run, 1)
     prefix = run.split("/", 3)[3]
@@ -270,7 +270,7 @@ def test_gc_removes_a_crashed_saves_leftovers_on_s3(s3_env: str, s3_bucket: str)
     assert_restores(f"{run}/ckpt-1", saved["ckpt-1"])  # the committed checkpoint is untouched
 
 
-def test_gc_and_verify_on_gcs(fake_gcs: servers.Server, gcs_bucket: str) -> None:  # noqa: F811
+def test_gc_and_verify_on_gcs(fake_gcs: servers.Server, gcs_bucket: str) -> None:
     run = f"gs://{gcs_bucket}/gc-{uuid.uuid4().hex[:8]}"
     saved = save_run(run, 2)
     storage = open_storage(run)
@@ -340,3 +340,77 @@ def test_verify_checks_block_checksums_too(tmp_path: Path) -> None:
     (tmp_path / "ck.index").write_text(json.dumps(doc))
     result = cli("verify", str(tmp_path / "ck"))
     assert result.returncode == 1 and "block CRC32C(s) [1]" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------- export keys, cp of damaged directories
+def torch_like_checkpoint(path: Path) -> str:
+    """Dotted PyTorch names under ``model/``, plus the inline scalars an optimizer's state has."""
+    state = {"head.weight": np.ones((2, 3), np.float32), "head.bias": np.zeros(2, np.float32),
+             "header.weight": np.full(4, 7, np.float32), "layers.1.w": np.ones(1), "layers.10.w": np.zeros(1)}
+    groups = [{"lr": 0.1 * i, "betas": [0.9, 0.999], "eps": 1e-8, "amsgrad": False} for i in range(8)]
+    return Checkpoint(model=state, optimizer={"param_groups": groups}, step=Variable(5)).write(str(path))
+
+
+def test_export_keys_select_dotted_names_and_refuse_misspellings(tmp_path: Path) -> None:
+    ckpt = torch_like_checkpoint(tmp_path / "c")
+    out = tmp_path / "head.npz"
+    picked = cli("export", ckpt, str(out), "model/head", "model/layers.1")
+    assert picked.returncode == 0, picked.stderr
+    with np.load(out) as npz:
+        assert sorted(npz.files) == ["model/head.bias", "model/head.weight", "model/layers.1.w"]
+
+    missing = cli("export", ckpt, str(tmp_path / "x.npz"), "model/head", "model/haed")
+    assert_one_line_error(missing, 3, "'model/haed'", "no array or value matches")
+    assert not (tmp_path / "x.npz").exists() and not list(tmp_path.glob(".x.npz.*"))
+    assert_one_line_error(cli("export", ckpt, str(tmp_path / "x.npz"), "model/hea"), 3, "did you mean 'model/head")
+    assert cli("export", ckpt, str(tmp_path / "p.npz"), "model/hea").returncode == 3
+
+    prefixed = cli("export", ckpt, str(tmp_path / "all-heads.npz"), "model/head")
+    assert prefixed.returncode == 0
+    with np.load(tmp_path / "all-heads.npz") as npz:
+        assert "model/header.weight" not in npz.files  # not a separator after "head"
+    raw = cli("export", ckpt, str(tmp_path / "raw.npz"), "model/layers.")
+    assert raw.returncode == 0
+    with np.load(tmp_path / "raw.npz") as npz:
+        assert sorted(npz.files) == ["model/layers.1.w", "model/layers.10.w"]
+
+
+def test_export_to_safetensors_summarizes_what_it_skips_in_one_line(tmp_path: Path) -> None:
+    ckpt = torch_like_checkpoint(tmp_path / "c")
+    result = cli("export", ckpt, str(tmp_path / "c.safetensors"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "the .safetensors format cannot hold them: 40 inline values (" in warnings[0]
+    assert "and 37 more" in warnings[0]
+
+
+def test_export_into_a_missing_directory_names_the_target(tmp_path: Path) -> None:
+    ckpt = torch_like_checkpoint(tmp_path / "c")
+    target = tmp_path / "no" / "such" / "dir" / "out.npz"
+    result = cli("export", ckpt, str(target))
+    assert_one_line_error(result, 3, str(target), "does not exist")
+    assert ".tmp" not in result.stderr
+
+
+def test_cp_of_a_directory_copies_every_intact_checkpoint(tmp_path: Path) -> None:
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    saved = save_run(src, 4, max_to_keep=5)
+    flipped = tmp_path / "src" / data_object(src, "ckpt-2")
+    content = bytearray(flipped.read_bytes())
+    content[100] ^= 0x01
+    flipped.write_bytes(bytes(content))
+    (tmp_path / "src" / "ckpt-4.index").write_text("{not json")  # the latest: damaged too
+
+    result = cli("cp", src, dst)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cloudckpt: error:")]
+    assert len(errors) == 2 and "ckpt-2" in errors[0] and "CRC32C" in errors[0] and "ckpt-4" in errors[1]
+    assert "copied 2 of 4 checkpoints; not copied (damaged): ckpt-2, ckpt-4" in result.stdout
+    for name in ("ckpt-1", "ckpt-3"):
+        assert_restores(f"{dst}/{name}", saved[name])
+    assert not (tmp_path / "dst" / "ckpt-2.index").exists() and not (tmp_path / "dst" / "ckpt-4.index").exists()
+    assert latest_checkpoint(dst) == f"{dst}/ckpt-3"
+    state = parse((tmp_path / "dst" / "checkpoint").read_text(), "x")
+    assert state.model_checkpoint_path == "ckpt-3" and state.all_model_checkpoint_paths == ["ckpt-1", "ckpt-3"]
+    assert len(state.all_model_checkpoint_timestamps) == 2 and state.writer is None

@@ -253,25 +253,29 @@ class Case:
     """A crash point, and what killing a fresh directory's worker there must leave.
 
     ``returned``: saves that returned before the kill. ``latest``: the number a reader then
-    finds (0: none). ``orphan_data``: the checkpoint whose data objects no index names.
+    finds (0: none). ``orphan_data``: the checkpoints whose data objects no index names (with
+    incremental saves, objects of an earlier checkpoint that only the deleted one still named).
     """
 
     crash_at: str
     returned: int
     latest: int
-    orphan_data: int | None = None
+    orphan_data: tuple[int, ...] = ()
 
 
 # With max_to_keep=2 the first deletion (of ckpt-1) happens in save 3, the second in save 4.
+# Every save is incremental (crash_worker.state_for): ckpt-2 references ckpt-1's objects holding
+# the frozen array and the embedding of steps 1-2; ckpt-3 and later only the frozen one.
 CASES = [
-    Case("after_data_upload", returned=0, latest=0, orphan_data=1),      # nothing committed at all
-    Case("after_data_upload:3", returned=2, latest=2, orphan_data=3),
+    Case("after_data_upload", returned=0, latest=0, orphan_data=(1,)),   # nothing committed at all
+    Case("after_data_upload:3", returned=2, latest=2, orphan_data=(3,)),
     Case("after_index_write", returned=0, latest=1),                     # committed, not yet listed: found
     Case("after_index_write:3", returned=2, latest=2),
     Case("after_state_write", returned=0, latest=1),                     # listed, save never returned
     Case("after_state_write:3", returned=2, latest=3),                   # listed; ckpt-1 not yet deleted
-    Case("after_delete_index", returned=2, latest=3, orphan_data=1),     # ckpt-1's data outlives its index
-    Case("after_delete_index:2", returned=3, latest=4, orphan_data=2),
+    Case("after_delete_index", returned=2, latest=3, orphan_data=(1,)),  # ckpt-1's data outlives its index
+    # ckpt-2's index gone: its objects, and ckpt-1's embedding object that only ckpt-2 named
+    Case("after_delete_index:2", returned=3, latest=4, orphan_data=(1, 2)),
     Case("after_delete_data", returned=2, latest=3),
     Case("after_delete_data:2", returned=3, latest=4),
 ]
@@ -291,7 +295,7 @@ def test_sigkill_at_crash_point_loses_nothing(target: Target, case: Case, async_
 
     latest = check_consistent(target, report, False, why)
     assert (number_of(latest) if latest else 0) == case.latest, f"{why}: latest is {latest}"
-    expected = {f"unreferenced-data:ckpt-{case.orphan_data}"} if case.orphan_data else set()
+    expected = {f"unreferenced-data:ckpt-{n}" for n in case.orphan_data}
     found = {item.split(".data-")[0] for item in describe(leftovers(target))}
     assert found == expected, f"{why}: leftovers before the restart: {describe(leftovers(target))}"
 

@@ -27,14 +27,15 @@ from conftest import unique_name
 
 import cloudckpt
 from cloudckpt import UNSHARDED, Checkpoint, CheckpointOptions, DTensorCheckpoint, Layout, Mesh, ShardedArray, Variable
+from cloudckpt.coordination import io_rank
 from cloudckpt.distributed import CoordinationError, DistributedSaveError, LocalCoordinator
 from cloudckpt.distributed.mesh import split_extent
-from cloudckpt.distributed.options import io_rank
-from cloudckpt.distributed.plan import make_plan
 from cloudckpt.errors import ChecksumError, PlanError
 from cloudckpt.format import decode_index, index_key
-from cloudckpt.reader import partial_reads, register_storage, resolve
+from cloudckpt.reader import partial_reads
+from cloudckpt.saving.plan import Description, PieceDescription, make_plan
 from cloudckpt.state_file import STATE_KEY, parse
+from cloudckpt.storage import register_storage, resolve
 from cloudckpt.storage.local import LocalStorage
 from cloudckpt.testing.processes import spawn_reports
 
@@ -46,8 +47,8 @@ def local_mesh(shape: tuple[int, ...] = (2, 2), names: tuple[str, ...] = ("x", "
 
 
 def read_index(path: str) -> Any:
-    storage, name = resolve(path)
-    return decode_index(storage.get(index_key(name)), name, path)
+    location = resolve(path)
+    return decode_index(location.storage.get(index_key(location.name)), location.name, path)
 
 
 # ---------------------------------------------------------------------------- mesh and layout
@@ -101,8 +102,11 @@ def test_io_device_names_a_rank() -> None:
 
 
 # ---------------------------------------------------------------------------- planner
-def _desc(pieces: list[list[Any]], arrays: dict[str, list[Any]], suffix: str = "s") -> dict[str, Any]:
-    return {"ok": True, "suffix": suffix, "max_objects": 4, "arrays": arrays, "pieces": pieces}
+def _desc(pieces: list[list[Any]], arrays: dict[str, list[Any]], suffix: str = "s", url: str = "") -> Description:
+    return Description(url=url, suffix=suffix, max_objects=4,
+                       arrays={path: (dtype, tuple(shape)) for path, (dtype, shape) in arrays.items()},
+                       pieces=tuple(PieceDescription((path, tuple(start)), tuple(shape), nbytes)
+                                    for path, start, shape, nbytes in pieces))
 
 
 def test_plan_writes_each_replica_once_and_spreads_them() -> None:
@@ -131,7 +135,7 @@ def test_plan_refuses_inconsistent_hosts_naming_the_key() -> None:
     with pytest.raises(PlanError, match="disagree on array 'w'"):
         make_plan([_desc([["w", [0], [4], 16]], arrays), _desc([["w", [0], [4], 16]], {"w": ["int32", [4]]})],
                   committer=0, io_rank=None)
-    other_path = {**_desc([["w", [2], [2], 8]], arrays), "url": "s3://b/run/ckpt-1"}
+    other_path = _desc([["w", [2], [2], 8]], arrays, url="s3://b/run/ckpt-1")
     with pytest.raises(PlanError, match=r"different paths: rank 0 to '', rank 1 to 's3://b/run/ckpt-1'"):
         make_plan([_desc([["w", [0], [2], 8]], arrays), other_path], committer=0, io_rank=None)
 
@@ -372,7 +376,7 @@ def test_failing_rank_fails_every_rank_and_keeps_the_previous_checkpoint(four: l
         assert failure["ranks"] == [1] and not failure["committed"]
         assert "rank 1: " in failure["message"] and "injected failure" in failure["message"]
         assert report["latest_after_failure"] == f"{s3_root}/ck-2"
-    storage, _ = resolve(f"{s3_root}/x")
+    storage = resolve(f"{s3_root}/x").storage
     assert [m.key for m in storage.list("ck-3")] == []  # no index, and every host removed its data
 
 
@@ -422,6 +426,8 @@ def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[st
         # Another writer claimed the directory: the fenced save fails on every rank, not only the owner.
         assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
     owner, other = two
+    # The last save was incremental: rank 0's unchanged rows are ckpt-3's bytes, rank 1's are new.
+    assert owner["managed_w_chunks"] == {"[0, 0]": "ckpt-3", "[4, 0]": "ckpt-4"}
     assert owner["managed_counts"]["DELETE"] > 0 and owner["managed_counts"]["HEAD"] > 0
     # Rank 1 only uploaded its shards (one PUT per save) and, on resume, read its ranges.
     assert set(other["managed_counts"]) == {"PUT", "data_bytes_written"} and other["managed_counts"]["PUT"] == 4
@@ -430,5 +436,5 @@ def test_manager_on_two_hosts_decides_once_and_everyone_agrees(two: list[dict[st
     assert set(other["managed_resume_counts"]) == {"HEAD", "GET", "data_bytes_read"}
     assert other["managed_resume_counts"]["HEAD"] == 1
     assert other["managed_resume_counts"]["GET"] < owner["managed_resume_counts"]["GET"]  # no state file read
-    state = parse(resolve(f"{managed}/x")[0].get(STATE_KEY).decode(), "state")
+    state = parse(resolve(f"{managed}/x").storage.get(STATE_KEY).decode(), "state")
     assert state.model_checkpoint_path == "ckpt-100"  # the other writer's save; ours never overwrote it

@@ -20,7 +20,6 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
-from test_checkpoint_cloud import gcs_bucket, root, s3_bucket  # noqa: F401 - shared fixtures
 
 from cloudckpt import Checkpoint, Variable
 from cloudckpt import leftovers as leftovers_module
@@ -161,13 +160,13 @@ def assert_gone(directory: str, planted: Planted) -> None:
 
 
 # ---------------------------------------------------------------------------- find / remove
-def test_young_leftovers_are_not_found(root: str) -> None:  # noqa: F811
+def test_young_leftovers_are_not_found(root: str) -> None:
     """Anything younger than ``min_age`` may still be uploading (another writer, a zombie VM)."""
     plant(root)
     assert find_leftovers(open_storage(root), min_age=HOUR) == []
 
 
-def test_exactly_the_leftovers_are_found_and_removed(root: str) -> None:  # noqa: F811
+def test_exactly_the_leftovers_are_found_and_removed(root: str) -> None:
     planted = plant(root)
     storage = open_storage(root)
     found = find_leftovers(storage, min_age=ZERO)
@@ -184,7 +183,7 @@ def test_exactly_the_leftovers_are_found_and_removed(root: str) -> None:  # noqa
     assert_kept(root, planted)
 
 
-def test_ages_are_measured_by_the_servers_clock(root: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_ages_are_measured_by_the_servers_clock(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A VM's clock may be off by minutes or days; only the store's stamped the objects."""
     planted = plant(root)
     storage = open_storage(root)
@@ -211,7 +210,7 @@ def test_ages_are_measured_by_the_servers_clock(root: str, monkeypatch: pytest.M
     assert find_leftovers(open_storage(root), min_age=timedelta(days=1)) == []
 
 
-def test_sub_directories_are_untouched(root: str) -> None:  # noqa: F811
+def test_sub_directories_are_untouched(root: str) -> None:
     """A sub-directory is another run (``run/eval``): its objects and uploads are its own business."""
     planted = plant(root, sub_upload=True)
     storage = open_storage(root)
@@ -222,7 +221,7 @@ def test_sub_directories_are_untouched(root: str) -> None:  # noqa: F811
     assert_kept(root, planted)
 
 
-def test_a_save_committed_after_the_listing_keeps_its_data(root: str) -> None:  # noqa: F811
+def test_a_save_committed_after_the_listing_keeps_its_data(root: str) -> None:
     """``remove_leftovers`` re-reads the index: a commit between find and remove wins."""
     planted = plant(root)
     storage = open_storage(root)
@@ -251,7 +250,7 @@ def test_negative_ages_are_refused(tmp_path: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the manager's first save
-def test_managers_first_save_removes_old_leftovers_once(root: str) -> None:  # noqa: F811
+def test_managers_first_save_removes_old_leftovers_once(root: str) -> None:
     planted = plant(root)
     manager = CheckpointManager(Checkpoint(v=Variable(VALUES + 1)), root, max_to_keep=None, leftover_min_age=0)
     manager.save(checkpoint_number=10)
@@ -270,7 +269,7 @@ def test_managers_first_save_removes_old_leftovers_once(root: str) -> None:  # n
 
 
 @pytest.mark.parametrize("age", ["default", "disabled"])
-def test_managers_first_save_keeps_young_leftovers(root: str, age: str) -> None:  # noqa: F811
+def test_managers_first_save_keeps_young_leftovers(root: str, age: str) -> None:
     """The default age (1 hour) spares a save that may still be in flight; ``None`` turns cleanup off."""
     planted = plant(root)
     kwargs: dict[str, Any] = {} if age == "default" else {"leftover_min_age": None}

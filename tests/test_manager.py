@@ -6,20 +6,23 @@ import os
 import pathlib
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
 import pytest
-from test_checkpoint_cloud import gcs_bucket, root, s3_bucket  # noqa: F401 - shared fixtures
 
 from cloudckpt import Checkpoint, CheckpointOptions, Variable
 from cloudckpt.errors import ConcurrentWriterError
 from cloudckpt.format import index_key
+from cloudckpt.index_store import load_index
 from cloudckpt.manager import CheckpointManager, latest_checkpoint
 from cloudckpt.retention import BestN
 from cloudckpt.state_file import STATE_KEY, parse, read_state
-from cloudckpt.storage import join_url, open_storage
+from cloudckpt.storage import ByteRange, Location, ObjectMeta, ReadRequest, join_url, open_storage
+from cloudckpt.storage.local import LocalStorage
 
 
 def _exists(directory: str, name: str) -> bool:
@@ -43,7 +46,7 @@ class Clock:
 @pytest.fixture
 def clock() -> object:
     fake = Clock()
-    with mock.patch("cloudckpt.manager.time.time", fake):
+    with mock.patch("cloudckpt.manager.manager.time.time", fake):
         yield fake
 
 
@@ -55,9 +58,10 @@ def test_validation(tmp_path: Path) -> None:
         CheckpointManager(ckpt, tmp_path, max_to_keep=1, checkpoint_interval=5)
 
 
-def test_deletion_keeps_max_to_keep(root: str, clock: Clock) -> None:  # noqa: F811
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
+def test_deletion_keeps_max_to_keep(root: str, clock: Clock, incremental: bool) -> None:
     ckpt = Checkpoint(v=Variable(np.zeros(3)))
-    manager = CheckpointManager(ckpt, root, max_to_keep=2)
+    manager = CheckpointManager(ckpt, root, max_to_keep=2, incremental=incremental)
     paths = []
     for _ in range(4):
         clock.now += 1
@@ -67,11 +71,19 @@ def test_deletion_keeps_max_to_keep(root: str, clock: Clock) -> None:  # noqa: F
     assert [_exists(root, f"ckpt-{i}") for i in range(1, 5)] == [False, False, True, True]
     assert manager.latest_checkpoint == join_url(root, "ckpt-4")
     assert latest_checkpoint(root) == join_url(root, "ckpt-4")
-    # Deleted checkpoints leave no data objects behind.
-    assert [m.key for m in open_storage(root).list("ckpt-1")] == []
+    storage = open_storage(root)
+    if not incremental:  # deleted checkpoints leave no data objects behind
+        assert [m.key for m in storage.list("ckpt-1")] + [m.key for m in storage.list("ckpt-2")] == []
+        return
+    # Incremental: the unchanged array still lives in ckpt-1's object, which ckpt-3 and ckpt-4 name;
+    # ckpt-2's objects held only a changed save_counter and are gone. Nothing unnamed is left.
+    named = {o.name for n in ("ckpt-3", "ckpt-4") for o in load_index(storage, n).objects}
+    left = {m.key for m in storage.list("") if ".data-" in m.key}
+    assert left == named
+    assert [k for k in left if k.startswith("ckpt-1.")] and not [k for k in left if k.startswith("ckpt-2.")]
 
 
-def test_state_survives_instances_with_preserved_checkpoints(root: str, clock: Clock) -> None:  # noqa: F811
+def test_state_survives_instances_with_preserved_checkpoints(root: str, clock: Clock) -> None:
     ckpt = Checkpoint(v=Variable(1.0))
     first = CheckpointManager(ckpt, root, max_to_keep=2, keep_checkpoint_every_n_hours=1.5)
     clock.now = 10_000.0 + 3600 * 2  # 2 h after the manager's "last preserved"
@@ -96,7 +108,7 @@ def test_state_survives_instances_with_preserved_checkpoints(root: str, clock: C
     assert state.all_model_checkpoint_paths == ["ckpt-3", "ckpt-4"]
 
 
-def test_keep_all_then_bounded_manager(root: str, clock: Clock) -> None:  # noqa: F811
+def test_keep_all_then_bounded_manager(root: str, clock: Clock) -> None:
     ckpt = Checkpoint()
     keep_all = CheckpointManager(ckpt, root, max_to_keep=None)
     for _ in range(3):
@@ -110,7 +122,7 @@ def test_keep_all_then_bounded_manager(root: str, clock: Clock) -> None:  # noqa
     assert not any(_exists(root, f"ckpt-{i}") for i in (1, 2, 3))
 
 
-def test_continues_from_unmanaged_checkpoint_save(root: str, clock: Clock) -> None:  # noqa: F811
+def test_continues_from_unmanaged_checkpoint_save(root: str, clock: Clock) -> None:
     ckpt = Checkpoint(v=Variable(2.0))
     prefix = f"{root}/ckpt"
     ckpt.save(prefix)
@@ -126,7 +138,7 @@ def test_continues_from_unmanaged_checkpoint_save(root: str, clock: Clock) -> No
     assert _names(manager.checkpoints) == ["ckpt-4"]
 
 
-def test_clock_reset_clamps_with_warning(root: str, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_clock_reset_clamps_with_warning(root: str, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
     manager = CheckpointManager(Checkpoint(), root, max_to_keep=3, keep_checkpoint_every_n_hours=1)
     clock.now += 10
     manager.save()
@@ -136,7 +148,7 @@ def test_clock_reset_clamps_with_warning(root: str, clock: Clock, caplog: pytest
     assert again.checkpoints == []  # the recovered timestamp is capped at now
 
 
-def test_custom_numbering_and_name(root: str) -> None:  # noqa: F811
+def test_custom_numbering_and_name(root: str) -> None:
     ckpt = Checkpoint()
     manager = CheckpointManager(ckpt, root, max_to_keep=2, checkpoint_name="step")
     assert _names([manager.save(checkpoint_number=100)]) == ["step-100"]
@@ -148,7 +160,7 @@ def test_custom_numbering_and_name(root: str) -> None:  # noqa: F811
     assert int(ckpt.save_counter) == 3
 
 
-def test_restore_or_initialize(root: str) -> None:  # noqa: F811
+def test_restore_or_initialize(root: str) -> None:
     v = Variable(np.arange(3.0))
     calls = []
     manager = CheckpointManager(Checkpoint(v=v), root, max_to_keep=1, init_fn=lambda: calls.append(1))
@@ -168,7 +180,7 @@ def test_pathlike_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("restore", [False, True])
-def test_checkpoint_interval(root: str, restore: bool) -> None:  # noqa: F811
+def test_checkpoint_interval(root: str, restore: bool) -> None:
     step = Variable(np.int64(0))
     ckpt = Checkpoint(step=step)
     manager = CheckpointManager(ckpt, root, max_to_keep=None, step_counter=step, checkpoint_interval=2)
@@ -180,20 +192,20 @@ def test_checkpoint_interval(root: str, restore: bool) -> None:  # noqa: F811
     for i in range(1, 7):
         step.assign(i)
         saved.append(manager.save() is not None)
-    assert saved == [False, True, False, True, False, True] if restore else [True, False, True, False, True, False]
+    assert saved == ([False, True, False, True, False, True] if restore else [True, False, True, False, True, False])
     step.assign(7)
     assert manager.save(check_interval=False) is not None  # interval ignored
     assert manager.save(check_interval=False) is None  # same step as the last save: always skipped
 
 
-def test_reading_never_writes(root: str) -> None:  # noqa: F811
+def test_reading_never_writes(root: str) -> None:
     CheckpointManager(Checkpoint(), root, max_to_keep=1)
     latest_checkpoint(root)
     CheckpointManager(Checkpoint(), root, max_to_keep=1).restore_or_initialize()
     assert open_storage(root).list() == []
 
 
-def test_latest_skips_checkpoints_whose_index_is_gone(root: str, clock: Clock) -> None:  # noqa: F811
+def test_latest_skips_checkpoints_whose_index_is_gone(root: str, clock: Clock) -> None:
     manager = CheckpointManager(Checkpoint(), root, max_to_keep=3)
     for _ in range(3):
         clock.now += 1
@@ -203,7 +215,7 @@ def test_latest_skips_checkpoints_whose_index_is_gone(root: str, clock: Clock) -
     assert manager.latest_checkpoint == join_url(root, "ckpt-2")
 
 
-def test_zombie_writer_is_fenced(root: str, clock: Clock) -> None:  # noqa: F811
+def test_zombie_writer_is_fenced(root: str, clock: Clock) -> None:
     old = CheckpointManager(Checkpoint(v=Variable(1.0)), root, max_to_keep=3)
     clock.now += 1
     old.save()
@@ -262,7 +274,7 @@ def test_async_saves_update_state_only_after_commit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("enable_async", [False, True])
 def test_evictions_are_deleted_off_the_training_thread_for_async_saves(tmp_path: Path, enable_async: bool) -> None:
     """Async saves delete evicted checkpoints on the background worker, after the state write."""
-    import cloudckpt.manager as manager_module
+    import cloudckpt.manager.manager as manager_module
 
     deleting: list[tuple[str, bool, str | None]] = []
     real_delete = manager_module.delete_checkpoint
@@ -283,10 +295,10 @@ def test_evictions_are_deleted_off_the_training_thread_for_async_saves(tmp_path:
     assert not _exists(str(tmp_path), "ckpt-1") and not _exists(str(tmp_path), "ckpt-2")
 
 
-def test_an_eviction_cut_short_is_finished_by_the_next_owner(root: str, clock: Clock) -> None:  # noqa: F811
+def test_an_eviction_cut_short_is_finished_by_the_next_owner(root: str, clock: Clock) -> None:
     """The state write that evicts ckpt-1 records it as being deleted; a killed (here: failed)
     deletion is finished by the next manager's claim instead of leaving ckpt-1 unlisted forever."""
-    import cloudckpt.manager as manager_module
+    import cloudckpt.manager.manager as manager_module
 
     ckpt = Checkpoint(v=Variable(1.0))
     first = CheckpointManager(ckpt, root, max_to_keep=1)
@@ -337,3 +349,59 @@ class _no_warning:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+class RecordingStorage(LocalStorage):
+    """Local disk that records every key it writes and reads (to see which storage a save used)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.written: list[str] = []
+        self.read: list[str] = []
+
+    def put(self, key: str, data: Any, **kwargs: Any) -> ObjectMeta:
+        self.written.append(key)
+        return super().put(key, data, **kwargs)
+
+    def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        self.read.append(key)
+        return super().get(key, byte_range)
+
+    def read_into(self, requests: Sequence[ReadRequest]) -> None:
+        self.read.extend(r.key for r in requests)
+        super().read_into(requests)
+
+
+@pytest.mark.parametrize("as_directory", [False, True], ids=["storage=", "directory"])
+def test_the_storage_given_carries_every_object(tmp_path: Path, as_directory: bool) -> None:
+    """Index, data and state file all go through the Storage the manager was given - and restores too."""
+    storage = RecordingStorage(tmp_path)
+    step = Variable(0)
+
+    def manager() -> CheckpointManager:
+        ckpt = Checkpoint(step=step, w=np.arange(5.0))
+        if as_directory:
+            return CheckpointManager(ckpt, storage, max_to_keep=1)
+        return CheckpointManager(ckpt, str(tmp_path), max_to_keep=1, storage=storage)
+
+    first = manager()
+    for n in (1, 2):
+        step.assign(n)
+        first.save()
+    assert {"checkpoint", "ckpt-1.index", "ckpt-2.index"} <= set(storage.written)
+    assert any(k.startswith("ckpt-2.data-") for k in storage.written)
+    storage.read.clear()
+    step.assign(0)
+    assert manager().restore_or_initialize() == join_url(first.directory, "ckpt-2")
+    assert int(step) == 2
+    assert "ckpt-2.index" in storage.read and any(k.startswith("ckpt-2.data-") for k in storage.read)
+
+
+def test_a_location_carries_its_storage(tmp_path: Path) -> None:
+    storage = RecordingStorage(tmp_path)
+    path = Checkpoint(w=np.ones(3)).write(Location(storage, "custom"))
+    assert path == storage.url_for("custom")
+    assert "custom.index" in storage.written
+    target = np.zeros(3)
+    Checkpoint(w=target).read(Location(storage, "custom")).assert_consumed()
+    assert target.tolist() == [1.0, 1.0, 1.0] and "custom.index" in storage.read

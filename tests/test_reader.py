@@ -18,7 +18,8 @@ from cloudckpt import Checkpoint
 from cloudckpt.checksum import Crc32c, crc32c_of
 from cloudckpt.errors import ChecksumError
 from cloudckpt.format import ArrayEntry
-from cloudckpt.reader import RangeReader, ReadTarget, load_index, read_arrays, read_coalesced
+from cloudckpt.index_store import load_index
+from cloudckpt.reader import RangeReader, ReadTarget, read_arrays, read_coalesced
 from cloudckpt.storage import ByteRange, ReadRequest, Storage, TransferConfig
 from cloudckpt.storage.local import LocalStorage
 

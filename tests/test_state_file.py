@@ -47,8 +47,8 @@ def test_format_round_trips_and_hides_extras_in_comments() -> None:
 
 
 def test_escaped_paths_round_trip() -> None:
-    state = CheckpointState('we"ird\\name', ['we"ird\\name'])
-    assert parse(format_state(state), "x").model_checkpoint_path == 'we"ird\\name'
+    state = CheckpointState('we"ird\tname', ['we"ird\tname'], preserved={'"q"': 1.0})
+    assert parse(format_state(state), "x") == state
 
 
 def test_empty_file_is_an_empty_state() -> None:
@@ -101,3 +101,100 @@ def test_record_checkpoint_replaces_garbage_and_races_safely(tmp_path: Path) -> 
     assert state.all_model_checkpoint_paths == [state.model_checkpoint_path]
     assert state.model_checkpoint_path in {f"ckpt-{i}" for i in range(2, 8)}
     assert state.all_model_checkpoint_timestamps == []
+
+
+# ---------------------------------------------------------------------- hostile state files
+BIG = 4 * 1024 * 1024  # characters: under the 16 MiB cap; quadratic parsing would take hours
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param("all_model_checkpoint_timestamps: 1" + " " * BIG + "2", "expected a number", id="spaces in number"),
+    pytest.param('# cloudckpt-preserved: "a"' + " " * BIG + "x", "expected a number", id="spaces in comment"),
+    pytest.param('model_checkpoint_path: "' + "\\n" * BIG, "quoted string", id="escapes, no closing quote"),
+    pytest.param('model_checkpoint_path: "' + "\\" + '"' * BIG, "quoted string", id="escaped quotes"),
+    pytest.param("model_checkpoint_path" + " " * BIG + "x", "expected 'field: value'", id="no colon"),
+    pytest.param("last_preserved_timestamp: " + "1" * BIG, "expected a number", id="a megabyte of digits"),
+])
+def test_hostile_lines_are_refused_in_linear_time(text: str, message: str) -> None:
+    with pytest.raises(CheckpointStateError, match=message) as info:
+        parse(text, "s3://b/run/checkpoint")
+    assert len(str(info.value)) < 300  # the message quotes a bounded excerpt, not megabytes
+
+
+def test_long_runs_of_spaces_still_parse(tmp_path: Path) -> None:
+    name = "ckpt" + " " * BIG + "7"
+    store = LocalStorage(tmp_path)
+    store.put(STATE_KEY, f'model_checkpoint_path:{" " * BIG}"{name}"{" " * BIG}\n'.encode())
+    found = read_state(store)
+    assert found is not None and found[0].model_checkpoint_path == name
+
+
+@pytest.mark.parametrize("bad", ["../other-run/ckpt-3", "ckpt/../../x", "./ckpt-1", "/abs/../ckpt-1", "a\\\\b",
+                                 "bad\x00name", ""])
+@pytest.mark.parametrize("field", ["model_checkpoint_path: {}", "all_model_checkpoint_paths: {}",
+                                   "# cloudckpt-deleting: {}", "# cloudckpt-preserved: {} 1.5",
+                                   "# cloudckpt-metric: {} 0.25"])
+def test_paths_that_would_leave_the_directory_make_the_file_garbled(field: str, bad: str) -> None:
+    with pytest.raises(CheckpointStateError, match="path"):
+        parse(field.format(f'"{bad}"'), "x")
+
+
+def test_absolute_paths_are_left_to_the_caller() -> None:
+    """TensorFlow writes absolute paths; the manager makes those under its directory relative."""
+    state = parse('model_checkpoint_path: "/data/run/ckpt-2"\nall_model_checkpoint_paths: "s3://b/run/ckpt-2"',
+                  "x")
+    assert state.model_checkpoint_path == "/data/run/ckpt-2"
+    assert state.all_model_checkpoint_paths == ["s3://b/run/ckpt-2"]
+
+
+def test_an_escaping_state_file_is_garbled_so_resume_lists_the_directory(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, ``../elsewhere-9`` reached the store and failed with a fatal ``InvalidKeyError``."""
+    from cloudckpt import Checkpoint, CheckpointManager, Variable, latest_checkpoint
+
+    run = tmp_path / "run"
+    Checkpoint(v=Variable(4.0)).write(str(run / "ckpt-4"))
+    (run / STATE_KEY).write_text('model_checkpoint_path: "../elsewhere-9"\n'
+                                 'all_model_checkpoint_paths: "../elsewhere-9"\n')
+    with caplog.at_level("WARNING", logger="cloudckpt"):
+        assert latest_checkpoint(run) == str(run / "ckpt-4")
+    assert "'.' or '..' segment" in caplog.text and "listing" in caplog.text
+    v = Variable(0.0)
+    with pytest.warns(RuntimeWarning, match=r"'\.' or '\.\.' segment"):
+        manager = CheckpointManager(Checkpoint(v=v), run, max_to_keep=2)
+        assert manager.restore_or_initialize() == str(run / "ckpt-4")
+    assert float(v) == 4.0
+
+
+# ---------------------------------------------------------------------- Checkpoint.save into a manager's directory
+def test_checkpoint_save_refuses_a_directory_a_manager_owns(tmp_path: Path) -> None:
+    """TensorFlow rewrites the state file to list only its own checkpoint, orphaning the manager's."""
+    from cloudckpt import Checkpoint, CheckpointManager, ConcurrentWriterError, Variable
+
+    manager = CheckpointManager(Checkpoint(v=Variable(1.0)), tmp_path, max_to_keep=3)
+    manager.save()
+    manager.save()
+    before = (tmp_path / STATE_KEY).read_bytes()
+    with pytest.raises(ConcurrentWriterError, match=r"managed by a CheckpointManager.*manager\.save\(\)") as info:
+        Checkpoint(v=Variable(2.0)).save(str(tmp_path / "mine"))
+    assert "nothing was written" in str(info.value) and not list(tmp_path.glob("mine*"))
+    assert (tmp_path / STATE_KEY).read_bytes() == before
+    assert manager.checkpoints == [str(tmp_path / "ckpt-1"), str(tmp_path / "ckpt-2")]
+    manager.save()  # the manager is not fenced off: its state file was never touched
+    assert manager.latest_checkpoint == str(tmp_path / "ckpt-3")
+
+
+def test_check_unmanaged_refuses_before_writing(tmp_path: Path) -> None:
+    from cloudckpt import ConcurrentWriterError
+    from cloudckpt.state_file import check_unmanaged
+
+    store = LocalStorage(tmp_path)
+    check_unmanaged(store, "ckpt-1")  # no state file
+    write_state(store, CheckpointState("c-1", ["c-1"]), None)
+    check_unmanaged(store, "ckpt-1")  # a plain Checkpoint.save's state file
+    record_checkpoint(store, "c-2")
+    state, meta = read_state(store) or (None, None)
+    assert state is not None and meta is not None and state.model_checkpoint_path == "c-2"
+    write_state(store, CheckpointState("c-1", ["c-1"], writer="tok-9"), meta)
+    with pytest.raises(ConcurrentWriterError, match="nothing was written for"):
+        check_unmanaged(store, "ckpt-1")

@@ -8,43 +8,61 @@ from collections.abc import Iterator
 import pytest
 
 from cloudckpt import open_storage
-from cloudckpt.errors import InvalidURLError, NotSupportedError
-from cloudckpt.storage import Storage, UpdateVersion
+from cloudckpt.errors import InvalidURLError
+from cloudckpt.storage import Storage
 from cloudckpt.storage.fsspec_store import FsspecStorage
-from cloudckpt.testing.store_tests import CONTRACT_CONFIG, MULTIPART_SIZE, StorageContract, payload
+from cloudckpt.testing.faults import Faults, PrimitiveFaults
+from cloudckpt.testing.store_tests import CONTRACT_CONFIG, StorageContract
+
+
+def memory_store(root: str) -> FsspecStorage:
+    storage = open_storage(f"memory://{root}", config=CONTRACT_CONFIG)
+    assert isinstance(storage, FsspecStorage)
+    return storage
+
+
+def fs_path(store: Storage, key: str) -> str:
+    """Where ``key`` of ``store`` lives in the file system, from its URL (not from its internals)."""
+    root = store.url.partition("://")[2].strip("/")
+    return f"{root}/{key}"
 
 
 class TestMemoryFsspec(StorageContract):
     @pytest.fixture
     def store(self) -> Iterator[Storage]:
-        storage = open_storage(f"memory://bucket-{uuid.uuid4().hex[:8]}/prefix", config=CONTRACT_CONFIG)
-        assert isinstance(storage, FsspecStorage)
+        storage = memory_store(f"bucket-{uuid.uuid4().hex[:8]}/prefix")
         yield storage
         storage.close()
 
-    # fsspec cannot honour conditional writes: each must refuse clearly, and write nothing.
-    def test_create_twice(self, store: Storage) -> None:
-        with pytest.raises(NotSupportedError, match="conditional writes"):
-            store.put("once", b"first", mode="create")
-        assert not store.exists("once")
+    @pytest.fixture
+    def faulty(self) -> Iterator[tuple[Storage, Faults]]:
+        storage = memory_store(f"faulty-{uuid.uuid4().hex[:8]}/prefix")
+        yield storage, PrimitiveFaults(storage, lambda: ConnectionResetError("injected: connection reset"))
+        storage.close()
 
-    def test_create_multipart_twice(self, store: Storage) -> None:
-        with pytest.raises(NotSupportedError):
-            store.put("once-big", payload(MULTIPART_SIZE), mode="create")
+    @pytest.fixture
+    def missing_bucket_store(self) -> Iterator[Storage]:
+        storage = memory_store(f"never-written-{uuid.uuid4().hex[:8]}/prefix")
+        yield storage
+        storage.close()
 
-    def test_update_version(self, store: Storage) -> None:
-        store.put("v", b"1")
-        with pytest.raises(NotSupportedError):
-            store.put("v", b"2", mode=UpdateVersion("anything"))
-        assert store.get("v") == b"1"
+    def raw_put(self, store: Storage, key: str, data: bytes) -> None:
+        assert isinstance(store, FsspecStorage)
+        store.fs.pipe_file(fs_path(store, key), data)
 
-    def test_update_version_of_missing_key(self, store: Storage) -> None:
-        with pytest.raises(NotSupportedError):
-            store.put("absent", b"x", mode=UpdateVersion("1"))
+    def raw_get(self, store: Storage, key: str) -> bytes | None:
+        assert isinstance(store, FsspecStorage)
+        path = fs_path(store, key)
+        return bytes(store.fs.cat_file(path)) if store.fs.isfile(path) else None
 
-    def test_compare_and_swap_race_loses_no_increment(self, store: Storage) -> None:
-        with pytest.raises(NotSupportedError):
-            store.put("counter", b"1", mode=UpdateVersion("0"))
+    def raw_keys(self, store: Storage) -> list[str]:
+        assert isinstance(store, FsspecStorage)
+        root = fs_path(store, "")
+        try:
+            found = store.fs.find(root)
+        except FileNotFoundError:
+            return []
+        return sorted(name.lstrip("/")[len(root.lstrip("/")):] for name in found)
 
     def test_user_metadata_round_trips(self, store: Storage) -> None:
         store.put("m", b"x", metadata={"purpose": "test"})

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cloudckpt import open_storage
-from cloudckpt.errors import InvalidURLError, NotFoundError, StorageError
+from cloudckpt.errors import InvalidURLError, NotFoundError, PermissionDeniedError, StorageError
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 from cloudckpt.storage.local import LocalStorage
+from cloudckpt.testing.faults import Faults, PrimitiveFaults
 from cloudckpt.testing.store_tests import CONTRACT_CONFIG, MULTIPART_SIZE, StorageContract, payload
+
+
+def local_root(store: Storage) -> Path:
+    assert isinstance(store, LocalStorage)
+    return store.root
 
 
 class TestLocalStorage(StorageContract):
@@ -22,6 +31,34 @@ class TestLocalStorage(StorageContract):
         storage = LocalStorage(tmp_path / "root", config=CONTRACT_CONFIG)
         yield storage
         storage.close()
+
+    @pytest.fixture
+    def faulty(self, tmp_path: Path) -> Iterator[tuple[Storage, Faults]]:
+        storage = LocalStorage(tmp_path / "faulty", config=CONTRACT_CONFIG)
+        yield storage, PrimitiveFaults(storage, lambda: OSError(errno.EAGAIN, "injected: try again"))
+        storage.close()
+
+    @pytest.fixture
+    def missing_bucket_store(self, tmp_path: Path) -> Iterator[Storage]:
+        storage = LocalStorage(tmp_path / "not" / "created" / "yet", config=CONTRACT_CONFIG)
+        yield storage
+        storage.close()
+
+    def raw_put(self, store: Storage, key: str, data: bytes) -> None:
+        """As another program writes: a new file renamed into place (no cloudckpt xattrs)."""
+        path = local_root(store) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(path.name + ".raw-put")
+        scratch.write_bytes(data)
+        os.replace(scratch, path)
+
+    def raw_get(self, store: Storage, key: str) -> bytes | None:
+        path = local_root(store) / key
+        return path.read_bytes() if path.is_file() else None
+
+    def raw_keys(self, store: Storage) -> list[str]:
+        root = local_root(store)
+        return sorted(str(Path(d, name).relative_to(root)) for d, _, names in os.walk(root) for name in names)
 
 
 def test_open_storage_picks_local_for_paths_and_file_urls(tmp_path: Path) -> None:
@@ -36,7 +73,97 @@ def test_no_temporary_files_survive_a_write(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path, config=CONTRACT_CONFIG)
     store.put("small", b"x")
     store.put("big", payload(MULTIPART_SIZE))
-    assert list((tmp_path / TEMP_PREFIX).iterdir()) == []
+    store.put("once", b"x", mode="create")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "once", "small"]  # no empty .cloudckpt-tmp/
+
+
+def test_a_checkpoint_directory_shows_only_checkpoints(tmp_path: Path) -> None:
+    """As TensorFlow leaves it: no empty temporary directory after saves."""
+    import numpy as np
+
+    import cloudckpt
+
+    manager = cloudckpt.CheckpointManager(cloudckpt.Checkpoint(w=np.arange(10.0)), tmp_path / "run", max_to_keep=2)
+    for _ in range(3):
+        manager.save()
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert TEMP_PREFIX.rstrip("/") not in names
+    assert all(n == "checkpoint" or n.startswith("ckpt-") for n in names), names
+
+
+def test_concurrent_writers_never_lose_their_temporary_directory(tmp_path: Path) -> None:
+    """One writer's tidying removes the directory only when empty; another re-creates it if it raced."""
+    store = LocalStorage(tmp_path, config=CONTRACT_CONFIG)
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(40):
+                store.put(f"w{n}/{i}", b"x" * (i + 1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert len(store.list("w")) == 8 * 40
+    assert not (tmp_path / TEMP_PREFIX).exists()
+
+
+def test_a_temporary_directory_removed_under_a_writer_is_made_again(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race, made certain: another writer tidies the empty directory right after our mkdir."""
+    from cloudckpt.storage import local
+
+    real, raced = local._make_dirs, []
+
+    def make_then_lose(directory: Path, url: str) -> None:
+        real(directory, url)
+        if directory.name == TEMP_PREFIX.rstrip("/") and len(raced) < 2:
+            raced.append(directory)
+            os.rmdir(directory)
+
+    monkeypatch.setattr(local, "_make_dirs", make_then_lose)
+    store = LocalStorage(tmp_path, config=CONTRACT_CONFIG)
+    store.put("small", b"x")
+    store.put("big", payload(MULTIPART_SIZE))
+    assert len(raced) == 2
+    assert store.get("small") == b"x" and store.head("big").size == MULTIPART_SIZE
+
+
+def test_a_crashed_writers_temporaries_stay_for_cleanup(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    (tmp_path / TEMP_PREFIX).mkdir()
+    (tmp_path / TEMP_PREFIX / "dead.cloudckpt-tmp").write_bytes(b"half")
+    store.put("k", b"v")  # tidying never removes another writer's file
+    assert [m.key for m in store.list(TEMP_PREFIX)] == [f"{TEMP_PREFIX}dead.cloudckpt-tmp"]
+    store.delete(f"{TEMP_PREFIX}dead.cloudckpt-tmp")  # what `cloudckpt gc` does
+    assert not (tmp_path / TEMP_PREFIX).exists()
+
+
+def test_a_path_through_a_file_says_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text("print('hi')")
+    store = LocalStorage(tmp_path / "model.py" / "run")
+    blocker = str(tmp_path / "model.py")
+    with pytest.raises(StorageError, match=f"{re.escape(blocker)} is a file, not a directory") as info:
+        store.put("ckpt-1.index", b"x")
+    assert not isinstance(info.value, NotFoundError)
+    for read in (lambda: store.get("ckpt-1.index"), lambda: store.head("ckpt-1.index")):
+        with pytest.raises(NotFoundError, match="is a file, not a directory"):
+            read()
+    assert store.exists("ckpt-1.index") is False
+    assert (tmp_path / "model.py").read_text() == "print('hi')"
+
+
+def test_a_directory_that_cannot_be_created_says_why() -> None:
+    with pytest.raises(StorageError, match="cannot create directory /proc/cloudckpt-test") as info:
+        LocalStorage("/proc/cloudckpt-test/run").put("k", b"x")  # /proc refuses mkdir (ENOENT)
+    assert not isinstance(info.value, NotFoundError)
+    with pytest.raises(PermissionDeniedError, match="permission denied creating directory /sys/cloudckpt-test"):
+        LocalStorage("/sys/cloudckpt-test/run").put("k", b"x")  # sysfs refuses mkdir even to root (EPERM)
 
 
 def test_failed_multipart_leaves_nothing_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,7 +185,7 @@ def test_failed_multipart_leaves_nothing_visible(tmp_path: Path, monkeypatch: py
         store.put("big", payload(MULTIPART_SIZE))
     assert calls >= 2
     assert not store.exists("big")
-    assert list((tmp_path / TEMP_PREFIX).iterdir()) == []
+    assert not (tmp_path / TEMP_PREFIX).exists()
 
 
 def test_a_leftover_temp_file_is_never_an_object(tmp_path: Path) -> None:

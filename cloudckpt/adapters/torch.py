@@ -35,8 +35,26 @@ def is_tensor(obj: object) -> bool:
     return isinstance(obj, torch.Tensor)
 
 
+#: Why a meta tensor cannot be saved or restored into (see ``no_data``).
+META_PROBLEM = ("it is a tensor on the meta device: it has a shape and dtype but no data (materialize it "
+                "first, e.g. module.to_empty(device='cpu'))")
+
+
+def no_data(tensor: Any) -> str | None:
+    """Why ``tensor`` has no bytes to save or to restore into, or ``None``.
+
+    A meta tensor (``torch.device("meta")``, deferred initialization) has no storage:
+    saving it would need data that does not exist, and restoring into it would be a
+    silent no-op (``load_state_dict`` only warns), so both are refused, naming the key.
+    """
+    return META_PROBLEM if tensor.device.type == "meta" else None
+
+
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached, dense CPU tensor; refuses layouts that have no flat bytes."""
+    """A detached, dense CPU tensor; refuses layouts that have no flat bytes, and meta tensors."""
+    problem = no_data(tensor)
+    if problem is not None:
+        raise ValueError(problem)
     if tensor.layout != torch.strided or tensor.is_quantized:
         raise ValueError(f"torch tensors with layout {tensor.layout} (or quantized) cannot be checkpointed")
     return tensor.detach().cpu() if tensor.device.type != "cpu" else tensor.detach()

@@ -129,13 +129,17 @@ the state file, or sub-directories. --min-age must exceed your longest save.""",
   cloudckpt export s3://bucket/run/ckpt-7 model.npz
   cloudckpt export s3://bucket/run/ckpt-7 model.safetensors model/
 
-Keys are the checkpoint's key paths (model/layers/0/kernel). In .npz, dtypes numpy cannot
-name (bfloat16, float8, int4, ...) are widened losslessly to float32 / int8 / uint8; scalar
-values become 0-d arrays. .safetensors keeps bfloat16 and float8, holds arrays only, and
-refuses dtypes it cannot store.""", parent)
+Keys are the checkpoint's key paths, as 'cloudckpt inspect' shows them (model/layers/0/kernel).
+A KEY selects every key path equal to it or continuing it with '/' or '.': model/head selects
+model/head.weight (PyTorch names) and model/head/bias, not model/header; a KEY ending in '/'
+or '.' is a plain prefix. A KEY that selects nothing is an error (exit 3), nothing is written.
+In .npz, dtypes numpy cannot name (bfloat16, float8, int4, ...) are widened losslessly to
+float32 / int8 / uint8; scalar values become 0-d arrays. .safetensors keeps bfloat16 and
+float8 and holds arrays only: what it cannot store is skipped, in one warning line.""", parent)
     p.add_argument("url", metavar="URL", help="checkpoint path")
     p.add_argument("out", metavar="OUT", help="output file: *.npz or *.safetensors")
-    p.add_argument("keys", metavar="KEY", nargs="*", help="only these keys or key prefixes (default: all)")
+    p.add_argument("keys", metavar="KEY", nargs="*",
+                   help="only the key paths these select (see above; default: all)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     return parser
 

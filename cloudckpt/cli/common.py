@@ -31,8 +31,7 @@ from cloudckpt.errors import (
     PreconditionError,
 )
 from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, index_key
-from cloudckpt.reader import resolve, storage_for_directory
-from cloudckpt.storage import ObjectMeta, Storage, split_url
+from cloudckpt.storage import ObjectMeta, Storage, resolve, split_url, storage_for_directory
 from cloudckpt.storage.base import TEMP_PREFIX
 
 #: Exit codes, documented in ``cloudckpt --help`` and the README. Scripts rely on them.
@@ -229,8 +228,8 @@ def checkpoint_at(url: str) -> tuple[Storage, str] | None:
         split_url(url)
     except InvalidURLError:
         return None  # a bucket root: a directory, never a checkpoint
-    storage, name = resolve(url)
-    return (storage, name) if storage.exists(index_key(name)) else None
+    location = resolve(url)
+    return (location.storage, location.name) if location.storage.exists(index_key(location.name)) else None
 
 
 def checkpoint_number(name: str) -> int | None:

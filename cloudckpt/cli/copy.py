@@ -10,11 +10,18 @@ The order is what makes an interrupted copy harmless, the same as a save's::
                  (``verify.verify_data``); skipped with --no-reread
     commit    -> the index, last, with create-if-absent (replace-if-unchanged with --force):
                  only now does the copy exist as a checkpoint
-    state     -> for a directory: the state file, after every checkpoint
+    state     -> for a directory: the state file, after every checkpoint, naming only those copied
+
+A directory copy skips a damaged checkpoint (malformed index, bytes failing their CRC32C,
+truncated or missing data objects), reports it, copies every intact one, and exits 1, so
+the destination's latest is the newest intact checkpoint of the source.
 
 Data objects keep their names (they are unique to the write that made them), so a copy
 never overwrites bytes another index names. A failure before the commit removes the data
 objects this copy wrote; a SIGKILL leaves them for ``cloudckpt gc``.
+
+A TensorFlow checkpoint (told by its index bytes) is copied as-is - same index bytes, same
+shard layout, renamed with the checkpoint - with the same order and checks (``_copy_bundle``).
 
 Memory: objects up to the destination's ``multipart_threshold`` (64 MiB by default) are
 copied whole - one GET, one PUT, up to ``max_concurrency`` of them at once; larger ones
@@ -24,7 +31,6 @@ are streamed in parts, at most ``max_concurrency`` parts held at a time.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,20 +45,33 @@ from cloudckpt.cli.common import (
     CliError,
     Progress,
     checkpoint_at,
+    fail,
     human_size,
     no_checkpoints_error,
+    one_line,
     open_directory,
     scan_directory,
     sort_names,
 )
-from cloudckpt.cli.verify import Problem, verify_data
-from cloudckpt.errors import CheckpointFormatError, InvalidRangeError, NotFoundError, PreconditionError, StorageError
-from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, decode_index, index_key
-from cloudckpt.reader import load_index
+from cloudckpt.cli.verify import Problem, verify_bundle, verify_data
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    CheckpointStateError,
+    ChecksumError,
+    InvalidRangeError,
+    NotFoundError,
+    PreconditionError,
+    StorageError,
+)
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint
+from cloudckpt.index_store import head_index
+from cloudckpt.references import delete_unreferenced
+from cloudckpt.saving.commit import commit, delete_replaced
 from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, open_storage, split_url, url_scheme
 from cloudckpt.storage.transfer import gather
-from cloudckpt.writer import commit, delete_replaced, head_index
+from cloudckpt.tfbundle import Bundle, data_object, load_any_index
+from cloudckpt.tfbundle.entries import DTYPES
 
 #: S3 refuses parts below 5 MiB (except the last); no store needs smaller ones.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -147,30 +166,49 @@ class Copied:
 
 
 def _renamed(index: CheckpointIndex, name: str) -> CheckpointIndex:
-    """The index under another checkpoint name: data objects carry the name as their prefix."""
+    """The index under another checkpoint name: data objects carry the name as their prefix.
+
+    Objects of the checkpoints an incremental index references are renamed too, so a copy
+    under a new name stands alone (it references nothing; their suffixes keep names unique).
+    """
     if name == index.name:
         return index
-    objects = tuple(DataObject(name + o.name[len(index.name):], o.size) for o in index.objects)
-    return replace(index, name=name, objects=objects)
+    objects = tuple(DataObject(name + o.name[len(object_checkpoint(o.name) or index.name):], o.size)
+                    for o in index.objects)
+    return replace(index, name=name, objects=objects, references=())
 
 
-def _discard(dst: Storage, name: str, written: Sequence[str]) -> None:
-    """Remove what this copy wrote, except objects an index at ``name`` names (a same-source recopy)."""
-    keep: set[str] = set()
-    with contextlib.suppress(NotFoundError, CheckpointFormatError):
-        keep = {o.name for o in decode_index(dst.get(index_key(name)), name, dst.url_for(name)).objects}
-    doomed = [key for key in written if key not in keep]
+def _discard(dst: Storage, written: Sequence[str]) -> None:
+    """Remove what this copy wrote, except objects a committed index names (a recopy, or a
+    checkpoint copied earlier that this one references)."""
     try:
-        dst.delete(doomed)
-    except StorageError as exc:
+        delete_unreferenced(dst, written)
+    except (StorageError, CheckpointFormatError) as exc:
         log.warning("could not remove %d copied data object(s) from %s: %s (cloudckpt gc will)",
-                    len(doomed), dst.url, exc)
+                    len(written), dst.url, exc)
+
+
+def _already_copied(dst: Storage, new: DataObject, src_name: str, old: DataObject) -> bool:
+    """Whether an object another checkpoint owns (one an incremental index references) is already
+    at the destination under the same name and size - copied with the checkpoint that wrote it.
+
+    Names are write-unique, so the same name and size is the same bytes; the re-read
+    verification (``--verify``, default) still checks them. Own objects are always copied.
+    """
+    if object_checkpoint(old.name) == src_name or new.name != old.name:
+        return False
+    try:
+        return dst.head(new.name).size == new.size
+    except NotFoundError:
+        return False
 
 
 def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *, force: bool, reread: bool,
                     quiet: bool) -> Copied:
     """Copy one committed checkpoint; the destination index is written last."""
-    index = load_index(src, src_name)
+    index = load_any_index(src, src_name)
+    if isinstance(index, Bundle):
+        return _copy_bundle(index, dst, dst_name, force=force, reread=reread, quiet=quiet)
     seen = head_index(dst, dst_name)
     if seen is not None and not force:
         raise CliError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)", EXIT_CONFLICT)
@@ -183,8 +221,9 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
         with Progress(total, f"copy {src_name}", enabled=not quiet) as progress:
             copier = _Copier(src, dst, progress)
             sums = [_ChunkSums(chunks[i]) for i in range(len(index.objects))]
-            written.extend(o.name for o in new_index.objects)
-            pairs = list(zip(index.objects, new_index.objects, sums, strict=True))
+            pairs = [(old, new, checks) for old, new, checks in zip(index.objects, new_index.objects, sums, strict=True)
+                     if not _already_copied(dst, new, src_name, old)]
+            written.extend(new.name for _, new, _ in pairs)
             # Objects copied whole go in parallel (at most max_concurrency held at once);
             # large ones one at a time, each with its parts in parallel on the destination's pool.
             with ThreadPoolExecutor(max_workers=copier.workers, thread_name_prefix="cloudckpt-cp-small") as pool:
@@ -196,6 +235,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
                 gather(whole)
             for old, _, checks in pairs:
                 problems += checks.problems(src.url_for(old.name))
+            progress.update(sum(o.size for o in index.objects) - sum(old.size for old, _, _ in pairs))
         if problems:
             raise CliError(f"the source {src.url_for(src_name)} is damaged, nothing was committed: "
                            + "; ".join(p.line() for p in problems[:5])
@@ -208,10 +248,70 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
                                + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
         _, _, stale = commit(dst, new_index, seen)
     except BaseException:
-        _discard(dst, dst_name, written)
+        _discard(dst, written)
         raise
     delete_replaced(dst, dst_name, stale)
     return Copied(src.url_for(src_name), dst.url_for(dst_name), len(index.objects), total, reread)
+
+
+def _copy_bundle(bundle: Bundle, dst: Storage, dst_name: str, *, force: bool, reread: bool, quiet: bool) -> Copied:
+    """Copy a TensorFlow checkpoint as-is: its shards (named after ``dst_name``), then its index bytes.
+
+    The order is a save's: shards first, their numeric tensors' CRC32Cs checked as the bytes
+    pass (a string tensor's CRC is not one of its raw bytes: the re-read checks those), then
+    the copy re-read and verified whole, then the index last with create-if-absent. TensorFlow's
+    data names are not unique per write, so ``--force`` first deletes the destination's old
+    index: while its shards are rewritten, no index points at them.
+    """
+    src = bundle.storage
+    count = bundle.header.num_shards
+    targets = [data_object(dst_name, i, count) for i in range(count)]
+    index = index_key(dst_name)
+    existing = [key for key in (index, *targets) if dst.exists(key)]
+    if existing and not force:
+        raise CliError(f"{dst.url_for(existing[0])} already exists (use --force to replace it)", EXIT_CONFLICT)
+    if force and index in existing:
+        dst.delete([index])
+    sizes = [bundle.shard_size(i) for i in range(count)]
+    display = {key: name for name, key in bundle.names.items()}
+    chunks: dict[int, list[tuple[str, Chunk]]] = {i: [] for i in range(count)}
+    for name, entry in bundle.stored_entries(display):
+        if entry.offset + entry.size > sizes[entry.shard]:
+            raise CliError(f"the source {bundle.url} is damaged, nothing was copied: {name} needs bytes "
+                           f"[{entry.offset}, {entry.offset + entry.size}) of {bundle.objects[entry.shard]}, "
+                           f"which has {sizes[entry.shard]}", EXIT_DAMAGED)
+        if entry.dtype in DTYPES and entry.size:
+            chunks[entry.shard].append((name, Chunk(entry.shard, entry.offset, entry.size, entry.crc32c, (), ())))
+    total = sum(sizes)
+    try:
+        with Progress(total, f"copy {bundle.name}", enabled=not quiet) as progress:
+            copier = _Copier(src, dst, progress)
+            sums = [_ChunkSums(chunks[i]) for i in range(count)]
+            with ThreadPoolExecutor(max_workers=copier.workers, thread_name_prefix="cloudckpt-cp-small") as pool:
+                whole = [pool.submit(copier.copy_object, bundle.objects[i], targets[i], sizes[i], sums[i])
+                         for i in range(count) if copier.copies_whole(sizes[i])]
+                for i in range(count):
+                    if not copier.copies_whole(sizes[i]):
+                        copier.copy_object(bundle.objects[i], targets[i], sizes[i], sums[i])
+                gather(whole)
+        problems = [p for i in range(count) for p in sums[i].problems(src.url_for(bundle.objects[i]))]
+        if problems:
+            raise CliError(f"the source {bundle.url} is damaged, nothing was committed: "
+                           + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
+        if reread:
+            with Progress(total, f"verify {dst_name}", enabled=not quiet) as progress:
+                problems = verify_bundle(Bundle(dst, dst_name, bundle.index_bytes), progress)
+            if problems:
+                raise CliError(f"the copy at {dst.url_for(dst_name)} reads back wrong, nothing was committed: "
+                               + "; ".join(p.line() for p in problems[:5]), EXIT_DAMAGED)
+        dst.put(index, bundle.index_bytes, mode="create")
+    except BaseException:
+        try:
+            dst.delete(targets)
+        except StorageError as exc:
+            log.warning("could not remove %d copied data shard(s) from %s: %s", count, dst.url, exc)
+        raise
+    return Copied(bundle.url, dst.url_for(dst_name), count, total, reread)
 
 
 def _destination_storage(url: str, part_size: int | None) -> Storage:
@@ -234,20 +334,28 @@ def _relative(name: str, directory: str) -> str:
     return name[len(prefix):] if name.startswith(prefix) else name
 
 
-def _copy_state(src: Storage, dst: Storage, copied: set[str], force: bool) -> bool:
-    """The state file, with paths made relative and the writer token dropped (the copy is unclaimed)."""
+def _copy_state(src: Storage, dst: Storage, copied: Sequence[str], force: bool) -> bool:
+    """The state file, naming only what was copied, paths made relative and the writer token dropped
+    (the copy is unclaimed). ``False`` when the source has none or none of its checkpoints was copied."""
     found = read_state(src)
     if found is None:
         return False
     state = found[0]
+    kept = set(copied)
     names = [_relative(p, src.url) for p in state.all_model_checkpoint_paths]
+    stamps: list[float | None] = [*state.all_model_checkpoint_timestamps] or [None] * len(names)
+    pairs = [(n, t) for n, t in zip(names, stamps, strict=True) if n in kept]
+    if not pairs:
+        return False
     latest = _relative(state.model_checkpoint_path, src.url) if state.model_checkpoint_path else None
+    if latest not in kept:
+        latest = pairs[-1][0]  # the source's latest was damaged: the newest one that was copied
     new = CheckpointState(
-        model_checkpoint_path=latest, all_model_checkpoint_paths=names,
-        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
+        model_checkpoint_path=latest, all_model_checkpoint_paths=[n for n, _ in pairs],
+        all_model_checkpoint_timestamps=[t for _, t in pairs if t is not None],
         last_preserved_timestamp=state.last_preserved_timestamp, writer=None,
-        preserved={k: v for k, v in state.preserved.items() if _relative(k, src.url) in copied},
-        metrics=dict(state.metrics))
+        preserved={k: v for k, v in state.preserved.items() if _relative(k, src.url) in kept},
+        metrics={k: v for k, v in state.metrics.items() if _relative(k, src.url) in kept})
     current: ObjectMeta | None
     try:
         current = dst.head(STATE_KEY)
@@ -260,6 +368,22 @@ def _copy_state(src: Storage, dst: Storage, copied: set[str], force: bool) -> bo
     except PreconditionError as exc:
         raise CliError(f"{dst.url_for(STATE_KEY)} changed while copying: {exc}", EXIT_CONFLICT) from exc
     return True
+
+
+def _damage(exc: Exception, src: Storage) -> str | None:
+    """Why one checkpoint of a directory could not be copied when the cause is damage, else ``None``.
+
+    Damage - a malformed index, bytes that fail their CRC32C, a truncated or missing data
+    object of the source, a copy that reads back wrong - skips that checkpoint; anything else
+    (credentials, the network, a full destination) stops the whole copy as before.
+    """
+    if isinstance(exc, CliError):
+        return str(exc) if exc.code == EXIT_DAMAGED else None
+    if isinstance(exc, (CheckpointFormatError, ChecksumError)):
+        return one_line(exc)
+    if isinstance(exc, NotFoundError) and (exc.url or "").startswith(src.url.rstrip("/") + "/"):
+        return f"an object it names is missing: {one_line(exc)}"
+    return None
 
 
 def _report(result: Copied) -> None:
@@ -292,12 +416,31 @@ def run(args: Any) -> int:
             existing.append(STATE_KEY)
         if existing:
             raise CliError(f"{dst.url} already has {', '.join(existing)} (use --force to replace)", EXIT_CONFLICT)
+    copied: list[str] = []
+    damaged: list[str] = []
     for name in names:
-        _report(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread, quiet=args.quiet))
+        try:
+            _report(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread,
+                                    quiet=args.quiet))
+        except Exception as exc:
+            reason = _damage(exc, src)
+            if reason is None:
+                raise
+            fail(f"not copied, damaged: {src.url_for(name)}: {reason}")
+            damaged.append(name)
+        else:
+            copied.append(name)
     skipped = [n for n in scan.names if n not in scan.indexes]
     if skipped:
         print(f"not copied (incomplete saves, no index): {', '.join(skipped)}")
-    if _copy_state(src, dst, set(names), args.force):
-        print(f"copied {src.url_for(STATE_KEY)} -> {dst.url_for(STATE_KEY)}")
+    try:
+        if copied and _copy_state(src, dst, copied, args.force):
+            print(f"copied {src.url_for(STATE_KEY)} -> {dst.url_for(STATE_KEY)}"
+                  f"{' (listing only the checkpoints copied)' if damaged else ''}")
+    except CheckpointStateError as exc:
+        fail(f"not copied, damaged: {one_line(exc)}")
+        damaged.append(STATE_KEY)
+    if damaged:
+        print(f"copied {len(copied)} of {len(names)} checkpoints; not copied (damaged): {', '.join(damaged)}")
+        return EXIT_DAMAGED
     return 0
-

@@ -11,28 +11,45 @@ would write them as opaque ``V2``), so they are widened losslessly: floats to fl
 int2/int4 to int8, uint2/uint4 to uint8. Inline scalar values become 0-d arrays.
 ``.safetensors`` is written directly (its format is a JSON header and raw bytes, no
 dependency needed); it keeps bfloat16 and float8 and skips what it cannot hold.
+
+A TensorFlow checkpoint exports the same way, its tensors named by object path
+(``model/dense/kernel``); ``tf.string`` tensors go into .npz as fixed-width ``S`` arrays
+(skipped if a string ends in NUL bytes, which ``S`` would drop) and are skipped by
+.safetensors, like resource/variant tensors everywhere.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.cli.common import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, CliError, Progress, human_size
+from cloudckpt.cli import tf
+from cloudckpt.cli.common import (
+    EXIT_CONFLICT,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+    CliError,
+    Progress,
+    human_size,
+)
 from cloudckpt.cli.inspect import array_nbytes
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
-from cloudckpt.reader import ReadTarget, load_index, new_buffer, read_arrays, resolve
-from cloudckpt.storage import Storage
+from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.storage import Storage, resolve
+from cloudckpt.tfbundle import Bundle, Tensor, load_any_index
 
 log = logging.getLogger("cloudckpt.cli")
 
@@ -47,8 +64,17 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def _selected(path: str, keys: Sequence[str]) -> bool:
-    return not keys or any(path == k or path.startswith(k.rstrip("/") + "/") for k in keys)
+def key_matches(path: str, key: str) -> bool:
+    """Whether KEY selects the key path ``path`` (the rule ``cloudckpt export --help`` states).
+
+    ``path`` equals ``key``, or continues it at a separator - ``/`` (a nested key) or ``.``
+    (PyTorch's dotted ``state_dict`` names): ``model/head`` selects ``model/head.weight``
+    and ``model/head/bias`` but not ``model/header``. A ``key`` ending in ``/`` or ``.`` is a
+    plain prefix.
+    """
+    if not path.startswith(key):
+        return False
+    return len(path) == len(key) or key.endswith(("/", ".")) or path[len(key)] in "/."
 
 
 def _npz_dtype(array: NDArray[Any]) -> NDArray[Any]:
@@ -98,16 +124,15 @@ def _write_npz(out: IO[bytes], arrays: Iterator[tuple[str, NDArray[Any]]],
 
 
 def _write_safetensors(out: IO[bytes], arrays: Iterator[tuple[str, NDArray[Any]]],
-                       entries: Sequence[tuple[str, ArrayEntry]], index: CheckpointIndex) -> None:
+                       layout: Sequence[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> None:
+    """``layout``: ``(key, dtype name, shape, bytes)`` of each array, in the order ``arrays`` yields them."""
     header: dict[str, Any] = {}
     offset = 0
-    for path, entry in entries:
-        nbytes = array_nbytes(entry)
-        header[path] = {"dtype": SAFETENSORS_DTYPES[entry.dtype], "shape": list(entry.shape),
+    for path, dtype, shape, nbytes in layout:
+        header[path] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    header["__metadata__"] = {"cloudckpt_checkpoint": index.name,
-                              "cloudckpt_metadata": json.dumps(dict(index.metadata), default=str)}
+    header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     out.write(struct.pack("<Q", len(raw)))
@@ -116,25 +141,78 @@ def _write_safetensors(out: IO[bytes], arrays: Iterator[tuple[str, NDArray[Any]]
         out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
 
-def _plan(index: CheckpointIndex, keys: Sequence[str], safetensors: bool,
-          ) -> tuple[list[tuple[str, ArrayEntry]], list[tuple[str, ValueEntry]], list[str]]:
-    """Arrays and values to write, and what is skipped (with why)."""
+def _plan(index: CheckpointIndex, url: str, keys: Sequence[str], safetensors: bool,
+          ) -> tuple[list[tuple[str, ArrayEntry]], list[tuple[str, ValueEntry]], list[tuple[str, str]]]:
+    """Arrays and values to write, and what is skipped: ``(path, "what it is|plural")``.
+
+    Raises:
+        CliError: a KEY selects no array or value (exit 3, naming every such KEY).
+    """
     arrays: list[tuple[str, ArrayEntry]] = []
     values: list[tuple[str, ValueEntry]] = []
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    unmatched = dict.fromkeys(keys)
     for path, entry in index.entries.items():
-        if isinstance(entry, NodeEntry) or not _selected(path, keys):
+        if isinstance(entry, NodeEntry):
             continue
+        if keys:
+            hits = [k for k in keys if key_matches(path, k)]
+            if not hits:
+                continue
+            for key in hits:
+                unmatched.pop(key, None)
         if isinstance(entry, ArrayEntry):
             if safetensors and entry.dtype not in SAFETENSORS_DTYPES:
-                skipped.append(f"{path} ({entry.dtype})")
-            elif len(entry.chunks) > 0:
+                skipped.append((path, f"{entry.dtype} array|{entry.dtype} arrays"))
+            else:
                 arrays.append((path, entry))
-        elif safetensors or entry.type == "none" or (entry.type == "int" and not -2**63 <= entry.value < 2**63):
-            skipped.append(f"{path} (inline {entry.type})")
+        elif safetensors:
+            skipped.append((path, "inline value|inline values"))
+        elif entry.type == "none":
+            skipped.append((path, "None value|None values"))
+        elif entry.type == "int" and not -2**63 <= entry.value < 2**63:
+            skipped.append((path, "int beyond int64|ints beyond int64"))
         else:
             values.append((path, entry))
+    if unmatched:
+        raise CliError(f"{url}: no array or value matches {', '.join(map(repr, unmatched))}"
+                       f"{_hint(index, next(iter(unmatched)))} (a KEY selects a key path equal to it or "
+                       f"continuing it with '/' or '.'; see cloudckpt inspect for the keys)", EXIT_NOT_FOUND)
     return arrays, values, skipped
+
+
+def _hint(index: CheckpointIndex, key: str) -> str:
+    """`` - did you mean 'model/layers.0'?`` when a key path starts with ``key`` mid-name."""
+    near = next((p for p, e in index.entries.items() if p.startswith(key) and not isinstance(e, NodeEntry)), None)
+    return f" - did you mean {near!r}?" if near else ""
+
+
+def skipped_summary(skipped: Sequence[tuple[str, str]], suffix: str) -> str:
+    """One line for everything a format cannot hold (not one warning per inline scalar)."""
+    groups: dict[str, list[str]] = {}
+    for path, what in skipped:
+        groups.setdefault(what, []).append(path)
+    parts = []
+    for what, paths in groups.items():
+        one, many = what.split("|")
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        parts.append(f"{len(paths)} {one if len(paths) == 1 else many} ({shown})")
+    return f"not exported, the {suffix} format cannot hold them: {'; '.join(parts)}"
+
+
+def _temp_file(out_path: Path) -> tuple[int, str]:
+    """A temporary file next to OUT; an error names OUT (and its directory), never the temporary name."""
+    directory = out_path.parent if str(out_path.parent) else Path(".")
+    try:
+        return tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=directory)
+    except FileNotFoundError:
+        raise CliError(f"cannot write {out_path}: its directory {directory} does not exist", EXIT_NOT_FOUND) from None
+    except NotADirectoryError:
+        raise CliError(f"cannot write {out_path}: {directory} is not a directory", EXIT_NOT_FOUND) from None
+    except PermissionError:
+        raise CliError(f"cannot write {out_path}: permission denied in {directory}", EXIT_PERMISSION) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {out_path}: {exc.strerror or exc}", EXIT_FAILED) from None
 
 
 def run(args: Any) -> int:
@@ -144,33 +222,112 @@ def run(args: Any) -> int:
         raise CliError(f"{args.out}: the output must end in .npz or .safetensors", EXIT_USAGE)
     if out_path.exists() and not args.force:
         raise CliError(f"{args.out} exists (use --force to overwrite it)", EXIT_CONFLICT)
-    storage, name = resolve(args.url)
-    index = load_index(storage, name)
-    arrays, values, skipped = _plan(index, args.keys, suffix == ".safetensors")
-    if not arrays and not values:
-        what = f"keys matching {', '.join(args.keys)}" if args.keys else "arrays or values"
-        raise CliError(f"{storage.url_for(name)} has no {what} to export", EXIT_NOT_FOUND)
-    for item in skipped:
-        log.warning("not exported (the %s format cannot hold it): %s", suffix, item)
-    total = sum(array_nbytes(entry) for _, entry in arrays)
-    directory = out_path.parent if str(out_path.parent) else Path(".")
-    fd, temp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=directory)
+    fd, temp = _temp_file(out_path)  # first: an unwritable OUT fails before anything is fetched
+    target = _Temp(fd)
     try:
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # what open() would have made, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as out, Progress(total, f"export {name}", enabled=not args.quiet) as progress:
-            stream = _arrays(storage, index, arrays, progress)
-            if suffix == ".npz":
-                _write_npz(out, stream, values)
-            else:
-                _write_safetensors(out, stream, arrays, index)
-            out.flush()
-            os.fsync(out.fileno())
+        location = resolve(args.url)
+        index = load_any_index(location.storage, location.name)
+        if isinstance(index, Bundle):
+            summary = _export_tf(index, args, suffix, target)
+        else:
+            summary = _export(location.storage, index, args, suffix, target)
         os.replace(temp, out_path)
     except BaseException:
+        target.close()
         Path(temp).unlink(missing_ok=True)
         raise
-    print(f"wrote {out_path}: {len(arrays)} arrays, {len(values)} values, {human_size(total)} of array data"
-          f"{f'; skipped {len(skipped)}' if skipped else ''}")
+    print(f"wrote {out_path}: {summary}")
     return 0
+
+
+class _Temp:
+    """The temporary file's descriptor until ``_write_into`` takes it over (then it closes it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def take(self) -> int:
+        fd, self.fd = self.fd, None
+        assert fd is not None, "the temporary file was already written"
+        return fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.take())
+
+
+def _export(storage: Storage, index: CheckpointIndex, args: Any, suffix: str, target: _Temp) -> str:
+    name = index.name
+    arrays, values, skipped = _plan(index, storage.url_for(name), args.keys, suffix == ".safetensors")
+    if skipped:
+        log.warning("%s", skipped_summary(skipped, suffix))
+    if not arrays and not values:
+        what = f"keys matching {', '.join(args.keys)}" if args.keys else "arrays or values"
+        raise CliError(f"{storage.url_for(name)} has no {what} that {suffix} can hold", EXIT_NOT_FOUND)
+    total = sum(array_nbytes(entry) for _, entry in arrays)
+
+    def write(out: IO[bytes], progress: Progress) -> None:
+        stream = _arrays(storage, index, arrays, progress)
+        if suffix == ".npz":
+            _write_npz(out, stream, values)
+        else:
+            layout = [(path, entry.dtype, entry.shape, array_nbytes(entry)) for path, entry in arrays]
+            metadata = json.dumps(dict(index.metadata), default=str)
+            _write_safetensors(out, stream, layout, {"cloudckpt_checkpoint": name, "cloudckpt_metadata": metadata})
+
+    _write_into(target, total, f"export {name}", not args.quiet, write)
+    return (f"{len(arrays)} arrays, {len(values)} values, {human_size(total)} of array data"
+            f"{f'; skipped {len(skipped)}' if skipped else ''}")
+
+
+def _export_tf(bundle: Bundle, args: Any, suffix: str, target: _Temp) -> str:
+    """Export a TensorFlow checkpoint's tensors, named by object path (see cli/tf.py)."""
+    tensors, skipped = tf.export_plan(bundle, args.keys, suffix == ".safetensors", frozenset(SAFETENSORS_DTYPES))
+    if suffix == ".npz":
+        strings = [t for t in tensors if t.dtype == "string"]
+        tensors = [t for t in tensors if t.dtype != "string"]
+    else:
+        strings = []
+    if not tensors and not strings:
+        what = f"keys matching {', '.join(args.keys)}" if args.keys else "tensors"
+        raise CliError(f"{bundle.url} has no {what} to export", EXIT_NOT_FOUND)
+    texts: list[tuple[str, NDArray[Any]]] = []
+    for name, value in bundle.read([t.name for t in strings]).items():
+        fixed = tf.npz_strings(name, value)
+        if fixed is None:
+            skipped.append(f"{name} (strings ending in NUL bytes: numpy's S dtype would drop them)")
+        else:
+            texts.append((name, fixed))
+    if skipped:
+        log.warning("not exported, the %s format cannot hold them: %s", suffix, "; ".join(skipped))
+    total = sum(t.nbytes for t in tensors)
+
+    def write(out: IO[bytes], progress: Progress) -> None:
+        stream = tf.export_arrays(bundle, tensors, BATCH_BYTES, progress)
+        if suffix == ".npz":
+            _write_npz(out, itertools.chain(stream, texts), [])
+        else:
+            layout = [(t.name, _dtype_name(t), t.shape, t.nbytes) for t in tensors]
+            _write_safetensors(out, stream, layout, {"cloudckpt_checkpoint": bundle.name,
+                                                     "cloudckpt_format": tf.FORMAT})
+
+    _write_into(target, total, f"export {bundle.name}", not args.quiet, write)
+    return (f"{len(tensors) + len(texts)} tensors, {human_size(total)} of numeric data"
+            f"{f'; skipped {len(skipped)}' if skipped else ''}")
+
+
+def _dtype_name(tensor: Tensor) -> str:
+    assert tensor.numpy_dtype is not None
+    return tensor.numpy_dtype.name
+
+
+def _write_into(target: _Temp, total: int, description: str, show_progress: bool,
+                write: Callable[[IO[bytes], Progress], None]) -> None:
+    """Run ``write`` into the temporary file (made by ``_temp_file``) and fsync it."""
+    with os.fdopen(target.take(), "wb") as out, Progress(total, description, enabled=show_progress) as progress:
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.fchmod(out.fileno(), 0o666 & ~umask)  # what open() would have made, not mkstemp's 0600
+        write(out, progress)
+        out.flush()
+        os.fsync(out.fileno())

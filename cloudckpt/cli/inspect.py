@@ -11,10 +11,12 @@ import json
 import math
 from typing import Any
 
+from cloudckpt.cli import tf
 from cloudckpt.cli.common import EXIT_NOT_FOUND, CliError, human_size, print_json, print_table
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
-from cloudckpt.reader import ReadTarget, load_index, new_buffer, read_arrays, resolve
-from cloudckpt.storage import Storage
+from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.storage import Storage, resolve
+from cloudckpt.tfbundle import Bundle, load_any_index
 
 #: Largest array whose value ``inspect`` shows (0-d arrays are a few bytes each).
 _SCALAR_BYTES = 64
@@ -70,14 +72,20 @@ def _short(value: Any, width: int = 50) -> str:
 
 
 def run(args: Any) -> int:
-    storage, name = resolve(args.url)
-    index = load_index(storage, name)
+    location = resolve(args.url)
+    storage, name = location.storage, location.name
+    index = load_any_index(storage, name)
+    if isinstance(index, Bundle):
+        return tf.inspect(index, args)
     leaves = {p: e for p, e in index.entries.items() if not isinstance(e, NodeEntry)}
     values = {} if args.no_values else scalar_values(storage, index)
     data_bytes = sum(o.size for o in index.objects)
+    by_checkpoint = index.bytes_by_checkpoint()
+    shared = {k: v for k, v in by_checkpoint.items() if k != name}
     if args.json:
         print_json({"checkpoint": storage.url_for(name), "name": name, "format_version": index.version,
                     "metadata": dict(index.metadata), "data_bytes": data_bytes,
+                    "new_bytes": by_checkpoint.get(name, 0), "shared_bytes": dict(sorted(shared.items())),
                     "objects": [{"name": o.name, "size": o.size} for o in index.objects],
                     "entries": [_entry_json(p, e, index, values) for p, e in leaves.items()]})
         return 0
@@ -86,6 +94,9 @@ def run(args: Any) -> int:
     print(f"format      cloudckpt-index version {index.version}")
     print(f"data        {len(arrays)} arrays, {len(leaves) - len(arrays)} inline values, "
           f"{human_size(data_bytes)} in {len(index.objects)} data object(s)")
+    if shared:
+        print(f"shared      {human_size(by_checkpoint.get(name, 0))} new in this checkpoint; unchanged bytes "
+              "referenced in " + ", ".join(f"{k} ({human_size(v)})" for k, v in sorted(shared.items())))
     if index.metadata:
         print(f"metadata    {json.dumps(dict(index.metadata), default=str)}")
     print()

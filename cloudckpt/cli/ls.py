@@ -28,12 +28,13 @@ from cloudckpt.cli.common import (
     scan_directory,
     sort_names,
 )
-from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, NotFoundError, PreconditionError
+from cloudckpt.cli.tf import FORMAT, stored_size
+from cloudckpt.errors import CheckpointFormatError, NotFoundError
 from cloudckpt.format import CheckpointIndex
-from cloudckpt.manager import latest_checkpoint
-from cloudckpt.reader import load_index
-from cloudckpt.state_file import CheckpointState, read_state
-from cloudckpt.storage import Storage, split_url
+from cloudckpt.manager.directory import latest_name, read_state_tolerant
+from cloudckpt.state_file import CheckpointState
+from cloudckpt.storage import Storage
+from cloudckpt.tfbundle import Bundle, load_any_index
 
 log = logging.getLogger("cloudckpt.cli")
 
@@ -53,34 +54,36 @@ class Row:
     managed: bool = False
     stray_objects: int = 0
     problem: str | None = None
+    #: Incremental checkpoints: array bytes new in this one, and bytes reused per earlier checkpoint.
+    new_bytes: int = 0
+    shared: dict[str, int] = field(default_factory=dict)
+    format: str = "cloudckpt"  # or "tensorflow": a TensorBundle, read by cloudckpt.tfbundle
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "number": checkpoint_number(self.name), "status": self.status,
                 "size": self.size, "objects": self.objects, "time": iso_time(self.time),
                 "metadata": self.metadata, "latest": self.latest, "preserved": self.preserved,
-                "managed": self.managed, "stray_objects": self.stray_objects, "problem": self.problem}
+                "managed": self.managed, "stray_objects": self.stray_objects, "problem": self.problem,
+                "new_bytes": self.new_bytes, "shared_bytes": self.shared, "format": self.format}
 
 
 def read_state_quietly(storage: Storage) -> CheckpointState | None:
     """The state file, or ``None`` (absent or unreadable: ``ls`` still lists by objects)."""
-    try:
-        found = read_state(storage)
-    except PreconditionError:
-        found = read_state(storage)  # replaced while we read it: once more sees a stable file
-    except CheckpointStateError as exc:
-        log.warning("%s; listing without it", exc)
-        return None
+    found = read_state_tolerant(storage, on_garbled=lambda exc: log.warning("%s; listing without it", exc))
     return found[0] if found else None
 
 
-def _load(storage: Storage, name: str) -> CheckpointIndex | Exception:
+def _load(storage: Storage, name: str) -> CheckpointIndex | Bundle | Exception:
     try:
-        return load_index(storage, name)
+        loaded = load_any_index(storage, name)
+        if isinstance(loaded, Bundle):
+            stored_size(loaded)  # HEAD its shards now, in this pool (a missing one: unreadable)
+        return loaded
     except (CheckpointFormatError, NotFoundError) as exc:
         return exc
 
 
-def collect_rows(storage: Storage, url: str, scan: DirectoryScan) -> tuple[list[Row], str | None]:
+def collect_rows(storage: Storage, scan: DirectoryScan) -> tuple[list[Row], str | None]:
     """Every checkpoint name in the directory as a row, and the latest one's name."""
     state = read_state_quietly(storage) if scan.has_state else None
     listed = set(state.all_model_checkpoint_paths) if state else set()
@@ -98,10 +101,15 @@ def collect_rows(storage: Storage, url: str, scan: DirectoryScan) -> tuple[list[
                              time=max(stamps) if stamps else None)
         elif isinstance(index, CheckpointIndex):
             named = {o.name for o in index.objects}
+            by_checkpoint = index.bytes_by_checkpoint()
             rows[name] = Row(name, "committed", size=index_meta.size + sum(o.size for o in index.objects),
                              objects=1 + len(index.objects), time=index_meta.last_modified,
                              metadata=dict(index.metadata),
-                             stray_objects=sum(1 for m in data if m.key not in named))
+                             stray_objects=sum(1 for m in data if m.key not in named),
+                             new_bytes=by_checkpoint.pop(name, 0), shared=dict(sorted(by_checkpoint.items())))
+        elif isinstance(index, Bundle):
+            rows[name] = Row(name, "committed", size=stored_size(index), objects=1 + index.header.num_shards,
+                             time=index_meta.last_modified, format=FORMAT)
         else:
             rows[name] = Row(name, "unreadable", size=index_meta.size + sum(m.size for m in data),
                              objects=1 + len(data), time=index_meta.last_modified, problem=str(index))
@@ -110,17 +118,19 @@ def collect_rows(storage: Storage, url: str, scan: DirectoryScan) -> tuple[list[
     for row in rows.values():
         row.managed = row.name in listed
         row.preserved = row.name in preserved
-    latest_path = latest_checkpoint(url) if scan.indexes else None
-    latest = split_url(latest_path)[1] if latest_path else None
+    latest = latest_name(storage) if scan.indexes else None
     if latest in rows:
         rows[latest].latest = True
     return [rows[name] for name in sort_names(set(rows))], latest
 
 
 def _flags(row: Row) -> str:
-    flags = [flag for flag, on in (("latest", row.latest), ("preserved", row.preserved)) if on]
+    flags = [flag for flag, on in (("latest", row.latest), ("preserved", row.preserved),
+                                   (row.format, row.format != "cloudckpt")) if on]
     if row.stray_objects:
         flags.append(f"+{row.stray_objects} stray")
+    if row.shared:
+        flags.append(f"{human_size(sum(row.shared.values()))} shared ({','.join(row.shared)})")
     return ",".join(flags)
 
 
@@ -135,7 +145,7 @@ def run(args: Any) -> int:
     url = args.url.rstrip("/") or args.url
     storage = open_directory(url)
     scan = scan_directory(storage)
-    rows, latest = collect_rows(storage, url, scan)
+    rows, latest = collect_rows(storage, scan)
     if args.json:
         print_json({"directory": storage.url, "latest": latest, "state_file": scan.has_state,
                     "checkpoints": [row.to_json() for row in rows],

@@ -5,7 +5,7 @@ imported only by ``TorchCoordinator`` and when a ``DTensor`` is met.
 """
 
 from cloudckpt import graph as _graph
-from cloudckpt.distributed.coordinator import (
+from cloudckpt.coordination import (
     Coordinator,
     LocalCoordinator,
     TorchCoordinator,

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from cloudckpt.distributed.coordinator import Coordinator
+from cloudckpt.coordination import Coordinator, default_coordinator
 
 #: A ``Layout`` sharding spec: this array dimension is not split (TensorFlow's ``UNSHARDED``).
 UNSHARDED = "unsharded"
@@ -73,7 +72,6 @@ class Mesh:
         if len(dims) != len(names) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
             raise ValueError(f"Mesh shape must be {len(names)} positive ints (one per name in {names!r}), got {dims!r}")
         if coordinator is None:
-            from cloudckpt.distributed.coordinator import default_coordinator
             coordinator = default_coordinator()
         size = math.prod(dims)
         world = coordinator.world_size

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union, cast
 
 from cloudckpt.checksum import crc32c_base64 as crc32c_base64  # re-exported for backends
 from cloudckpt.checksum import crc32c_of as crc32c_of
@@ -37,13 +37,16 @@ from cloudckpt.errors import (
     InvalidKeyError,
     InvalidRangeError,
     NotFoundError,
+    NotSupportedError,
     PermissionDeniedError,
     PreconditionError,
     StorageError,
     TransientError,
 )
+from cloudckpt.storage.clients import BUCKETS_SEEN, CAPABILITIES
 from cloudckpt.storage.retry import RetryPolicy, call_with_retry
-from cloudckpt.storage.transfer import RateLimiter, as_buffers, gather, part_boundaries
+from cloudckpt.storage.throttle import AdaptiveConcurrency, TransferStats
+from cloudckpt.storage.transfer import Cancellation, CancelToken, RateLimiter, as_buffers, gather, part_boundaries
 
 T = TypeVar("T")
 log = logging.getLogger("cloudckpt.storage")
@@ -57,6 +60,8 @@ WRITER_NONCE_KEY = "cloudckpt-writer"
 #: them by prefix (S3) or by suffix (GCS ``matches_suffix``) - see terraform/.
 TEMP_PREFIX = ".cloudckpt-tmp/"
 TEMP_SUFFIX = ".cloudckpt-tmp"
+#: Scratch objects of capability probes (S3's conditional-write probe), under TEMP_PREFIX.
+PROBE_PREFIX = f"{TEMP_PREFIX}probe-"
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -222,6 +227,8 @@ class Storage(ABC):
     supports_conditional_writes: bool = True
     #: Whether large objects go up in parallel parts; without it every put is one write.
     supports_multipart: bool = True
+    #: The largest object one request may write (S3: 5 GiB); ``None``: no limit.
+    max_put_size: ClassVar[int | None] = None
 
     def __init__(self, url: str, config: TransferConfig | None = None) -> None:
         self._url = url.rstrip("/")
@@ -231,6 +238,8 @@ class Storage(ABC):
         self._pool_lock = threading.Lock()
         self._upload_limiter = RateLimiter(self.config.max_bandwidth)
         self._download_limiter = RateLimiter(self.config.max_bandwidth)
+        self._cancel = Cancellation()
+        self._concurrency = AdaptiveConcurrency(self.config.max_concurrency)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -309,9 +318,56 @@ class Storage(ABC):
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         """Map an SDK error onto the cloudckpt tree (most specific first)."""
 
+    def _is_throttle(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the store asking for fewer requests (503 SlowDown, 429)."""
+        return False
+
     def _part_size(self, size: int) -> int:
         """Part size for an object of ``size`` bytes; S3 raises it to fit its part limit."""
         return self.config.part_size
+
+    # ------------------------------------------------------------------ per-process memos
+    def _store_identity(self) -> tuple[str, ...]:
+        """Which store (and bucket) this is, for memos shared by every storage object on it."""
+        return (type(self).__name__, self._url)
+
+    def _capability(self, what: str, probe: Callable[[], T], url: str) -> T:
+        """The answer of capability probe ``what`` on this store: run once per process, fork-safe.
+
+        Concurrent first writers wait for one probe instead of each running their own; a
+        probe that fails is not remembered, so the next write tries again.
+        """
+        key = (*self._store_identity(), what)
+        return cast(T, CAPABILITIES.get(key, lambda: self._call(probe, url, describe=f"probe {what} of")))
+
+    def _warm_capability(self, what: str, probe: Callable[[], Any]) -> None:
+        """Start probe ``what`` on a background thread unless its answer is known or coming."""
+        CAPABILITIES.warm((*self._store_identity(), what),
+                          lambda: self._call(probe, self.url, describe=f"probe {what} of"))
+
+    def _bucket_exists(self) -> bool | None:
+        """Stores with buckets: whether the bucket exists (``None``: cannot tell). Error paths only."""
+        return True
+
+    def _saw_bucket(self) -> None:
+        """Remember (for this process) that the bucket exists: a later 404 is an object's."""
+        BUCKETS_SEEN.set(self._store_identity(), True)
+
+    def _bucket_missing(self) -> bool:
+        """Whether a bare 404/403 means the bucket is gone (one probe per bucket and process).
+
+        An inconclusive probe (network, no permission) counts as "the bucket exists".
+        """
+        if BUCKETS_SEEN.peek(self._store_identity()):
+            return False
+        try:
+            exists = self._bucket_exists()
+        except Exception as exc:
+            log.debug("bucket probe of %s failed: %s", self.url, exc)
+            return False
+        if exists:
+            self._saw_bucket()
+        return exists is False
 
     # ------------------------------------------------------------------ plumbing
     def _executor(self) -> ThreadPoolExecutor:
@@ -329,7 +385,8 @@ class Storage(ABC):
         """Run one primitive with retries; translate whatever escapes."""
         try:
             return call_with_retry(fn, policy=self.config.retry, is_transient=self._is_transient,
-                                   describe=f"{describe} {url}", on_retry=on_retry)
+                                   describe=f"{describe} {url}", on_retry=on_retry,
+                                   is_throttle=self._is_throttle, gate=self._concurrency)
         except StorageError:
             raise
         except Exception as exc:
@@ -500,36 +557,68 @@ class Storage(ABC):
     def _write(self, key: str, size: int, whole: Callable[[], Sequence[memoryview]],
                read: Callable[[int, int], Any], mode: WriteMode, metadata: Mapping[str, str] | None,
                consume: Callable[[int, memoryview], None] | None) -> ObjectMeta:
-        """The one write path: one PUT up to the threshold, multipart above it."""
+        """The one write path: one PUT up to the threshold, multipart above it.
+
+        A conditional write above the threshold still goes up as one request where the
+        store ignores the condition on the request that completes a multipart write
+        (``_multipart_honours``): correct and atomic, not parallel.
+        """
         full = self._full(key)
         url = self.url_for(key)
         if mode not in ("overwrite", "create") and not isinstance(mode, UpdateVersion):
             raise ValueError(f"put mode must be 'overwrite', 'create' or UpdateVersion, got {mode!r}")
-        if mode != "overwrite":
+        if mode == "overwrite":
+            self._warm_up_conditional()
+        else:
             self._require_conditional(url)
+        cancel = self._cancel.token()
         nonce = uuid.uuid4().hex
         meta = {**(metadata or {}), WRITER_NONCE_KEY: nonce}
-        if size <= self.config.multipart_threshold or not self.supports_multipart:
+        one_request = size <= self.config.multipart_threshold or not self.supports_multipart
+        if not one_request and mode != "overwrite" and not self._multipart_honours(mode, url):
+            if self.max_put_size is not None and size > self.max_put_size:
+                raise NotSupportedError(
+                    f"{url}: this store ignores conditions on the request that completes a multipart write, "
+                    f"and the object ({size} bytes) is above its {self.max_put_size}-byte single-request "
+                    f"limit; write it with mode='overwrite'", url)
+            log.debug("%s: conditional write as one request (the store ignores conditions on multipart)", url)
+            one_request = True
+        if one_request:
             buffers = whole()
+            cancel.check(url)
             result = self._conditional_aware(
                 lambda: self._put_whole(full, buffers, mode, meta), full, url, mode, nonce, "PUT")
             self._upload_limiter.consume(size)
         else:  # each part accounts for itself as it goes
-            result = self._put_multipart(full, url, PartSource(size, read, whole, consume), mode, meta, nonce)
+            result = self._put_multipart(full, url, PartSource(size, read, whole, consume), mode, meta, nonce,
+                                         cancel)
         return self._relative(result)
 
     def _require_conditional(self, url: str) -> None:  # noqa: B027 - optional hook
         """Backends that cannot honour conditional modes override this to raise."""
 
+    def _warm_up_conditional(self) -> None:  # noqa: B027 - optional hook
+        """Start, in the background, what ``_require_conditional`` will need (S3: its probe).
+
+        Called by every plain write: a save uploads its data objects with plain writes
+        and commits its index with a conditional one, so a capability probe started here
+        runs while the data moves instead of in front of the commit.
+        """
+
+    def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
+        """Whether the request that completes a multipart write honours ``mode``'s condition."""
+        return True
+
     def _put_multipart(self, full: str, url: str, source: PartSource, mode: WriteMode,
-                       meta: Mapping[str, str], nonce: str) -> ObjectMeta:
+                       meta: Mapping[str, str], nonce: str, cancel: CancelToken) -> ObjectMeta:
         part_size = self._part_size(source.size)
         upload = self._call(lambda: self._begin_multipart(full, mode, meta, source.size, part_size), url,
                             describe="begin multipart upload of")
         try:
             bounds = part_boundaries(source.size, part_size)
-            self._upload_parts(upload, source, bounds, url)
+            self._upload_parts(upload, source, bounds, url, cancel)
             log.debug("uploaded %d parts of %s", len(bounds), url)
+            cancel.check(url)
             return self._conditional_aware(upload.complete, full, url, mode, nonce,
                                            "complete multipart upload of")
         except BaseException:
@@ -540,9 +629,14 @@ class Storage(ABC):
             raise
 
     def _upload_parts(self, upload: MultipartUpload, source: PartSource, bounds: Sequence[tuple[int, int]],
-                      url: str) -> None:
-        """Read and upload parts on the pool, a bounded window of them in memory; consume in order."""
+                      url: str, cancel: CancelToken) -> None:
+        """Read and upload parts on the pool, a bounded window of them in memory; consume in order.
+
+        A cancelled write (``cancel_transfers``) starts no further part: each part checks
+        its token before it reads or sends, so at most the parts already on the wire finish.
+        """
         def part(index: int, start: int, end: int) -> list[memoryview]:
+            cancel.check(url)
             pieces = _exact(source.read(start, end), start, end, url)
             self._call(lambda: upload.upload_part(index, pieces), url, describe=f"upload part {index + 1} of")
             self._upload_limiter.consume(end - start)
@@ -561,6 +655,7 @@ class Storage(ABC):
             for index, (start, end) in enumerate(bounds):
                 if len(window) >= self.config.max_concurrency:
                     drain_one()
+                cancel.check(url)
                 window.append((start, pool.submit(part, index, start, end)))
             while window:
                 drain_one()
@@ -606,6 +701,26 @@ class Storage(ABC):
         url = self.url_for(key_list[0]) if len(key_list) == 1 else f"{self.url} ({len(key_list)} keys)"
         self._call(lambda: self._delete_many(fulls), url, describe="DELETE")
 
+    def transfer_stats(self) -> TransferStats:
+        """Requests, throttled answers, retries and the concurrency throttling left (see throttle.py).
+
+        One adaptive limit serves every thread and transfer of this storage object: a
+        throttled answer halves the requests it lets into flight, successes raise it back
+        towards ``TransferConfig.max_concurrency``.
+        """
+        return self._concurrency.stats()
+
+    def cancel_transfers(self) -> None:
+        """Stop every write of this storage object that is in flight, promptly.
+
+        For a caller that was interrupted (Ctrl-C) while other threads upload: no new part
+        starts, parts already on the wire finish (so the wait is bounded by one part), and
+        each cancelled write aborts its multipart upload (S3) or deletes its chunk objects
+        (GCS) and raises ``TransferCancelledError``. Nothing is committed by a cancelled
+        write. Writes started after this call run normally.
+        """
+        self._cancel.cancel()
+
     def server_time(self) -> datetime:
         """The store's clock (S3/GCS: the ``Date`` header of a request), timezone-aware.
 
@@ -632,16 +747,40 @@ class Storage(ABC):
 
 
 def translate_os_error(exc: BaseException, url: str) -> BaseException:
-    """The cloudckpt error for an ``OSError`` from a file-system-like backend (local, fsspec)."""
+    """The cloudckpt error for an ``OSError`` from a file-system-like backend (local, fsspec).
+
+    A path through a regular file (``run/model.py/ckpt``) is "not found" for a reader too,
+    but the message says which component is a file, not a directory.
+    """
     if isinstance(exc, StorageError):
         return exc
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, NotADirectoryError):
+        blocker = file_in_the_way(exc.filename) if isinstance(exc.filename, str) else None
+        why = f"{blocker} is a file, not a directory" if blocker else "a component of the path is not a directory"
+        return NotFoundError(f"{url} not found: {why}", url)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
         return NotFoundError(f"{url} not found", url)
     if isinstance(exc, PermissionError):
         return PermissionDeniedError(f"permission denied on {url}: {exc.strerror}", url)
     if isinstance(exc, OSError):
         return StorageError(f"I/O error on {url}: {exc.strerror or exc}", url)
     return exc
+
+
+def file_in_the_way(path: str | os.PathLike[str]) -> str | None:
+    """The first component of ``path`` that exists and is not a directory (a file in the way)."""
+    current = os.path.abspath(os.fspath(path))
+    chain = []
+    while True:
+        chain.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for candidate in reversed(chain):  # from the root down
+        if os.path.lexists(candidate) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def validate_key(key: str, url: str) -> str:

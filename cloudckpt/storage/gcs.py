@@ -42,7 +42,6 @@ string prefix (temporary objects are hidden unless the listed prefix is inside
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -56,13 +55,18 @@ from http.client import HTTPException
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import requests
-import urllib3
-from google.api_core import exceptions as api_exceptions
-from google.api_core.datetime_helpers import from_rfc3339
-from google.auth import exceptions as auth_exceptions
-from google.auth.credentials import AnonymousCredentials, Credentials
-from google.cloud import storage as gcs
+from cloudckpt.storage.extras import missing_extra
+
+try:
+    import google.cloud.storage as gcs
+    import requests
+    import urllib3
+    from google.api_core import exceptions as api_exceptions
+    from google.api_core.datetime_helpers import from_rfc3339
+    from google.auth import exceptions as auth_exceptions
+    from google.auth.credentials import AnonymousCredentials, Credentials
+except ImportError as _missing:  # google-cloud-storage is the install extra cloudckpt[gcs]
+    raise missing_extra("gcs", _missing) from _missing
 
 from cloudckpt.checksum import crc32c_combine
 from cloudckpt.errors import (
@@ -93,6 +97,7 @@ from cloudckpt.storage.base import (
 )
 from cloudckpt.storage.clients import ProcessLocalCache
 from cloudckpt.storage.transfer import fill_from
+from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
 
@@ -101,6 +106,9 @@ log = logging.getLogger("cloudckpt.storage")
 TIMEOUT = (30.0, 120.0)
 #: GCS composes at most this many sources in one call.
 MAX_COMPOSE_SOURCES = 32
+#: Metadata of a composite upload's chunk objects: the key they are a part of (for whoever
+#: finds a leftover chunk, and for tests that fault one object's parts).
+PART_OF_KEY = "cloudckpt-part-of"
 #: Project name used against an emulator, which needs one but checks none.
 EMULATOR_PROJECT = "cloudckpt-emulator"
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -128,10 +136,6 @@ def _build_client(project: str | None, credentials: Credentials | None, emulator
 
 #: (emulator host, project, credentials) -> client, one per process.
 _CLIENTS: ProcessLocalCache[tuple[Any, ...], gcs.Client] = ProcessLocalCache()
-
-#: Whether compose honours ``ifGenerationMatch``, per (endpoint, bucket), probed once.
-_COMPOSE_PRECONDITIONS: dict[tuple[str, str], bool] = {}
-_COMPOSE_PROBE_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -239,18 +243,18 @@ class GCSStorage(Storage):
                  credentials: Credentials | None = None, config: TransferConfig | None = None,
                  kms_key_name: str | None = None, storage_class: str | None = None,
                  user_project: str | None = None) -> None:
-        bucket, prefix = _parse_url(url)
-        root = f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
-        super().__init__(root, config)
-        self.bucket_name = bucket
-        self._key_prefix = f"{prefix}/" if prefix else ""
+        parsed = parse_bucket_url(url)
+        if parsed.scheme not in self.schemes:
+            raise InvalidURLError(f"{url!r} is not a gs:// URL", url)
+        super().__init__(parsed.root("gs"), config)
+        self.bucket_name = parsed.bucket
+        self._key_prefix = parsed.prefix
         self._given_client = client
         self._project = project
         self._credentials = credentials
         self.kms_key_name = kms_key_name
         self.storage_class = storage_class
         self.user_project = user_project
-        self._bucket_seen = False
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -266,6 +270,9 @@ class GCSStorage(Storage):
         project, credentials = self._project, self._credentials
         return _CLIENTS.get((emulator, project, credentials),
                             lambda: _build_client(project, credentials, emulator))
+
+    def _store_identity(self) -> tuple[str, ...]:
+        return ("gcs", self._endpoint(), self.bucket_name)
 
     def _bucket(self) -> gcs.Bucket:
         return self.client.bucket(self.bucket_name, user_project=self.user_project)
@@ -398,23 +405,21 @@ class GCSStorage(Storage):
 
     def _begin_multipart(self, full_key: str, mode: WriteMode, metadata: Mapping[str, str],
                          size: int, part_size: int) -> MultipartUpload:
-        if mode != "overwrite" and not self._compose_honours_preconditions():
-            log.debug("compose ignores preconditions on %s: writing %s in one request",
-                      self.bucket_name, self._url_for_full(full_key))
-            return _WholeUpload(self, full_key, mode, metadata)
         return _CompositeUpload(self, full_key, mode, metadata)
 
-    def _compose_honours_preconditions(self) -> bool:
-        """Probe once per bucket whether compose enforces ``ifGenerationMatch``.
+    def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
+        """Whether compose enforces ``ifGenerationMatch`` here (probed once per bucket and process).
 
-        Composes a scratch temporary object onto itself with ``ifGenerationMatch=0``:
+        fake-gcs-server 1.54 ignores it; then a conditional write above the threshold goes
+        up as one simple upload (base class), the one path with an enforced precondition.
+        """
+        return self._capability("compose preconditions", self._probe_compose_preconditions, url)
+
+    def _probe_compose_preconditions(self) -> bool:
+        """Compose a scratch temporary object onto itself with ``ifGenerationMatch=0``.
+
         GCS answers 412; a server that ignores the condition (fake-gcs-server) succeeds.
         """
-        key = (self._endpoint(), self.bucket_name)
-        with _COMPOSE_PROBE_LOCK:
-            known = _COMPOSE_PRECONDITIONS.get(key)
-        if known is not None:
-            return known
         probe = self._temp_name(uuid.uuid4().hex, "compose-precondition-probe")
         self._upload(probe, [memoryview(b"")], generation_match=None, metadata=None,
                      storage_class="STANDARD")
@@ -429,15 +434,16 @@ class GCSStorage(Storage):
         if not honoured:
             log.warning("gs://%s: compose ignores ifGenerationMatch (an emulator?); conditional writes "
                         "above the multipart threshold go up as one simple upload", self.bucket_name)
-        with _COMPOSE_PROBE_LOCK:
-            _COMPOSE_PRECONDITIONS[key] = honoured
         return honoured
 
     # ------------------------------------------------------------------ deletes
     def _delete_many(self, full_keys: Sequence[str]) -> None:
         for full_key in full_keys:
-            with contextlib.suppress(api_exceptions.NotFound):
+            try:
                 self._blob(full_key).delete(timeout=TIMEOUT, retry=None)
+            except api_exceptions.NotFound:
+                if self._bucket_missing():  # a missing key is fine, a missing bucket is not
+                    raise
 
     def _delete_quietly(self, full_keys: Sequence[str]) -> None:
         """Best-effort cleanup of temporary objects: log, never raise (lifecycle rules expire leftovers)."""
@@ -452,6 +458,10 @@ class GCSStorage(Storage):
         if isinstance(exc, api_exceptions.GoogleAPICallError):
             return exc.code in _TRANSIENT_STATUS
         return isinstance(exc, _TRANSIENT_TYPES)
+
+    def _is_throttle(self, exc: BaseException) -> bool:
+        """429 (rate limits: ``rateLimitExceeded``, ``tooManyRequests``) and 503: GCS asks to back off."""
+        return isinstance(exc, api_exceptions.GoogleAPICallError) and exc.code in (429, 503)
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         if isinstance(exc, (auth_exceptions.DefaultCredentialsError, auth_exceptions.RefreshError)):
@@ -478,26 +488,15 @@ class GCSStorage(Storage):
             return TransientError(f"{url}: {detail}", url)
         return StorageError(f"GCS request for {url} failed: {detail}", url)
 
-    def _bucket_missing(self) -> bool:
-        """Tell a missing bucket from a missing object: both are a bare 404 on some servers.
-
-        Costs one bucket GET on the first 404 only; once the bucket was seen, a 404 is
-        an object's. An inconclusive probe (403, network) counts as "bucket exists".
-        """
-        if self._bucket_seen:
-            return False
-        try:
-            response = self._session().get(
-                f"{self._endpoint()}/storage/v1/b/{quote(self.bucket_name, safe='')}",
-                params=self._query(fields="name"), timeout=TIMEOUT)
-            response.close()
-        except Exception as exc:
-            log.debug("bucket probe of gs://%s failed: %s", self.bucket_name, exc)
-            return False
+    def _bucket_exists(self) -> bool | None:
+        """A bucket GET: GCS and fake-gcs-server answer a missing object and a missing bucket alike (404)."""
+        response = self._session().get(
+            f"{self._endpoint()}/storage/v1/b/{quote(self.bucket_name, safe='')}",
+            params=self._query(fields="name"), timeout=TIMEOUT)
+        response.close()
         if response.status_code == 404:
-            return True
-        self._bucket_seen = True
-        return False
+            return False
+        return True if response.status_code < 400 else None
 
     def _url_for_full(self, full_key: str) -> str:
         return self.url_for(full_key[len(self._prefix):])
@@ -517,21 +516,6 @@ class GCSStorage(Storage):
             return parsedate_to_datetime(date)
 
         return self._call(probe, self.url, describe="server time of")
-
-
-def _parse_url(url: str) -> tuple[str, str]:
-    """``gs://bucket/a/b/`` -> ``("bucket", "a/b")``; refuse a missing bucket or '..' segments."""
-    text = os.fspath(url)
-    if "://" not in text or text.split("://", 1)[0].lower() not in GCSStorage.schemes:
-        raise InvalidURLError(f"{text!r} is not a gs:// URL", text)
-    rest = text.split("://", 1)[1]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise InvalidURLError(f"{text!r} names no bucket (expected gs://bucket/prefix)", text)
-    prefix = prefix.strip("/")
-    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-        raise InvalidURLError(f"{text!r} has an empty, '.' or '..' path segment", text)
-    return bucket, prefix
 
 
 # ---------------------------------------------------------------------- multipart writes
@@ -571,7 +555,7 @@ class _CompositeUpload(MultipartUpload):
         size = sum(p.nbytes for p in pieces)
         with self._lock:
             self._parts[index] = _Part(name, size, -1)  # registered first: abort finds it
-        self._storage._upload(name, list(pieces), generation_match=None, metadata=None,
+        self._storage._upload(name, list(pieces), generation_match=None, metadata={PART_OF_KEY: self._full_key},
                               storage_class="STANDARD")
         with self._lock:
             self._parts[index] = _Part(name, size, crc32c_of(pieces))
@@ -640,33 +624,3 @@ class _CompositeUpload(MultipartUpload):
         names = self._temp_names()
         if names:
             self._storage._delete_quietly(names)
-
-
-class _WholeUpload(MultipartUpload):
-    """A conditional write above the threshold on a server whose compose ignores preconditions.
-
-    Parts are only collected (views of the caller's buffers, which outlive ``put``);
-    ``complete`` sends them as one simple upload, the one path with an enforced
-    ``ifGenerationMatch``. Correct, not parallel - real GCS never takes this path.
-    """
-
-    def __init__(self, storage: GCSStorage, full_key: str, mode: WriteMode,
-                 metadata: Mapping[str, str]) -> None:
-        self._storage = storage
-        self._full_key = full_key
-        self._mode = mode
-        self._metadata = metadata
-        self._parts: dict[int, Sequence[memoryview]] = {}
-        self._lock = threading.Lock()
-
-    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
-        with self._lock:
-            self._parts[index] = pieces
-
-    def complete(self) -> ObjectMeta:
-        buffers = [piece for i in sorted(self._parts) for piece in self._parts[i]]
-        return self._storage._put_whole(self._full_key, buffers, self._mode, self._metadata)
-
-    def abort(self) -> None:
-        with self._lock:
-            self._parts.clear()

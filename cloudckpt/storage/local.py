@@ -5,6 +5,10 @@ then moved into place (``rename`` for overwrite, ``link`` for create-if-absent, 
 fails atomically if the name exists), and the directory is fsynced: an object appears
 whole or not at all, even across a power cut. Large objects are filled by parallel
 positional writes (``pwrite`` releases the GIL, so threads overlap page-cache copies).
+The temporary directory is removed again when a write leaves it empty, so a checkpoint
+directory shows only checkpoints (as TensorFlow's do); what a killed writer left stays
+there for ``cloudckpt gc`` (``leftovers.py``). ``rmdir`` only removes an empty directory,
+and a writer whose directory vanished between ``mkdir`` and ``open`` creates it again.
 
 Versions and user metadata live in extended attributes set on the temporary file before
 the move, so they change atomically with the content. Compare-and-swap takes an
@@ -35,7 +39,9 @@ from cloudckpt.errors import (
     AlreadyExistsError,
     InvalidRangeError,
     InvalidURLError,
+    PermissionDeniedError,
     PreconditionError,
+    StorageError,
 )
 from cloudckpt.storage.base import (
     TEMP_PREFIX,
@@ -47,6 +53,7 @@ from cloudckpt.storage.base import (
     TransferConfig,
     UpdateVersion,
     WriteMode,
+    file_in_the_way,
     translate_os_error,
 )
 
@@ -168,9 +175,8 @@ class LocalStorage(Storage):
     # ------------------------------------------------------------------ writes
     def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: WriteMode,
                    metadata: Mapping[str, str]) -> ObjectMeta:
-        temp = self._new_temp(full_key)
+        temp, fd = self._open_temp(full_key)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, buffers)
                 return self._finish(fd, temp, full_key, mode, metadata)
@@ -179,15 +185,33 @@ class LocalStorage(Storage):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+            self._tidy_temp_dir()
 
     def _begin_multipart(self, full_key: str, mode: WriteMode, metadata: Mapping[str, str],
                          size: int, part_size: int) -> MultipartUpload:
         return _LocalMultipart(self, full_key, mode, metadata, size, part_size)
 
-    def _new_temp(self, full_key: str) -> Path:
+    def _open_temp(self, full_key: str) -> tuple[Path, int]:
+        """A new temporary file (path, descriptor open for writing) for an object of ``full_key``.
+
+        Bounded retry: another writer's ``_tidy_temp_dir`` may remove the (empty) directory
+        between our ``mkdir`` and ``open``.
+        """
         temp_dir = self.root / TEMP_PREFIX
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        return temp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        for _ in range(_TEMP_DIR_ATTEMPTS):
+            _make_dirs(temp_dir, self._url_of_full(full_key))
+            temp = temp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+            try:
+                return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                continue
+        raise StorageError(f"cannot write {self._url_of_full(full_key)}: {temp_dir} keeps disappearing",
+                           self._url_of_full(full_key))
+
+    def _tidy_temp_dir(self) -> None:
+        """Remove ``.cloudckpt-tmp/`` if it is empty (another write's file, or a crash's, keeps it)."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root / TEMP_PREFIX)
 
     def _finish(self, fd: int, temp: Path, full_key: str, mode: WriteMode,
                 metadata: Mapping[str, str]) -> ObjectMeta:
@@ -195,7 +219,7 @@ class LocalStorage(Storage):
         self._stamp(fd, metadata)
         os.fsync(fd)
         target = self._path(full_key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent, self._url_of_full(full_key))
         with _directory_lock(target.parent):
             if mode == "create":
                 try:
@@ -268,6 +292,8 @@ class LocalStorage(Storage):
                 pass
         for parent in parents:
             _fsync_directory(parent)
+        if self.root / TEMP_PREFIX.rstrip("/") in parents:  # cleanup of a killed writer's temporaries
+            self._tidy_temp_dir()
 
     # ------------------------------------------------------------------ errors
     def _is_transient(self, exc: BaseException) -> bool:
@@ -275,6 +301,34 @@ class LocalStorage(Storage):
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         return translate_os_error(exc, url)
+
+
+#: How often a write re-creates a temporary directory that concurrent tidying removed.
+_TEMP_DIR_ATTEMPTS = 16
+
+
+def _make_dirs(directory: Path, url: str) -> None:
+    """``mkdir -p directory``, with errors that say what is in the way (not "not found").
+
+    ``exist_ok`` checks "is it a directory?" after ``mkdir`` failed; a directory that
+    another writer's tidying removed in between looks like a file there, so that case is
+    tried again (bounded) instead of reported.
+    """
+    for _ in range(_TEMP_DIR_ATTEMPTS):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return
+        except (FileExistsError, NotADirectoryError):
+            blocker = file_in_the_way(directory)
+            if blocker is not None:
+                raise StorageError(f"cannot write {url}: {blocker} is a file, not a directory", url) from None
+        except PermissionError as exc:
+            raise PermissionDeniedError(
+                f"cannot write {url}: permission denied creating directory {exc.filename or directory}", url) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot write {url}: cannot create directory {exc.filename or directory}: "
+                               f"{exc.strerror or exc} (not a writable file system?)", url) from exc
+    raise StorageError(f"cannot write {url}: {directory} keeps disappearing", url)
 
 
 class _LocalMultipart(MultipartUpload):
@@ -287,9 +341,13 @@ class _LocalMultipart(MultipartUpload):
         self._mode = mode
         self._metadata = metadata
         self._part_size = part_size
-        self._temp = storage._new_temp(full_key)
-        self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.ftruncate(self._fd, size)
+        self._temp, self._fd = storage._open_temp(full_key)
+        self._result: ObjectMeta | None = None
+        try:
+            os.ftruncate(self._fd, size)
+        except BaseException:
+            self._cleanup()
+            raise
 
     def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
         offset = index * self._part_size
@@ -300,10 +358,15 @@ class _LocalMultipart(MultipartUpload):
             offset += piece.nbytes
 
     def complete(self) -> ObjectMeta:
-        try:
-            return self._storage._finish(self._fd, self._temp, self._key, self._mode, self._metadata)
-        finally:
+        """Move the filled temp file into place; safe to retry (the base class retries transient errors).
+
+        A failed attempt keeps the temp file for the retry (``abort`` removes it); a retry
+        after an attempt that finished returns that attempt's result.
+        """
+        if self._result is None:
+            self._result = self._storage._finish(self._fd, self._temp, self._key, self._mode, self._metadata)
             self._cleanup()
+        return self._result
 
     def abort(self) -> None:
         self._cleanup()
@@ -314,6 +377,7 @@ class _LocalMultipart(MultipartUpload):
             self._fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temp)
+        self._storage._tidy_temp_dir()
 
 
 def _advance(buffers: list[memoryview], n: int) -> list[memoryview]:

@@ -39,17 +39,21 @@ import email.utils
 import logging
 import math
 import os
-import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar, NamedTuple
 
-import boto3
-import botocore.exceptions as bce
-import urllib3.exceptions
-from botocore.config import Config
+from cloudckpt.storage.extras import missing_extra
+
+try:
+    import boto3
+    import botocore.exceptions as bce
+    import urllib3.exceptions
+    from botocore.config import Config
+except ImportError as _missing:  # boto3 is the install extra cloudckpt[s3]
+    raise missing_extra("s3", _missing) from _missing
 
 from cloudckpt.errors import (
     AlreadyExistsError,
@@ -65,14 +69,13 @@ from cloudckpt.errors import (
     TransientError,
 )
 from cloudckpt.storage.base import (
-    TEMP_PREFIX,
+    PROBE_PREFIX,
     TEMP_SUFFIX,
     ByteRange,
     GiB,
     MiB,
     MultipartUpload,
     ObjectMeta,
-    PartSource,
     Storage,
     TransferConfig,
     UpdateVersion,
@@ -80,8 +83,9 @@ from cloudckpt.storage.base import (
     crc32c_base64,
     crc32c_of,
 )
-from cloudckpt.storage.clients import ProcessLocalCache
+from cloudckpt.storage.clients import BUCKETS_SEEN, ProcessLocalCache
 from cloudckpt.storage.transfer import fill_from
+from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
 
@@ -98,6 +102,9 @@ DELETE_BATCH = 1000
 SMALL_BODY = 1 * MiB
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Answers that ask for fewer requests: back-pressure (throttle.py), retried for minutes.
+THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+                            "RequestLimitExceeded"})
 TRANSIENT_CODES = frozenset({
     "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
     "ThrottlingException", "RequestThrottled", "TooManyRequests", "RequestTimeoutException",
@@ -140,14 +147,6 @@ class _ClientKey:
 
 
 _clients: ProcessLocalCache[_ClientKey, Any] = ProcessLocalCache()
-
-
-def _reset_after_fork() -> None:
-    """A forked child re-probes its buckets and must not inherit a lock held at fork time."""
-    global _probe_lock
-    _probes.clear()
-    _probe_locks.clear()
-    _probe_lock = threading.Lock()
 
 
 def _configured_endpoint() -> str | None:
@@ -207,26 +206,8 @@ class _MultipartConditions:
     if_match: bool
 
 
-_probes: dict[tuple[str, str, str], Any] = {}
-_probe_locks: dict[tuple[str, str, str], threading.Lock] = {}
-_probe_lock = threading.Lock()
-os.register_at_fork(after_in_child=_reset_after_fork)
-
 
 # ---------------------------------------------------------------------- small helpers
-def parse_s3_url(url: str) -> tuple[str, str, str]:
-    """``s3://bucket/a/b`` -> ``("s3", "bucket", "a/b/")``; the prefix is '' or ends in '/'."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in S3Storage.schemes:
-        raise InvalidURLError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)", url)
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise InvalidURLError(f"S3 URL {url!r} names no bucket (expected s3://bucket/prefix)", url)
-    prefix = prefix.strip("/")
-    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-        raise InvalidURLError(f"S3 URL {url!r} has an empty, '.' or '..' path segment", url)
-    return scheme.lower(), bucket, f"{prefix}/" if prefix else ""
-
 
 def _crc32c_b64(buffers: Sequence[memoryview]) -> str:
     """S3's ``ChecksumCRC32C``: base64 of the big-endian 4-byte CRC32C."""
@@ -323,17 +304,21 @@ class S3Storage(Storage):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("s3", "s3a")
+    max_put_size: ClassVar[int | None] = MAX_PUT_SIZE
 
     def __init__(self, url: str, *, client: Any = None, endpoint_url: str | None = None,
                  region_name: str | None = None, config: TransferConfig | None = None,
                  sse_kms_key_id: str | None = None, storage_class: str | None = None,
                  requester_pays: bool = False, check_conditional_writes: bool = True) -> None:
-        scheme, self.bucket, self._key_prefix = parse_s3_url(url)
+        parsed = parse_bucket_url(url)
+        if parsed.scheme not in self.schemes:
+            raise InvalidURLError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)", url)
+        self.bucket, self._key_prefix = parsed.bucket, parsed.prefix
         config = config or TransferConfig()
         if config.multipart_threshold > MAX_PUT_SIZE:
             config = replace(config, multipart_threshold=MAX_PUT_SIZE)
-        super().__init__(f"{scheme}://{self.bucket}/{self._key_prefix}", config)
-        self._scheme = scheme
+        super().__init__(parsed.root(), config)
+        self._scheme = parsed.scheme
         self._own_client = client
         self._endpoint_url = endpoint_url
         self._region_name = region_name
@@ -344,7 +329,6 @@ class S3Storage(Storage):
             self._write_params.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=sse_kms_key_id)
         if storage_class:
             self._write_params["StorageClass"] = storage_class
-        self._bucket_seen = False
         self._client: Any = None
         self._client_pid = -1
 
@@ -364,6 +348,9 @@ class S3Storage(Storage):
             self._client_pid = os.getpid()
         return self._client
 
+    def _store_identity(self) -> tuple[str, ...]:
+        return ("s3", str(self.client.meta.endpoint_url), self.bucket)
+
     def _url_of(self, full_key: str) -> str:
         return f"{self._scheme}://{self.bucket}/{full_key}"
 
@@ -373,9 +360,33 @@ class S3Storage(Storage):
 
     # ------------------------------------------------------------------ reads
     def _head(self, full_key: str) -> ObjectMeta:
-        response = self.client.head_object(**self._loc(full_key))
-        self._bucket_seen = True
-        return ObjectMeta(key=full_key, size=int(response["ContentLength"]), version=_etag(response),
+        """Metadata of one object, from a GET of its first byte rather than a HEAD.
+
+        Why: a HEAD answer has no body, so a 404 cannot say whether the key or the bucket
+        is missing, and a 403 cannot name its cause (``SignatureDoesNotMatch``); telling
+        them apart took a second request - on the first save to a new directory, before
+        any data moved. A one-byte GET costs the same request and its errors carry their
+        code. An empty object has no first byte (416), and an archived one cannot be read
+        (``InvalidObjectState``): those rare cases ask HEAD.
+        """
+        try:
+            response = self.client.get_object(Range="bytes=0-0", **self._loc(full_key))
+        except bce.ClientError as exc:
+            code, status = _error_info(exc)
+            if status != 416 and code != "InvalidObjectState":
+                raise
+            response = self.client.head_object(**self._loc(full_key))
+            size = int(response["ContentLength"])
+        else:
+            with contextlib.closing(response["Body"]) as body:
+                total = str(response.get("ContentRange") or "").rpartition("/")[2]
+                if total.isdigit():
+                    body.read()  # the one byte: the connection goes back to the pool
+                    size = int(total)
+                else:  # the store ignored the range: closing drops the connection, not a GiB read
+                    size = int(response["ContentLength"])
+        self._saw_bucket()
+        return ObjectMeta(key=full_key, size=size, version=_etag(response),
                           last_modified=response.get("LastModified"),
                           metadata=dict(response.get("Metadata") or {}))
 
@@ -442,32 +453,12 @@ class S3Storage(Storage):
         # rejects part checksums of a type the upload was not created with).
         response = self.client.create_multipart_upload(
             Metadata=dict(metadata), ChecksumAlgorithm="CRC32C", **self._write_params, **self._loc(full_key))
-        self._bucket_seen = True
+        self._saw_bucket()
         return _S3Multipart(self, full_key, str(response["UploadId"]), mode, metadata, size, part_size)
 
     def _part_size(self, size: int) -> int:
         """At least the configured size, 5 MiB, and 1/10,000 of the object; at most 5 GiB."""
         return min(max(self.config.part_size, math.ceil(size / MAX_PARTS), MIN_PART_SIZE), MAX_PART_SIZE)
-
-    def _put_multipart(self, full: str, url: str, source: PartSource, mode: WriteMode,
-                       meta: Mapping[str, str], nonce: str) -> ObjectMeta:
-        """Multipart, unless the store ignores this mode's condition on the final request.
-
-        Then the write goes as one conditional PUT, which the probe showed is honoured
-        (a streamed source is then read whole into memory first).
-        """
-        if mode == "overwrite" or self._multipart_honours(mode, url):
-            return super()._put_multipart(full, url, source, mode, meta, nonce)
-        if source.size > MAX_PUT_SIZE:
-            raise NotSupportedError(
-                f"{url}: this store ignores conditions on CompleteMultipartUpload and the object "
-                f"({source.size} bytes) is above S3's 5 GiB single-PUT limit; write it with mode='overwrite'", url)
-        log.debug("%s: conditional write as one PUT (the store ignores conditions on multipart)", url)
-        buffers = source.whole()
-        result = self._conditional_aware(lambda: self._put_whole(full, buffers, mode, meta),
-                                         full, url, mode, nonce, "PUT")
-        self._upload_limiter.consume(source.size)
-        return result
 
     @contextlib.contextmanager
     def _conditional_errors(self, full_key: str, mode: WriteMode) -> Iterator[None]:
@@ -513,39 +504,30 @@ class S3Storage(Storage):
         """Refuse conditional modes on a store that ignores ``If-None-Match`` (probed once)."""
         if not self._check_conditional:
             return
-        honoured = self._probe("put", self._probe_put_conditions, url)
+        honoured = self._capability("conditional PUT", self._probe_put_conditions, url)
         if not honoured:
             raise NotSupportedError(
                 f"{self._scheme}://{self.bucket} ignores conditional writes (If-None-Match): a "
                 f"'create' or UpdateVersion write to {url} could silently overwrite another writer; "
                 f"use a store that honours them (AWS S3, SeaweedFS, MinIO >= 2024) or mode='overwrite'", url)
 
+    def _warm_up_conditional(self) -> None:
+        if self._check_conditional:
+            self._warm_capability("conditional PUT", self._probe_put_conditions)
+
     def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
         if not self._check_conditional:
             return True
-        found: _MultipartConditions = self._probe("multipart", self._probe_multipart_conditions, url)
+        found: _MultipartConditions = self._capability("conditional multipart", self._probe_multipart_conditions,
+                                                       url)
         return found.if_none_match if mode == "create" else found.if_match
 
-    def _probe(self, what: str, run: Callable[[str], Any], url: str) -> Any:
-        """Run a capability probe once per (endpoint, bucket, what) in this process.
-
-        Concurrent first writers wait for one probe instead of each running their own; a
-        failed probe is not remembered, so the next conditional write tries again.
-        """
-        key = (str(self.client.meta.endpoint_url), self.bucket, what)
-        with _probe_lock:
-            lock = _probe_locks.setdefault(key, threading.Lock())
-        with lock:
-            if key not in _probes:
-                _probes[key] = self._call(lambda: run(self._probe_key()), url,
-                                          describe=f"probe conditional writes ({what}) before writing")
-            return _probes[key]
-
     def _probe_key(self) -> str:
-        return f"{self._prefix}{TEMP_PREFIX}probe-{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        return f"{self._prefix}{PROBE_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
 
-    def _probe_put_conditions(self, key: str) -> bool:
+    def _probe_put_conditions(self) -> bool:
         """Write a scratch key, then create it again with If-None-Match: expect 412."""
+        key = self._probe_key()
         self.client.put_object(Body=b"probe", **self._loc(key))
         try:
             self.client.put_object(Body=b"probe", IfNoneMatch="*", **self._loc(key))
@@ -554,11 +536,12 @@ class S3Storage(Storage):
             if _error_info(exc)[1] in (409, 412):
                 return True
             raise
-        finally:
+        finally:  # before the answer is remembered: a save that relied on it leaves no scratch object
             self._quiet_delete(key)
 
-    def _probe_multipart_conditions(self, key: str) -> _MultipartConditions:
+    def _probe_multipart_conditions(self) -> _MultipartConditions:
         """Complete two one-part uploads onto an existing scratch key: each must get 412."""
+        key = self._probe_key()
         self.client.put_object(Body=b"probe", **self._loc(key))
         try:
             return _MultipartConditions(
@@ -651,6 +634,12 @@ class S3Storage(Storage):
             return False
         return isinstance(exc, TRANSIENT_EXCEPTIONS)
 
+    def _is_throttle(self, exc: BaseException) -> bool:
+        if not isinstance(exc, bce.ClientError):
+            return False
+        code, status = _error_info(exc)
+        return code in THROTTLE_CODES or status == 429
+
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         if isinstance(exc, StorageError):
             return exc
@@ -667,23 +656,33 @@ class S3Storage(Storage):
         return exc
 
     def _translate_client_error(self, exc: bce.ClientError, url: str) -> StorageError:
-        """Most specific first; ``url`` names the object, or the prefix for bulk calls."""
+        """Most specific first; ``url`` names the object, or the prefix for bulk calls.
+
+        A HEAD answer has no body (a bare 403 or 404), and SeaweedFS answers a write to a
+        missing bucket with 403 ``AccessDenied``: those are explained by one bucket-level
+        request whose answer names the cause - ``NoSuchBucket``, or a credentials error
+        such as ``SignatureDoesNotMatch`` (a wrong secret key) - before they are mapped.
+        """
         code, status = _error_info(exc)
         message = exc.response.get("Error", {}).get("Message") or code
+        bare = not code or code.isdigit() or code in ("Forbidden", "NotFound")
+        if (bare and status == 403) or code == "AccessDenied" or (bare and status == 404):
+            # A 403 is diagnosed every time (credentials may be wrong whatever the bucket);
+            # a 404 only until the bucket was seen to exist.
+            cause = self._diagnose(always=status == 403 or code == "AccessDenied")
+            if cause is not None and (cause[0] == "NoSuchBucket" or cause[0] in AUTH_CODES):
+                code, message = cause
         if code in ("NoSuchKey", "NoSuchUpload"):
             return NotFoundError(f"{url} not found", url)
         if code == "NoSuchBucket":
-            return self._bucket_missing_error(url)
+            return BucketNotFoundError(f"bucket {self.bucket!r} of {url} does not exist", url)
         if code in AUTH_CODES:
             return AuthenticationError(f"S3 rejected the credentials for {url}: {code}: {message}", url)
         if code == "InvalidRange" or status == 416:
             return InvalidRangeError(f"byte range not satisfiable for {url} (beyond the object's end)", url)
         if status == 404:
-            return self._bucket_missing_error(url) if self._bucket_missing() else NotFoundError(
-                f"{url} not found", url)
+            return NotFoundError(f"{url} not found", url)
         if status == 403 or code == "AccessDenied":
-            if self._bucket_missing():  # SeaweedFS answers writes to a missing bucket with 403
-                return self._bucket_missing_error(url)
             return PermissionDeniedError(f"access denied to {url}: {code}: {message}", url)
         if status == 412 or code == "ConditionalRequestConflict":
             return PreconditionError(f"conditional request on {url} refused: {code}: {message}", url)
@@ -694,21 +693,31 @@ class S3Storage(Storage):
                                 f"(CRC32C mismatch) - was the buffer modified during the upload?", url)
         return StorageError(f"S3 error on {url}: {code} (HTTP {status}): {message}", url)
 
-    def _bucket_missing_error(self, url: str) -> BucketNotFoundError:
-        return BucketNotFoundError(f"bucket {self.bucket!r} of {url} does not exist", url)
+    def _diagnose(self, always: bool = False) -> tuple[str, str] | None:
+        """``(code, message)`` of a one-key LIST of the bucket, to explain a bare 403/404.
 
-    def _bucket_missing(self) -> bool:
-        """Whether the bucket is gone: HEAD bucket answers 404 (checked on error paths only)."""
-        if self._bucket_seen:
-            return False
+        ``None`` when the LIST succeeds, or (unless ``always``) when the bucket was seen in
+        this process: then the original answer stands (the object is missing, or this
+        request is not allowed). Costs one request, on error paths only.
+        """
+        if not always and BUCKETS_SEEN.peek(self._store_identity()):
+            return None
         try:
-            self.client.head_bucket(Bucket=self.bucket, **self._payer)
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1, **self._payer)
         except bce.ClientError as exc:
-            return _error_info(exc)[1] == 404
-        except Exception:
-            return False
-        self._bucket_seen = True
-        return False
+            code, _ = _error_info(exc)
+            return code, str(exc.response.get("Error", {}).get("Message") or code)
+        except Exception as exc:
+            log.debug("could not diagnose an error of %s: %s", self.url, exc)
+            return None
+        self._saw_bucket()
+        return None
+
+    def _bucket_exists(self) -> bool | None:
+        cause = self._diagnose()
+        if cause is None:
+            return True
+        return False if cause[0] == "NoSuchBucket" else None
 
 
 def _delete_error(errors: Sequence[Mapping[str, str]]) -> bce.ClientError:

@@ -1,4 +1,4 @@
-"""Small pieces the multipart writer and the ranged reader share: buffers, parts, pacing."""
+"""Small pieces the multipart writer and the ranged reader share: buffers, parts, pacing, cancellation."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from typing import Any
+
+from cloudckpt.errors import TransferCancelledError
 
 
 def as_buffers(data: Any) -> list[memoryview]:
@@ -55,21 +57,79 @@ def part_boundaries(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
 
 
-def gather(futures: Sequence[Future[Any]]) -> None:
+def gather(futures: Sequence[Future[Any]], cancel: Callable[[], None] | None = None) -> None:
     """Wait for all futures; on the first failure cancel what has not started and re-raise.
 
     Running tasks are waited for before raising, so no thread still writes into a buffer
-    (or a multipart upload) that the caller is about to abort or free.
+    (or a multipart upload) that the caller is about to abort or free. ``cancel`` (e.g.
+    ``storage.cancel_transfers``) is called first when a task fails or the wait itself is
+    interrupted (Ctrl-C): running writes then stop at their next part instead of
+    uploading the rest of their objects before the error can surface.
     """
-    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    except BaseException:  # KeyboardInterrupt while waiting: stop the transfers, then let it through
+        _stop(futures, cancel)
+        raise
     failed = [f for f in done if f.exception() is not None]
     if failed:
-        for f in pending:
-            f.cancel()
-        wait(pending)
+        _stop(futures, cancel)
         raise failed[0].exception()  # type: ignore[misc]
     for f in futures:
         f.result()
+
+
+def _stop(futures: Sequence[Future[Any]], cancel: Callable[[], None] | None) -> None:
+    for f in futures:
+        f.cancel()
+    if cancel is not None:
+        cancel()
+    wait(futures)
+
+
+class Cancellation:
+    """Lets one thread stop the writes other threads have in flight on a storage object.
+
+    Each write takes a ``token()`` when it starts; ``cancel()`` invalidates every token
+    taken before it, so writes started afterwards run normally. Why tokens and not a
+    flag: a flag would have to be reset by someone, and a write that starts right after
+    a cancel must not be hit by it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    def token(self) -> CancelToken:
+        with self._lock:
+            return CancelToken(self, self._generation)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._generation += 1
+
+    def _current(self) -> int:
+        with self._lock:
+            return self._generation
+
+
+class CancelToken:
+    """One write's view of its storage's ``Cancellation``."""
+
+    __slots__ = ("_generation", "_owner")
+
+    def __init__(self, owner: Cancellation, generation: int) -> None:
+        self._owner = owner
+        self._generation = generation
+
+    @property
+    def cancelled(self) -> bool:
+        return self._owner._current() != self._generation
+
+    def check(self, url: str) -> None:
+        """Raise ``TransferCancelledError`` if the write was cancelled since it started."""
+        if self.cancelled:
+            raise TransferCancelledError(f"write of {url} cancelled (cancel_transfers); nothing was committed", url)
 
 
 class RateLimiter:

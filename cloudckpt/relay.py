@@ -7,7 +7,7 @@ bandwidth and the memory of the other hosts' ranges (held until sent).
 
 Call order, on every rank (collectives marked *)::
 
-    index   the io host loads the index; *broadcast of its JSON (or of the error)
+    index   the io host loads and validates the index; *broadcast of it (or of the error)
     read    *all_gather of every rank's byte ranges (object, offset, length); the io host
             reads them all; *broadcast of its outcome; then, for each other rank r,
             *transfer of r's bytes from the io host to r
@@ -20,20 +20,41 @@ leaves the others waiting for the group's timeout, which then fails them clearly
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.distributed.coordinator import Coordinator
+from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError, StorageError
-from cloudckpt.format import CheckpointIndex, decode_index, encode_index, index_key
-from cloudckpt.reader import load_index, read_coalesced
-from cloudckpt.storage import ReadRequest, Storage
+from cloudckpt.format import CheckpointIndex, index_key
+from cloudckpt.index_store import load_index
+from cloudckpt.reader import read_coalesced
+from cloudckpt.storage import Location, ReadRequest, Storage
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedIndex:
+    """The io host's broadcast: the index it read and validated, or why it could not."""
+
+    index: CheckpointIndex | None = None
+    kind: Literal["not_found", "format", "other"] | None = None
+    error: str = ""
+    described: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WantedRange:
+    """One byte range a host needs, sent to the io host."""
+
+    key: str
+    offset: int
+    length: int
 
 
 class ReadRelay:
@@ -47,39 +68,38 @@ class ReadRelay:
     def is_io(self) -> bool:
         return self.coord.rank == self.io_rank
 
-    def load_index(self, storage: Storage, name: str) -> CheckpointIndex:
-        """The index, read by the io host and broadcast; its failure is every host's."""
+    def load_index(self, location: Location) -> CheckpointIndex:
+        """The index, read and validated by the io host and broadcast; its failure is every host's."""
+        storage, name = location.storage, location.name
         url = storage.url_for(index_key(name))
         with self.coord.session():
-            outcome: dict[str, Any] | None = None
+            outcome: SharedIndex | None = None
             failure: BaseException | None = None
-            index: CheckpointIndex | None = None
             if self.is_io:
                 try:
-                    index = load_index(storage, name)
-                    outcome = {"ok": True, "index": encode_index(index).decode("utf-8")}
+                    outcome = SharedIndex(index=load_index(storage, name))
                 except Exception as exc:
                     failure = exc
-                    kind = ("not_found" if isinstance(exc, CheckpointNotFoundError)
-                            else "format" if isinstance(exc, CheckpointFormatError) else "other")
-                    outcome = {"ok": False, "kind": kind, "error": str(exc), "described": _describe(exc)}
-            shared = self.coord.broadcast_object(outcome, src=self.io_rank)
+                    kind: Literal["not_found", "format", "other"] = (
+                        "not_found" if isinstance(exc, CheckpointNotFoundError)
+                        else "format" if isinstance(exc, CheckpointFormatError) else "other")
+                    outcome = SharedIndex(kind=kind, error=str(exc), described=_describe(exc))
+            shared: SharedIndex = self.coord.broadcast_object(outcome, src=self.io_rank)
         if failure is not None:
             raise failure
-        if index is not None:
-            return index
-        if not shared["ok"]:
-            if shared["kind"] == "not_found":
-                raise CheckpointNotFoundError(shared["error"], storage.url_for(name))
-            if shared["kind"] == "format":
-                raise CheckpointFormatError(shared["error"])
-            raise StorageError(f"the io host (rank {self.io_rank}) could not read {url}: {shared['described']}", url)
-        return decode_index(str(shared["index"]).encode("utf-8"), name, url)
+        if shared.index is not None:
+            return shared.index
+        if shared.kind == "not_found":
+            raise CheckpointNotFoundError(shared.error, storage.url_for(name))
+        if shared.kind == "format":
+            raise CheckpointFormatError(shared.error)
+        raise StorageError(f"the io host (rank {self.io_rank}) could not read {url}: {shared.described}", url)
 
     def read(self, storage: Storage, requests: Sequence[ReadRequest]) -> None:
         """Fill ``requests`` (this host's byte ranges) with bytes the io host read."""
         with self.coord.session():
-            wanted = self.coord.all_gather_object([[r.key, r.offset, r.out.nbytes] for r in requests])
+            wanted: list[list[WantedRange]] = self.coord.all_gather_object(
+                [WantedRange(r.key, r.offset, r.out.nbytes) for r in requests])
             failure: BaseException | None = None
             outgoing: dict[int, list[NDArray[np.uint8]]] = {}
             if self.is_io:
@@ -88,9 +108,9 @@ class ReadRelay:
                     for rank, ranges in enumerate(wanted):
                         if rank == self.io_rank:
                             continue
-                        buffers = [np.empty(int(n), dtype=np.uint8) for _, _, n in ranges]
-                        read_coalesced(storage, [ReadRequest(str(key), int(offset), buf.data)
-                                                 for (key, offset, _), buf in zip(ranges, buffers, strict=True)])
+                        buffers = [np.empty(w.length, dtype=np.uint8) for w in ranges]
+                        read_coalesced(storage, [ReadRequest(w.key, w.offset, buf.data)
+                                                 for w, buf in zip(ranges, buffers, strict=True)])
                         outgoing[rank] = buffers
                 except Exception as exc:
                     failure = exc

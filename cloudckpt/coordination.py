@@ -1,5 +1,8 @@
 """How the processes of a job talk during a checkpoint: a small coordinator protocol.
 
+One host is the one-rank case (``LocalCoordinator``): every save runs the same protocol
+(``cloudckpt.saving``) whatever the number of hosts.
+
 A multi-host save needs only a handful of things from the job's process engine: who am
 I (``rank``), how many are we (``world_size``), wait for everyone (``barrier``), share a
 small plan (``all_gather_object``, ``gather_object``, ``broadcast_object``), agree on a
@@ -36,6 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.errors import CoordinationError
+from cloudckpt.options import CheckpointOptions
 
 #: Default timeout of the checkpoint group's collectives, in seconds.
 DEFAULT_TIMEOUT = 60.0
@@ -67,8 +71,19 @@ class Coordinator(ABC):
     def session(self) -> Iterator[None]:
         """Hold the coordinator for one whole protocol run (a save), so two saves of one
         process (say, two checkpoints' background workers) never interleave collectives."""
-        with self._session_lock:
+        self.begin_session()
+        try:
             yield
+        finally:
+            self.end_session()
+
+    def begin_session(self) -> None:
+        """``session()`` for a run that starts on one thread and ends on another (an async
+        save plans on the caller's thread and commits on its worker): pair with ``end_session``."""
+        self._session_lock.acquire()
+
+    def end_session(self) -> None:
+        self._session_lock.release()
 
     @abstractmethod
     def barrier(self) -> None:
@@ -266,3 +281,28 @@ def set_default_coordinator(coordinator: Coordinator | None) -> None:
     global _default
     with _default_lock:
         _default = coordinator
+
+
+def io_rank(options: CheckpointOptions, coordinator: Coordinator) -> int | None:
+    """The rank that alone touches storage, or ``None`` (every rank writes its own shards).
+
+    TensorFlow device syntax names the host: ``/job:worker/replica:0/task:K`` (any job
+    name) is rank ``K`` of ``coordinator``; ``/job:localhost`` (or no task) means "this
+    process" - every host does its own I/O, the default. In one process every value is a no-op.
+
+    Raises:
+        ValueError: ``experimental_io_device`` names a task outside the job, or a replica
+            other than 0 (naming the option).
+    """
+    spec = options.io_device_spec
+    if spec is None or coordinator.world_size == 1:
+        return None
+    if spec.job == "localhost" or spec.task is None:
+        return None
+    if spec.replica not in (None, 0):
+        raise ValueError(f"experimental_io_device {options.experimental_io_device!r}: only replica 0 exists in a "
+                         f"torch.distributed job")
+    if not 0 <= spec.task < coordinator.world_size:
+        raise ValueError(f"experimental_io_device {options.experimental_io_device!r}: task {spec.task} is not a rank "
+                         f"of this job of {coordinator.world_size} processes")
+    return spec.task

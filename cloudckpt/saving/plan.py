@@ -1,4 +1,4 @@
-"""The multi-host save plan: a pure function of what every host reported.
+"""The save plan: a pure function of what every host reported (one host is the one-rank case).
 
 Every host describes its pieces (``(key path, start, shape, bytes)`` of each shard it
 holds) and the arrays it knows; the descriptions are all-gathered, and every host then
@@ -12,7 +12,10 @@ computes the *same* plan from the same list - no second round trip. The plan say
   numbering ``data-0000k-of-0000N`` (host r's objects follow those of ranks < r), all
   with the one write-unique suffix the committing host chose;
 - that every array is covered exactly once by disjoint boxes - checked before any byte
-  moves, so an inconsistent sharding fails the save instead of producing a bad index.
+  moves, so an inconsistent sharding fails the save instead of producing a bad index;
+- which objects hold a host's *early* pieces (an async save's state beyond its staging
+  budget, uploaded from live memory before ``save`` returns): they get objects of their
+  own, numbered first among that host's.
 """
 
 from __future__ import annotations
@@ -20,10 +23,48 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cloudckpt.errors import PlanError
-from cloudckpt.writer import PieceId, _pack
+from cloudckpt.saving.objects import PieceId, pack
+
+
+@dataclass(frozen=True, slots=True)
+class PieceDescription:
+    """One piece a host holds: ``(key path, start)``, its shape and its size in bytes."""
+
+    piece: PieceId
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    """What one host tells the others before a save (all-gathered; identical plans follow).
+
+    Attributes:
+        url: where this host believes the checkpoint goes - hosts that disagree would
+            otherwise upload to different places and commit an index naming objects that
+            are not where it says.
+        suffix: this host's candidate write-unique suffix (the committer's is used).
+        max_objects: how many data objects this host may write in parallel.
+        arrays: every array leaf it knows: key path -> (dtype name, global shape).
+        pieces: the pieces it holds.
+        early: key paths whose pieces it must upload before ``save`` returns.
+    """
+
+    url: str
+    suffix: str
+    max_objects: int
+    arrays: Mapping[str, tuple[str, tuple[int, ...]]]
+    pieces: tuple[PieceDescription, ...]
+    early: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeFailure:
+    """Sent instead of a ``Description`` by a host that could not describe its state."""
+
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +87,7 @@ class SavePlan:
         io_rank: the only rank touching storage, or ``None`` (every rank writes its own).
         writer: the rank that provides each piece's bytes.
         groups: per rank, its data objects' pieces (empty for ranks that upload nothing).
+        early: per rank, how many of its first objects hold its early pieces.
         offsets: per rank, the global number of its first data object.
         total_objects: N in ``data-0000k-of-0000N``.
         pieces: every distinct piece, in a deterministic order.
@@ -56,6 +98,7 @@ class SavePlan:
     io_rank: int | None
     writer: Mapping[PieceId, int]
     groups: tuple[tuple[tuple[PieceId, ...], ...], ...]
+    early: tuple[int, ...]
     offsets: tuple[int, ...]
     total_objects: int
     pieces: Mapping[PieceId, PieceInfo]
@@ -65,32 +108,14 @@ class SavePlan:
         return [p for p, w in self.writer.items() if w == rank]
 
 
-def describe(pieces: Mapping[PieceId, Any], arrays: Mapping[str, tuple[str, tuple[int, ...]]], *,
-             suffix: str, max_objects: int, url: str = "") -> dict[str, Any]:
-    """This host's description: plain lists and strings (it is all-gathered as an object).
-
-    ``url`` is where this host believes the checkpoint goes: hosts that disagree would
-    otherwise upload to different places and commit an index naming objects that are not
-    where it says.
-    """
-    return {
-        "ok": True,
-        "url": url,
-        "suffix": suffix,
-        "max_objects": max_objects,
-        "arrays": {path: [dtype, list(shape)] for path, (dtype, shape) in arrays.items()},
-        "pieces": [[path, list(start), list(a.shape), int(a.nbytes)] for (path, start), a in pieces.items()],
-    }
-
-
-def make_plan(descriptions: Sequence[Mapping[str, Any]], *, committer: int, io_rank: int | None) -> SavePlan:
+def make_plan(descriptions: Sequence[Description], *, committer: int, io_rank: int | None) -> SavePlan:
     """The plan every host computes from the all-gathered descriptions (identical everywhere).
 
     Raises:
-        PlanError: hosts disagree on an array's dtype or global shape, hold different
-            boxes at the same start, or the boxes of an array overlap or leave holes.
+        PlanError: hosts disagree on the path, an array's dtype or global shape, hold
+            different boxes at the same start, or the boxes of an array overlap or leave holes.
     """
-    urls = [str(desc.get("url", "")) for desc in descriptions]
+    urls = [desc.url for desc in descriptions]
     if len(set(urls)) > 1:
         differing = next(rank for rank, url in enumerate(urls) if url != urls[0])
         raise PlanError(f"hosts save to different paths: rank 0 to {urls[0]!r}, rank {differing} to "
@@ -98,8 +123,7 @@ def make_plan(descriptions: Sequence[Mapping[str, Any]], *, committer: int, io_r
     arrays: dict[str, tuple[str, tuple[int, ...]]] = {}
     first_rank: dict[str, int] = {}
     for rank, desc in enumerate(descriptions):
-        for path, (dtype, shape) in desc["arrays"].items():
-            meta = (str(dtype), tuple(int(n) for n in shape))
+        for path, meta in desc.arrays.items():
             known = arrays.setdefault(path, meta)
             first_rank.setdefault(path, rank)
             if known != meta:
@@ -107,20 +131,43 @@ def make_plan(descriptions: Sequence[Mapping[str, Any]], *, committer: int, io_r
                                 f"and global shape {known[1]}, rank {rank} has {meta[0]} and {meta[1]}")
     infos: dict[PieceId, PieceInfo] = {}
     for rank, desc in enumerate(descriptions):
-        for path, start, shape, nbytes in desc["pieces"]:
-            piece: PieceId = (str(path), tuple(int(s) for s in start))
-            extent = tuple(int(n) for n in shape)
+        for held in desc.pieces:
+            piece = held.piece
             known_info = infos.get(piece)
             if known_info is None:
-                infos[piece] = PieceInfo(piece, extent, int(nbytes), (rank,))
-            elif known_info.shape != extent:
-                raise PlanError(f"hosts hold different shards of {path!r} at {piece[1]}: {known_info.shape} "
-                                f"(rank {known_info.holders[0]}) and {extent} (rank {rank})")
+                infos[piece] = PieceInfo(piece, held.shape, held.nbytes, (rank,))
+            elif known_info.shape != held.shape:
+                raise PlanError(f"hosts hold different shards of {piece[0]!r} at {piece[1]}: {known_info.shape} "
+                                f"(rank {known_info.holders[0]}) and {held.shape} (rank {rank})")
             elif rank not in known_info.holders:
-                infos[piece] = PieceInfo(piece, extent, known_info.nbytes, (*known_info.holders, rank))
+                infos[piece] = PieceInfo(piece, held.shape, known_info.nbytes, (*known_info.holders, rank))
     _check_coverage(arrays, infos)
-    ordered = dict(sorted(infos.items(), key=lambda kv: kv[0]))
-    loads = [0] * len(descriptions)
+    ordered = infos  # first seen first: rank 0's collection order, then pieces only later ranks hold
+    writer = _assign_writers(ordered, len(descriptions), io_rank)
+    sizes = {p: i.nbytes for p, i in ordered.items()}
+    groups: list[tuple[tuple[PieceId, ...], ...]] = []
+    early_counts: list[int] = []
+    for rank, desc in enumerate(descriptions):
+        if io_rank is not None:
+            mine = list(ordered) if rank == io_rank else []
+            early: list[PieceId] = []  # routed saves upload nothing before the transfer
+        else:
+            mine = [p for p in ordered if writer[p] == rank]
+            early = [p for p in mine if p[0] in desc.early]
+        early_set = set(early)
+        late = [p for p in mine if p not in early_set]
+        early_groups = pack(early, sizes, desc.max_objects)
+        groups.append(tuple(tuple(g) for g in early_groups + pack(late, sizes, desc.max_objects)))
+        early_counts.append(len(early_groups))
+    offsets = tuple(sum(len(g) for g in groups[:r]) for r in range(len(groups)))
+    return SavePlan(suffix=descriptions[committer].suffix, committer=committer, io_rank=io_rank,
+                    writer=writer, groups=tuple(groups), early=tuple(early_counts), offsets=offsets,
+                    total_objects=sum(len(g) for g in groups), pieces=ordered)
+
+
+def _assign_writers(ordered: Mapping[PieceId, PieceInfo], world_size: int, io_rank: int | None) -> dict[PieceId, int]:
+    """Each piece's writer: the io host if it holds it, else the least-loaded holder (largest first)."""
+    loads = [0] * world_size
     writer: dict[PieceId, int] = {}
     for info in sorted(ordered.values(), key=lambda i: (-i.nbytes, i.piece)):
         if io_rank is not None and io_rank in info.holders:
@@ -129,19 +176,7 @@ def make_plan(descriptions: Sequence[Mapping[str, Any]], *, committer: int, io_r
             chosen = min(info.holders, key=lambda r: (loads[r], r))
         writer[info.piece] = chosen
         loads[chosen] += info.nbytes
-    writer = {p: writer[p] for p in ordered}
-    sizes = {p: i.nbytes for p, i in ordered.items()}
-    groups: list[tuple[tuple[PieceId, ...], ...]] = []
-    for rank, desc in enumerate(descriptions):
-        if io_rank is not None:
-            mine = list(ordered) if rank == io_rank else []
-        else:
-            mine = [p for p in ordered if writer[p] == rank]
-        groups.append(tuple(tuple(g) for g in _pack(mine, sizes, int(desc["max_objects"]))))
-    offsets = tuple(sum(len(g) for g in groups[:r]) for r in range(len(groups)))
-    return SavePlan(suffix=str(descriptions[committer]["suffix"]), committer=committer, io_rank=io_rank,
-                    writer=writer, groups=tuple(groups), offsets=offsets,
-                    total_objects=sum(len(g) for g in groups), pieces=ordered)
+    return {p: writer[p] for p in ordered}
 
 
 def _check_coverage(arrays: Mapping[str, tuple[str, tuple[int, ...]]], infos: Mapping[PieceId, PieceInfo]) -> None:

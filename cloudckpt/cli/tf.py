@@ -1,0 +1,145 @@
+"""What the commands do with a TensorFlow checkpoint (TensorBundle), read by ``cloudckpt.tfbundle``.
+
+Each command tells the formats apart by the ``.index`` bytes (``tfbundle.load_any_index``)
+and hands a TensorFlow checkpoint to the function here: ``ls`` sizes it, ``inspect`` lists
+its tensors by object path and raw key, ``export`` writes its tensors to .npz/.safetensors. (``cp`` copies it as-is,
+in ``copy.py``; ``verify`` checks it in ``verify.py``, next to the streaming it shares.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudckpt.cli.common import EXIT_NOT_FOUND, CliError, Progress, human_size, print_json, print_table
+from cloudckpt.tfbundle import Bundle, Tensor, tensor_value
+
+#: Largest tensor whose value ``inspect`` shows.
+_SCALAR_BYTES = 64
+FORMAT = "tensorflow"
+
+
+def describe(bundle: Bundle) -> str:
+    return (f"TensorFlow TensorBundle ({bundle.header.num_shards} shard(s), "
+            f"{'big' if bundle.header.big_endian else 'little'}-endian)")
+
+
+def stored_size(bundle: Bundle) -> int:
+    """Index plus data shards, by HEAD (TensorFlow's index does not record shard sizes)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, bundle.header.num_shards))) as pool:
+        return bundle.index_size + sum(pool.map(bundle.shard_size, range(bundle.header.num_shards)))
+
+
+# ---------------------------------------------------------------------------- inspect
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        item = value.item()
+        return str(item) if isinstance(item, float) and not np.isfinite(item) else item
+    return str(value)
+
+
+def scalar_values(bundle: Bundle, tensors: Sequence[Tensor]) -> dict[str, Any]:
+    """The values of small 0-d tensors (``save_counter``, a step), in one coalesced read."""
+    small = [t.name for t in tensors if t.shape == () and t.numpy_dtype is not None and t.nbytes <= _SCALAR_BYTES]
+    return {name: _json_scalar(tensor_value(value)) for name, value in bundle.read(small).items()} if small else {}
+
+
+def inspect(bundle: Bundle, args: Any) -> int:
+    tensors = bundle.tensors()
+    values = {} if args.no_values else scalar_values(bundle, tensors)
+    if args.json:
+        print_json({"checkpoint": bundle.url, "name": bundle.name, "format": FORMAT,
+                    "num_shards": bundle.header.num_shards, "big_endian": bundle.header.big_endian,
+                    "objects": [bundle.objects[i] for i in range(bundle.header.num_shards)],
+                    "entries": [_entry_json(bundle, t, values) for t in tensors]})
+        return 0
+    print(f"checkpoint  {bundle.url}")
+    print(f"format      {describe(bundle)}")
+    print(f"data        {len(tensors)} tensors, {human_size(sum(t.nbytes for t in tensors))}")
+    print()
+    if not tensors:
+        raise CliError(f"{bundle.url} holds no tensors", EXIT_NOT_FOUND)
+    table = [["KEY", "DTYPE", "SHAPE", "SIZE", "VALUE / LAYOUT", "TENSORFLOW KEY"]]
+    for t in tensors:
+        layout = json.dumps(values[t.name]) if t.name in values else ""
+        if t.slices:
+            layout = f"partitioned: {t.slices} slices"
+        table.append([t.name, t.dtype, "[" + ", ".join(map(str, t.shape)) + "]", human_size(t.nbytes),
+                      layout[:50], t.key if t.key != t.name else ""])
+    print_table(table)
+    return 0
+
+
+def _entry_json(bundle: Bundle, tensor: Tensor, values: dict[str, Any]) -> dict[str, Any]:
+    entry = bundle.entries[tensor.key]
+    doc: dict[str, Any] = {"key": tensor.name, "tensorflow_key": tensor.key, "kind": "array", "dtype": tensor.dtype,
+                           "shape": list(tensor.shape), "size": tensor.nbytes}
+    if tensor.name in values:
+        doc["value"] = values[tensor.name]
+    if not entry.slices:
+        doc["shard"], doc["offset"], doc["crc32c"] = entry.shard, entry.offset, entry.crc32c
+    else:
+        doc["slices"] = len(entry.slices)
+    return doc
+
+
+# ---------------------------------------------------------------------------- export
+def export_plan(bundle: Bundle, keys: Sequence[str], safetensors: bool,
+                safetensors_dtypes: frozenset[str]) -> tuple[list[Tensor], list[str]]:
+    """The tensors to export, and what is skipped (with why)."""
+    chosen: list[Tensor] = []
+    skipped: list[str] = []
+    for tensor in bundle.tensors():
+        if keys and not any(tensor.name == k or tensor.name.startswith(k.rstrip("/") + "/") or tensor.key == k
+                            for k in keys):
+            continue
+        if tensor.numpy_dtype is None:
+            skipped.append(f"{tensor.name} ({tensor.dtype}: not readable)")
+        elif safetensors and (tensor.dtype == "string" or tensor.numpy_dtype.name not in safetensors_dtypes):
+            skipped.append(f"{tensor.name} ({tensor.dtype})")
+        else:
+            chosen.append(tensor)
+    return chosen, skipped
+
+
+def export_arrays(bundle: Bundle, tensors: Sequence[Tensor], batch_bytes: int,
+                  progress: Progress) -> Iterator[tuple[str, NDArray[Any]]]:
+    """The tensors in order, fetched in batches of at most ``batch_bytes``, each CRC32C-checked."""
+    batch: list[str] = []
+    size = 0
+    for tensor in tensors:
+        if batch and size + tensor.nbytes > batch_bytes:
+            yield from _flush(bundle, batch, progress)
+            batch, size = [], 0
+        batch.append(tensor.name)
+        size += tensor.nbytes
+    if batch:
+        yield from _flush(bundle, batch, progress)
+
+
+def _flush(bundle: Bundle, names: list[str], progress: Progress) -> Iterator[tuple[str, NDArray[Any]]]:
+    values = bundle.read(names)
+    for name in names:
+        progress.update(values[name].nbytes)
+        yield name, values[name]
+
+
+def npz_strings(name: str, array: NDArray[Any]) -> NDArray[Any] | None:
+    """A string tensor as a fixed-width ``S`` array (no pickle), or ``None`` if that would lose bytes.
+
+    numpy's ``S`` strips trailing NUL bytes when read back, so a tensor with such strings
+    cannot be stored exactly and is skipped (with a warning) instead.
+    """
+    flat = array.reshape(-1)
+    if any(value.endswith(b"\0") for value in flat):
+        return None
+    width = max((len(value) for value in flat), default=1) or 1
+    return np.array(flat.tolist(), dtype=f"S{width}").reshape(array.shape) if flat.size else \
+        np.empty(array.shape, dtype="S1")

@@ -1,0 +1,127 @@
+"""Fetching a checkpoint's index from storage: the one guarded way every layer reads one.
+
+An index is JSON read whole into memory, from a bucket other people may write to. So it
+is HEADed first and refused by its size before a byte is fetched (``MAX_INDEX_BYTES``),
+then fetched as exactly that many bytes (an object replaced by a larger one between the
+HEAD and the GET cannot make the read grow), then fully validated by ``format.decode_index``.
+Saving, restoring, deletion, leftovers cleanup and the CLI all go through here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cloudckpt.errors import (
+    BucketNotFoundError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    InvalidRangeError,
+    NotFoundError,
+    StorageError,
+)
+from cloudckpt.format import INDEX_SUFFIX, CheckpointIndex, decode_index, index_key
+from cloudckpt.storage import ByteRange, ObjectMeta, Storage
+
+#: Largest index a reader will fetch. A real one is ~200 bytes per array chunk, so this
+#: allows millions of chunks while refusing a multi-GB object that is not an index (or a
+#: hostile one) before a byte is fetched.
+MAX_INDEX_BYTES = 512 * 1024 * 1024
+
+
+def head_index(storage: Storage, name: str) -> ObjectMeta | None:
+    """The index object of checkpoint ``name`` as it is now, or ``None`` if absent.
+
+    Raises:
+        BucketNotFoundError: the bucket itself is missing (never "no checkpoint yet").
+    """
+    try:
+        return storage.head(index_key(name))
+    except BucketNotFoundError:
+        raise
+    except NotFoundError:
+        return None
+
+
+def read_index_bytes(storage: Storage, name: str, meta: ObjectMeta | None = None) -> bytes | None:
+    """The bytes of checkpoint ``name``'s index object (``None`` if absent), refused by size first.
+
+    Shared by both formats an ``.index`` can hold (cloudckpt's JSON, TensorFlow's table): the
+    caller tells them apart by content. ``meta`` is a HEAD of the index the caller already made.
+
+    Raises:
+        CheckpointFormatError: over ``MAX_INDEX_BYTES`` (not an index, or a hostile one).
+        BucketNotFoundError: the bucket is missing.
+    """
+    key = index_key(name)
+    url = storage.url_for(key)
+    if meta is None:
+        meta = head_index(storage, name)
+        if meta is None:
+            return None
+    if meta.size > MAX_INDEX_BYTES:
+        raise CheckpointFormatError(f"{url} is {meta.size} bytes, over the {MAX_INDEX_BYTES}-byte limit for an "
+                                    "index; refusing to read it (not a cloudckpt index?)")
+    try:
+        return storage.get(key, ByteRange.bounded(0, meta.size)) if meta.size else storage.get(key)
+    except BucketNotFoundError:
+        raise
+    except NotFoundError:
+        return None
+    except InvalidRangeError:
+        raise CheckpointFormatError(f"{url} shrank while it was being read (replaced by another writer?)") from None
+
+
+def read_index(storage: Storage, name: str, meta: ObjectMeta | None = None) -> CheckpointIndex | None:
+    """The validated index of checkpoint ``name``, or ``None`` if it has none.
+
+    ``meta`` is a HEAD of the index the caller already made (saves one request).
+
+    Raises:
+        CheckpointFormatError: over ``MAX_INDEX_BYTES``, malformed, or of an unknown version.
+        BucketNotFoundError: the bucket is missing.
+    """
+    data = read_index_bytes(storage, name, meta)
+    return None if data is None else decode_index(data, name, storage.url_for(index_key(name)))
+
+
+def load_index_bytes(storage: Storage, name: str) -> bytes:
+    """``read_index_bytes`` of a checkpoint that must exist (``CheckpointNotFoundError`` otherwise)."""
+    data = read_index_bytes(storage, name)
+    if data is None:
+        raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name),
+                                      key=index_key(name))
+    return data
+
+
+def load_index(storage: Storage, name: str) -> CheckpointIndex:
+    """The validated index of checkpoint ``name``, which must exist.
+
+    Raises:
+        CheckpointNotFoundError: no index (the checkpoint does not exist or is not
+            committed); the message suggests ``<name>-N`` checkpoints that do exist.
+        BucketNotFoundError: the bucket is missing.
+        CheckpointFormatError: the index is malformed, too large, or of an unknown version.
+    """
+    return decode_index(load_index_bytes(storage, name), name, storage.url_for(index_key(name)))
+
+
+def _not_found_message(storage: Storage, name: str) -> str:
+    url = storage.url_for(name)
+    message = f"no checkpoint at {url!r} (no {index_key(name)!r} object)"
+    try:
+        numbered = [m.key[:-len(INDEX_SUFFIX)] for m in storage.list(f"{name}-") if m.key.endswith(INDEX_SUFFIX)]
+        inside = [m.key for m in storage.list(f"{name}/")[:1000] if m.key.endswith(INDEX_SUFFIX)]
+    except (StorageError, OSError, ValueError):
+        numbered, inside = [], []
+    if inside:
+        return (f"{message}. {url!r} is a directory holding {len(inside)} checkpoint index(es) "
+                f"(e.g. {storage.url_for(inside[-1][:-len(INDEX_SUFFIX)])!r}): name a checkpoint in it, or list "
+                "them with `cloudckpt ls`")
+    numbered = [n for n in numbered if re.fullmatch(re.escape(name) + r"-\d+", n)]
+    if numbered:
+        newest = max(numbered, key=lambda n: int(n.rsplit("-", 1)[1]))
+        message += (f". Checkpoint.save() appends '-N' to its prefix: did you mean "
+                    f"{storage.url_for(newest)!r}? (found {len(numbered)} numbered checkpoint(s))")
+    elif not re.search(r"-\d+$", name):
+        message += ". Note that Checkpoint.save() writes '<prefix>-N', not '<prefix>'"
+    return message

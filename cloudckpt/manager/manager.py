@@ -1,0 +1,429 @@
+"""``CheckpointManager`` and ``latest_checkpoint``: TensorFlow's semantics, safe on object stores.
+
+What TensorFlow does, kept exactly: numbering from ``save_counter``, ``max_to_keep`` /
+``keep_checkpoint_every_n_hours`` retention, ``checkpoint_interval`` skipping, state that
+survives across instances through ``<directory>/checkpoint``.
+
+What this does better:
+
+- ``latest_checkpoint`` returns only *committed* checkpoints (it HEADs each index, newest
+  first), where TensorFlow trusts the state file blindly.
+- Ownership (``ownership``): reading never writes; the first save claims the directory and
+  a newer job fences an older one, which deletes only what it just wrote.
+- Deleting a checkpoint removes its index first, then exactly the data objects that
+  index names - never "everything under the prefix" (``directory.delete_checkpoint``).
+- One state-file write per save (TensorFlow writes it twice).
+
+This class is the TensorFlow surface and the glue: the managed set lives in
+``managed_set``, ownership in ``ownership``, directory queries in ``directory``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Protocol
+
+from cloudckpt.coordination import Coordinator, io_rank
+from cloudckpt.crashpoints import crash_point
+from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, PreconditionError
+from cloudckpt.leftovers import find_leftovers, remove_leftovers
+from cloudckpt.manager.directory import delete_checkpoint, first_committed, latest_by_listing, latest_name
+from cloudckpt.manager.managed_set import ManagedSet
+from cloudckpt.manager.ownership import DirectoryOwnership
+from cloudckpt.options import CheckpointOptions
+from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
+from cloudckpt.saving import AfterCommit, WriteResult
+from cloudckpt.state_file import CheckpointState
+from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
+
+log = logging.getLogger("cloudckpt.manager")
+
+#: Default age before a crashed save's leftovers are removed: far longer than any save
+#: should take, so a zombie VM still uploading is never robbed of its bytes mid-save.
+DEFAULT_LEFTOVER_MIN_AGE = timedelta(hours=1)
+
+
+class ManagedCheckpoint(Protocol):
+    """What ``CheckpointManager`` needs of the object it manages (``Checkpoint`` and its kin)."""
+
+    @property
+    def save_counter(self) -> Any: ...
+
+    @property
+    def coordinator(self) -> Coordinator | None: ...
+
+    def _write_managed(self, path: Location, options: CheckpointOptions | None = None, *,
+                       after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
+                       base: str | None = None) -> str: ...
+
+    def restore(self, save_path: Any, options: CheckpointOptions | None = None) -> Any: ...
+
+    def sync(self, timeout: float | None = None) -> None: ...
+
+
+def _as_number(value: Any, what: str) -> int:
+    """An int from an int, a numpy scalar, a ``Variable`` or a tensor (TF accepts all)."""
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be an integer or hold one, got {type(value).__name__}") from None
+    return number
+
+
+def _as_age(value: float | timedelta | None) -> timedelta | None:
+    if value is None:
+        return None
+    age = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+    if age < timedelta(0):
+        raise ValueError(f"leftover_min_age must not be negative, got {value!r}")
+    return age
+
+
+def _shown_directory(directory: Directory) -> str:
+    return directory.url if isinstance(directory, Storage) else os.fspath(directory)
+
+
+def latest_checkpoint(checkpoint_dir: Directory) -> str | None:
+    """The newest *committed* checkpoint in ``checkpoint_dir`` (full path), or ``None``.
+
+    See ``directory.latest_name``: the state file's list newest first, the first whose
+    index exists; the directory is listed only when there is no usable state file.
+    """
+    name = latest_name(resolve_directory(checkpoint_dir))
+    return join_url(_shown_directory(checkpoint_dir), name) if name else None
+
+
+class CheckpointManager:
+    """Keeps a bounded set of checkpoints in a directory (``tf.train.CheckpointManager``).
+
+    Args:
+        checkpoint: the ``Checkpoint`` to save and restore (anything implementing ``ManagedCheckpoint``).
+        directory: where checkpoints go: a path, PathLike, a URL (``s3://``, ``gs://``, ...) or a ``Storage``.
+        max_to_keep: how many recent checkpoints stay active; ``None`` keeps all.
+        keep_checkpoint_every_n_hours: of the evicted ones, keep one every N hours forever.
+        checkpoint_name: the prefix of each checkpoint (``ckpt`` -> ``ckpt-7``).
+        step_counter: with ``checkpoint_interval``, the step variable saves are spaced on.
+        checkpoint_interval: minimum steps between saves.
+        init_fn: called by ``restore_or_initialize`` when there is nothing to restore.
+        keep_best: optional ``BestN`` rule (metric from ``save(metadata=...)``) on top.
+        storage: an already-open ``Storage`` for ``directory`` (custom clients, credentials,
+            transfer tuning); every object of the directory - checkpoints and state file - goes
+            through it. ``directory`` may also be a ``Storage`` itself.
+        options: default ``CheckpointOptions`` for ``save``. In a multi-host job its
+            ``experimental_io_device`` also picks the host that reads and writes the
+            state file (the one that commits), since it may be the only one with access.
+        leftover_min_age: the first save removes what crashed saves left in ``directory``
+            (data objects no index names, temporary chunks, stale multipart uploads) when
+            older than this by the store's clock (seconds or a ``timedelta``); it must exceed
+            the longest save, since anything younger may still be uploading. ``None``
+            disables the cleanup. See ``cloudckpt.leftovers``.
+        incremental: each save references the bytes of pieces unchanged since this manager's
+            latest checkpoint instead of uploading them again (identity: equal XXH3-128 hash,
+            key, dtype, box and size). On by default; ``save(incremental=False)`` writes one
+            save in full. Retention and cleanup delete only objects no kept checkpoint names.
+
+    Many hosts: with a ``DTensorCheckpoint`` the manager is a collective object - every
+    rank constructs it and calls ``save``, ``restore_or_initialize`` and ``sync`` together,
+    as SPMD training does anyway. One host (rank 0, or the io host) alone reads and writes
+    the state file, claims the directory and deletes; it broadcasts what it found, so every
+    rank restores the same checkpoint and agrees on the active list. ``step_counter`` must
+    advance identically on every rank (it decides the interval locally, without a
+    collective, so that a skipped save never waits on an in-flight upload).
+    """
+
+    def __init__(self, checkpoint: ManagedCheckpoint, directory: Directory, max_to_keep: int | None,
+                 keep_checkpoint_every_n_hours: float | None = None, checkpoint_name: str = "ckpt",
+                 step_counter: Any = None, checkpoint_interval: int | None = None,
+                 init_fn: Callable[[], Any] | None = None, *, keep_best: BestN | None = None,
+                 storage: Storage | None = None, options: CheckpointOptions | None = None,
+                 leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE,
+                 incremental: bool = True) -> None:
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
+            raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
+        if checkpoint_interval is not None:
+            if step_counter is None:
+                raise ValueError("step_counter must be set when checkpoint_interval is set")
+            if not isinstance(checkpoint_interval, int) or checkpoint_interval < 0:
+                raise ValueError(f"checkpoint_interval must be a non-negative int, got {checkpoint_interval!r}")
+        if not checkpoint_name or "/" in checkpoint_name:
+            raise ValueError(f"checkpoint_name must be a non-empty name without '/', got {checkpoint_name!r}")
+        self._leftover_min_age = _as_age(leftover_min_age)
+        self._incremental = bool(incremental)
+        self._checkpoint = checkpoint
+        self._directory = _shown_directory(directory)
+        self._storage = storage or resolve_directory(directory)
+        self._name = checkpoint_name
+        self._step_counter = step_counter
+        self._checkpoint_interval = checkpoint_interval
+        self._init_fn = init_fn
+        self._policy = RetentionPolicy(
+            latest=LatestN(max_to_keep),
+            preserve=PreserveEveryNHours(keep_checkpoint_every_n_hours) if keep_checkpoint_every_n_hours else None,
+            best=keep_best)
+        self._lock = threading.RLock()
+        self._warned_unreadable = False
+        self._ownership = DirectoryOwnership(self._storage, on_garbled=self._warn_garbled)
+        self._last_checkpoint_step: int | None = None
+        self._options = options
+        coordinator = checkpoint.coordinator
+        self._coordinator = coordinator if coordinator is not None and coordinator.world_size > 1 else None
+        self._owner = self._committer(options)
+        found = self._ownership.read() if self._owns_storage else None
+        self._managed = ManagedSet.adopt(found[0] if found else None, self._storage.url, time.time())
+        self._share_state()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    @property
+    def checkpoint(self) -> ManagedCheckpoint:
+        return self._checkpoint
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The multi-host job's coordinator, or ``None`` when this manager runs on one host."""
+        return self._coordinator
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        return self._checkpoint_interval
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Active checkpoints, oldest first (full paths)."""
+        with self._lock:
+            return [self._path(name) for name in self._managed.active]
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """The newest committed checkpoint (HEAD-checked), or ``None``.
+
+        On a multi-host manager's other ranks: the owner's answer as of the last
+        collective call, without touching storage.
+        """
+        name = self._latest_name()
+        return self._path(name) if name else None
+
+    def _latest_name(self) -> str | None:
+        with self._lock:
+            names = self._managed.newest_first()
+        if not self._owns_storage:
+            return names[0] if names else None
+        return first_committed(self._storage, names) if names else latest_by_listing(self._storage)
+
+    @property
+    def preserved_checkpoints(self) -> list[str]:
+        """Checkpoints kept forever by ``keep_checkpoint_every_n_hours`` (full paths)."""
+        with self._lock:
+            return [self._path(name) for name in self._managed.preserved]
+
+    def _path(self, name: str) -> str:
+        return join_url(self._directory, name)
+
+    def _warn_garbled(self, exc: CheckpointStateError) -> None:
+        if not self._warned_unreadable:  # once per manager: the claim re-reads the same file
+            self._warned_unreadable = True
+            warnings.warn(f"{exc}; starting with no managed checkpoints (none will be deleted)",
+                          RuntimeWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ many hosts
+    @property
+    def _owns_storage(self) -> bool:
+        """Whether this process reads/writes the state file (always, on one host)."""
+        return self._coordinator is None or self._coordinator.rank == self._owner
+
+    def _committer(self, options: CheckpointOptions | None) -> int:
+        """The rank that commits a save with ``options`` (and so runs the bookkeeping)."""
+        if self._coordinator is None or options is None:
+            return 0
+        return io_rank(options, self._coordinator) or 0
+
+    def _share_state(self) -> None:
+        """Multi-host: every rank adopts the owner's view of the directory (a collective)."""
+        if self._coordinator is None:
+            return
+        with self._lock:
+            mine = self._managed.copy() if self._owns_storage else None
+        theirs: ManagedSet = self._coordinator.broadcast_object(mine, src=self._owner)
+        if not self._owns_storage:
+            with self._lock:
+                self._managed = theirs
+
+    def _ensure_ownership(self) -> None:
+        """Claim the directory (first save) or check we still own it; every rank learns the outcome."""
+        failure: str | None = None
+        if self._owns_storage:
+            try:
+                if not self._ownership.claimed:
+                    self._claim()
+                else:
+                    self._ownership.check_still_owner()
+            except ConcurrentWriterError as exc:
+                if self._coordinator is None:
+                    raise
+                failure = str(exc)
+        if self._coordinator is not None:
+            failure = self._coordinator.broadcast_object(failure, src=self._owner)
+            if failure is not None:
+                raise ConcurrentWriterError(failure)
+
+    def _claim(self) -> None:
+        """Claim the directory, then finish interrupted evictions and clean up crashed saves."""
+        def adopt(found: CheckpointState | None) -> CheckpointState:
+            with self._lock:
+                if found is not None:  # with no state, keep what the constructor decided
+                    self._managed = ManagedSet.adopt(found, self._storage.url, time.time())
+                return self._managed.to_state(self._ownership.token)
+
+        self._ownership.claim(adopt)
+        self._finish_deletions()
+        self._remove_leftovers()
+
+    def _finish_deletions(self) -> None:
+        """Delete evicted checkpoints the state file lists as being deleted.
+
+        The state write that evicts a checkpoint also records it as ``deleting``, so one
+        killed before (or during) its deletion is finished by the next save or the next
+        owner's claim, instead of staying on the store unlisted forever. A failure is
+        logged and retried at the next save - the commit already stands.
+        """
+        with self._lock:
+            pending = list(self._managed.deleting)
+        for name in pending:
+            try:
+                delete_checkpoint(self._storage, name)
+            except Exception as exc:
+                log.warning("could not delete evicted checkpoint %s (will retry at the next save): %s",
+                            self._path(name), exc)
+                continue
+            with self._lock:
+                if name in self._managed.deleting:
+                    self._managed.deleting.remove(name)
+
+    def _remove_leftovers(self) -> None:
+        """Clean up after crashed saves, once, before this manager uploads anything.
+
+        Runs before our own first upload so that not even ``leftover_min_age=0`` can touch
+        bytes of ours; a failure is logged, never raised - cleanup must not stop training.
+        """
+        if self._leftover_min_age is None:
+            return
+        try:
+            found = find_leftovers(self._storage, min_age=self._leftover_min_age)
+            if found:
+                removal = remove_leftovers(self._storage, found)
+                for key, why in removal.failed:
+                    log.warning("could not remove leftover %s: %s", self._storage.url_for(key), why)
+        except Exception as exc:
+            log.warning("could not clean up leftovers of crashed saves in %s: %s", self._directory, exc)
+
+    # ------------------------------------------------------------------ save
+    def save(self, checkpoint_number: Any = None, check_interval: bool = True,
+             options: CheckpointOptions | None = None, metadata: Mapping[str, Any] | None = None, *,
+             incremental: bool | None = None) -> str | None:
+        """Save a checkpoint (``write`` semantics) and apply retention; see the class docs.
+
+        ``incremental`` overrides the manager's setting for this save (``False``: upload
+        every byte, e.g. to start a fresh chain).
+
+        Returns:
+            The new checkpoint's path, or ``None`` when ``checkpoint_interval`` skipped it.
+
+        Raises:
+            ConcurrentWriterError: another manager claimed this directory since.
+            ValueError: on many hosts, ``options`` route I/O through another host than the
+                one keeping this manager's state file (checked before anything changes).
+        """
+        options = options if options is not None else self._options
+        if self._committer(options) != self._owner:
+            assert options is not None
+            raise ValueError(f"options.experimental_io_device={options.experimental_io_device!r} names another host "
+                             f"than the one this manager's state file is kept by (rank {self._owner}); pass the "
+                             "same io_device as CheckpointManager(options=...)")
+        if self._checkpoint_interval is not None:
+            step = _as_number(self._step_counter, "step_counter")
+            if self._last_checkpoint_step is not None:
+                if step == self._last_checkpoint_step:
+                    return None
+                if check_interval and step < self._last_checkpoint_step + self._checkpoint_interval:
+                    return None
+            self._last_checkpoint_step = step
+        self.sync()
+        self._ensure_ownership()
+        counter = self._checkpoint.save_counter
+        counter.assign_add(1)
+        number = _as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
+        name = f"{self._name}-{number}"
+        metric = None
+        if self._policy.best is not None and metadata is not None and self._policy.best.metric in metadata:
+            metric = float(metadata[self._policy.best.metric])
+        with self._lock:
+            base = self._managed.latest if (self._incremental if incremental is None else incremental) else None
+        self._checkpoint._write_managed(
+            Location(self._storage, name), options=options, metadata=metadata, base=base,
+            after_commit=lambda written: self._after_commit(name, written, metric))
+        if options is None or not options.enable_async:
+            self._share_state()  # async saves share theirs at the next sync()
+        return self._path(name)
+
+    def _after_commit(self, name: str, written: WriteResult, metric: float | None) -> None:
+        """Bookkeeping once the index is committed: one CAS state write, then deletions.
+
+        Runs on the caller's thread for synchronous saves and on the background worker
+        for async ones, so the state file never names a checkpoint that is not committed.
+        ``written`` is what the writer committed (index version, data keys), used to undo
+        exactly our own write if we turn out to be fenced.
+        """
+        with self._lock:
+            self._managed.record(name, time.time(), metric, self._policy)
+            try:
+                self._ownership.write(self._managed.to_state(self._ownership.token))
+            except PreconditionError:
+                self._ownership.undo_write(written)
+                self._ownership.fence(f"another writer took over {self._directory} while {name} was being saved; "
+                                      f"this save was rolled back and this manager will not save again")
+        crash_point("after_state_write")
+        self._finish_deletions()
+
+    # ------------------------------------------------------------------ restore
+    def restore_or_initialize(self) -> str | None:
+        """Restore the latest checkpoint and return its path, or run ``init_fn`` and return ``None``."""
+        latest: str | None
+        if self._coordinator is not None:
+            self.sync()  # no collective of ours may overlap a background save's
+            latest = self._coordinator.broadcast_object(self._latest_name(), src=self._owner)
+        else:
+            latest = self._latest_name()
+        if latest is not None:
+            # Through this manager's storage; with an io_device, that host reads for all.
+            self._checkpoint.restore(Location(self._storage, latest), options=self._options)
+            if self._step_counter is not None and self._checkpoint_interval is not None:
+                self._last_checkpoint_step = _as_number(self._step_counter, "step_counter")
+            return self._path(latest)
+        if self._init_fn is not None:
+            self._init_fn()
+        return None
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Wait for in-flight async saves; re-raise their failure. Collective on many hosts."""
+        self._checkpoint.sync(timeout)
+        self._share_state()
+
+    def close(self) -> None:
+        self.sync()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,13 @@
+"""Saving a checkpoint: one pipeline for one host and many.
+
+Modules, in the order a save uses them: ``settings`` (what the options imply, once),
+``plan`` (who writes which piece into which data object), ``objects`` (packing, naming and
+uploading data objects), ``commit`` (the index PUT that makes a checkpoint visible, and
+cleanup around it), ``pipeline`` (the protocol that runs them on a coordinator).
+"""
+
+from cloudckpt.saving.commit import WriteResult
+from cloudckpt.saving.pipeline import AfterCommit, SaveRun, announce_failure, save
+from cloudckpt.saving.settings import SaveSettings
+
+__all__ = ["AfterCommit", "SaveRun", "SaveSettings", "WriteResult", "announce_failure", "save"]
