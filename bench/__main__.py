@@ -17,6 +17,7 @@ SUITES = {
     "distributed": "bench_distributed",
     "index": "bench_index",
     "incremental": "bench_incremental",
+    "dcp": "bench_dcp",
     "tfimport": "bench_tf_import",
     "crc32c": "bench_crc32c",
 }

@@ -141,6 +141,55 @@ class RequestCounter:
 
 
 # --------------------------------------------------------------------------- the spawned ranks
+class RankState:
+    """One spawned rank's side of a multi-process benchmark: its gloo group, mesh and state.
+
+    ``originals`` (what is saved) and ``dests`` (zeroed restore targets) are numpy arrays of
+    this rank's shards; ``ours_state`` / ``dcp_state`` view the same memory as cloudckpt
+    ``ShardedArray``s or as ``DTensor``s (``Shard(0)``) and plain tensors. Shared by
+    ``bench distributed`` and ``bench dcp``.
+    """
+
+    def __init__(self, rank: int, world: int, port: int, size_bytes: int) -> None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from cloudckpt import Mesh
+        from cloudckpt.coordination import TorchCoordinator, set_default_coordinator
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=GROUP_TIMEOUT))
+        self.rank, self.world = rank, world
+        self.coordinator = TorchCoordinator(timeout=GROUP_TIMEOUT)
+        set_default_coordinator(self.coordinator)
+        self.device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("x",))
+        self.mesh = Mesh.from_device_mesh(self.device_mesh, coordinator=self.coordinator)
+        self.specs = state_specs(size_bytes)
+        self.originals = {s.name: make_local(s, rank, world, seed=0) for s in self.specs}
+        self.dests = {s.name: np.zeros_like(self.originals[s.name]) for s in self.specs}
+        self.global_bytes = sum(s.nbytes for s in self.specs)
+
+    def ours_state(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        from cloudckpt import UNSHARDED, Layout, ShardedArray
+
+        layout = Layout(["x", UNSHARDED], self.mesh)
+        return {s.name: ShardedArray((s.rows, COLS), np.float32, layout, [arrays[s.name]]) if s.sharded
+                else arrays[s.name] for s in self.specs}
+
+    def dcp_state(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """DTensors (sharded) and plain tensors (replicated) over the same memory as ``arrays``."""
+        import torch
+        from torch.distributed.tensor import DTensor, Shard
+
+        out: dict[str, Any] = {}
+        for s in self.specs:
+            tensor = torch.from_numpy(arrays[s.name])
+            out[s.name] = (DTensor.from_local(tensor, self.device_mesh, [Shard(0)], run_check=False,
+                                              shape=torch.Size((s.rows, COLS)), stride=(COLS, 1))
+                           if s.sharded else tensor)
+        return out
+
+
 def worker(rank: int, world: int, port: int, config: dict[str, Any], report: dict[str, Any]) -> None:
     """Spawned ``world`` times: run every path in one gloo group; each rank reports (the parent uses rank 0's)."""
     report.update(_worker(rank, world, port, config))
@@ -153,44 +202,19 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
-    from cloudckpt import UNSHARDED, CheckpointOptions, DTensorCheckpoint, Layout, Mesh, ShardedArray
-    from cloudckpt.distributed import TorchCoordinator
+    from cloudckpt import UNSHARDED, CheckpointOptions, DTensorCheckpoint, Layout, ShardedArray
     from cloudckpt.format import decode_index, index_key
     from cloudckpt.storage import resolve, storage_for_directory
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=GROUP_TIMEOUT))
-    coordinator = TorchCoordinator(timeout=GROUP_TIMEOUT)
-    device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("x",))
-    mesh = Mesh.from_device_mesh(device_mesh, coordinator=coordinator)
+    ranks = RankState(rank, world, port, config["size_bytes"])
+    mesh, originals, dests, global_bytes = ranks.mesh, ranks.originals, ranks.dests, ranks.global_bytes
+    ours_state, dcp_state = ranks.ours_state, ranks.dcp_state
     endpoint: str = config["endpoint"]
     bucket: str = config["bucket"]
     root = f"s3://{bucket}/w{world}"
     client = boto3.client("s3", endpoint_url=endpoint)
     counter = RequestCounter()
-
-    specs = state_specs(config["size_bytes"])
-    originals = {s.name: make_local(s, rank, world, seed=0) for s in specs}
-    dests = {s.name: np.zeros_like(originals[s.name]) for s in specs}
-    global_bytes = sum(s.nbytes for s in specs)
-    layout = Layout(["x", UNSHARDED], mesh)
-
-    def ours_state(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {s.name: ShardedArray((s.rows, COLS), np.float32, layout, [arrays[s.name]]) if s.sharded
-                else arrays[s.name] for s in specs}
-
-    def dcp_state(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        """DTensors (sharded) and plain tensors (replicated) over the same memory as ``arrays``."""
-        out: dict[str, Any] = {}
-        for s in specs:
-            tensor = torch.from_numpy(arrays[s.name])
-            out[s.name] = (DTensor.from_local(tensor, device_mesh, [Shard(0)], run_check=False,
-                                              shape=torch.Size((s.rows, COLS)), stride=(COLS, 1))
-                           if s.sharded else tensor)
-        return out
 
     save_ours = ours_state(originals)
     save_dcp = dcp_state(originals)
@@ -210,7 +234,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
         counter.hook(fs.s3)
 
     # Untimed warm-up: clients, s3fs session, cloudckpt's per-bucket conditional-write probe.
-    tiny: dict[str, Any] = {"w": ShardedArray((ROW_ALIGN, 4), np.float32, layout)}
+    tiny: dict[str, Any] = {"w": ShardedArray((ROW_ALIGN, 4), np.float32, Layout(["x", UNSHARDED], mesh))}
     DTensorCheckpoint(mesh, **tiny).write(f"{root}/warm/ours")
     dcp.save({"w": torch.zeros(4)}, storage_writer=dcp_writer(f"{root}/warm/dcp", 1))
     hook_clients()
@@ -404,45 +428,68 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench distributed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=512, help="global state size (default 512)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB (overrides --size-mib)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per path; the best counts (default 2)")
-    parser.add_argument("--worlds", default="1,2", help="comma-separated process counts (default 1,2)")
-    parser.add_argument("--dcp-threads", type=int, default=4,
-                        help="also run DCP's writer with this many threads (cloudckpt uses 4); 1 = default only")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="bound on each world's spawn, seconds")
-    args = parser.parse_args(argv)
-    size_mib = 64 if args.quick else args.size_mib
-    worlds = [int(w) for w in args.worlds.split(",") if w]
-    if any(w < 1 or w > ROW_ALIGN for w in worlds):
-        parser.error(f"--worlds must be between 1 and {ROW_ALIGN}")
+@contextlib.contextmanager
+def seaweedfs_bucket(name: str) -> Iterator[tuple[str, str]]:
+    """``(endpoint, bucket)``: one SeaweedFS on 127.0.0.1 (stopped by its PID) with a fresh bucket.
 
+    ``AWS_ENDPOINT_URL`` points at it meanwhile, so the spawned ranks inherit it; dummy
+    credentials are set unless real ones are. Shared by ``bench distributed`` and ``bench dcp``.
+    """
     sys.path.insert(0, str(REPO / "tests"))
     import boto3
-    import s3fs
     import servers  # the launcher the tests use: 127.0.0.1, free ports, stopped by PID
-    import torch
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-dist-", dir=REPO) as tmp, \
+    with tempfile.TemporaryDirectory(prefix=f"cloudckpt-bench-{name}-", dir=REPO) as tmp, \
             servers.seaweedfs(Path(tmp) / "weed") as server:
         print(f"SeaweedFS at {server.endpoint}", flush=True)
-        bucket = f"bench-dist-{uuid.uuid4().hex[:8]}"
+        bucket = f"bench-{name}-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
-        config = {"endpoint": server.endpoint, "bucket": bucket, "size_bytes": size_mib * MiB,
-                  "repeat": args.repeat, "dcp_threads": args.dcp_threads}
         with _environ(AWS_ENDPOINT_URL=server.endpoint):
-            for world in worlds:
-                print(f"world {world}: spawning {world} gloo process(es) ...", flush=True)
-                started = time.monotonic()
-                results.append(spawn(world, config, args.timeout))
-                print(f"world {world}: done in {time.monotonic() - started:.0f} s", flush=True)
+            yield server.endpoint, bucket
+
+
+def world_parser(prog: str, description: str | None, *, size_mib: int, timeout: float) -> argparse.ArgumentParser:
+    """The options every multi-process benchmark takes (size, smoke run, repeats, worlds, timeout)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=size_mib, help=f"global state size (default {size_mib})")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB (overrides --size-mib)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per path; the best counts (default 2)")
+    parser.add_argument("--worlds", default="1,2", help="comma-separated process counts (default 1,2)")
+    parser.add_argument("--timeout", type=float, default=timeout, help="bound on each world's spawn, seconds")
+    return parser
+
+
+def parse_worlds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    worlds = [int(w) for w in text.split(",") if w]
+    if any(w < 1 or w > ROW_ALIGN for w in worlds):
+        parser.error(f"--worlds must be between 1 and {ROW_ALIGN}")
+    return worlds
+
+
+def main(argv: list[str]) -> int:
+    parser = world_parser("python -m bench distributed", __doc__, size_mib=512, timeout=1800.0)
+    parser.add_argument("--dcp-threads", type=int, default=4,
+                        help="also run DCP's writer with this many threads (cloudckpt uses 4); 1 = default only")
+    args = parser.parse_args(argv)
+    size_mib = 64 if args.quick else args.size_mib
+    worlds = parse_worlds(parser, args.worlds)
+
+    import s3fs
+    import torch
+
+    results = []
+    with seaweedfs_bucket("dist") as (endpoint, bucket):
+        config = {"endpoint": endpoint, "bucket": bucket, "size_bytes": size_mib * MiB,
+                  "repeat": args.repeat, "dcp_threads": args.dcp_threads}
+        for world in worlds:
+            print(f"world {world}: spawning {world} gloo process(es) ...", flush=True)
+            started = time.monotonic()
+            results.append(spawn(world, config, args.timeout))
+            print(f"world {world}: done in {time.monotonic() - started:.0f} s", flush=True)
     throughput, ratios, counts = report(results)
     specs = state_specs(size_mib * MiB)
     print()

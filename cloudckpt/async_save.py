@@ -49,6 +49,11 @@ class SaveStats:
             from live memory while the caller waited (async only).
         reused_bytes: bytes an incremental save referenced in its base checkpoint instead
             of uploading (unchanged since that save).
+        throttled: answers of this host's store asking it to slow down during the save (503
+            SlowDown, 429); retried, never a failure until the throttling deadline.
+        retries: requests this host sent again during the save (throttling and transient errors).
+        concurrency: requests this host's store let into flight when the save ended (below
+            ``TransferConfig.max_concurrency`` while the store throttles).
     """
 
     path: str
@@ -60,6 +65,9 @@ class SaveStats:
     staged_bytes: int = 0
     overflow_bytes: int = 0
     reused_bytes: int = 0
+    throttled: int = 0
+    retries: int = 0
+    concurrency: int | None = None
 
 
 def _aligned(n: int) -> int:

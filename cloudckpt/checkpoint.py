@@ -25,11 +25,12 @@ from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import CheckpointIndex
 from cloudckpt.graph import Collected, Kind, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.relay import ReadRelay
+from cloudckpt.relay import ReadRelay, shared_index
 from cloudckpt.restore import RestoreSession
 from cloudckpt.saving import AfterCommit, SaveRun, SaveSettings, WriteResult, announce_failure
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
-from cloudckpt.storage import CheckpointPath, Location, resolve
+from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
+from cloudckpt.storage.throttle import TransferStats
 from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.trackable import Trackable, Variable
 
@@ -184,6 +185,7 @@ class Checkpoint(Trackable):
         """Save to ``location`` (``shown`` is the path as the caller wrote it, returned and logged)."""
         self._saver_wait()
         started = time.monotonic()
+        traffic = location.storage.transfer_stats()
         try:
             entries = collect(self)
         except Exception as exc:
@@ -201,12 +203,13 @@ class Checkpoint(Trackable):
         if not settings.asynchronous or run.must_finish_now:
             result = run.finish()
             self._complete(shown, result, settings, started, time.monotonic() - started, False, staged_bytes,
-                           run.early_bytes)
+                           run.early_bytes, location.storage, traffic)
             return shown
         blocked = time.monotonic() - started
 
         def job() -> None:
-            self._complete(shown, run.finish(), settings, started, blocked, True, staged_bytes, run.early_bytes)
+            self._complete(shown, run.finish(), settings, started, blocked, True, staged_bytes, run.early_bytes,
+                           location.storage, traffic)
 
         self._async_saver().submit(shown, job)
         return shown
@@ -224,14 +227,20 @@ class Checkpoint(Trackable):
         return LocalCoordinator()
 
     def _complete(self, path: str, result: WriteResult, settings: SaveSettings, started: float, blocked: float,
-                  asynchronous: bool, staged_bytes: int, early_bytes: int) -> None:
+                  asynchronous: bool, staged_bytes: int, early_bytes: int, storage: Storage,
+                  traffic: TransferStats) -> None:
         """After the commit and its bookkeeping: stats and log line, then the write callbacks."""
+        now = storage.transfer_stats()
         stats = SaveStats(path, result.bytes, result.objects, time.monotonic() - started, blocked,
-                          asynchronous, staged_bytes, early_bytes, result.reused_bytes)
+                          asynchronous, staged_bytes, early_bytes, result.reused_bytes,
+                          throttled=now.throttled - traffic.throttled, retries=now.retries - traffic.retries,
+                          concurrency=now.concurrency)
         object.__setattr__(self, "_last_stats", stats)
-        log.info("saved %s: %d bytes in %d objects%s, %.3f s (caller blocked %.3f s%s)", path, stats.bytes,
+        log.info("saved %s: %d bytes in %d objects%s, %.3f s (caller blocked %.3f s%s)%s", path, stats.bytes,
                  stats.objects, f", {stats.reused_bytes} unchanged bytes reused" if stats.reused_bytes else "",
-                 stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "")
+                 stats.seconds, stats.blocked_seconds, ", async" if asynchronous else "",
+                 f"; the store throttled {stats.throttled} request(s), {stats.retries} retried, "
+                 f"{stats.concurrency} in flight now" if stats.throttled or stats.retries else "")
         settings.options.run_write_callbacks(path)
 
     def _async_saver(self) -> AsyncSaver:
@@ -296,7 +305,12 @@ class Checkpoint(Trackable):
         self._saver_wait()
         location = resolve(save_path)
         relay = self._read_relay(options)
-        index = relay.load_index(location) if relay else self._load_own_index(location)
+        if self._coordinator is not None and self._coordinator.world_size > 1:
+            # One index read per job: the io host (or rank 0) reads and validates it, all get it.
+            reader = relay.io_rank if relay is not None else 0
+            index = shared_index(self._coordinator, location, reader, self._load_own_index)
+        else:
+            index = self._load_own_index(location)
         session = RestoreSession(location.storage, index, relay)
         for owner in (self, self._root):
             if owner is not None:

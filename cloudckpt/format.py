@@ -28,6 +28,8 @@ from cloudckpt.boxes import partition_problem
 from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
 
 #: Bump on any change a reader of the previous version could misread (docs/format.md has each).
+#: Version 2 added references (incremental saves), the ``bytes`` array pytype and the optional
+#: top-level ``dcp`` field (torch.distributed.checkpoint's metadata).
 FORMAT_VERSION = 2
 #: Versions this reader understands; every earlier version stays readable.
 READABLE_VERSIONS = frozenset({1, 2})
@@ -47,12 +49,14 @@ MAX_ITEMSIZE = 1 << 20
 #: Types of JSON leaves (small Python values stored inline in the index).
 ValueType = Literal["none", "bool", "int", "float", "str"]
 #: What Python type an array leaf had, so restore can rebuild it (a tensor stays a tensor).
-ArrayPyType = Literal["ndarray", "variable", "numpy_scalar", "tensor"]
+#: ``bytes``: an opaque byte string (1-D uint8), handed back as ``bytes`` and never
+#: interpreted (torch.distributed.checkpoint's serialized non-tensor items).
+ArrayPyType = Literal["ndarray", "variable", "numpy_scalar", "tensor", "bytes"]
 #: Container kinds of inner nodes.
 NodeType = Literal["object", "dict", "list", "tuple"]
 
 VALUE_TYPES: frozenset[str] = frozenset({"none", "bool", "int", "float", "str"})
-ARRAY_PYTYPES: frozenset[str] = frozenset({"ndarray", "variable", "numpy_scalar", "tensor"})
+ARRAY_PYTYPES: frozenset[str] = frozenset({"ndarray", "variable", "numpy_scalar", "tensor", "bytes"})
 NODE_TYPES: frozenset[str] = frozenset({"object", "dict", "list", "tuple"})
 #: Adapters that turn an object's state into a structure and back (see adapters/).
 ADAPTERS: frozenset[str] = frozenset({"state_dict", "numpy_generator", "python_random", "torch_generator"})
@@ -305,6 +309,10 @@ class CheckpointIndex:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     references: tuple[str, ...] = ()
+    #: What torch.distributed.checkpoint's ``Metadata`` carries beyond the entries (tensor
+    #: properties, planner data, ...), as plain JSON; ``None`` for other checkpoints.
+    #: Only ``cloudckpt.dcp`` interprets it (and validates it when it does).
+    dcp: Mapping[str, Any] | None = None
 
     def owned_objects(self) -> tuple[DataObject, ...]:
         """The data objects this checkpoint's own write made (not the ones it references)."""
@@ -394,6 +402,8 @@ def encode_index(index: CheckpointIndex) -> bytes:
     references = referenced_checkpoints(index.name, index.objects)
     if references:
         doc["references"] = list(references)
+    if index.dcp is not None:
+        doc["dcp"] = dict(index.dcp)
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -465,7 +475,7 @@ def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
             f"{', '.join(map(str, sorted(READABLE_VERSIONS)))} - upgrade cloudckpt to read it", version)
     check.version = version
     check.keys(doc, "document", {"format", "version", "name", "objects", "entries", "metadata"},
-               frozenset({"references"}) if version >= 2 else frozenset())
+               frozenset({"references", "dcp"}) if version >= 2 else frozenset())
     if check.str_(doc["name"], "name") != name:
         raise check.fail("name", f"index is for checkpoint {doc['name']!r}, not {name!r}")
     references = _decode_references(check, doc.get("references", []), name)
@@ -476,8 +486,9 @@ def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
         entries[path] = _decode_entry(check, path, raw, objects)
     _check_tree(check, entries)
     metadata = check.dict_(doc["metadata"], "metadata")
+    dcp = check.dict_(doc["dcp"], "dcp") if "dcp" in doc else None
     return CheckpointIndex(name=name, entries=entries, objects=objects, metadata=metadata, version=version,
-                           references=references)
+                           references=references, dcp=dcp)
 
 
 def _reject_constant(token: str) -> None:
@@ -586,6 +597,10 @@ def _decode_array(check: _Checker, doc: dict[str, Any], where: str, objects: Seq
         raise check.fail(where, f"unknown pytype {pytype!r}")
     if pytype == "numpy_scalar" and shape != ():
         raise check.fail(where, "a numpy scalar must have shape ()")
+    if pytype == "bytes" and check.version < 2:
+        raise check.fail(where, "pytype 'bytes' needs format version 2")
+    if pytype == "bytes" and (dtype != np.uint8 or len(shape) != 1):
+        raise check.fail(where, "a bytes entry must be a 1-D uint8 array")
     raw_chunks = check.list_(doc["chunks"], where + ".chunks", MAX_CHUNKS_PER_ARRAY)
     if not raw_chunks:
         raise check.fail(where, "an array needs at least one chunk")

@@ -7,7 +7,9 @@ bandwidth and the memory of the other hosts' ranges (held until sent).
 
 Call order, on every rank (collectives marked *)::
 
-    index   the io host loads and validates the index; *broadcast of it (or of the error)
+    index   the io host loads and validates the index; *broadcast of it (or of the error) -
+            ``shared_index``, which every collective restore uses (without an io_device,
+            rank 0 reads it: one index read per job, whatever the number of hosts)
     read    *all_gather of every rank's byte ranges (object, offset, length); the io host
             reads them all; *broadcast of its outcome; then, for each other rank r,
             *transfer of r's bytes from the io host to r
@@ -19,7 +21,7 @@ leaves the others waiting for the group's timeout, which then fails them clearly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,30 +72,8 @@ class ReadRelay:
 
     def load_index(self, location: Location) -> CheckpointIndex:
         """The index, read and validated by the io host and broadcast; its failure is every host's."""
-        storage, name = location.storage, location.name
-        url = storage.url_for(index_key(name))
-        with self.coord.session():
-            outcome: SharedIndex | None = None
-            failure: BaseException | None = None
-            if self.is_io:
-                try:
-                    outcome = SharedIndex(index=load_index(storage, name))
-                except Exception as exc:
-                    failure = exc
-                    kind: Literal["not_found", "format", "other"] = (
-                        "not_found" if isinstance(exc, CheckpointNotFoundError)
-                        else "format" if isinstance(exc, CheckpointFormatError) else "other")
-                    outcome = SharedIndex(kind=kind, error=str(exc), described=_describe(exc))
-            shared: SharedIndex = self.coord.broadcast_object(outcome, src=self.io_rank)
-        if failure is not None:
-            raise failure
-        if shared.index is not None:
-            return shared.index
-        if shared.kind == "not_found":
-            raise CheckpointNotFoundError(shared.error, storage.url_for(name))
-        if shared.kind == "format":
-            raise CheckpointFormatError(shared.error)
-        raise StorageError(f"the io host (rank {self.io_rank}) could not read {url}: {shared.described}", url)
+        return shared_index(self.coord, location, self.io_rank)
+
 
     def read(self, storage: Storage, requests: Sequence[ReadRequest]) -> None:
         """Fill ``requests`` (this host's byte ranges) with bytes the io host read."""
@@ -126,3 +106,42 @@ class ReadRelay:
                     continue
                 self.coord.transfer(rank, outgoing.get(rank, []) if self.is_io else [],
                                     {self.io_rank: mine} if rank == self.coord.rank else {})
+
+
+def shared_index(coordinator: Coordinator, location: Location, reader: int,
+                 load: Callable[[Location], CheckpointIndex] | None = None) -> CheckpointIndex:
+    """The index of a collective restore: ``reader`` alone reads and validates it, every rank gets it.
+
+    Why: on thousands of hosts, every host GETting the same index object at the same moment is
+    a request storm on one key (and a validation pass per host); one read, one broadcast is
+    one request. ``load`` reads it on ``reader`` (default: ``index_store.load_index``); its
+    failure is every rank's, with the same error type where it travels (not found, malformed).
+    """
+    storage, name = location.storage, location.name
+    url = storage.url_for(index_key(name))
+    with coordinator.session():
+        outcome: SharedIndex | None = None
+        failure: BaseException | None = None
+        if coordinator.rank == reader:
+            try:
+                outcome = SharedIndex(index=(load or _load)(location))
+            except Exception as exc:
+                failure = exc
+                kind: Literal["not_found", "format", "other"] = (
+                    "not_found" if isinstance(exc, CheckpointNotFoundError)
+                    else "format" if isinstance(exc, CheckpointFormatError) else "other")
+                outcome = SharedIndex(kind=kind, error=str(exc), described=_describe(exc))
+        shared: SharedIndex = coordinator.broadcast_object(outcome, src=reader)
+    if failure is not None:
+        raise failure
+    if shared.index is not None:
+        return shared.index
+    if shared.kind == "not_found":
+        raise CheckpointNotFoundError(shared.error, storage.url_for(name))
+    if shared.kind == "format":
+        raise CheckpointFormatError(shared.error)
+    raise StorageError(f"rank {reader} could not read {url} for this restore: {shared.described}", url)
+
+
+def _load(location: Location) -> CheckpointIndex:
+    return load_index(location.storage, location.name)

@@ -428,6 +428,8 @@ class _Plan:
             return lambda: torch_adapter.numpy_to_tensor(dest)
         if pytype == "numpy_scalar":
             return lambda: dest[()]
+        if pytype == "bytes":
+            return dest.tobytes  # opaque bytes (a DCP item), handed back as they were stored
         return lambda: dest
 
 

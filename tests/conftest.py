@@ -75,6 +75,25 @@ def s3_bucket(seaweedfs: servers.Server) -> str:
 
 
 @pytest.fixture(scope="module")
+def s3_root(seaweedfs: servers.Server) -> Iterator[str]:
+    """A fresh directory in a fresh SeaweedFS bucket, with ``AWS_ENDPOINT_URL`` set for the module
+    (spawned ``torch.distributed`` processes inherit it)."""
+    bucket = unique_name("dist")
+    client = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=bucket)
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = seaweedfs.endpoint
+    try:
+        yield f"s3://{bucket}/run-{uuid.uuid4().hex[:8]}"
+    finally:
+        if previous is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = previous
+
+
+@pytest.fixture(scope="module")
 def gcs_bucket(fake_gcs: servers.Server) -> str:
     """A fresh bucket on fake-gcs-server, one per test module."""
     from google.auth.credentials import AnonymousCredentials

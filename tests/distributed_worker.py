@@ -50,10 +50,14 @@ def counting_storage(url: str) -> Any:
 
         def _head(self, full_key: str) -> Any:
             self._count("HEAD")
+            if full_key.endswith(".index"):
+                self._count("index_requests")
             return super()._head(full_key)
 
         def _get_range(self, full_key: str, byte_range: Any) -> bytes:
             self._count("GET")
+            if full_key.endswith(".index"):
+                self._count("index_requests")
             data = super()._get_range(full_key, byte_range)
             if ".data-" in full_key:
                 self._count("data_bytes_read", len(data))

@@ -551,3 +551,26 @@ def test_head_of_an_archived_object_still_answers(moto: servers.Server, moto_buc
         store.get("cold")  # moto plays the archive: the bytes are not readable
     assert store.head("cold").size == len(b"archived bytes")
     assert store.exists("cold")
+
+
+def test_a_throttled_save_completes_and_its_stats_say_so(seaweedfs: servers.Server, weed_bucket: str) -> None:
+    """503 SlowDown on the commit is back-pressure: the save completes, SaveStats counts it."""
+    import numpy as np
+
+    from cloudckpt import Checkpoint
+    from cloudckpt.storage import Location
+
+    with FaultProxy(seaweedfs.endpoint) as proxy:
+        store = fresh_store(proxy.endpoint, weed_bucket)
+        faults = ProxyFaults(proxy, s3_classify(weed_bucket, parse_bucket_url(store.url).prefix))
+        faults.throttle("commit", "c.index", times=2)
+        ckpt = Checkpoint(v=np.arange(10.0))
+        ckpt.write(Location(store, "c"))
+        stats = ckpt.last_save_stats
+        assert stats is not None and stats.throttled == 2 and stats.retries >= 2
+        assert stats.concurrency is not None and 1 <= stats.concurrency <= store.config.max_concurrency
+        assert faults.pending() == 0
+        target = np.zeros(10)
+        Checkpoint(v=target).read(Location(store, "c")).assert_consumed()
+        assert target.tolist() == list(np.arange(10.0))
+        store.close()

@@ -162,7 +162,10 @@ def _plan(index: CheckpointIndex, url: str, keys: Sequence[str], safetensors: bo
             for key in hits:
                 unmatched.pop(key, None)
         if isinstance(entry, ArrayEntry):
-            if safetensors and entry.dtype not in SAFETENSORS_DTYPES:
+            if entry.pytype == "bytes":
+                skipped.append((path, "opaque byte item (a DCP item serialized by torch.save)|opaque byte items "
+                                      "(DCP items serialized by torch.save)"))
+            elif safetensors and entry.dtype not in SAFETENSORS_DTYPES:
                 skipped.append((path, f"{entry.dtype} array|{entry.dtype} arrays"))
             else:
                 arrays.append((path, entry))

@@ -110,7 +110,8 @@ def run(args: Any) -> int:
         layout = _short(values[path]) if path in values else ""
         if len(entry.chunks) > 1:
             layout = f"sharded: {len(entry.chunks)} chunks"
-        table.append([path, entry.dtype, _shape(entry.shape), human_size(array_nbytes(entry)), layout])
+        dtype = "bytes" if entry.pytype == "bytes" else entry.dtype  # an opaque byte item (DCP's)
+        table.append([path, dtype, _shape(entry.shape), human_size(array_nbytes(entry)), layout])
         if len(entry.chunks) > 1 and args.chunks:
             for i, chunk in enumerate(entry.chunks):
                 table.append([f"  [{i}]", "", _shape(chunk.shape), human_size(chunk.length),

@@ -2,9 +2,10 @@
 
 TensorFlow's ``tf.experimental.dtensor.DTensorCheckpoint(mesh, root=None, **kwargs)``.
 Every process of the job constructs it with the same objects (each holding its own
-shards) and calls ``save``/``write``/``restore`` together; each host then writes only
-the shards it was assigned, in parallel, and one host commits the index. Restores need
-no coordination: each host reads just the byte ranges its own shards need.
+shards) and calls ``save``/``write``/``restore``/``read`` together; each host then writes only
+the shards it was assigned, in parallel, and one host commits the index. A restore is
+collective too, but only for the index: rank 0 (or the io host) reads and validates it once
+and broadcasts it; each host then reads just the byte ranges its own shards need.
 """
 
 from __future__ import annotations

@@ -418,18 +418,7 @@ class SaveRun:
             pool.shutdown(wait=False)
 
     def _poll(self, future: Future[Any]) -> None:
-        """Short collectives until every rank's upload finished (success or failure)."""
-        delay = _POLL_MIN
-        while True:
-            done = future.done()
-            flags = self.coord.all_gather_object(done)
-            if all(flags):
-                return
-            if done:
-                time.sleep(delay)
-            else:
-                wait_futures([future], timeout=delay)
-            delay = min(delay * 2, _POLL_MAX)
+        wait_for_every_rank(self.coord, future)
 
     def _report(self, error: BaseException | None, stored: Uploaded) -> Report:
         if error is not None:
@@ -492,6 +481,30 @@ class SaveRun:
                 f"right after: {exc}", failures, committed=True) from exc
         self._discard()
         raise DistributedSaveError(failure_message(self.url, failures), failures) from exc
+
+
+def wait_for_every_rank(coord: Coordinator, future: Future[Any]) -> None:
+    """Short collectives until every rank's ``future`` (its upload) finished, success or failure.
+
+    Why polling instead of one collective after the upload: a collective waits at most the
+    group's timeout, and a large upload may take longer; many short ones let a slow upload
+    take as long as it needs while a host that stops answering still fails every rank
+    within the timeout. Shared by ``SaveRun`` and the DCP writer (``cloudckpt.dcp``).
+
+    Raises:
+        CoordinationError: a rank stopped answering.
+    """
+    delay = _POLL_MIN
+    while True:
+        done = future.done()
+        flags = coord.all_gather_object(done)
+        if all(flags):
+            return
+        if done:
+            time.sleep(delay)
+        else:
+            wait_futures([future], timeout=delay)
+        delay = min(delay * 2, _POLL_MAX)
 
 
 def _number_objects(reports: Sequence[Report]) -> tuple[tuple[DataObject, ...], dict[PieceId, Chunk]]:

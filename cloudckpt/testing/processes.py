@@ -16,7 +16,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,12 @@ def _child(target: Callable[..., None], rank: int, world: int, port: int, args: 
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: float) -> list[dict[str, Any]]:
+def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: float,
+                  may_die: Collection[int] = ()) -> list[dict[str, Any]]:
     """Run ``target`` in ``world`` spawned processes; their reports, by rank.
+
+    ``may_die``: ranks a test kills on purpose (a SIGKILL mid-save); one that wrote no
+    report gets ``{"rank": r, "died": exit code}`` instead of failing the run.
 
     Raises:
         RuntimeError: a rank wrote no report (it died or hit ``timeout``) or reported a crash.
@@ -61,6 +65,9 @@ def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: 
         reports = []
         for rank in range(world):
             file = Path(out, f"rank{rank}.json")
+            if not file.exists() and rank in may_die and procs[rank].exitcode is not None:
+                reports.append({"rank": rank, "died": procs[rank].exitcode})
+                continue
             if not file.exists():
                 raise RuntimeError(f"world {world}: rank {rank} wrote no report (exit code {procs[rank].exitcode}; "
                                    f"timeout {timeout:.0f} s)")

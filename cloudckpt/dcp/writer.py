@@ -1,0 +1,442 @@
+"""``StorageWriter``: ``torch.distributed.checkpoint.save`` writing an ordinary cloudckpt checkpoint.
+
+DCP drives the save (its planner decides what each rank writes, its process group runs
+the planning collectives); this writer decides where the bytes go and when the checkpoint
+becomes visible, with the pieces ``Checkpoint.write`` uses. DCP's call order, and what
+happens at each step::
+
+    set_up_storage_writer   (all)    per-save state; the rank must match the coordinator's
+    prepare_local_plan      (all)    tell the coordinator where this rank writes
+    prepare_global_plan     (rank 0) HEAD the index (refuse a committed checkpoint unless
+                                     overwrite=True); one write-unique suffix; lay out every
+                                     rank's data objects (saving.plan.make_plan: paths
+                                     agree, shards cover each tensor exactly once) - sent to
+                                     the ranks in each plan's storage_data
+    write_data              (all)    upload this rank's objects (CRC32C per chunk and per
+                                     1 MiB block), polling the other ranks while it runs;
+                                     then every rank learns who failed: on any failure each
+                                     rank deletes its own objects, and the failed ranks raise
+    finish                  (rank 0) after every rank's results arrived: assemble and commit
+                                     the index (create-if-absent / replace-if-unchanged);
+                                     on a failed commit, delete every rank's objects
+
+So no index exists unless every rank's bytes are stored, no failed save leaves data
+behind (a killed process leaves objects no index names: a manager's next save, or
+``cloudckpt gc``, removes them), and a committed checkpoint is never touched by a later
+save to the same path unless ``overwrite=True`` - and then replaced in one atomic PUT,
+its data objects deleted only after.
+
+The collectives of ``write_data`` run on the writer's ``Coordinator`` (by default
+``cloudckpt.coordination.default_coordinator()``: a gloo group of its own in a multi-process
+job), whose ranks must be DCP's: with ``no_dist=True`` in a multi-process job, or a DCP
+``process_group`` that is not the whole job, pass ``coordinator=`` accordingly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter as DCPStorageWriter
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future as TorchFuture
+
+from cloudckpt.adapters import torch as torch_adapter
+from cloudckpt.coordination import Coordinator, default_coordinator
+from cloudckpt.crashpoints import crash_point
+from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
+from cloudckpt.dcp.paths import Addressed, CheckpointId
+from cloudckpt.errors import (
+    AlreadyExistsError,
+    CheckpointFormatError,
+    ConcurrentWriterError,
+    CoordinationError,
+    SaveError,
+    StorageError,
+)
+from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry, decode_index, encode_index
+from cloudckpt.graph import Collected, ShardedLeaf
+from cloudckpt.index_store import head_index, read_index
+from cloudckpt.saving import AfterCommit
+from cloudckpt.saving import WriteResult as CommitResult
+from cloudckpt.saving.commit import assemble_index, commit, delete_replaced, discard
+from cloudckpt.saving.objects import (
+    BaseCheckpoint,
+    PieceId,
+    StoredPiece,
+    UploadLog,
+    new_suffix,
+    plan_objects,
+    upload,
+)
+from cloudckpt.saving.pipeline import describe_error, wait_for_every_rank
+from cloudckpt.saving.plan import Description, PieceDescription, make_plan
+from cloudckpt.storage import Location, ObjectMeta, Storage
+
+
+class BookkeepingError(SaveError):
+    """The checkpoint was committed, but what runs after the commit (a manager's state file) failed."""
+
+
+log = logging.getLogger("cloudckpt.dcp")
+
+#: After another rank is lost, how long this rank's upload in flight may take to end before
+#: its objects are removed (what it uploads later stays until a manager's cleanup).
+UPLOAD_GRACE = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    """A rank's ``SavePlan.storage_data`` from ``prepare_local_plan``: where it writes, how wide."""
+
+    url: str
+    max_objects: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankLayout:
+    """A rank's ``SavePlan.storage_data`` from ``prepare_global_plan``: its data objects.
+
+    Attributes:
+        suffix: the write-unique suffix the coordinator chose (every rank's objects carry it).
+        groups: the pieces of each of this rank's data objects, in order.
+        index_offset: the global number of this rank's first object.
+        total_objects: N in ``data-0000k-of-0000N``.
+    """
+
+    suffix: str
+    groups: tuple[tuple[PieceId, ...], ...]
+    index_offset: int
+    total_objects: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """A ``WriteResult.storage_data``: where one item's bytes are, and the size of that object.
+
+    The object is one this write uploaded, or - an incremental save - one of the base
+    checkpoint's that already holds identical bytes.
+    """
+
+    piece: StoredPiece
+    object_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedSave:
+    """What ``DCPCheckpoint`` adds to a save: the manager's bookkeeping and the index extras.
+
+    Attributes:
+        after_commit: runs on the coordinator right after the commit (state file, retention).
+        metadata: user metadata for the index (``CheckpointManager.save(metadata=...)``).
+        save_counter: recorded in the index's ``dcp`` field.
+        session_held: the caller holds the coordinator's session for the whole save.
+        base: a committed checkpoint in the same directory whose identical pieces (same key,
+            box, dtype, size and XXH3-128) are referenced instead of uploaded (a manager's
+            incremental save); each rank reads its index.
+    """
+
+    after_commit: AfterCommit | None = None
+    metadata: Mapping[str, Any] | None = None
+    save_counter: int | None = None
+    session_held: bool = False
+    base: str | None = None
+
+
+def piece_of(item: WriteItem) -> PieceId:
+    """The piece a DCP write item is: ``(key path, start in the global tensor)``; byte items at ``(0,)``."""
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return fqn_path(item.index.fqn), (0,)
+    return fqn_path(item.index.fqn), tuple(int(o) for o in item.tensor_data.chunk.offsets)
+
+
+def _describe(rank_items: Sequence[WriteItem], info: RankInfo, suffix: str) -> Description:
+    """One rank's items as the save plan's ``Description`` (byte items as empty uint8 arrays:
+    their size is known only once DCP serializes them, and nothing else about them needs checking)."""
+    arrays: dict[str, tuple[str, tuple[int, ...]]] = {}
+    pieces: list[PieceDescription] = []
+    for item in rank_items:
+        piece = piece_of(item)
+        if item.tensor_data is None:
+            arrays[piece[0]] = ("uint8", (0,))
+            pieces.append(PieceDescription(piece, (0,), 0))
+            continue
+        data = item.tensor_data
+        arrays[piece[0]] = (stored_dtype_name(data.properties.dtype), tuple(int(n) for n in data.size))
+        pieces.append(PieceDescription(piece, tuple(int(n) for n in data.chunk.sizes),
+                                       int(item.tensor_storage_size() or 0)))
+    return Description(url=info.url, suffix=suffix, max_objects=info.max_objects, arrays=arrays,
+                       pieces=tuple(pieces))
+
+
+def _item_array(item: WriteItem, data: Any) -> NDArray[Any]:
+    """The bytes of one resolved item as a C-contiguous array (a view of the tensor where it can be)."""
+    if isinstance(data, io.BytesIO):
+        return np.frombuffer(data.getbuffer(), dtype=np.uint8)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"DCP item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor or bytes")
+    tensor = data.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.resolve_conj().resolve_neg()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    array = torch_adapter.tensor_to_numpy(tensor)
+    assert item.tensor_data is not None
+    expected = tuple(int(n) for n in item.tensor_data.chunk.sizes)
+    if tuple(array.shape) != expected:
+        raise ValueError(f"DCP item {item.index.fqn!r} at {tuple(item.tensor_data.chunk.offsets)} resolved to shape "
+                         f"{tuple(array.shape)}, but its plan says {expected}")
+    if array.dtype != numpy_dtype(item.tensor_data.properties.dtype):
+        raise ValueError(f"DCP item {item.index.fqn!r} resolved to dtype {tensor.dtype}, but its plan says "
+                         f"{item.tensor_data.properties.dtype}")
+    return array
+
+
+def _done(value: Any) -> TorchFuture[Any]:
+    future: TorchFuture[Any] = TorchFuture()
+    future.set_result(value)
+    return future
+
+
+class StorageWriter(Addressed, DCPStorageWriter):
+    """Where ``dcp.save`` / ``dcp.async_save`` write: a cloudckpt checkpoint on S3, GCS, local disk, ...
+
+    Args:
+        checkpoint_id: the checkpoint path (``"s3://bucket/run/step-100"``), a ``Location``,
+            or, with ``storage``, a checkpoint name in it. May be left out and given to
+            ``dcp.save(checkpoint_id=...)`` instead (DCP then calls ``reset``).
+        storage: an already-open ``Storage`` (custom client, credentials, transfer tuning)
+            that bare checkpoint names are resolved in.
+        overwrite: replace a checkpoint already committed at the path (atomically: the
+            new index replaces the old one in one conditional PUT, and the old data objects
+            are deleted after). Without it such a save is refused before any byte is
+            written, with ``AlreadyExistsError``.
+        coordinator: the processes' coordinator for the writer's few collectives (see the
+            module docs); default ``default_coordinator()``.
+
+    Create one on every rank, in the same order (the default coordinator may create the
+    checkpoint process group, a collective call).
+    """
+
+    def __init__(self, checkpoint_id: CheckpointId | None = None, *, storage: Storage | None = None,
+                 overwrite: bool = False, coordinator: Coordinator | None = None) -> None:
+        super().__init__()
+        self._address(checkpoint_id, storage)
+        self.overwrite = overwrite
+        self._coordinator = coordinator if coordinator is not None else default_coordinator()
+        self._managed = ManagedSave()
+        self._storage_meta: StorageMeta | None = None
+        self._seen: ObjectMeta | None = None
+        self._suffix = ""
+        self._log = UploadLog()
+        #: What the last save committed (on the coordinator rank), for callers that want it.
+        self.last_commit: CommitResult | None = None
+
+    # ------------------------------------------------------------------ identity
+    def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
+        self._readdress(checkpoint_id)
+
+    def storage_meta(self) -> StorageMeta | None:
+        self._storage_meta = StorageMeta(checkpoint_id=self.checkpoint_id, save_id=uuid.uuid4().hex)
+        return self._storage_meta
+
+    # ------------------------------------------------------------------ DCP's protocol
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        rank = kwargs.get("rank")
+        if not kwargs.get("use_collectives", True):
+            raise ValueError("dcp.save(use_collectives=False) makes every rank commit its own metadata; a cloudckpt "
+                             "checkpoint has one index, committed once every rank's data is stored")
+        coord = self._coordinator
+        if (rank is not None and rank != coord.rank) or bool(is_coordinator) != (coord.rank == 0):
+            raise ValueError(
+                f"dcp.save runs this process as rank {rank} (coordinator: {is_coordinator}), but the writer's "
+                f"coordinator has it as rank {coord.rank} of {coord.world_size}: with no_dist=True or a DCP "
+                f"process_group other than the whole job, pass StorageWriter(coordinator=...) with the same ranks "
+                f"(LocalCoordinator() for one process, TorchCoordinator(group=...) for a group)")
+        self._where()
+        self._seen = None
+        self._log = UploadLog()
+        self.last_commit = None
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        if not plan.usable:
+            raise ValueError("DCP's cached save plans (enable_plan_caching=True) are not supported: they would "
+                             "reuse an earlier save's object names")
+        location = self._where()
+        return dataclasses.replace(plan, storage_data=RankInfo(location.url, location.storage.config.max_concurrency))
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        location = self._where()
+        infos = [p.storage_data for p in plans]
+        if not all(isinstance(info, RankInfo) for info in infos):
+            raise ValueError("a rank's save plan did not come through cloudckpt's StorageWriter.prepare_local_plan "
+                             "(every rank must use cloudckpt.dcp.StorageWriter)")
+        seen = head_index(location.storage, location.name)
+        if seen is not None and not self.overwrite:
+            raise AlreadyExistsError(
+                f"{location.url} already holds a committed checkpoint; pass StorageWriter(..., overwrite=True) to "
+                f"replace it (atomically: its data is deleted only after the new index is committed)", location.url)
+        self._seen = seen
+        suffix = self._suffix = new_suffix()
+        layout = make_plan([_describe(p.items, info, suffix) for p, info in zip(plans, infos, strict=True)],
+                           committer=0, io_rank=None)
+        return [dataclasses.replace(p, storage_data=RankLayout(suffix, layout.groups[r], layout.offsets[r],
+                                                               layout.total_objects))
+                for r, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
+        location = self._where()
+        layout = plan.storage_data
+        if not isinstance(layout, RankLayout):
+            raise ValueError("the save plan carries no cloudckpt layout (was prepare_global_plan skipped?)")
+        coord = self._coordinator
+        many = coord.world_size > 1
+        session = coord.session() if many and not self._managed.session_held else nullcontext()
+        with session:
+            future = self._start(location, plan, planner, layout, background=many)
+            try:
+                if many:
+                    wait_for_every_rank(coord, future)
+                error = future.exception()
+                errors = coord.all_gather_object(None if error is None else describe_error(error))
+            except CoordinationError:
+                wait_futures([future], timeout=UPLOAD_GRACE)  # let an upload in flight end, then remove it all
+                discard(location.storage, location.name, self._log.snapshot())
+                raise
+        if any(e is not None for e in errors):
+            discard(location.storage, location.name, self._log.snapshot())
+            if error is not None:
+                raise error
+            # Another rank failed: DCP raises its error on every rank and commits nothing.
+        return _done(future.result() if error is None else [])
+
+    def _start(self, location: Location, plan: SavePlan, planner: SavePlanner, layout: RankLayout, *,
+               background: bool) -> Future[list[WriteResult]]:
+        """This rank's upload, on a worker thread when the other ranks must be polled meanwhile."""
+        if not background:
+            future: Future[list[WriteResult]] = Future()
+            try:
+                future.set_result(self._upload(location, plan, planner, layout))
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-dcp-upload")
+        try:
+            return pool.submit(self._upload, location, plan, planner, layout)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _upload(self, location: Location, plan: SavePlan, planner: SavePlanner,
+                layout: RankLayout) -> list[WriteResult]:
+        wanted = {piece for group in layout.groups for piece in group}
+        pieces: dict[PieceId, NDArray[Any]] = {}
+        items: dict[PieceId, WriteItem] = {}
+        for item in plan.items:
+            piece = piece_of(item)
+            if piece in wanted:  # else: a replica the plan gave another rank
+                pieces[piece] = _item_array(item, planner.resolve_data(item))
+                items[piece] = item
+        missing = wanted - pieces.keys()
+        if missing:
+            raise ValueError(f"the plan assigns this rank pieces its state does not hold: {sorted(missing)[:4]}")
+        objects = plan_objects(location.name, pieces, layout.groups, suffix=layout.suffix,
+                               index_offset=layout.index_offset, total_objects=layout.total_objects)
+        stored = upload(location.storage, objects, range(len(objects.objects)), self._log, self._base(location))
+        crash_point("after_data_upload")
+        sizes = {**{o.name: o.size for o in stored.objects}, **stored.reused}
+        return [WriteResult(index=items[piece].index, size_in_bytes=p.length,
+                            storage_data=StoredItem(p, sizes[p.object])) for piece, p in stored.pieces.items()]
+
+    def _base(self, location: Location) -> BaseCheckpoint | None:
+        """The base checkpoint of an incremental save, or ``None`` (then this rank uploads everything)."""
+        name = self._managed.base
+        if name is None:
+            return None
+        try:
+            index = read_index(location.storage, name)
+        except (CheckpointFormatError, StorageError) as exc:
+            log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", location.url,
+                        location.storage.url_for(name), exc)
+            return None
+        return None if index is None else BaseCheckpoint(index)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        location = self._where()
+        pieces: dict[PieceId, StoredPiece] = {}
+        sizes: dict[str, int] = {}
+        for rank_results in results:
+            for result in rank_results:
+                stored = result.storage_data
+                if not isinstance(stored, StoredItem):
+                    raise ValueError(f"write result for {result.index.fqn!r} did not come from cloudckpt's writer")
+                pieces[(fqn_path(result.index.fqn), stored.piece.start)] = stored.piece
+                sizes[stored.piece.object] = stored.object_size
+        written = sorted(n for n in sizes if n.endswith("." + self._suffix))  # data-0000k: in plan order
+        reused = sorted(sizes.keys() - set(written))
+        objects = tuple(DataObject(n, sizes[n]) for n in written + reused)
+        number = {o.name: k for k, o in enumerate(objects)}
+        chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
+                               p.block_crc32c, p.hash) for piece, p in pieces.items()}
+        try:
+            if metadata.version is None:
+                metadata.version = CURRENT_DCP_VERSION
+            index = self._index(location, metadata, chunks, objects)
+            size, version, stale = commit(location.storage, index, self._seen)
+        except BaseException:
+            discard(location.storage, location.name, written)
+            raise
+        crash_point("after_index_write")
+        new_bytes = sum(sizes[n] for n in written)
+        self.last_commit = CommitResult(location.name, new_bytes + size, len(written) + 1, version, tuple(written),
+                                        sum(c.length for c in chunks.values()) - new_bytes)
+        if self._managed.after_commit is not None:
+            try:
+                self._managed.after_commit(self.last_commit)
+            except ConcurrentWriterError:
+                raise  # fenced: the manager undid this commit
+            except Exception as exc:
+                raise BookkeepingError(
+                    f"{location.url}: the checkpoint is complete and valid (its index was committed), but the "
+                    f"bookkeeping after the commit failed: {describe_error(exc)}") from exc
+        delete_replaced(location.storage, location.name, stale)
+
+    def _index(self, location: Location, metadata: Metadata, chunks: Mapping[PieceId, Chunk],
+               objects: tuple[DataObject, ...]) -> CheckpointIndex:
+        """The index of this save, validated as a reader will before it is committed."""
+        entries: dict[str, Collected] = {"": NodeEntry("object", tuple(fqn_path(f)
+                                                                       for f in metadata.state_dict_metadata))}
+        for fqn, md in metadata.state_dict_metadata.items():
+            path = fqn_path(fqn)
+            if isinstance(md, BytesStorageMetadata):
+                chunk = chunks.get((path, (0,)))
+                if chunk is None:
+                    raise ValueError(f"no rank reported writing DCP item {fqn!r}")
+                entries[path] = ShardedLeaf((chunk.length,), np.dtype(np.uint8), "bytes", ())
+            elif isinstance(md, TensorStorageMetadata):
+                for c in md.chunks:
+                    if (path, tuple(int(o) for o in c.offsets)) not in chunks:
+                        raise ValueError(f"no rank reported writing the chunk of {fqn!r} at {tuple(c.offsets)}")
+                entries[path] = ShardedLeaf(tuple(int(n) for n in md.size), numpy_dtype(md.properties.dtype),
+                                            "tensor", ())
+            else:
+                raise TypeError(f"DCP metadata for {fqn!r} is a {type(md).__name__}")
+        index = assemble_index(location.name, entries, objects, chunks, self._managed.metadata)
+        index = dataclasses.replace(index, dcp=encode_dcp_field(metadata, self._storage_meta,
+                                                                self._managed.save_counter))
+        decode_index(encode_index(index), location.name, location.url)  # never commit what a reader refuses
+        return index
