@@ -14,6 +14,7 @@ own objects, or (since nothing is pickled) code execution.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -78,13 +79,27 @@ def index_key(name: str) -> str:
     return name + INDEX_SUFFIX
 
 
-def data_key(name: str, shard: int, num_shards: int, suffix: str) -> str:
-    """Data object ``shard`` of ``num_shards``; ``suffix`` is unique to one write."""
-    return f"{name}{DATA_INFIX}{shard:05d}-of-{num_shards:05d}.{suffix}"
+def data_key(name: str, shard: int, num_shards: int, suffix: str, *, spread: bool = False) -> str:
+    """Data object ``shard`` of ``num_shards``; ``suffix`` is unique to one write.
+
+    ``spread`` (a save of many objects to a store that partitions by key prefix, version 2):
+    the object goes under ``<name>.d/<2 hex>/``, the two characters a hash of its own name,
+    so thousands of hosts uploading at once hit up to 256 prefixes instead of one.
+    """
+    base = f"{name}{DATA_INFIX}{shard:05d}-of-{num_shards:05d}.{suffix}"
+    return _spread_key(name, base) if spread else base
 
 
-#: Any data object (``<name>.data-0000k-of-0000N.<suffix>``); group ``name`` is its checkpoint.
-DATA_OBJECT = re.compile(r"(?P<name>[^/]+)\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
+def _spread_key(name: str, base: str) -> str:
+    return f"{name}{SPREAD_INFIX}{hashlib.blake2s(base.encode(), digest_size=1).hexdigest()}/{base}"
+
+
+#: Spread data objects live under ``<name>.d/<2 hex>/`` (``data_key(spread=True)``).
+SPREAD_INFIX = ".d/"
+#: Any data object (``<name>.data-0000k-of-0000N.<suffix>``, possibly under ``<name>.d/<hh>/``);
+#: group ``name`` is its checkpoint (``object_checkpoint`` also checks a spread object's directory).
+DATA_OBJECT = re.compile(r"(?:(?P<dir>[^/]+)\.d/[0-9a-f]{2}/)?"
+                         r"(?P<name>[^/]+)\.data-\d{5}-of-\d{5}\.[A-Za-z0-9_-]{1,64}")
 #: A piece's strong content hash, as recorded (version 2): the algorithm, then the digest.
 CONTENT_HASH = re.compile(r"xxh3_128:[0-9a-f]{32}")
 #: A checkpoint name an index may reference (version 2): one path segment, no control characters.
@@ -331,9 +346,21 @@ class CheckpointIndex:
 
 
 def object_checkpoint(object_name: str) -> str | None:
-    """The checkpoint a data object belongs to (the prefix its write gave it), or ``None``."""
+    """The checkpoint a data object belongs to (the prefix its write gave it), or ``None`` for a
+    key that is no data object (a spread one must sit in its own checkpoint's ``.d/`` directory)."""
     match = DATA_OBJECT.fullmatch(object_name)
-    return match["name"] if match else None
+    if match is None or match["dir"] not in (None, match["name"]):
+        return None
+    return match["name"]
+
+
+def renamed_object(object_name: str, name: str) -> str:
+    """A data object's key for a copy of its checkpoint under ``name`` (its write-unique suffix kept)."""
+    owner = object_checkpoint(object_name)
+    if owner is None:
+        raise ValueError(f"{object_name!r} is not a data object")
+    base = name + object_name.rsplit("/", 1)[-1][len(owner):]
+    return _spread_key(name, base) if "/" in object_name else base
 
 
 def referenced_checkpoints(name: str, objects: Sequence[DataObject]) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX
+from cloudckpt.format import INDEX_SUFFIX, object_checkpoint
 from cloudckpt.references import scan
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
@@ -92,7 +92,7 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
         return age if age >= min_age else None
 
     for meta in objects:
-        if DATA_OBJECT.fullmatch(meta.key) is None or references.protects(meta.key):
+        if object_checkpoint(meta.key) is None or references.protects(meta.key):
             continue
         age = old(meta.last_modified)
         if age is not None:
@@ -104,8 +104,8 @@ def find_leftovers(storage: Storage, *, min_age: timedelta) -> list[Leftover]:
     list_uploads = getattr(storage, "list_multipart_uploads", None)
     if list_uploads is not None:
         for upload in list_uploads(""):
-            if "/" in upload.key and not upload.key.startswith(TEMP_PREFIX):
-                continue  # a sub-directory's upload: another run's business
+            if "/" in upload.key and not upload.key.startswith(TEMP_PREFIX) and object_checkpoint(upload.key) is None:
+                continue  # a sub-directory's upload: another run's business (not a spread data object of ours)
             age = old(upload.initiated)
             if age is not None:
                 found.append(Leftover("multipart-upload", upload.key, None, age, upload.upload_id))

@@ -30,7 +30,7 @@ from cloudckpt.errors import (
     PermissionDeniedError,
     PreconditionError,
 )
-from cloudckpt.format import DATA_OBJECT, INDEX_SUFFIX, index_key
+from cloudckpt.format import INDEX_SUFFIX, index_key, object_checkpoint
 from cloudckpt.storage import ObjectMeta, Storage, resolve, split_url, storage_for_directory
 from cloudckpt.storage.base import TEMP_PREFIX
 
@@ -268,18 +268,16 @@ def scan_directory(storage: Storage) -> DirectoryScan:
     scan = DirectoryScan()
     for meta in storage.list():
         key = meta.key
-        if "/" in key:
+        owner = object_checkpoint(key)  # spread data objects sit in <name>.d/<hh>/: ours, not a sub-directory
+        if owner is not None:
+            scan.data.setdefault(owner, []).append(meta)
+        elif "/" in key:
             if not key.startswith(TEMP_PREFIX):
                 scan.subdirectories.add(key.split("/", 1)[0])
-            continue
-        if key == "checkpoint":
+        elif key == "checkpoint":
             scan.has_state = True
         elif key.endswith(INDEX_SUFFIX):
             scan.indexes[key[:-len(INDEX_SUFFIX)]] = meta
-        else:
-            match = DATA_OBJECT.fullmatch(key)
-            if match is not None:
-                scan.data.setdefault(match["name"], []).append(meta)
     return scan
 
 

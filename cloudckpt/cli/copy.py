@@ -63,7 +63,15 @@ from cloudckpt.errors import (
     PreconditionError,
     StorageError,
 )
-from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint
+from cloudckpt.format import (
+    ArrayEntry,
+    CheckpointIndex,
+    Chunk,
+    DataObject,
+    index_key,
+    object_checkpoint,
+    renamed_object,
+)
 from cloudckpt.index_store import head_index
 from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving.commit import commit, delete_replaced
@@ -173,8 +181,7 @@ def _renamed(index: CheckpointIndex, name: str) -> CheckpointIndex:
     """
     if name == index.name:
         return index
-    objects = tuple(DataObject(name + o.name[len(object_checkpoint(o.name) or index.name):], o.size)
-                    for o in index.objects)
+    objects = tuple(DataObject(renamed_object(o.name, name), o.size) for o in index.objects)
     return replace(index, name=name, objects=objects, references=())
 
 

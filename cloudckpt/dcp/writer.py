@@ -81,6 +81,7 @@ from cloudckpt.saving.objects import (
     UploadLog,
     new_suffix,
     plan_objects,
+    spreads,
     upload,
 )
 from cloudckpt.saving.pipeline import describe_error, wait_for_every_rank
@@ -355,6 +356,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
         if missing:
             raise ValueError(f"the plan assigns this rank pieces its state does not hold: {sorted(missing)[:4]}")
         objects = plan_objects(location.name, pieces, layout.groups, suffix=layout.suffix,
+                               spread=spreads(location.storage, layout.total_objects),
                                index_offset=layout.index_offset, total_objects=layout.total_objects)
         stored = upload(location.storage, objects, range(len(objects.objects)), self._log, self._base(location))
         crash_point("after_data_upload")

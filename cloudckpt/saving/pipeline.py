@@ -68,6 +68,7 @@ from cloudckpt.saving.objects import (
     new_suffix,
     pieces_of,
     plan_objects,
+    spreads,
     upload,
 )
 from cloudckpt.saving.plan import DescribeFailure, Description, PieceDescription, SavePlan, make_plan
@@ -288,6 +289,7 @@ class SaveRun:
         """This rank's data objects (pieces still to be received by an io host are placeholders)."""
         data = self._pieces if plan.io_rank is None else self._receive_buffers(plan)
         return plan_objects(self.name, data, plan.groups[self.rank], suffix=plan.suffix,
+                            spread=spreads(self.storage, plan.total_objects),
                             index_offset=plan.offsets[self.rank], total_objects=plan.total_objects)
 
     def _receive_buffers(self, plan: SavePlan) -> dict[PieceId, NDArray[Any]]:

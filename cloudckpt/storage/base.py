@@ -229,6 +229,9 @@ class Storage(ABC):
     supports_multipart: bool = True
     #: The largest object one request may write (S3: 5 GiB); ``None``: no limit.
     max_put_size: ClassVar[int | None] = None
+    #: Whether the store scales request rates per key prefix (S3, GCS): a save of many data
+    #: objects then spreads them over hashed sub-prefixes (``format.data_key(spread=True)``).
+    partitions_by_prefix: ClassVar[bool] = False
 
     def __init__(self, url: str, config: TransferConfig | None = None) -> None:
         self._url = url.rstrip("/")

@@ -238,6 +238,7 @@ class GCSStorage(Storage):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("gs", "gcs")
+    partitions_by_prefix: ClassVar[bool] = True  # GCS ramps request rates per key range (hashed names spread them)
 
     def __init__(self, url: str, *, client: gcs.Client | None = None, project: str | None = None,
                  credentials: Credentials | None = None, config: TransferConfig | None = None,
