@@ -19,6 +19,7 @@ SUITES = {
     "incremental": "bench_incremental",
     "dcp": "bench_dcp",
     "tfimport": "bench_tf_import",
+    "crc32c": "bench_crc32c",
 }
 
 

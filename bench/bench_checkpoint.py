@@ -1,24 +1,33 @@
 """Checkpoint benchmark: cloudckpt's save/restore against what users would otherwise write.
 
-One run measures three things on the same state (a seeded, model + Adam-like mix of a few
+One run measures four things on the same state (a seeded, model + Adam-like mix of a few
 hundred float32 arrays, ``--size-mib`` in total, a few large and many small):
 
-1. **Save and restore**, on local disk and on S3 (SeaweedFS on 127.0.0.1), against
-   ``np.savez``/``np.load``, ``torch.save``/``torch.load``, ``safetensors.numpy`` and
-   ``torch.distributed.checkpoint`` (one process, no process group). Local peers write a
-   file and fsync it (as cloudckpt's local backend does); S3 peers serialise into memory
-   and send one ``put_object`` (restore: one ``get_object`` and a full load), or use DCP's
-   fsspec writer/reader over s3fs. Every restore is checked value for value against the
-   state (untimed), so a path that silently restores nothing fails the run.
+1. **Save and restore**, on local disk and on S3 (SeaweedFS on 127.0.0.1), against the
+   paths in ``bench.ckpt_paths``: ``np.savez``/``np.load``, ``torch.save``/``torch.load``,
+   ``safetensors.numpy``, ``torch.distributed.checkpoint`` (one process, no process group;
+   on S3 through s3fs and through s3torchconnector's ``S3StorageWriter``/``Reader``),
+   s3torchconnector's ``S3Checkpoint``, tensorstore zarr3 on its s3 kvstore (with and
+   without OCDBT), and the transports alone - a plain write + fsync / ``readinto`` on local
+   disk, one boto3 ``put_object``/``get_object``, obstore's one PUT/GET and its multipart
+   upload / ``get_ranges``. Local peers fsync what they write (as cloudckpt's local
+   backend does). Every restore is checked value for value against the state (untimed),
+   so a path that silently restores nothing fails the run.
 2. **Async save**: how long ``Checkpoint.write(..., CheckpointOptions(enable_async=True))``
    blocks its caller, against one in-memory copy of the state (``np.copyto`` into
    preallocated arrays) - the least an async save that snapshots can block.
 3. **Peak extra memory of a save**, in a fresh subprocess per path: the high-water mark
    of its RSS during the save (reset just before it) minus its RSS before the save.
+4. **First request**: in a fresh process per path and direction, building the path
+   (client creation included) plus its first 4 MiB save to a new bucket (or directory),
+   then, in another fresh process, its first restore of it - what a new or resumed job
+   pays before its first checkpoint moves. Imports are done before the clock starts.
 
 Each timed path runs ``--repeat`` times, interleaved with the other paths (so a noisy
 moment hits one run of every path, not every run of one); the best run counts. Ratios are
-against the best peer, not the slowest.
+cloudckpt's against each peer's in the same run (``ours ÷ this``: the peer's time over
+ours, above 1 is faster) and against the best peer, not the slowest. The load average is
+printed at the start and at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import io
 import json
 import os
@@ -42,9 +52,22 @@ from typing import Any
 
 import numpy as np
 
+from bench.ckpt_paths import (
+    PathSpec,
+    SavePath,
+    Setup,
+    State,
+    as_tensors,
+    fsync_path,
+    local_specs,
+    put_buffer,
+    s3_client,
+    s3_delete_prefix,
+    s3_specs,
+)
+
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
-State = dict[str, np.ndarray]
 #: Bounded wait for one memory-measuring subprocess (imports torch, builds the state, saves once).
 CHILD_TIMEOUT = 900.0
 
@@ -98,253 +121,6 @@ def verify(restored: Mapping[str, Any], state: State, label: str) -> None:
         if got.dtype != expected.dtype or got.shape != expected.shape or not np.array_equal(got, expected):
             raise AssertionError(f"{label}: {key} restored wrong ({got.dtype}{got.shape} vs "
                                  f"{expected.dtype}{expected.shape})")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file someone else wrote (safetensors' ``save_file`` takes a name, not a file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def as_tensors(state: State) -> dict[str, Any]:
-    """The same memory as torch tensors (``torch.from_numpy``: zero copy)."""
-    import torch
-
-    return {k: torch.from_numpy(v) for k, v in state.items()}
-
-
-# --------------------------------------------------------------------------- S3 helpers
-def s3_client(endpoint: str) -> Any:
-    """boto3 client as the storage bench uses it: no flexible checksums (the peer's best case)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", endpoint_url=endpoint, config=Config(
-        request_checksum_calculation="when_required", response_checksum_validation="when_required"))
-
-
-def s3_delete_prefix(client: Any, bucket: str, prefix: str) -> None:
-    """Delete every object under ``prefix`` (untimed clean-up between runs)."""
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-
-
-def put_buffer(client: Any, bucket: str, key: str, buffer: io.BytesIO) -> None:
-    """One ``put_object`` of an in-memory file (seekable: botocore streams it, no extra copy)."""
-    buffer.seek(0)
-    client.put_object(Bucket=bucket, Key=key, Body=buffer)
-
-
-def get_bytes(client: Any, bucket: str, key: str) -> bytes:
-    return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
-# --------------------------------------------------------------------------- the paths
-@dataclass
-class SavePath:
-    """One way to save and restore the state.
-
-    ``save(i)`` writes run ``i`` to its own location; ``restore(i)`` returns what it read
-    (for in-place paths, the destination arrays); ``clear(i)`` removes run ``i`` (untimed).
-    """
-
-    target: str
-    name: str
-    ours: bool
-    durability: str
-    loading: str
-    save: Callable[[int], None]
-    restore: Callable[[int], Mapping[str, Any]]
-    clear: Callable[[int], None]
-    before_restore: Callable[[], None] = lambda: None
-
-
-def local_paths(state: State, dest: State, root: Path, dcp_threads: int) -> list[SavePath]:
-    """cloudckpt and the local-disk peers, each writing under ``root``."""
-    import safetensors.numpy
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    import cloudckpt
-
-    ours_save = cloudckpt.Checkpoint(state=state)
-    ours_restore = cloudckpt.Checkpoint(state=dest)
-    tensors = as_tensors(state)
-    dest_tensors = as_tensors(dest)
-
-    def where(name: str, i: int) -> Path:
-        return root / f"{name}-{i}"
-
-    def clear(name: str) -> Callable[[int], None]:
-        return lambda i: shutil.rmtree(where(name, i), ignore_errors=True)
-
-    def zero_dest() -> None:
-        for array in dest.values():
-            array.fill(0)
-
-    def ours_write(i: int) -> None:
-        ours_save.write(where("ours", i) / "ckpt")
-
-    def ours_read(i: int) -> Mapping[str, Any]:
-        ours_restore.read(where("ours", i) / "ckpt").assert_consumed()
-        return dest
-
-    def npz_write(i: int) -> None:
-        where("npz", i).mkdir()
-        with open(where("npz", i) / "state.npz", "wb") as f:
-            np.savez(f, **state)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def npz_read(i: int) -> Mapping[str, Any]:
-        with np.load(where("npz", i) / "state.npz") as z:
-            return {k: z[k] for k in z.files}
-
-    def torch_write(i: int) -> None:
-        where("torch", i).mkdir()
-        with open(where("torch", i) / "state.pt", "wb") as f:
-            torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def torch_read(i: int) -> Mapping[str, Any]:
-        loaded = torch.load(where("torch", i) / "state.pt", weights_only=True)
-        return {k: v.numpy() for k, v in loaded.items()}
-
-    def st_write(i: int) -> None:
-        where("st", i).mkdir()
-        safetensors.numpy.save_file(state, where("st", i) / "state.safetensors")
-        fsync_path(where("st", i) / "state.safetensors")
-
-    def st_read(i: int) -> Mapping[str, Any]:
-        return safetensors.numpy.load_file(where("st", i) / "state.safetensors")
-
-    def dcp_write(threads: int) -> Callable[[int], None]:
-        def write(i: int) -> None:
-            writer = dcp.FileSystemWriter(where(f"dcp{threads}", i), sync_files=True, thread_count=threads)
-            dcp.save(tensors, storage_writer=writer, no_dist=True)
-        return write
-
-    def dcp_read(threads: int) -> Callable[[int], Mapping[str, Any]]:
-        def read(i: int) -> Mapping[str, Any]:
-            target = dict(dest_tensors)
-            dcp.load(target, storage_reader=dcp.FileSystemReader(where(f"dcp{threads}", i)), no_dist=True)
-            return {k: v.numpy() for k, v in target.items()}
-        return read
-
-    paths = [
-        SavePath("local", "cloudckpt Checkpoint.write / read", True, "fsync files + dir", "in place",
-                 ours_write, ours_read, clear("ours"), zero_dest),
-        SavePath("local", "np.savez / np.load", False, "fsync", "full load", npz_write, npz_read, clear("npz")),
-        SavePath("local", "torch.save / torch.load", False, "fsync", "full load", torch_write, torch_read,
-                 clear("torch")),
-        SavePath("local", "safetensors.numpy save_file / load_file", False, "fsync", "full load", st_write, st_read,
-                 clear("st")),
-        SavePath("local", "torch DCP FileSystemWriter (1 thread, default)", False, "fsync", "in place",
-                 dcp_write(1), dcp_read(1), clear("dcp1"), zero_dest),
-    ]
-    if dcp_threads > 1:
-        paths.append(SavePath("local", f"torch DCP FileSystemWriter ({dcp_threads} threads)", False, "fsync",
-                              "in place", dcp_write(dcp_threads), dcp_read(dcp_threads), clear(f"dcp{dcp_threads}"),
-                              zero_dest))
-    return paths
-
-
-def s3_paths(state: State, dest: State, endpoint: str, bucket: str, dcp_threads: int) -> list[SavePath]:
-    """cloudckpt and the S3 peers, each under its own prefix of ``bucket``."""
-    import safetensors.numpy
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-
-    import cloudckpt
-
-    client = s3_client(endpoint)
-    ours_save = cloudckpt.Checkpoint(state=state)
-    ours_restore = cloudckpt.Checkpoint(state=dest)
-    tensors = as_tensors(state)
-    dest_tensors = as_tensors(dest)
-
-    def clear(name: str) -> Callable[[int], None]:
-        return lambda i: s3_delete_prefix(client, bucket, f"{name}-{i}/")
-
-    def zero_dest() -> None:
-        for array in dest.values():
-            array.fill(0)
-
-    def ours_write(i: int) -> None:
-        ours_save.write(f"s3://{bucket}/ours-{i}/ckpt")
-
-    def ours_read(i: int) -> Mapping[str, Any]:
-        ours_restore.read(f"s3://{bucket}/ours-{i}/ckpt").assert_consumed()
-        return dest
-
-    def npz_write(i: int) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **state)
-        put_buffer(client, bucket, f"npz-{i}/state.npz", buffer)
-
-    def npz_read(i: int) -> Mapping[str, Any]:
-        with np.load(io.BytesIO(get_bytes(client, bucket, f"npz-{i}/state.npz"))) as z:
-            return {k: z[k] for k in z.files}
-
-    def torch_write(i: int) -> None:
-        buffer = io.BytesIO()
-        torch.save(tensors, buffer)
-        put_buffer(client, bucket, f"torch-{i}/state.pt", buffer)
-
-    def torch_read(i: int) -> Mapping[str, Any]:
-        data = get_bytes(client, bucket, f"torch-{i}/state.pt")
-        loaded = torch.load(io.BytesIO(data), weights_only=True)
-        return {k: v.numpy() for k, v in loaded.items()}
-
-    def st_write(i: int) -> None:
-        data = safetensors.numpy.save(state)
-        client.put_object(Bucket=bucket, Key=f"st-{i}/state.safetensors", Body=data)
-
-    def st_read(i: int) -> Mapping[str, Any]:
-        return safetensors.numpy.load(get_bytes(client, bucket, f"st-{i}/state.safetensors"))
-
-    def dcp_write(threads: int) -> Callable[[int], None]:
-        def write(i: int) -> None:
-            # sync_files=False: on a non-local stream DCP's "sync" falls back to os.sync() of the
-            # whole machine, which says nothing about S3 (a PUT is durable when it returns).
-            writer = FsspecWriter(f"s3://{bucket}/dcp{threads}-{i}", sync_files=False, thread_count=threads,
-                                  endpoint_url=endpoint)
-            dcp.save(tensors, storage_writer=writer, no_dist=True)
-        return write
-
-    def dcp_read(threads: int) -> Callable[[int], Mapping[str, Any]]:
-        def read(i: int) -> Mapping[str, Any]:
-            target = dict(dest_tensors)
-            dcp.load(target, storage_reader=FsspecReader(f"s3://{bucket}/dcp{threads}-{i}", endpoint_url=endpoint),
-                     no_dist=True)
-            return {k: v.numpy() for k, v in target.items()}
-        return read
-
-    paths = [
-        SavePath("s3", "cloudckpt Checkpoint.write / read", True, "PUT", "in place",
-                 ours_write, ours_read, clear("ours"), zero_dest),
-        SavePath("s3", "np.savez to memory + put_object / get_object + np.load", False, "PUT", "full load",
-                 npz_write, npz_read, clear("npz")),
-        SavePath("s3", "torch.save to memory + put_object / get_object + torch.load", False, "PUT", "full load",
-                 torch_write, torch_read, clear("torch")),
-        SavePath("s3", "safetensors.numpy.save + put_object / get_object + load", False, "PUT", "full load",
-                 st_write, st_read, clear("st")),
-        SavePath("s3", "torch DCP FsspecWriter/Reader over s3fs (1 thread, default)", False, "PUT", "in place",
-                 dcp_write(1), dcp_read(1), clear("dcp1"), zero_dest),
-    ]
-    if dcp_threads > 1:
-        paths.append(SavePath("s3", f"torch DCP FsspecWriter/Reader over s3fs ({dcp_threads} threads)", False, "PUT",
-                              "in place", dcp_write(dcp_threads), dcp_read(dcp_threads), clear(f"dcp{dcp_threads}"),
-                              zero_dest))
-    return paths
 
 
 # --------------------------------------------------------------------------- measuring
@@ -628,14 +404,85 @@ def measure_memory(method: str, size: int, root: Path, endpoint: str, bucket: st
     return result
 
 
+# --------------------------------------------------------------------------- first request (subprocess)
+#: The first-request row's state: 72 float32 arrays, 4 MiB in all.
+FIRST_BYTES = 4 * MiB
+
+
+def first_state() -> State:
+    return make_state(FIRST_BYTES, seed=3, layers=8, width=256)
+
+
+def first_child(spec_json: str) -> int:
+    """Subprocess entry: time building one path (its clients) plus its first save, or its first restore.
+
+    Imports and the state are made before the clock starts: they are the process's, not
+    the request's. The restore child runs in another fresh process after the save child,
+    as a resumed job would, and checks every value it read (untimed).
+    """
+    spec = json.loads(spec_json)
+    path_spec = next(p for p in local_specs(1) + s3_specs(1) if p.key == spec["key"])
+    for module in path_spec.modules:
+        importlib.import_module(module)
+    state = first_state()
+    setup = Setup(state, {k: np.zeros_like(v) for k, v in state.items()}, Path(spec["root"]), spec["endpoint"],
+                  spec["bucket"])
+    setup.blob()
+    gc.collect()
+    started = time.perf_counter()
+    path = path_spec.factory(setup)
+    if spec["phase"] == "save":
+        path.save(0)
+        seconds = time.perf_counter() - started
+    else:  # the destination is fresh zeros: no before_restore needed
+        restored = path.restore(0)
+        seconds = time.perf_counter() - started
+        verify(restored, state, f"first restore {path.name}")
+    print(json.dumps({"seconds": seconds, "name": path.name, "ours": path.ours}))
+    return 0
+
+
+@dataclass
+class FirstResult:
+    target: str
+    label: str
+    ours: bool
+    save: float
+    restore: float
+
+
+def measure_first(spec: PathSpec, root: Path, endpoint: str, bucket: str) -> FirstResult:
+    """Run ``first_child`` for the save, then for the restore, each in a fresh interpreter (bounded wait)."""
+    out: dict[str, dict[str, Any]] = {}
+    for phase in ("save", "restore"):
+        child = json.dumps({"key": spec.key, "phase": phase, "root": str(root), "endpoint": endpoint,
+                            "bucket": bucket})
+        code = "import sys; from bench.bench_checkpoint import first_child; sys.exit(first_child(sys.argv[1]))"
+        proc = subprocess.run([sys.executable, "-c", code, child], cwd=REPO, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"first-request child {spec.key} {phase} failed ({proc.returncode}):\n"
+                               f"{proc.stderr[-3000:]}")
+        out[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = FirstResult(spec.target, out["save"]["name"], out["save"]["ours"], out["save"]["seconds"],
+                         out["restore"]["seconds"])
+    print(f"  first request {spec.target} {result.label}: save {result.save:.3f} s, restore {result.restore:.3f} s",
+          flush=True)
+    return result
+
+
 # --------------------------------------------------------------------------- reporting
 def rate(size: int, seconds: float) -> float:
     return size / MiB / seconds
 
 
 def report_timings(timings: list[Timing], size: int) -> tuple[str, list[str]]:
-    """The markdown table and one summary line per (target, operation) ratio."""
-    lines = ["| target | op | path | durability | restore | best s | MiB/s | ours / best peer |",
+    """The markdown table and the summary lines: ours against the best peer and against each one.
+
+    ``ours ÷ this`` is this path's best time over cloudckpt's (above 1: cloudckpt is faster);
+    on cloudckpt's own row it is against the best peer.
+    """
+    lines = ["| target | op | path | durability | restore | best s | MiB/s | ours ÷ this |",
              "|---|---|---|---|---|---:|---:|---:|"]
     summary = []
     for target in dict.fromkeys(t.path.target for t in timings):
@@ -643,17 +490,45 @@ def report_timings(timings: list[Timing], size: int) -> tuple[str, list[str]]:
         for op in ("save", "restore"):
             best = {id(t): min(getattr(t, op)) for t in group}
             peers = [t for t in group if not t.path.ours]
-            best_peer = min(peers, key=lambda t: best[id(t)])
+            ours = next((t for t in group if t.path.ours), None)
             for t in group:
                 ratio = ""
-                if t.path.ours:
-                    value = best[id(best_peer)] / best[id(t)]
-                    ratio = f"**{value:.2f}x**"
-                    summary.append(f"{target} {op}: cloudckpt {rate(size, best[id(t)]):.0f} MiB/s = {value:.2f}x "
-                                   f"the best peer ({best_peer.path.name}, {rate(size, best[id(best_peer)]):.0f} "
-                                   f"MiB/s)")
+                if ours is not None and peers:
+                    if t.path.ours:
+                        best_peer = min(peers, key=lambda p: best[id(p)])
+                        value = best[id(best_peer)] / best[id(t)]
+                        ratio = f"**{value:.2f}x** (best peer)"
+                        summary.append(f"{target} {op}: cloudckpt {rate(size, best[id(t)]):.0f} MiB/s = {value:.2f}x "
+                                       f"the best peer ({best_peer.path.name}, {rate(size, best[id(best_peer)]):.0f} "
+                                       f"MiB/s)")
+                    else:
+                        ratio = f"{best[id(t)] / best[id(ours)]:.2f}x"
                 lines.append(f"| {target} | {op} | {t.path.name} | {t.path.durability} | {t.path.loading} | "
                              f"{best[id(t)]:.2f} | {rate(size, best[id(t)]):.0f} | {ratio} |")
+    return "\n".join(lines), summary
+
+
+def report_first(results: list[FirstResult]) -> tuple[str, list[str]]:
+    """Seconds of client creation + the first 4 MiB save / restore; ratios are peer s ÷ ours s."""
+    lines = ["| target | path | first save s | first restore s | ours ÷ this, save | ours ÷ this, restore |",
+             "|---|---|---:|---:|---:|---:|"]
+    summary = []
+    for target in dict.fromkeys(r.target for r in results):
+        group = [r for r in results if r.target == target]
+        ours = next((r for r in group if r.ours), None)
+        for r in group:
+            ratios = ("", "") if ours is None or r.ours else (f"{r.save / ours.save:.2f}x",
+                                                               f"{r.restore / ours.restore:.2f}x")
+            lines.append(f"| {target} | {r.label} | {r.save:.3f} | {r.restore:.3f} | {ratios[0]} | {ratios[1]} |")
+        peers = [r for r in group if not r.ours]
+        if ours is not None and peers:
+            fastest_save = min(peers, key=lambda r: r.save)
+            fastest_restore = min(peers, key=lambda r: r.restore)
+            summary.append(f"{target} first request: cloudckpt save {ours.save:.3f} s = "
+                           f"{ours.save / fastest_save.save:.1f}x the fastest peer's ({fastest_save.label}, "
+                           f"{fastest_save.save:.3f} s); restore {ours.restore:.3f} s = "
+                           f"{ours.restore / fastest_restore.restore:.1f}x ({fastest_restore.label}, "
+                           f"{fastest_restore.restore:.3f} s)")
     return "\n".join(lines), summary
 
 
@@ -730,8 +605,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, one repeat")
     parser.add_argument("--dcp-threads", type=int, default=4,
                         help="also run DCP with this many writer threads (cloudckpt uses 4); 1 = default only")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: timing, async, memory")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: timing, async, memory, first")
+    parser.add_argument("--paths", default="",
+                        help="comma-separated path keys to time (default: all; see --list-paths)")
+    parser.add_argument("--list-paths", action="store_true", help="print the path keys and exit")
     args = parser.parse_args(argv)
+    if args.list_paths:
+        for spec in local_specs(args.dcp_threads) + s3_specs(args.dcp_threads):
+            print(spec.key)
+        return 0
     if args.quick:
         args.size_mib, args.repeat = 64, 1
     if args.repeat < 1:
@@ -741,6 +623,13 @@ def main(argv: list[str]) -> int:
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}")
     skip = set(args.skip.split(",")) - {""}
+    wanted = set(args.paths.split(",")) - {""}
+    known = {spec.key for spec in local_specs(args.dcp_threads) + s3_specs(args.dcp_threads)}
+    if wanted - known:
+        parser.error(f"unknown paths {sorted(wanted - known)} (see --list-paths)")
+
+    def chosen(specs: list[PathSpec]) -> list[PathSpec]:
+        return [spec for spec in specs if not wanted or spec.key in wanted or spec.key.endswith("-ours")]
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
@@ -758,6 +647,7 @@ def main(argv: list[str]) -> int:
     timings: list[Timing] = []
     async_results: list[AsyncResult] = []
     memory: list[MemoryResult] = []
+    firsts: list[FirstResult] = []
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-ckpt-", dir=REPO) as tmp:
         root = Path(tmp)
         if "local" in backends:
@@ -766,7 +656,10 @@ def main(argv: list[str]) -> int:
             if "timing" not in skip:
                 print("local disk: save / restore (after an untimed warm-up write) ...", flush=True)
                 warm_up_disk(state, local_root)
-                timings += measure_paths(local_paths(state, dest, local_root, args.dcp_threads), state, args.repeat)
+                setup = Setup(state, dest, local_root)
+                paths = [spec.factory(setup) for spec in chosen(local_specs(args.dcp_threads))]
+                timings += measure_paths(paths, state, args.repeat)
+                del setup, paths
             if "async" not in skip:
                 print("local disk: async save ...", flush=True)
                 result = measure_async(state, dest, args.repeat, lambda i: str(local_root / f"async-{i}" / "ckpt"),
@@ -782,8 +675,10 @@ def main(argv: list[str]) -> int:
                 client.create_bucket(Bucket=bucket)
                 if "timing" not in skip:
                     print("S3: save / restore ...", flush=True)
-                    timings += measure_paths(s3_paths(state, dest, endpoint, bucket, args.dcp_threads), state,
-                                             args.repeat)
+                    setup = Setup(state, dest, root, endpoint, bucket)
+                    paths = [spec.factory(setup) for spec in chosen(s3_specs(args.dcp_threads))]
+                    timings += measure_paths(paths, state, args.repeat)
+                    del setup, paths
                 if "async" not in skip:
                     print("S3: async save ...", flush=True)
                     result = measure_async(state, dest, args.repeat, lambda i: f"s3://{bucket}/async-{i}/ckpt",
@@ -798,6 +693,16 @@ def main(argv: list[str]) -> int:
                         if target == "s3":
                             memory.append(measure_memory(method, size, root, endpoint, bucket))
                             s3_delete_prefix(client, bucket, "mem-")
+                if "first" not in skip:
+                    print("S3: first request of a process (fresh subprocess per save and per restore) ...", flush=True)
+                    for spec in chosen(s3_specs(1)):
+                        first_bucket = f"first-{spec.key.removeprefix('s3-')}-{uuid.uuid4().hex[:8]}"
+                        # A bucket new to the process, but warmed on the server: SeaweedFS's first write to a
+                        # bucket allocates its volumes (~1 s here), a server cost every path would pay by lot.
+                        client.create_bucket(Bucket=first_bucket)
+                        client.put_object(Bucket=first_bucket, Key="warm-up", Body=b"x")
+                        client.delete_object(Bucket=first_bucket, Key="warm-up")
+                        firsts.append(measure_first(spec, root, endpoint, first_bucket))
         if "local" in backends and "memory" not in skip:
             print("local disk: peak memory of one save (fresh subprocess each) ...", flush=True)
             mem_root = root / "mem"
@@ -806,6 +711,13 @@ def main(argv: list[str]) -> int:
                     mem_root.mkdir()
                     memory.append(measure_memory(method, size, mem_root, "", ""))
                     shutil.rmtree(mem_root)
+        if "local" in backends and "first" not in skip:
+            print("local disk: first request of a process (fresh subprocess per save and per restore) ...", flush=True)
+            for spec in chosen(local_specs(1)):
+                first_root = root / f"first-{spec.key}"
+                first_root.mkdir()
+                firsts.append(measure_first(spec, first_root, "", ""))
+                shutil.rmtree(first_root)
 
     summary: list[str] = []
     print()
@@ -824,6 +736,11 @@ def main(argv: list[str]) -> int:
         summary += lines
     if memory:
         table, lines = report_memory(sorted(memory, key=lambda m: m.target != "local"))
+        print()
+        print(table)
+        summary += lines
+    if firsts:
+        table, lines = report_first(sorted(firsts, key=lambda f: f.target != "local"))
         print()
         print(table)
         summary += lines

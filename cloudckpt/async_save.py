@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import mmap
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -77,6 +78,11 @@ class StagingBuffer:
     """One staging area reused by every async save of a checkpoint, grown up to its budget.
 
     Safe to reuse because a save waits for the previous one to finish before it stages.
+
+    Its memory is touched page by page when it is allocated (``_prefaulted``), not left to
+    fault in during the copy: measured on 1 GiB here, allocating + touching took 145-155 ms
+    and the copy then 83-108 ms (as fast as into a reused buffer), against 351-641 ms for
+    the same copy into untouched memory. ``reserve`` does that ahead of the first save.
     """
 
     def __init__(self) -> None:
@@ -86,34 +92,30 @@ class StagingBuffer:
     def capacity(self) -> int:
         return 0 if self._buffer is None else int(self._buffer.nbytes)
 
+    def reserve(self, nbytes: int) -> None:
+        """Allocate (and fault in) at least ``nbytes`` now, so the first save only copies.
+
+        For a caller that knows the state's size before its first save (a manager at
+        construction, say); ``stage`` reuses the buffer while it is large enough.
+        """
+        if nbytes > self.capacity:
+            self._buffer = None  # free the old one before allocating the larger one
+            self._buffer = _prefaulted(nbytes)
+
+    def reserve_for(self, entries: Mapping[str, Collected], budget: int) -> int:
+        """``reserve`` what ``stage(entries, budget)`` will use; returns that many bytes."""
+        used = _layout(entries, budget)[2]
+        self.reserve(used)
+        return used
+
     def stage(self, entries: Mapping[str, Collected], budget: int) -> tuple[dict[str, Collected], set[str], int]:
         """Copy array leaves into the buffer while they fit ``budget``.
 
         Returns the entries with staged arrays swapped for their copies, the paths that
         did not fit (still pointing at live memory), and the bytes staged.
         """
-        placed: list[tuple[str, ArrayLeaf | ShardedLeaf, list[int]]] = []
-        overflow: set[str] = set()
-        used = 0
-        for path, item in entries.items():
-            if isinstance(item, ArrayLeaf):
-                arrays = [item.array]
-            elif isinstance(item, ShardedLeaf):
-                arrays = [data for _, data in item.shards]
-            else:
-                continue
-            need = sum(_aligned(int(a.nbytes)) for a in arrays)
-            if used + need <= budget:
-                offsets = []
-                for a in arrays:
-                    offsets.append(used)
-                    used += _aligned(int(a.nbytes))
-                placed.append((path, item, offsets))
-            else:
-                overflow.add(path)
-        if used > self.capacity:
-            self._buffer = None  # free the old one before allocating the larger one
-            self._buffer = np.empty(used, dtype=np.uint8)
+        placed, overflow, used = _layout(entries, budget)
+        self.reserve(used)
         out = dict(entries)
         buffer = self._buffer
         staged = 0
@@ -128,6 +130,38 @@ class StagingBuffer:
                 out[path] = ShardedLeaf(item.shape, item.dtype, item.pytype, shards)
                 staged += sum(int(data.nbytes) for _, data in item.shards)
         return out, overflow, staged
+
+
+def _layout(entries: Mapping[str, Collected],
+            budget: int) -> tuple[list[tuple[str, ArrayLeaf | ShardedLeaf, list[int]]], set[str], int]:
+    """Where each array leaf goes in the buffer while they fit ``budget``: (placed, overflow, bytes used)."""
+    placed: list[tuple[str, ArrayLeaf | ShardedLeaf, list[int]]] = []
+    overflow: set[str] = set()
+    used = 0
+    for path, item in entries.items():
+        if isinstance(item, ArrayLeaf):
+            arrays = [item.array]
+        elif isinstance(item, ShardedLeaf):
+            arrays = [data for _, data in item.shards]
+        else:
+            continue
+        need = sum(_aligned(int(a.nbytes)) for a in arrays)
+        if used + need <= budget:
+            offsets = []
+            for a in arrays:
+                offsets.append(used)
+                used += _aligned(int(a.nbytes))
+            placed.append((path, item, offsets))
+        else:
+            overflow.add(path)
+    return placed, overflow, used
+
+
+def _prefaulted(nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """``nbytes`` of fresh memory with every page touched once (the OS maps them all now)."""
+    buffer = np.empty(nbytes, dtype=np.uint8)
+    buffer[::mmap.PAGESIZE] = 0
+    return buffer
 
 
 def _copy_into(buffer: np.ndarray[Any, np.dtype[np.uint8]], offset: int,

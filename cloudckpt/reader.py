@@ -2,16 +2,18 @@
 
 Restore is the hot path: every chunk is fetched with a ranged read straight into the
 destination array's memory (no intermediate copy), in parallel on the storage's pool,
-and then verified against the CRC32C the writer recorded. Only the chunks asked for are
-fetched, so reading one variable out of a large checkpoint costs one small GET.
+and each is verified against the CRC32C the writer recorded as soon as it lands, on the
+pool thread that read it. Only the chunks asked for are fetched, so reading one variable
+out of a large checkpoint costs one small GET.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -173,7 +175,8 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     Only the chunks that overlap a target's box are fetched, and of a chunk only
     partly inside the box only the byte ranges covering that part, widened to the
     chunk's checksum blocks. Every byte read is verified: whole chunks against their
-    CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``).
+    CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``) - on the pool, each
+    as soon as its bytes have landed, overlapped with the reads still in flight.
 
     Raises:
         ChecksumError: a chunk's bytes do not match their recorded CRC32C (names the key
@@ -182,11 +185,22 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
         CheckpointFormatError: a data object is shorter than the index says.
     """
     requests: list[ReadRequest] = []
-    checks: list[tuple[ReadTarget, Chunk, memoryview]] = []
-    block_checks: list[tuple[ReadTarget, Chunk, int, NDArray[np.uint8]]] = []
-    scatters: list[tuple[ReadTarget, tuple[slice, ...], NDArray[Any]]] = []
+    landings: list[_Landing] = []
+
+    def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]]) -> None:
+        landing = _Landing(steps)
+        landings.append(landing)
+        requests.append(ReadRequest(obj, offset, out, landing))
+
     for target in targets:
         flat = _bytes_view(target.dest)
+        chunks = target.entry.chunks
+        if target.start is None and len(chunks) == 1 and chunks[0].length == flat.nbytes > 0 \
+                and chunks[0].shape == target.dest.shape:  # the common case, one whole array: no geometry
+            chunk = chunks[0]
+            fetch(index.objects[chunk.object].name, chunk.offset, flat,
+                  [partial(_verify, storage, index, target, chunk, 0, flat, chunk.crc32c)])
+            continue
         dtype = target.dest.dtype
         itemsize = dtype.itemsize
         shape = tuple(target.dest.shape)
@@ -204,15 +218,17 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             obj = index.objects[chunk.object].name
             if extent == chunk.shape:
                 region = _contiguous_in(in_dest, extent, shape)
+                steps: list[Callable[[], None]]
                 if region is not None:
                     first, count = region
                     out = flat[first * itemsize:(first + count) * itemsize]
+                    steps = [partial(_verify, storage, index, target, chunk, 0, out, chunk.crc32c)]
                 else:
                     temp = np.empty(chunk.shape, dtype=dtype)
                     out = _bytes_view(temp)
-                    scatters.append((target, dest_box, temp))
-                requests.append(ReadRequest(obj, chunk.offset, out))
-                checks.append((target, chunk, out))
+                    steps = [partial(_verify, storage, index, target, chunk, 0, out, chunk.crc32c),
+                             partial(_scatter, target.dest, dest_box, temp)]
+                fetch(obj, chunk.offset, out, steps)
                 continue
             in_chunk = tuple(low - c for low, c in zip(lo, chunk.start, strict=True))
             strides = tuple(int(np.prod(chunk.shape[i + 1:], dtype=np.int64)) * itemsize
@@ -221,14 +237,14 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 need_lo, need_hi = first * itemsize, (first + count) * itemsize
                 begin, end = _widen(chunk, need_lo, need_hi) if VERIFY_PARTIAL_READS else (need_lo, need_hi)
                 raw = np.empty(end - begin, dtype=np.uint8)
-                requests.append(ReadRequest(obj, chunk.offset + begin, _bytes_view(raw)))
-                if VERIFY_PARTIAL_READS:
-                    block_checks.append((target, chunk, begin, raw))
                 temp = raw[need_lo - begin:need_hi - begin].view(dtype)
                 values = np.lib.stride_tricks.as_strided(temp, shape=sub_extent, strides=strides, writeable=False)
                 sub_dest = tuple(slice(a - c + d, a - c + d + n) for a, c, d, n in
                                  zip(sub_start, in_chunk, in_dest, sub_extent, strict=True))
-                scatters.append((target, sub_dest, values))
+                steps = [partial(_verify_blocks, storage, index, target, chunk, begin, raw)] \
+                    if VERIFY_PARTIAL_READS else []
+                steps.append(partial(_scatter, target.dest, sub_dest, values))
+                fetch(obj, chunk.offset + begin, _bytes_view(raw), steps)
     any_live = any(t.live for t in targets)
     try:
         (ranges.read if ranges is not None else read_coalesced)(storage, requests)
@@ -244,15 +260,42 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
         if any_live:
             raise type(exc)(f"{exc}{_partial_note(True)}", exc.url) from exc
         raise
-    for target, chunk, out in checks:
-        _verify(storage, index, target, chunk, 0, out, chunk.crc32c)
-    for target, chunk, begin, raw in block_checks:
-        unit, crcs = chunk.blocks()
-        for position in range(0, raw.size, unit):
-            _verify(storage, index, target, chunk, begin + position, raw[position:position + unit].data,
-                    crcs[(begin + position) // unit])
-    for target, box, values in scatters:
-        target.dest[box] = values
+    for landing in landings:  # what a range reader filled without running ``done`` (the relay)
+        if not landing.ran:
+            landing()
+
+
+class _Landing:
+    """What happens to one request's bytes once they have landed: verify, then scatter.
+
+    It is the request's ``done``, so it runs on the pool thread that read the last byte
+    (the CRC32C releases the GIL: chunks are verified in parallel, overlapped with the
+    reads still in flight); ``read_arrays`` runs any that a range reader left out.
+    """
+
+    __slots__ = ("_steps", "ran")
+
+    def __init__(self, steps: list[Callable[[], None]]) -> None:
+        self._steps = steps
+        self.ran = False
+
+    def __call__(self) -> None:
+        for step in self._steps:
+            step()
+        self.ran = True
+
+
+def _scatter(dest: NDArray[Any], box: tuple[slice, ...], values: NDArray[Any]) -> None:
+    dest[box] = values
+
+
+def _verify_blocks(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk, begin: int,
+                   raw: NDArray[np.uint8]) -> None:
+    """Verify ``raw`` (chunk bytes from ``begin``, widened to whole blocks) block by block."""
+    unit, crcs = chunk.blocks()
+    for position in range(0, raw.size, unit):
+        _verify(storage, index, target, chunk, begin + position, raw[position:position + unit].data,
+                crcs[(begin + position) // unit])
 
 
 def _widen(chunk: Chunk, lo: int, hi: int) -> tuple[int, int]:
@@ -273,48 +316,10 @@ def _verify(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk:
             f"recorded CRC32C {expected:08x}, read {actual:08x}{_partial_note(target.live)}", obj, key=target.path)
 
 
-#: Reads smaller than this are merged with their neighbours in the same object: hundreds
-#: of small arrays cost a few GETs instead of hundreds of round trips.
-SMALL_READ = 1024 * 1024
-MERGED_READ = 16 * 1024 * 1024
-
-
 def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
-    """``storage.read_into``, with runs of small adjacent ranges fetched as one range.
-
-    Large reads still land straight in their destination; merged small ones go through
-    one bounded bytearray and are copied out (cheap next to a request's latency).
-    """
-    direct: list[ReadRequest] = []
-    merged: list[tuple[ReadRequest, list[ReadRequest]]] = []
-    by_object: dict[str, list[ReadRequest]] = {}
-    for req in requests:
-        if req.out.nbytes >= SMALL_READ:
-            direct.append(req)
-        else:
-            by_object.setdefault(req.key, []).append(req)
-    for key, small in by_object.items():
-        small.sort(key=lambda r: r.offset)
-        runs: list[list[ReadRequest]] = []
-        for req in small:
-            last = runs[-1] if runs else None
-            if last is not None and req.offset == last[-1].offset + last[-1].out.nbytes \
-                    and req.offset + req.out.nbytes - last[0].offset <= MERGED_READ:
-                last.append(req)
-            else:
-                runs.append([req])
-        for run in runs:
-            if len(run) == 1:
-                direct.append(run[0])
-                continue
-            start = run[0].offset
-            buffer = bytearray(run[-1].offset + run[-1].out.nbytes - start)
-            merged.append((ReadRequest(key, start, memoryview(buffer)), run))
-    storage.read_into(direct + [whole for whole, _ in merged])
-    for whole, parts in merged:
-        for part in parts:
-            begin = part.offset - whole.offset
-            part.out[:] = whole.out[begin:begin + part.out.nbytes]
+    """``storage.read_into``: it reads runs of adjacent requests together (a few GETs for
+    hundreds of small arrays) straight into their buffers, and runs each ``done`` as it lands."""
+    storage.read_into(requests)
 
 
 def _partial_note(live: bool) -> str:

@@ -63,11 +63,11 @@ def counting_storage(url: str) -> Any:
                 self._count("data_bytes_read", len(data))
             return data
 
-        def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
+        def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
             self._count("GET")
-            super()._read_into(full_key, offset, out)
+            super()._read_into(full_key, offset, outs)
             if ".data-" in full_key:
-                self._count("data_bytes_read", out.nbytes)
+                self._count("data_bytes_read", sum(out.nbytes for out in outs))
 
         def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: Any,
                        metadata: Mapping[str, str]) -> Any:

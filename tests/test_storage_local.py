@@ -218,3 +218,30 @@ def test_objects_are_created_with_parent_directories(tmp_path: Path) -> None:
     store.put("a/b/c", b"deep")
     assert (tmp_path / "does" / "not" / "exist" / "a" / "b" / "c").read_bytes() == b"deep"
     assert oct(os.stat(tmp_path / "does" / "not" / "exist" / "a" / "b" / "c").st_mode & 0o777) == "0o644"
+
+
+def test_short_preadv_returns_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``preadv`` may fill less than asked (signals, some file systems): the read goes on where it stopped."""
+    import numpy as np
+
+    from cloudckpt.storage import ReadRequest
+
+    store = LocalStorage(tmp_path, config=CONTRACT_CONFIG)
+    data = payload(100_000, seed=9)
+    store.put("obj", data)
+    plain = os.preadv
+    calls = []
+
+    def stingy(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(len(buffers))
+        first = buffers[0]
+        return plain(fd, [first[:min(first.nbytes, 777)]], offset)  # at most 777 bytes of the first buffer
+
+    monkeypatch.setattr(os, "preadv", stingy)
+    bounds = [(0, 5), (5, 1000), (1000, 1001), (1001, 60_000), (60_000, 100_000)]
+    outs = [np.zeros(end - start, np.uint8) for start, end in bounds]
+    store.read_into([ReadRequest("obj", start, out.data) for (start, _), out in zip(bounds, outs, strict=True)])
+    assert b"".join(out.tobytes() for out in outs) == data
+    assert max(calls) == 5 and len(calls) > 100  # one vectored call for the run, continued many times
+    with pytest.raises(StorageError, match="short"):
+        store.read_into([ReadRequest("obj", 99_000, memoryview(bytearray(2000)))])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +161,9 @@ class RecordingStorage(LocalStorage):
         self.touched.add(full_key)
         return super()._get_range(full_key, byte_range)
 
-    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
+    def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
         self.touched.add(full_key)
-        super()._read_into(full_key, offset, out)
+        super()._read_into(full_key, offset, outs)
 
 
 def test_reads_only_the_checkpoints_own_objects(tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ from cloudckpt.storage.base import (
     crc32c_of,
 )
 from cloudckpt.storage.clients import ProcessLocalCache
+from cloudckpt.storage.transfer import fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
@@ -110,8 +111,6 @@ MAX_COMPOSE_SOURCES = 32
 PART_OF_KEY = "cloudckpt-part-of"
 #: Project name used against an emulator, which needs one but checks none.
 EMULATOR_PROJECT = "cloudckpt-emulator"
-#: Bytes per ``readinto`` while streaming a ranged read into the caller's buffer.
-_READ_SLICE = 1024 * 1024
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     requests.ConnectionError,  # includes resets and connect timeouts
@@ -216,7 +215,6 @@ class _StreamedBody:
         return iter(self._pieces)
 
 
-# CRC32C (Castagnoli), reflected polynomial. combine() follows zlib's crc32_combine:
 # ---------------------------------------------------------------------- storage
 class GCSStorage(Storage):
     """``gs://bucket/prefix`` on Google Cloud Storage (or fake-gcs-server).
@@ -339,22 +337,18 @@ class GCSStorage(Storage):
                 raise StorageError(f"server ignored Range {header} for {where}", where)
             return response.content
 
-    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
+    def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
         url = self._url_for_full(full_key)
-        header = ByteRange.bounded(offset, offset + out.nbytes).http_header()
+        size = sum(out.nbytes for out in outs)
+        header = ByteRange.bounded(offset, offset + size).http_header()
         with self._media_get(full_key, header) as response:
             if response.status_code != 206:
                 raise StorageError(f"server ignored Range {header} for {url}", url)
-            filled = 0
-            while filled < out.nbytes:
-                n = response.raw.readinto(out[filled:filled + _READ_SLICE])
-                if not n:
-                    break
-                filled += n
-        if filled != out.nbytes:
+            filled = fill_from(response.raw.readinto, outs)
+        if filled != size:
             raise InvalidRangeError(
                 f"range {header} of {url} runs past the end of the object "
-                f"(got {filled} of {out.nbytes} bytes)", url)
+                f"(got {filled} of {size} bytes)", url)
 
     def _list(self, full_prefix: str) -> Iterator[ObjectMeta]:
         temp_root = self._prefix + TEMP_PREFIX

@@ -34,7 +34,6 @@ Where stores differ, and what callers see:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import email.utils
 import logging
@@ -81,9 +80,11 @@ from cloudckpt.storage.base import (
     TransferConfig,
     UpdateVersion,
     WriteMode,
+    crc32c_base64,
     crc32c_of,
 )
 from cloudckpt.storage.clients import BUCKETS_SEEN, ProcessLocalCache
+from cloudckpt.storage.transfer import fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
@@ -99,10 +100,6 @@ DELETE_BATCH = 1000
 #: the caller's buffers. botocore sends ``Expect: 100-continue`` for streamed bodies,
 #: which costs a round trip that small index/state writes should not pay.
 SMALL_BODY = 1 * MiB
-
-#: Response bodies are copied into the destination in slices of this size: large enough
-#: to keep per-call overhead low, small enough that the temporary stays in cache.
-READ_SLICE = 1 * MiB
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: Answers that ask for fewer requests: back-pressure (throttle.py), retried for minutes.
@@ -214,7 +211,7 @@ class _MultipartConditions:
 
 def _crc32c_b64(buffers: Sequence[memoryview]) -> str:
     """S3's ``ChecksumCRC32C``: base64 of the big-endian 4-byte CRC32C."""
-    return base64.b64encode(crc32c_of(buffers).to_bytes(4, "big")).decode("ascii")
+    return crc32c_base64(crc32c_of(buffers))
 
 
 def _etag(response: Mapping[str, Any]) -> str | None:
@@ -283,17 +280,6 @@ def _body(buffers: Sequence[memoryview], size: int) -> bytes | _BufferReader:
     if size <= SMALL_BODY:
         return b"".join(buffers)
     return _BufferReader(buffers)
-
-
-def _read_body_into(body: Any, out: memoryview) -> int:
-    """Fill ``out`` from a streaming body, slice by slice; return the bytes filled."""
-    filled = 0
-    while filled < out.nbytes:
-        n = body.readinto(out[filled:filled + READ_SLICE])
-        if not n:
-            break
-        filled += n
-    return filled
 
 
 # ---------------------------------------------------------------------- the backend
@@ -433,13 +419,14 @@ class S3Storage(Storage):
             return size == 0
         return byte_range.start == size
 
-    def _read_into(self, full_key: str, offset: int, out: memoryview) -> None:
-        end = offset + out.nbytes
+    def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
+        size = sum(out.nbytes for out in outs)
+        end = offset + size
         response = self.client.get_object(Range=f"bytes={offset}-{end - 1}", **self._loc(full_key))
         with contextlib.closing(response["Body"]) as body:
-            length = int(response.get("ContentLength", out.nbytes))
-            filled = _read_body_into(body, out) if length >= out.nbytes else length
-        if filled < out.nbytes:
+            short = int(response.get("ContentLength", size)) < size
+            filled = 0 if short else fill_from(body.readinto, outs)
+        if filled < size:
             url = self._url_of(full_key)
             raise InvalidRangeError(f"{url} ends before byte {end}: the requested range "
                                     f"[{offset}, {end}) runs past the end of the object", url)

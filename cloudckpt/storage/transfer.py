@@ -33,6 +33,25 @@ def as_buffers(data: Any) -> list[memoryview]:
     return views
 
 
+#: Bytes per ``readinto`` while streaming a response body into the caller's buffers: large
+#: enough to keep per-call overhead low, small enough that the socket's copy stays in cache.
+READ_SLICE = 1024 * 1024
+
+
+def fill_from(readinto: Callable[[memoryview], int | None], outs: Sequence[memoryview]) -> int:
+    """Fill ``outs`` in order from a stream's ``readinto``; return the bytes filled (fewer at its end)."""
+    filled = 0
+    for out in outs:
+        got = 0
+        while got < out.nbytes:
+            n = readinto(out[got:got + READ_SLICE])
+            if not n:
+                return filled + got
+            got += n
+        filled += got
+    return filled
+
+
 def part_boundaries(size: int, part_size: int) -> list[tuple[int, int]]:
     """``[start, end)`` of each part; the last may be shorter, none is empty."""
     return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]

@@ -163,8 +163,8 @@ class PrimitiveFaults(Faults):
         def _get_range(full_key: str, byte_range: ByteRange | None) -> bytes:
             return self._around("get", self._key(full_key), lambda: get_range(full_key, byte_range))
 
-        def _read_into(full_key: str, offset: int, out: memoryview) -> None:
-            self._around("get", self._key(full_key), lambda: read_into(full_key, offset, out))
+        def _read_into(full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
+            self._around("get", self._key(full_key), lambda: read_into(full_key, offset, outs))
 
         def _list(full_prefix: str) -> Iterator[ObjectMeta]:
             return iter(self._around("list", self._key(full_prefix), lambda: list(list_(full_prefix))))

@@ -264,6 +264,45 @@ class StorageContract:
         assert store.get_ranges("ranged", [(0, 3), (100, 200), (MULTIPART_SIZE - 5, MULTIPART_SIZE)]) == [
             data[0:3], data[100:200], data[-5:]]
 
+    def test_read_into_adjacent_and_overlapping_requests(self, store: Storage) -> None:
+        """Adjacent requests are read together, cut into spans anywhere; overlapping ones get their own bytes."""
+        data = payload(MULTIPART_SIZE, seed=6)
+        store.put("runs", data)
+        bounds = [(0, 1), (1, 10), (10, 4 * MiB + 3), (4 * MiB + 3, 4 * MiB + 9),  # one run, cut at 3 MiB
+                  (5, 15), (5, 15), (7 * MiB, 13 * MiB), (13 * MiB - 2, 13 * MiB)]  # overlaps and the end
+        outs = [np.full(end - start, 0xEE, dtype=np.uint8) for start, end in bounds]
+        store.read_into([ReadRequest("runs", start, out.data) for (start, _), out in zip(bounds, outs, strict=True)])
+        for (start, end), out in zip(bounds, outs, strict=True):
+            assert out.tobytes() == data[start:end], (start, end)
+
+    def test_read_into_runs_done_once_after_the_bytes_landed(self, store: Storage) -> None:
+        data = payload(MULTIPART_SIZE, seed=4)
+        store.put("landed", data)
+        seen: list[tuple[str, bytes]] = []
+        lock = threading.Lock()
+        out = np.zeros(10 * MiB, dtype=np.uint8)  # four ranged reads at CONTRACT_CONFIG's 3 MiB
+        small = bytearray(7)
+
+        def done(name: str, buffer: memoryview) -> Callable[[], None]:
+            def run() -> None:
+                with lock:
+                    seen.append((name, bytes(buffer)))
+            return run
+
+        store.read_into([ReadRequest("landed", 100, out.data, done("split", out.data)),
+                         ReadRequest("landed", 5, memoryview(small), done("small", memoryview(small))),
+                         ReadRequest("landed", 0, memoryview(bytearray(3)))])
+        assert sorted(seen) == [("small", data[5:12]), ("split", data[100:100 + out.nbytes])]
+
+    def test_read_into_fails_with_what_done_raised(self, store: Storage) -> None:
+        store.put("refused", payload(4 * MiB, seed=5))
+
+        def refuse() -> None:
+            raise ValueError("bytes refused")
+
+        with pytest.raises(ValueError, match="bytes refused"):
+            store.read_into([ReadRequest("refused", 0, memoryview(bytearray(4 * MiB)), refuse)])
+
     def test_read_into_past_end_fails(self, store: Storage) -> None:
         store.put("short", b"abc")
         with pytest.raises(InvalidRangeError):
