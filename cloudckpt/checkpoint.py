@@ -243,6 +243,18 @@ class Checkpoint(Trackable):
                  f"{stats.concurrency} in flight now" if stats.throttled or stats.retries else "")
         settings.options.run_write_callbacks(path)
 
+    def reserve_async_staging(self, options: CheckpointOptions | None = None) -> int:
+        """Allocate (and fault in) the staging buffer async saves will copy into, now; return its bytes.
+
+        Why: the first async save otherwise pays for first-touching freshly allocated memory
+        on the caller's thread (on this kind of VM about as long again as the copy itself).
+        Call it once the state exists - ``CheckpointManager(options=CheckpointOptions(
+        enable_async=True))`` does - and the first save blocks only for the copy. It costs the
+        buffer's memory (the state, up to ``async_staging_budget``) from now on.
+        """
+        budget = (options or CheckpointOptions(enable_async=True)).async_staging_budget
+        return self._async_saver().staging.reserve_for(collect(self), budget)
+
     def _async_saver(self) -> AsyncSaver:
         saver = self._saver
         if saver is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cloudckpt.async_save import StagingBuffer
@@ -56,3 +58,17 @@ def test_reserve_never_shrinks_and_a_budget_bounds_it() -> None:
     staging.reserve(MiB)
     assert staging._buffer is buffer and staging.capacity == 8 * MiB
     assert StagingBuffer().reserve_for(entries(), budget=2 * MiB) < 2 * MiB  # "c" would not fit: not reserved
+
+
+def test_a_manager_with_async_options_reserves_the_staging_buffer_at_construction(tmp_path: Path) -> None:
+    from cloudckpt import Checkpoint, CheckpointManager, CheckpointOptions
+
+    ckpt = Checkpoint(w=np.ones(2 * MiB // 8))
+    CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+    assert ckpt._saver is None  # sync options: nothing reserved, nothing started
+    manager = CheckpointManager(ckpt, tmp_path, max_to_keep=1, options=CheckpointOptions(enable_async=True))
+    assert ckpt._saver is not None and ckpt._saver.staging.capacity >= 2 * MiB
+    buffer = ckpt._saver.staging._buffer
+    manager.save()
+    manager.sync()
+    assert ckpt._saver.staging._buffer is buffer  # the first save copied into the reserved buffer

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.coordination import Coordinator, io_rank
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, PreconditionError
@@ -75,6 +76,8 @@ class CheckpointManager:
         options: default ``CheckpointOptions`` for ``save``. In a multi-host job its
             ``experimental_io_device`` also picks the host that reads and writes the
             state file (the one that commits), since it may be the only one with access.
+            With ``enable_async``, the async staging buffer is allocated here, once
+            (``Checkpoint.reserve_async_staging``), not during the first save.
         leftover_min_age: the first save removes what crashed saves left in ``directory``
             (data objects no index names, temporary chunks, stale multipart uploads) when
             older than this by the store's clock (seconds or a ``timedelta``); it must exceed
@@ -134,6 +137,8 @@ class CheckpointManager:
         found = self._ownership.read() if self._owns_storage else None
         self._managed = ManagedSet.adopt(found[0] if found else None, self._storage.url, time.time())
         self._share_state()
+        if options is not None and options.enable_async and isinstance(checkpoint, Checkpoint):
+            checkpoint.reserve_async_staging(options)  # so the first save blocks only for the copy
 
     # ------------------------------------------------------------------ properties
     @property
