@@ -126,12 +126,16 @@ class ChecksumError(CloudCkptError):
     Attributes:
         url: the full URL of the object whose bytes are damaged.
         key: the checkpoint key path (``model/dense/kernel``) whose value they hold, when known.
+        overwritten: key paths of live objects (restored in place) this restore had already
+            written when it failed - the live state is partial; ``()`` when none.
     """
 
-    def __init__(self, message: str, url: str | None = None, *, key: str | None = None) -> None:
+    def __init__(self, message: str, url: str | None = None, *, key: str | None = None,
+                 overwritten: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.url = url
         self.key = key
+        self.overwritten = overwritten
 
 
 class CheckpointFormatError(CloudCkptError, ValueError):

@@ -188,7 +188,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     landings: list[_Landing] = []
 
     def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]]) -> None:
-        landing = _Landing(steps)
+        landing = _Landing(steps, target)
         landings.append(landing)
         requests.append(ReadRequest(obj, offset, out, landing))
 
@@ -245,24 +245,29 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                     if VERIFY_PARTIAL_READS else []
                 steps.append(partial(_scatter, target.dest, sub_dest, values))
                 fetch(obj, chunk.offset + begin, _bytes_view(raw), steps)
-    any_live = any(t.live for t in targets)
     try:
         (ranges.read if ranges is not None else read_coalesced)(storage, requests)
+        for landing in landings:  # what a range reader filled without running ``done`` (the relay)
+            if not landing.ran:
+                landing()
+    except ChecksumError as exc:
+        written = _written(targets, landings)
+        raise ChecksumError(f"{exc}{_partial_note(written, targets)}", exc.url, key=exc.key,
+                            overwritten=written) from exc
     except NotFoundError as exc:
         raise CheckpointNotFoundError(
             f"a data object of checkpoint {storage.url_for(index.name)!r} is missing (deleted while "
-            f"reading?): {exc}{_partial_note(any_live)}", storage.url_for(index.name)) from exc
+            f"reading?): {exc}{_partial_note(_written(targets, landings), targets)}",
+            storage.url_for(index.name)) from exc
     except InvalidRangeError as exc:
         raise CheckpointFormatError(
             f"a data object of checkpoint {storage.url_for(index.name)!r} is shorter than its index "
-            f"says (truncated?): {exc}{_partial_note(any_live)}") from exc
+            f"says (truncated?): {exc}{_partial_note(_written(targets, landings), targets)}") from exc
     except StorageError as exc:
-        if any_live:
-            raise type(exc)(f"{exc}{_partial_note(True)}", exc.url) from exc
+        written = _written(targets, landings)
+        if written:
+            raise type(exc)(f"{exc}{_partial_note(written, targets)}", exc.url) from exc
         raise
-    for landing in landings:  # what a range reader filled without running ``done`` (the relay)
-        if not landing.ran:
-            landing()
 
 
 class _Landing:
@@ -273,13 +278,16 @@ class _Landing:
     reads still in flight); ``read_arrays`` runs any that a range reader left out.
     """
 
-    __slots__ = ("_steps", "ran")
+    __slots__ = ("_steps", "landed", "ran", "target")
 
-    def __init__(self, steps: list[Callable[[], None]]) -> None:
+    def __init__(self, steps: list[Callable[[], None]], target: ReadTarget) -> None:
         self._steps = steps
+        self.target = target
+        self.landed = False  # its bytes are in the destination (verified or not)
         self.ran = False
 
     def __call__(self) -> None:
+        self.landed = True
         for step in self._steps:
             step()
         self.ran = True
@@ -313,7 +321,7 @@ def _verify(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk:
         first = chunk.offset + start
         raise ChecksumError(
             f"checksum mismatch for {target.path!r} in {obj} bytes [{first}, {first + data.nbytes}): "
-            f"recorded CRC32C {expected:08x}, read {actual:08x}{_partial_note(target.live)}", obj, key=target.path)
+            f"recorded CRC32C {expected:08x}, read {actual:08x}", obj, key=target.path)
 
 
 def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
@@ -322,6 +330,18 @@ def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
     storage.read_into(requests)
 
 
-def _partial_note(live: bool) -> str:
-    return (" - restore had started writing into the objects' own buffers, so they may be "
-            "partly overwritten" if live else "")
+def _written(targets: Sequence[ReadTarget], landings: Sequence[_Landing]) -> tuple[str, ...]:
+    """Key paths of live targets some of whose bytes had landed when the restore failed."""
+    return tuple(sorted({landing.target.path for landing in landings if landing.landed and landing.target.live}))
+
+
+def _partial_note(written: Sequence[str], targets: Sequence[ReadTarget]) -> str:
+    """What a failed in-place restore left: exactly which live values it had overwritten."""
+    if not written:
+        return " - no live object was written: they hold what they held before"
+    live = sorted({t.path for t in targets if t.live})
+    shown = ", ".join(repr(p) for p in written[:8]) + (f" and {len(written) - 8} more" if len(written) > 8 else "")
+    return (f" - the live state is now partial: this restore had already written {len(written)} of the "
+            f"{len(live)} values it restores in place ({shown}); the others keep what they held (unless a "
+            "read failed mid-way). Restore an intact checkpoint - CheckpointManager.restore_or_initialize() "
+            "falls back to the newest one by itself")
