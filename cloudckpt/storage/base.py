@@ -6,6 +6,9 @@ writes as a ``mode`` argument. Everything is synchronous; concurrency lives in o
 bounded thread pool per storage object, used by the multipart writer and the ranged
 reader (never an async twin of each method).
 
+Value types live in ``values.py``, key checks in ``keys.py``, the span/part bookkeeping in
+``parts.py``; this module is the ``Storage`` class itself.
+
 Backends implement a handful of primitives on *full* keys (the storage root's prefix
 already joined). This class validates keys and ranges, retries transient failures,
 splits large writes into parts and large reads into ranges, and handles the conditional
@@ -26,172 +29,44 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Literal, TypeVar, Union, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from cloudckpt.checksum import crc32c_base64 as crc32c_base64  # re-exported for backends
 from cloudckpt.checksum import crc32c_of as crc32c_of
 from cloudckpt.errors import (
     BucketNotFoundError,
-    InvalidKeyError,
     InvalidRangeError,
     NotFoundError,
     NotSupportedError,
-    PermissionDeniedError,
     PreconditionError,
     StorageError,
     TransientError,
 )
 from cloudckpt.storage.clients import BUCKETS_SEEN, CAPABILITIES
-from cloudckpt.storage.retry import RetryPolicy, call_with_retry
+from cloudckpt.storage.keys import file_in_the_way as file_in_the_way
+from cloudckpt.storage.keys import translate_os_error as translate_os_error
+from cloudckpt.storage.keys import validate_key as validate_key
+from cloudckpt.storage.parts import MIN_SPAN, Countdown, PartSource, consume_pieces, exact, slice_pieces, spans
+from cloudckpt.storage.retry import call_with_retry
 from cloudckpt.storage.throttle import AdaptiveConcurrency, TransferStats
 from cloudckpt.storage.transfer import Cancellation, CancelToken, RateLimiter, as_buffers, gather, part_boundaries
+from cloudckpt.storage.values import PROBE_PREFIX as PROBE_PREFIX
+from cloudckpt.storage.values import TEMP_PREFIX as TEMP_PREFIX
+from cloudckpt.storage.values import TEMP_SUFFIX as TEMP_SUFFIX
+from cloudckpt.storage.values import WRITER_NONCE_KEY as WRITER_NONCE_KEY
+from cloudckpt.storage.values import ByteRange as ByteRange
+from cloudckpt.storage.values import GiB as GiB
+from cloudckpt.storage.values import MiB as MiB
+from cloudckpt.storage.values import ObjectMeta as ObjectMeta
+from cloudckpt.storage.values import ReadRequest as ReadRequest
+from cloudckpt.storage.values import TransferConfig as TransferConfig
+from cloudckpt.storage.values import UpdateVersion as UpdateVersion
+from cloudckpt.storage.values import WriteMode as WriteMode
 
 T = TypeVar("T")
 log = logging.getLogger("cloudckpt.storage")
-
-#: User-metadata field that tags each write with a per-call nonce; lets a retried
-#: conditional write tell "my first attempt landed" from "someone else wrote".
-WRITER_NONCE_KEY = "cloudckpt-writer"
-
-#: Where a backend keeps temporary objects (GCS compose chunks, write probes), under the
-#: storage root. Names there end in TEMP_SUFFIX too, so bucket lifecycle rules can expire
-#: them by prefix (S3) or by suffix (GCS ``matches_suffix``) - see terraform/.
-TEMP_PREFIX = ".cloudckpt-tmp/"
-TEMP_SUFFIX = ".cloudckpt-tmp"
-#: Scratch objects of capability probes (S3's conditional-write probe), under TEMP_PREFIX.
-PROBE_PREFIX = f"{TEMP_PREFIX}probe-"
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateVersion:
-    """Write mode: replace the object only if its current version is ``version``.
-
-    ``version`` is what ``head`` returned: the ETag on S3, the generation on GCS, a
-    (mtime, size, inode) token on local disk.
-    """
-
-    version: str
-
-
-WriteMode = Union[Literal["overwrite", "create"], UpdateVersion]  # noqa: UP007 - runtime alias on 3.10
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectMeta:
-    """What ``head`` and ``list`` know about one object. ``key`` is relative to the root."""
-
-    key: str
-    size: int
-    version: str | None = None
-    last_modified: datetime | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class ByteRange:
-    """A byte range of an object; build it with one of the class methods.
-
-    ``bounded(start, end)`` is ``[start, end)``; ``from_offset(start)`` runs to the end;
-    ``suffix(n)`` is the last ``n`` bytes. A bounded range that runs past the end of the
-    object is an error (``InvalidRangeError``), not a silently short read.
-    """
-
-    start: int | None = None
-    end: int | None = None
-    suffix_length: int | None = None
-
-    @classmethod
-    def bounded(cls, start: int, end: int) -> ByteRange:
-        return cls(start=start, end=end)
-
-    @classmethod
-    def from_offset(cls, start: int) -> ByteRange:
-        return cls(start=start)
-
-    @classmethod
-    def suffix(cls, length: int) -> ByteRange:
-        return cls(suffix_length=length)
-
-    def validate(self, url: str) -> None:
-        """Reject negative, inverted or empty-kind ranges before any request is made."""
-        if self.suffix_length is not None:
-            if self.start is not None or self.end is not None or self.suffix_length < 0:
-                raise InvalidRangeError(f"invalid suffix range {self} for {url}", url)
-            return
-        if self.start is None or self.start < 0:
-            raise InvalidRangeError(f"byte range start must be >= 0, got {self.start} for {url}", url)
-        if self.end is not None and self.end < self.start:
-            raise InvalidRangeError(
-                f"inverted byte range [{self.start}, {self.end}) for {url}", url)
-
-    def http_header(self) -> str:
-        """The ``Range`` header value (HTTP ranges are inclusive at the end)."""
-        if self.suffix_length is not None:
-            return f"bytes=-{self.suffix_length}"
-        if self.end is None:
-            return f"bytes={self.start}-"
-        return f"bytes={self.start}-{self.end - 1}"
-
-    @property
-    def length(self) -> int | None:
-        """Expected length when known without the object's size."""
-        if self.end is not None and self.start is not None:
-            return self.end - self.start
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRequest:
-    """Read ``len(out)`` bytes of ``key`` starting at ``offset`` straight into ``out``.
-
-    ``done``, if given, runs once on the pool thread that landed the last byte of ``out``,
-    before ``read_into`` returns: a restore verifies each range's CRC32C there, in parallel
-    with the reads still in flight, instead of in one pass on one thread after all of them.
-    An exception it raises fails the ``read_into`` like a failed read. Readers that fill
-    requests some other way (the distributed relay) may not call it; callers check.
-    """
-
-    key: str
-    offset: int
-    out: memoryview
-    done: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TransferConfig:
-    """Tuning of the multipart writer and ranged reader.
-
-    Defaults were chosen by ``bench/bench_storage.py`` on a 2-core machine (see
-    docs/benchmarks.md): with few cores, more threads are not automatically faster.
-
-    Attributes:
-        multipart_threshold: objects larger than this are written in parts.
-        part_size: bytes per part (S3 raises it to fit 10,000 parts).
-        max_concurrency: parallel requests per storage object (threads in its pool).
-        read_chunk_size: a ranged read larger than this is split into parallel GETs.
-        max_bandwidth: optional cap in bytes/second for each direction.
-        retry: how transient failures are retried.
-    """
-
-    multipart_threshold: int = 64 * MiB
-    part_size: int = 32 * MiB
-    max_concurrency: int = 4
-    read_chunk_size: int = 64 * MiB
-    max_bandwidth: int | None = None
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    def __post_init__(self) -> None:
-        for name in ("multipart_threshold", "part_size", "max_concurrency", "read_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TransferConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_bandwidth is not None and self.max_bandwidth < 1:
-            raise ValueError(f"TransferConfig.max_bandwidth must be >= 1, got {self.max_bandwidth}")
-
 
 class MultipartUpload(ABC):
     """One in-flight multipart write, as a backend implements it.
@@ -456,7 +331,7 @@ class Storage(ABC):
         that landed its last span.
         """
         tasks: list[Callable[[], None]] = []
-        by_key: dict[str, list[tuple[int, memoryview, _Countdown | None]]] = {}
+        by_key: dict[str, list[tuple[int, memoryview, Countdown | None]]] = {}
         for req in requests:
             out = req.out.cast("B") if req.out.format != "B" or req.out.ndim != 1 else req.out
             if req.offset < 0:
@@ -465,11 +340,11 @@ class Storage(ABC):
             if out.nbytes == 0:  # nothing to read, but a missing key is still an error
                 tasks.append(self._head_task(req.key, req.done))
                 continue
-            by_key.setdefault(req.key, []).append((req.offset, out, None if req.done is None else _Countdown(req.done)))
+            by_key.setdefault(req.key, []).append((req.offset, out, None if req.done is None else Countdown(req.done)))
         for key, items in by_key.items():
             full, url = self._full(key), self.url_for(key)
             span = self._span(sum(out.nbytes for _, out, _ in items))
-            for offset, pieces in _spans(items, span):
+            for offset, pieces in spans(items, span):
                 tasks.append(self._read_task(full, url, offset, pieces))
         self._run_parallel(tasks)
 
@@ -488,7 +363,7 @@ class Storage(ABC):
         return task
 
     def _read_task(self, full: str, url: str, offset: int,
-                   pieces: Sequence[tuple[memoryview, _Countdown | None]]) -> Callable[[], None]:
+                   pieces: Sequence[tuple[memoryview, Countdown | None]]) -> Callable[[], None]:
         outs = [out for out, _ in pieces]
         size = sum(out.nbytes for out in outs)
 
@@ -531,7 +406,7 @@ class Storage(ABC):
         """
         buffers = as_buffers(data)
         size = sum(b.nbytes for b in buffers)
-        return self._write(key, size, lambda: buffers, lambda start, end: _slice_pieces(buffers, start, end),
+        return self._write(key, size, lambda: buffers, lambda start, end: slice_pieces(buffers, start, end),
                            mode, metadata, None)
 
     def put_stream(self, key: str, size: int, read: Callable[[int, int], Any], *, mode: WriteMode = "overwrite",
@@ -550,9 +425,9 @@ class Storage(ABC):
             ValueError: ``read`` returned a part of the wrong length.
         """
         def whole() -> list[memoryview]:
-            pieces = _exact(read(0, size), 0, size, self.url_for(key))
+            pieces = exact(read(0, size), 0, size, self.url_for(key))
             if consume is not None:
-                _consume_pieces(consume, 0, pieces)
+                consume_pieces(consume, 0, pieces)
             return pieces
 
         return self._write(key, size, whole, read, mode, metadata, consume)
@@ -640,7 +515,7 @@ class Storage(ABC):
         """
         def part(index: int, start: int, end: int) -> list[memoryview]:
             cancel.check(url)
-            pieces = _exact(source.read(start, end), start, end, url)
+            pieces = exact(source.read(start, end), start, end, url)
             self._call(lambda: upload.upload_part(index, pieces), url, describe=f"upload part {index + 1} of")
             self._upload_limiter.consume(end - start)
             return pieces
@@ -652,7 +527,7 @@ class Storage(ABC):
             start, future = window.popleft()
             pieces = future.result()
             if source.consume is not None:
-                _consume_pieces(source.consume, start, pieces)
+                consume_pieces(source.consume, start, pieces)
 
         try:
             for index, (start, end) in enumerate(bounds):
@@ -747,151 +622,3 @@ class Storage(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
-
-
-def translate_os_error(exc: BaseException, url: str) -> BaseException:
-    """The cloudckpt error for an ``OSError`` from a file-system-like backend (local, fsspec).
-
-    A path through a regular file (``run/model.py/ckpt``) is "not found" for a reader too,
-    but the message says which component is a file, not a directory.
-    """
-    if isinstance(exc, StorageError):
-        return exc
-    if isinstance(exc, NotADirectoryError):
-        blocker = file_in_the_way(exc.filename) if isinstance(exc.filename, str) else None
-        why = f"{blocker} is a file, not a directory" if blocker else "a component of the path is not a directory"
-        return NotFoundError(f"{url} not found: {why}", url)
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
-        return NotFoundError(f"{url} not found", url)
-    if isinstance(exc, PermissionError):
-        return PermissionDeniedError(f"permission denied on {url}: {exc.strerror}", url)
-    if isinstance(exc, OSError):
-        return StorageError(f"I/O error on {url}: {exc.strerror or exc}", url)
-    return exc
-
-
-def file_in_the_way(path: str | os.PathLike[str]) -> str | None:
-    """The first component of ``path`` that exists and is not a directory (a file in the way)."""
-    current = os.path.abspath(os.fspath(path))
-    chain = []
-    while True:
-        chain.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    for candidate in reversed(chain):  # from the root down
-        if os.path.lexists(candidate) and not os.path.isdir(candidate):
-            return candidate
-    return None
-
-
-def validate_key(key: str, url: str) -> str:
-    """Refuse keys that could escape the storage root or mean nothing on every store."""
-    if not isinstance(key, str):
-        raise InvalidKeyError(f"storage key must be a str, got {type(key).__name__} for {url}", url)
-    if not key:
-        raise InvalidKeyError(f"empty storage key for {url}", url)
-    if key.startswith("/"):
-        raise InvalidKeyError(f"storage key {key!r} must be relative (no leading '/') at {url}", url)
-    if "\x00" in key or "\\" in key:
-        raise InvalidKeyError(f"storage key {key!r} contains a NUL or backslash at {url}", url)
-    parts = key.split("/")
-    if any(part in ("..", ".") for part in parts):
-        raise InvalidKeyError(f"storage key {key!r} has a '.' or '..' segment at {url}", url)
-    if any(part == "" for part in parts[:-1]):
-        raise InvalidKeyError(f"storage key {key!r} has an empty path segment at {url}", url)
-    return key
-
-
-#: Smallest span ``read_into`` cuts an object's reads into when spreading them over the pool.
-MIN_SPAN = 1 * MiB
-
-
-class _Countdown:
-    """Runs ``fn`` when the last of a request's spans has landed, on whichever thread landed it.
-
-    ``pieces`` is counted up while ``read_into`` cuts spans, before any read starts.
-    """
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.pieces = 0
-        self._fn = fn
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            self.pieces -= 1
-            last = self.pieces == 0
-        if last:
-            self._fn()
-
-
-def _spans(items: list[tuple[int, memoryview, _Countdown | None]],
-           span: int) -> Iterator[tuple[int, list[tuple[memoryview, _Countdown | None]]]]:
-    """``(offset, pieces)`` per ranged read: runs of adjacent requests cut every ``span`` bytes.
-
-    ``items`` are ``(offset, flat buffer, countdown)`` of one object. Overlapping requests
-    go to separate reads (each buffer gets its own bytes); each piece counts on its
-    request's countdown.
-    """
-    items.sort(key=lambda item: item[0])
-    start = end = -1
-    pieces: list[tuple[memoryview, _Countdown | None]] = []
-    for offset, out, landed in items:
-        if offset != end or end - start >= span:
-            if pieces:
-                yield start, pieces
-            start, end, pieces = offset, offset, []
-        position = 0
-        while position < out.nbytes:
-            if end - start >= span:
-                yield start, pieces
-                start, pieces = end, []
-            take = min(out.nbytes - position, span - (end - start))
-            pieces.append((out[position:position + take], landed))
-            if landed is not None:
-                landed.pieces += 1
-            position += take
-            end += take
-    if pieces:
-        yield start, pieces
-
-
-@dataclass(frozen=True, slots=True)
-class PartSource:
-    """Where a multipart write's bytes come from: ``read(start, end)`` per part, or ``whole()``."""
-
-    size: int
-    read: Callable[[int, int], Any]
-    whole: Callable[[], Sequence[memoryview]]
-    consume: Callable[[int, memoryview], None] | None = None
-
-
-def _exact(data: Any, start: int, end: int, url: str) -> list[memoryview]:
-    """``data`` (bytes-like or a list of them) as flat byte views, refused unless exactly ``[start, end)``."""
-    pieces = as_buffers(data)
-    size = sum(p.nbytes for p in pieces)
-    if size != end - start:
-        raise ValueError(f"writing {url}: the source gave {size} bytes for [{start}, {end}), expected {end - start}")
-    return pieces
-
-
-def _consume_pieces(consume: Callable[[int, memoryview], None], start: int, pieces: Sequence[memoryview]) -> None:
-    for piece in pieces:
-        consume(start, piece)
-        start += piece.nbytes
-
-
-def _slice_pieces(buffers: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
-    """Bytes ``[start, end)`` of the concatenation, as views of the buffers (never a copy)."""
-    pieces = []
-    position = 0
-    for buf in buffers:
-        buf_end = position + buf.nbytes
-        if buf_end > start and position < end:
-            pieces.append(buf[max(start - position, 0):min(end, buf_end) - position])
-        position = buf_end
-        if position >= end:
-            break
-    return pieces
