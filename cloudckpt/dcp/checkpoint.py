@@ -38,7 +38,7 @@ from cloudckpt.dcp.writer import BookkeepingError, ManagedSave, StorageWriter
 from cloudckpt.errors import ConcurrentWriterError, DistributedSaveError
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.saving import AfterCommit
-from cloudckpt.saving.pipeline import describe_error, failure_message
+from cloudckpt.saving.collective import describe_error, failure_message
 from cloudckpt.status import SAVE_COUNTER
 from cloudckpt.storage import CheckpointPath, Location, resolve
 from cloudckpt.trackable import Variable

@@ -73,6 +73,7 @@ from cloudckpt.graph import Collected, ShardedLeaf
 from cloudckpt.index_store import head_index, read_index
 from cloudckpt.saving import AfterCommit
 from cloudckpt.saving import WriteResult as CommitResult
+from cloudckpt.saving.collective import describe_error, wait_for_every_rank
 from cloudckpt.saving.commit import assemble_index, commit, delete_replaced, discard
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
@@ -84,7 +85,6 @@ from cloudckpt.saving.objects import (
     spreads,
     upload,
 )
-from cloudckpt.saving.pipeline import describe_error, wait_for_every_rank
 from cloudckpt.saving.plan import Description, PieceDescription, make_plan
 from cloudckpt.storage import Location, ObjectMeta, Storage
 

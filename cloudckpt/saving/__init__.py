@@ -6,8 +6,9 @@ uploading data objects), ``commit`` (the index PUT that makes a checkpoint visib
 cleanup around it), ``pipeline`` (the protocol that runs them on a coordinator).
 """
 
+from cloudckpt.saving.collective import announce_failure
 from cloudckpt.saving.commit import WriteResult
-from cloudckpt.saving.pipeline import AfterCommit, SaveRun, announce_failure, save
+from cloudckpt.saving.pipeline import AfterCommit, SaveRun, save
 from cloudckpt.saving.settings import SaveSettings
 
 __all__ = ["AfterCommit", "SaveRun", "SaveSettings", "WriteResult", "announce_failure", "save"]
