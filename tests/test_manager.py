@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import threading
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -447,3 +448,13 @@ def test_resume_does_not_hide_a_mismatch_behind_older_checkpoints(tmp_path: Path
     manager.save()
     with pytest.raises(CheckpointMismatchError):
         CheckpointManager(Checkpoint(w=np.zeros(5)), tmp_path, max_to_keep=3).restore_or_initialize()
+
+
+def test_a_manager_on_a_store_without_conditional_writes_says_it_cannot_fence() -> None:
+    directory = f"memory://fencing-{uuid.uuid4().hex[:8]}/run"
+    manager = CheckpointManager(Checkpoint(w=np.zeros(3)), directory, max_to_keep=2)
+    with pytest.warns(RuntimeWarning, match="cannot fence writers here"):
+        manager.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per directory, not at every save
+        manager.save()
