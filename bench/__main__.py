@@ -17,6 +17,7 @@ SUITES = {
     "distributed": "bench_distributed",
     "index": "bench_index",
     "incremental": "bench_incremental",
+    "scale": "bench_scale",
     "tfimport": "bench_tf_import",
 }
 
