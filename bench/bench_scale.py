@@ -32,8 +32,9 @@ sub-prefix right after the directory spreads over 256, and one under ``ckpt-1.d/
 Index rows (``--index-hosts`` x ``--index-arrays``, default 4,096 x 1,000 = 4M chunks; local
 disk, each phase alone in a process with a memory cap, so its peak memory is its own): write
 (``DTensorCheckpoint.write`` of one process holding all devices), read (fetch + parse +
-validate), ``list_variables``; and a one-array ``--index-hosts``-shard checkpoint's restore
-time against its write time.
+validate), ``list_variables``; a one-array ``--index-hosts``-shard checkpoint's restore
+time against its write time; and the save plan every host computes from all hosts'
+descriptions (``--plan-arrays`` pieces each), with the bytes of descriptions each host receives.
 
 Prints the load average before and after, the command, and each library's revision. On a
 busy machine the absolute seconds are noise; counts (503s, retries, failed saves, index
@@ -151,11 +152,11 @@ def retries_of(row: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| library | hosts | phase | s | throttle floor s | hosts ok | committed | requests | 503s | retries | "
-             "busiest partition: req/s mean / peak | index GETs (503) | MiB written |",
-             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "partitions | busiest partition: req/s mean / peak | index GETs (503) | MiB written |",
+             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['library']} | {r['hosts']} | - | | | | | | | | | | | {r['note']} |")
+            lines.append(f"| {r['library']} | {r['hosts']} | - | | | | | | | | | | | | {r['note']} |")
             continue
         seconds = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
         committed = {True: "yes", False: "**no**"}.get(r.get("committed"), "")
@@ -164,7 +165,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['library']} | {r['hosts']} | {r['phase']} | {seconds} | {r.get('floor', 0):.1f} | {ok_text} | "
             f"{committed} | "
-            f"{r.get('requests', '')} | {r.get('slowdowns', '')} | {retries_of(r)} | "
+            f"{r.get('requests', '')} | {r.get('slowdowns', '')} | {retries_of(r)} | {r.get('partitions', '')} | "
             f"{r.get('busiest_mean', 0):.0f} / {r.get('busiest_peak', 0)} | "
             f"{r.get('index_gets', '')} ({r.get('index_gets_throttled', '')}) | "
             f"{r.get('bytes_written', 0) / MiB:.1f} |")
@@ -180,6 +181,7 @@ def run_index_rows(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-scale-index-", dir=REPO) as tmp:
         cases = [("big", args.index_hosts, args.index_arrays, ("write", "read", "list")),
                  ("one", args.index_hosts, 1, ("write", "restore"))]
+        cases += [("plan", args.index_hosts, arrays, ("plan",)) for arrays in args.plan_arrays]
         for name, hosts, arrays, phases in cases:
             label = f"{hosts} hosts x {arrays} array{'s' if arrays > 1 else ''}"
             for phase in phases:
@@ -190,8 +192,8 @@ def run_index_rows(args: argparse.Namespace) -> str:
                 if report.get("crash"):
                     lines.append(f"| {label} | {phase} | - | - | failed: {report['crash'][:200]} |")
                     break
-                detail = ", ".join(f"{k} {report[k]}" for k in ("index_bytes", "chunks", "variables", "error")
-                                   if k in report)
+                detail = ", ".join(f"{k} {report[k]}" for k in ("index_bytes", "chunks", "variables",
+                                                                  "gathered_mib_per_host", "error") if k in report)
                 lines.append(f"| {label} | {phase} | {report['seconds']:.2f} | {report['peak_rss_mib']:.0f} | "
                              f"{detail} |")
     return "\n".join(lines)
@@ -215,6 +217,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--group-timeout", type=float, default=300.0, help="simulated hosts' collective timeout")
     parser.add_argument("--index-hosts", type=int, default=4096)
     parser.add_argument("--index-arrays", type=int, default=1000)
+    parser.add_argument("--plan-arrays", type=lambda text: [int(a) for a in text.split(",") if a],
+                        default=[4, 40], help="arrays per host of the save-plan rows (default 4,40)")
     parser.add_argument("--index-memory-gib", type=float, default=8.0, help="memory cap of each index phase")
     parser.add_argument("--skip-index", action="store_true", help="only the throttled save/restore rows")
     parser.add_argument("--skip-s3", action="store_true", help="only the index rows")
@@ -222,7 +226,7 @@ def main(argv: list[str]) -> int:
                         help="smoke run: 16 hosts, and an index of 4,096 x 10 arrays")
     args = parser.parse_args(argv)
     if args.quick:
-        args.hosts, args.index_arrays = "16", 10
+        args.hosts, args.index_arrays, args.plan_arrays = "16", 10, [4]
     hosts_list = [int(h) for h in args.hosts.split(",") if h]
     libraries = [lib for lib in args.libraries.split(",") if lib]
     unknown = set(libraries) - {"old", "current", "dcp"}

@@ -317,7 +317,9 @@ def run_index(config: dict[str, Any]) -> dict[str, Any]:
     of one float32 per device, and writes them with ``DTensorCheckpoint.write`` - the index
     of a ``hosts``-host job (one chunk per host and array) through the real save path;
     ``read``: the library's index read (fetch + parse + validate); ``list``:
-    ``list_variables``; ``restore``: ``DTensorCheckpoint.read`` into every device's shard.
+    ``list_variables``; ``restore``: ``DTensorCheckpoint.read`` into every device's shard;
+    ``plan``: the save plan every host computes from ``hosts`` descriptions of ``arrays``
+    pieces each, and how many bytes of descriptions every host receives for it.
     """
     import cloudckpt
     from cloudckpt import DTensorCheckpoint, Layout, Location, Mesh, ShardedArray, list_variables, open_storage
@@ -359,6 +361,25 @@ def run_index(config: dict[str, Any]) -> dict[str, Any]:
                  if shard[0] != int(k[1:]) * hosts + d]
         if wrong:
             out["error"] = f"restored values differ in {len(wrong)} shard(s)"
+    elif phase == "plan":
+        # What every host computes at the start of every save: the plan from all hosts'
+        # descriptions (internal API: this row follows the pipeline's own types).
+        import pickle
+
+        from cloudckpt.saving.plan import Description, PieceDescription, make_plan
+
+        global_shape = (hosts * 1024, 1024)
+        known = {f"model/layer{a}/kernel": ("float32", global_shape) for a in range(arrays)}
+        descriptions = [Description(url="s3://bucket/run/ckpt-1", suffix="0123456789abcdef", max_objects=4,
+                                    arrays=known,
+                                    pieces=tuple(PieceDescription((f"model/layer{a}/kernel", (r * 1024, 0)),
+                                                                  (1024, 1024), 4 * 1024 * 1024)
+                                                 for a in range(arrays)))
+                        for r in range(hosts)]
+        started = time.perf_counter()
+        make_plan(descriptions, committer=0, io_rank=None)
+        out["seconds"] = time.perf_counter() - started
+        out["gathered_mib_per_host"] = round(len(pickle.dumps(descriptions[0])) * hosts / 2**20, 1)
     else:
         raise ValueError(f"unknown index phase {phase!r}")
     out["peak_rss_mib"] = peak_rss_mib()
