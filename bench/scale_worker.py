@@ -305,9 +305,14 @@ def run_dcp(config: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the index rows
 def peak_rss_mib() -> float:
+    """This process's peak resident memory since its ``exec`` (``VmHWM``; ``ru_maxrss`` would
+    report the parent's size at fork time when that was larger)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_index(config: dict[str, Any]) -> dict[str, Any]:
