@@ -71,7 +71,8 @@ def test_writes_above_the_partition_limit_get_slowdown_and_other_partitions_do_n
     assert summary.throttled == 5 and summary.requests == 11
     assert summary.bytes_written == 3 * 10 + 1 + 1  # accepted bodies only
     busiest = summary.busiest("write")
-    assert busiest[0] == f"{bucket}/run/ckpt-1.data-" and busiest[2] == 3
+    assert busiest[0] == f"{bucket}/run/ckpt-1.data-"
+    assert 1 <= busiest[2] <= 3  # the busiest wall-clock second holds at most the 3 accepted writes
 
 
 def test_the_slowdown_answer_is_s3s_and_never_reaches_the_server(proxy: ThrottleProxy, bucket: str) -> None:
