@@ -18,6 +18,7 @@ SUITES = {
     "index": "bench_index",
     "incremental": "bench_incremental",
     "dcp": "bench_dcp",
+    "scale": "bench_scale",
     "tfimport": "bench_tf_import",
     "crc32c": "bench_crc32c",
 }

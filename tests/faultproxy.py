@@ -26,11 +26,12 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cloudckpt.testing.faults import Faults
@@ -58,6 +59,7 @@ class Rule:
     status: int = 503
     code: str = "SlowDown"
     hold_seconds: float = 3.0
+    message: str = "injected by faultproxy"
 
     def matches(self, method: str, target: str) -> bool:
         return (self.times > 0 and (self.method is None or self.method == method)
@@ -77,6 +79,16 @@ class Request:
 
 #: ``Request`` -> every ``(verb, key)`` it acts on (a bulk delete names several keys).
 Classify = Callable[[Request], list[tuple[str, str]]]
+
+
+class RequestPolicy(Protocol):
+    """What a ``FaultProxy`` asks about each request before its own rules: a rule to apply, or ``None``.
+
+    ``ProxyFaults`` (the storage contract's faults) is one; ``bench/throttle_proxy.py``'s
+    per-prefix token buckets are another.
+    """
+
+    def action_for(self, request: Request) -> Rule | None: ...
 
 
 class ProxyFaults(Faults):
@@ -134,13 +146,15 @@ class _QuietServer(ThreadingHTTPServer):
 class FaultProxy:
     """``with FaultProxy(upstream) as proxy: ...`` - point the client at ``proxy.endpoint``."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, record: bool = True) -> None:
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self._rules: list[Rule] = []
         self.seen: list[Seen] = []
-        self.faults: ProxyFaults | None = None
+        self.faults: RequestPolicy | None = None
+        #: Keep every request in ``seen`` (off for long benchmark runs, whose policy counts instead).
+        self.record = record
         self.clock_skew = timedelta(0)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -175,16 +189,20 @@ class FaultProxy:
             rule = self.faults.action_for(Request(method, unquote(parts.path), query, body, headers))
             if rule is not None:
                 with self._lock:
-                    self.seen.append(Seen(method, target, rule.action))
+                    self._remember(Seen(method, target, rule.action))
                 return rule
         with self._lock:
             for rule in self._rules:
                 if rule.matches(method, target):
                     rule.times -= 1
-                    self.seen.append(Seen(method, target, rule.action))
+                    self._remember(Seen(method, target, rule.action))
                     return rule
-            self.seen.append(Seen(method, target, "forward"))
+            self._remember(Seen(method, target, "forward"))
             return None
+
+    def _remember(self, seen: Seen) -> None:
+        if self.record:
+            self.seen.append(seen)
 
     def _track(self, conn: socket.socket, active: bool) -> None:
         with self._lock:
@@ -240,7 +258,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             rule = proxy._decide(self.command, self.path, body, {k.lower(): v for k, v in self.headers.items()})
             action = rule.action if rule else None
             if rule is not None and action == "status":
-                self._send_error(rule.status, rule.code)
+                self._send_error(rule.status, rule.code, rule.message)
                 return
             if action == "reset":
                 self._reset()
@@ -292,9 +310,10 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def _send_error(self, status: int, code: str) -> None:
+        def _send_error(self, status: int, code: str, message: str = "injected by faultproxy") -> None:
             payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                       f"<Message>injected by faultproxy</Message></Error>").encode()
+                       f"<Message>{message}</Message><RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId>"
+                       f"</Error>").encode()
             self.send_response_only(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Date", _shifted(self.date_time_string(), proxy.clock_skew))
