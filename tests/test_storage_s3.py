@@ -574,3 +574,15 @@ def test_a_throttled_save_completes_and_its_stats_say_so(seaweedfs: servers.Serv
         Checkpoint(v=target).read(Location(store, "c")).assert_consumed()
         assert target.tolist() == list(np.arange(10.0))
         store.close()
+
+
+def test_a_bodiless_503_is_throttling_too(seaweedfs: servers.Server, weed_bucket: str) -> None:
+    """A HEAD answered 503 carries no XML code: botocore sees only "503", which is S3 saying slow down."""
+    from botocore.exceptions import ClientError
+
+    store = fresh_store(seaweedfs.endpoint, weed_bucket)
+    head_503 = ClientError({"Error": {"Code": "503", "Message": "Service Unavailable"},
+                            "ResponseMetadata": {"HTTPStatusCode": 503}}, "HeadObject")
+    not_found = ClientError({"Error": {"Code": "404"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadObject")
+    assert store._is_throttle(head_503) and not store._is_throttle(not_found)
+    store.close()

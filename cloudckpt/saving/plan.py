@@ -20,10 +20,12 @@ computes the *same* plan from the same list - no second round trip. The plan say
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from cloudckpt.boxes import partition_problem
 from cloudckpt.errors import PlanError
 from cloudckpt.saving.objects import PieceId, pack
 
@@ -147,19 +149,22 @@ def make_plan(descriptions: Sequence[Description], *, committer: int, io_rank: i
     sizes = {p: i.nbytes for p, i in ordered.items()}
     groups: list[tuple[tuple[PieceId, ...], ...]] = []
     early_counts: list[int] = []
+    by_writer: dict[int, list[PieceId]] = {}  # one pass: a scan per rank would be O(hosts^2 x pieces)
+    for piece, rank in writer.items():
+        by_writer.setdefault(rank, []).append(piece)
     for rank, desc in enumerate(descriptions):
         if io_rank is not None:
             mine = list(ordered) if rank == io_rank else []
             early: list[PieceId] = []  # routed saves upload nothing before the transfer
         else:
-            mine = [p for p in ordered if writer[p] == rank]
+            mine = by_writer.get(rank, [])
             early = [p for p in mine if p[0] in desc.early]
         early_set = set(early)
         late = [p for p in mine if p not in early_set]
         early_groups = pack(early, sizes, desc.max_objects)
         groups.append(tuple(tuple(g) for g in early_groups + pack(late, sizes, desc.max_objects)))
         early_counts.append(len(early_groups))
-    offsets = tuple(sum(len(g) for g in groups[:r]) for r in range(len(groups)))
+    offsets = tuple(itertools.accumulate((len(g) for g in groups[:-1]), initial=0)) if groups else ()
     return SavePlan(suffix=descriptions[committer].suffix, committer=committer, io_rank=io_rank,
                     writer=writer, groups=tuple(groups), early=tuple(early_counts), offsets=offsets,
                     total_objects=sum(len(g) for g in groups), pieces=ordered)
@@ -180,6 +185,7 @@ def _assign_writers(ordered: Mapping[PieceId, PieceInfo], world_size: int, io_ra
 
 
 def _check_coverage(arrays: Mapping[str, tuple[str, tuple[int, ...]]], infos: Mapping[PieceId, PieceInfo]) -> None:
+    """Every array covered exactly once by its distinct boxes (``boxes.partition_problem``: linear)."""
     boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {path: [] for path in arrays}
     for (path, start), info in infos.items():
         if path not in boxes:
@@ -192,20 +198,8 @@ def _check_coverage(arrays: Mapping[str, tuple[str, tuple[int, ...]]], infos: Ma
             boxes[path].append((start, info.shape))
     for path, found in boxes.items():
         shape = arrays[path][1]
-        if sum(math.prod(e) for _, e in found) != math.prod(shape) or _overlap(found):
+        covered = sum(math.prod(e) for _, e in found) == math.prod(shape)
+        if not covered or (len(found) > 1 and partition_problem(shape, found) is not None):
             raise PlanError(f"the hosts' shards of {path!r} do not cover its global shape {shape} exactly once "
                             f"(boxes {sorted(found)[:8]}{'...' if len(found) > 8 else ''}); every element must be "
                             f"held by at least one host, and shards must be disjoint boxes or identical replicas")
-
-
-def _overlap(boxes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
-    ordered = sorted(boxes)
-    for i, (a_start, a_shape) in enumerate(ordered):
-        a_end0 = a_start[0] + a_shape[0] if a_start else 0
-        for b_start, b_shape in ordered[i + 1:]:
-            if b_start and b_start[0] >= a_end0:
-                break  # sorted by the first coordinate: nothing later can overlap in dimension 0
-            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(a_start, a_shape, b_start, b_shape,
-                                                                          strict=True)):
-                return True
-    return False

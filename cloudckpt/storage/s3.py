@@ -639,7 +639,9 @@ class S3Storage(Storage):
         if not isinstance(exc, bce.ClientError):
             return False
         code, status = _error_info(exc)
-        return code in THROTTLE_CODES or status == 429
+        # A 503 is S3's "reduce your request rate" (SlowDown, ServiceUnavailable); a HEAD's 503 has
+        # no body, so botocore only knows its status ("503") - throttling all the same.
+        return code in THROTTLE_CODES or status in (429, 503)
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
         if isinstance(exc, StorageError):
