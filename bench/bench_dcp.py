@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.bench_checkpoint import describe_run
 from bench.bench_distributed import (
     RankState,
     local_block,
@@ -218,6 +219,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
+    print(describe_run(), flush=True)
     results = []
     with seaweedfs_bucket("dcp") as (endpoint, bucket):
         for world in sorted(worlds):
@@ -234,4 +236,5 @@ def main(argv: list[str]) -> int:
     for note in sorted({n for w in results for n in w["skipped"]}):
         print(f"skipped: {note}")
     print(report(results))
+    print(f"{describe_run()} (at the end)")
     return 0

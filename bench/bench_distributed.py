@@ -47,6 +47,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from bench.bench_checkpoint import describe_run
 from cloudckpt.testing.processes import spawn_reports
 
 MiB = 1024 * 1024
@@ -481,6 +482,7 @@ def main(argv: list[str]) -> int:
     import s3fs
     import torch
 
+    print(describe_run(), flush=True)
     results = []
     with seaweedfs_bucket("dist") as (endpoint, bucket):
         config = {"endpoint": endpoint, "bucket": bucket, "size_bytes": size_mib * MiB,
@@ -501,4 +503,5 @@ def main(argv: list[str]) -> int:
     print(ratios)
     print()
     print(counts)
+    print(f"{describe_run()} (at the end)")
     return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_checkpoint import describe_run
 from cloudckpt import Checkpoint, list_variables, load_variable
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.format import (
@@ -131,6 +132,7 @@ def main(argv: list[str]) -> int:
         args.keys, args.shards, args.repeat = 10_000, 1_000, 1
     side = max(2, math.isqrt(args.shards))
     rows = [["case", "n", "index MiB", "encode s", "decode s", "list_variables s", "restore s"]]
+    print(describe_run(), flush=True)
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-index-") as tmp:
         directory = Path(tmp)
         print("keys ...", flush=True)
@@ -145,4 +147,5 @@ def main(argv: list[str]) -> int:
     for row in rows:
         print("  ".join(cell.rjust(width) if i else cell.ljust(width)
                         for i, (cell, width) in enumerate(zip(row, widths, strict=True))))
+    print(f"{describe_run()} (at the end)")
     return 0

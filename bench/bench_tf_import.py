@@ -200,4 +200,5 @@ def main(argv: list[str]) -> int:
                     ("s3", "cloudckpt tfbundle Bundle.read (all keys at once)", True, lambda: read_ours_at_once(url)),
                 ], size, args.repeat, reference, key_of)
     report(timings)
+    print(f"{describe_run()} (at the end)")
     return 0
