@@ -147,7 +147,7 @@ class Checkpoint(Trackable):
         self._save_counter.assign_add(1)
         number = int(self._save_counter)
         location = prefix.sibling(f"{prefix.name}-{number}")
-        return self._write_to(location, f"{_shown(file_prefix)}-{number}", options,
+        return self._write_to(location, f"{_shown(file_prefix)}-{number}", options, hashes=False,
                               after_commit=lambda written: state_file.record_checkpoint(location.storage, written.name))
 
     def write(self, file_prefix: CheckpointPath, options: CheckpointOptions | None = None) -> str:
@@ -156,7 +156,7 @@ class Checkpoint(Trackable):
         An existing checkpoint there is replaced atomically; its data objects are
         deleted only after the new index is committed.
         """
-        return self._write_managed(file_prefix, options)
+        return self._write_to(resolve(file_prefix), _shown(file_prefix), options, hashes=False)
 
     def _write_managed(self, path: CheckpointPath, options: CheckpointOptions | None = None, *,
                        after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
@@ -181,7 +181,7 @@ class Checkpoint(Trackable):
 
     def _write_to(self, location: Location, shown: str, options: CheckpointOptions | None, *,
                   after_commit: AfterCommit | None = None, metadata: Mapping[str, Any] | None = None,
-                  base: str | None = None) -> str:
+                  base: str | None = None, hashes: bool = True) -> str:
         """Save to ``location`` (``shown`` is the path as the caller wrote it, returned and logged)."""
         self._saver_wait()
         started = time.monotonic()
@@ -198,7 +198,8 @@ class Checkpoint(Trackable):
         if settings.asynchronous:
             staged, early, staged_bytes = self._async_saver().staging.stage(entries, settings.staging_budget)
         run = SaveRun(coordinator, location, staged, metadata=metadata, io_rank=settings.io_rank,
-                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None, base=base)
+                      after_commit=after_commit, aggregate_errors=self._coordinator is not None or None, base=base,
+                      hashes=hashes)
         run.start(early)
         if not settings.asynchronous or run.must_finish_now:
             result = run.finish()

@@ -170,7 +170,7 @@ class StoredPiece:
     shape: tuple[int, ...]
     block_size: int
     block_crc32c: tuple[int, ...]
-    hash: str
+    hash: str | None
 
 
 @dataclass(slots=True)
@@ -226,12 +226,15 @@ def _byte_view(array: NDArray[Any]) -> memoryview:
 
 
 def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: UploadLog,
-           base: BaseCheckpoint | None = None) -> Uploaded:
+           base: BaseCheckpoint | None = None, *, hashes: bool = True) -> Uploaded:
     """PUT the data objects ``which`` in parallel, leaving out pieces ``base`` already holds.
 
     Each object is marked in ``log`` before its first byte is sent, so a failed write
     removes exactly what it may have left behind (and nothing when nothing was sent).
+    ``hashes``: record each piece's content hash (what a later incremental save compares);
+    a plain ``Checkpoint.write``/``save``, which no manager bases a save on, skips it.
     """
+    hashes = hashes or base is not None
     def one(k: int) -> Uploaded:
         obj = plan.objects[k]
         done = Uploaded()
@@ -240,8 +243,8 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
         for piece, _ in obj.pieces:
             array = plan.pieces[piece]
             view = _byte_view(array)
-            digest = content_hash([view])
-            found = base.find(piece, array, digest) if base is not None else None
+            digest = content_hash([view]) if hashes else None
+            found = base.find(piece, array, digest) if base is not None and digest is not None else None
             if found is not None:
                 done.pieces[piece] = found[0]
                 done.reused[found[0].object] = found[1]

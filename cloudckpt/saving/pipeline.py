@@ -120,8 +120,10 @@ class SaveRun:
     def __init__(self, coordinator: Coordinator, location: Location, entries: Mapping[str, Collected], *,
                  metadata: Mapping[str, Any] | None = None, io_rank: int | None = None,
                  after_commit: AfterCommit | None = None, aggregate_errors: bool | None = None,
-                 base: str | None = None) -> None:
+                 base: str | None = None, hashes: bool = True) -> None:
         self.coord = coordinator
+        #: Record content hashes (a managed save, which a later incremental one may build on).
+        self.hashes = hashes
         #: Raise ``DistributedSaveError`` (default: on jobs of several ranks) instead of the cause.
         self.aggregate = coordinator.world_size > 1 if aggregate_errors is None else aggregate_errors
         self.rank = coordinator.rank
@@ -256,7 +258,7 @@ class SaveRun:
         if not count:
             return
         try:
-            self._early = upload(self.storage, self._objects, range(count), self.log, self._base)
+            self._early = upload(self.storage, self._objects, range(count), self.log, self._base, hashes=self.hashes)
             self._early_bytes = sum(o.size for o in self._early.objects)
         except Exception as exc:
             self._local_error = exc  # still take part in the protocol, or the other ranks would hang
@@ -356,12 +358,12 @@ class SaveRun:
         which = range(plan.early[self.rank], len(self._objects.objects))
         if self.coord.world_size == 1 or not which:
             try:
-                return _done(upload(self.storage, self._objects, which, self.log, self._base))
+                return _done(upload(self.storage, self._objects, which, self.log, self._base, hashes=self.hashes))
             except Exception as exc:
                 return _failed(exc)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-save-upload")
         try:
-            return pool.submit(upload, self.storage, self._objects, which, self.log, self._base)
+            return pool.submit(upload, self.storage, self._objects, which, self.log, self._base, hashes=self.hashes)
         finally:
             pool.shutdown(wait=False)
 
