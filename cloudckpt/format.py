@@ -454,11 +454,11 @@ class _Checker:
 
     def keys(self, doc: dict[str, Any], where: str, required: set[str], optional: frozenset[str] = frozenset()) -> None:
         missing = required - doc.keys()
-        if missing:
-            raise self.fail(where, f"missing field(s) {sorted(missing)}")
         extra = doc.keys() - required - optional
-        if extra:
-            raise self.fail(where, f"unknown field(s) {sorted(extra)}")
+        problems = ([f"missing field(s) {sorted(missing)}"] if missing else []) + \
+            ([f"unknown field(s) {sorted(extra)}"] if extra else [])
+        if problems:  # both named: a newer writer's field usually stands where an older one's is missing
+            raise self.fail(where, "; ".join(problems))
 
 
 def decode_index(data: bytes, name: str, url: str) -> CheckpointIndex:
