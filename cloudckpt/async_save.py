@@ -13,6 +13,7 @@ objects before ``save`` returns - the caller is blocked for that part, which the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import mmap
 import threading
@@ -79,10 +80,10 @@ class StagingBuffer:
 
     Safe to reuse because a save waits for the previous one to finish before it stages.
 
-    Its memory is touched page by page when it is allocated (``_prefaulted``), not left to
-    fault in during the copy: measured on 1 GiB here, allocating + touching took 145-155 ms
-    and the copy then 83-108 ms (as fast as into a reused buffer), against 351-641 ms for
-    the same copy into untouched memory. ``reserve`` does that ahead of the first save.
+    Its memory is mapped when it is allocated (``_prefaulted``), not left to fault in during
+    the copy: the copy then runs as fast as into a reused buffer (83-108 ms per GiB here),
+    against 351-641 ms for the same copy into untouched memory. ``reserve`` does that ahead
+    of the first save.
     """
 
     def __init__(self) -> None:
@@ -157,10 +158,36 @@ def _layout(entries: Mapping[str, Collected],
     return placed, overflow, used
 
 
+#: ``madvise`` advice that faults a whole range in, writable, in one call (Linux >= 5.14; the
+#: ``mmap`` module names it from Python 3.13 only).
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
 def _prefaulted(nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """``nbytes`` of fresh memory with every page touched once (the OS maps them all now)."""
-    buffer = np.empty(nbytes, dtype=np.uint8)
-    buffer[::mmap.PAGESIZE] = 0
+    """``nbytes`` of fresh memory with every page mapped now, not during the first save's copy.
+
+    Why an anonymous mapping with ``MADV_HUGEPAGE`` + ``MADV_POPULATE_WRITE`` rather than
+    touching each 4 KiB page of an ``np.empty``: on this VM, with 1 GiB of live state in the
+    process, touching page by page took 2.3-2.4 s (a fault costs ~9 us here), populating
+    huge pages in one call 0.12-0.40 s, and 4 KiB pages in one call 0.26-0.37 s. Where the
+    kernel or platform lacks either advice, it falls back one step at a time: without huge
+    pages, small ones; without populate, the page-by-page touch.
+    """
+    if nbytes <= 0:
+        return np.empty(0, dtype=np.uint8)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError):  # no anonymous mappings here: plain memory, touched below
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        buffer[::mmap.PAGESIZE] = 0
+        return buffer
+    with contextlib.suppress(AttributeError, OSError):  # huge pages off or unknown: 4 KiB pages
+        region.madvise(mmap.MADV_HUGEPAGE)
+    buffer = np.frombuffer(region, dtype=np.uint8)  # keeps the mapping alive; unmapped with the array
+    try:
+        region.madvise(_MADV_POPULATE_WRITE)
+    except (AttributeError, OSError):  # kernel before 5.14 (EINVAL) or not Linux
+        buffer[::mmap.PAGESIZE] = 0
     return buffer
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from cloudckpt import async_save
 from cloudckpt.async_save import StagingBuffer
 from cloudckpt.graph import ArrayLeaf, Collected
 
@@ -33,6 +35,16 @@ def test_reserve_faults_the_memory_in_now() -> None:
     staging.reserve(64 * MiB)
     assert staging.capacity == 64 * MiB
     assert resident_bytes() - before >= 60 * MiB  # mapped now, not during the first save's copy
+
+
+def test_without_populate_advice_the_pages_are_touched_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel before 5.14 refuses ``MADV_POPULATE_WRITE`` (EINVAL): still mapped now, and writable."""
+    monkeypatch.setattr(async_save, "_MADV_POPULATE_WRITE", 0x7FFF)  # advice no kernel knows
+    before = resident_bytes()
+    buffer = async_save._prefaulted(64 * MiB)
+    assert resident_bytes() - before >= 60 * MiB
+    buffer[-1] = 7
+    assert buffer.nbytes == 64 * MiB and buffer[-1] == 7 and async_save._prefaulted(0).nbytes == 0
 
 
 def test_stage_after_reserve_for_copies_into_the_reserved_buffer() -> None:
