@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -174,7 +174,10 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
 
     Only the chunks that overlap a target's box are fetched, and of a chunk only
     partly inside the box only the byte ranges covering that part, widened to the
-    chunk's checksum blocks. Every byte read is verified: whole chunks against their
+    chunk's checksum blocks. A part that is one run in the chunk and in the box (whole
+    rows: resharding along the first dimension) lands straight in the destination, and
+    only the widening margins go through scratch buffers (under a block each); other
+    parts (columns) are read into scratch and scattered. Every byte read is verified: whole chunks against their
     CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``) - on the pool, each
     as soon as its bytes have landed, overlapped with the reads still in flight.
 
@@ -187,8 +190,10 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     requests: list[ReadRequest] = []
     landings: list[_Landing] = []
 
-    def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]]) -> None:
-        landing = _Landing(steps, target)
+    def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]], *,
+              into_target: bool = True) -> None:
+        """``into_target``: ``out`` is the target's memory (else scratch: never "overwritten")."""
+        landing = _Landing(steps, target if into_target or not target.live else replace(target, live=False))
         landings.append(landing)
         requests.append(ReadRequest(obj, offset, out, landing))
 
@@ -199,7 +204,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 and chunks[0].shape == target.dest.shape:  # the common case, one whole array: no geometry
             chunk = chunks[0]
             fetch(index.objects[chunk.object].name, chunk.offset, flat,
-                  [partial(_verify, storage, index, target, chunk, 0, flat, chunk.crc32c)])
+                  [partial(_verify, storage, index, target, chunk, 0, [flat], chunk.crc32c)])
             continue
         dtype = target.dest.dtype
         itemsize = dtype.itemsize
@@ -222,11 +227,11 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 if region is not None:
                     first, count = region
                     out = flat[first * itemsize:(first + count) * itemsize]
-                    steps = [partial(_verify, storage, index, target, chunk, 0, out, chunk.crc32c)]
+                    steps = [partial(_verify, storage, index, target, chunk, 0, [out], chunk.crc32c)]
                 else:
                     temp = np.empty(chunk.shape, dtype=dtype)
                     out = _bytes_view(temp)
-                    steps = [partial(_verify, storage, index, target, chunk, 0, out, chunk.crc32c),
+                    steps = [partial(_verify, storage, index, target, chunk, 0, [out], chunk.crc32c),
                              partial(_scatter, target.dest, dest_box, temp)]
                 fetch(obj, chunk.offset, out, steps)
                 continue
@@ -236,12 +241,23 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             for first, count, sub_start, sub_extent in partial_reads(chunk.shape, in_chunk, extent, itemsize):
                 need_lo, need_hi = first * itemsize, (first + count) * itemsize
                 begin, end = _widen(chunk, need_lo, need_hi) if VERIFY_PARTIAL_READS else (need_lo, need_hi)
+                at = tuple(a - c + d for a, c, d in zip(sub_start, in_chunk, in_dest, strict=True))
+                region = _contiguous_in(at, sub_extent, shape) if count == math.prod(sub_extent) else None
+                if region is not None:  # one run in the chunk and in the destination: read it in place
+                    into = flat[region[0] * itemsize:(region[0] + region[1]) * itemsize]
+                    segments = [(offset, buffer) for offset, buffer in (
+                        (begin, _bytes_view(np.empty(need_lo - begin, dtype=np.uint8))), (need_lo, into),
+                        (need_hi, _bytes_view(np.empty(end - need_hi, dtype=np.uint8)))) if buffer.nbytes]
+                    joint = _AllLanded(len(segments), [partial(_verify_blocks, storage, index, target, chunk,
+                                                               segments)] if VERIFY_PARTIAL_READS else [])
+                    for offset, buffer in segments:  # adjacent: read_into fetches them in one GET
+                        fetch(obj, chunk.offset + offset, buffer, [joint], into_target=buffer is into)
+                    continue
                 raw = np.empty(end - begin, dtype=np.uint8)
                 temp = raw[need_lo - begin:need_hi - begin].view(dtype)
                 values = np.lib.stride_tricks.as_strided(temp, shape=sub_extent, strides=strides, writeable=False)
-                sub_dest = tuple(slice(a - c + d, a - c + d + n) for a, c, d, n in
-                                 zip(sub_start, in_chunk, in_dest, sub_extent, strict=True))
-                steps = [partial(_verify_blocks, storage, index, target, chunk, begin, raw)] \
+                sub_dest = tuple(slice(a, a + n) for a, n in zip(at, sub_extent, strict=True))
+                steps = [partial(_verify_blocks, storage, index, target, chunk, [(begin, _bytes_view(raw))])] \
                     if VERIFY_PARTIAL_READS else []
                 steps.append(partial(_scatter, target.dest, sub_dest, values))
                 fetch(obj, chunk.offset + begin, _bytes_view(raw), steps)
@@ -293,17 +309,44 @@ class _Landing:
         self.ran = True
 
 
+class _AllLanded:
+    """Runs ``steps`` once, when the last of ``parts`` requests has landed: the check of a
+    read split over several buffers (the destination's run and the block margins around it)."""
+
+    __slots__ = ("_left", "_lock", "_steps")
+
+    def __init__(self, parts: int, steps: list[Callable[[], None]]) -> None:
+        self._left = parts
+        self._steps = steps
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            for step in self._steps:
+                step()
+
+
 def _scatter(dest: NDArray[Any], box: tuple[slice, ...], values: NDArray[Any]) -> None:
     dest[box] = values
 
 
-def _verify_blocks(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk, begin: int,
-                   raw: NDArray[np.uint8]) -> None:
-    """Verify ``raw`` (chunk bytes from ``begin``, widened to whole blocks) block by block."""
+def _verify_blocks(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk,
+                   segments: Sequence[tuple[int, memoryview]]) -> None:
+    """Verify chunk bytes widened to whole blocks, block by block.
+
+    ``segments`` are ``(offset in the chunk, bytes)`` back to back: one buffer, or the
+    destination's own run between the two margins that complete its first and last blocks.
+    """
     unit, crcs = chunk.blocks()
-    for position in range(0, raw.size, unit):
-        _verify(storage, index, target, chunk, begin + position, raw[position:position + unit].data,
-                crcs[(begin + position) // unit])
+    begin, end = segments[0][0], segments[-1][0] + segments[-1][1].nbytes
+    for lo in range(begin, end, unit):
+        hi = min(lo + unit, end)
+        pieces = [buffer[max(lo, offset) - offset:min(hi, offset + buffer.nbytes) - offset]
+                  for offset, buffer in segments if offset < hi and offset + buffer.nbytes > lo]
+        _verify(storage, index, target, chunk, lo, pieces, crcs[lo // unit])
 
 
 def _widen(chunk: Chunk, lo: int, hi: int) -> tuple[int, int]:
@@ -313,14 +356,14 @@ def _widen(chunk: Chunk, lo: int, hi: int) -> tuple[int, int]:
 
 
 def _verify(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk, start: int,
-            data: memoryview, expected: int) -> None:
-    """Raise ``ChecksumError`` unless ``data`` (chunk bytes from ``start``) has CRC32C ``expected``."""
-    actual = crc32c_of([data])
+            data: Sequence[memoryview], expected: int) -> None:
+    """Raise ``ChecksumError`` unless ``data`` (chunk bytes from ``start``, back to back) has CRC32C ``expected``."""
+    actual = crc32c_of(data)
     if actual != expected:
         obj = storage.url_for(index.objects[chunk.object].name)
         first = chunk.offset + start
         raise ChecksumError(
-            f"checksum mismatch for {target.path!r} in {obj} bytes [{first}, {first + data.nbytes}): "
+            f"checksum mismatch for {target.path!r} in {obj} bytes [{first}, {first + sum(d.nbytes for d in data)}): "
             f"recorded CRC32C {expected:08x}, read {actual:08x}", obj, key=target.path)
 
 

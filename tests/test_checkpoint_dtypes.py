@@ -34,6 +34,9 @@ def sample(dtype: np.dtype[Any], shape: tuple[int, ...] = (3, 5)) -> np.ndarray[
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, count, dtype=np.int64 if info.max < 2**63 else np.uint64,
                             endpoint=False).astype(dtype).reshape(shape)
+    if dtype.name in ("int4", "uint4"):  # ml_dtypes' 4-bit integers: every value in range, no invalid cast
+        low = -8 if dtype.name == "int4" else 0
+        return rng.integers(low, low + 16, count).astype(dtype).reshape(shape)
     values = rng.standard_normal(count) * 3
     if dtype.kind == "c":
         return (values + 1j * values[::-1]).astype(dtype).reshape(shape)

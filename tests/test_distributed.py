@@ -219,6 +219,42 @@ def test_partial_reads_are_verified_block_by_block(tmp_path: Path, monkeypatch: 
         Checkpoint(w=rows).read(path).expect_partial()
 
 
+def test_a_resharding_restore_reads_whole_rows_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of a stored shard land straight in the new shard's memory; only the margins that
+    complete their first and last checksum blocks go through scratch buffers, and are verified."""
+    from cloudckpt import reader
+    from cloudckpt.checksum import CRC_BLOCK
+
+    g = np.random.default_rng(1).standard_normal((1000, 1024)).astype(np.float32)  # 2 shards of 500 rows
+    mesh = local_mesh((2,), ("x",))
+    path = DTensorCheckpoint(mesh, w=ShardedArray.from_global(g, Layout(["x", UNSHARDED], mesh))).save(tmp_path / "ck")
+    requests: list[Any] = []
+    real = reader.read_coalesced
+    monkeypatch.setattr(reader, "read_coalesced", lambda storage, batch: (
+        requests.extend(batch) or real(storage, batch)))
+
+    def restore() -> ShardedArray:
+        quarter = ShardedArray((1000, 1024), np.float32, Layout(["x", UNSHARDED], local_mesh((4,), ("x",))))
+        Checkpoint(w=quarter).read(path).expect_partial()  # 250 rows each: not on block boundaries
+        return quarter
+
+    quarter = restore()
+    assert np.array_equal(quarter.to_numpy(), g)
+    shards = quarter.local_shards
+    in_place = [r for r in requests if any(np.shares_memory(np.frombuffer(r.out, np.uint8), s) for s in shards)]
+    scratch = [r for r in requests if r not in in_place and r.out.nbytes > 8]  # (8: save_counter)
+    assert sum(r.out.nbytes for r in in_place) == g.nbytes  # every needed byte straight into place
+    assert scratch and all(r.out.nbytes < CRC_BLOCK for r in scratch)  # margins only, each under a block
+
+    data = next(p for p in tmp_path.iterdir() if ".data-" in p.name)
+    chunk = read_index(path).entries["w"].chunks[0]
+    raw = bytearray(data.read_bytes())
+    raw[chunk.offset + 250 * 1024 * 4 + 7] ^= 0x01  # in rows 250+: a margin of the first quarter's last block
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match=r"'w'"):
+        restore()
+
+
 def test_single_process_async_sharded_save(tmp_path: Path) -> None:
     mesh = local_mesh()
     g = np.arange(48, dtype=np.int32).reshape(6, 8)
