@@ -29,6 +29,7 @@ from cloudckpt.boxes import partition_problem
 from cloudckpt.chunks import Chunk as Chunk  # re-exported: part of the index model
 from cloudckpt.chunks import ChunkGrid, as_grid, grid_from_json, grid_to_json
 from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
+from cloudckpt.storage.keys import SPREAD_INFIX as SPREAD_INFIX  # re-exported: part of the naming scheme
 
 #: Bump on any change a reader of the previous version could misread (docs/format.md has each).
 #: Version 2 added references (incremental saves), the ``bytes`` array pytype and the optional
@@ -96,8 +97,6 @@ def _spread_key(name: str, base: str) -> str:
     return f"{name}{SPREAD_INFIX}{hashlib.blake2s(base.encode(), digest_size=1).hexdigest()}/{base}"
 
 
-#: Spread data objects live under ``<name>.d/<2 hex>/`` (``data_key(spread=True)``).
-SPREAD_INFIX = ".d/"
 #: Any data object (``<name>.data-0000k-of-0000N.<suffix>``, possibly under ``<name>.d/<hh>/``);
 #: group ``name`` is its checkpoint (``object_checkpoint`` also checks a spread object's directory).
 DATA_OBJECT = re.compile(r"(?:(?P<dir>[^/]+)\.d/[0-9a-f]{2}/)?"

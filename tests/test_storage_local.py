@@ -134,6 +134,35 @@ def test_a_temporary_directory_removed_under_a_writer_is_made_again(tmp_path: Pa
     assert store.get("small") == b"x" and store.head("big").size == MULTIPART_SIZE
 
 
+def test_an_emptied_spread_directory_is_removed_and_made_again_if_raced(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting a spread checkpoint's last object removes ``<name>.d/<hh>/`` and ``<name>.d/``
+    (a local copy leaves no empty directories); other directories stay; a writer whose spread
+    directory is tidied away between its mkdir and its move makes it again."""
+    from cloudckpt.storage import local
+
+    store = LocalStorage(tmp_path, config=CONTRACT_CONFIG)
+    store.put("run/ck.d/3f/ck.data-00000-of-00002.s", b"a")
+    store.put("run/ck.d/a0/ck.data-00001-of-00002.s", b"b")
+    store.put("run/plain/x", b"c")
+    store.delete(["run/ck.d/3f/ck.data-00000-of-00002.s"])
+    assert not (tmp_path / "run/ck.d/3f").exists() and (tmp_path / "run/ck.d/a0").is_dir()
+    store.delete(["run/ck.d/a0/ck.data-00001-of-00002.s", "run/plain/x"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["plain"]  # a non-spread directory stays
+
+    real, raced = local._make_dirs, []
+
+    def make_then_lose(directory: Path, url: str) -> None:
+        real(directory, url)
+        if directory.name == "3f" and len(raced) < 2:
+            raced.append(directory)
+            os.rmdir(directory)  # another delete's tidying, right after our mkdir
+
+    monkeypatch.setattr(local, "_make_dirs", make_then_lose)
+    store.put("run/ck.d/3f/ck.data-00000-of-00002.t", b"again")
+    assert len(raced) == 2 and store.get("run/ck.d/3f/ck.data-00000-of-00002.t") == b"again"
+
+
 def test_a_crashed_writers_temporaries_stay_for_cleanup(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path)
     (tmp_path / TEMP_PREFIX).mkdir()

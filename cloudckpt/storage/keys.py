@@ -6,6 +6,10 @@ import os
 
 from cloudckpt.errors import InvalidKeyError, NotFoundError, PermissionDeniedError, StorageError
 
+#: Spread data objects live under ``<name>.d/<2 hex>/`` (``format.data_key(spread=True)``); the
+#: local backend knows the form only to remove such a directory once its last object is gone.
+SPREAD_INFIX = ".d/"
+
 
 def translate_os_error(exc: BaseException, url: str) -> BaseException:
     """The cloudckpt error for an ``OSError`` from a file-system-like backend (local, fsspec).

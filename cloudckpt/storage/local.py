@@ -56,6 +56,7 @@ from cloudckpt.storage.base import (
     file_in_the_way,
     translate_os_error,
 )
+from cloudckpt.storage.keys import SPREAD_INFIX
 
 _VERSION_XATTR = "user.cloudckpt.version"
 #: Buffers per ``preadv`` call (Linux's ``IOV_MAX``; more fail with EINVAL).
@@ -219,7 +220,21 @@ class LocalStorage(Storage):
         self._stamp(fd, metadata)
         os.fsync(fd)
         target = self._path(full_key)
-        _make_dirs(target.parent, self._url_of_full(full_key))
+        for _ in range(_TEMP_DIR_ATTEMPTS):  # a delete may tidy away an emptied spread directory meanwhile
+            _make_dirs(target.parent, self._url_of_full(full_key))
+            try:
+                self._move_into_place(temp, target, full_key, mode)
+                break
+            except FileNotFoundError:
+                if target.parent.is_dir():
+                    raise
+        else:
+            raise StorageError(f"cannot write {self._url_of_full(full_key)}: {target.parent} keeps disappearing",
+                               self._url_of_full(full_key))
+        _fsync_directory(target.parent)
+        return self._head(full_key)
+
+    def _move_into_place(self, temp: Path, target: Path, full_key: str, mode: WriteMode) -> None:
         with _directory_lock(target.parent):
             if mode == "create":
                 try:
@@ -231,8 +246,6 @@ class LocalStorage(Storage):
                 if isinstance(mode, UpdateVersion):
                     self._check_version(full_key, mode.version)
                 os.rename(temp, target)
-        _fsync_directory(target.parent)
-        return self._head(full_key)
 
     def _check_version(self, full_key: str, expected: str) -> None:
         try:
@@ -292,8 +305,25 @@ class LocalStorage(Storage):
                 pass
         for parent in parents:
             _fsync_directory(parent)
+            self._tidy_spread_dir(parent)
         if self.root / TEMP_PREFIX.rstrip("/") in parents:  # cleanup of a killed writer's temporaries
             self._tidy_temp_dir()
+
+    def _tidy_spread_dir(self, directory: Path) -> None:
+        """Remove a checkpoint's ``<name>.d/<hh>/`` (then ``<name>.d/``) once its last object is gone.
+
+        Why: a spread checkpoint copied to local disk (``cloudckpt cp``) would otherwise leave
+        empty directories behind when it is evicted. ``rmdir`` only removes an empty one, and a
+        writer whose directory vanished before its move makes it again (``_finish``).
+        """
+        if not (len(directory.name) == 2 and directory.parent.name.endswith(SPREAD_INFIX.rstrip("/"))
+                and directory.parent.parent.is_relative_to(self.root)):
+            return
+        for empty in (directory, directory.parent):
+            try:
+                os.rmdir(empty)
+            except OSError:
+                return
 
     # ------------------------------------------------------------------ errors
     def _is_transient(self, exc: BaseException) -> bool:
