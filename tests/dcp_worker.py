@@ -215,6 +215,8 @@ def two_ranks(rank: int, world: int, port: int, s3_root: str, gcs_root: str, rep
     # 6. The manager over DCPCheckpoint: numbering, retention, async save + sync, resume on
     #    another layout, preemption on one rank, fencing by another writer.
     managed = f"{s3_root}/managed"
+    managed_storage = distributed_worker.counting_storage(managed)
+    register_storage(managed_storage)
     app = {"params": _params(mesh, Shard(0), global_w())}
     manager = CheckpointManager(DCPCheckpoint(app), managed, max_to_keep=2)
     report["managed_initial"] = manager.restore_or_initialize()
@@ -222,7 +224,10 @@ def two_ranks(rank: int, world: int, port: int, s3_root: str, gcs_root: str, rep
     for i in range(1, 4):
         app["params"]["W"].to_local().copy_(_params(mesh, Shard(0), global_w(i))["W"].to_local())
         options = CheckpointOptions(enable_async=True) if i == 3 else None
+        managed_storage.counts.clear()
         saved.append(manager.save(options=options))
+        if i == 2:  # incremental on ckpt-1: its index is read by rank 0 alone and broadcast
+            report["managed_incremental_index_requests"] = managed_storage.counts["index_requests"]
     manager.sync()
     report["managed_saved"] = saved
     report["managed_checkpoints"] = manager.checkpoints

@@ -148,6 +148,8 @@ def test_manager_round_trip_with_retention_preemption_and_fencing(ranks: list[di
         assert report["managed_preempted_at"] == 2 and report["managed_exits"] == 1  # rank 1's notice, both saved
         assert report["managed_after_preemption"] == [f"{managed}/ckpt-3", f"{managed}/ckpt-4"]
         assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
+    # The incremental save reads its base's index once (rank 0, then broadcast): rank 1 reads no index.
+    assert [r["managed_incremental_index_requests"] for r in ranks] == [3, 0]  # base HEAD + GET, new index HEAD
     storage = storage_of(managed)
     kept = [load_index(storage, name) for name in ("ckpt-3", "ckpt-4")]
     named = {o.name for index in kept for o in index.objects}

@@ -62,15 +62,13 @@ from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stor
 from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import (
     AlreadyExistsError,
-    CheckpointFormatError,
     ConcurrentWriterError,
     CoordinationError,
     SaveError,
-    StorageError,
 )
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry, decode_index, encode_index
 from cloudckpt.graph import Collected, ShardedLeaf
-from cloudckpt.index_store import head_index, read_index
+from cloudckpt.index_store import head_index
 from cloudckpt.saving import AfterCommit
 from cloudckpt.saving import WriteResult as CommitResult
 from cloudckpt.saving.collective import describe_error, wait_for_every_rank
@@ -82,6 +80,7 @@ from cloudckpt.saving.objects import (
     UploadLog,
     new_suffix,
     plan_objects,
+    shared_base,
     spreads,
     upload,
 )
@@ -309,7 +308,8 @@ class StorageWriter(Addressed, DCPStorageWriter):
         many = coord.world_size > 1
         session = coord.session() if many and not self._managed.session_held else nullcontext()
         with session:
-            future = self._start(location, plan, planner, layout, background=many)
+            base = shared_base(coord, location.storage, self._managed.base, root=0, url=location.url)
+            future = self._start(location, plan, planner, layout, base, background=many)
             try:
                 if many:
                     wait_for_every_rank(coord, future)
@@ -326,24 +326,25 @@ class StorageWriter(Addressed, DCPStorageWriter):
             # Another rank failed: DCP raises its error on every rank and commits nothing.
         return _done(future.result() if error is None else [])
 
-    def _start(self, location: Location, plan: SavePlan, planner: SavePlanner, layout: RankLayout, *,
-               background: bool) -> Future[list[WriteResult]]:
+    def _start(self, location: Location, plan: SavePlan, planner: SavePlanner, layout: RankLayout,
+               base: BaseCheckpoint | None, *, background: bool) -> Future[list[WriteResult]]:
         """This rank's upload, on a worker thread when the other ranks must be polled meanwhile."""
         if not background:
             future: Future[list[WriteResult]] = Future()
             try:
-                future.set_result(self._upload(location, plan, planner, layout))
+                future.set_result(self._upload(location, plan, planner, layout, base))
             except Exception as exc:
                 future.set_exception(exc)
             return future
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-dcp-upload")
         try:
-            return pool.submit(self._upload, location, plan, planner, layout)
+            return pool.submit(self._upload, location, plan, planner, layout, base)
         finally:
             pool.shutdown(wait=False)
 
-    def _upload(self, location: Location, plan: SavePlan, planner: SavePlanner,
-                layout: RankLayout) -> list[WriteResult]:
+    def _upload(self, location: Location, plan: SavePlan, planner: SavePlanner, layout: RankLayout,
+                base: BaseCheckpoint | None) -> list[WriteResult]:
+        """Upload this rank's pieces, leaving out those ``base`` (an incremental save's) already holds."""
         wanted = {piece for group in layout.groups for piece in group}
         pieces: dict[PieceId, NDArray[Any]] = {}
         items: dict[PieceId, WriteItem] = {}
@@ -358,24 +359,11 @@ class StorageWriter(Addressed, DCPStorageWriter):
         objects = plan_objects(location.name, pieces, layout.groups, suffix=layout.suffix,
                                spread=spreads(location.storage, layout.total_objects),
                                index_offset=layout.index_offset, total_objects=layout.total_objects)
-        stored = upload(location.storage, objects, range(len(objects.objects)), self._log, self._base(location))
+        stored = upload(location.storage, objects, range(len(objects.objects)), self._log, base)
         crash_point("after_data_upload")
         sizes = {**{o.name: o.size for o in stored.objects}, **stored.reused}
         return [WriteResult(index=items[piece].index, size_in_bytes=p.length,
                             storage_data=StoredItem(p, sizes[p.object])) for piece, p in stored.pieces.items()]
-
-    def _base(self, location: Location) -> BaseCheckpoint | None:
-        """The base checkpoint of an incremental save, or ``None`` (then this rank uploads everything)."""
-        name = self._managed.base
-        if name is None:
-            return None
-        try:
-            index = read_index(location.storage, name)
-        except (CheckpointFormatError, StorageError) as exc:
-            log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", location.url,
-                        location.storage.url_for(name), exc)
-            return None
-        return None if index is None else BaseCheckpoint(index)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         location = self._where()

@@ -16,6 +16,7 @@ reused is not written at all.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import uuid
@@ -29,10 +30,15 @@ from numpy.typing import NDArray
 
 from cloudckpt.checksum import CRC_BLOCK, crc32c_with_blocks
 from cloudckpt.content_hash import content_hash
+from cloudckpt.coordination import Coordinator
+from cloudckpt.errors import CheckpointFormatError, StorageError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, data_key, dtype_name
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
+from cloudckpt.index_store import read_index
 from cloudckpt.storage import Storage
 from cloudckpt.storage.transfer import gather
+
+log = logging.getLogger("cloudckpt.saving")
 
 MiB = 1024 * 1024
 #: Aim for data objects of about this size; more objects upload in parallel, but each
@@ -189,6 +195,33 @@ class Uploaded:
     @property
     def reused_bytes(self) -> int:
         return sum(p.length for p in self.pieces.values() if p.object in self.reused)
+
+
+def shared_base(coord: Coordinator, storage: Storage, name: str | None, *, root: int,
+                url: str) -> BaseCheckpoint | None:
+    """The base checkpoint of an incremental save: read once, by rank ``root``, and broadcast.
+
+    Why once: every rank needs it, and N reads of one index at the same moment are what an
+    S3 prefix throttles first. A base that is gone or unreadable makes the save a full one
+    (logged), on every rank alike.
+
+    Raises:
+        CoordinationError: the broadcast failed (nothing was uploaded yet).
+    """
+    if name is None:
+        return None
+    index = None
+    if coord.rank == root:
+        try:
+            index = read_index(storage, name)
+            if index is None:
+                log.info("incremental save of %s: its base %s is gone; saving in full", url, storage.url_for(name))
+        except (CheckpointFormatError, StorageError) as exc:
+            log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", url,
+                        storage.url_for(name), exc)
+    if coord.world_size > 1:
+        index = coord.broadcast_object(index, src=root)
+    return None if index is None else BaseCheckpoint(index)
 
 
 class BaseCheckpoint:

@@ -71,6 +71,7 @@ from cloudckpt.saving.objects import (
     new_suffix,
     pieces_of,
     plan_objects,
+    shared_base,
     spreads,
     upload,
 )
@@ -173,7 +174,8 @@ class SaveRun:
         self._in_session = True
         try:
             self._plan = self._agree_on_plan()
-            self._base = self._share_base()
+            self._base = self._collective(lambda: shared_base(self.coord, self.storage, self._base_name,
+                                                              root=self.committer, url=self.url))
             self._objects = self._own_objects(self._plan)
             self._upload_early()
         except BaseException:
@@ -214,24 +216,6 @@ class SaveRun:
                 raise
             raise DistributedSaveError(f"multi-host save of {self.url} was not started: {exc}",
                                        {self.rank: str(exc)}) from exc
-
-    def _share_base(self) -> BaseCheckpoint | None:
-        """The base checkpoint of an incremental save: read once, by the committer, and broadcast."""
-        if self._base_name is None:
-            return None
-        index = None
-        if self.rank == self.committer:
-            try:
-                index = read_index(self.storage, self._base_name)
-                if index is None:
-                    log.info("incremental save of %s: its base %s is gone; saving in full", self.url,
-                             self.storage.url_for(self._base_name))
-            except (CheckpointFormatError, StorageError) as exc:
-                log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", self.url,
-                            self.storage.url_for(self._base_name), exc)
-        if self.coord.world_size > 1:
-            index = self._collective(lambda: self.coord.broadcast_object(index, src=self.committer))
-        return None if index is None else BaseCheckpoint(index)
 
     def _own_objects(self, plan: SavePlan) -> ObjectPlan:
         """This rank's data objects (pieces still to be received by an io host are placeholders)."""
