@@ -21,6 +21,7 @@ SUITES = {
     "scale": "bench_scale",
     "tfimport": "bench_tf_import",
     "crc32c": "bench_crc32c",
+    "reshard": "bench_reshard",
 }
 
 

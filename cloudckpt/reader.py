@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -177,9 +177,11 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     chunk's checksum blocks. A part that is one run in the chunk and in the box (whole
     rows: resharding along the first dimension) lands straight in the destination, and
     only the widening margins go through scratch buffers (under a block each); other
-    parts (columns) are read into scratch and scattered. Every byte read is verified: whole chunks against their
-    CRC32C, partial reads block by block (``VERIFY_PARTIAL_READS``) - on the pool, each
-    as soon as its bytes have landed, overlapped with the reads still in flight.
+    parts (columns) are read into scratch and scattered. A range several targets need
+    (replicas; many small new shards cut from one stored chunk) is read once, verified once
+    and copied to each. Every byte read is verified: whole chunks against their CRC32C,
+    partial reads block by block (``VERIFY_PARTIAL_READS``) - on the pool, each as soon as
+    its bytes have landed, overlapped with the reads still in flight.
 
     Raises:
         ChecksumError: a chunk's bytes do not match their recorded CRC32C (names the key
@@ -189,14 +191,16 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     """
     requests: list[ReadRequest] = []
     landings: list[_Landing] = []
+    written = _Written()
 
-    def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]], *,
-              into_target: bool = True) -> None:
-        """``into_target``: ``out`` is the target's memory (else scratch: never "overwritten")."""
-        landing = _Landing(steps, target if into_target or not target.live else replace(target, live=False))
+    def fetch(obj: str, offset: int, out: memoryview, steps: list[Callable[[], None]],
+              fills: ReadTarget | None) -> None:
+        """Read ``out`` from ``obj``; ``fills``: the target whose own memory ``out`` is (else scratch)."""
+        landing = _Landing(steps, fills, written)
         landings.append(landing)
         requests.append(ReadRequest(obj, offset, out, landing))
 
+    parts: dict[tuple[str, int, int], list[_Part]] = {}
     for target in targets:
         flat = _bytes_view(target.dest)
         chunks = target.entry.chunks
@@ -204,85 +208,62 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
                 and chunks[0].shape == target.dest.shape:  # the common case, one whole array: no geometry
             chunk = chunks[0]
             fetch(index.objects[chunk.object].name, chunk.offset, flat,
-                  [partial(_verify, storage, index, target, chunk, 0, [flat], chunk.crc32c)])
+                  [partial(_verify, storage, index, target, chunk, 0, [flat], chunk.crc32c)], target)
             continue
-        dtype = target.dest.dtype
-        itemsize = dtype.itemsize
-        shape = tuple(target.dest.shape)
-        origin = target.start if target.start is not None else (0,) * len(shape)
-        for chunk in overlapping(target.entry.chunks, origin, shape):  # a grid bisects: no scan of every shard
-            if chunk.length == 0:
+        for part in _parts_of(index, target):
+            parts.setdefault((part.obj, part.chunk.offset + part.begin, part.end - part.begin), []).append(part)
+
+    for (obj, offset, size), group in parts.items():
+        first = group[0]
+        chunk, target = first.chunk, first.target
+        whole = first.begin == 0 and first.end == chunk.length
+        if len(group) == 1 and first.run is not None:  # one run in the chunk and in the destination: in place
+            flat = _bytes_view(target.dest)
+            into = flat[first.run[0] * first.itemsize:(first.run[0] + first.run[1]) * first.itemsize]
+            segments = [(at, buffer) for at, buffer in (
+                (first.begin, _bytes_view(np.empty(first.need_lo - first.begin, dtype=np.uint8))),
+                (first.need_lo, into),
+                (first.need_hi, _bytes_view(np.empty(first.end - first.need_hi, dtype=np.uint8)))) if buffer.nbytes]
+            check = _check(storage, index, target, chunk, segments, whole)
+            if len(segments) == 1:
+                fetch(obj, offset, into, check, target)
                 continue
-            lo = [max(c, o) for c, o in zip(chunk.start, origin, strict=True)]
-            hi = [min(c + n, o + m) for c, n, o, m in zip(chunk.start, chunk.shape, origin, shape, strict=True)]
-            if any(h <= low for low, h in zip(lo, hi, strict=True)):
-                continue
-            extent = tuple(h - low for low, h in zip(lo, hi, strict=True))
-            in_dest = tuple(low - o for low, o in zip(lo, origin, strict=True))
-            dest_box = tuple(slice(a, a + n) for a, n in zip(in_dest, extent, strict=True))
-            obj = index.objects[chunk.object].name
-            if extent == chunk.shape:
-                region = _contiguous_in(in_dest, extent, shape)
-                steps: list[Callable[[], None]]
-                if region is not None:
-                    first, count = region
-                    out = flat[first * itemsize:(first + count) * itemsize]
-                    steps = [partial(_verify, storage, index, target, chunk, 0, [out], chunk.crc32c)]
-                else:
-                    temp = np.empty(chunk.shape, dtype=dtype)
-                    out = _bytes_view(temp)
-                    steps = [partial(_verify, storage, index, target, chunk, 0, [out], chunk.crc32c),
-                             partial(_scatter, target.dest, dest_box, temp)]
-                fetch(obj, chunk.offset, out, steps)
-                continue
-            in_chunk = tuple(low - c for low, c in zip(lo, chunk.start, strict=True))
-            strides = tuple(int(np.prod(chunk.shape[i + 1:], dtype=np.int64)) * itemsize
-                            for i in range(len(chunk.shape)))
-            for first, count, sub_start, sub_extent in partial_reads(chunk.shape, in_chunk, extent, itemsize):
-                need_lo, need_hi = first * itemsize, (first + count) * itemsize
-                begin, end = _widen(chunk, need_lo, need_hi) if VERIFY_PARTIAL_READS else (need_lo, need_hi)
-                at = tuple(a - c + d for a, c, d in zip(sub_start, in_chunk, in_dest, strict=True))
-                region = _contiguous_in(at, sub_extent, shape) if count == math.prod(sub_extent) else None
-                if region is not None:  # one run in the chunk and in the destination: read it in place
-                    into = flat[region[0] * itemsize:(region[0] + region[1]) * itemsize]
-                    segments = [(offset, buffer) for offset, buffer in (
-                        (begin, _bytes_view(np.empty(need_lo - begin, dtype=np.uint8))), (need_lo, into),
-                        (need_hi, _bytes_view(np.empty(end - need_hi, dtype=np.uint8)))) if buffer.nbytes]
-                    joint = _AllLanded(len(segments), [partial(_verify_blocks, storage, index, target, chunk,
-                                                               segments)] if VERIFY_PARTIAL_READS else [])
-                    for offset, buffer in segments:  # adjacent: read_into fetches them in one GET
-                        fetch(obj, chunk.offset + offset, buffer, [joint], into_target=buffer is into)
-                    continue
-                raw = np.empty(end - begin, dtype=np.uint8)
-                temp = raw[need_lo - begin:need_hi - begin].view(dtype)
-                values = np.lib.stride_tricks.as_strided(temp, shape=sub_extent, strides=strides, writeable=False)
-                sub_dest = tuple(slice(a, a + n) for a, n in zip(at, sub_extent, strict=True))
-                steps = [partial(_verify_blocks, storage, index, target, chunk, [(begin, _bytes_view(raw))])] \
-                    if VERIFY_PARTIAL_READS else []
-                steps.append(partial(_scatter, target.dest, sub_dest, values))
-                fetch(obj, chunk.offset + begin, _bytes_view(raw), steps)
+            joint = _AllLanded(len(segments), check)
+            for at, buffer in segments:  # adjacent: read_into fetches them in one GET
+                fetch(obj, chunk.offset + at, buffer, [joint], target if buffer is into else None)
+            continue
+        # Scratch: a part that is no single run, or a range several targets need (replicas, or
+        # many small new shards cut from one stored chunk): read once, verify once, copy to each.
+        raw = np.empty(size, dtype=np.uint8)
+        steps = _check(storage, index, target, chunk, [(first.begin, _bytes_view(raw))], whole)
+        for part in group:
+            temp = raw[part.need_lo - part.begin:part.need_hi - part.begin].view(part.target.dest.dtype)
+            values = np.lib.stride_tricks.as_strided(temp, shape=part.extent, strides=part.strides, writeable=False)
+            box = tuple(slice(a, a + n) for a, n in zip(part.at, part.extent, strict=True))
+            steps.append(partial(_scatter, written, part.target, box, values))
+        fetch(obj, offset, _bytes_view(raw), steps, None)
     try:
         (ranges.read if ranges is not None else read_coalesced)(storage, requests)
         for landing in landings:  # what a range reader filled without running ``done`` (the relay)
             if not landing.ran:
                 landing()
     except ChecksumError as exc:
-        written = _written(targets, landings)
-        raise ChecksumError(f"{exc}{_partial_note(written, targets)}", exc.url, key=exc.key,
-                            overwritten=written) from exc
+        overwritten = written.paths()
+        raise ChecksumError(f"{exc}{_partial_note(overwritten, targets)}", exc.url, key=exc.key,
+                            overwritten=overwritten) from exc
     except NotFoundError as exc:
         raise CheckpointNotFoundError(
             f"a data object of checkpoint {storage.url_for(index.name)!r} is missing (deleted while "
-            f"reading?): {exc}{_partial_note(_written(targets, landings), targets)}",
+            f"reading?): {exc}{_partial_note(written.paths(), targets)}",
             storage.url_for(index.name)) from exc
     except InvalidRangeError as exc:
         raise CheckpointFormatError(
             f"a data object of checkpoint {storage.url_for(index.name)!r} is shorter than its index "
-            f"says (truncated?): {exc}{_partial_note(_written(targets, landings), targets)}") from exc
+            f"says (truncated?): {exc}{_partial_note(written.paths(), targets)}") from exc
     except StorageError as exc:
-        written = _written(targets, landings)
-        if written:
-            raise type(exc)(f"{exc}{_partial_note(written, targets)}", exc.url) from exc
+        overwritten = written.paths()
+        if overwritten:
+            raise type(exc)(f"{exc}{_partial_note(overwritten, targets)}", exc.url) from exc
         raise
 
 
@@ -294,19 +275,38 @@ class _Landing:
     reads still in flight); ``read_arrays`` runs any that a range reader left out.
     """
 
-    __slots__ = ("_steps", "landed", "ran", "target")
+    __slots__ = ("_fills", "_steps", "_written", "ran")
 
-    def __init__(self, steps: list[Callable[[], None]], target: ReadTarget) -> None:
+    def __init__(self, steps: list[Callable[[], None]], fills: ReadTarget | None, written: _Written) -> None:
         self._steps = steps
-        self.target = target
-        self.landed = False  # its bytes are in the destination (verified or not)
+        self._fills = fills  # the target whose own memory the bytes landed in (None: scratch)
+        self._written = written
         self.ran = False
 
     def __call__(self) -> None:
-        self.landed = True
+        if self._fills is not None:
+            self._written.add(self._fills)  # its bytes are in the destination (verified or not)
         for step in self._steps:
             step()
         self.ran = True
+
+
+class _Written:
+    """Key paths of the targets a restore has started writing into (what a failure reports)."""
+
+    def __init__(self) -> None:
+        self._paths: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, target: ReadTarget) -> None:
+        if target.live:
+            with self._lock:
+                self._paths.add(target.path)
+
+    def paths(self) -> tuple[str, ...]:
+        """Key paths of the live targets some of whose bytes have landed, sorted."""
+        with self._lock:
+            return tuple(sorted(self._paths))
 
 
 class _AllLanded:
@@ -329,8 +329,77 @@ class _AllLanded:
                 step()
 
 
-def _scatter(dest: NDArray[Any], box: tuple[slice, ...], values: NDArray[Any]) -> None:
-    dest[box] = values
+def _scatter(written: _Written, target: ReadTarget, box: tuple[slice, ...], values: NDArray[Any]) -> None:
+    written.add(target)
+    target.dest[box] = values
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """Part of a stored chunk that one target needs: a sub-box, and the bytes that cover it.
+
+    ``[need_lo, need_hi)`` are the chunk bytes from the sub-box's first to last element;
+    ``[begin, end)`` the same widened to whole checksum blocks (what is read and verified).
+    ``run`` is ``(first element, count)`` in the target when the sub-box is one run both in
+    the chunk and in the target (then it can be read in place).
+    """
+
+    target: ReadTarget
+    chunk: Chunk
+    obj: str
+    need_lo: int
+    need_hi: int
+    begin: int
+    end: int
+    at: tuple[int, ...]
+    extent: tuple[int, ...]
+    run: tuple[int, int] | None
+
+    @property
+    def itemsize(self) -> int:
+        return int(self.target.dest.dtype.itemsize)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Byte strides of the stored chunk (C order): how its sub-box is viewed in a scratch copy."""
+        shape = self.chunk.shape
+        return tuple(math.prod(shape[i + 1:]) * self.itemsize for i in range(len(shape)))
+
+
+def _parts_of(index: CheckpointIndex, target: ReadTarget) -> Iterator[_Part]:
+    """The parts of stored chunks that fill ``target`` (a grid bisects: no scan of every shard)."""
+    itemsize = target.dest.dtype.itemsize
+    shape = tuple(target.dest.shape)
+    origin = target.start if target.start is not None else (0,) * len(shape)
+    for chunk in overlapping(target.entry.chunks, origin, shape):
+        if chunk.length == 0:
+            continue
+        lo = [max(c, o) for c, o in zip(chunk.start, origin, strict=True)]
+        hi = [min(c + n, o + m) for c, n, o, m in zip(chunk.start, chunk.shape, origin, shape, strict=True)]
+        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+            continue
+        extent = tuple(h - low for low, h in zip(lo, hi, strict=True))
+        in_dest = tuple(low - o for low, o in zip(lo, origin, strict=True))
+        obj = index.objects[chunk.object].name
+        if extent == chunk.shape:
+            yield _Part(target, chunk, obj, 0, chunk.length, 0, chunk.length, in_dest, extent,
+                        _contiguous_in(in_dest, extent, shape))
+            continue
+        in_chunk = tuple(low - c for low, c in zip(lo, chunk.start, strict=True))
+        for first, count, sub_start, sub_extent in partial_reads(chunk.shape, in_chunk, extent, itemsize):
+            need_lo, need_hi = first * itemsize, (first + count) * itemsize
+            begin, end = _widen(chunk, need_lo, need_hi) if VERIFY_PARTIAL_READS else (need_lo, need_hi)
+            at = tuple(a - c + d for a, c, d in zip(sub_start, in_chunk, in_dest, strict=True))
+            run = _contiguous_in(at, sub_extent, shape) if count == math.prod(sub_extent) else None
+            yield _Part(target, chunk, obj, need_lo, need_hi, begin, end, at, sub_extent, run)
+
+
+def _check(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk,
+           segments: Sequence[tuple[int, memoryview]], whole: bool) -> list[Callable[[], None]]:
+    """The verification of a read: a whole chunk against its CRC32C, part of one block by block."""
+    if whole:
+        return [partial(_verify, storage, index, target, chunk, 0, [b for _, b in segments], chunk.crc32c)]
+    return [partial(_verify_blocks, storage, index, target, chunk, segments)] if VERIFY_PARTIAL_READS else []
 
 
 def _verify_blocks(storage: Storage, index: CheckpointIndex, target: ReadTarget, chunk: Chunk,
@@ -371,11 +440,6 @@ def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
     """``storage.read_into``: it reads runs of adjacent requests together (a few GETs for
     hundreds of small arrays) straight into their buffers, and runs each ``done`` as it lands."""
     storage.read_into(requests)
-
-
-def _written(targets: Sequence[ReadTarget], landings: Sequence[_Landing]) -> tuple[str, ...]:
-    """Key paths of live targets some of whose bytes had landed when the restore failed."""
-    return tuple(sorted({landing.target.path for landing in landings if landing.landed and landing.target.live}))
 
 
 def _partial_note(written: Sequence[str], targets: Sequence[ReadTarget]) -> str:

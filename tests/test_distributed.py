@@ -255,6 +255,27 @@ def test_a_resharding_restore_reads_whole_rows_in_place(tmp_path: Path, monkeypa
         restore()
 
 
+def test_a_stored_chunk_many_new_shards_need_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 small stored chunks, restored as 64 one-row shards (each needs a row of 8 chunks) and as
+    4 replicas: every stored byte is read once, verified once and copied where it is needed."""
+    from cloudckpt import reader
+
+    g = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    grid = local_mesh((8, 8), ("x", "y"))
+    path = DTensorCheckpoint(grid, w=ShardedArray.from_global(g, Layout(["x", "y"], grid))).save(tmp_path / "ck")
+    read: list[int] = []
+    real = reader.read_coalesced
+    monkeypatch.setattr(reader, "read_coalesced", lambda storage, requests: (
+        read.append(sum(r.out.nbytes for r in requests)) or real(storage, requests)))
+    rows = ShardedArray((64, 64), np.float32, Layout(["m", UNSHARDED], local_mesh((64,), ("m",))))
+    Checkpoint(w=rows).read(path).expect_partial()
+    assert np.array_equal(rows.to_numpy(), g) and sum(read) == g.nbytes + 8  # (+ save_counter)
+    read.clear()
+    replicas = ShardedArray((64, 64), np.float32, Layout.replicated(local_mesh((4,), ("m",)), 2))
+    Checkpoint(w=replicas).read(path).expect_partial()
+    assert all(np.array_equal(shard, g) for shard in replicas.local_shards) and sum(read) == g.nbytes + 8
+
+
 def test_single_process_async_sharded_save(tmp_path: Path) -> None:
     mesh = local_mesh()
     g = np.arange(48, dtype=np.int32).reshape(6, 8)
