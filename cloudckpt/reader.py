@@ -178,7 +178,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
     rows: resharding along the first dimension) lands straight in the destination, and
     only the widening margins go through scratch buffers (under a block each); other
     parts (columns) are read into scratch and scattered. A range several targets need
-    (replicas; many small new shards cut from one stored chunk) is read once, verified once
+    (many small new shards cut from one stored chunk; replicas a caller did not merge) is read once, verified once
     and copied to each. Every byte read is verified: whole chunks against their CRC32C,
     partial reads block by block (``VERIFY_PARTIAL_READS``) - on the pool, each as soon as
     its bytes have landed, overlapped with the reads still in flight.
@@ -232,8 +232,8 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             for at, buffer in segments:  # adjacent: read_into fetches them in one GET
                 fetch(obj, chunk.offset + at, buffer, [joint], target if buffer is into else None)
             continue
-        # Scratch: a part that is no single run, or a range several targets need (replicas, or
-        # many small new shards cut from one stored chunk): read once, verify once, copy to each.
+        # Scratch: a part that is no single run, or a range several targets need (many small new
+        # shards cut from one stored chunk): read once, verify once, copy to each.
         raw = np.empty(size, dtype=np.uint8)
         steps = _check(storage, index, target, chunk, [(first.begin, _bytes_view(raw))], whole)
         for part in group:
