@@ -11,10 +11,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import servers
-from botocore.config import Config
 
 from cloudckpt.storage import Storage, resolve
 
@@ -68,9 +66,7 @@ def unique_name(prefix: str = "t") -> str:
 def s3_bucket(seaweedfs: servers.Server) -> str:
     """A fresh bucket on SeaweedFS, one per test module."""
     name = unique_name("ckpt")
-    client = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=name)
+    servers.create_bucket(seaweedfs.endpoint, name)
     return name
 
 
@@ -79,9 +75,7 @@ def s3_root(seaweedfs: servers.Server) -> Iterator[str]:
     """A fresh directory in a fresh SeaweedFS bucket, with ``AWS_ENDPOINT_URL`` set for the module
     (spawned ``torch.distributed`` processes inherit it)."""
     bucket = unique_name("dist")
-    client = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=bucket)
+    servers.create_bucket(seaweedfs.endpoint, bucket)
     previous = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = seaweedfs.endpoint
     try:

@@ -161,6 +161,23 @@ def _wait_s3_writable(endpoint: str, process: subprocess.Popen[bytes], log_path:
     raise RuntimeError(f"SeaweedFS never accepted a PUT ({last}); log:\n{log_path.read_text()[-3000:]}")
 
 
+def create_bucket(endpoint: str, name: str) -> None:
+    """Create bucket ``name`` on an S3 server and write to it once, with boto3's retries.
+
+    Why the write: SeaweedFS allocates a bucket's volumes on its first write (~1 s here) and
+    may answer that write 500 meanwhile; doing it here keeps tests whose clients make a single
+    attempt, or count requests exactly, from meeting it.
+    """
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=name)
+    client.put_object(Bucket=name, Key="cloudckpt-warm-up", Body=b"")
+    client.delete_object(Bucket=name, Key="cloudckpt-warm-up")
+
+
 @contextlib.contextmanager
 def moto_server(workdir: Path | None = None) -> Iterator[Server]:
     """moto in server mode (S3, IAM, STS, ...)."""

@@ -57,7 +57,7 @@ def admin_client(endpoint: str, **config: Any) -> Any:
 
 def make_bucket(endpoint: str) -> str:
     name = unique_name("cloudckpt")
-    admin_client(endpoint).create_bucket(Bucket=name)
+    servers.create_bucket(endpoint, name)
     return name
 
 

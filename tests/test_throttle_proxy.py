@@ -28,13 +28,7 @@ SLOW = 0.001  # tokens per second: nothing refills during a test
 @pytest.fixture(scope="module")
 def bucket(seaweedfs: servers.Server) -> str:
     name = f"throttle-{uuid.uuid4().hex[:8]}"
-    warm = boto3.client("s3", endpoint_url=seaweedfs.endpoint)  # boto3's default retries
-    warm.create_bucket(Bucket=name)
-    # SeaweedFS allocates a bucket's volumes on its first write and may answer it 500 meanwhile
-    # (seen once in a full run): write once here, with retries, so the tests' single-attempt
-    # clients only ever meet the throttle.
-    warm.put_object(Bucket=name, Key="warm-up", Body=b"")
-    warm.delete_object(Bucket=name, Key="warm-up")
+    servers.create_bucket(seaweedfs.endpoint, name)  # warmed: single-attempt clients meet only the throttle
     return name
 
 
