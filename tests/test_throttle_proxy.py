@@ -28,7 +28,7 @@ SLOW = 0.001  # tokens per second: nothing refills during a test
 @pytest.fixture(scope="module")
 def bucket(seaweedfs: servers.Server) -> str:
     name = f"throttle-{uuid.uuid4().hex[:8]}"
-    servers.create_bucket(seaweedfs.endpoint, name)  # warmed: single-attempt clients meet only the throttle
+    servers.create_bucket(seaweedfs.endpoint, name)
     return name
 
 
