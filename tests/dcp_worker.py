@@ -234,7 +234,9 @@ def two_ranks(rank: int, world: int, port: int, s3_root: str, gcs_root: str, rep
     report["managed_latest"] = cloudckpt.latest_checkpoint(managed)
     fresh = {"params": _params(mesh, Replicate(), None)}
     resumed = CheckpointManager(DCPCheckpoint(fresh), managed, max_to_keep=2)
+    managed_storage.counts.clear()
     report["managed_resumed"] = resumed.restore_or_initialize()
+    report["managed_resume_index_requests"] = managed_storage.counts["index_requests"]
     report["managed_resumed_counter"] = int(resumed.checkpoint.save_counter)
     if not torch.equal(fresh["params"]["W"].full_tensor(), torch.from_numpy(global_w(3))):
         problems.append("managed: resumed W differs")

@@ -150,6 +150,8 @@ def test_manager_round_trip_with_retention_preemption_and_fencing(ranks: list[di
         assert report["managed_fenced"] is not None and "another writer took over" in report["managed_fenced"]
     # The incremental save reads its base's index once (rank 0, then broadcast): rank 1 reads no index.
     assert [r["managed_incremental_index_requests"] for r in ranks] == [3, 0]  # base HEAD + GET, new index HEAD
+    # DCPCheckpoint.restore loads on every rank together: rank 0 reads the index, rank 1 none.
+    assert [r["managed_resume_index_requests"] for r in ranks] == [4, 0]  # rank 0: 2 to check it is intact, 2 to load
     storage = storage_of(managed)
     kept = [load_index(storage, name) for name in ("ckpt-3", "ckpt-4")]
     named = {o.name for index in kept for o in index.objects}

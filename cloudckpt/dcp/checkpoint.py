@@ -37,6 +37,7 @@ from cloudckpt.dcp.reader import StorageReader
 from cloudckpt.dcp.writer import BookkeepingError, ManagedSave, StorageWriter
 from cloudckpt.errors import ConcurrentWriterError, DistributedSaveError
 from cloudckpt.options import CheckpointOptions
+from cloudckpt.relay import shared_index
 from cloudckpt.saving import AfterCommit
 from cloudckpt.saving.collective import describe_error, failure_message
 from cloudckpt.status import SAVE_COUNTER
@@ -219,7 +220,10 @@ class DCPCheckpoint:
         if save_path is None:
             return
         self.sync()
-        reader = StorageReader(resolve(save_path))
+        location = resolve(save_path)
+        # Every rank loads together here: one index read for the job, broadcast (issue 16).
+        shared = shared_index(self._coordinator, location, 0) if self._coordinator.world_size > 1 else None
+        reader = StorageReader(location, index=shared)
         with self._coordinator.session():
             try:
                 dcp_load(self.app_state, storage_reader=reader, planner=self._load_planner, **self._dcp_args())

@@ -1,8 +1,9 @@
 """``StorageReader``: ``torch.distributed.checkpoint.load`` from a cloudckpt checkpoint.
 
-Every rank reads the (guarded, validated) index once in ``read_metadata`` and hands DCP
-its ``Metadata`` (``cloudckpt.dcp.metadata``); DCP's planner then says which box of which
-stored chunk goes into which box of which destination tensor. ``read_data`` turns those
+Every rank reads the (guarded, validated) index once in ``read_metadata`` - or is handed it,
+read once for the whole job (``DCPCheckpoint.restore``) - and hands DCP its ``Metadata``
+(``cloudckpt.dcp.metadata``); DCP's planner then says which box of which stored chunk goes
+into which box of which destination tensor. ``read_data`` turns those
 items into ``ReadTarget``s and reads them all with one ``cloudckpt.reader.read_arrays``
 call: parallel ranged GETs, small neighbours coalesced, every byte CRC32C-verified (whole
 chunks, or the 1 MiB blocks around the part of a chunk a resharding load needs).
@@ -47,21 +48,30 @@ class StorageReader(Addressed, DCPStorageReader):
         checkpoint_id: the checkpoint path, a ``Location``, or with ``storage`` a name in
             it; may instead be given to ``dcp.load(checkpoint_id=...)``.
         storage: an already-open ``Storage`` bare checkpoint names are resolved in.
+        index: the checkpoint's index, already read - a caller that knows every rank loads
+            together (``DCPCheckpoint.restore``) reads it once and broadcasts it
+            (``relay.shared_index``). Without it each rank reads the index itself: DCP calls
+            ``read_metadata`` on every rank, and a broadcast there would hang a
+            ``dcp.load(..., no_dist=True)`` on one rank of a running job.
 
     Loading needs no coordination of its own: each rank reads only the bytes its plan needs.
     """
 
-    def __init__(self, checkpoint_id: CheckpointId | None = None, *, storage: Storage | None = None) -> None:
+    def __init__(self, checkpoint_id: CheckpointId | None = None, *, storage: Storage | None = None,
+                 index: CheckpointIndex | None = None) -> None:
         super().__init__()
         self._address(checkpoint_id, storage)
-        self._index: CheckpointIndex | None = None
+        self._shared = index  # for the checkpoint given here; a reset to another one drops it
+        self._index: CheckpointIndex | None = index
         self.load_id = uuid.uuid4().hex
         #: Why the last ``read_metadata`` failed (``CheckpointNotFoundError``, ...), or ``None``.
         self.metadata_error: Exception | None = None
 
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
         self._readdress(checkpoint_id)
-        self._index = None
+        if checkpoint_id is not None:
+            self._shared = None
+        self._index = self._shared
         self.load_id = uuid.uuid4().hex
 
     @property
@@ -88,7 +98,7 @@ class StorageReader(Addressed, DCPStorageReader):
         location = self._where()
         if kwargs.get("rank") is not None:  # DCP's fallback to per-rank metadata files: there are none
             raise CheckpointFormatError(f"{location.url} has one index for every rank; there is no per-rank metadata")
-        self._index = None
+        self._index = self._shared
         self.metadata_error = None
         try:
             metadata = decode_metadata(self._loaded(), location.url)
