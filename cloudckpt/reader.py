@@ -31,6 +31,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
 from cloudckpt.storage import ReadRequest, Storage
+from cloudckpt.storage.parts import Countdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +229,7 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             if len(segments) == 1:
                 fetch(obj, offset, into, check, target)
                 continue
-            joint = _AllLanded(len(segments), check)
+            joint = Countdown(partial(_in_turn, check), len(segments))  # verify once all segments landed
             for at, buffer in segments:  # adjacent: read_into fetches them in one GET
                 fetch(obj, chunk.offset + at, buffer, [joint], target if buffer is into else None)
             continue
@@ -286,8 +287,7 @@ class _Landing:
     def __call__(self) -> None:
         if self._fills is not None:
             self._written.add(self._fills)  # its bytes are in the destination (verified or not)
-        for step in self._steps:
-            step()
+        _in_turn(self._steps)
         self.ran = True
 
 
@@ -309,24 +309,9 @@ class _Written:
             return tuple(sorted(self._paths))
 
 
-class _AllLanded:
-    """Runs ``steps`` once, when the last of ``parts`` requests has landed: the check of a
-    read split over several buffers (the destination's run and the block margins around it)."""
-
-    __slots__ = ("_left", "_lock", "_steps")
-
-    def __init__(self, parts: int, steps: list[Callable[[], None]]) -> None:
-        self._left = parts
-        self._steps = steps
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            for step in self._steps:
-                step()
+def _in_turn(steps: Sequence[Callable[[], None]]) -> None:
+    for step in steps:
+        step()
 
 
 def _scatter(written: _Written, target: ReadTarget, box: tuple[slice, ...], values: NDArray[Any]) -> None:

@@ -15,13 +15,14 @@ MIN_SPAN = 1 * MiB
 
 
 class Countdown:
-    """Runs ``fn`` when the last of a request's spans has landed, on whichever thread landed it.
+    """Runs ``fn`` when the last of ``pieces`` reads has landed, on whichever thread landed it.
 
-    ``pieces`` is counted up while ``read_into`` cuts spans, before any read starts.
+    ``read_into`` counts ``pieces`` up while it cuts a request's spans, before any read
+    starts; a caller that splits one read over several requests gives their number.
     """
 
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.pieces = 0
+    def __init__(self, fn: Callable[[], None], pieces: int = 0) -> None:
+        self.pieces = pieces
         self._fn = fn
         self._lock = threading.Lock()
 
