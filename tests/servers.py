@@ -12,19 +12,22 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudckpt.testing.ports import free_port
+
 READY_TIMEOUT = 60.0
 STOP_GRACE = 5.0
+START_ATTEMPTS = 3
+PORT_CLASH = "address already in use"
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,6 @@ class Server:
     endpoint: str
     process: subprocess.Popen[bytes]
     log_path: Path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _binary(name: str) -> str:
@@ -105,36 +102,68 @@ def _spawn(name: str, argv: list[str], workdir: Path) -> tuple[subprocess.Popen[
     return process, log_path
 
 
+Launch = Callable[[], tuple[list[str], str]]
+Ready = Callable[[str, subprocess.Popen[bytes], Path], None]
+
+
+@contextlib.contextmanager
+def _serve(name: str, workdir: Path, launch: Launch, ready: Ready) -> Iterator[Server]:
+    """Start a server and wait until ``ready`` passes; stop it by its PID on the way out.
+
+    ``launch`` gives a fresh command line and endpoint on each call. A start that dies on
+    a port someone took between ``free_port`` and the server's bind is retried on new
+    ports, ``START_ATTEMPTS`` times in all; any other failure is raised at once.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        argv, endpoint = launch()
+        process, log_path = _spawn(name, argv, workdir)
+        try:
+            ready(endpoint, process, log_path)
+        except RuntimeError:
+            stop(process)
+            if attempt == START_ATTEMPTS or PORT_CLASH not in log_path.read_text(errors="replace"):
+                raise
+            continue
+        try:
+            yield Server(name, endpoint, process, log_path)
+        finally:
+            stop(process)
+        return
+
+
 @contextlib.contextmanager
 def seaweedfs(workdir: Path | None = None) -> Iterator[Server]:
     """SeaweedFS ``weed mini``: a real S3 server (accepts any credentials)."""
     with _workdir(workdir, "weed") as root:
         data = root / "data"
-        data.mkdir()
-        ports = [free_port() for _ in range(10)]
-        s3_port = ports[6]
-        argv = [
-            _binary("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
-            f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
-            f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
-            f"-s3.port={s3_port}", f"-s3.port.grpc={ports[7]}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            f"-admin.port={ports[8]}", f"-admin.port.grpc={ports[9]}", "-master.telemetry=false",
-            f"-filer.localSocket={root}/f.sock", f"-s3.localSocket={root}/s.sock",
-            # Every bucket written to takes volumes of its own; left at 0, the limit is free disk
-            # / volume size, and a suite of many buckets on a fuller disk met "no free volumes
-            # left" (HTTP 500). Volumes are not preallocated, so a high cap costs no disk.
-            "-volume.max=1000",
-        ]
-        process, log_path = _spawn("weed", argv, root)
-        try:
-            endpoint = f"http://127.0.0.1:{s3_port}"
+
+        def launch() -> tuple[list[str], str]:
+            shutil.rmtree(data, ignore_errors=True)  # a failed start's volumes stay out of the next
+            data.mkdir()
+            ports = [free_port() for _ in range(10)]
+            s3_port = ports[6]
+            argv = [
+                _binary("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
+                f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
+                f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+                f"-s3.port={s3_port}", f"-s3.port.grpc={ports[7]}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+                f"-admin.port={ports[8]}", f"-admin.port.grpc={ports[9]}", "-master.telemetry=false",
+                f"-filer.localSocket={root}/f.sock", f"-s3.localSocket={root}/s.sock",
+                # Every bucket written to takes volumes of its own; left at 0, the limit is free
+                # disk / volume size, and a suite of many buckets on a fuller disk met "no free
+                # volumes left" (HTTP 500). Volumes are not preallocated: a high cap costs no disk.
+                "-volume.max=1000",
+            ]
+            return argv, f"http://127.0.0.1:{s3_port}"
+
+        def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
             _wait_http(endpoint, process, log_path)
             _wait_s3_writable(endpoint, process, log_path)
-            yield Server("seaweedfs", endpoint, process, log_path)
-        finally:
-            stop(process)
+
+        with _serve("seaweedfs", root, launch, ready) as server:
+            yield server
 
 
 def _wait_s3_writable(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -178,31 +207,34 @@ def create_bucket(endpoint: str, name: str) -> None:
 def moto_server(workdir: Path | None = None) -> Iterator[Server]:
     """moto in server mode (S3, IAM, STS, ...)."""
     with _workdir(workdir, "moto") as root:
-        port = free_port()
-        process, log_path = _spawn("moto", [_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)], root)
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
+
+        def launch() -> tuple[list[str], str]:
+            port = free_port()
+            return [_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}"
+
+        def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
             _wait_http(f"{endpoint}/moto-api/", process, log_path)
-            yield Server("moto", endpoint, process, log_path)
-        finally:
-            stop(process)
+
+        with _serve("moto", root, launch, ready) as server:
+            yield server
 
 
 @contextlib.contextmanager
 def fake_gcs(workdir: Path | None = None) -> Iterator[Server]:
     """fake-gcs-server, in memory; clients reach it through ``STORAGE_EMULATOR_HOST``."""
     with _workdir(workdir, "fakegcs") as root:
-        port = free_port()
-        argv = [fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                "-backend", "memory", "-log-level", "warn",
-                "-external-url", f"http://127.0.0.1:{port}"]
-        process, log_path = _spawn("fake-gcs", argv, root)
-        try:
+
+        def launch() -> tuple[list[str], str]:
+            port = free_port()
             endpoint = f"http://127.0.0.1:{port}"
+            return [fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                    "-backend", "memory", "-log-level", "warn", "-external-url", endpoint], endpoint
+
+        def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
             _wait_http(f"{endpoint}/storage/v1/b", process, log_path)
-            yield Server("fake-gcs-server", endpoint, process, log_path)
-        finally:
-            stop(process)
+
+        with _serve("fake-gcs-server", root, launch, ready) as server:
+            yield server
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import socket
 import tempfile
 import time
 import traceback
@@ -20,12 +19,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for the group's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from cloudckpt.testing.ports import free_port
 
 
 def _child(target: Callable[..., None], rank: int, world: int, port: int, args: tuple[Any, ...], out: str) -> None:
