@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import servers
+
 from cloudckpt.testing import ports
 
 
