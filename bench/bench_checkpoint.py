@@ -566,24 +566,30 @@ def report_memory(results: list[MemoryResult]) -> tuple[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- main
-def describe_run() -> str:
-    """Revision and load of the machine, printed with the tables (read-only git calls).
+def revision(root: Path = REPO) -> str:
+    """The commit of the library at ``root``, and whether its cloudckpt/ has uncommitted changes.
 
-    Why: the numbers depend on the library's state (other work may be uncommitted) and on
-    what else ran on the 2 cores; both belong next to the numbers.
+    Why: the numbers depend on the library's state (other work may be uncommitted); read-only
+    git calls, "unknown" where git cannot tell.
     """
     def git(*args: str) -> str:
         try:
-            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                                 check=False)
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return out.stdout.strip()
 
-    revision = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "cloudckpt").splitlines()]
-    state = f" + uncommitted changes in {len(dirty)} cloudckpt file(s)" if dirty else ""
+    return commit + (f" + uncommitted changes in {len(dirty)} cloudckpt file(s)" if dirty else "")
+
+
+def describe_run(root: Path = REPO) -> str:
+    """Revision and load of the machine, printed with the tables: what else ran on the 2 cores
+    belongs next to the numbers as much as the library's state does."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"cloudckpt at {revision}{state}; load average {load}"
+    return f"cloudckpt at {revision(root)}; load average {load}"
 
 
 @contextlib.contextmanager

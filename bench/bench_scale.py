@@ -56,25 +56,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.bench_checkpoint import describe_run, revision
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "bench" / "scale_worker.py"
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-
-
-def revision(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-        return out[:90] + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_worker(config: dict[str, Any], library_root: Path, timeout: float) -> dict[str, Any]:
@@ -238,8 +225,7 @@ def main(argv: list[str]) -> int:
         libraries.remove("old")
 
     print(f"command: python -m bench scale {' '.join(argv)}")
-    print(f"load average at start: {load()} ({os.cpu_count()} cores)")
-    print(f"current library: {REPO} @ {revision(REPO)}")
+    print(f"at start ({os.cpu_count()} cores): {describe_run()}")
     if "old" in libraries:
         print(f"old library: {old_root} @ {revision(old_root)}")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
@@ -280,5 +266,5 @@ def main(argv: list[str]) -> int:
         print()
         print(run_index_rows(args))
     print()
-    print(f"load average at end: {load()}; wall {time.monotonic() - started:.0f} s")
+    print(f"at end: {describe_run()}; wall {time.monotonic() - started:.0f} s")
     return 0
