@@ -40,51 +40,43 @@ def _script(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def _ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    servers._wait_http(endpoint, process, log_path)
+
+
+def _dying_start(message: str, launches: list[str]) -> servers.Launch:
+    """A server that prints ``message`` and exits at once; each start recorded in ``launches``."""
+    def launch() -> tuple[list[str], str]:
+        endpoint = f"http://127.0.0.1:{ports.free_port()}"
+        launches.append(endpoint)
+        return _script(f"print({message!r}); raise SystemExit(255)"), endpoint
+    return launch
+
+
 def test_a_start_that_lost_its_port_is_retried_on_new_ports(tmp_path: Path) -> None:
     launches: list[str] = []
+    clash = _dying_start("listen tcp: bind: address already in use", launches)
 
     def launch() -> tuple[list[str], str]:
+        if not launches:
+            return clash()
         port = ports.free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        launches.append(endpoint)
-        if len(launches) == 1:
-            return _script("print('listen tcp: bind: address already in use'); raise SystemExit(255)"), endpoint
-        return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], endpoint
+        launches.append(f"http://127.0.0.1:{port}")
+        return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], launches[-1]
 
-    def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        servers._wait_http(endpoint, process, log_path)
-
-    with servers._serve("toy", tmp_path, launch, ready) as server:
+    with servers._serve("toy", tmp_path, launch, _ready) as server:
         assert server.endpoint == launches[1] and len(launches) == 2
         assert server.process.poll() is None
     assert server.process.poll() is not None  # stopped by its PID on the way out
 
 
-def test_any_other_start_failure_is_raised_at_once(tmp_path: Path) -> None:
-    launches: list[int] = []
-
-    def launch() -> tuple[list[str], str]:
-        launches.append(1)
-        return _script("print('no such flag: -volume.max'); raise SystemExit(2)"), "http://127.0.0.1:1"
-
-    def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        servers._wait_http(endpoint, process, log_path)
-
-    with pytest.raises(RuntimeError, match="no such flag"), servers._serve("toy", tmp_path, launch, ready):
+@pytest.mark.parametrize(("message", "starts"), [
+    ("flag provided but not defined: -volume.max", 1),  # raised at once
+    ("bind: address already in use", servers.START_ATTEMPTS),  # raised after the last attempt
+])
+def test_a_start_that_keeps_failing_is_raised_with_its_log(tmp_path: Path, message: str, starts: int) -> None:
+    launches: list[str] = []
+    with pytest.raises(RuntimeError, match=message), \
+            servers._serve("toy", tmp_path, _dying_start(message, launches), _ready):
         pass
-    assert len(launches) == 1
-
-
-def test_a_port_clash_on_every_attempt_is_raised_after_the_last(tmp_path: Path) -> None:
-    launches: list[int] = []
-
-    def launch() -> tuple[list[str], str]:
-        launches.append(1)
-        return _script("print('bind: address already in use'); raise SystemExit(255)"), "http://127.0.0.1:1"
-
-    def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        servers._wait_http(endpoint, process, log_path)
-
-    with pytest.raises(RuntimeError, match="address already in use"), servers._serve("toy", tmp_path, launch, ready):
-        pass
-    assert len(launches) == servers.START_ATTEMPTS
+    assert len(launches) == starts
