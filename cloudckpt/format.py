@@ -14,6 +14,7 @@ own objects, or (since nothing is pickled) code execution.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -22,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, cast
 
-import ml_dtypes
 import numpy as np
 
 from cloudckpt.boxes import partition_problem
@@ -65,14 +65,31 @@ NODE_TYPES: frozenset[str] = frozenset({"object", "dict", "list", "tuple"})
 #: Adapters that turn an object's state into a structure and back (see adapters/).
 ADAPTERS: frozenset[str] = frozenset({"state_dict", "numpy_generator", "python_random", "torch_generator"})
 
-#: dtypes numpy lacks natively, named through ml_dtypes.
-_ML_DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(getattr(ml_dtypes, name))
-    for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-                 "float8_e4m3b11fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu",
-                 "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn", "int2", "int4", "uint2", "uint4")
-    if hasattr(ml_dtypes, name)
-}
+#: dtypes numpy lacks natively, named as ml_dtypes names them (its types have numpy's void kind).
+ML_DTYPE_NAMES: tuple[str, ...] = (
+    "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e4m3b11fnuz",
+    "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn",
+    "int2", "int4", "uint2", "uint4")
+
+
+@functools.cache
+def _ml_dtypes() -> dict[str, np.dtype[Any]]:
+    """The ml_dtypes types this ml_dtypes has, by name, imported on first need.
+
+    Why lazily: ml_dtypes 0.7 spends ~0.5 s importing its extension module, which every
+    ``import cloudckpt`` paid - each CLI call, each spawned rank - though only a checkpoint
+    holding one of these types needs it (an array of one means ml_dtypes is imported already).
+    """
+    import ml_dtypes
+
+    return {name: np.dtype(getattr(ml_dtypes, name)) for name in ML_DTYPE_NAMES if hasattr(ml_dtypes, name)}
+
+
+def ml_dtype(name: str) -> np.dtype[Any] | None:
+    """The ml_dtypes type called ``name``, or ``None`` where this ml_dtypes lacks it (imports ml_dtypes)."""
+    return _ml_dtypes().get(name)
+
+
 _NATIVE_KINDS = frozenset("biufcUSmM")
 
 
@@ -202,9 +219,10 @@ def parent_path(path: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- dtypes
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """The stored name of a dtype; ``ValueError`` for dtypes a checkpoint cannot hold."""
-    for name, known in _ML_DTYPES.items():
-        if dtype == known:
-            return name
+    if dtype.kind == "V" and dtype.fields is None:
+        for name, known in _ml_dtypes().items():
+            if dtype == known:
+                return name
     if dtype.kind not in _NATIVE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise ValueError(f"dtype {dtype} cannot be checkpointed (object, structured and void "
                          f"dtypes are refused: they could hold Python objects)")
@@ -217,8 +235,11 @@ def parse_dtype(name: object) -> np.dtype[Any]:
     """The dtype a stored name means; ``CheckpointFormatError`` for anything unknown."""
     if not isinstance(name, str) or not 0 < len(name) <= 40:
         raise CheckpointFormatError(f"dtype must be a short string, got {name!r}")
-    if name in _ML_DTYPES:
-        return _ML_DTYPES[name]
+    if name in ML_DTYPE_NAMES:
+        known = ml_dtype(name)
+        if known is None:
+            raise CheckpointFormatError(f"dtype {name!r} needs a newer ml_dtypes than the one installed")
+        return known
     if not re.fullmatch(r"[<|]?[A-Za-z0-9\[\]]+", name):
         raise CheckpointFormatError(f"unknown dtype {name!r}")
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,21 @@ def test_read_only_array_is_refused(tmp_path: Path) -> None:
     frozen.flags.writeable = False
     with pytest.raises(cloudckpt.CheckpointMismatchError, match="read-only"):
         Checkpoint(a=frozen).read(path)
+
+
+def test_ml_dtypes_is_imported_only_when_a_checkpoint_holds_one_of_its_types(tmp_path: Path) -> None:
+    """ml_dtypes 0.7 takes ~0.5 s to import: ``import cloudckpt`` (each CLI call, each spawned
+    rank) must not pay it; reading a bfloat16 checkpoint imports it and gets the type back."""
+    plain = Checkpoint(n=np.arange(3.0)).write(tmp_path / "plain")
+    bf16 = Checkpoint(w=sample(np.dtype(ml_dtypes.bfloat16))).write(tmp_path / "bf16")
+    code = f"""
+import sys
+import cloudckpt, cloudckpt.cli, cloudckpt.tfbundle
+assert "ml_dtypes" not in sys.modules, "imported by import cloudckpt"
+assert cloudckpt.load_variable({str(plain)!r}, "n").tolist() == [0.0, 1.0, 2.0]
+assert "ml_dtypes" not in sys.modules, "imported by a float64 checkpoint's read"
+print(cloudckpt.load_variable({str(bf16)!r}, "w").dtype.name)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["bfloat16"]

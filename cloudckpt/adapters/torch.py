@@ -8,27 +8,45 @@ integer view and come out as their ``ml_dtypes`` twin (``torch.bfloat16`` <->
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
 from cloudckpt.adapters import StateAdapter
+from cloudckpt.format import ml_dtype
 
-#: torch dtypes numpy lacks -> (their ml_dtypes twin, a same-width integer dtype to view through).
-_VIA_VIEW: dict[torch.dtype, tuple[np.dtype[Any], torch.dtype]] = {
-    torch.bfloat16: (np.dtype(ml_dtypes.bfloat16), torch.int16),
-}
-for _torch_name, _ml_name in (("float8_e4m3fn", "float8_e4m3fn"), ("float8_e5m2", "float8_e5m2"),
-                              ("float8_e4m3fnuz", "float8_e4m3fnuz"), ("float8_e5m2fnuz", "float8_e5m2fnuz")):
-    if hasattr(torch, _torch_name) and hasattr(ml_dtypes, _ml_name):
-        _VIA_VIEW[getattr(torch, _torch_name)] = (np.dtype(getattr(ml_dtypes, _ml_name)), torch.uint8)
+#: torch dtypes numpy lacks -> (the ml_dtypes name of their twin, a same-width integer dtype to view through).
+_VIEWED: dict[torch.dtype, tuple[str, torch.dtype]] = {torch.bfloat16: ("bfloat16", torch.int16)}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        _VIEWED[getattr(torch, _name)] = (_name, torch.uint8)
 
-_FROM_NUMPY_VIEW: dict[np.dtype[Any], tuple[torch.dtype, np.dtype[Any]]] = {
-    ml: (td, np.dtype(torch.empty(0, dtype=view).numpy().dtype)) for td, (ml, view) in _VIA_VIEW.items()
-}
+
+@functools.cache
+def _twin(dtype: torch.dtype) -> tuple[np.dtype[Any], torch.dtype] | None:
+    """``(ml_dtypes twin, view dtype)`` of a torch dtype numpy lacks; ``None`` for the others.
+
+    Looked up on first need so that ml_dtypes (~0.5 s to import, for 0.7) is imported only
+    by a state that holds such a tensor.
+    """
+    if dtype not in _VIEWED:
+        return None
+    name, view = _VIEWED[dtype]
+    twin = ml_dtype(name)
+    return None if twin is None else (twin, view)
+
+
+@functools.cache
+def _from_twin(dtype: np.dtype[Any]) -> tuple[torch.dtype, np.dtype[Any]] | None:
+    """``(torch dtype, integer view dtype)`` for an ml_dtypes type torch has; ``None`` for the others."""
+    for torch_dtype in _VIEWED:
+        found = _twin(torch_dtype)
+        if found is not None and found[0] == dtype:
+            return torch_dtype, np.dtype(torch.empty(0, dtype=found[1]).numpy().dtype)
+    return None
 
 
 def is_tensor(obj: object) -> bool:
@@ -67,8 +85,9 @@ def tensor_to_numpy(tensor: Any) -> NDArray[Any]:
         ValueError: complex32 and other dtypes with no numpy or ml_dtypes twin.
     """
     plain = _plain(tensor)
-    if plain.dtype in _VIA_VIEW:
-        ml, view = _VIA_VIEW[plain.dtype]
+    twin = _twin(plain.dtype)
+    if twin is not None:
+        ml, view = twin
         return plain.view(view).numpy().view(ml)
     try:
         return plain.numpy()
@@ -90,8 +109,10 @@ def numpy_to_tensor(array: NDArray[Any]) -> Any:
     """A CPU tensor sharing ``array``'s memory (copied only if not writeable/contiguous)."""
     if not array.flags.c_contiguous or not array.flags.writeable:
         array = np.array(array, copy=True, order="C")
-    if array.dtype in _FROM_NUMPY_VIEW:
-        dtype, view = _FROM_NUMPY_VIEW[array.dtype]
+    # numpy's void kind: ml_dtypes' types (whose arrays mean ml_dtypes is imported already)
+    found = _from_twin(array.dtype) if array.dtype.kind == "V" else None
+    if found is not None:
+        dtype, view = found
         return torch.from_numpy(array.view(view)).view(dtype)
     return torch.from_numpy(array)
 
@@ -104,8 +125,9 @@ def copy_into(tensor: Any, array: NDArray[Any]) -> None:
 
 def tensor_meta(tensor: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """Shape and numpy dtype of a tensor, without touching its data."""
-    if tensor.dtype in _VIA_VIEW:
-        return tuple(tensor.shape), _VIA_VIEW[tensor.dtype][0]
+    twin = _twin(tensor.dtype)
+    if twin is not None:
+        return tuple(tensor.shape), twin[0]
     try:
         dtype = torch.empty(0, dtype=tensor.dtype).numpy().dtype
     except TypeError as exc:

@@ -20,13 +20,14 @@ encodes the name and the slice (:func:`slice_key`, TensorFlow's ``EncodeTensorNa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format import ml_dtype
 from cloudckpt.tfbundle import wire
 from cloudckpt.tfbundle.crc import unmask
 
@@ -43,9 +44,9 @@ DT_STRING = 7
 DT_RESOURCE = 20
 DT_VARIANT = 21
 
-#: TensorFlow DataType -> (TensorFlow's name, numpy dtype). Quantized types are read as the
-#: integers they are stored as.
-DTYPES: dict[int, tuple[str, np.dtype[Any]]] = {
+#: TensorFlow DataTypes numpy has -> (TensorFlow's name, numpy dtype). Quantized types are
+#: read as the integers they are stored as.
+_NATIVE: dict[int, tuple[str, np.dtype[Any]]] = {
     1: ("float32", np.dtype(np.float32)),
     2: ("float64", np.dtype(np.float64)),
     3: ("int32", np.dtype(np.int32)),
@@ -58,7 +59,6 @@ DTYPES: dict[int, tuple[str, np.dtype[Any]]] = {
     11: ("qint8", np.dtype(np.int8)),
     12: ("quint8", np.dtype(np.uint8)),
     13: ("qint32", np.dtype(np.int32)),
-    14: ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
     15: ("qint16", np.dtype(np.int16)),
     16: ("quint16", np.dtype(np.uint16)),
     17: ("uint16", np.dtype(np.uint16)),
@@ -67,11 +67,38 @@ DTYPES: dict[int, tuple[str, np.dtype[Any]]] = {
     22: ("uint32", np.dtype(np.uint32)),
     23: ("uint64", np.dtype(np.uint64)),
 }
-for _number, _name in ((24, "float8_e5m2"), (25, "float8_e4m3fn"), (26, "float8_e4m3fnuz"),
-                       (27, "float8_e4m3b11fnuz"), (28, "float8_e5m2fnuz"), (29, "int4"), (30, "uint4"),
-                       (31, "int2"), (32, "uint2"), (33, "float4_e2m1fn")):
-    if hasattr(ml_dtypes, _name):
-        DTYPES[_number] = (_name, np.dtype(getattr(ml_dtypes, _name)))
+#: TensorFlow DataTypes numpy lacks -> their name, which is also ml_dtypes' name for the type.
+_ML: dict[int, str] = {
+    14: "bfloat16", 24: "float8_e5m2", 25: "float8_e4m3fn", 26: "float8_e4m3fnuz", 27: "float8_e4m3b11fnuz",
+    28: "float8_e5m2fnuz", 29: "int4", 30: "uint4", 31: "int2", 32: "uint2", 33: "float4_e2m1fn",
+}
+
+
+class _DataTypes(Mapping[int, tuple[str, np.dtype[Any]]]):
+    """TensorFlow DataType -> (TensorFlow's name, numpy dtype), for every type this machine can read.
+
+    A mapping rather than a dict so that ml_dtypes is imported (~0.5 s for ml_dtypes 0.7)
+    only when a bundle holds one of its types, not whenever cloudckpt is imported.
+    """
+
+    def __getitem__(self, number: int) -> tuple[str, np.dtype[Any]]:
+        if number in _NATIVE:
+            return _NATIVE[number]
+        name = _ML.get(number)
+        dtype = ml_dtype(name) if name is not None else None
+        if name is None or dtype is None:
+            raise KeyError(number)
+        return name, dtype
+
+    def __iter__(self) -> Iterator[int]:
+        yield from _NATIVE
+        yield from (number for number, name in _ML.items() if ml_dtype(name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+DTYPES: Mapping[int, tuple[str, np.dtype[Any]]] = _DataTypes()
 #: dtypes that hold no plain bytes: refused, naming the key.
 REFUSED = {DT_RESOURCE: "resource", DT_VARIANT: "variant"}
 
