@@ -27,7 +27,7 @@ from cloudckpt.testing.ports import free_port
 READY_TIMEOUT = 60.0
 STOP_GRACE = 5.0
 START_ATTEMPTS = 3
-PORT_CLASH = "address already in use"
+PORT_CLASH = "address already in use"  # Go: "bind: address ...", moto (werkzeug): "Address ..."
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def _serve(name: str, workdir: Path, launch: Launch, ready: Ready) -> Iterator[S
             ready(endpoint, process, log_path)
         except RuntimeError:
             stop(process)
-            if attempt == START_ATTEMPTS or PORT_CLASH not in log_path.read_text(errors="replace"):
+            if attempt == START_ATTEMPTS or PORT_CLASH not in log_path.read_text(errors="replace").lower():
                 raise
             continue
         try:
