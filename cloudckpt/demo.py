@@ -12,23 +12,31 @@
 4. Compare the resumed run's final weights with the reference: they must be identical.
 
 The directory defaults to ``./demo-checkpoints`` on local disk; any URL works
-(``s3://bucket/run``, ``gs://bucket/run``) with the usual credentials.
+(``s3://bucket/run``, ``gs://bucket/run``) with the usual credentials. Each run writes
+under a fresh prefix of its own in it (``demo-<UTC time>-<random>``), never into what an
+earlier run left: resuming an earlier run's finished checkpoints would kill nothing and
+still claim a crash. Nothing is deleted, and the demo fails (exit 1) unless the first
+worker was really SIGKILLed and the second really resumed from a checkpoint saved before
+the kill.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import re
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from cloudckpt import Checkpoint, Trackable, Variable
 from cloudckpt.manager import CheckpointManager
+from cloudckpt.storage import join_url, resolve_directory
 
 FEATURES = 32
 BATCH = 64
@@ -90,17 +98,50 @@ def worker(directory: str, steps: int, save_every: int) -> None:
     print(f"finished at step {int(step)}", flush=True)
 
 
-def run_worker_until(args: argparse.Namespace, kill_at: int | None) -> int:
-    """Run a worker process; SIGKILL it when it reports step ``kill_at``. Returns its exit code."""
-    cmd = [sys.executable, "-m", "cloudckpt.demo", "--worker", args.directory,
+@dataclass(frozen=True)
+class WorkerRun:
+    """What one worker process did, as the demo saw it.
+
+    Attributes:
+        exit_code: the process's exit code (``-9``: the demo's SIGKILL).
+        resumed_at: the step of the checkpoint it resumed from (``None``: it started fresh).
+    """
+
+    exit_code: int
+    resumed_at: int | None
+
+    @property
+    def killed(self) -> bool:
+        return self.exit_code == -signal.SIGKILL
+
+
+def fresh_prefix(directory: str) -> str:
+    """A new, empty prefix under ``directory`` for this run.
+
+    Raises:
+        SystemExit: the prefix already holds objects (another run picked the same name).
+    """
+    run = join_url(directory, f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}")
+    if resolve_directory(run).list():
+        raise SystemExit(f"{run} is not empty; the demo needs a fresh prefix to show a real crash and resume")
+    return run
+
+
+def run_worker_until(directory: str, args: argparse.Namespace, kill_at: int | None) -> WorkerRun:
+    """Run a worker process on ``directory``; SIGKILL it when it reports step ``kill_at``."""
+    cmd = [sys.executable, "-m", "cloudckpt.demo", "--worker", directory,
            "--steps", str(args.steps), "--save-every", str(args.save_every)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
+    resumed_at = None
     deadline = time.monotonic() + 300
     for line in proc.stdout:
         line = line.rstrip()
         if line.startswith("worker") or "saved" in line or line.startswith("finished"):
             print(f"  | {line}")
+        resumed = re.search(r"resumed from \S+ at step (\d+)$", line)
+        if resumed:
+            resumed_at = int(resumed.group(1))
         if kill_at is not None and line.startswith(f"step {kill_at} "):
             os.kill(proc.pid, signal.SIGKILL)
             print(f"  ! SIGKILL sent to pid {proc.pid} after step {kill_at} (a preempted VM gets no warning)")
@@ -109,14 +150,15 @@ def run_worker_until(args: argparse.Namespace, kill_at: int | None) -> int:
             proc.kill()
             break
     proc.stdout.close()
-    return proc.wait(timeout=60)
+    return WorkerRun(proc.wait(timeout=60), resumed_at)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloudckpt.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", nargs="?", default="demo-checkpoints",
-                        help="checkpoint directory or URL (default: ./demo-checkpoints, wiped first)")
+                        help="checkpoint directory or URL (default: ./demo-checkpoints); each run writes under a "
+                             "fresh prefix in it")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--kill-at", type=int, default=137)
@@ -127,21 +169,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not 0 < args.kill_at < args.steps:
         parser.error("--kill-at must be between 0 and --steps")
-    if "://" not in args.directory and os.path.isdir(args.directory):
-        shutil.rmtree(args.directory)
 
     print(f"1. reference: {args.steps} uninterrupted steps, no checkpoints")
     expected = reference(args.steps)
-    print(f"2. checkpointed run into {args.directory}, killed at step {args.kill_at}")
-    code = run_worker_until(args, kill_at=args.kill_at)
-    print(f"   worker exit code {code} (-9 = SIGKILL)")
+    directory = fresh_prefix(args.directory)
+    print(f"2. checkpointed run into {directory} (a fresh prefix), killed at step {args.kill_at}")
+    first = run_worker_until(directory, args, kill_at=args.kill_at)
+    print(f"   worker exit code {first.exit_code} (-9 = SIGKILL)")
+    if not first.killed or first.resumed_at is not None:
+        print(f"the first worker was not killed at step {args.kill_at} in a fresh run (exit code "
+              f"{first.exit_code}, resumed at {first.resumed_at}): no crash to recover from", file=sys.stderr)
+        return 1
     print("3. a new process resumes from the latest committed checkpoint")
-    if run_worker_until(args, kill_at=None) != 0:
+    second = run_worker_until(directory, args, kill_at=None)
+    if second.exit_code != 0:
         print("resumed worker failed", file=sys.stderr)
+        return 1
+    if second.resumed_at is None or second.resumed_at > args.kill_at:
+        print(f"the second worker did not resume from a checkpoint saved before step {args.kill_at} "
+              f"(resumed at {second.resumed_at})", file=sys.stderr)
         return 1
 
     restored = Model()
-    final = CheckpointManager(Checkpoint(model=restored), args.directory, max_to_keep=3)
+    final = CheckpointManager(Checkpoint(model=restored), directory, max_to_keep=3)
     path = final.latest_checkpoint
     Checkpoint(model=restored).read(path).expect_partial()
     identical = np.array_equal(restored.weights.numpy(), expected)
