@@ -24,7 +24,7 @@ from typing import Union
 
 from cloudckpt.storage.base import Storage
 from cloudckpt.storage.factory import open_storage
-from cloudckpt.storage.urls import split_url
+from cloudckpt.storage.urls import check_url, split_url
 
 #: Storages opened on demand that stay open (their pools and clients) for reuse.
 CACHE_SIZE = 16
@@ -73,7 +73,12 @@ _lock = threading.Lock()
 
 
 def _directory_key(directory: PathLike) -> str:
-    text = os.fspath(directory)
+    """The registry key of a directory: its URL, or a local path made absolute.
+
+    The URL parser runs first: made absolute, a typo such as ``s3:/bucket/run`` would look
+    like an ordinary local path (``/cwd/s3:/bucket/run``) to every check after this one.
+    """
+    text = check_url(directory)
     if "://" in text:
         return text.rstrip("/")
     return os.path.abspath(text)
@@ -81,6 +86,9 @@ def _directory_key(directory: PathLike) -> str:
 
 def storage_for_directory(directory: PathLike) -> Storage:
     """The storage rooted at ``directory``: the registered one, else one opened and cached.
+
+    Every entry point that takes a directory (``CheckpointManager``, ``latest_checkpoint``,
+    the CLI) comes through here, so all of them refuse the same URL typos.
 
     Raises:
         InvalidURLError: the text is not a usable URL or path (unknown scheme, no bucket,
