@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -85,6 +85,21 @@ class ObjectSizes:
         return known
 
 
+def chunk_past_end(index: CheckpointIndex, chunks: Iterable[Chunk], sizes: ObjectSizes) -> str | None:
+    """Why one of an array's ``chunks`` cannot be read - it lies past the real end of its object - or ``None``.
+
+    The one size check of the read path: before an index-sized allocation
+    (``backed_buffer``), and to say exactly which bytes are missing when a read ran short.
+    """
+    for chunk in chunks:
+        obj = index.objects[chunk.object].name
+        real = sizes.of(obj)
+        if chunk.offset + chunk.length > real:
+            return (f"the index puts {chunk.length} of its bytes at [{chunk.offset}, "
+                    f"{chunk.offset + chunk.length}) of {obj}, which has {real} bytes")
+    return None
+
+
 def backed_buffer(index: CheckpointIndex, path: str, entry: ArrayEntry, sizes: ObjectSizes | None) -> NDArray[Any]:
     """``new_buffer(entry)``, refusing first an entry whose bytes the real objects cannot hold.
 
@@ -93,14 +108,11 @@ def backed_buffer(index: CheckpointIndex, path: str, entry: ArrayEntry, sizes: O
             (nothing was allocated). ``sizes`` ``None``: not checked (reads go elsewhere).
     """
     if sizes is not None and math.prod(entry.shape) * parse_dtype(entry.dtype).itemsize > CHECK_BEFORE_ALLOCATING:
-        for chunk in entry.chunks:
-            obj = index.objects[chunk.object].name
-            real = sizes.of(obj)
-            if chunk.offset + chunk.length > real:
-                raise CheckpointFormatError(
-                    f"cannot read {path!r}: the index puts {chunk.length} of its bytes at [{chunk.offset}, "
-                    f"{chunk.offset + chunk.length}) of {obj}, which has {real} bytes (a damaged or hostile index); "
-                    f"nothing was allocated for its {math.prod(entry.shape)} elements")
+        problem = chunk_past_end(index, entry.chunks, sizes)
+        if problem is not None:
+            raise CheckpointFormatError(
+                f"cannot read {path!r}: {problem} (a damaged or hostile index); nothing was allocated for its "
+                f"{math.prod(entry.shape)} elements")
     return new_buffer(entry)
 
 
@@ -258,14 +270,35 @@ def read_arrays(storage: Storage, index: CheckpointIndex, targets: Sequence[Read
             f"reading?): {exc}{_partial_note(written.paths(), targets)}",
             storage.url_for(index.name)) from exc
     except InvalidRangeError as exc:
+        short = _short_read(storage, index, targets) if ranges is None else None
         raise CheckpointFormatError(
             f"a data object of checkpoint {storage.url_for(index.name)!r} is shorter than its index "
-            f"says (truncated?): {exc}{_partial_note(written.paths(), targets)}") from exc
+            f"says (truncated?): {short or exc}{_partial_note(written.paths(), targets)}") from exc
     except StorageError as exc:
         overwritten = written.paths()
         if overwritten:
             raise type(exc)(f"{exc}{_partial_note(overwritten, targets)}", exc.url) from exc
         raise
+
+
+def _short_read(storage: Storage, index: CheckpointIndex, targets: Sequence[ReadTarget]) -> str | None:
+    """Which bytes a read that ran short missed, by key, with the object's real size (one HEAD per object).
+
+    The store's own error speaks of the coalesced span it was reading, which may start well
+    after the object's real end; this names the array and its chunk's bytes. ``None`` if the
+    objects now hold every byte (replaced while reading) or cannot be HEADed.
+    """
+    sizes = ObjectSizes(storage)
+    try:
+        for target in targets:
+            extent = target.dest.shape
+            chunks = overlapping(target.entry.chunks, target.start or (0,) * len(extent), extent)
+            problem = chunk_past_end(index, chunks, sizes)
+            if problem is not None:
+                return f"{target.path!r}: {problem}"
+    except StorageError:
+        return None
+    return None
 
 
 class _Landing:

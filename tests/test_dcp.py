@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,44 @@ def test_hostile_dcp_metadata_is_a_format_error(tmp_path: Path, mutate: Any, mes
     index = decode_index(json.dumps(doc).encode(), "ck", str(path))
     with pytest.raises(CheckpointFormatError, match=message):
         decode_metadata(index, str(path))
+
+
+def _load_failure(tmp_path: Path, dest: dict[str, Any]) -> BaseException:
+    """The exception rank 0 raised inside ``dcp.load`` (DCP wraps it in a ``CheckpointException``)."""
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(dest, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    return info.value.failures[0][0]
+
+
+def test_a_byte_item_claiming_a_huge_size_is_refused_before_allocating(tmp_path: Path) -> None:
+    """The index's recorded sizes lie too (1 TiB of 'step'): only the object's real size tells, before np.empty."""
+    doc, path = _written(tmp_path)
+    entry = doc["entries"]["step"]
+    chunk = entry["chunks"][0]
+    entry["shape"] = [2**40]
+    chunk.update(length=2**40, shape=[2**40])
+    chunk.pop("blocks", None)
+    doc["objects"][chunk["object"]]["size"] = 2**41
+    path.write_text(json.dumps(doc))
+    error = _load_failure(tmp_path, _small_state())
+    assert isinstance(error, CheckpointFormatError), repr(error)  # not a MemoryError
+    assert re.search(r"cannot read 'step'.*has \d+ bytes.*nothing was allocated", str(error)), error
+
+
+def test_a_truncated_data_object_names_the_item_and_the_real_size(tmp_path: Path) -> None:
+    """Only 'b' is loaded, and its bytes lie past the truncated end: the error says where they are and what is there."""
+    state = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10)}
+    dcp.save(state, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    index = load_index(LocalStorage(str(tmp_path)), "ck")
+    chunk = index.entries["b"].chunks[0]  # type: ignore[union-attr]
+    data = tmp_path / index.objects[chunk.object].name
+    data.write_bytes(data.read_bytes()[:100])
+    error = _load_failure(tmp_path, {"b": torch.zeros(10)})
+    assert isinstance(error, CheckpointFormatError), repr(error)
+    message = str(error)
+    assert "shorter than its index says" in message and "'b'" in message, message
+    assert f"[{chunk.offset}, {chunk.offset + 40})" in message and "which has 100 bytes" in message, message
+    assert f"ends at byte {chunk.offset}" not in message, message  # the object ends at byte 100
 
 
 def test_format_version_2_additions_and_version_1_still_read(tmp_path: Path) -> None:

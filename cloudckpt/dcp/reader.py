@@ -14,6 +14,12 @@ the tensor's own memory. Otherwise (a column block of a resharded load, a GPU te
 another dtype) the bytes land in a buffer and are copied in with ``Tensor.copy_`` - as DCP's
 own readers do for every item. Byte items are handed to DCP's ``planner.load_bytes``, which
 unpickles them (``torch.load(weights_only=False)``); cloudckpt itself never does.
+
+Untrusted sizes: a tensor box lands in memory the planner sized (the destination tensor's),
+but a byte item's buffer is sized by its index entry alone, so a large one is allocated only
+after HEAD has shown its data object really holds those bytes (``reader.backed_buffer``, the
+check cloudckpt's own restore makes), and a read that runs short names the item, its bytes
+and the object's real size.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import CheckpointFormatError, CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
 from cloudckpt.index_store import load_index
-from cloudckpt.reader import ReadTarget, new_buffer, read_arrays
+from cloudckpt.reader import ObjectSizes, ReadTarget, backed_buffer, new_buffer, read_arrays
 from cloudckpt.storage import Location, Storage
 
 
@@ -126,6 +132,7 @@ class StorageReader(Addressed, DCPStorageReader):
         tensors: list[tuple[ReadItem, torch.Tensor]] = []
         byte_items: list[tuple[ReadItem, NDArray[np.uint8]]] = []
         chunk_at: dict[str, dict[tuple[int, ...], Chunk]] = {}
+        sizes = ObjectSizes(location.storage)
         for item in plan.items:
             path = fqn_path(item.storage_index.fqn)
             entry = index.entries.get(path)
@@ -135,7 +142,7 @@ class StorageReader(Addressed, DCPStorageReader):
                 if entry.pytype != "bytes":
                     raise CheckpointMismatchError(f"{item.storage_index.fqn!r} in {location.url} is a tensor, "
                                                   f"not a byte item")
-                buffer = new_buffer(entry)
+                buffer = backed_buffer(index, path, entry, sizes)  # its size is the index's word alone
                 targets.append(ReadTarget(path, entry, buffer, live=False))
                 byte_items.append((item, buffer))
                 continue
