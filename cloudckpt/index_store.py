@@ -15,11 +15,12 @@ from cloudckpt.errors import (
     BucketNotFoundError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointVersionError,
     InvalidRangeError,
     NotFoundError,
     StorageError,
 )
-from cloudckpt.format import INDEX_SUFFIX, CheckpointIndex, decode_index, index_key
+from cloudckpt.format import FORMAT_VERSION, INDEX_SUFFIX, CheckpointIndex, decode_index, index_key
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage
 
 #: Largest index a reader will fetch. A real one is ~200 bytes per array chunk, so this
@@ -82,6 +83,21 @@ def read_index(storage: Storage, name: str, meta: ObjectMeta | None = None) -> C
     """
     data = read_index_bytes(storage, name, meta)
     return None if data is None else decode_index(data, name, storage.url_for(index_key(name)))
+
+
+def newer_format(exc: BaseException) -> CheckpointVersionError | None:
+    """``exc`` if it says an index is of a *newer* format (an integer version above ours), else ``None``.
+
+    Why the distinction: such a checkpoint is valid for the cloudckpt that wrote it - not
+    damaged - so a resume must stop (upgrade) rather than fall back past it, and nothing
+    may replace or delete it. A version that is no integer, or one below every version we
+    read, cannot come from any cloudckpt: that index is damaged like any malformed one.
+    """
+    if not isinstance(exc, CheckpointVersionError):
+        return None
+    version = exc.version
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+    return exc if newer else None
 
 
 def load_index_bytes(storage: Storage, name: str) -> bytes:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, index_key
-from cloudckpt.index_store import read_index
+from cloudckpt.index_store import newer_format, read_index
 from cloudckpt.references import delete_unreferenced
 from cloudckpt.state_file import CheckpointState, read_state
 from cloudckpt.storage import Directory, ObjectMeta, Storage, join_url, resolve_directory
@@ -118,10 +118,16 @@ def delete_checkpoint(storage: Storage, name: str) -> None:
     Never "everything under the prefix": a concurrent re-save of the same number has
     data objects with other (write-unique) names that must survive, and an incremental
     checkpoint may name this one's objects.
+
+    A checkpoint of a newer format version is left whole: it is intact for the cloudckpt
+    that wrote it, and its index may name objects this version cannot see.
     """
     try:
         index = read_index(storage, name)
     except CheckpointFormatError as exc:
+        if newer_format(exc) is not None:
+            log.warning("not deleting %s: %s", storage.url_for(name), exc)
+            return
         log.warning("not deleting data objects of %s: its index is unreadable (%s)", storage.url_for(name), exc)
         storage.delete(index_key(name))
         return

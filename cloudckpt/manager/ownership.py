@@ -9,6 +9,12 @@ next save: it raises ``ConcurrentWriterError`` and removes only what it just wro
 
 Stores without conditional writes (plain fsspec protocols) cannot fence: the claim warns
 once per directory, plainly, instead of pretending.
+
+A directory holding a checkpoint of a newer format version belongs to a newer cloudckpt:
+the claim refuses it (before writing anything), since saving would rewrite that writer's
+state file and evict its checkpoints. The check reads every index of the directory once
+per manager (one LIST, one GET per index - what the first save's leftovers cleanup reads
+too); a newer writer arriving later replaces the state file, which fences this manager.
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ import uuid
 import warnings
 from collections.abc import Callable
 
-from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, NotFoundError, PreconditionError
+from cloudckpt.errors import (
+    CheckpointFormatError,
+    CheckpointStateError,
+    ConcurrentWriterError,
+    NotFoundError,
+    PreconditionError,
+)
 from cloudckpt.format import index_key
+from cloudckpt.index_store import newer_format, read_index
 from cloudckpt.manager.directory import read_state_tolerant
-from cloudckpt.references import delete_unreferenced
+from cloudckpt.references import delete_unreferenced, scan
 from cloudckpt.saving import WriteResult
 from cloudckpt.state_file import STATE_KEY, CheckpointState, write_state
 from cloudckpt.storage import ObjectMeta, Storage
@@ -62,8 +75,10 @@ class DirectoryOwnership:
         write (with this manager's token); it may run more than once if writers race.
 
         Raises:
-            ConcurrentWriterError: the state file kept changing under us.
+            ConcurrentWriterError: the state file kept changing under us, or the directory
+                holds a checkpoint of a newer format version (nothing is written then).
         """
+        self._refuse_newer_format()
         self._warn_if_unfenced()
         for _ in range(_CLAIM_ATTEMPTS):
             found = self.read()
@@ -117,6 +132,17 @@ class DirectoryOwnership:
         except NotFoundError:
             pass
         delete_unreferenced(self.storage, written.data_keys)
+
+    def _refuse_newer_format(self) -> None:
+        """Fence this manager if a committed index of the directory is of a newer format version."""
+        for name in scan(self.storage).newer:  # a newer or an unusable version: read again to tell which
+            try:
+                read_index(self.storage, name)
+            except CheckpointFormatError as exc:
+                if newer_format(exc) is not None:
+                    self.fence(f"{exc}. {self.storage.url} holds checkpoints of a newer cloudckpt, which owns it: "
+                               "this manager will not save there (it would rewrite that writer's state file and "
+                               "evict its checkpoints) - upgrade cloudckpt, or save to another directory")
 
     def _unreadable_version(self) -> ObjectMeta | None:
         """When the state file is unreadable we replace it, but only that exact version."""

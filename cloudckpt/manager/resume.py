@@ -8,7 +8,9 @@ one (naming it and the cause), and stops at the first that restores - fully, so 
 failed attempt had already written into the live objects is overwritten by the intact
 checkpoint's values. Errors that are not damage (the program's objects do not match the
 checkpoint, credentials, the network) are raised at once: trying older checkpoints would not
-help and could hide the real problem.
+help and could hide the real problem. Neither is a checkpoint of a *newer format version*:
+it is intact for the cloudckpt that wrote it, which owns the directory now, so the resume
+stops with the same ``CheckpointVersionError`` (upgrade cloudckpt) a plain restore raises.
 
 On many hosts every rank restores, and one rank's damage (its byte ranges) must move every
 rank to the next candidate: each attempt ends with one all-gather of the ranks' outcomes.
@@ -29,10 +31,12 @@ from cloudckpt.errors import (
     CloudCkptError,
     NoIntactCheckpointError,
 )
+from cloudckpt.index_store import newer_format
 
 log = logging.getLogger("cloudckpt.manager")
 
-#: What makes a committed checkpoint unusable (as opposed to unusable *here*).
+#: What makes a committed checkpoint unusable (as opposed to unusable *here*) - except an
+#: index of a newer format version (``index_store.newer_format``), which is not damage.
 DAMAGE = (ChecksumError, CheckpointFormatError, CheckpointNotFoundError)
 
 
@@ -50,6 +54,7 @@ def restore_newest_intact(restore: Callable[[str], None], candidates: Sequence[s
 
     Raises:
         NoIntactCheckpointError: every candidate is damaged (each cause listed).
+        CheckpointVersionError: a candidate is of a newer format version (upgrade cloudckpt).
         CheckpointMismatchError, StorageError, ...: a failure that is not damage, at once.
     """
     skipped: list[str] = []
@@ -60,7 +65,13 @@ def restore_newest_intact(restore: Callable[[str], None], candidates: Sequence[s
             restore(name)
             mine = Outcome()
         except DAMAGE as exc:
-            error, mine = exc, Outcome(damage=f"{type(exc).__name__}: {exc}")
+            what = f"{type(exc).__name__}: {exc}"
+            if newer_format(exc) is None:
+                error, mine = exc, Outcome(damage=what)
+            elif coordinator is None:
+                raise
+            else:
+                error, mine = exc, Outcome(fatal=what)
         except Exception as exc:
             error, mine = exc, Outcome(fatal=f"{type(exc).__name__}: {exc}")
             if coordinator is None:
