@@ -319,6 +319,11 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 wait_futures([future], timeout=UPLOAD_GRACE)  # let an upload in flight end, then remove it all
                 discard(location.storage, location.name, self._log.snapshot())
                 raise
+            except BaseException:  # Ctrl-C while polling: stop the upload, then remove what it started
+                location.storage.cancel_transfers()
+                wait_futures([future], timeout=UPLOAD_GRACE)
+                discard(location.storage, location.name, self._log.snapshot())
+                raise
         if any(e is not None for e in errors):
             discard(location.storage, location.name, self._log.snapshot())
             if error is not None:
@@ -335,6 +340,9 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 future.set_result(self._upload(location, plan, planner, layout, base))
             except Exception as exc:
                 future.set_exception(exc)
+            except BaseException:  # Ctrl-C / SystemExit: a PUT may have landed before it
+                discard(location.storage, location.name, self._log.snapshot())
+                raise
             return future
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-dcp-upload")
         try:

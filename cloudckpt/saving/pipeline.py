@@ -180,6 +180,7 @@ class SaveRun:
             self._upload_early()
         except BaseException:
             self._end_session()
+            self._discard()  # Ctrl-C during the early upload: nothing it started may stay
             raise
 
     def finish(self) -> WriteResult:
@@ -272,6 +273,9 @@ class SaveRun:
             raise DistributedSaveError(f"multi-host save of {self.url} failed: {exc}", {self.rank: str(exc)}) from exc
         except Exception as exc:
             local_error = exc
+        except BaseException:  # Ctrl-C / SystemExit: a PUT may have landed before it; remove what was started
+            self._discard()
+            raise
         report = self._report(local_error, stored)
         reports = self._collective(lambda: self.coord.gather_object(report, dst=self.committer))
         outcome: Outcome | None = None
