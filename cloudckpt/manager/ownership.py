@@ -26,16 +26,18 @@ import warnings
 from collections.abc import Callable
 
 from cloudckpt.errors import (
+    BucketNotFoundError,
     CheckpointFormatError,
     CheckpointStateError,
     ConcurrentWriterError,
     NotFoundError,
     PreconditionError,
+    StorageError,
 )
 from cloudckpt.format import index_key
 from cloudckpt.index_store import newer_format, read_index
-from cloudckpt.manager.directory import read_state_tolerant
-from cloudckpt.references import delete_unreferenced, scan
+from cloudckpt.manager.directory import read_state_tolerant, relative_name
+from cloudckpt.references import delete_unreferenced, index_names, scan
 from cloudckpt.saving import WriteResult
 from cloudckpt.state_file import STATE_KEY, CheckpointState, write_state
 from cloudckpt.storage import ObjectMeta, Storage
@@ -61,6 +63,7 @@ class DirectoryOwnership:
         self.token = uuid.uuid4().hex
         self._on_garbled = on_garbled
         self._state_meta: ObjectMeta | None = None
+        self._state: CheckpointState | None = None  # what this manager last wrote
         self.claimed = False
         self._fenced: ConcurrentWriterError | None = None
 
@@ -88,6 +91,7 @@ class DirectoryOwnership:
                 self._state_meta = write_state(self.storage, state, expected)
             except PreconditionError:
                 continue
+            self._state = state
             self.claimed = True
             log.info("claimed %s for writer %s", self.storage.url, self.token[:8])
             return
@@ -105,6 +109,8 @@ class DirectoryOwnership:
             current: ObjectMeta | None = self.storage.head(STATE_KEY)
         except NotFoundError:
             current = None
+        if current is None and self._state is not None:
+            self.fence(self._state_gone())
         if current is None or self._state_meta is None or current.version != self._state_meta.version:
             self.fence(f"another writer took over {self.storage.url} (its state file changed since this "
                        "manager's last save); this manager will not save again")
@@ -116,6 +122,7 @@ class DirectoryOwnership:
             PreconditionError: another writer replaced it since (the caller undoes and fences).
         """
         self._state_meta = write_state(self.storage, state, self._state_meta)
+        self._state = state
 
     def fence(self, message: str) -> None:
         """Stop this manager for good: every later save raises the same error."""
@@ -132,6 +139,37 @@ class DirectoryOwnership:
         except NotFoundError:
             pass
         delete_unreferenced(self.storage, written.data_keys)
+
+    def _state_gone(self) -> str:
+        """Why the save is refused when the state file this manager wrote has disappeared.
+
+        No other writer deletes a state file (they replace it), so this is a wiped directory or
+        bucket, or a person's cleanup: say which of our checkpoints went with it (one LIST,
+        only on this failure) and what to do, instead of blaming a writer that does not exist.
+        """
+        state_url = self.storage.url_for(STATE_KEY)
+        ours = [relative_name(p, self.storage.url) for p in self._state.all_model_checkpoint_paths] \
+            if self._state is not None else []
+        advice = (f"This manager will not save again: its checkpoint numbering and incremental saves build on "
+                  f"what it wrote there. To start over in {self.storage.url}, create a new CheckpointManager (its "
+                  "first save claims the directory afresh); to keep the old run, put its objects back first, or "
+                  "save to another directory.")
+        try:
+            present = set(index_names(self.storage))
+        except BucketNotFoundError:
+            return (f"the bucket of {self.storage.url} no longer exists: it was deleted since this manager's last "
+                    f"save, with the state file {state_url} and every checkpoint in it. Create the bucket again, "
+                    "then a new CheckpointManager (its first save claims the directory afresh).")
+        except StorageError as exc:
+            return (f"the state file {state_url} was deleted since this manager's last save (its checkpoints could "
+                    f"not be listed: {exc}). {advice}")
+        gone = [name for name in ours if name not in present]
+        if not gone:
+            return (f"the state file {state_url} was deleted since this manager's last save; its checkpoints are "
+                    f"still there, so someone removed just that file. {advice}")
+        return (f"the state file {state_url} was deleted since this manager's last save, and {len(gone)} of the "
+                f"{len(ours)} checkpoints it manages are gone too ({', '.join(gone)}): the directory was emptied "
+                f"(or these objects deleted) while this job ran. {advice}")
 
     def _refuse_newer_format(self) -> None:
         """Fence this manager if a committed index of the directory is of a newer format version."""
