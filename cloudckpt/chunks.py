@@ -150,6 +150,16 @@ class ChunkGrid(Sequence[Chunk]):
             cells = np.multiply.outer(cells, extent).reshape(-1)
         return (cells * self.itemsize).astype(np.int64)
 
+    def moved(self, offsets: NDArray[np.int64]) -> ChunkGrid:
+        """The same chunks at other offsets of their objects (a copy that repacks those objects).
+
+        CRC32Cs, block CRCs and content hashes cover each chunk's own bytes, so they stay as they are.
+        """
+        if offsets.shape != self.offsets.shape:
+            raise ValueError(f"{offsets.shape[0] if offsets.ndim else 0} offsets for {len(self)} chunks")
+        return ChunkGrid(self.shape, self.itemsize, self.splits, self.objects, offsets.astype(np.int64),
+                         self.crc32c, self.block_size, self._blocks[1], self.hashes)
+
     def overlapping(self, start: Sequence[int], extent: Sequence[int]) -> list[int]:
         """Indices of the chunks that overlap the box ``start``/``extent`` (bisecting the splits)."""
         ranges = []

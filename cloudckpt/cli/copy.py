@@ -17,8 +17,14 @@ truncated or missing data objects), reports it, copies every intact one, and exi
 the destination's latest is the newest intact checkpoint of the source.
 
 Data objects keep their names (they are unique to the write that made them), so a copy
-never overwrites bytes another index names. A failure before the commit removes the data
-objects this copy wrote; a SIGKILL leaves them for ``cloudckpt gc``.
+never overwrites bytes another index names. One exception, for a single checkpoint: an
+object it reads at most half of - an evicted checkpoint's object, kept for a few bytes an
+incremental save reused - is copied as only the ranges it reads (ranged GETs), into a new
+object of the copy with the chunks' offsets moved (``cloudckpt.cli.ranges``). A directory
+copy keeps every name, so the checkpoints that share an object share its one copy.
+
+A failure before the commit removes the data objects this copy wrote; a SIGKILL leaves
+them for ``cloudckpt gc``.
 
 A TensorFlow checkpoint (told by its index bytes) is copied as-is - same index bytes, same
 shard layout, renamed with the checkpoint - with the same order and checks (``_copy_bundle``).
@@ -43,6 +49,7 @@ from cloudckpt.cli.common import (
     EXIT_CONFLICT,
     EXIT_DAMAGED,
     CliError,
+    DirectoryScan,
     Progress,
     checkpoint_at,
     fail,
@@ -53,6 +60,7 @@ from cloudckpt.cli.common import (
     scan_directory,
     sort_names,
 )
+from cloudckpt.cli.ranges import Packing, packed_index, packed_name, plan_packings
 from cloudckpt.cli.verify import Problem, verify_bundle, verify_data
 from cloudckpt.errors import (
     CheckpointFormatError,
@@ -75,6 +83,7 @@ from cloudckpt.format import (
 from cloudckpt.index_store import head_index
 from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving.commit import commit, delete_replaced
+from cloudckpt.saving.objects import new_suffix
 from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, open_storage, split_url, url_scheme
 from cloudckpt.storage.transfer import gather
@@ -93,7 +102,8 @@ class _ChunkSums:
     Why running sums: the bytes arrive part by part from a stream that is never held whole.
     """
 
-    def __init__(self, chunks: Sequence[tuple[str, Chunk]]) -> None:
+    def __init__(self, chunks: Sequence[tuple[str, Chunk]], packing: Packing | None = None) -> None:
+        self._packing = packing  # the chunks' offsets are in the packed object; problems name the source's
         self._chunks = sorted(chunks, key=lambda item: item[1].offset)
         self._starts = [chunk.offset for _, chunk in self._chunks]
         self._sums = [Crc32c() for _ in self._chunks]
@@ -114,7 +124,9 @@ class _ChunkSums:
         for (path, chunk), checksum in zip(self._chunks, self._sums, strict=True):
             actual = checksum.value
             if actual != chunk.crc32c:
-                out.append(Problem("crc-mismatch", f"source bytes [{chunk.offset}, {chunk.offset + chunk.length}) "
+                start = chunk.offset if self._packing is None or not chunk.length else \
+                    self._packing.source_ranges(chunk.offset, chunk.offset + 1)[0][0]
+                out.append(Problem("crc-mismatch", f"source bytes [{start}, {start + chunk.length}) "
                                    f"of {obj} fail their CRC32C: recorded {chunk.crc32c:08x}, read {actual:08x}",
                                    key=path, object=obj))
         return out
@@ -142,15 +154,22 @@ class _Copier:
         """Whether an object of ``size`` bytes goes in one GET and one PUT (held whole in memory)."""
         return size <= self.dst.config.multipart_threshold or not self.dst.supports_multipart
 
-    def copy_object(self, src_key: str, dst_key: str, size: int, sums: _ChunkSums) -> None:
-        """One data object: ranged GETs feed the destination's writer; chunk CRCs computed in passing."""
+    def copy_object(self, src_key: str, dst_key: str, size: int, sums: _ChunkSums,
+                    packing: Packing | None = None) -> None:
+        """One data object: ranged GETs feed the destination's writer; chunk CRCs computed in passing.
+
+        With ``packing``, the ``size`` bytes written are only its spans of ``src_key``, end to end.
+        """
         url = self.src.url_for(src_key)
 
-        def read(start: int, end: int) -> bytes:
+        def read(start: int, end: int) -> list[bytes]:
             if end == start:
-                return b""
+                return []
+            ranges = [(start, end)] if packing is None else packing.source_ranges(start, end)
             try:
-                return self.src.get(src_key, ByteRange.bounded(start, end))
+                if len(ranges) == 1:
+                    return [self.src.get(src_key, ByteRange.bounded(*ranges[0]))]
+                return self.src.get_ranges(src_key, ranges)
             except InvalidRangeError as exc:
                 raise CheckpointFormatError(f"{url} is shorter than the {size} bytes its index records "
                                             "(truncated?)") from exc
@@ -164,13 +183,25 @@ class _Copier:
 
 @dataclass(frozen=True, slots=True)
 class Copied:
-    """What one checkpoint copy did."""
+    """What one checkpoint copy did.
+
+    Attributes:
+        objects, bytes: the data objects written, and their bytes.
+        verified: whether the copy was re-read and checked before its commit.
+        packed: objects written as only the ranges the checkpoint reads of a larger source object.
+        present: objects of other checkpoints already at the destination (a directory copy's
+            shared ones), not written again.
+        carried: the source objects of other checkpoints the copy names under their own names.
+    """
 
     src: str
     dst: str
     objects: int
     bytes: int
     verified: bool
+    packed: int = 0
+    present: int = 0
+    carried: tuple[str, ...] = ()
 
 
 def _renamed(index: CheckpointIndex, name: str) -> CheckpointIndex:
@@ -211,44 +242,53 @@ def _already_copied(dst: Storage, new: DataObject, src_name: str, old: DataObjec
 
 
 def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *, force: bool, reread: bool,
-                    quiet: bool) -> Copied:
-    """Copy one committed checkpoint; the destination index is written last."""
+                    quiet: bool, ranged: bool = True) -> Copied:
+    """Copy one committed checkpoint; the destination index is written last.
+
+    ``ranged``: an object the checkpoint reads at most ``PACK_MAX_FRACTION`` of is copied as only
+    the ranges it reads, into a new object of the copy (see the module docs). A directory copy
+    passes ``False``: its checkpoints share their shared objects' copies.
+    """
     index = load_any_index(src, src_name)
     if isinstance(index, Bundle):
         return _copy_bundle(index, dst, dst_name, force=force, reread=reread, quiet=quiet)
     seen = head_index(dst, dst_name)
     if seen is not None and not force:
         raise CliError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)", EXIT_CONFLICT)
-    new_index = _renamed(index, dst_name)
-    chunks = _chunks_by_object(index)
-    total = sum(o.size for o in index.objects)
-    written: list[str] = []
+    renamed = _renamed(index, dst_name)
+    present = {i for i, (old, new) in enumerate(zip(index.objects, renamed.objects, strict=True))
+               if _already_copied(dst, new, src_name, old)}
+    packings = plan_packings(index, {i: packed_name(o.name, dst_name, new_suffix())
+                                     for i, o in enumerate(index.objects) if i not in present}) if ranged else {}
+    new_index = packed_index(renamed, packings)
+    chunks = _chunks_by_object(new_index)
+    # (source object, what it becomes, running chunk CRCs, the packing when only ranges of it are copied)
+    pairs = [(old, new, _ChunkSums(chunks[i], packings.get(i)), packings.get(i))
+             for i, (old, new) in enumerate(zip(index.objects, new_index.objects, strict=True)) if i not in present]
+    total = sum(new.size for _, new, _, _ in pairs)
+    written = [new.name for _, new, _, _ in pairs]
     problems: list[Problem] = []
     try:
         with Progress(total, f"copy {src_name}", enabled=not quiet) as progress:
             copier = _Copier(src, dst, progress)
-            sums = [_ChunkSums(chunks[i]) for i in range(len(index.objects))]
-            pairs = [(old, new, checks) for old, new, checks in zip(index.objects, new_index.objects, sums, strict=True)
-                     if not _already_copied(dst, new, src_name, old)]
-            written.extend(new.name for _, new, _ in pairs)
             # Objects copied whole go in parallel (at most max_concurrency held at once);
             # large ones one at a time, each with its parts in parallel on the destination's pool.
             with ThreadPoolExecutor(max_workers=copier.workers, thread_name_prefix="cloudckpt-cp-small") as pool:
-                whole = [pool.submit(copier.copy_object, old.name, new.name, old.size, checks)
-                         for old, new, checks in pairs if copier.copies_whole(old.size)]
-                for old, new, checks in pairs:
-                    if not copier.copies_whole(old.size):
-                        copier.copy_object(old.name, new.name, old.size, checks)
+                whole = [pool.submit(copier.copy_object, old.name, new.name, new.size, checks, packing)
+                         for old, new, checks, packing in pairs if copier.copies_whole(new.size)]
+                for old, new, checks, packing in pairs:
+                    if not copier.copies_whole(new.size):
+                        copier.copy_object(old.name, new.name, new.size, checks, packing)
                 gather(whole)
-            for old, _, checks in pairs:
+            for old, _, checks, _ in pairs:
                 problems += checks.problems(src.url_for(old.name))
-            progress.update(sum(o.size for o in index.objects) - sum(old.size for old, _, _ in pairs))
         if problems:
             raise CliError(f"the source {src.url_for(src_name)} is damaged, nothing was committed: "
                            + "; ".join(p.line() for p in problems[:5])
                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""), EXIT_DAMAGED)
         if reread:
-            with Progress(total, f"verify {dst_name}", enabled=not quiet) as progress:
+            with Progress(sum(o.size for o in new_index.objects), f"verify {dst_name}",
+                          enabled=not quiet) as progress:
                 problems = verify_data(dst, new_index, progress)
             if problems:
                 raise CliError(f"the copy at {dst.url_for(dst_name)} reads back wrong, nothing was committed: "
@@ -258,7 +298,10 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
         _discard(dst, written)
         raise
     delete_replaced(dst, dst_name, stale)
-    return Copied(src.url_for(src_name), dst.url_for(dst_name), len(index.objects), total, reread)
+    carried = tuple(old.name for i, old in enumerate(index.objects)
+                    if i not in packings and object_checkpoint(old.name) != src_name)
+    return Copied(src.url_for(src_name), dst.url_for(dst_name), len(pairs), total, reread, len(packings),
+                  len(present), carried)
 
 
 def _copy_bundle(bundle: Bundle, dst: Storage, dst_name: str, *, force: bool, reread: bool, quiet: bool) -> Copied:
@@ -394,8 +437,39 @@ def _damage(exc: Exception, src: Storage) -> str | None:
 
 
 def _report(result: Copied) -> None:
-    print(f"copied {result.src} -> {result.dst}  ({result.objects} data objects, {human_size(result.bytes)}"
-          f"{', re-read and verified' if result.verified else ''})")
+    notes = [f"{result.objects} data object{'' if result.objects == 1 else 's'}, {human_size(result.bytes)}"]
+    if result.packed:
+        notes.append(f"{result.packed} of them only the ranges it reads of a larger object")
+    if result.present:
+        notes.append(f"{result.present} shared already there")
+    if result.verified:
+        notes.append("re-read and verified")
+    print(f"copied {result.src} -> {result.dst}  ({'; '.join(notes)})")
+
+
+def _report_unindexed(scan: DirectoryScan, copies: Sequence[Copied]) -> None:
+    """What became of the names that have data objects but no index.
+
+    An evicted checkpoint whose objects committed checkpoints still name was copied with
+    them (a directory copy keeps shared objects); only objects no copied checkpoint names -
+    crashed saves, which ``gc`` removes - were left behind.
+    """
+    users: dict[str, list[str]] = {}
+    for copy in copies:
+        for obj in copy.carried:
+            users.setdefault(obj, []).append(copy.dst.rstrip("/").rsplit("/", 1)[-1])
+    left: list[str] = []
+    for name in scan.names:
+        if name in scan.indexes:
+            continue
+        keys = [m.key for m in scan.data.get(name, [])]
+        kept_for = sort_names({user for key in keys for user in users.get(key, [])})
+        if kept_for:
+            print(f"{name} (evicted; data kept for {', '.join(kept_for)}): copied with them")
+        if any(key not in users for key in keys):
+            left.append(name)
+    if left:
+        print(f"not copied (incomplete saves, no index): {', '.join(left)}")
 
 
 def run(args: Any) -> int:
@@ -424,11 +498,13 @@ def run(args: Any) -> int:
         if existing:
             raise CliError(f"{dst.url} already has {', '.join(existing)} (use --force to replace)", EXIT_CONFLICT)
     copied: list[str] = []
+    copies: list[Copied] = []
     damaged: list[str] = []
     for name in names:
         try:
-            _report(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread,
-                                    quiet=args.quiet))
+            copies.append(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread,
+                                          quiet=args.quiet, ranged=False))
+            _report(copies[-1])
         except Exception as exc:
             reason = _damage(exc, src)
             if reason is None:
@@ -437,9 +513,7 @@ def run(args: Any) -> int:
             damaged.append(name)
         else:
             copied.append(name)
-    skipped = [n for n in scan.names if n not in scan.indexes]
-    if skipped:
-        print(f"not copied (incomplete saves, no index): {', '.join(skipped)}")
+    _report_unindexed(scan, copies)
     try:
         if copied and _copy_state(src, dst, copied, args.force):
             print(f"copied {src.url_for(STATE_KEY)} -> {dst.url_for(STATE_KEY)}"

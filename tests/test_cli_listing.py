@@ -1,0 +1,225 @@
+"""``ls`` and ``cp`` after incremental saves: shared data shown as what it is, bytes counted once,
+and a one-checkpoint copy that fetches only the byte ranges it reads of an old object.
+
+The scenario is the one that misled users: a model that changes every save plus a small
+constant, saved by a manager with ``max_to_keep=2``. ckpt-1 is evicted, but its data object
+stays - ckpt-3 and ckpt-4 still read the constant's 80 bytes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cloudckpt import load_checkpoint
+from cloudckpt.checksum import crc32c_of
+from cloudckpt.chunks import ChunkGrid, as_grid
+from cloudckpt.cli.common import human_size
+from cloudckpt.cli.copy import copy_checkpoint
+from cloudckpt.format import (
+    ArrayEntry,
+    CheckpointIndex,
+    Chunk,
+    DataObject,
+    Entry,
+    NodeEntry,
+    encode_index,
+    index_key,
+    object_checkpoint,
+)
+from cloudckpt.index_store import load_index
+from cloudckpt.storage import Storage, open_storage
+
+REPO = Path(__file__).resolve().parent.parent
+BIG = 250_000  # float32: a 1 MB data object per save
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cloudckpt", *args], capture_output=True, text=True,
+                          env=dict(os.environ), cwd=REPO, timeout=300)
+
+
+def write_checkpoint(storage: Storage, name: str, arrays: dict[str, tuple[np.ndarray, int, int]],
+                     objects: tuple[DataObject, ...]) -> None:
+    """An index naming ``arrays`` (key -> (array, object number, offset)) in ``objects``."""
+    entries: dict[str, Entry] = {"": NodeEntry("object", ("model",)), "model": NodeEntry("dict", tuple(arrays))}
+    for key, (array, obj, offset) in arrays.items():
+        chunk = Chunk(obj, offset, array.nbytes, crc32c_of([array.tobytes()]), (0,) * array.ndim, array.shape)
+        entries[f"model/{key}"] = ArrayEntry(str(array.dtype), array.shape, "ndarray", (chunk,))
+    storage.put(index_key(name), encode_index(CheckpointIndex(name, entries, objects)))
+
+
+def incremental_run(directory: str) -> dict[str, dict[str, np.ndarray]]:
+    """What four incremental saves with ``max_to_keep=2`` leave: ckpt-3 and ckpt-4, each with its own
+    object for the model that changed, both reading the constant from evicted ckpt-1's object.
+
+    Written by hand, so the scenario does not depend on when a save decides to rewrite stale objects.
+    """
+    storage = open_storage(directory)
+    rng = np.random.default_rng(0)
+    const = np.arange(20, dtype=np.float32)
+    first = rng.standard_normal(BIG).astype(np.float32)
+    old = DataObject("ckpt-1.data-00000-of-00001.1111111111111111", first.nbytes + const.nbytes)
+    storage.put(old.name, [first.tobytes(), const.tobytes()])
+    saved = {}
+    for n in (3, 4):
+        big = rng.standard_normal(BIG).astype(np.float32)
+        own = DataObject(f"ckpt-{n}.data-00000-of-00001.{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}{n}", big.nbytes)
+        storage.put(own.name, big.tobytes())
+        write_checkpoint(storage, f"ckpt-{n}", {"big": (big, 0, 0), "const": (const, 1, first.nbytes)}, (own, old))
+        saved[f"ckpt-{n}"] = {"big": big, "const": const}
+    return saved
+
+
+def assert_restores(path: str, expected: dict[str, np.ndarray]) -> None:
+    reader = load_checkpoint(path)
+    for key, value in expected.items():
+        assert np.array_equal(reader.get_tensor(f"model/{key}"), value), key
+
+
+def stored(directory: Path) -> int:
+    """Bytes of every index and data object (the state file aside)."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != "checkpoint")
+
+
+def data_files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in directory.rglob("*.data-*")}
+
+
+# ---------------------------------------------------------------------------- ls
+def test_ls_shows_an_evicted_checkpoints_kept_data_and_counts_bytes_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    incremental_run(str(run))
+    open_storage(str(run)).put("ckpt-9.data-00000-of-00001.0123456789abcdef", b"a crashed save")
+    assert not (run / "ckpt-1.index").exists() and any(n.startswith("ckpt-1.") for n in data_files(run))
+
+    listing = cli("ls", str(run), "--json")
+    assert listing.returncode == 0, listing.stderr
+    doc = json.loads(listing.stdout)
+    rows = {row["name"]: row for row in doc["checkpoints"]}
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "ckpt-1": "evicted", "ckpt-3": "committed", "ckpt-4": "committed", "ckpt-9": "incomplete"}
+    assert rows["ckpt-1"]["kept_for"] == ["ckpt-3", "ckpt-4"]
+    assert rows["ckpt-1"]["kept_bytes"] == 80  # the constant: all the evicted object still serves
+    assert rows["ckpt-9"]["kept_for"] == [] and rows["ckpt-9"]["size"] == len(b"a crashed save")
+    assert rows["ckpt-4"]["shared_bytes"] == {"ckpt-1": 80}
+    total = stored(run)
+    assert doc["stored_bytes"] == total and sum(r["size"] for r in rows.values()) == total
+
+    text = cli("ls", str(run))
+    assert text.returncode == 0, text.stderr
+    line = next(line for line in text.stdout.splitlines() if " ckpt-1 " in line)
+    assert "evicted" in line and "kept for ckpt-3, ckpt-4" in line and "incomplete" not in line
+    assert "incomplete" in next(line for line in text.stdout.splitlines() if " ckpt-9 " in line)
+    assert f"{human_size(total)} stored in" in text.stdout
+
+
+# ---------------------------------------------------------------------------- cp of a directory
+def test_cp_of_a_directory_says_the_evicted_checkpoints_data_was_copied(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    saved = incremental_run(str(src))
+    open_storage(str(src)).put("ckpt-9.data-00000-of-00001.0123456789abcdef", b"a crashed save")
+
+    result = cli("cp", str(src), str(dst))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not copied (incomplete saves, no index): ckpt-9" in result.stdout
+    assert not any("not copied" in line and "ckpt-1" in line for line in result.stdout.splitlines()), result.stdout
+    assert "ckpt-1 (evicted; data kept for ckpt-3, ckpt-4): copied with them" in result.stdout
+    for name in ("ckpt-3", "ckpt-4"):
+        assert_restores(f"{dst}/{name}", saved[name])
+    listed = {r["name"]: r for r in json.loads(cli("ls", str(dst), "--json").stdout)["checkpoints"]}
+    assert listed["ckpt-1"]["status"] == "evicted" and listed["ckpt-1"]["kept_for"] == ["ckpt-3", "ckpt-4"]
+
+
+# ---------------------------------------------------------------------------- cp of one checkpoint
+class ReadCounter:
+    """Bytes a storage object fetched, through either read path (``get``; ``read_into``, which ``get_ranges`` uses)."""
+
+    def __init__(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.bytes = 0
+        get, read_into = storage.get, storage.read_into
+
+        def counted_get(key: str, byte_range: Any = None) -> bytes:
+            data = get(key, byte_range)
+            self.bytes += len(data)
+            return data
+
+        def counted_read_into(requests: Any) -> None:
+            read_into(requests)
+            self.bytes += sum(memoryview(r.out).nbytes for r in requests)
+
+        monkeypatch.setattr(storage, "get", counted_get)
+        monkeypatch.setattr(storage, "read_into", counted_read_into)
+
+
+@pytest.mark.parametrize("dst_name", ["ckpt-4", "renamed"])
+def test_cp_of_one_checkpoint_copies_only_the_ranges_it_reads_of_an_old_object(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dst_name: str) -> None:
+    run, dst = tmp_path / "run", tmp_path / "dst"
+    saved = incremental_run(str(run))
+    src = open_storage(str(run))
+    reads = ReadCounter(src, monkeypatch)
+
+    copy_checkpoint(src, "ckpt-4", open_storage(str(dst)), dst_name, force=False, reread=True, quiet=True)
+
+    own = 4 * BIG  # ckpt-4's own object holds the changed model
+    assert reads.bytes < own + 4096, reads.bytes  # not ckpt-1's whole 1 MB object for its 80 bytes
+    index = load_index(open_storage(str(dst)), dst_name)
+    assert index.references == () and {object_checkpoint(o.name) for o in index.objects} == {dst_name}
+    assert sum(data_files(dst).values()) < own + 4096, data_files(dst)
+    assert_restores(f"{dst}/{dst_name}", saved["ckpt-4"])
+    verified = cli("verify", f"{dst}/{dst_name}")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_ranged_copy_moves_a_grid_arrays_offsets(tmp_path: Path) -> None:
+    """An array stored as a ``ChunkGrid`` (64 chunks) in an old object: the copy's grid points at the new one."""
+    run, dst = tmp_path / "run", tmp_path / "dst"
+    storage = open_storage(str(run))
+    rng = np.random.default_rng(1)
+    grid_array = rng.standard_normal((64, 4)).astype(np.float32)
+    filler = rng.integers(0, 255, 1 << 20, dtype=np.uint8)
+    mine = rng.standard_normal(100).astype(np.float32)
+    old = "ckpt-1.data-00000-of-00001.aaaaaaaaaaaaaaaa"
+    new = "ckpt-2.data-00000-of-00001.bbbbbbbbbbbbbbbb"
+    old_bytes = filler.tobytes() + grid_array.tobytes()
+    storage.put(old, old_bytes)
+    storage.put(new, mine.tobytes())
+
+    def grid(object_number: int) -> ChunkGrid:
+        rows = [Chunk(object_number, filler.nbytes + 16 * i, 16, crc32c_of([grid_array[i].tobytes()]), (i, 0), (1, 4))
+                for i in range(64)]
+        made = as_grid((64, 4), 4, rows)
+        assert made is not None
+        return made
+
+    def whole(data: np.ndarray, object_number: int) -> ArrayEntry:
+        chunk = Chunk(object_number, 0, data.nbytes, crc32c_of([data.tobytes()]), (0,), data.shape)
+        return ArrayEntry(str(data.dtype), data.shape, "ndarray", (chunk,))
+
+    first = CheckpointIndex("ckpt-1", {"": NodeEntry("object", ("filler", "g")), "filler": whole(filler, 0),
+                                       "g": ArrayEntry("float32", (64, 4), "ndarray", grid(0))},
+                            (DataObject(old, len(old_bytes)),))
+    second = CheckpointIndex("ckpt-2", {"": NodeEntry("object", ("g", "mine")), "mine": whole(mine, 0),
+                                        "g": ArrayEntry("float32", (64, 4), "ndarray", grid(1))},
+                             (DataObject(new, mine.nbytes), DataObject(old, len(old_bytes))), references=("ckpt-1",))
+    storage.put(index_key("ckpt-1"), encode_index(first))
+    storage.put(index_key("ckpt-2"), encode_index(second))
+    assert cli("verify", str(run)).returncode == 0
+
+    result = cli("cp", f"{run}/ckpt-2", f"{dst}/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    copied = load_index(open_storage(str(dst)), "ckpt-2")
+    entry = copied.entries["g"]
+    assert isinstance(entry, ArrayEntry) and isinstance(entry.chunks, ChunkGrid)
+    assert copied.references == () and sum(data_files(dst).values()) == mine.nbytes + grid_array.nbytes
+    assert cli("verify", f"{dst}/ckpt-2").returncode == 0
+    reader = load_checkpoint(f"{dst}/ckpt-2")
+    assert np.array_equal(reader.get_tensor("g"), grid_array) and np.array_equal(reader.get_tensor("mine"), mine)
