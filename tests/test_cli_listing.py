@@ -25,7 +25,7 @@ from cloudckpt.checksum import crc32c_of
 from cloudckpt.chunks import ChunkGrid, as_grid
 from cloudckpt.cli.common import human_size
 from cloudckpt.cli.copy import copy_checkpoint
-from cloudckpt.cli.ranges import Packing
+from cloudckpt.cli.ranges import Packing, packed_name
 from cloudckpt.format import (
     ArrayEntry,
     CheckpointIndex,
@@ -33,6 +33,7 @@ from cloudckpt.format import (
     DataObject,
     Entry,
     NodeEntry,
+    data_key,
     encode_index,
     index_key,
     object_checkpoint,
@@ -132,7 +133,7 @@ def test_cp_of_a_directory_says_the_evicted_checkpoints_data_was_copied(tmp_path
 
     result = cli("cp", str(src), str(dst))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "not copied (incomplete saves, no index): ckpt-9" in result.stdout
+    assert "not copied (no index, and no copied checkpoint reads their data): ckpt-9" in result.stdout
     assert not any("not copied" in line and "ckpt-1" in line for line in result.stdout.splitlines()), result.stdout
     assert "ckpt-1 (evicted; data kept for ckpt-3, ckpt-4): copied with them" in result.stdout
     for name in ("ckpt-3", "ckpt-4"):
@@ -272,3 +273,27 @@ def test_a_ranged_copy_on_s3_streams_several_ranges_in_multipart_parts(
     reader = load_checkpoint(f"{run}-copy/ckpt-2")
     for key, value in (("a", parts[0]), ("c", parts[2]), ("mine", mine)):
         assert np.array_equal(reader.get_tensor(f"model/{key}"), value), key
+
+
+def test_a_ranged_copy_of_damaged_source_bytes_names_them_and_commits_nothing(tmp_path: Path) -> None:
+    run, dst = tmp_path / "run", tmp_path / "dst"
+    incremental_run(str(run))
+    (old,) = (p for p in run.iterdir() if p.name.startswith("ckpt-1.data-"))
+    content = bytearray(old.read_bytes())
+    content[4 * BIG + 5] ^= 0x01  # inside the constant, the only range ckpt-4 reads of it
+    old.write_bytes(bytes(content))
+
+    result = cli("cp", f"{run}/ckpt-4", f"{dst}/")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"source bytes [{4 * BIG}, {4 * BIG + 80}) of {old}" in result.stderr and "CRC32C" in result.stderr
+    assert not dst.exists() or not any(dst.iterdir())
+
+
+def test_a_packed_objects_name_belongs_to_the_copy_and_keeps_a_spread_layout() -> None:
+    flat = packed_name("ckpt-1.data-00003-of-00008.1111111111111111", "copy", "2222222222222222")
+    spread = packed_name(data_key("ckpt-1", 3, 8, "1111111111111111", spread=True), "copy", "2222222222222222")
+    assert flat == "copy.data-00003-of-00008.2222222222222222"
+    assert spread == data_key("copy", 3, 8, "2222222222222222", spread=True) and "/" in spread
+    assert object_checkpoint(flat) == object_checkpoint(spread) == "copy"
+    with pytest.raises(ValueError, match="not a data object"):
+        packed_name("ckpt-1.index", "copy", "2222222222222222")

@@ -447,29 +447,29 @@ def _report(result: Copied) -> None:
     print(f"copied {result.src} -> {result.dst}  ({'; '.join(notes)})")
 
 
-def _report_unindexed(scan: DirectoryScan, copies: Sequence[Copied]) -> None:
+def _report_unindexed(scan: DirectoryScan, copies: dict[str, Copied]) -> None:
     """What became of the names that have data objects but no index.
 
-    An evicted checkpoint whose objects committed checkpoints still name was copied with
+    An evicted checkpoint whose objects the copied checkpoints still name was copied with
     them (a directory copy keeps shared objects); only objects no copied checkpoint names -
-    crashed saves, which ``gc`` removes - were left behind.
+    crashed saves, which ``gc`` removes, or data only a damaged checkpoint reads - stay behind.
     """
-    users: dict[str, list[str]] = {}
-    for copy in copies:
+    users: dict[str, set[str]] = {}
+    for name, copy in copies.items():
         for obj in copy.carried:
-            users.setdefault(obj, []).append(copy.dst.rstrip("/").rsplit("/", 1)[-1])
+            users.setdefault(obj, set()).add(name)
     left: list[str] = []
     for name in scan.names:
         if name in scan.indexes:
             continue
         keys = [m.key for m in scan.data.get(name, [])]
-        kept_for = sort_names({user for key in keys for user in users.get(key, [])})
+        kept_for = sort_names({user for key in keys for user in users.get(key, ())})
         if kept_for:
             print(f"{name} (evicted; data kept for {', '.join(kept_for)}): copied with them")
         if any(key not in users for key in keys):
             left.append(name)
     if left:
-        print(f"not copied (incomplete saves, no index): {', '.join(left)}")
+        print(f"not copied (no index, and no copied checkpoint reads their data): {', '.join(left)}")
 
 
 def run(args: Any) -> int:
@@ -498,13 +498,13 @@ def run(args: Any) -> int:
         if existing:
             raise CliError(f"{dst.url} already has {', '.join(existing)} (use --force to replace)", EXIT_CONFLICT)
     copied: list[str] = []
-    copies: list[Copied] = []
+    copies: dict[str, Copied] = {}
     damaged: list[str] = []
     for name in names:
         try:
-            copies.append(copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread,
-                                          quiet=args.quiet, ranged=False))
-            _report(copies[-1])
+            copies[name] = copy_checkpoint(src, name, dst, name, force=args.force, reread=not args.no_reread,
+                                           quiet=args.quiet, ranged=False)
+            _report(copies[name])
         except Exception as exc:
             reason = _damage(exc, src)
             if reason is None:
