@@ -462,6 +462,8 @@ def read_coalesced(storage: Storage, requests: Sequence[ReadRequest]) -> None:
 
 def _partial_note(written: Sequence[str], targets: Sequence[ReadTarget]) -> str:
     """What a failed in-place restore left: exactly which live values it had overwritten."""
+    if not any(t.live for t in targets):
+        return ""  # a read into fresh buffers (export, load_variable): no live object to speak of
     if not written:
         return " - no live object was written: they hold what they held before"
     live = sorted({t.path for t in targets if t.live})

@@ -46,6 +46,7 @@ from cloudckpt.cli.common import (
     human_size,
 )
 from cloudckpt.cli.inspect import array_nbytes
+from cloudckpt.errors import ChecksumError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
 from cloudckpt.reader import ObjectSizes, ReadTarget, backed_buffer, read_arrays
 from cloudckpt.storage import Storage, resolve
@@ -236,9 +237,12 @@ def run(args: Any) -> int:
         else:
             summary = _export(location.storage, index, args, suffix, target)
         os.replace(temp, out_path)
-    except BaseException:
+    except BaseException as exc:
         target.close()
         Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, ChecksumError):
+            raise ChecksumError(f"{exc} - the checkpoint is damaged: nothing was written to {out_path}; "
+                                f"'cloudckpt verify {args.url}' lists every damaged key", exc.url, key=exc.key) from exc
         raise
     print(f"wrote {out_path}: {summary}")
     return 0
