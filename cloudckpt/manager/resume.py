@@ -18,7 +18,6 @@ rank to the next candidate: each attempt ends with one all-gather of the ranks' 
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from cloudckpt.errors import (
     NoIntactCheckpointError,
 )
 from cloudckpt.index_store import newer_format
-
-log = logging.getLogger("cloudckpt.manager")
 
 #: What makes a committed checkpoint unusable (as opposed to unusable *here*) - except an
 #: index of a newer format version (``index_store.newer_format``), which is not damage.
@@ -89,8 +86,7 @@ def restore_newest_intact(restore: Callable[[str], None], candidates: Sequence[s
         skipped.append(name)
         message = (f"checkpoint {url_for(name)} is damaged or incomplete ({cause}); restoring the next older "
                    f"committed checkpoint instead. `cloudckpt verify` shows what is wrong with it")
-        log.warning("%s", message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)  # once: a log line as well printed it twice
     listed = "; ".join(f"{url_for(n)}: {c}" for n, c in causes.items())
     raise NoIntactCheckpointError(f"no intact checkpoint to restore - every committed one is damaged: {listed}",
                                   causes)
