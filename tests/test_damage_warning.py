@@ -21,7 +21,7 @@ data = glob.glob(directory + "/ckpt-2.data-*")[0]
 raw = bytearray(open(data, "rb").read())
 raw[10] ^= 1
 open(data, "wb").write(bytes(raw))
-fresh = cloudckpt.CheckpointManager(cloudckpt.Checkpoint(v=cloudckpt.Variable(np.zeros(10))), directory)
+fresh = cloudckpt.CheckpointManager(cloudckpt.Checkpoint(v=cloudckpt.Variable(np.zeros(10))), directory, max_to_keep=3)
 print(fresh.restore_or_initialize())
 """
 
