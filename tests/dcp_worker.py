@@ -153,6 +153,32 @@ def _dcp_failure(call: Callable[[], Any]) -> dict[str, Any] | None:
     return None
 
 
+def _process_async_saves(mesh: Any, state: dict[str, Any], root: str, problems: list[str]) -> list[str]:
+    """Two ``dcp.async_save(..., AsyncCheckpointerType.PROCESS)`` saves, checked by loading; then the
+    checkpoint process is stopped (it would outlive a SIGKILLed rank otherwise). Returns their URLs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import _async_process_executor as executor
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from torch.distributed.tensor import Replicate, Shard
+
+    from cloudckpt.dcp import StorageWriter
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # where the checkpoint processes meet (else: hostname)
+    urls = [f"{root}/ck-1", f"{root}/ck-2"]
+    try:
+        for bump, url in enumerate(urls, start=3):
+            staged = {**state, "params": _params(mesh, Shard(0), global_w(bump))}
+            future = dcp.async_save(staged, storage_writer=StorageWriter(url),
+                                    async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            future.result(timeout=180)
+            _check_load(mesh, url, Replicate(), problems, f"process async {url}", bump=bump)
+    finally:
+        process, executor._CHECKPOINT_PROCESS = executor._CHECKPOINT_PROCESS, None
+        if process is not None:
+            process.__del__()  # TERMINATE, join (5 s), else SIGTERM
+    return urls
+
+
 def two_ranks(rank: int, world: int, port: int, s3_root: str, gcs_root: str, report: dict[str, Any]) -> None:
     """Spawned 2x: every multi-process DCP scenario, ending with a SIGKILL of rank 1 mid-save."""
     import torch
@@ -194,6 +220,12 @@ def two_ranks(rank: int, world: int, port: int, s3_root: str, gcs_root: str, rep
     async_state["params"]["W"].to_local().add_(100)  # after staging: must not reach the checkpoint
     future.result(timeout=120)
     _check_load(mesh, f"{s3_root}/ck-async", Shard(1), problems, "async", bump=1)
+
+    # 3b. async_save in DCP's checkpoint process (AsyncCheckpointerType.PROCESS): torch pickles
+    #     the writer into a spawned process per rank, which sets up its own gloo group; the
+    #     writer reopens its storage there from the URL (not under a registered storage).
+    #     Two saves: the second reuses the process and its coordinator.
+    report["process_async"] = _process_async_saves(mesh, state, f"{s3_root}/proc", problems)
 
     # 4. A committed checkpoint is not overwritten without overwrite=True; with it, it is replaced.
     bumped = {**state, "params": _params(mesh, Shard(0), global_w(2))}

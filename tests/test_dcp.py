@@ -118,6 +118,19 @@ def test_async_save_stored_the_staged_values(ranks: list[dict[str, Any]], s3_roo
     assert torch.equal(w, torch.from_numpy(dcp_worker.global_w(1)))  # not the +100 written after async_save returned
 
 
+def test_async_save_in_dcps_checkpoint_process(ranks: list[dict[str, Any]], s3_root: str) -> None:
+    """AsyncCheckpointerType.PROCESS: each rank's writer crossed into torch's checkpoint process (pickled
+    as its URL), which saved both ranks' shards into one checkpoint, twice; both load bit-exact."""
+    for report in ranks:
+        assert [p for p in report["problems"] if "process async" in p] == []
+    urls = [f"{s3_root}/proc/ck-1", f"{s3_root}/proc/ck-2"]
+    assert ranks[0]["process_async"] == ranks[1]["process_async"] == urls
+    for bump, url in enumerate(urls, start=3):
+        assert torch.equal(cloudckpt.load_variable(url, "params.W"), torch.from_numpy(dcp_worker.global_w(bump)))
+        location = resolve(url)
+        assert len(load_index(location.storage, location.name).objects) == 2  # one data object per rank
+
+
 def test_committed_checkpoint_is_kept_unless_overwrite(ranks: list[dict[str, Any]]) -> None:
     for report in ranks:
         refused = report["refused"]
@@ -394,6 +407,42 @@ def test_manager_on_one_process_with_async_save_and_sync_reraising(tmp_path: Pat
     assert manager.checkpoints == [str(tmp_path / "ckpt-2")] and not list(tmp_path.glob("ckpt-3*"))
 
 
+def test_the_writer_crosses_into_another_process_as_its_url(s3_root: str, tmp_path: Path) -> None:
+    """What AsyncCheckpointerType.PROCESS pickles: URL and options, no client, pool or lock - after a
+    save built all of them; the copy reopens its storage and saves (the 2-rank spawn runs the real thing)."""
+    import pickle
+
+    from cloudckpt.coordination import LocalCoordinator as Local
+
+    writer = StorageWriter(f"{s3_root}/crossing/ck-1", coordinator=Local())
+    dcp.save({"w": torch.arange(6.0)}, storage_writer=writer, no_dist=True)
+    clone = pickle.loads(pickle.dumps(writer))
+    assert (clone.checkpoint_id, clone.overwrite) == (writer.checkpoint_id, False)
+    dcp.save({"w": torch.arange(6.0) * 2}, storage_writer=StorageWriter(f"{s3_root}/crossing/ck-2", overwrite=True,
+                                                                        coordinator=Local()), no_dist=True)
+    clone = pickle.loads(pickle.dumps(StorageWriter(f"{s3_root}/crossing/ck-2", overwrite=True)))
+    dcp.save({"w": torch.arange(6.0) * 3}, storage_writer=clone, no_dist=True)
+    assert clone.overwrite and clone.last_commit is not None
+    assert torch.equal(cloudckpt.load_variable(f"{s3_root}/crossing/ck-2", "w"), torch.arange(6.0) * 3)
+
+    class Custom(Local):
+        pass
+
+    local = LocalStorage(str(tmp_path))
+    for refused, reason in [(StorageWriter("ck", storage=local), "built in code"),
+                            (StorageWriter(Location(local, "ck")), "built in code"),
+                            (StorageWriter(str(tmp_path / "ck"), coordinator=Custom()), "Custom")]:
+        with pytest.raises(TypeError, match=f"cannot be sent to DCP's checkpoint process.*{reason}"):
+            pickle.dumps(refused)
+    from cloudckpt.storage import register_storage, unregister_storage
+    register_storage(local)
+    try:
+        with pytest.raises(TypeError, match="register_storage"):
+            pickle.dumps(StorageWriter(str(tmp_path / "ck")))
+    finally:
+        unregister_storage(local)
+
+
 # ---------------------------------------------------------------------------- codecs and format
 def test_plain_codec_keeps_types() -> None:
     value = {"a": (1, "x", (2.5, None)), "b": [True, {"$k": 1}], "c": {0: "int key", (1, 2): "tuple key"},
@@ -514,3 +563,17 @@ def test_import_cloudckpt_does_not_import_torch() -> None:
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert out.stdout.strip() == "False"
 
+
+
+def test_import_cloudckpt_dcp_without_torch_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cloudckpt.errors import MissingDependencyError\n"
+            "try:\n    import cloudckpt.dcp\n"
+            "except MissingDependencyError as exc:\n    print(type(exc).__name__, exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.stdout.startswith("MissingDependencyError"), out.stdout + out.stderr
+    assert "pip install 'cloudckpt[torch]'" in out.stdout

@@ -37,3 +37,18 @@ def test_docs_name_the_error_restoring_a_tensorflow_checkpoint_raises() -> None:
     text = (ROOT / "docs" / "tensorflow-import.md").read_text()
     sentence = text[text.index("`Checkpoint.restore(tf_path)`"):][:400]
     assert type(raised.value).__name__ in sentence and "NotImplementedError` says so" not in sentence
+
+
+def test_the_dcp_loop_starts_its_process_group_on_this_torch(tmp_path: Path) -> None:
+    """docs/dcp.md's loop: its ``init_process_group`` line runs on the torch installed here (the CPU
+    build has no nccl: ``"cpu:gloo,cuda:nccl"`` alone fails)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "docs" / "dcp.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("dist.init_process_group("))
+    call = line.split("  #")[0].replace("dist.init_process_group(", "dist.init_process_group(init_method="
+                                        f"'file://{tmp_path}/store', rank=0, world_size=1, backend=", 1)
+    code = f"import torch, torch.distributed as dist\n{call}\ndist.barrier()\ndist.destroy_process_group()\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, line + "\n" + out.stderr[-2000:]

@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future as TorchFuture
 
 from cloudckpt.adapters import torch as torch_adapter
-from cloudckpt.coordination import Coordinator, default_coordinator
+from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
 from cloudckpt.dcp.paths import Addressed, CheckpointId
@@ -86,6 +86,7 @@ from cloudckpt.saving.objects import (
 )
 from cloudckpt.saving.plan import Description, PieceDescription, make_plan
 from cloudckpt.storage import Location, ObjectMeta, Storage
+from cloudckpt.storage.registry import is_registered
 
 
 class BookkeepingError(SaveError):
@@ -231,14 +232,33 @@ class StorageWriter(Addressed, DCPStorageWriter):
 
     Create one on every rank, in the same order (the default coordinator may create the
     checkpoint process group, a collective call).
+
+    ``dcp.async_save(..., async_checkpointer_type=AsyncCheckpointerType.PROCESS)`` sends the
+    writer to DCP's checkpoint process with pickle (torch's own transport between its
+    processes - the checkpoint *format* never holds pickle). What crosses is the checkpoint
+    URL, ``overwrite`` and which coordinator to use, never a client, pool or lock: the child
+    opens the storage from the URL (credentials and endpoint from its environment, which it
+    inherits) and uses its own default coordinator (a gloo group of the child's process
+    group, which DCP sets up over the same ranks) or a ``LocalCoordinator``. A writer whose
+    storage was built in code (``storage=``, a ``Location``, a ``register_storage``-ed
+    store) or whose coordinator is another one cannot be rebuilt there and refuses to be
+    pickled (``TypeError`` saying so). ``last_commit`` is then set in the child, not here.
     """
 
     def __init__(self, checkpoint_id: CheckpointId | None = None, *, storage: Storage | None = None,
                  overwrite: bool = False, coordinator: Coordinator | None = None) -> None:
         super().__init__()
+        self._start_fresh(checkpoint_id, storage, overwrite, coordinator)
+        self._coord()  # the default coordinator may create a process group: now, on every rank alike
+
+    def _start_fresh(self, checkpoint_id: CheckpointId | None, storage: Storage | None, overwrite: bool,
+                     coordinator: Coordinator | None) -> None:
+        """Every attribute, from the constructor's arguments (shared by ``__init__`` and ``__setstate__``)."""
         self._address(checkpoint_id, storage)
+        self._from_text = checkpoint_id is None or not isinstance(checkpoint_id, Location)
         self.overwrite = overwrite
-        self._coordinator = coordinator if coordinator is not None else default_coordinator()
+        self._given_coordinator = coordinator
+        self._coordinator = coordinator
         self._managed = ManagedSave()
         self._storage_meta: StorageMeta | None = None
         self._seen: ObjectMeta | None = None
@@ -247,9 +267,54 @@ class StorageWriter(Addressed, DCPStorageWriter):
         #: What the last save committed (on the coordinator rank), for callers that want it.
         self.last_commit: CommitResult | None = None
 
+    # ------------------------------------------------------------------ crossing into DCP's checkpoint process
+    def __getstate__(self) -> dict[str, Any]:
+        """The writer as ``AsyncCheckpointerType.PROCESS`` sends it: URL, options, coordinator kind.
+
+        Raises:
+            TypeError: the writer holds what cannot be rebuilt from text in another process.
+        """
+        why = self._crossing_refusal()
+        if why is not None:
+            raise TypeError(f"cloudckpt.dcp.StorageWriter({self.checkpoint_id or ''}) cannot be sent to DCP's "
+                            f"checkpoint process (AsyncCheckpointerType.PROCESS): {why}; or use "
+                            f"AsyncCheckpointerType.THREAD, which shares this process's objects")
+        return {"url": self.checkpoint_id, "overwrite": self.overwrite,
+                        "local": self._given_coordinator is not None}
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        """Rebuild the writer in the child: its storage reopened from the URL, its coordinator
+        chosen on first use (the default one creates a process group - a collective that DCP's
+        ``set_up_storage_writer`` runs on every rank at the same point)."""
+        self._start_fresh(state["url"], None, bool(state["overwrite"]), LocalCoordinator() if state["local"] else None)
+
+    def _crossing_refusal(self) -> str | None:
+        """Why this writer cannot be rebuilt in another process from text, or ``None``."""
+        if self._managed != ManagedSave():
+            return "it is a CheckpointManager's (DCPCheckpoint) writer, whose bookkeeping runs in this process"
+        if self._storage is not None or not self._from_text or (
+                self._location is not None and is_registered(self._location.storage)):
+            return ("its Storage was built in code (storage=, a Location or register_storage), and a client, "
+                    "credentials or options given in code do not travel; pass the checkpoint as a URL and "
+                    "configure the store through the environment (AWS_ENDPOINT_URL, the AWS and Google "
+                    "credential chains, STORAGE_EMULATOR_HOST), which the process inherits")
+        given = self._given_coordinator
+        if given is not None and type(given) is not LocalCoordinator:
+            return (f"its coordinator ({type(given).__name__}) lives in this process; leave coordinator= out "
+                    f"(the child uses its own default one over DCP's ranks) or pass LocalCoordinator()")
+        return None
+
+    def _coord(self) -> Coordinator:
+        """The coordinator, the process's default one created on first use where none was given."""
+        if self._coordinator is None:
+            self._coordinator = default_coordinator()
+        return self._coordinator
+
     # ------------------------------------------------------------------ identity
     def reset(self, checkpoint_id: CheckpointId | None = None) -> None:
         self._readdress(checkpoint_id)
+        if isinstance(checkpoint_id, Location):
+            self._from_text = False
 
     def storage_meta(self) -> StorageMeta | None:
         self._storage_meta = StorageMeta(checkpoint_id=self.checkpoint_id, save_id=uuid.uuid4().hex)
@@ -261,7 +326,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
         if not kwargs.get("use_collectives", True):
             raise ValueError("dcp.save(use_collectives=False) makes every rank commit its own metadata; a cloudckpt "
                              "checkpoint has one index, committed once every rank's data is stored")
-        coord = self._coordinator
+        coord = self._coord()
         if (rank is not None and rank != coord.rank) or bool(is_coordinator) != (coord.rank == 0):
             raise ValueError(
                 f"dcp.save runs this process as rank {rank} (coordinator: {is_coordinator}), but the writer's "
@@ -304,7 +369,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
         layout = plan.storage_data
         if not isinstance(layout, RankLayout):
             raise ValueError("the save plan carries no cloudckpt layout (was prepare_global_plan skipped?)")
-        coord = self._coordinator
+        coord = self._coord()
         many = coord.world_size > 1
         session = coord.session() if many and not self._managed.session_held else nullcontext()
         with session:

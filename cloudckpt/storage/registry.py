@@ -129,6 +129,13 @@ def unregister_storage(storage: Storage) -> None:
             del _registered[key]
 
 
+def is_registered(storage: Storage) -> bool:
+    """Whether ``storage`` is the one ``register_storage`` made its URL's: built in code (a
+    client, credentials or tuning its URL does not carry), so another process cannot open it again."""
+    with _lock:
+        return _registered.get(_directory_key(storage.url)) is storage
+
+
 def resolve(path: CheckpointPath) -> Location:
     """The ``Location`` of a checkpoint path or URL (a ``Location`` is returned as is).
 

@@ -45,7 +45,10 @@ def spawn_reports(target: Callable[..., None], world: int, *args: Any, timeout: 
     context = multiprocessing.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="cloudckpt-spawn-") as out:
-        procs = [context.Process(target=_child, args=(target, rank, world, port, args, out), daemon=True)
+        # Not daemonic: a daemonic process may not start children, and a rank may (DCP's
+        # AsyncCheckpointerType.PROCESS spawns a checkpoint process). Every rank is joined or
+        # killed below, so none outlives this call.
+        procs = [context.Process(target=_child, args=(target, rank, world, port, args, out))
                  for rank in range(world)]
         for proc in procs:
             proc.start()
