@@ -41,15 +41,20 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]
 Method = Literal["grid", "corners"]
 
 
-def partition_problem(shape: Sequence[int], boxes: Sequence[Box], method: Method | None = None) -> str | None:
+def partition_problem(shape: Sequence[int], boxes: Sequence[Box], method: Method | None = None, *,
+                      budget: int | None = None, noun: str = "chunk") -> str | None:
     """``None`` if ``boxes`` (``(start, extent)``, each inside ``shape``) partition the array, else why not.
 
     Zero-size boxes hold no element and are ignored. ``method`` forces one proof (tests);
-    by default the cheaper one that fits its budget is used.
+    by default the cheaper one that fits its budget is used. ``budget`` lowers both budgets
+    (cells, corner coordinates) for a caller that bounds memory by its input's size (a
+    TensorFlow bundle's slices); ``noun`` is what the messages call a box.
     """
+    cell_budget = GRID_CELL_BUDGET if budget is None else min(budget, GRID_CELL_BUDGET)
+    corner_budget = CORNER_BUDGET if budget is None else min(budget, CORNER_BUDGET)
     nonempty = [(start, extent) for start, extent in boxes if math.prod(extent)]
     if not nonempty:
-        return None if math.prod(shape) == 0 else "no chunk holds any element"
+        return None if math.prod(shape) == 0 else f"no {noun} holds any element"
     starts = np.array([start for start, _ in nonempty], dtype=np.int64).reshape(len(nonempty), len(shape))
     ends = starts + np.array([extent for _, extent in nonempty], dtype=np.int64).reshape(starts.shape)
     cuts: list[NDArray[np.int64]] = []
@@ -60,31 +65,32 @@ def partition_problem(shape: Sequence[int], boxes: Sequence[Box], method: Method
             active.append(d)
             cuts.append(points)
     if not active:  # every box spans the whole array
-        return None if len(nonempty) == 1 else f"chunks at {nonempty[0][0]} and {nonempty[1][0]} overlap"
+        return None if len(nonempty) == 1 else f"{noun}s at {nonempty[0][0]} and {nonempty[1][0]} overlap"
     grid_shape = tuple(len(c) - 1 for c in cuts)
     cells = math.prod(grid_shape)
     corners = len(nonempty) << len(active)
     if method is None:
-        if cells <= GRID_CELL_BUDGET and cells <= corners:
+        if cells <= cell_budget and cells <= corners:
             method = "grid"
-        elif corners * len(active) <= CORNER_BUDGET:
+        elif corners * len(active) <= corner_budget:
             method = "corners"
-        elif cells <= GRID_CELL_BUDGET:
+        elif cells <= cell_budget:
             method = "grid"
         else:
-            return (f"the layout of {len(nonempty)} chunks split along {len(active)} dimensions is too "
+            return (f"the layout of {len(nonempty)} {noun}s split along {len(active)} dimensions is too "
                     f"irregular to verify ({cells} grid cells)")
     lo = np.stack([np.searchsorted(c, starts[:, d]) for d, c in zip(active, cuts, strict=True)], axis=1)
     hi = np.stack([np.searchsorted(c, ends[:, d]) for d, c in zip(active, cuts, strict=True)], axis=1)
     if method == "grid":
-        return _grid([start for start, _ in nonempty], lo, hi, grid_shape,
+        return _grid([start for start, _ in nonempty], lo, hi, grid_shape, noun,
                      lambda cell: tuple(int(cuts[active.index(d)][cell[active.index(d)]]) if d in active else 0
                                         for d in range(len(shape))))
-    return _corners(lo, hi, grid_shape)
+    return _corners(lo, hi, grid_shape, noun)
 
 
 def _grid(starts: Sequence[tuple[int, ...]], lo: NDArray[np.intp], hi: NDArray[np.intp],
-          grid_shape: tuple[int, ...], corner_of: Callable[[tuple[int, ...]], tuple[int, ...]]) -> str | None:
+          grid_shape: tuple[int, ...], noun: str,
+          corner_of: Callable[[tuple[int, ...]], tuple[int, ...]]) -> str | None:
     """Mark each box's block of cells with its number; the first cell marked twice is an overlap."""
     owner = np.full(grid_shape, -1, dtype=np.int32)
     for row, start in enumerate(starts):
@@ -92,15 +98,15 @@ def _grid(starts: Sequence[tuple[int, ...]], lo: NDArray[np.intp], hi: NDArray[n
         taken = block[block >= 0]
         if taken.size:
             other = starts[int(taken[0])]
-            return f"chunks at {other} and {start} overlap"
+            return f"{noun}s at {other} and {start} overlap"
         block[...] = row
     if (owner < 0).any():
         gap = tuple(int(i) for i in np.argwhere(owner < 0)[0])
-        return f"chunks do not cover the array (no chunk holds the element at {corner_of(gap)})"
+        return f"{noun}s do not cover the array (no {noun} holds the element at {corner_of(gap)})"
     return None
 
 
-def _corners(lo: NDArray[np.intp], hi: NDArray[np.intp], grid_shape: tuple[int, ...]) -> str | None:
+def _corners(lo: NDArray[np.intp], hi: NDArray[np.intp], grid_shape: tuple[int, ...], noun: str) -> str | None:
     """Signed corners of the boxes minus the array's own must cancel at every point."""
     n, k = lo.shape
     lo, hi = lo.astype(np.int32), hi.astype(np.int32)
@@ -114,5 +120,5 @@ def _corners(lo: NDArray[np.intp], hi: NDArray[np.intp], grid_shape: tuple[int, 
     points, weights = points[order], weights[order]
     starts = np.flatnonzero(np.concatenate([[True], (points[1:] != points[:-1]).any(axis=1)]))
     if np.add.reduceat(weights, starts).any():
-        return "chunks overlap or do not cover the array exactly"
+        return f"{noun}s overlap or do not cover the array exactly"
     return None

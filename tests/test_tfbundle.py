@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tf_bundle_writer as tfw
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cloudckpt
@@ -322,7 +323,7 @@ def test_broken_tables_are_format_errors(tmp_path: Path) -> None:
     snappy = tfw.table([(b"", tfw.header())])
     blocks = tfw.block([(b"", tfw.header())])
     cases["snappy"] = tfw.with_trailer(blocks, kind=1) + snappy[len(blocks) + 5:]
-    disorder = tfw.table([(b"", tfw.header()), (b"b", tfw.entry(1, [])), (b"a", tfw.entry(1, []))])
+    disorder = tfw.table([(b"", tfw.header()), (b"b", tfw.entry(1, [0])), (b"a", tfw.entry(1, [0]))])
     cases["out of order"] = disorder
     restarts = bytearray(tfw.block([(b"", tfw.header())]))
     restarts[-4:] = struct.pack("<I", 10**6)
@@ -389,7 +390,139 @@ def test_slices_must_tile_the_tensor(tmp_path: Path, slices: list[list[tuple[int
     if problem == "overlap":
         writer.add_raw(b"p", tfw.entry(1, [5, 2], slices=slices))
     with pytest.raises(CheckpointFormatError, match=problem):
-        cloudckpt.load_variable(_write(writer, tmp_path), "p")  # overlaps are found when the tensor is read
+        cloudckpt.load_variable(_write(writer, tmp_path), "p")
+
+
+def _partitioned(writer: tfw.BundleWriter, key: str, shape: Sequence[int],
+                 slices: Sequence[Sequence[tuple[int, int | None]]], *, alias: bool = False) -> np.ndarray:
+    """A float64 tensor ``key`` stored as ``slices`` (each its own entry and bytes; ``alias``: all at offset 0).
+
+    Returns the full tensor its slices hold (``np.arange`` values; zeros when aliased).
+    """
+    from cloudckpt.tfbundle.entries import Extent, slice_key
+
+    full = np.zeros(shape) if alias else np.arange(float(np.prod(shape))).reshape(shape)
+    writer.add_raw(key.encode(), tfw.entry(2, shape, slices=slices))
+    start = len(writer.shards[0])
+    for extents in slices:
+        box = tuple(slice(a, a + (n if n is not None else dim)) for (a, n), dim in zip(extents, shape, strict=True))
+        data = np.ascontiguousarray(full[box]).tobytes()
+        offset = start if alias else len(writer.shards[0])
+        raw_key = slice_key(key, tuple(Extent(a, n) for a, n in extents)).encode("utf-8", "surrogateescape")
+        writer.add_raw(raw_key, tfw.entry(2, full[box].shape, offset=offset, size=len(data), crc=tfw.crc32c(data)))
+        if not alias or len(writer.shards[0]) == start:
+            writer.shards[0] += data
+    return full
+
+
+def test_verify_refuses_slices_that_overlap_and_leave_a_hole(tmp_path: Path) -> None:
+    """Each slice matches its CRC32C and the volumes add up, but row 2 is stored twice and row 4 never."""
+    from cloudckpt.cli.verify import verify_checkpoint
+
+    writer = tfw.BundleWriter()
+    writer.add_array("ok", 3, np.arange(3, dtype=np.int32))
+    _partitioned(writer, "p", [5, 2], [[(0, 3), (0, None)], [(2, 2), (0, None)]])
+    path = _write(writer, tmp_path)
+    report = verify_checkpoint(LocalStorage(str(tmp_path)), path.name, show_progress=False)
+    assert not report.intact
+    assert any("'p'" in p.detail and "overlap" in p.detail for p in report.problems), report.problems
+    with pytest.raises(CheckpointFormatError, match=r"'p'.*overlap"):
+        cloudckpt.load_variable(path, "p")
+
+
+def test_slices_sharing_bytes_are_refused(tmp_path: Path) -> None:
+    """Disjoint in the tensor, one row of bytes in the shard: 64 rows read from 1 (the array would outgrow the data)."""
+    writer = tfw.BundleWriter()
+    _partitioned(writer, "p", [64, 4], [[(row, 1), (0, None)] for row in range(64)], alias=True)
+    with pytest.raises(CheckpointFormatError, match=r"'p'.*share bytes"):
+        cloudckpt.load_variable(_write(writer, tmp_path), "p")
+
+
+# ---------------------------------------------------------------------------- memory linear in the input
+#: Peak traced memory a read may take per byte of input (index + shards), and a fixed allowance.
+MEMORY_PER_INPUT_BYTE = 64
+MEMORY_FIXED = 1 << 20
+
+
+def _peak(read: Any) -> tuple[int, Any]:
+    """``(peak bytes traced while read() ran, its result or the CheckpointFormatError it raised)``."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        try:
+            result = read()
+        except CheckpointFormatError as exc:
+            result = exc
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def _input_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + ".*"))
+
+
+def _assert_bounded(path: Path, peak: int) -> None:
+    bound = MEMORY_PER_INPUT_BYTE * _input_size(path) + MEMORY_FIXED
+    assert peak <= bound, f"peak {peak} bytes for {_input_size(path)} bytes of input (bound {bound})"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 512), width=st.integers(1, 1 << 15), damage=st.sampled_from(["none", "alias", "overlap"]))
+@example(rows=512, width=1 << 15, damage="alias")
+@example(rows=512, width=1 << 10, damage="overlap")
+@example(rows=512, width=512, damage="none")
+def test_partitioned_tensors_cost_memory_linear_in_the_input(tmp_path: Path, rows: int, width: int,
+                                                             damage: str) -> None:
+    """Row slices of a [rows, width] float64 tensor, intact, aliasing one row of bytes, or overlapping (with a hole).
+
+    The slices' claimed volume grows with rows x width whatever the bytes stored: the reader
+    may allocate in proportion to the bytes (index and shards), never to the claimed shape.
+    """
+    if damage == "none":
+        width = max(1, min(width, (1 << 18) // rows))  # real bytes: at most 2 MiB
+    slices = [[(row, 1), (0, None)] for row in range(rows)]
+    if damage == "overlap" and rows > 1:
+        slices[-1] = [(0, 1), (0, None)]  # row 0 twice, the last row never
+    writer = tfw.BundleWriter()
+    full = _partitioned(writer, "p", [rows, width], slices, alias=damage == "alias")
+    run = tmp_path / f"p-{rows}-{width}-{damage}"
+    path = _write(writer, run)
+    _peak(lambda: cloudckpt.list_variables(path))  # imports and caches: not the read's cost
+    peak, result = _peak(lambda: cloudckpt.load_variable(path, "p"))
+    _assert_bounded(path, peak)
+    if damage == "none" or rows == 1:
+        assert isinstance(result, np.ndarray) and result.tobytes() == full.tobytes(), result
+    else:
+        assert isinstance(result, CheckpointFormatError), result
+    shutil.rmtree(run)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(count=st.integers(1, 3000), growth=st.integers(1, 8), restart=st.sampled_from([1, 16, None]))
+@example(count=3000, growth=8, restart=None)
+@example(count=3000, growth=8, restart=16)
+def test_an_index_costs_memory_linear_in_its_size(tmp_path: Path, count: int, growth: int,
+                                                  restart: int | None) -> None:
+    """Keys that each extend the one before: stored with a restart point every ``restart`` keys (TensorFlow: 16).
+
+    With one restart point for the whole block, n stored bytes spell keys of n^2/2 bytes in
+    all; the table reader must refuse that, and read every table TensorFlow writes.
+    """
+    stem = bytes(range(97, 97 + 26)) * (count * growth // 26 + 1)
+    items = [(b"", tfw.header())] + [(stem[:(n + 1) * growth], tfw.entry(1, [0])) for n in range(count)]
+    run = tmp_path / f"keys-{count}-{growth}-{restart}"
+    run.mkdir()
+    (run / "ckpt.index").write_bytes(tfw.table(items, per_block=len(items), restart_interval=restart or len(items)))
+    (run / "ckpt.data-00000-of-00001").write_bytes(b"")
+    path = run / "ckpt"
+    peak, result = _peak(lambda: cloudckpt.list_variables(path))
+    _assert_bounded(path, peak)
+    if restart is not None:
+        assert isinstance(result, list) and len(result) == count, result
+    else:
+        assert isinstance(result, list) or "key" in str(result), result
+    shutil.rmtree(run)
 
 
 def test_lying_string_lengths_are_checksum_errors(tmp_path: Path) -> None:

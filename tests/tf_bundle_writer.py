@@ -85,6 +85,13 @@ def entry(dtype: int, shape: Sequence[int], *, shard: int = 0, offset: int = 0, 
     return out
 
 
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (numpy: long keys in tests stay fast)."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.frombuffer(a, np.uint8, n) != np.frombuffer(b, np.uint8, n))
+    return int(differ[0]) if len(differ) else n
+
+
 def block(items: Sequence[tuple[bytes, bytes]], restart_interval: int = 16) -> bytes:
     out = bytearray()
     restarts = []
@@ -94,8 +101,7 @@ def block(items: Sequence[tuple[bytes, bytes]], restart_interval: int = 16) -> b
         if n % restart_interval == 0:
             restarts.append(len(out))
         else:
-            while shared < min(len(key), len(previous)) and key[shared] == previous[shared]:
-                shared += 1
+            shared = _common_prefix(key, previous)
         out += varint(shared) + varint(len(key) - shared) + varint(len(value)) + key[shared:] + value
         previous = key
     if not restarts:
@@ -107,15 +113,18 @@ def with_trailer(contents: bytes, kind: int = 0) -> bytes:
     return contents + bytes([kind]) + struct.pack("<I", masked(crc32c(contents + bytes([kind]))))
 
 
-def table(items: Sequence[tuple[bytes, bytes]], per_block: int = 1000) -> bytes:
-    """A whole table: data blocks of ``per_block`` entries, an empty metaindex, the index, the footer."""
+def table(items: Sequence[tuple[bytes, bytes]], per_block: int = 1000, restart_interval: int = 16) -> bytes:
+    """A whole table: data blocks of ``per_block`` entries, an empty metaindex, the index, the footer.
+
+    ``restart_interval``: entries between full keys in a data block (TensorFlow writes 16).
+    """
     out = bytearray()
     index_items = []
     for start in range(0, max(len(items), 1), per_block):
         chunk = items[start:start + per_block]
         if not chunk:
             break
-        contents = block(chunk)
+        contents = block(chunk, restart_interval)
         index_items.append((chunk[-1][0] + b"\xff", varint(len(out)) + varint(len(contents))))
         out += with_trailer(contents)
     meta = block([])

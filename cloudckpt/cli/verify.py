@@ -174,8 +174,11 @@ def verify_data(storage: Storage, index: CheckpointIndex, progress: Progress) ->
 def verify_bundle(bundle: Bundle, progress: Progress) -> list[Problem]:
     """Every shard present, every stored tensor inside its shard and matching its CRC32C.
 
-    Each shard is streamed front to back in bounded windows (as for cloudckpt's own
-    checkpoints); shards are checked in parallel.
+    The index itself was validated whole when ``bundle`` was opened (``Bundle``), with the
+    checks ``load_variable`` relies on: a partitioned tensor's slices tile it exactly once
+    and hold distinct bytes, or the checkpoint is reported as a bad index. Each shard is
+    streamed front to back in bounded windows (as for cloudckpt's own checkpoints); shards
+    are checked in parallel.
     """
     problems: list[Problem] = []
     try:

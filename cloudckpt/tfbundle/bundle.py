@@ -15,6 +15,7 @@ bounded by the checkpoint's real size; only this checkpoint's own ``.index`` and
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from cloudckpt.boxes import partition_problem
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import (
     CheckpointFormatError,
@@ -51,6 +53,9 @@ from cloudckpt.tfbundle.objects import OBJECT_GRAPH_KEY, SLOT_SEGMENT, assign_na
 from cloudckpt.tfbundle.strings import decode_strings
 from cloudckpt.tfbundle.table import looks_like_table, read_table
 
+#: Cells (or corner coordinates) the proof that a tensor's slices tile it may use, per slice
+#: dimension: memory linear in the slices the index holds (``_check_tiling``).
+SLICE_PROOF_BUDGET = 8
 
 def is_bundle_index(data: bytes) -> bool:
     """Whether an ``.index`` object's bytes are a TensorFlow table rather than cloudckpt's JSON.
@@ -104,12 +109,13 @@ class Bundle:
         self.index_url = storage.url_for(index_key(name))
         self.index_bytes = index_bytes  # kept: ``cloudckpt cp`` copies it as-is
         rows = read_table(index_bytes, self.index_url)
-        if not rows or rows[0][0] != b"":
+        first = next(rows, None)
+        if first is None or first[0] != b"":
             raise CheckpointFormatError(f"malformed TensorFlow checkpoint index {self.index_url}: "
                                         "no header entry (the empty key) first")
-        self.header: Header = decode_header(rows[0][1], self.index_url)
+        self.header: Header = decode_header(first[1], self.index_url)
         self.entries: dict[str, Entry] = {}
-        for raw, value in rows[1:]:
+        for raw, value in rows:
             key = raw.decode("utf-8", "surrogateescape")
             self.entries[key] = decode_entry(key, value, self.index_url)
         self.objects = tuple(data_object(name, i, self.header.num_shards) for i in range(self.header.num_shards))
@@ -147,7 +153,7 @@ class Bundle:
                 raise self._fail(entry, f"slice at {list(start)}: entry is {dtype_label(part.dtype)} "
                                         f"{list(part.shape)}, expected {dtype_label(entry.dtype)} {list(shape)}")
             parts.append((part, start, shape))
-        _check_cover(self, entry, [(s, n) for _, s, n in parts])
+        _check_tiling(self, entry, parts)
         self._slice_entries[entry.key] = parts
 
     # ------------------------------------------------------------------ names
@@ -220,9 +226,6 @@ class Bundle:
                                                                                   entry.shape)]
             for part, _, _ in parts:  # every byte inside its shard (HEAD) before anything is allocated
                 self._check_range(part, name)
-            if entry.slices:
-                _check_disjoint(self, entry, [tuple(slice(a, a + n) for a, n in zip(start, shape, strict=True))
-                                              for _, start, shape in parts])
             dest = np.empty(entry.shape, dtype=entry.np_dtype)
             out[name] = dest
             for part, start, shape in parts:
@@ -319,27 +322,33 @@ class Bundle:
                 yield names.get(key, key), entry
 
 
-def _check_cover(bundle: Bundle, entry: Entry, boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
-    """The slices' volumes must add up to the tensor's (linear; overlaps are caught when it is read)."""
+def _check_tiling(bundle: Bundle, entry: Entry,
+                  parts: Sequence[tuple[Entry, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """The slices cover the tensor exactly once, and no two hold the same bytes of a shard.
+
+    Checked when the bundle is opened, so ``verify``, ``load_variable`` and listings give one
+    verdict. Tiling is proven by ``boxes.partition_problem`` - the proof cloudckpt's own
+    index gets for its chunks - with a budget of ``SLICE_PROOF_BUDGET`` cells (or corner
+    coordinates) per slice dimension, so its memory and time grow with the slices the index
+    holds, never with the shape they claim; a layout too irregular for that is refused
+    (TensorFlow partitions along one dimension, or in a grid: one cell per slice). Distinct
+    bytes (a sort by shard and offset) then bound the tensor's array by the shard bytes its
+    slices really hold - slices that all point at one row would otherwise make a tensor of
+    any size out of it.
+    """
+    boxes = [(start, shape) for _, start, shape in parts]
     if sum(math.prod(shape) for _, shape in boxes) != math.prod(entry.shape):
         raise bundle._fail(entry, f"its {len(entry.slices)} slices do not cover the shape {list(entry.shape)} "
                                   "exactly")
-
-
-def _check_disjoint(bundle: Bundle, entry: Entry, boxes: Sequence[tuple[slice, ...]]) -> None:
-    """No two slices overlap - so, with the volumes adding up, they tile the tensor exactly.
-
-    Done when the tensor is read, with a mask of its shape (one byte per element, bounded
-    like the tensor itself by the shards' real sizes): time linear in its size, where a
-    pairwise check at open time would be quadratic in a hostile index's slice count.
-    """
-    if len(boxes) < 2:
-        return
-    seen = np.zeros(entry.shape, dtype=bool)
-    for box in boxes:
-        if seen[box].any():
-            raise bundle._fail(entry, "two of its slices overlap")
-        seen[box] = True
+    budget = SLICE_PROOF_BUDGET * max(len(boxes), 1) * max(len(entry.shape), 1)
+    problem = partition_problem(entry.shape, boxes, budget=budget, noun="slice") if len(boxes) > 1 else None
+    if problem is not None:
+        raise bundle._fail(entry, f"its {len(entry.slices)} slices do not tile the shape {list(entry.shape)}: "
+                                  f"{problem}")
+    ranges = sorted((part.shard, part.offset, part.offset + part.size) for part, _, _ in parts if part.size)
+    for (shard, _, end), (other, start, _) in itertools.pairwise(ranges):
+        if shard == other and start < end:
+            raise bundle._fail(entry, f"two of its slices share bytes [{start}, {end}) of shard {shard}")
 
 
 def _byteswap(array: NDArray[Any]) -> None:

@@ -20,8 +20,13 @@ is refused with a clear error rather than a new dependency.
 
 Hostile input: every handle must lie inside the file and blocks may not overlap; every
 block's CRC is checked before it is parsed; keys must be strictly increasing across the
-whole table; each entry consumes at least three bytes, so a table of ``n`` bytes cannot
-make this do more than ``O(n)`` work or hold more than ``O(n)`` memory.
+whole table; each entry consumes at least three bytes. Prefix compression lets ``n`` stored
+bytes spell keys of ``n^2 / 2`` bytes (each key one byte longer than the one before, one
+restart point for the block), so the keys' expanded length is bounded too: TensorFlow
+stores a full key at least every 16 entries (``block_restart_interval``), and a key is no
+longer than the bytes stored since its restart point, so its tables spell at most 16 bytes
+of keys per byte of table; a table that spells more is refused. Time and memory are
+therefore ``O(n)`` for a table of ``n`` bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ FOOTER_SIZE = 48
 TRAILER_SIZE = 5
 NO_COMPRESSION = 0
 SNAPPY_COMPRESSION = 1
+#: Bytes of expanded keys a table may spell per byte of its own: TensorFlow's restart
+#: interval (a table it writes spells at most this many; see the module docs).
+KEY_EXPANSION = 16
 
 
 def looks_like_table(data: bytes) -> bool:
@@ -132,12 +140,16 @@ def block_entries(block: bytes, what: str, url: str) -> Iterator[tuple[bytes, by
         pos += length
 
 
-def read_table(data: bytes, url: str) -> list[tuple[bytes, bytes]]:
-    """Every ``(key, value)`` of a table, in key order, every block verified.
+def read_table(data: bytes, url: str) -> Iterator[tuple[bytes, bytes]]:
+    """Every ``(key, value)`` of a table, in key order, every block verified before its entries.
+
+    An iterator, so that a caller keeping each entry in another form (the bundle's decoded
+    entries) never also holds every raw key.
 
     Raises:
         CheckpointFormatError: not a table (no magic: truncated?), a block that fails its
-            CRC32C or lies outside the file, a malformed block, keys out of order.
+            CRC32C or lies outside the file, a malformed block, keys out of order, keys that
+            spell more than ``KEY_EXPANSION`` bytes per byte of the table.
     """
     if not looks_like_table(data):
         raise CheckpointFormatError(
@@ -148,13 +160,20 @@ def read_table(data: bytes, url: str) -> list[tuple[bytes, bytes]]:
     _, _, pos = blocks.handle(footer, 0, "metaindex block")  # TensorBundle's metaindex is empty: unused
     index_offset, index_size, _ = blocks.handle(footer, pos, "index block")
     index = blocks.read(index_offset, index_size, "index block", index=True)
-    out: list[tuple[bytes, bytes]] = []
-    for n, (_, handle) in enumerate(block_entries(index, "index block", url=url)):
+    previous: bytes | None = None
+    budget = KEY_EXPANSION * len(data)
+    for n, (separator, handle) in enumerate(block_entries(index, "index block", url=url)):
+        budget -= len(separator)
         offset, size, after = blocks.handle(handle, 0, f"data block {n}")
         if after != len(handle):
             raise blocks.fail(f"index entry {n} holds {len(handle) - after} bytes after its block handle")
         for key, value in block_entries(blocks.read(offset, size, f"data block {n}"), f"data block {n}", url=url):
-            if out and key <= out[-1][0]:
-                raise blocks.fail(f"keys out of order in data block {n}: {key[:80]!r} after {out[-1][0][:80]!r}")
-            out.append((key, value))
-    return out
+            budget -= len(key)
+            if budget < 0:
+                raise blocks.fail(f"its prefix-compressed keys spell more than {KEY_EXPANSION} bytes per byte of "
+                                  f"the table (data block {n}, key of {len(key)} bytes); TensorFlow stores a full "
+                                  "key at least every 16 entries")
+            if previous is not None and key <= previous:
+                raise blocks.fail(f"keys out of order in data block {n}: {key[:80]!r} after {previous[:80]!r}")
+            previous = key
+            yield key, value
