@@ -18,7 +18,7 @@ from cloudckpt.errors import (
     SaveError,
 )
 from cloudckpt.loading import CheckpointReader, list_variables, load_checkpoint, load_variable
-from cloudckpt.manager import CheckpointManager, latest_checkpoint
+from cloudckpt.manager import CheckpointManager, latest_checkpoint, remove_checkpoint
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.preemption import PreemptionCheckpointHandler
 from cloudckpt.retention import BestN
@@ -73,6 +73,7 @@ __all__ = [
     "load_variable",
     "open_storage",
     "register_storage",
+    "remove_checkpoint",
     "unregister_storage",
 ]
 

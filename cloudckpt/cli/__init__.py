@@ -1,7 +1,7 @@
 """The ``cloudckpt`` command: look at, check, copy and clean checkpoints without writing Python.
 
 Each command lives in its own module (``ls``, ``inspect``, ``verify``, ``copy``, ``gc``,
-``export``) and uses only the library's public layers (storage, format, reader, state file,
+``rm``, ``export``) and uses only the library's public layers (storage, format, reader, state file,
 leftovers); ``common`` holds what they share - exit codes, one-line errors, progress bars.
 Modules are imported only for the command that runs, so ``cloudckpt ls`` does not pay
 for numpy-heavy export code, and no command imports a cloud SDK its URLs do not need.
@@ -31,6 +31,7 @@ examples:
   cloudckpt cp gs://bucket/run s3://other/run        copy a managed directory between clouds
   cloudckpt cp s3://bucket/run/ckpt-7 ./local/       download one checkpoint
   cloudckpt gc s3://bucket/run --min-age 1d          list what crashed saves left (add --yes to delete)
+  cloudckpt rm s3://bucket/run/ckpt-3                delete one checkpoint (shared data stays)
   cloudckpt export s3://bucket/run/ckpt-7 out.npz    the arrays as a plain .npz (or .safetensors)
 
 run 'cloudckpt COMMAND --help' for each command's options and examples."""
@@ -122,6 +123,16 @@ the state file, or sub-directories. --min-age must exceed your longest save.""",
     p.add_argument("--min-age", type=parse_duration, default=parse_duration("1d"), metavar="AGE",
                    help="only what is older than AGE (e.g. 0s, 30m, 6h, 2d; default 1d)")
     p.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _subcommand(sub, "rm", "rm", "delete one checkpoint and take it out of the directory's state file", """\
+  cloudckpt rm s3://bucket/run/ckpt-7
+
+What a manager's eviction does, by hand: the state file is updated by compare-and-swap (the
+latest becomes the newest one left), the index is deleted first, then the data objects no other
+committed checkpoint names - an incremental checkpoint's shared bytes stay. A manager saving
+into the directory meanwhile stops at its next save (its state file changed).""", parent)
+    p.add_argument("url", metavar="URL", help="checkpoint path, e.g. s3://bucket/run/ckpt-7")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _subcommand(sub, "export", "export", "write a checkpoint's arrays as a plain .npz or .safetensors file",
