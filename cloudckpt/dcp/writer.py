@@ -279,8 +279,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
             raise TypeError(f"cloudckpt.dcp.StorageWriter({self.checkpoint_id or ''}) cannot be sent to DCP's "
                             f"checkpoint process (AsyncCheckpointerType.PROCESS): {why}; or use "
                             f"AsyncCheckpointerType.THREAD, which shares this process's objects")
-        return {"url": self.checkpoint_id, "overwrite": self.overwrite,
-                        "local": self._given_coordinator is not None}
+        return {"url": self.checkpoint_id, "overwrite": self.overwrite, "local": self._given_coordinator is not None}
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         """Rebuild the writer in the child: its storage reopened from the URL, its coordinator
