@@ -54,8 +54,10 @@ from cloudckpt.tfbundle.strings import decode_strings
 from cloudckpt.tfbundle.table import looks_like_table, read_table
 
 #: Cells (or corner coordinates) the proof that a tensor's slices tile it may use, per slice
-#: dimension: memory linear in the slices the index holds (``_check_tiling``).
-SLICE_PROOF_BUDGET = 8
+#: dimension: memory linear in the slices the index holds (``_check_tiling``). Enough for any
+#: layout split along at most 4 dimensions (corner counting: ``2^4`` corners per box
+#: dimension), and for any grid (one cell per slice).
+SLICE_PROOF_BUDGET = 16
 
 def is_bundle_index(data: bytes) -> bool:
     """Whether an ``.index`` object's bytes are a TensorFlow table rather than cloudckpt's JSON.
@@ -331,7 +333,8 @@ def _check_tiling(bundle: Bundle, entry: Entry,
     index gets for its chunks - with a budget of ``SLICE_PROOF_BUDGET`` cells (or corner
     coordinates) per slice dimension, so its memory and time grow with the slices the index
     holds, never with the shape they claim; a layout too irregular for that is refused
-    (TensorFlow partitions along one dimension, or in a grid: one cell per slice). Distinct
+    (TensorFlow's partitioners cut along one dimension; its ``MaxShardSizePolicy`` peels slabs
+    off along any, which takes many dimensions before it could be refused). Distinct
     bytes (a sort by shard and offset) then bound the tensor's array by the shard bytes its
     slices really hold - slices that all point at one row would otherwise make a tensor of
     any size out of it.
