@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
@@ -43,6 +47,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import ArrayEntry, CheckpointIndex, decode_index, encode_index, index_key
 from cloudckpt.index_store import load_index
+from cloudckpt.reader import CHECK_BEFORE_ALLOCATING
 from cloudckpt.state_file import STATE_KEY, parse
 from cloudckpt.storage import Location, Storage, resolve
 from cloudckpt.storage.local import LocalStorage
@@ -506,6 +511,44 @@ def test_a_byte_item_claiming_a_huge_size_is_refused_before_allocating(tmp_path:
     error = _load_failure(tmp_path, _small_state())
     assert isinstance(error, CheckpointFormatError), repr(error)  # not a MemoryError
     assert re.search(r"cannot read 'step'.*has \d+ bytes.*nothing was allocated", str(error)), error
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(claim=st.integers(1, 1 << 44))
+@example(claim=1 << 40)
+@example(claim=(1 << 24) + 1)
+def test_a_byte_item_costs_memory_bounded_by_the_real_objects(tmp_path: Path, claim: int) -> None:
+    """Whatever size the index claims for a byte item, loading takes at most ``CHECK_BEFORE_ALLOCATING`` (what a
+    buffer may take before HEAD is asked) beyond memory proportional to the checkpoint's real bytes."""
+    run = tmp_path / f"claim-{claim}"
+    doc, path = _written(run)
+    chunk = doc["entries"]["step"]["chunks"][0]
+    doc["entries"]["step"]["shape"] = [claim]
+    chunk.update(length=claim, shape=[claim])
+    chunk.pop("blocks", None)
+    doc["objects"][chunk["object"]]["size"] = max(doc["objects"][chunk["object"]]["size"], chunk["offset"] + claim)
+    path.write_text(json.dumps(doc))
+    real = sum(p.stat().st_size for p in run.glob("ck.*"))
+
+    def load() -> BaseException | None:
+        try:
+            dcp.load(_small_state(), storage_reader=StorageReader(run / "ck"), no_dist=True)
+        except CheckpointException as exc:
+            return exc.failures[0][0]
+        return None
+
+    load()  # imports and caches: not the load's cost
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        error = load()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(error, (CheckpointFormatError, ChecksumError)), repr(error)
+    bound = CHECK_BEFORE_ALLOCATING + 64 * real + (1 << 20)
+    assert peak <= bound, f"peak {peak} bytes for a {claim}-byte claim in {real} real bytes (bound {bound})"
+    shutil.rmtree(run)
 
 
 def test_a_truncated_data_object_names_the_item_and_the_real_size(tmp_path: Path) -> None:
