@@ -621,6 +621,50 @@ def test_deep_and_cyclic_object_graphs_cost_no_recursion(tmp_path: Path) -> None
     assert cloudckpt.load_variable(path, name).tolist() == [7]
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(1, 20_000), every=st.integers(1, 64), slots=st.integers(0, 64))
+@example(depth=20_000, every=20_000, slots=0)
+@example(depth=4_000, every=1, slots=0)
+@example(depth=100, every=1, slots=64)
+def test_naming_tensors_costs_memory_linear_in_the_object_graph(tmp_path: Path, depth: int, every: int,
+                                                                slots: int) -> None:
+    """A chain of ``depth`` objects with a tensor on every ``every``-th, and optimizer slots of slots.
+
+    A node's path is as long as its depth, so a deep chain spells paths quadratic in the
+    graph's size: only the tensors' names may be built, and only while they stay
+    proportional to the input; past that the checkpoint is refused, never named at any cost.
+    """
+    named = [i for i in range(1, depth + 1) if i % every == 0 or i == depth]
+    nodes = [_child(i + 1, "n") for i in range(depth)] + [b""]
+    optimizer = len(nodes)
+    nodes[0] += _child(optimizer, "opt")
+    nodes.append(b"")
+    writer = tfw.BundleWriter()
+    for i in named:
+        key = f"t{i}/.ATTRIBUTES/VARIABLE_VALUE"
+        nodes[i] += _attribute(key)
+        writer.add_array(key, 3, np.array([i], np.int32))
+    previous = named[-1]
+    for s in range(slots):  # each slot variable the slot of the one before: paths that nest
+        slot = len(nodes)
+        key = f"s{s}/.ATTRIBUTES/VARIABLE_VALUE"
+        nodes.append(_attribute(key))
+        nodes[optimizer] += tfw.field_bytes(3, tfw.field_varint(1, previous) + tfw.field_bytes(2, b"m")
+                                            + tfw.field_varint(3, slot))
+        writer.add_array(key, 3, np.array([s], np.int32))
+        previous = slot
+    writer.add_strings("_CHECKPOINTABLE_OBJECT_GRAPH", [_graph(nodes)], [])
+    path = _write(writer, tmp_path)
+    _peak(lambda: cloudckpt.list_variables(path))  # imports and caches: not the read's cost
+    peak, result = _peak(lambda: cloudckpt.list_variables(path))
+    _assert_bounded(path, peak)
+    if isinstance(result, CheckpointFormatError):
+        assert "object graph" in str(result), result
+    else:
+        names = [name for name, _ in result]
+        assert "/".join(["n"] * depth) in names and len(names) == len(named) + slots, names[:3]
+
+
 def test_an_object_graph_naming_missing_nodes_is_a_format_error(tmp_path: Path) -> None:
     writer = tfw.BundleWriter()
     writer.add_strings("_CHECKPOINTABLE_OBJECT_GRAPH", [_graph([_child(5, "x")])], [])
