@@ -347,6 +347,26 @@ def _table_with_block(contents: bytes) -> bytes:
     return out + (meta_handle + index_handle).ljust(40, b"\0") + struct.pack("<Q", tfw.MAGIC)
 
 
+def test_index_block_keys_that_spell_too_much_are_refused(tmp_path: Path) -> None:
+    """3,000 empty data blocks whose separators each extend the one before (TensorFlow stores every one whole)."""
+    out = bytearray(tfw.with_trailer(tfw.block([(b"", tfw.header())])))
+    handles = [(b"", tfw.varint(0) + tfw.varint(len(out) - 5))]
+    for n in range(1, 3001):
+        empty = tfw.block([])
+        handles.append((b"\xff" * (8 * n), tfw.varint(len(out)) + tfw.varint(len(empty))))
+        out += tfw.with_trailer(empty)
+    meta = tfw.block([])
+    meta_handle = tfw.varint(len(out)) + tfw.varint(len(meta))
+    out += tfw.with_trailer(meta)
+    index = tfw.block(handles, restart_interval=len(handles))
+    index_handle = tfw.varint(len(out)) + tfw.varint(len(index))
+    out += tfw.with_trailer(index)
+    (tmp_path / "ckpt.index").write_bytes(bytes(out) + (meta_handle + index_handle).ljust(40, b"\0")
+                                          + struct.pack("<Q", tfw.MAGIC))
+    with pytest.raises(CheckpointFormatError, match="index block, key of"):
+        cloudckpt.list_variables(tmp_path / "ckpt")
+
+
 def test_resource_variant_and_unknown_dtypes_are_refused_by_name(tmp_path: Path) -> None:
     writer = tfw.BundleWriter()
     writer.add_array("ok", 9, np.array([5], np.int64))

@@ -163,17 +163,22 @@ def read_table(data: bytes, url: str) -> Iterator[tuple[bytes, bytes]]:
     previous: bytes | None = None
     budget = KEY_EXPANSION * len(data)
     for n, (separator, handle) in enumerate(block_entries(index, "index block", url=url)):
-        budget -= len(separator)
+        budget -= len(separator)  # the index block's keys are prefix-compressed too
+        if budget < 0:
+            raise _overspelled(blocks, "index block", len(separator))
         offset, size, after = blocks.handle(handle, 0, f"data block {n}")
         if after != len(handle):
             raise blocks.fail(f"index entry {n} holds {len(handle) - after} bytes after its block handle")
         for key, value in block_entries(blocks.read(offset, size, f"data block {n}"), f"data block {n}", url=url):
             budget -= len(key)
             if budget < 0:
-                raise blocks.fail(f"its prefix-compressed keys spell more than {KEY_EXPANSION} bytes per byte of "
-                                  f"the table (data block {n}, key of {len(key)} bytes); TensorFlow stores a full "
-                                  "key at least every 16 entries")
+                raise _overspelled(blocks, f"data block {n}", len(key))
             if previous is not None and key <= previous:
                 raise blocks.fail(f"keys out of order in data block {n}: {key[:80]!r} after {previous[:80]!r}")
             previous = key
             yield key, value
+
+
+def _overspelled(blocks: _Blocks, what: str, size: int) -> CheckpointFormatError:
+    return blocks.fail(f"its prefix-compressed keys spell more than {KEY_EXPANSION} bytes per byte of the table "
+                       f"({what}, key of {size} bytes); TensorFlow stores a full key at least every 16 entries")
