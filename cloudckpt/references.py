@@ -20,7 +20,7 @@ data objects of its own checkpoint name, as it always did, and is warned about.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -96,6 +96,21 @@ def scan(storage: Storage, names: Sequence[str] | None = None) -> DirectoryRefer
             indexes[name] = found
             named.update(o.name for o in found.objects)
     return DirectoryReferences(frozenset(named), frozenset(unreadable), tuple(newer), indexes)
+
+
+def listed_sizes(storage: Storage, names: Iterable[str]) -> dict[str, int]:
+    """The size of each of the data objects ``names`` that exists, by listing (absent: not in the result).
+
+    Why a listing and not a HEAD each: one LIST per checkpoint owning some of them (its
+    prefix ``<checkpoint>.``, which also holds its spread objects), and a LIST returns up to
+    1,000 objects per request, where a HEAD per object would cost one request each.
+    """
+    wanted = set(names)
+    prefixes = {owner + "." if (owner := object_checkpoint(name)) is not None else name for name in wanted}
+    found: dict[str, int] = {}
+    for prefix in sorted(prefixes):
+        found.update((m.key, m.size) for m in storage.list(prefix) if m.key in wanted)
+    return found
 
 
 def delete_unreferenced(storage: Storage, candidates: Collection[str]) -> list[str]:
