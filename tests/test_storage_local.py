@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from cloudckpt import open_storage
-from cloudckpt.errors import InvalidURLError, NotFoundError, PermissionDeniedError, StorageError
+from cloudckpt.errors import InvalidRangeError, InvalidURLError, NotFoundError, PermissionDeniedError, StorageError
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 from cloudckpt.storage.local import LocalStorage
+from cloudckpt.storage.values import ReadRequest
 from cloudckpt.testing.faults import Faults, PrimitiveFaults
 from cloudckpt.testing.store_tests import CONTRACT_CONFIG, MULTIPART_SIZE, StorageContract, payload
 
@@ -274,3 +275,15 @@ def test_short_preadv_returns_are_continued(tmp_path: Path, monkeypatch: pytest.
     assert max(calls) == 5 and len(calls) > 100  # one vectored call for the run, continued many times
     with pytest.raises(StorageError, match="short"):
         store.read_into([ReadRequest("obj", 99_000, memoryview(bytearray(2000)))])
+
+
+def test_a_read_past_the_end_of_a_file_names_where_the_file_really_ends(tmp_path: Path) -> None:
+    """A short object (a truncated data file) is reported at its real size, not at the read's start."""
+    with open_storage(str(tmp_path)) as store:
+        store.put("short", b"x" * 100)
+        out = memoryview(bytearray(96))
+        with pytest.raises(InvalidRangeError) as caught:
+            store.read_into([ReadRequest("short", 4000, out)])
+    message = str(caught.value)
+    assert "ends at byte 100," in message, message
+    assert "96 bytes short" in message and "bytes 4000-4095" in message, message

@@ -131,11 +131,12 @@ class LocalStorage(Storage):
             position = offset
             while pending:
                 n = os.preadv(fd, pending[:_IOV_MAX], position)
-                if n == 0:
+                if n == 0:  # the file ends before the range does: say where it really ends
                     left = sum(out.nbytes for out in pending)
                     raise InvalidRangeError(
-                        f"{self._url_of_full(full_key)} ends at byte {position}, "
-                        f"{left} bytes short of the requested range", self._url_of_full(full_key))
+                        f"{self._url_of_full(full_key)} ends at byte {os.fstat(fd).st_size}, "
+                        f"{left} bytes short of the range it was asked for (bytes {offset}-{position + left - 1})",
+                        self._url_of_full(full_key))
                 position += n
                 pending = _advance(pending, n)
         finally:
