@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from cloudckpt.manager.directory import relative_name
@@ -113,6 +114,17 @@ class ManagedSet:
         evicted = [gone for gone in sweep.deleted if gone not in self.deleting]
         self.deleting.extend(evicted)
         return evicted
+
+    def forget(self, damaged: Collection[str], restored: str) -> None:
+        """Stop managing ``damaged`` checkpoints a resume skipped; ``restored`` becomes the latest.
+
+        So retention keeps the one restored, and the next incremental save's base is it - never
+        a checkpoint known to be damaged, whose bytes a deterministic step recreates exactly.
+        """
+        for name in damaged:
+            self.active.pop(name, None)
+            self.metrics.pop(name, None)
+        self.latest = restored
 
     def newest_first(self) -> list[str]:
         """Candidates for "latest": the recorded latest, then the active list newest first."""

@@ -130,6 +130,10 @@ class CheckpointManager:
         self._warned_unreadable = False
         self._ownership = DirectoryOwnership(self._storage, on_garbled=self._warn_garbled)
         self._last_checkpoint_step: int | None = None
+        #: Checkpoints a resume found damaged (until a save of ours replaces them), and the one it
+        #: restored instead: the claim re-reads the state file, which may still list them.
+        self._damaged: set[str] = set()
+        self._restored: str | None = None
         self._options = options
         coordinator = checkpoint.coordinator
         self._coordinator = coordinator if coordinator is not None and coordinator.world_size > 1 else None
@@ -243,6 +247,8 @@ class CheckpointManager:
             with self._lock:
                 if found is not None:  # with no state, keep what the constructor decided
                     self._managed = ManagedSet.adopt(found, self._storage.url, time.time())
+                    if self._damaged and self._restored is not None:  # what a resume fell back past
+                        self._managed.forget(self._damaged, self._restored)
                 return self._managed.to_state(self._ownership.token)
 
         self._ownership.claim(adopt)
@@ -345,6 +351,7 @@ class CheckpointManager:
         exactly our own write if we turn out to be fenced.
         """
         with self._lock:
+            self._damaged.discard(name)  # replaced by this intact save
             self._managed.record(name, time.time(), metric, self._policy)
             try:
                 self._ownership.write(self._managed.to_state(self._ownership.token))
@@ -394,15 +401,15 @@ class CheckpointManager:
         """Stop managing the damaged checkpoints a resume skipped, so retention keeps the one restored.
 
         They stay on the store, unlisted from the next state write on (``cloudckpt ls`` and
-        ``verify`` still show them); the next save's base is the checkpoint restored.
+        ``verify`` still show them); the next save's base is the checkpoint restored, and none
+        of this manager's saves reuses bytes from them (the claim keeps them forgotten).
         """
         if not damaged:
             return
         with self._lock:
-            for name in damaged:
-                self._managed.active.pop(name, None)
-                self._managed.metrics.pop(name, None)
-            self._managed.latest = restored
+            self._damaged.update(damaged)
+            self._restored = restored
+            self._managed.forget(self._damaged, restored)
 
     def sync(self, timeout: float | None = None) -> None:
         """Wait for in-flight async saves; re-raise their failure. Collective on many hosts."""

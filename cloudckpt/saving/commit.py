@@ -20,12 +20,23 @@ from cloudckpt.errors import (
     ConcurrentWriterError,
     NotFoundError,
     PreconditionError,
+    SaveError,
     StorageError,
 )
-from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, Entry, dtype_name, encode_index, index_key
+from cloudckpt.format import (
+    ArrayEntry,
+    CheckpointIndex,
+    Chunk,
+    DataObject,
+    Entry,
+    dtype_name,
+    encode_index,
+    index_key,
+    object_checkpoint,
+)
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import read_index
-from cloudckpt.references import delete_unreferenced
+from cloudckpt.references import delete_unreferenced, listed_sizes
 from cloudckpt.saving.objects import PieceId
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 
@@ -88,14 +99,19 @@ def commit(storage: Storage, index: CheckpointIndex, seen: ObjectMeta | None) ->
     index it replaced that the new one does not name; the caller deletes those
     (``delete_replaced``) once the commit stands.
 
+    Before the PUT, the data objects of earlier checkpoints the index names (an incremental
+    save's reused bytes) are listed: each must still exist at the size the index records.
+
     Raises:
         ConcurrentWriterError: the index changed (or appeared) since ``seen`` - another
             writer is saving to the same path. Nothing of theirs is touched.
+        SaveError: an object of an earlier checkpoint the index names is gone or resized.
     """
     key = index_key(index.name)
     url = storage.url_for(key)
     data = encode_index(index)
     replaced = _objects_named_by(storage, index.name, seen) if seen is not None else []
+    _confirm_earlier_objects(storage, index, replaced)
     if not storage.supports_conditional_writes:
         written = storage.put(key, data)
     else:
@@ -108,6 +124,34 @@ def commit(storage: Storage, index: CheckpointIndex, seen: ObjectMeta | None) ->
                 f"committed and the other writer's checkpoint was left alone") from exc
     ours = {o.name for o in index.objects}
     return len(data), written.version, [name for name in replaced if name not in ours]
+
+
+def _confirm_earlier_objects(storage: Storage, index: CheckpointIndex, replaced: Collection[str]) -> None:
+    """Check, by listing, that the objects of earlier checkpoints ``index`` names exist at their recorded size.
+
+    Those are the objects of the checkpoints it references, and those of the index it
+    replaces that it still names (an incremental save to its own base's name). Why at every
+    commit, though the base's objects were listed when the save began: objects can vanish
+    while a manager runs (a lifecycle rule, someone cleaning up), and an index naming a gone
+    object is a checkpoint that can never be restored. Costs one LIST per referenced
+    checkpoint (per 1,000 of its objects); nothing when the index names no earlier object.
+
+    Raises:
+        SaveError: one is gone or has another size (nothing is committed).
+    """
+    earlier = set(replaced)
+    named = [o for o in index.objects if object_checkpoint(o.name) != index.name or o.name in earlier]
+    if not named:
+        return
+    listed = listed_sizes(storage, (o.name for o in named))
+    wrong = [o for o in named if listed.get(o.name) != o.size]
+    if wrong:
+        shown = ", ".join(f"{storage.url_for(o.name)} ("
+                          + ("gone" if o.name not in listed else f"{listed[o.name]} bytes, not {o.size}") + ")"
+                          for o in wrong[:4])
+        raise SaveError(f"{storage.url_for(index_key(index.name))} was not committed: data object(s) of earlier "
+                        f"checkpoints it would reference are gone or changed since the save began: {shown}"
+                        f"{', ...' if len(wrong) > 4 else ''}. The next incremental save uploads those pieces again")
 
 
 def _objects_named_by(storage: Storage, name: str, seen: ObjectMeta) -> list[str]:

@@ -9,9 +9,14 @@ touched. Uploading PUTs each object straight from the arrays' memory (a list of 
 never a joined copy) and computes every piece's CRC32C and content hash on the way.
 
 Incremental saves: a piece whose bytes equal a piece of the same key, dtype, box and length
-in the base checkpoint (equal XXH3-128, never CRC32C alone) is not uploaded; its record
-points at the bytes where the base checkpoint stored them. An object whose pieces were all
-reused is not written at all.
+in the base checkpoint (equal XXH3-128 *and* equal CRC32C, never CRC32C alone) is not
+uploaded; its record points at the bytes where the base checkpoint stored them, with the
+CRC32Cs and hash of the live bytes (so a base index that lies about them cannot make the new
+checkpoint restore other bytes: a restore checks what it reads against the live values). Only
+chunks whose objects a listing found, at the size the base index records, are candidates; and
+an object whose reused pieces would keep less than ``MIN_REFERENCED_FRACTION`` of it in use is
+not referenced at all (its pieces are uploaded again, so the mostly stale object can go). An
+object whose pieces were all reused is not written at all.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import logging
 import math
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,16 +40,28 @@ from cloudckpt.errors import CheckpointFormatError, StorageError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, data_key, dtype_name
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import read_index
+from cloudckpt.references import listed_sizes
 from cloudckpt.storage import Storage
 from cloudckpt.storage.transfer import gather
 
 log = logging.getLogger("cloudckpt.saving")
+
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 #: Aim for data objects of about this size; more objects upload in parallel, but each
 #: costs a request and (on S3) a multipart round trip. The storage's own multipart
 #: writer parallelises inside one large object, so a handful of objects is enough.
 TARGET_OBJECT_SIZE = 256 * MiB
+
+#: An incremental save references an earlier data object only while the pieces it reuses from it
+#: keep at least this fraction of the object's bytes in use; below that (the object is mostly
+#: stale: the rest are bytes that changed since) those pieces are uploaded again, so the old
+#: object is deleted once the checkpoints naming it are evicted, instead of a few unchanged bytes
+#: keeping a whole old object alive for the rest of the run. Why a quarter: the objects a
+#: checkpoint names then hold at most 4x its own bytes, while state that is partly frozen (an
+#: embedding, a base model) is still reused whenever it is a sizeable part of the object it is in.
+MIN_REFERENCED_FRACTION = 0.25
 
 #: One contiguous box of an array leaf, as stored: ``(key path, start in the global array)``.
 PieceId = tuple[str, tuple[int, ...]]
@@ -165,7 +182,8 @@ def plan_objects(name: str, pieces: Mapping[PieceId, NDArray[Any]], groups: Sequ
 class StoredPiece:
     """Where one piece's bytes are, by object name (the committer numbers the objects).
 
-    A reused piece names an object of the base checkpoint, with the base's CRC32Cs.
+    A reused piece names an object of the base checkpoint (or one it references), with the
+    CRC32Cs and hash of the live bytes - equal to what the base records, or it is not reused.
     """
 
     object: str
@@ -199,38 +217,73 @@ class Uploaded:
 
 def shared_base(coord: Coordinator, storage: Storage, name: str | None, *, root: int,
                 url: str) -> BaseCheckpoint | None:
-    """The base checkpoint of an incremental save: read once, by rank ``root``, and broadcast.
+    """The base checkpoint of an incremental save: read and checked once, by rank ``root``, and broadcast.
 
     Why once: every rank needs it, and N reads of one index at the same moment are what an
-    S3 prefix throttles first. A base that is gone or unreadable makes the save a full one
-    (logged), on every rank alike.
+    S3 prefix throttles first. The data objects its reusable chunks are in are listed
+    (``BaseCheckpoint.confirm``): one that is gone, or not of the size the index records, is
+    not referenced - its pieces are uploaded again. A base that is gone or unreadable (or
+    cannot be listed) makes the save a full one (logged), on every rank alike.
 
     Raises:
         CoordinationError: the broadcast failed (nothing was uploaded yet).
     """
     if name is None:
         return None
-    index = None
+    base = None
     if coord.rank == root:
         try:
             index = read_index(storage, name)
             if index is None:
                 log.info("incremental save of %s: its base %s is gone; saving in full", url, storage.url_for(name))
+            else:
+                base = BaseCheckpoint(index)
+                base.confirm(storage)
         except (CheckpointFormatError, StorageError) as exc:
+            base = None
             log.warning("incremental save of %s: cannot read its base %s (%s); saving in full", url,
                         storage.url_for(name), exc)
     if coord.world_size > 1:
-        index = coord.broadcast_object(index, src=root)
-    return None if index is None else BaseCheckpoint(index)
+        base = coord.broadcast_object(base, src=root)
+    return base
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a live piece's bytes are: its CRC32C, per-block CRC32Cs and (managed saves) content hash."""
+
+    crc32c: int
+    block_crc32c: tuple[int, ...]
+    hash: str | None
+
+
+def fingerprint(array: NDArray[Any], hashes: bool) -> Fingerprint:
+    """One pass of CRC32C (and, with ``hashes``, one of XXH3-128) over a piece's bytes."""
+    view = _byte_view(array)
+    crc, blocks = crc32c_with_blocks(view)
+    return Fingerprint(crc, blocks, content_hash([view]) if hashes else None)
+
+
+def _record(obj: str, offset: int, array: NDArray[Any], start: tuple[int, ...], found: Fingerprint) -> StoredPiece:
+    """A piece's record: where its bytes are, with the live bytes' checksums and hash."""
+    return StoredPiece(obj, offset, int(array.nbytes), found.crc32c, start, tuple(array.shape),
+                       CRC_BLOCK if found.block_crc32c else 0, found.block_crc32c, found.hash)
 
 
 class BaseCheckpoint:
-    """The checkpoint an incremental save may reuse bytes from: its hashed chunks, by box."""
+    """The checkpoint an incremental save may reuse bytes from: its hashed chunks, by box.
+
+    Attributes:
+        name: the base checkpoint's name.
+        sizes: the size of each data object a reusable chunk is in (as recorded, and as
+            listed once ``confirm`` ran).
+    """
 
     def __init__(self, index: CheckpointIndex) -> None:
         self.name = index.name
-        sizes = {o.name: o.size for o in index.objects}
-        self._pieces: dict[PieceId, tuple[str, StoredPiece, int]] = {}
+        recorded = {o.name: o.size for o in index.objects}
+        self.sizes: dict[str, int] = {}
+        self._pieces: dict[PieceId, tuple[str, StoredPiece]] = {}
         for path, entry in index.entries.items():
             if not isinstance(entry, ArrayEntry):
                 continue
@@ -238,20 +291,59 @@ class BaseCheckpoint:
                 if c.hash is None or c.length == 0:
                     continue  # checkpoints written without hashes are never reused
                 obj = index.objects[c.object].name
-                stored = StoredPiece(obj, c.offset, c.length, c.crc32c, c.start, c.shape, c.block_size,
-                                     c.block_crc32c, c.hash)
-                self._pieces[(path, c.start)] = (entry.dtype, stored, sizes[obj])
+                self.sizes[obj] = recorded[obj]
+                self._pieces[(path, c.start)] = (entry.dtype, StoredPiece(
+                    obj, c.offset, c.length, c.crc32c, c.start, c.shape, c.block_size, c.block_crc32c, c.hash))
 
-    def find(self, piece: PieceId, array: NDArray[Any], digest: str) -> tuple[StoredPiece, int] | None:
-        """The base's record of ``piece`` if its bytes are identical (and the base object's size)."""
+    def confirm(self, storage: Storage) -> None:
+        """List the objects of the reusable chunks; forget the chunks of any missing or resized one.
+
+        Raises:
+            StorageError: the listing failed.
+        """
+        listed = listed_sizes(storage, self.sizes)
+        wrong = {name: listed.get(name) for name, size in self.sizes.items() if listed.get(name) != size}
+        if not wrong:
+            return
+        shown = ", ".join(f"{storage.url_for(name)} ("
+                          + ("gone" if now is None else f"{now} bytes, the index says {self.sizes[name]}") + ")"
+                          for name, now in sorted(wrong.items())[:4])
+        log.warning("checkpoint %s names data object(s) that are gone or changed: %s%s - it cannot be restored "
+                    "intact; this save uploads those pieces again instead of referencing them",
+                    storage.url_for(self.name), shown, ", ..." if len(wrong) > 4 else "")
+        self._pieces = {p: known for p, known in self._pieces.items() if known[1].object not in wrong}
+        self.sizes = {name: size for name, size in self.sizes.items() if name not in wrong}
+
+    def _find(self, piece: PieceId, array: NDArray[Any], found: Fingerprint) -> StoredPiece | None:
+        """The record reusing the base's bytes of ``piece`` if they are recorded identical to ``array``'s."""
         known = self._pieces.get(piece)
-        if known is None:
+        if known is None or found.hash is None:
             return None
-        dtype, stored, size = known
-        if (stored.hash != digest or stored.length != array.nbytes or stored.shape != tuple(array.shape)
-                or dtype != dtype_name(array.dtype)):
+        dtype, stored = known
+        if (stored.hash != found.hash or stored.crc32c != found.crc32c or stored.length != array.nbytes
+                or stored.shape != tuple(array.shape) or dtype != dtype_name(array.dtype)):
             return None
-        return stored, size
+        return _record(stored.object, stored.offset, array, piece[1], found)
+
+    def reuse(self, pieces: Mapping[PieceId, NDArray[Any]],
+              found: Mapping[PieceId, Fingerprint]) -> dict[PieceId, StoredPiece]:
+        """The records of those ``found`` pieces that reference the base's bytes instead of being uploaded.
+
+        A piece is reused when the base records identical bytes for it (``_find``) in an
+        object these pieces keep at least ``MIN_REFERENCED_FRACTION`` of in use. Decided over
+        the pieces of one ``upload`` call - one host's, not the whole job's: an object other
+        hosts reuse too may be rewritten where the job as a whole keeps more of it in use, never
+        referenced where less is.
+        """
+        matched = {p: record for p, f in found.items() if (record := self._find(p, pieces[p], f)) is not None}
+        used: dict[str, int] = {}
+        for record in matched.values():
+            used[record.object] = used.get(record.object, 0) + record.length
+        stale = {name for name, n in used.items() if n < MIN_REFERENCED_FRACTION * self.sizes[name]}
+        for name in sorted(stale):
+            log.debug("not referencing %s (%d of its %d bytes still in use): uploading those pieces again",
+                      name, used[name], self.sizes[name])
+        return {p: record for p, record in matched.items() if record.object not in stale}
 
 
 def _byte_view(array: NDArray[Any]) -> memoryview:
@@ -266,42 +358,58 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
     removes exactly what it may have left behind (and nothing when nothing was sent).
     ``hashes``: record each piece's content hash (what a later incremental save compares);
     a plain ``Checkpoint.write``/``save``, which no manager bases a save on, skips it.
+
+    With a ``base``, every piece is fingerprinted before any object is written, because
+    whether a base object is worth referencing depends on all the pieces reusing it
+    (``BaseCheckpoint.reuse``); without one, each object is fingerprinted and written in turn.
     """
     hashes = hashes or base is not None
-    def one(k: int) -> Uploaded:
+
+    def fingerprints(k: int) -> dict[PieceId, Fingerprint]:
+        return {piece: fingerprint(plan.pieces[piece], hashes) for piece, _ in plan.objects[k].pieces}
+
+    def put(k: int, found: Mapping[PieceId, Fingerprint], reused: Mapping[PieceId, StoredPiece]) -> Uploaded:
         obj = plan.objects[k]
         done = Uploaded()
         views: list[memoryview] = []
         position = 0
         for piece, _ in obj.pieces:
-            array = plan.pieces[piece]
-            view = _byte_view(array)
-            digest = content_hash([view]) if hashes else None
-            found = base.find(piece, array, digest) if base is not None and digest is not None else None
-            if found is not None:
-                done.pieces[piece] = found[0]
-                done.reused[found[0].object] = found[1]
+            record = reused.get(piece)
+            if record is not None:
+                assert base is not None
+                done.pieces[piece] = record
+                done.reused[record.object] = base.sizes[record.object]
                 continue
-            crc, blocks = crc32c_with_blocks(view)
-            done.pieces[piece] = StoredPiece(obj.key, position, view.nbytes, crc, piece[1], tuple(array.shape),
-                                             CRC_BLOCK if blocks else 0, blocks, digest)
-            views.append(view)
-            position += view.nbytes
+            array = plan.pieces[piece]
+            done.pieces[piece] = _record(obj.key, position, array, piece[1], found[piece])
+            views.append(_byte_view(array))
+            position += int(array.nbytes)
         if views:
             log.mark(obj.key)
             storage.put(obj.key, views)
             done.objects.append(DataObject(obj.key, position))
         return done
 
+    if base is None:
+        parts = _each(storage, which, lambda k: put(k, fingerprints(k), {}))
+    else:
+        found: dict[PieceId, Fingerprint] = {}
+        for part in _each(storage, which, fingerprints):
+            found.update(part)
+        reused = base.reuse(plan.pieces, found)
+        parts = _each(storage, which, lambda k: put(k, found, reused))
     result = Uploaded()
-    if not which:
-        return result
-    if len(which) == 1:
-        return one(which[0])
+    for uploaded in parts:  # in object order: the index lists objects as planned
+        result.merge(uploaded)
+    return result
+
+
+def _each(storage: Storage, which: Sequence[int], work: Callable[[int], T]) -> list[T]:
+    """``work(k)`` for every object number in ``which``, in parallel; the results in that order."""
+    if len(which) <= 1:
+        return [work(k) for k in which]
     workers = min(len(which), storage.config.max_concurrency)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloudckpt-upload") as pool:
-        futures = [pool.submit(one, k) for k in which]
+        futures = [pool.submit(work, k) for k in which]
         gather(futures, cancel=storage.cancel_transfers)  # Ctrl-C: stop the other objects' parts promptly
-        for future in futures:  # in object order: the index lists objects as planned
-            result.merge(future.result())
-    return result
+        return [future.result() for future in futures]
