@@ -36,8 +36,8 @@ from cloudckpt.format import (
 )
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import read_index
-from cloudckpt.references import delete_unreferenced, listed_sizes
-from cloudckpt.saving.objects import PieceId
+from cloudckpt.references import delete_unreferenced
+from cloudckpt.saving.objects import PieceId, shown_objects, unconfirmed_objects
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 
 log = logging.getLogger("cloudckpt.saving")
@@ -140,18 +140,12 @@ def _confirm_earlier_objects(storage: Storage, index: CheckpointIndex, replaced:
         SaveError: one is gone or has another size (nothing is committed).
     """
     earlier = set(replaced)
-    named = [o for o in index.objects if object_checkpoint(o.name) != index.name or o.name in earlier]
-    if not named:
-        return
-    listed = listed_sizes(storage, (o.name for o in named))
-    wrong = [o for o in named if listed.get(o.name) != o.size]
+    named = {o.name: o.size for o in index.objects if object_checkpoint(o.name) != index.name or o.name in earlier}
+    wrong = unconfirmed_objects(storage, named)  # no LIST when it names none
     if wrong:
-        shown = ", ".join(f"{storage.url_for(o.name)} ("
-                          + ("gone" if o.name not in listed else f"{listed[o.name]} bytes, not {o.size}") + ")"
-                          for o in wrong[:4])
         raise SaveError(f"{storage.url_for(index_key(index.name))} was not committed: data object(s) of earlier "
-                        f"checkpoints it would reference are gone or changed since the save began: {shown}"
-                        f"{', ...' if len(wrong) > 4 else ''}. The next incremental save uploads those pieces again")
+                        f"checkpoints it would reference are gone or changed since the save began: "
+                        f"{shown_objects(storage, wrong)}. The next incremental save uploads those pieces again")
 
 
 def _objects_named_by(storage: Storage, name: str, seen: ObjectMeta) -> list[str]:

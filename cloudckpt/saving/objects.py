@@ -65,8 +65,6 @@ MIN_REFERENCED_FRACTION = 0.25
 
 #: One contiguous box of an array leaf, as stored: ``(key path, start in the global array)``.
 PieceId = tuple[str, tuple[int, ...]]
-#: A piece's CRC32C and its per-block CRC32Cs (``checksum.crc32c_with_blocks``).
-PieceCrc = tuple[int, tuple[int, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +246,20 @@ def shared_base(coord: Coordinator, storage: Storage, name: str | None, *, root:
     return base
 
 
+def unconfirmed_objects(storage: Storage, recorded: Mapping[str, int]) -> dict[str, str]:
+    """Those of the data objects ``recorded`` (name -> the size an index records) that a listing
+    (``references.listed_sizes``) finds gone or of another size, each with what is wrong."""
+    listed = listed_sizes(storage, recorded)
+    return {name: "gone" if name not in listed else f"{listed[name]} bytes, the index says {size}"
+            for name, size in recorded.items() if listed.get(name) != size}
+
+
+def shown_objects(storage: Storage, problems: Mapping[str, str]) -> str:
+    """Up to four of ``unconfirmed_objects``' findings, as ``url (what is wrong)``, for a message."""
+    shown = ", ".join(f"{storage.url_for(name)} ({why})" for name, why in sorted(problems.items())[:4])
+    return shown + (", ..." if len(problems) > 4 else "")
+
+
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
     """What a live piece's bytes are: its CRC32C, per-block CRC32Cs and (managed saves) content hash."""
@@ -301,16 +313,12 @@ class BaseCheckpoint:
         Raises:
             StorageError: the listing failed.
         """
-        listed = listed_sizes(storage, self.sizes)
-        wrong = {name: listed.get(name) for name, size in self.sizes.items() if listed.get(name) != size}
+        wrong = unconfirmed_objects(storage, self.sizes)
         if not wrong:
             return
-        shown = ", ".join(f"{storage.url_for(name)} ("
-                          + ("gone" if now is None else f"{now} bytes, the index says {self.sizes[name]}") + ")"
-                          for name, now in sorted(wrong.items())[:4])
-        log.warning("checkpoint %s names data object(s) that are gone or changed: %s%s - it cannot be restored "
+        log.warning("checkpoint %s names data object(s) that are gone or changed: %s - it cannot be restored "
                     "intact; this save uploads those pieces again instead of referencing them",
-                    storage.url_for(self.name), shown, ", ..." if len(wrong) > 4 else "")
+                    storage.url_for(self.name), shown_objects(storage, wrong))
         self._pieces = {p: known for p, known in self._pieces.items() if known[1].object not in wrong}
         self.sizes = {name: size for name, size in self.sizes.items() if name not in wrong}
 
