@@ -28,10 +28,10 @@ from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import ReadRelay, shared_index
 from cloudckpt.restore import RestoreSession
 from cloudckpt.saving import AfterCommit, SaveRun, SaveSettings, WriteResult, announce_failure
+from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
 from cloudckpt.storage.throttle import TransferStats
-from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.trackable import Trackable, Variable
 
 log = logging.getLogger("cloudckpt.checkpoint")
@@ -337,7 +337,7 @@ class Checkpoint(Trackable):
         """A cloudckpt index; a TensorFlow checkpoint is named as one (restoring into objects
         by TensorFlow's object graph is not supported - ``load_checkpoint`` reads it)."""
         found = load_any_index(location.storage, location.name)
-        if isinstance(found, Bundle):
+        if isinstance(found, ForeignCheckpoint):
             raise CheckpointFormatError(
                 f"{location.url} is a TensorFlow checkpoint: Checkpoint.restore/read restore cloudckpt checkpoints "
                 "only; read its tensors with cloudckpt.load_checkpoint(path).get_tensor(key) or "

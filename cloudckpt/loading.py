@@ -12,9 +12,8 @@ import numpy as np
 
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
 from cloudckpt.restore import RestoreSession
+from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.storage import CheckpointPath, resolve
-from cloudckpt.tfbundle import Bundle, load_any_index
-from cloudckpt.tfbundle.view import BundleView
 
 
 class CheckpointReader:
@@ -24,14 +23,14 @@ class CheckpointReader:
     inner node (``model``) loads that whole subtree as nested dicts/lists.
 
     A TensorFlow checkpoint (told apart by its ``.index`` bytes) is read too, by
-    ``cloudckpt.tfbundle``: keys are then its object paths or raw bundle keys, and
-    ``restore`` is not supported (docs/tensorflow-import.md).
+    ``cloudckpt.tfbundle`` (registered with ``cloudckpt.sniff``): keys are then its object
+    paths or raw bundle keys, and ``restore`` is not supported (docs/tensorflow-import.md).
     """
 
     def __init__(self, save_path: CheckpointPath) -> None:
         location = resolve(save_path)
         loaded = load_any_index(location.storage, location.name)
-        self._tf = BundleView(loaded) if isinstance(loaded, Bundle) else None
+        self._tf = loaded.reader if isinstance(loaded, ForeignCheckpoint) else None
         if isinstance(loaded, CheckpointIndex):
             self._session = RestoreSession(location.storage, loaded)
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError, NotFoundError
 from cloudckpt.format import INDEX_SUFFIX, CheckpointIndex, object_checkpoint
+from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.storage import Storage
-from cloudckpt.tfbundle import Bundle, load_any_index
 
 log = logging.getLogger("cloudckpt.references")
 
@@ -69,7 +69,7 @@ def scan(storage: Storage, names: Sequence[str] | None = None) -> DirectoryRefer
     """Read every committed index of the directory (or of ``names``) and collect what they name."""
     names = index_names(storage) if names is None else list(names)
 
-    def load(name: str) -> CheckpointIndex | Bundle | CheckpointFormatError | None:
+    def load(name: str) -> CheckpointIndex | ForeignCheckpoint | CheckpointFormatError | None:
         try:
             return load_any_index(storage, name)  # a TensorFlow checkpoint names its shards
         except NotFoundError:
@@ -90,7 +90,7 @@ def scan(storage: Storage, names: Sequence[str] | None = None) -> DirectoryRefer
         elif isinstance(found, CheckpointFormatError):
             log.warning("keeping every data object of %s: its index is unreadable (%s)", storage.url_for(name), found)
             unreadable.add(name)
-        elif isinstance(found, Bundle):
+        elif isinstance(found, ForeignCheckpoint):
             named.update(found.objects)
         elif found is not None:
             indexes[name] = found

@@ -30,9 +30,9 @@ from cloudckpt.format import index_key
 from cloudckpt.index_store import head_index, newer_format
 from cloudckpt.manager.directory import delete_checkpoint, relative_name
 from cloudckpt.references import listed_sizes
+from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import CheckpointPath, Storage, resolve
-from cloudckpt.tfbundle import Bundle, load_any_index
 
 log = logging.getLogger("cloudckpt.manager")
 
@@ -104,7 +104,7 @@ def _objects_of(storage: Storage, name: str, url: str) -> list[str] | None:
         log.warning("the index of %s is unreadable (%s): removing it; its data objects are left to "
                     "`cloudckpt gc`", url, exc)
         return []
-    if isinstance(found, Bundle):
+    if isinstance(found, ForeignCheckpoint):
         raise CheckpointFormatError(f"{url} is a TensorFlow checkpoint; remove cloudckpt checkpoints only", url)
     return [] if found is None else [o.name for o in found.objects]
 

@@ -34,9 +34,10 @@ from cloudckpt.errors import (
     InvalidRangeError,
     NotFoundError,
 )
-from cloudckpt.format import CheckpointIndex, decode_index, decode_segment, index_key
-from cloudckpt.index_store import load_index_bytes
+from cloudckpt.format import CheckpointIndex, decode_segment, index_key
 from cloudckpt.reader import read_coalesced
+from cloudckpt.sniff import IndexFormat, sniff_index
+from cloudckpt.sniff import load_any_index as sniffed_index
 from cloudckpt.storage import ReadRequest, Storage
 from cloudckpt.tfbundle.entries import (
     DT_STRING,
@@ -51,7 +52,7 @@ from cloudckpt.tfbundle.entries import (
 )
 from cloudckpt.tfbundle.objects import OBJECT_GRAPH_KEY, SLOT_SEGMENT, assign_names, object_paths
 from cloudckpt.tfbundle.strings import decode_strings
-from cloudckpt.tfbundle.table import looks_like_table, read_table
+from cloudckpt.tfbundle.table import read_table
 
 #: Cells (or corner coordinates) the proof that a tensor's slices tile it may use, per slice
 #: dimension: memory linear in the slices the index holds (``_check_tiling``). Enough for any
@@ -62,10 +63,9 @@ SLICE_PROOF_BUDGET = 16
 def is_bundle_index(data: bytes) -> bool:
     """Whether an ``.index`` object's bytes are a TensorFlow table rather than cloudckpt's JSON.
 
-    cloudckpt's index is a JSON object (it starts with ``{``); TensorFlow's is a table that
-    ends in a magic number. Decided by content, never by the checkpoint's name.
+    Decided by content, never by the checkpoint's name (``cloudckpt.sniff.sniff_index``).
     """
-    return data.lstrip()[:1] != b"{" and looks_like_table(data)
+    return sniff_index(data) is IndexFormat.TENSORFLOW
 
 
 def data_object(name: str, shard: int, num_shards: int) -> str:
@@ -402,21 +402,21 @@ def _segment(segment: str) -> str:
 def load_any_index(storage: Storage, name: str) -> CheckpointIndex | Bundle:
     """Checkpoint ``name``'s index, whichever format it is in: cloudckpt's, or a TensorFlow bundle.
 
-    One HEAD and one GET of the ``.index`` object; the format is told from its bytes.
+    ``cloudckpt.sniff.load_any_index`` (one HEAD and one GET of the ``.index`` object; the
+    format is told from its bytes), with a TensorFlow checkpoint handed back as its
+    :class:`Bundle` - for code above the core (the CLI, ``cloudckpt.tools``).
 
     Raises:
         CheckpointFormatError: the bytes are neither (a truncated TensorFlow index has lost
-            its magic number), or the index they hold is malformed.
+            its magic number), the index they hold is malformed, or they are another
+            foreign format.
     """
-    data = load_index_bytes(storage, name)
-    url = storage.url_for(index_key(name))
-    if is_bundle_index(data):
-        return Bundle(storage, name, data)
-    if data.lstrip()[:1] == b"{":
-        return decode_index(data, name, url)
-    raise CheckpointFormatError(
-        f"{url} is not a checkpoint index: neither cloudckpt's (JSON) nor TensorFlow's (a table ending in "
-        f"its magic number); {len(data)} bytes - truncated, or not a checkpoint")
+    found = sniffed_index(storage, name)
+    if isinstance(found, CheckpointIndex):
+        return found
+    if isinstance(found.source, Bundle):
+        return found.source
+    raise CheckpointFormatError(f"{found.url} is a {found.format.value}, not cloudckpt's or TensorFlow's", found.url)
 
 
 def tensor_value(array: NDArray[Any]) -> Any:

@@ -36,12 +36,12 @@ from collections.abc import Iterator
 
 from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.sniff import TF_FOOTER_SIZE, TF_TABLE_MAGIC, looks_like_tf_table
 from cloudckpt.tfbundle.crc import unmask
 from cloudckpt.tfbundle.wire import read_varint
 
-MAGIC = 0xDB4775248B80FB57
-MAGIC_BYTES = struct.pack("<Q", MAGIC)
-FOOTER_SIZE = 48
+MAGIC_BYTES = TF_TABLE_MAGIC  # the format layer's sniffer tells tables apart by it (cloudckpt.sniff)
+FOOTER_SIZE = TF_FOOTER_SIZE
 TRAILER_SIZE = 5
 NO_COMPRESSION = 0
 SNAPPY_COMPRESSION = 1
@@ -50,9 +50,7 @@ SNAPPY_COMPRESSION = 1
 KEY_EXPANSION = 16
 
 
-def looks_like_table(data: bytes) -> bool:
-    """Whether ``data`` ends like a TensorFlow table (the footer's magic number)."""
-    return len(data) >= FOOTER_SIZE and data[-8:] == MAGIC_BYTES
+looks_like_table = looks_like_tf_table
 
 
 class _Blocks:

@@ -1,0 +1,129 @@
+"""Which format a checkpoint is in, told from its ``.index`` bytes, and the seam foreign readers plug into.
+
+A checkpoint path may hold cloudckpt's own index (a JSON object) or another framework's
+checkpoint: TensorFlow's TensorBundle writes ``<name>.index`` too - a LevelDB-style table
+that ends in a magic number (torch DCP's layout, issue 25, will be the next kind). Deciding
+*which* is format knowledge and lives here, by content, never by the checkpoint's name.
+*Reading* a foreign format is an integration's job: ``cloudckpt.tfbundle`` sits above the
+core and registers its reader with :func:`register_reader` when it is imported (the package
+``cloudckpt`` imports it, so every user of the core sees it registered), and the core
+(``Checkpoint``, ``CheckpointReader``, ``references``, ``remove_checkpoint``) only ever
+handles the :class:`ForeignCheckpoint` it gets back - it never imports the reader.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format import CheckpointIndex, decode_index, index_key
+from cloudckpt.index_store import load_index_bytes
+from cloudckpt.storage import Storage
+
+#: TensorFlow's table footer: two block handles padded to 40 bytes, then this magic number.
+TF_TABLE_MAGIC = struct.pack("<Q", 0xDB4775248B80FB57)
+TF_FOOTER_SIZE = 48
+
+
+class IndexFormat(enum.Enum):
+    """A checkpoint format an ``.index`` object can be in (the value is how messages name it)."""
+
+    CLOUDCKPT = "cloudckpt index"
+    TENSORFLOW = "TensorFlow bundle"
+
+
+def looks_like_tf_table(data: bytes) -> bool:
+    """Whether ``data`` ends like a TensorFlow table (the footer's magic number)."""
+    return len(data) >= TF_FOOTER_SIZE and data[-8:] == TF_TABLE_MAGIC
+
+
+def sniff_index(data: bytes) -> IndexFormat | None:
+    """The format of an ``.index`` object's bytes; ``None`` for neither (truncated, or not a checkpoint).
+
+    cloudckpt's index is a JSON object (it starts with ``{``); TensorFlow's is a table
+    that ends in its magic number. Only the first and last bytes are looked at: whether
+    the index is *valid* is for its reader to say.
+    """
+    if data.lstrip()[:1] == b"{":
+        return IndexFormat.CLOUDCKPT
+    if looks_like_tf_table(data):
+        return IndexFormat.TENSORFLOW
+    return None
+
+
+class VariableReader(Protocol):
+    """The read-only methods of ``cloudckpt.CheckpointReader`` a foreign checkpoint offers."""
+
+    def get_variable_to_shape_map(self) -> dict[str, list[int]]: ...
+
+    def get_variable_to_dtype_map(self) -> dict[str, np.dtype[Any] | type]: ...
+
+    def has_tensor(self, name: str) -> bool: ...
+
+    def get_tensor(self, name: str) -> Any: ...
+
+    def restore(self, name: str, target: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignCheckpoint:
+    """A checkpoint of another framework's format, opened (and validated) by its registered reader.
+
+    Attributes:
+        format: which format it is.
+        url: the checkpoint's URL (as messages name it).
+        objects: the data objects its index names (what deletion must leave alone).
+        reader: its tensors, behind ``CheckpointReader``'s methods.
+        source: the integration's own object (a ``cloudckpt.tfbundle.Bundle``), for code above the core.
+    """
+
+    format: IndexFormat
+    url: str
+    objects: frozenset[str]
+    reader: VariableReader
+    source: object
+
+
+#: Opens a foreign checkpoint from its storage, name and ``.index`` bytes (raises CheckpointFormatError).
+Opener = Callable[[Storage, str, bytes], ForeignCheckpoint]
+
+_READERS: dict[IndexFormat, Opener] = {}
+
+
+def register_reader(kind: IndexFormat, opener: Opener) -> None:
+    """Make checkpoints of format ``kind`` readable by the core through ``opener`` (replacing any earlier one)."""
+    if kind is IndexFormat.CLOUDCKPT:
+        raise ValueError("cloudckpt's own index is read by the core, not by a registered reader")
+    _READERS[kind] = opener
+
+
+def load_any_index(storage: Storage, name: str) -> CheckpointIndex | ForeignCheckpoint:
+    """Checkpoint ``name``'s index, whichever format it is in: cloudckpt's, or a registered foreign one.
+
+    One HEAD and one GET of the ``.index`` object; the format is told from its bytes.
+
+    Raises:
+        CheckpointNotFoundError: no index.
+        CheckpointFormatError: the bytes are no known format (a truncated TensorFlow index
+            has lost its magic number), no reader is registered for theirs, or the index
+            they hold is malformed.
+    """
+    data = load_index_bytes(storage, name)
+    url = storage.url_for(index_key(name))
+    kind = sniff_index(data)
+    if kind is IndexFormat.CLOUDCKPT:
+        return decode_index(data, name, url)
+    if kind is None:
+        raise CheckpointFormatError(
+            f"{url} is not a checkpoint index: neither cloudckpt's (JSON) nor TensorFlow's (a table ending in "
+            f"its magic number); {len(data)} bytes - truncated, or not a checkpoint")
+    opener = _READERS.get(kind)
+    if opener is None:
+        raise CheckpointFormatError(f"{url} is a {kind.value}, and no reader for it is registered", url)
+    return opener(storage, name, data)
