@@ -11,15 +11,18 @@ ranks of a multi-host job (a plain dataclass of strings and floats).
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from cloudckpt.manager.directory import relative_name
-from cloudckpt.retention import RetentionPolicy
+from cloudckpt.retention import CheckpointRecord, RetentionPolicy, metric_key, sweep
 from cloudckpt.state_file import CheckpointState
 
 log = logging.getLogger("cloudckpt.manager")
+
+_NUMBER = re.compile(r"-(-?[0-9]+)\Z")
 
 
 @dataclass(slots=True)
@@ -28,8 +31,9 @@ class ManagedSet:
 
     Attributes:
         active: checkpoint name -> save timestamp, oldest inserted first (``max_to_keep`` applies).
-        preserved: kept forever by ``keep_checkpoint_every_n_hours`` (left the active list).
-        metrics: keep-best metric per active checkpoint.
+        preserved: kept for good by the retention policy (``keep_checkpoint_every_n_hours``);
+            they left the active list.
+        metrics: per active checkpoint, the value of the metric the policy reads (``BestN``).
         latest: the newest checkpoint recorded (``model_checkpoint_path``).
         last_preserved: TensorFlow's ``last_preserved_timestamp``.
         deleting: evicted checkpoints whose deletion may not have finished.
@@ -93,10 +97,12 @@ class ManagedSet:
                           self.last_preserved, list(self.deleting))
 
     def record(self, name: str, timestamp: float, metric: float | None, policy: RetentionPolicy) -> list[str]:
-        """Add a just-committed checkpoint and apply retention; return the newly evicted names.
+        """Add a just-committed checkpoint and apply ``policy``; return the newly evicted names.
 
-        Evicted names are added to ``deleting`` in the same state write that drops them,
-        so a deletion cut short by a crash is finished by the next save or owner.
+        ``metric`` is the save's value of the one metadata key ``policy`` reads (the state file
+        keeps one metric per checkpoint). Evicted names are added to ``deleting`` in the same
+        state write that drops them, so a deletion cut short by a crash is finished by the next
+        save or owner.
         """
         self.active.pop(name, None)
         self.active[name] = timestamp
@@ -106,14 +112,22 @@ class ManagedSet:
         if metric is not None:
             self.metrics[name] = metric
         self.latest = name
-        sweep = policy.sweep(self.active, self.last_preserved, self.metrics)
-        self.last_preserved = sweep.last_preserved_timestamp
-        self.preserved.update(sweep.preserved)
-        for dropped in [*sweep.preserved, *sweep.deleted]:
+        swept = sweep(policy, self.records(policy), self.last_preserved)
+        self.last_preserved = swept.last_preserved
+        self.preserved.update((gone, self.active[gone]) for gone in swept.preserved)
+        for dropped in (*swept.preserved, *swept.deleted):
+            del self.active[dropped]
             self.metrics.pop(dropped, None)
-        evicted = [gone for gone in sweep.deleted if gone not in self.deleting]
+        evicted = [gone for gone in swept.deleted if gone not in self.deleting]
         self.deleting.extend(evicted)
         return evicted
+
+    def records(self, policy: RetentionPolicy) -> list[CheckpointRecord]:
+        """The active checkpoints as ``policy`` sees them, oldest saved first."""
+        key = metric_key(policy)
+        return [CheckpointRecord(name, _number(name), stamp,
+                                 {key: self.metrics[name]} if key is not None and name in self.metrics else {})
+                for name, stamp in self.active.items()]
 
     def forget(self, damaged: Collection[str], restored: str) -> None:
         """Stop managing ``damaged`` checkpoints a resume skipped; ``restored`` becomes the latest.
@@ -132,3 +146,9 @@ class ManagedSet:
         if self.latest and self.latest not in names:
             names.insert(0, self.latest)
         return names
+
+
+def _number(name: str) -> int | None:
+    """The number a checkpoint name ends in (``ckpt-7`` -> 7), ``None`` without one."""
+    found = _NUMBER.search(name)
+    return int(found.group(1)) if found else None

@@ -45,7 +45,7 @@ from cloudckpt.manager.managed_set import ManagedSet
 from cloudckpt.manager.ownership import DirectoryOwnership
 from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.retention import BestN, LatestN, PreserveEveryNHours, RetentionPolicy
+from cloudckpt.retention import BestN, RetentionPolicy, manager_policy, metric_key
 from cloudckpt.saving import WriteResult
 from cloudckpt.state_file import CheckpointState
 from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
@@ -69,7 +69,9 @@ class CheckpointManager:
         step_counter: with ``checkpoint_interval``, the step variable saves are spaced on.
         checkpoint_interval: minimum steps between saves.
         init_fn: called by ``restore_or_initialize`` when there is nothing to restore.
-        keep_best: optional ``BestN`` rule (metric from ``save(metadata=...)``) on top.
+        keep_best: optional ``BestN`` rule (metric from ``save(metadata=...)``): the best are kept too.
+        preservation: a retention policy (``cloudckpt.retention``: ``LatestN``, ``EveryNHours``,
+            ``BestN``, ``AnyOf``) instead of the three above, which it excludes (``max_to_keep=None``).
         storage: an already-open ``Storage`` for ``directory`` (custom clients, credentials,
             transfer tuning); every object of the directory - checkpoints and state file - goes
             through it. ``directory`` may also be a ``Storage`` itself.
@@ -101,6 +103,7 @@ class CheckpointManager:
                  keep_checkpoint_every_n_hours: float | None = None, checkpoint_name: str = "ckpt",
                  step_counter: Any = None, checkpoint_interval: int | None = None,
                  init_fn: Callable[[], Any] | None = None, *, keep_best: BestN | None = None,
+                 preservation: RetentionPolicy | None = None,
                  storage: Storage | None = None, options: CheckpointOptions | None = None,
                  leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE,
                  incremental: bool = True) -> None:
@@ -122,10 +125,7 @@ class CheckpointManager:
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._init_fn = init_fn
-        self._policy = RetentionPolicy(
-            latest=LatestN(max_to_keep),
-            preserve=PreserveEveryNHours(keep_checkpoint_every_n_hours) if keep_checkpoint_every_n_hours else None,
-            best=keep_best)
+        self._policy = manager_policy(max_to_keep, keep_checkpoint_every_n_hours, keep_best, preservation)
         self._lock = threading.RLock()
         self._warned_unreadable = False
         self._ownership = DirectoryOwnership(self._storage, on_garbled=self._warn_garbled)
@@ -187,7 +187,7 @@ class CheckpointManager:
 
     @property
     def preserved_checkpoints(self) -> list[str]:
-        """Checkpoints kept forever by ``keep_checkpoint_every_n_hours`` (full paths)."""
+        """Checkpoints kept for good by ``keep_checkpoint_every_n_hours`` / ``EveryNHours`` (full paths)."""
         with self._lock:
             return [self._path(name) for name in self._managed.preserved]
 
@@ -330,9 +330,8 @@ class CheckpointManager:
         counter.assign_add(1)
         number = as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
         name = f"{self._name}-{number}"
-        metric = None
-        if self._policy.best is not None and metadata is not None and self._policy.best.metric in metadata:
-            metric = float(metadata[self._policy.best.metric])
+        key = metric_key(self._policy)
+        metric = float(metadata[key]) if key is not None and metadata is not None and key in metadata else None
         with self._lock:
             base = self._managed.latest if (self._incremental if incremental is None else incremental) else None
         self._checkpoint._write_managed(
