@@ -23,7 +23,7 @@ from cloudckpt.async_save import AsyncSaver, SaveStats
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
 from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import CheckpointIndex
-from cloudckpt.graph import Collected, Kind, ShardedLeaf, classify, collect
+from cloudckpt.graph import Collected, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import ReadRelay, shared_index
 from cloudckpt.restore import RestoreSession
@@ -36,9 +36,6 @@ from cloudckpt.trackable import Trackable, Variable
 
 log = logging.getLogger("cloudckpt.checkpoint")
 
-_STATEFUL_KINDS = frozenset({Kind.VARIABLE, Kind.NDARRAY, Kind.TENSOR, Kind.SHARDED, Kind.TRACKABLE, Kind.DICT,
-                             Kind.LIST, Kind.TUPLE, Kind.ADAPTED})
-
 
 def _check_trackable(name: str, value: object) -> None:
     """TensorFlow's check: a checkpoint's dependencies must hold state.
@@ -47,7 +44,7 @@ def _check_trackable(name: str, value: object) -> None:
     not be restored into anything the caller holds. Wrap it in a ``Variable``.
     """
     found = classify(value)
-    if found is None or found.kind not in _STATEFUL_KINDS:
+    if found is None or not found.stateful:
         raise ValueError(
             f"`Checkpoint` was expecting {name} to be a trackable object (a Trackable, Variable, numpy "
             f"array, torch tensor, container, or an object with state_dict()), got {value!r}. "

@@ -22,36 +22,16 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.errors import CheckpointMismatchError
-from cloudckpt.format import (
-    ArrayEntry,
-    CheckpointIndex,
-    Entry,
-    NodeEntry,
-    ValueEntry,
-    decode_segment,
-    join_path,
-    parse_dtype,
-    storage_dtype,
-)
-from cloudckpt.graph import (
-    Kind,
-    children,
-    classify,
-    describe_type,
-    display_path,
-    sharded_view,
-    unsupported,
-)
+from cloudckpt.format import ArrayEntry, CheckpointIndex, Entry, NodeEntry, ValueEntry, decode_segment, join_path
+from cloudckpt.graph import Classified, Kind, children, classify, describe_type, display_path, unsupported
+from cloudckpt.leaves import Builder, LeafEntry, Setter, builder_for
+from cloudckpt.leaves.base import mismatch, mismatch_error
 from cloudckpt.reader import ObjectSizes, RangeReader, ReadTarget, backed_buffer, new_buffer, read_arrays
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
-
-Setter = Callable[[Any], None]
-Builder = Callable[[], Any]
 
 
 def value_paths(index: CheckpointIndex) -> list[str]:
@@ -130,14 +110,37 @@ class _Deferred:
         self.session.restore(self.path, value, setter)
 
 
-def _mismatch(path: str, stored: str, live: str) -> CheckpointMismatchError:
-    return CheckpointMismatchError(
-        f"cannot restore {display_path(path)}: the checkpoint holds {stored}, the object is {live}; "
-        f"nothing was restored")
+class _LeafPlan:
+    """The ``LeafPlan`` a leaf kind plans one stored leaf through: its reads and steps join the plan's."""
 
+    __slots__ = ("_plan", "entry", "path")
 
-def _describe_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str:
-    return f"an array of shape {shape} and dtype {dtype}"
+    def __init__(self, plan: _Plan, path: str, entry: LeafEntry) -> None:
+        self._plan = plan
+        self.path = path
+        self.entry = entry
+
+    def _array(self) -> ArrayEntry:
+        assert isinstance(self.entry, ArrayEntry), "a Python value has no bytes to read"
+        return self.entry
+
+    def read_into(self, dest: NDArray[Any], start: tuple[int, ...] | None = None) -> None:
+        self._plan.reads.append(ReadTarget(self.path, self._array(), dest, live=True, start=start))
+
+    def read_new(self, shape: tuple[int, ...] | None = None,
+                 start: tuple[int, ...] | None = None) -> NDArray[Any]:
+        dest = new_buffer(self._array(), shape)
+        self._plan.reads.append(ReadTarget(self.path, self._array(), dest, live=False, start=start))
+        return dest
+
+    def read_built(self) -> NDArray[Any]:
+        session = self._plan.session
+        dest = backed_buffer(session.index, self.path, self._array(), session.sizes)
+        self._plan.reads.append(ReadTarget(self.path, self._array(), dest, live=False))
+        return dest
+
+    def then(self, step: Callable[[], None]) -> None:
+        self._plan.ops.append(step)
 
 
 class _Plan:
@@ -179,14 +182,8 @@ class _Plan:
             found = classify(live)
             if found is None:
                 raise unsupported(path, live)
-            if isinstance(entry, ArrayEntry):
-                self._match_array(path, entry, live, found.kind, setter)
-            elif isinstance(entry, ValueEntry):
-                if found.kind is not Kind.VALUE or setter is None:
-                    raise _mismatch(path, f"the value {entry.value!r}", f"a {describe_type(live)}")
-                value = entry.value
-                self.ops.append(functools.partial(setter, value))
-                self.consumed.add(path)
+            if isinstance(entry, (ArrayEntry, ValueEntry)):
+                self._match_leaf(path, entry, live, found, setter)
             elif entry.adapter is not None:
                 self._match_adapted(path, entry, live, found.kind, found.adapter)
             else:
@@ -195,84 +192,18 @@ class _Plan:
                     stack.append(after)
                 stack.extend(reversed(items))
 
-    def _match_array(self, path: str, entry: ArrayEntry, live: Any, kind: Kind, setter: Setter | None) -> None:
-        dtype = parse_dtype(entry.dtype)
-        stored = _describe_array(entry.shape, dtype)
-        if kind is Kind.VARIABLE:
-            self._check(path, entry, stored, live.shape, live.dtype)
-            buffer = live._buffer()
-            self._into(path, entry, buffer, lambda dest: np.copyto(buffer, dest))
-        elif kind is Kind.NDARRAY:
-            self._check(path, entry, stored, live.shape, live.dtype)
-            if not live.flags.writeable:
-                raise _mismatch(path, stored, "a read-only numpy array")
-            self._into(path, entry, live, lambda dest: np.copyto(live, dest))
-        elif kind is Kind.TENSOR:
-            from cloudckpt.adapters import torch as torch_adapter
-            shape, tdtype = torch_adapter.tensor_meta(live)
-            self._check(path, entry, stored, shape, tdtype)
-            _refuse_without_data(path, live)
-            view = torch_adapter.writable_view(live)
-            if view is not None:
-                self.reads.append(ReadTarget(path, entry, view, live=True))
-            else:
-                dest = new_buffer(entry)
-                self.reads.append(ReadTarget(path, entry, dest, live=False))
-                self.ops.append(lambda: torch_adapter.copy_into(live, dest))
-        elif kind is Kind.SHARDED:
-            self._into_shards(path, entry, stored, live)
-        elif kind is Kind.NUMPY_SCALAR and entry.pytype == "numpy_scalar" and setter is not None:
-            self._check(path, entry, stored, (), np.asarray(live).dtype)
-            dest = new_buffer(entry)
-            self.reads.append(ReadTarget(path, entry, dest, live=False))
-            self.ops.append(lambda: setter(dest[()]))
-        else:
-            raise _mismatch(path, stored, f"a {describe_type(live)}")
+    def _match_leaf(self, path: str, entry: LeafEntry, live: Any, found: Classified, setter: Setter | None) -> None:
+        """A stored leaf: the live value's kind plans the restore (nothing else can take a leaf)."""
+        leaf = _LeafPlan(self, path, entry)
+        if found.leaf is None:
+            raise mismatch(leaf, live)
+        found.leaf.restore(leaf, live, setter)
         self.consumed.add(path)
-
-    def _into(self, path: str, entry: ArrayEntry, live: NDArray[Any], copy: Callable[[NDArray[Any]], Any]) -> None:
-        """Read straight into ``live`` if its layout allows, else into a buffer copied after."""
-        if live.flags.c_contiguous and live.dtype == parse_dtype(entry.dtype):
-            self.reads.append(ReadTarget(path, entry, live, live=True))
-        else:
-            dest = new_buffer(entry)
-            self.reads.append(ReadTarget(path, entry, dest, live=False))
-            self.ops.append(lambda: copy(dest))
-
-    def _into_shards(self, path: str, entry: ArrayEntry, stored: str, live: Any) -> None:
-        """Read each local shard's box (only its bytes), whatever layout the checkpoint has.
-
-        Local shards with the same box (replicas on several local devices) are read once
-        and copied, so a host fetches each byte it needs once.
-        """
-        view = sharded_view(live)
-        assert view is not None
-        self._check(path, entry, stored, tuple(view.global_shape), view.dtype)
-        dtype = parse_dtype(entry.dtype)
-        first_of: dict[tuple[int, ...], NDArray[Any]] = {}
-        for start, shape, dest, assign in view.restore_targets():
-            start = tuple(start)
-            if start in first_of:
-                self.ops.append(_assigner(dest, assign, first_of[start]))
-                continue
-            if dest is not None and dest.flags.c_contiguous and dest.dtype == dtype:
-                self.reads.append(ReadTarget(path, entry, dest, live=True, start=start))
-                first_of[start] = dest
-            else:
-                buffer = new_buffer(entry, tuple(shape))
-                self.reads.append(ReadTarget(path, entry, buffer, live=False, start=start))
-                self.ops.append(_assigner(dest, assign, buffer))
-                first_of[start] = buffer
-
-    @staticmethod
-    def _check(path: str, entry: ArrayEntry, stored: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-        if tuple(shape) != entry.shape or storage_dtype(np.dtype(dtype)) != parse_dtype(entry.dtype):
-            raise _mismatch(path, stored, _describe_array(tuple(shape), np.dtype(dtype)))
 
     def _match_adapted(self, path: str, entry: NodeEntry, live: Any, kind: Kind, adapter: Any) -> None:
         assert entry.adapter is not None
         if kind is not Kind.ADAPTED or adapter.name != entry.adapter:
-            raise _mismatch(path, f"the state of a {entry.adapter} object", f"a {describe_type(live)}")
+            raise mismatch_error(path, f"the state of a {entry.adapter} object", f"a {describe_type(live)}")
         keys = {decode_segment(s) if entry.type == "dict" else int(s) for s in entry.children}
         try:
             adapter.check(live, keys, path)
@@ -293,7 +224,7 @@ class _Plan:
                          ) -> tuple[Callable[[], None] | None, list[tuple[str, Any, Setter | None]]]:
         """The children to match next, and what to plan after them (a tuple's rebuild)."""
         if kind.value != entry.type:
-            raise _mismatch(path, f"a {entry.type}", f"a {describe_type(live)}")
+            raise mismatch_error(path, f"a {entry.type}", f"a {describe_type(live)}")
         if kind in (Kind.LIST, Kind.TUPLE) and len(live) != len(entry.children):
             self._replace_sequence(path, entry, live, kind, setter)
             return None, []
@@ -370,12 +301,8 @@ class _Plan:
         while stack:
             node_path, node_template = stack.pop()
             entry = self.entries[node_path]
-            if isinstance(entry, ValueEntry):
-                self.consumed.add(node_path)
-                leaves[node_path] = functools.partial(_identity, entry.value)
-                continue
-            if isinstance(entry, ArrayEntry):
-                leaves[node_path] = self._materialize_array(node_path, entry, node_template)
+            if isinstance(entry, (ArrayEntry, ValueEntry)):
+                leaves[node_path] = self._build_leaf(node_path, entry, node_template)
                 continue
             if entry.adapter is not None:
                 self.consumed.add(node_path)
@@ -396,61 +323,25 @@ class _Plan:
             return values[path]
         return build
 
-    def _materialize_array(self, path: str, entry: ArrayEntry, template: Any) -> Builder:
-        """Read into the template's own array when it has one here (a module's parameters).
+    def _build_leaf(self, path: str, entry: LeafEntry, template: Any) -> Builder:
+        """Read into the template's own value when its kind can take it (a module's parameters),
+        else build fresh (the kind that wrote the entry's pytype builds it).
 
         A template array of another shape or dtype is a mismatch: the object's
         ``load_state_dict`` would fail after other objects had been restored.
         """
         self.consumed.add(path)
-        found = classify(template) if template is not None else None
-        dtype = parse_dtype(entry.dtype)
-        stored = _describe_array(entry.shape, dtype)
-        if found is not None and found.kind is Kind.TENSOR:
-            from cloudckpt.adapters import torch as torch_adapter
-            shape, tdtype = torch_adapter.tensor_meta(template)
-            self._check(path, entry, stored, shape, tdtype)
-            _refuse_without_data(path, template)
-            view = torch_adapter.writable_view(template)
-            if view is not None and view.dtype == dtype:
-                self.reads.append(ReadTarget(path, entry, view, live=True))
-                return lambda: template
-        if found is not None and found.kind is Kind.SHARDED:
-            self._into_shards(path, entry, stored, template)
-            return lambda: template
-        if found is not None and found.kind is Kind.NDARRAY:
-            self._check(path, entry, stored, template.shape, template.dtype)
-            if template.dtype == dtype and template.flags.c_contiguous and template.flags.writeable:
-                self.reads.append(ReadTarget(path, entry, template, live=True))
-                return lambda: template
-        dest = backed_buffer(self.session.index, path, entry, self.session.sizes)
-        self.reads.append(ReadTarget(path, entry, dest, live=False))
-        pytype = entry.pytype
-        if pytype == "tensor":
-            from cloudckpt.adapters import torch as torch_adapter
-            return lambda: torch_adapter.numpy_to_tensor(dest)
-        if pytype == "numpy_scalar":
-            return lambda: dest[()]
-        if pytype == "bytes":
-            return dest.tobytes  # opaque bytes (a DCP item), handed back as they were stored
-        return lambda: dest
-
-
-def _refuse_without_data(path: str, tensor: Any) -> None:
-    """A tensor with no storage (meta) cannot take the stored bytes: refuse before anything is restored."""
-    from cloudckpt.adapters import torch as torch_adapter
-
-    problem = torch_adapter.no_data(tensor)
-    if problem is not None:
-        raise CheckpointMismatchError(f"cannot restore {display_path(path)}: {problem}; nothing was restored")
+        leaf = _LeafPlan(self, path, entry)
+        found = classify(template) if template is not None and isinstance(entry, ArrayEntry) else None
+        if found is not None and found.leaf is not None:
+            built = found.leaf.build_into(leaf, template)
+            if built is not None:
+                return built
+        return builder_for(path, entry).build(leaf)
 
 
 def _items(n: int) -> str:
     return f"{n} item{'' if n == 1 else 's'}"
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 def _not_plain(entries: Mapping[str, Entry], path: str) -> str | None:
@@ -459,16 +350,13 @@ def _not_plain(entries: Mapping[str, Entry], path: str) -> str | None:
     while stack:
         node_path = stack.pop()
         entry = entries[node_path]
-        if isinstance(entry, ArrayEntry) and entry.pytype != "numpy_scalar":
+        if isinstance(entry, ArrayEntry) and not builder_for(node_path, entry).plain:
             return f"the checkpoint's {display_path(node_path)} is an array"
         if isinstance(entry, NodeEntry):
             if entry.adapter is not None or entry.type == "object":
                 return f"the checkpoint's {display_path(node_path)} is an object"
             stack.extend(join_path(node_path, seg) for seg in entry.children)
     return None
-
-
-_PLAIN_KINDS = frozenset({Kind.VALUE, Kind.NUMPY_SCALAR, Kind.DICT, Kind.LIST, Kind.TUPLE})
 
 
 def _live_not_plain(live: Any, path: str) -> str | None:
@@ -478,7 +366,7 @@ def _live_not_plain(live: Any, path: str) -> str | None:
     while stack:
         value, value_path = stack.pop()
         found = classify(value)
-        if found is None or found.kind not in _PLAIN_KINDS:
+        if found is None or not found.plain:
             return f"the object's {display_path(value_path)} is a {describe_type(value)}"
         if found.kind.is_container and id(value) not in seen:
             seen.add(id(value))
@@ -488,17 +376,6 @@ def _live_not_plain(live: Any, path: str) -> str | None:
                 return f"the object's {display_path(value_path)} cannot be checkpointed ({exc})"
             stack.extend((child, join_path(value_path, seg)) for seg, child in items)
     return None
-
-
-def _assigner(dest: NDArray[Any] | None, assign: Callable[[NDArray[Any]], None],
-              source: NDArray[Any]) -> Callable[[], None]:
-    """Copy ``source`` into a shard after the reads: into ``dest`` if it is an array, else via ``assign``."""
-    def apply() -> None:
-        if dest is not None:
-            np.copyto(dest, source)
-        else:
-            assign(source)
-    return apply
 
 
 def _lookup(template: Any, key: Any) -> Any:

@@ -6,8 +6,10 @@ attribute by attribute, but each can hand out its state (``state_dict()``,
 that pair of calls; the graph walker stores the structure under the object's path with
 the adapter's name, and restore rebuilds the structure and hands it back.
 
-Only ``cloudckpt.adapters.torch`` imports torch, and only when an object from torch is
-actually met (detected by its type's module name), so ``import cloudckpt`` stays light.
+Adapters make *structures* (a node with the adapter's name); single values are leaves
+(``cloudckpt.leaves``). Only ``cloudckpt.adapters.torch`` imports torch, and only when an
+object from torch is actually met (detected by its type's module name: here, and by the
+torch tensor's leaf kind), so ``import cloudckpt`` stays light.
 """
 
 from __future__ import annotations
@@ -132,11 +134,3 @@ def adapter_for(obj: object) -> StateAdapter | None:
     if _STATE_DICT.matches(obj):
         return _STATE_DICT
     return None
-
-
-def is_tensor(obj: object) -> bool:
-    """Whether ``obj`` is a torch tensor, without importing torch for non-torch objects."""
-    if type(obj).__module__.split(".", 1)[0] != "torch":
-        return False
-    from cloudckpt.adapters import torch as torch_adapter
-    return torch_adapter.is_tensor(obj)

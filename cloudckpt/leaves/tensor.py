@@ -1,0 +1,90 @@
+"""torch tensors: written from a numpy view of their memory, restored into it in place.
+
+Torch itself is imported by ``cloudckpt.adapters.torch`` (the conversions, shared with
+the DCP and DTensor integrations), reached only through ``_torch()`` - and only once a
+value whose type comes from torch is met, so ``import cloudckpt`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from cloudckpt.format import parse_dtype
+from cloudckpt.leaves.base import (
+    ArrayLeaf,
+    Builder,
+    LeafKind,
+    LeafPlan,
+    Setter,
+    array_entry,
+    check_array,
+    display_path,
+    host_array,
+    refuse,
+)
+
+
+def _torch() -> ModuleType:
+    """``cloudckpt.adapters.torch`` (which imports torch), imported on first need."""
+    return importlib.import_module("cloudckpt.adapters.torch")
+
+
+class TorchTensorKind(LeafKind):
+    """``torch.Tensor`` (dense; a meta tensor is refused both ways: it has no data)."""
+
+    name = "tensor"
+    pytype = "tensor"
+
+    def matches(self, value: object) -> bool:
+        if type(value).__module__.split(".", 1)[0] != "torch":
+            return False
+        return bool(_torch().is_tensor(value))
+
+    def collect(self, value: Any, path: str) -> ArrayLeaf:
+        try:
+            array = _torch().tensor_to_numpy(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
+        return ArrayLeaf(host_array(array, path), "tensor")
+
+    def restore(self, plan: LeafPlan, live: Any, setter: Setter | None) -> None:
+        torch_adapter = _torch()
+        entry = array_entry(plan, live)
+        shape, dtype = torch_adapter.tensor_meta(live)
+        check_array(plan, entry, shape, dtype)
+        self._refuse_without_data(plan, live)
+        view = torch_adapter.writable_view(live)
+        if view is not None:
+            plan.read_into(view)
+        else:
+            dest = plan.read_new()
+            plan.then(lambda: torch_adapter.copy_into(live, dest))
+
+    def build_into(self, plan: LeafPlan, template: Any) -> Builder | None:
+        """Read into the template's memory (a module's parameter) when it is a writable CPU view."""
+        torch_adapter = _torch()
+        entry = array_entry(plan, template)
+        shape, dtype = torch_adapter.tensor_meta(template)
+        check_array(plan, entry, shape, dtype)
+        self._refuse_without_data(plan, template)
+        view = torch_adapter.writable_view(template)
+        if view is not None and view.dtype == parse_dtype(entry.dtype):
+            plan.read_into(view)
+            return lambda: template
+        return None
+
+    def build(self, plan: LeafPlan) -> Builder:
+        dest = plan.read_built()
+        return lambda: _torch().numpy_to_tensor(dest)
+
+    @staticmethod
+    def _refuse_without_data(plan: LeafPlan, tensor: Any) -> None:
+        """A tensor with no storage (meta) cannot take the stored bytes: refuse before anything is restored."""
+        problem = _torch().no_data(tensor)
+        if problem is not None:
+            raise refuse(plan, problem)
+
+
+TORCH_TENSOR = TorchTensorKind()
