@@ -25,7 +25,6 @@ from cloudckpt.checksum import crc32c_of
 from cloudckpt.chunks import ChunkGrid, as_grid
 from cloudckpt.cli.common import human_size
 from cloudckpt.cli.copy import copy_checkpoint
-from cloudckpt.cli.ranges import Packing, packed_name
 from cloudckpt.format import (
     ArrayEntry,
     CheckpointIndex,
@@ -40,6 +39,7 @@ from cloudckpt.format import (
 )
 from cloudckpt.index_store import load_index
 from cloudckpt.storage import Storage, open_storage
+from cloudckpt.tools.ranges import Packing, packed_name
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = 250_000  # float32: a 1 MB data object per save

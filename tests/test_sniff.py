@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_bundle_writer as tfw
 
 import cloudckpt
 from cloudckpt import sniff
@@ -15,7 +16,6 @@ from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.sniff import ForeignCheckpoint, IndexFormat, load_any_index, register_reader, sniff_index
 from cloudckpt.storage.local import LocalStorage
 from cloudckpt.tfbundle import Bundle, open_foreign
-from tests import tf_bundle_writer as tfw
 
 _CORE = ("checkpoint.py", "loading.py", "references.py", "manager/remove.py", "sniff.py")
 

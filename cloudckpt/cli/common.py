@@ -1,4 +1,4 @@
-"""What every command shares: exit codes, one-line errors, progress bars, directory scans.
+"""What every command shares: exit codes, one-line errors, progress bars (directory scans: ``cloudckpt.tools``).
 
 Why one place: scripts branch on exit codes and people read the error lines, so both must
 mean the same thing in every command. The mapping from the library's error tree onto exit
@@ -13,8 +13,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, TextIO
@@ -30,9 +29,8 @@ from cloudckpt.errors import (
     PermissionDeniedError,
     PreconditionError,
 )
-from cloudckpt.format import INDEX_SUFFIX, index_key, object_checkpoint
-from cloudckpt.storage import ObjectMeta, Storage, resolve, split_url, storage_for_directory
-from cloudckpt.storage.base import TEMP_PREFIX
+from cloudckpt.tools.directory import no_checkpoints_message
+from cloudckpt.tools.progress import ProgressFactory
 
 #: Exit codes, documented in ``cloudckpt --help`` and the README. Scripts rely on them.
 EXIT_OK = 0
@@ -58,9 +56,6 @@ EXIT_CODES_HELP = """exit codes:
 #: Where the SDKs' credential errors end up when they escape the backends' translation.
 _CREDENTIAL_ERROR_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
                                      "RefreshError", "NoAuthTokenError"})
-
-_NUMBERED_RE = re.compile(r".*-(\d+)")
-
 
 class CliError(Exception):
     """A failure the CLI itself detects, with the exit code it means."""
@@ -212,83 +207,15 @@ class Progress:
         self.close()
 
 
+def progress_bars(*, enabled: bool) -> ProgressFactory:
+    """A tool's progress as bars on stderr (when ``enabled`` and stderr is a terminal)."""
+    return lambda total, description: Progress(total, description, enabled=enabled)
+
+
 # ---------------------------------------------------------------------------- locations
-def open_directory(url: str) -> Storage:
-    """The storage of a checkpoint directory (the library's cached one, as restores use)."""
-    return storage_for_directory(url)
-
-
-def checkpoint_at(url: str) -> tuple[Storage, str] | None:
-    """``(storage, name)`` if ``url`` names a committed checkpoint, else ``None``.
-
-    Why "committed": a checkpoint exists iff its index does. A path that only has data
-    objects is a crashed save, and a path that names a directory has no index either.
-    """
-    try:
-        split_url(url)
-    except InvalidURLError:
-        return None  # a bucket root: a directory, never a checkpoint
-    location = resolve(url)
-    return (location.storage, location.name) if location.storage.exists(index_key(location.name)) else None
-
-
-def checkpoint_number(name: str) -> int | None:
-    match = _NUMBERED_RE.fullmatch(name)
-    return int(match[1]) if match else None
-
-
-def sort_names(names: Sequence[str] | set[str]) -> list[str]:
-    """Numbered checkpoints in numeric order (``ckpt-10`` after ``ckpt-9``), others by name."""
-    return sorted(names, key=lambda n: (checkpoint_number(n) is None, checkpoint_number(n) or 0, n))
-
-
-@dataclass(slots=True)
-class DirectoryScan:
-    """One LIST of a checkpoint directory, grouped by checkpoint name.
-
-    Attributes:
-        indexes: committed checkpoints: name -> the index object's metadata.
-        data: name -> its data objects (of any write: committed or crashed).
-        subdirectories: first path segments of deeper keys (other runs, for hints).
-        has_state: whether the state file ``checkpoint`` exists.
-    """
-
-    indexes: dict[str, ObjectMeta] = field(default_factory=dict)
-    data: dict[str, list[ObjectMeta]] = field(default_factory=dict)
-    subdirectories: set[str] = field(default_factory=set)
-    has_state: bool = False
-
-    @property
-    def names(self) -> list[str]:
-        return sort_names(set(self.indexes) | set(self.data))
-
-
-def scan_directory(storage: Storage) -> DirectoryScan:
-    """List the directory once and sort its objects into checkpoints."""
-    scan = DirectoryScan()
-    for meta in storage.list():
-        key = meta.key
-        owner = object_checkpoint(key)  # spread data objects sit in <name>.d/<hh>/: ours, not a sub-directory
-        if owner is not None:
-            scan.data.setdefault(owner, []).append(meta)
-        elif "/" in key:
-            if not key.startswith(TEMP_PREFIX):
-                scan.subdirectories.add(key.split("/", 1)[0])
-        elif key == "checkpoint":
-            scan.has_state = True
-        elif key.endswith(INDEX_SUFFIX):
-            scan.indexes[key[:-len(INDEX_SUFFIX)]] = meta
-    return scan
-
-
-def no_checkpoints_error(url: str, scan: DirectoryScan) -> CliError:
+def no_checkpoints_error(url: str, subdirectories: Collection[str]) -> CliError:
     """"Nothing here", with a hint when the checkpoints are one level down."""
-    message = f"no checkpoints under {url}"
-    if scan.subdirectories:
-        shown = sorted(scan.subdirectories)[:5]
-        more = f" (and {len(scan.subdirectories) - 5} more)" if len(scan.subdirectories) > 5 else ""
-        message += f"; sub-directories: {', '.join(s + '/' for s in shown)}{more}"
-    return CliError(message, EXIT_NOT_FOUND)
+    return CliError(no_checkpoints_message(url, subdirectories), EXIT_NOT_FOUND)
 
 
 # ---------------------------------------------------------------------------- running

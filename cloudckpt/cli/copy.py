@@ -7,7 +7,7 @@ The order is what makes an interrupted copy harmless, the same as a save's::
                  to DST, at most ``max_concurrency`` parts in flight; the bytes' CRC32C is
                  computed per array chunk as they pass and compared with the index
     re-read   -> DST's data objects are read back and every chunk's CRC32C checked
-                 (``verify.verify_data``); skipped with --no-reread
+                 (``tools.verify.verify_data``); skipped with --no-reread
     commit    -> the index, last, with create-if-absent (replace-if-unchanged with --force):
                  only now does the copy exist as a checkpoint
     state     -> for a directory: the state file, after every checkpoint, naming only those copied
@@ -20,7 +20,7 @@ Data objects keep their names (they are unique to the write that made them), so 
 never overwrites bytes another index names. One exception, for a single checkpoint: an
 object it reads at most half of - an evicted checkpoint's object, kept for a few bytes an
 incremental save reused - is copied as only the ranges it reads (ranged GETs), into a new
-object of the copy with the chunks' offsets moved (``cloudckpt.cli.ranges``). A directory
+object of the copy with the chunks' offsets moved (``cloudckpt.tools.ranges``). A directory
 copy keeps every name, so the checkpoints that share an object share its one copy.
 
 A failure before the commit removes the data objects this copy wrote; a SIGKILL leaves
@@ -49,19 +49,12 @@ from cloudckpt.cli.common import (
     EXIT_CONFLICT,
     EXIT_DAMAGED,
     CliError,
-    DirectoryScan,
     Progress,
-    checkpoint_at,
     fail,
     human_size,
     no_checkpoints_error,
     one_line,
-    open_directory,
-    scan_directory,
-    sort_names,
 )
-from cloudckpt.cli.ranges import Packing, packed_index, packed_name, plan_packings
-from cloudckpt.cli.verify import Problem, verify_bundle, verify_data
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointStateError,
@@ -89,6 +82,9 @@ from cloudckpt.storage import ByteRange, ObjectMeta, Storage, TransferConfig, op
 from cloudckpt.storage.transfer import gather
 from cloudckpt.tfbundle import Bundle, data_object, load_any_index
 from cloudckpt.tfbundle.entries import DTYPES
+from cloudckpt.tools.directory import DirectoryScan, checkpoint_at, open_directory, scan_directory, sort_names
+from cloudckpt.tools.ranges import Packing, packed_index, packed_name, plan_packings
+from cloudckpt.tools.verify import Finding, verify_bundle, verify_data
 
 #: S3 refuses parts below 5 MiB (except the last); no store needs smaller ones.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -119,14 +115,14 @@ class _ChunkSums:
             if lo < hi:
                 self._sums[i].update(data[lo - start:hi - start])
 
-    def problems(self, obj: str) -> list[Problem]:
+    def problems(self, obj: str) -> list[Finding]:
         out = []
         for (path, chunk), checksum in zip(self._chunks, self._sums, strict=True):
             actual = checksum.value
             if actual != chunk.crc32c:
                 start = chunk.offset if self._packing is None or not chunk.length else \
                     self._packing.source_ranges(chunk.offset, chunk.offset + 1)[0][0]
-                out.append(Problem("crc-mismatch", f"source bytes [{start}, {start + chunk.length}) "
+                out.append(Finding("crc-mismatch", f"source bytes [{start}, {start + chunk.length}) "
                                    f"of {obj} fail their CRC32C: recorded {chunk.crc32c:08x}, read {actual:08x}",
                                    key=path, object=obj))
         return out
@@ -267,7 +263,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
              for i, (old, new) in enumerate(zip(index.objects, new_index.objects, strict=True)) if i not in present]
     total = sum(new.size for _, new, _, _ in pairs)
     written = [new.name for _, new, _, _ in pairs]
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     try:
         with Progress(total, f"copy {src_name}", enabled=not quiet) as progress:
             copier = _Copier(src, dst, progress)
@@ -488,7 +484,7 @@ def run(args: Any) -> int:
     src = open_directory(src_url)
     scan = scan_directory(src)
     if not scan.indexes:
-        raise no_checkpoints_error(src.url, scan)
+        raise no_checkpoints_error(src.url, scan.subdirectories)
     dst = _destination_storage(args.dst.rstrip("/") or args.dst, args.part_size)
     names = sort_names(set(scan.indexes))
     if not args.force:

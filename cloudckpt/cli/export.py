@@ -45,12 +45,12 @@ from cloudckpt.cli.common import (
     Progress,
     human_size,
 )
-from cloudckpt.cli.inspect import array_nbytes
 from cloudckpt.errors import ChecksumError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
 from cloudckpt.reader import ObjectSizes, ReadTarget, backed_buffer, read_arrays
 from cloudckpt.storage import Storage, resolve
 from cloudckpt.tfbundle import Bundle, Tensor, load_any_index
+from cloudckpt.tools.inspect import array_nbytes
 
 log = logging.getLogger("cloudckpt.cli")
 

@@ -1,67 +1,36 @@
 """What the commands do with a TensorFlow checkpoint (TensorBundle), read by ``cloudckpt.tfbundle``.
 
 Each command tells the formats apart by the ``.index`` bytes (``tfbundle.load_any_index``)
-and hands a TensorFlow checkpoint to the function here: ``ls`` sizes it, ``inspect`` lists
-its tensors by object path and raw key, ``export`` writes its tensors to .npz/.safetensors. (``cp`` copies it as-is,
-in ``copy.py``; ``verify`` checks it in ``verify.py``, next to the streaming it shares.)
+and hands a TensorFlow checkpoint to the function here: ``inspect`` prints its tensors by
+object path and raw key (``cloudckpt.tools.inspect`` reads them), ``export`` writes its
+tensors to .npz/.safetensors. (``cp`` copies it as-is, in ``copy.py``; ``verify`` checks it
+in ``cloudckpt.tools.verify``, next to the streaming it shares; ``ls`` sizes it there too.)
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.cli.common import EXIT_NOT_FOUND, CliError, Progress, human_size, print_json, print_table
-from cloudckpt.tfbundle import Bundle, Tensor, tensor_value
+from cloudckpt.tfbundle import Bundle, Tensor
+from cloudckpt.tools.inspect import TF_FORMAT, BundleInfo
 
-#: Largest tensor whose value ``inspect`` shows.
-_SCALAR_BYTES = 64
-FORMAT = "tensorflow"
-
-
-def describe(bundle: Bundle) -> str:
-    return (f"TensorFlow TensorBundle ({bundle.header.num_shards} shard(s), "
-            f"{'big' if bundle.header.big_endian else 'little'}-endian)")
-
-
-def stored_size(bundle: Bundle) -> int:
-    """Index plus data shards, by HEAD (TensorFlow's index does not record shard sizes)."""
-    with ThreadPoolExecutor(max_workers=max(1, min(8, bundle.header.num_shards))) as pool:
-        return bundle.index_size + sum(pool.map(bundle.shard_size, range(bundle.header.num_shards)))
+FORMAT = TF_FORMAT
 
 
 # ---------------------------------------------------------------------------- inspect
-def _json_scalar(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
-        item = value.item()
-        return str(item) if isinstance(item, float) and not np.isfinite(item) else item
-    return str(value)
-
-
-def scalar_values(bundle: Bundle, tensors: Sequence[Tensor]) -> dict[str, Any]:
-    """The values of small 0-d tensors (``save_counter``, a step), in one coalesced read."""
-    small = [t.name for t in tensors if t.shape == () and t.numpy_dtype is not None and t.nbytes <= _SCALAR_BYTES]
-    return {name: _json_scalar(tensor_value(value)) for name, value in bundle.read(small).items()} if small else {}
-
-
-def inspect(bundle: Bundle, args: Any) -> int:
-    tensors = bundle.tensors()
-    values = {} if args.no_values else scalar_values(bundle, tensors)
+def inspect(info: BundleInfo, args: Any) -> int:
+    bundle, tensors, values = info.bundle, info.tensors, info.values
     if args.json:
-        print_json({"checkpoint": bundle.url, "name": bundle.name, "format": FORMAT,
-                    "num_shards": bundle.header.num_shards, "big_endian": bundle.header.big_endian,
-                    "objects": [bundle.objects[i] for i in range(bundle.header.num_shards)],
-                    "entries": [_entry_json(bundle, t, values) for t in tensors]})
+        print_json(info.to_json())
         return 0
     print(f"checkpoint  {bundle.url}")
-    print(f"format      {describe(bundle)}")
+    print(f"format      {info.description}")
     print(f"data        {len(tensors)} tensors, {human_size(sum(t.nbytes for t in tensors))}")
     print()
     if not tensors:
