@@ -16,7 +16,7 @@ import tf_bundle_writer as tfw
 
 import cloudckpt.tools as tools
 from cloudckpt import Checkpoint, CheckpointManager, Variable
-from cloudckpt.errors import CheckpointNotFoundError
+from cloudckpt.errors import AlreadyExistsError, CheckpointNotFoundError
 from cloudckpt.index_store import load_index
 from cloudckpt.storage import open_storage
 from cloudckpt.storage.base import TEMP_PREFIX
@@ -164,3 +164,31 @@ def test_list_checkpoints_returns_typed_rows(tmp_path: Path) -> None:
     assert listing.stored_bytes == sum(r.size for r in listing.checkpoints)
     (tmp_path / "empty").mkdir()
     assert tools.list_checkpoints(str(tmp_path / "empty")).checkpoints == ()
+
+
+# ---------------------------------------------------------------------------- copy
+def test_copy_a_directory_reports_each_checkpoint_and_skips_the_damaged(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", 2)
+    _flip(tmp_path / "run", "ckpt-1", 100)
+    heard: list[str] = []
+    report = tools.copy(run, str(tmp_path / "copy"), on_copied=lambda c: heard.append(c.dst),
+                        on_damaged=lambda d: heard.append(d.name))
+    assert isinstance(report, tools.CopyReport) and report.directory and not report.complete
+    (done,) = report.copied
+    assert isinstance(done, tools.Copied) and done.verified and done.objects == 1
+    assert done.dst == open_storage(str(tmp_path / "copy")).url_for("ckpt-2")
+    (damaged,) = report.damaged
+    assert damaged.name == "ckpt-1" and "model/w" in damaged.reason
+    assert heard == ["ckpt-1", done.dst]
+    assert report.state_copied and tools.verify(str(tmp_path / "copy")).intact
+    assert [c.name for c in tools.list_checkpoints(str(tmp_path / "copy")).checkpoints] == ["ckpt-2"]
+
+
+def test_copy_one_checkpoint_refuses_an_existing_destination(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", 1)
+    report = tools.copy(f"{run}/ckpt-1", str(tmp_path / "other" / "renamed"))
+    assert not report.directory and report.complete and report.copied[0].dst.endswith("/renamed")
+    assert tools.verify(str(tmp_path / "other" / "renamed")).intact
+    with pytest.raises(AlreadyExistsError, match="already exists"):
+        tools.copy(f"{run}/ckpt-1", str(tmp_path / "other" / "renamed"))
+    assert tools.copy(f"{run}/ckpt-1", str(tmp_path / "other" / "renamed"), force=True).complete

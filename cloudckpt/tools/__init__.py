@@ -9,6 +9,7 @@ command                function                                           result
 ``cloudckpt ls``       :func:`list_checkpoints`                           :class:`DirectoryListing`
 ``cloudckpt inspect``  :func:`inspect_checkpoint`                         :class:`CheckpointInfo` / :class:`BundleInfo`
 ``cloudckpt verify``   :func:`verify` (:func:`verify_checkpoint`)         :class:`VerifyReport`
+``cloudckpt cp``       :func:`copy` (:func:`copy_checkpoint`)             :class:`CopyReport`
 ``cloudckpt gc``       :func:`collect_garbage`                            :class:`GcReport`
 ``cloudckpt rm``       :func:`remove_checkpoint` (``cloudckpt.manager``)  ``Removal``
 =====================  =================================================  ===================
@@ -20,6 +21,7 @@ imports; keeping them here keeps ``import cloudckpt``'s surface the TensorFlow o
 """
 
 from cloudckpt.manager import remove_checkpoint
+from cloudckpt.tools.copy import Copied, CopyReport, Damaged, copy, copy_checkpoint
 from cloudckpt.tools.gc import GcReport, collect_garbage
 from cloudckpt.tools.inspect import BundleInfo, CheckpointInfo, inspect_checkpoint
 from cloudckpt.tools.listing import CheckpointRow, DirectoryListing, list_checkpoints
@@ -31,6 +33,9 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointRow",
     "CheckpointVerdict",
+    "Copied",
+    "CopyReport",
+    "Damaged",
     "DirectoryListing",
     "Finding",
     "GcReport",
@@ -38,6 +43,8 @@ __all__ = [
     "ProgressSink",
     "VerifyReport",
     "collect_garbage",
+    "copy",
+    "copy_checkpoint",
     "inspect_checkpoint",
     "list_checkpoints",
     "remove_checkpoint",
