@@ -27,7 +27,7 @@ from cloudckpt.graph import Collected, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import ReadRelay, shared_index
 from cloudckpt.restore import RestoreSession
-from cloudckpt.saving import AfterCommit, SaveRun, SaveSettings, WriteResult, announce_failure
+from cloudckpt.saving import AfterCommit, CommittedWrite, SaveRun, SaveSettings, announce_failure
 from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
@@ -224,7 +224,7 @@ class Checkpoint(Trackable):
             return default_coordinator()
         return LocalCoordinator()
 
-    def _complete(self, path: str, result: WriteResult, settings: SaveSettings, started: float, blocked: float,
+    def _complete(self, path: str, result: CommittedWrite, settings: SaveSettings, started: float, blocked: float,
                   asynchronous: bool, staged_bytes: int, early_bytes: int, storage: Storage,
                   traffic: TransferStats) -> None:
         """After the commit and its bookkeeping: stats and log line, then the write callbacks."""

@@ -35,6 +35,8 @@ same object relative to its storage root, when known) for programs to read.
     ├── PlanError(ValueError)                      the hosts' shards do not make one checkpoint
     └── SaveError                                  background / multi-rank save failed
         └── DistributedSaveError                   some ranks failed; lists each rank and its cause
+            └── AfterCommitError                   committed (complete, valid), but what follows the
+                                                   commit failed: bookkeeping, or the committer was lost
 
 Why the root derives from ``Exception`` and not ``BaseException``: callers' generic
 ``except Exception`` handlers must see our failures (a lesson from libraries whose
@@ -44,6 +46,7 @@ exception roots escaped them).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 
 class CloudCkptError(Exception):
@@ -199,10 +202,26 @@ class DistributedSaveError(SaveError):
     Attributes:
         failures: rank -> what went wrong there (as a string; exceptions do not travel).
         committed: ``True`` if the checkpoint's index was nevertheless committed (the
-            committing host failed *after* the commit): the checkpoint is complete.
+            error is an ``AfterCommitError``): the checkpoint is complete.
     """
 
-    def __init__(self, message: str, failures: Mapping[int, str], *, committed: bool = False) -> None:
+    committed: ClassVar[bool] = False
+
+    def __init__(self, message: str, failures: Mapping[int, str]) -> None:
         super().__init__(message)
         self.failures = dict(failures)
-        self.committed = committed
+
+
+class AfterCommitError(DistributedSaveError):
+    """The checkpoint was committed - complete and valid - but what follows the commit failed.
+
+    The one "committed, but ..." error of every save path (``Checkpoint``/``DTensorCheckpoint``
+    through ``saving.SaveRun``, ``DCPCheckpoint`` through the DCP writer): the bookkeeping
+    after the commit (a manager's state file, retention) failed, or the committing host was
+    lost right after the commit. Its data is kept; ``committed`` is ``True``. Why a
+    ``DistributedSaveError``: code written for many hosts (``except DistributedSaveError``,
+    then ``committed``) keeps seeing it. ``cloudckpt.dcp.writer.BookkeepingError``, which the
+    DCP writer raised before, is this class under its old name for one release.
+    """
+
+    committed: ClassVar[bool] = True

@@ -36,13 +36,17 @@ from cloudckpt.cli import main as cli_main
 from cloudckpt.coordination import LocalCoordinator
 from cloudckpt.dcp import DCPCheckpoint, StorageReader, StorageWriter
 from cloudckpt.dcp import reader as reader_module
+from cloudckpt.dcp import writer as dcp_writer_module
 from cloudckpt.dcp.metadata import decode_metadata
 from cloudckpt.dcp.plain import decode_plain, encode_plain
 from cloudckpt.errors import (
+    AfterCommitError,
     AlreadyExistsError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     ChecksumError,
+    ConcurrentWriterError,
+    DistributedSaveError,
     SaveError,
 )
 from cloudckpt.format import ArrayEntry, CheckpointIndex, decode_index, encode_index, index_key
@@ -373,6 +377,42 @@ def test_a_failed_commit_removes_the_data_objects(tmp_path: Path) -> None:
     with pytest.raises(CheckpointException, match="commit refused"):
         dcp.save(_small_state(), storage_writer=StorageWriter(Location(storage, "ck")), no_dist=True)
     assert not list(tmp_path.glob("ck*"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_rival_commit_during_the_upload_wins_and_the_loser_commits_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool) -> None:
+    """The index is HEADed before the upload (prepare_global_plan), so a rival commit in that window wins.
+
+    Mirrors test_checkpoint_api's test for ``Checkpoint.write``: the loser raises
+    ``ConcurrentWriterError``, leaves the rival's checkpoint as it was and removes its own data.
+    """
+    if overwrite:  # replace-if-unchanged: a checkpoint is there already
+        dcp.save(_small_state(), storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    rival = _small_state()
+    rival["step"] = 7
+    real_upload = dcp_writer_module.upload
+
+    def upload_while_rival_commits(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(dcp_writer_module, "upload", real_upload)
+        dcp.save(rival, storage_writer=StorageWriter(tmp_path / "ck", overwrite=True), no_dist=True)
+        return real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(dcp_writer_module, "upload", upload_while_rival_commits)
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(_small_state(), storage_writer=StorageWriter(tmp_path / "ck", overwrite=overwrite), no_dist=True)
+    cause = info.value.failures[0][0]
+    assert isinstance(cause, ConcurrentWriterError) and "was not committed" in str(cause)
+    rival_files = sorted(o.name for o in load_index(resolve(tmp_path / "ck").storage, "ck").objects)
+    assert sorted(p.name for p in tmp_path.glob("ck.*")) == sorted(["ck.index", *rival_files])  # ours are gone
+    loaded = _load_state_dict_from_keys({"step"}, checkpoint_id=tmp_path / "ck", storage_reader=StorageReader())
+    assert loaded == {"step": 7}
+
+
+def test_the_committed_but_error_keeps_its_old_dcp_name() -> None:
+    """One "committed, but ..." error (``AfterCommitError``); ``BookkeepingError`` names it for one release."""
+    assert dcp_writer_module.BookkeepingError is AfterCommitError
+    assert issubclass(AfterCommitError, DistributedSaveError) and AfterCommitError.committed
 
 
 class FailsDataPuts(LocalStorage):

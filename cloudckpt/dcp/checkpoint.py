@@ -34,12 +34,12 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from cloudckpt.async_save import AsyncSaver
 from cloudckpt.coordination import Coordinator, TorchCoordinator, default_coordinator, io_rank
 from cloudckpt.dcp.reader import StorageReader
-from cloudckpt.dcp.writer import BookkeepingError, ManagedSave, StorageWriter
-from cloudckpt.errors import ConcurrentWriterError, DistributedSaveError
+from cloudckpt.dcp.writer import ManagedSave, StorageWriter
+from cloudckpt.errors import AfterCommitError, ConcurrentWriterError, DistributedSaveError
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import shared_index
-from cloudckpt.saving import AfterCommit
 from cloudckpt.saving.collective import describe_error, failure_message
+from cloudckpt.saving.committer import AfterCommit
 from cloudckpt.status import SAVE_COUNTER
 from cloudckpt.storage import CheckpointPath, Location, resolve
 from cloudckpt.trackable import Variable
@@ -63,16 +63,15 @@ def save_error(exc: BaseException, url: str, coordinator: Coordinator) -> BaseEx
     for cause in causes.values():
         if isinstance(cause, ConcurrentWriterError):
             return cause
-    committed = any(isinstance(c, BookkeepingError) for c in causes.values())
+    committed = any(isinstance(c, AfterCommitError) for c in causes.values())
     if coordinator.world_size == 1 and len(causes) == 1:
         cause = next(iter(causes.values()))
-        return cause.__cause__ if isinstance(cause, BookkeepingError) and cause.__cause__ is not None else cause
+        return cause.__cause__ if isinstance(cause, AfterCommitError) and cause.__cause__ is not None else cause
     failures = {rank: describe_error(cause) for rank, cause in causes.items()}
     if committed:
-        return DistributedSaveError(f"DCP save of {url}: the checkpoint is complete and valid (its index was "
-                                    f"committed), but the bookkeeping after the commit failed - "
-                                    f"{'; '.join(f'rank {r}: {c}' for r, c in sorted(failures.items()))}",
-                                    failures, committed=True)
+        return AfterCommitError(f"DCP save of {url}: the checkpoint is complete and valid (its index was "
+                                f"committed), but the bookkeeping after the commit failed - "
+                                f"{'; '.join(f'rank {r}: {c}' for r, c in sorted(failures.items()))}", failures)
     return DistributedSaveError(failure_message(url, failures), failures)
 
 

@@ -16,9 +16,12 @@ happens at each step::
                                      1 MiB block), polling the other ranks while it runs;
                                      then every rank learns who failed: on any failure each
                                      rank deletes its own objects, and the failed ranks raise
-    finish                  (rank 0) after every rank's results arrived: assemble and commit
-                                     the index (create-if-absent / replace-if-unchanged);
-                                     on a failed commit, delete every rank's objects
+    finish                  (rank 0) after every rank's results arrived: assemble the index
+                                     and commit it through saving.committer.Committer, the
+                                     step ``Checkpoint.write`` commits through too (decoded
+                                     back as a reader would, create-if-absent /
+                                     replace-if-unchanged, the manager's bookkeeping); on a
+                                     failed commit, delete every rank's objects
 
 So no index exists unless every rank's bytes are stored, no failed save leaves data
 behind (a killed process leaves objects no index names: a manager's next save, or
@@ -61,18 +64,16 @@ from cloudckpt.crashpoints import crash_point
 from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
 from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import (
+    AfterCommitError,
     AlreadyExistsError,
     ConcurrentWriterError,
     CoordinationError,
-    SaveError,
 )
-from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry, decode_index, encode_index
+from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry
 from cloudckpt.graph import Collected, ShardedLeaf
-from cloudckpt.index_store import head_index
-from cloudckpt.saving import AfterCommit
-from cloudckpt.saving import WriteResult as CommitResult
 from cloudckpt.saving.collective import describe_error, wait_for_every_rank
-from cloudckpt.saving.commit import assemble_index, commit, delete_replaced, discard
+from cloudckpt.saving.commit import assemble_index
+from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
     PieceId,
@@ -85,13 +86,12 @@ from cloudckpt.saving.objects import (
     upload,
 )
 from cloudckpt.saving.plan import Description, PieceDescription, make_plan
-from cloudckpt.storage import Location, ObjectMeta, Storage
+from cloudckpt.storage import Location, Storage
 from cloudckpt.storage.registry import is_registered
 
-
-class BookkeepingError(SaveError):
-    """The checkpoint was committed, but what runs after the commit (a manager's state file) failed."""
-
+#: Deprecated: ``cloudckpt.errors.AfterCommitError`` under the name the DCP writer raised before
+#: (one release, then removed); ``except BookkeepingError`` still catches what it caught.
+BookkeepingError = AfterCommitError
 
 log = logging.getLogger("cloudckpt.dcp")
 
@@ -261,11 +261,11 @@ class StorageWriter(Addressed, DCPStorageWriter):
         self._coordinator = coordinator
         self._managed = ManagedSave()
         self._storage_meta: StorageMeta | None = None
-        self._seen: ObjectMeta | None = None
+        self._committer: Committer | None = None
         self._suffix = ""
         self._log = UploadLog()
         #: What the last save committed (on the coordinator rank), for callers that want it.
-        self.last_commit: CommitResult | None = None
+        self.last_commit: CommittedWrite | None = None
 
     # ------------------------------------------------------------------ crossing into DCP's checkpoint process
     def __getstate__(self) -> dict[str, Any]:
@@ -303,6 +303,12 @@ class StorageWriter(Addressed, DCPStorageWriter):
                     f"(the child uses its own default one over DCP's ranks) or pass LocalCoordinator()")
         return None
 
+    def _commit_step(self) -> Committer:
+        """This save's commit step (``set_up_storage_writer`` made it)."""
+        if self._committer is None:
+            raise ValueError("StorageWriter used before set_up_storage_writer (DCP calls it first)")
+        return self._committer
+
     def _coord(self) -> Coordinator:
         """The coordinator, the process's default one created on first use where none was given."""
         if self._coordinator is None:
@@ -332,8 +338,9 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 f"coordinator has it as rank {coord.rank} of {coord.world_size}: with no_dist=True or a DCP "
                 f"process_group other than the whole job, pass StorageWriter(coordinator=...) with the same ranks "
                 f"(LocalCoordinator() for one process, TorchCoordinator(group=...) for a group)")
-        self._where()
-        self._seen = None
+        location = self._where()
+        self._committer = Committer(location.storage, location.name, after_commit=self._managed.after_commit,
+                                    rank=coord.rank)
         self._log = UploadLog()
         self.last_commit = None
 
@@ -350,12 +357,11 @@ class StorageWriter(Addressed, DCPStorageWriter):
         if not all(isinstance(info, RankInfo) for info in infos):
             raise ValueError("a rank's save plan did not come through cloudckpt's StorageWriter.prepare_local_plan "
                              "(every rank must use cloudckpt.dcp.StorageWriter)")
-        seen = head_index(location.storage, location.name)
+        seen = self._commit_step().look()
         if seen is not None and not self.overwrite:
             raise AlreadyExistsError(
                 f"{location.url} already holds a committed checkpoint; pass StorageWriter(..., overwrite=True) to "
                 f"replace it (atomically: its data is deleted only after the new index is committed)", location.url)
-        self._seen = seen
         suffix = self._suffix = new_suffix()
         layout = make_plan([_describe(p.items, info, suffix) for p, info in zip(plans, infos, strict=True)],
                            committer=0, io_rank=None)
@@ -381,15 +387,15 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 errors = coord.all_gather_object(None if error is None else describe_error(error))
             except CoordinationError:
                 wait_futures([future], timeout=UPLOAD_GRACE)  # let an upload in flight end, then remove it all
-                discard(location.storage, location.name, self._log.snapshot())
+                self._commit_step().discard(self._log.snapshot())
                 raise
             except BaseException:  # Ctrl-C while polling: stop the upload, then remove what it started
                 location.storage.cancel_transfers()
                 wait_futures([future], timeout=UPLOAD_GRACE)
-                discard(location.storage, location.name, self._log.snapshot())
+                self._commit_step().discard(self._log.snapshot())
                 raise
         if any(e is not None for e in errors):
-            discard(location.storage, location.name, self._log.snapshot())
+            self._commit_step().discard(self._log.snapshot())
             if error is not None:
                 raise error
             # Another rank failed: DCP raises its error on every rank and commits nothing.
@@ -405,7 +411,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
             except Exception as exc:
                 future.set_exception(exc)
             except BaseException:  # Ctrl-C / SystemExit: a PUT may have landed before it
-                discard(location.storage, location.name, self._log.snapshot())
+                self._commit_step().discard(self._log.snapshot())
                 raise
             return future
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-dcp-upload")
@@ -454,32 +460,27 @@ class StorageWriter(Addressed, DCPStorageWriter):
         number = {o.name: k for k, o in enumerate(objects)}
         chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
                                p.block_crc32c, p.hash) for piece, p in pieces.items()}
+        committer = self._commit_step()
+        fenced: ConcurrentWriterError | None = None
         try:
             if metadata.version is None:
                 metadata.version = CURRENT_DCP_VERSION
             index = self._index(location, metadata, chunks, objects)
-            size, version, stale = commit(location.storage, index, self._seen)
+            self.last_commit = committer.commit(index, objects[:len(written)])
+        except AfterCommitError as exc:
+            if not isinstance(exc.__cause__, ConcurrentWriterError):
+                raise
+            fenced = exc.__cause__
         except BaseException:
-            discard(location.storage, location.name, written)
+            committer.discard(written)  # kept if the index that names them stands
             raise
-        crash_point("after_index_write")
-        new_bytes = sum(sizes[n] for n in written)
-        self.last_commit = CommitResult(location.name, new_bytes + size, len(written) + 1, version, tuple(written),
-                                        sum(c.length for c in chunks.values()) - new_bytes)
-        if self._managed.after_commit is not None:
-            try:
-                self._managed.after_commit(self.last_commit)
-            except ConcurrentWriterError:
-                raise  # fenced: the manager undid this commit
-            except Exception as exc:
-                raise BookkeepingError(
-                    f"{location.url}: the checkpoint is complete and valid (its index was committed), but the "
-                    f"bookkeeping after the commit failed: {describe_error(exc)}") from exc
-        delete_replaced(location.storage, location.name, stale)
+        if fenced is not None:
+            raise fenced  # fenced: the manager undid this commit; raised as itself, as SaveRun raises it
+        committer.delete_replaced()
 
     def _index(self, location: Location, metadata: Metadata, chunks: Mapping[PieceId, Chunk],
                objects: tuple[DataObject, ...]) -> CheckpointIndex:
-        """The index of this save, validated as a reader will before it is committed."""
+        """The index of this save (the commit decodes it back as a reader will before the PUT)."""
         entries: dict[str, Collected] = {"": NodeEntry("object", tuple(fqn_path(f)
                                                                        for f in metadata.state_dict_metadata))}
         for fqn, md in metadata.state_dict_metadata.items():
@@ -498,7 +499,5 @@ class StorageWriter(Addressed, DCPStorageWriter):
             else:
                 raise TypeError(f"DCP metadata for {fqn!r} is a {type(md).__name__}")
         index = assemble_index(location.name, entries, objects, chunks, self._managed.metadata)
-        index = dataclasses.replace(index, dcp=encode_dcp_field(metadata, self._storage_meta,
-                                                                self._managed.save_counter))
-        decode_index(encode_index(index), location.name, location.url)  # never commit what a reader refuses
-        return index
+        return dataclasses.replace(index, dcp=encode_dcp_field(metadata, self._storage_meta,
+                                                               self._managed.save_counter))

@@ -46,7 +46,7 @@ from cloudckpt.manager.ownership import DirectoryOwnership
 from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.retention import BestN, RetentionPolicy, manager_policy, metric_key
-from cloudckpt.saving import WriteResult
+from cloudckpt.saving import CommittedWrite
 from cloudckpt.state_file import CheckpointState
 from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
 
@@ -341,7 +341,7 @@ class CheckpointManager:
             self._share_state()  # async saves share theirs at the next sync()
         return self._path(name)
 
-    def _after_commit(self, name: str, written: WriteResult, metric: float | None) -> None:
+    def _after_commit(self, name: str, written: CommittedWrite, metric: float | None) -> None:
         """Bookkeeping once the index is committed: one CAS state write, then deletions.
 
         Runs on the caller's thread for synchronous saves and on the background worker

@@ -38,7 +38,7 @@ from cloudckpt.format import index_key
 from cloudckpt.index_store import newer_format, read_index
 from cloudckpt.manager.directory import read_state_tolerant, relative_name
 from cloudckpt.references import delete_unreferenced, index_names, scan
-from cloudckpt.saving import WriteResult
+from cloudckpt.saving import CommittedWrite
 from cloudckpt.state_file import STATE_KEY, CheckpointState, write_state
 from cloudckpt.storage import ObjectMeta, Storage
 
@@ -129,7 +129,7 @@ class DirectoryOwnership:
         self._fenced = ConcurrentWriterError(message)
         raise self._fenced
 
-    def undo_write(self, written: WriteResult) -> None:
+    def undo_write(self, written: CommittedWrite) -> None:
         """Remove what one save wrote - and nothing another writer may have replaced it with
         or referenced since (the newer writer's incremental saves may name our objects)."""
         try:

@@ -3,12 +3,14 @@
 Modules, in the order a save uses them: ``settings`` (what the options imply, once),
 ``plan`` (who writes which piece into which data object), ``objects`` (packing, naming and
 uploading data objects), ``commit`` (the index PUT that makes a checkpoint visible, and
-cleanup around it), ``pipeline`` (the protocol that runs them on a coordinator).
+cleanup around it), ``committer`` (the one commit step every save path drives: the
+decode-back check, the PUT, the bookkeeping), ``pipeline`` (the protocol that runs them on
+a coordinator).
 """
 
 from cloudckpt.saving.collective import announce_failure
-from cloudckpt.saving.commit import WriteResult
-from cloudckpt.saving.pipeline import AfterCommit, SaveRun, save
+from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
+from cloudckpt.saving.pipeline import SaveRun, save
 from cloudckpt.saving.settings import SaveSettings
 
-__all__ = ["AfterCommit", "SaveRun", "SaveSettings", "WriteResult", "announce_failure", "save"]
+__all__ = ["AfterCommit", "CommittedWrite", "Committer", "SaveRun", "SaveSettings", "announce_failure", "save"]

@@ -5,14 +5,14 @@ writer saw there before it uploaded anything (absent -> create-if-absent, presen
 replace-if-unchanged); ``delete_replaced`` then removes the data objects of the index it
 replaced; ``discard`` removes a failed write's own data objects. A crash before the commit
 leaves unreferenced data (cleaned up later, ``cloudckpt.leftovers``) and no index a
-reader would accept; a crash after it leaves a complete checkpoint.
+reader would accept; a crash after it leaves a complete checkpoint. These are the
+functions; ``saving.committer.Committer`` is the step every save path drives with them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from cloudckpt.errors import (
@@ -29,6 +29,7 @@ from cloudckpt.format import (
     Chunk,
     DataObject,
     Entry,
+    decode_index,
     dtype_name,
     encode_index,
     index_key,
@@ -41,28 +42,6 @@ from cloudckpt.saving.objects import PieceId, shown_objects, unconfirmed_objects
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 
 log = logging.getLogger("cloudckpt.saving")
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """What a committed write stored.
-
-    Attributes:
-        name: the checkpoint's name (relative to its directory).
-        bytes: bytes stored (data objects and index).
-        objects: objects stored (data objects and index).
-        index_version: the committed index's version (ETag / generation), so a manager
-            that must undo this write deletes the index only if it is still ours.
-        data_keys: the data objects this write made (not those an incremental save reused).
-        reused_bytes: bytes of pieces an incremental save referenced instead of uploading.
-    """
-
-    name: str
-    bytes: int
-    objects: int
-    index_version: str | None
-    data_keys: tuple[str, ...]
-    reused_bytes: int = 0
 
 
 def assemble_index(name: str, entries: Mapping[str, Collected], objects: Sequence[DataObject],
@@ -95,6 +74,10 @@ def commit(storage: Storage, index: CheckpointIndex, seen: ObjectMeta | None) ->
     ``seen`` is what the writer found at the index before it started uploading (absent ->
     create-if-absent; present -> replace-if-unchanged).
 
+    The encoded index is decoded back once with the validator readers use before it is
+    PUT: a bug upstream (a rank's pieces missing from the index, an array left without
+    chunks) then fails the save instead of committing a checkpoint no reader accepts.
+
     Returns the index size, its version (ETag/generation) and the data objects of the
     index it replaced that the new one does not name; the caller deletes those
     (``delete_replaced``) once the commit stands.
@@ -103,6 +86,7 @@ def commit(storage: Storage, index: CheckpointIndex, seen: ObjectMeta | None) ->
     save's reused bytes) are listed: each must still exist at the size the index records.
 
     Raises:
+        CheckpointFormatError: the index would not decode (nothing is committed).
         ConcurrentWriterError: the index changed (or appeared) since ``seen`` - another
             writer is saving to the same path. Nothing of theirs is touched.
         SaveError: an object of an earlier checkpoint the index names is gone or resized.
@@ -110,6 +94,7 @@ def commit(storage: Storage, index: CheckpointIndex, seen: ObjectMeta | None) ->
     key = index_key(index.name)
     url = storage.url_for(key)
     data = encode_index(index)
+    decode_index(data, index.name, url)  # never commit what a reader refuses
     replaced = _objects_named_by(storage, index.name, seen) if seen is not None else []
     _confirm_earlier_objects(storage, index, replaced)
     if not storage.supports_conditional_writes:

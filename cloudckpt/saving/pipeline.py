@@ -5,7 +5,7 @@ one-rank case, run on a ``LocalCoordinator`` whose collectives return at once. C
 on every rank (collectives marked *)::
 
     start        committer HEADs the index; every rank describes its pieces
-      *all_gather  descriptions; every rank computes the same SavePlan (plan.py) - names,
+      *all_gather  descriptions; every rank computes the same UploadPlan (plan.py) - names,
                    suffix and who writes which replica are agreed before any byte moves
       early        each rank uploads the objects holding its early pieces (an async save's
                    state beyond its staging budget) from live memory
@@ -15,8 +15,9 @@ on every rank (collectives marked *)::
       *poll        short all_gathers of "done?" while uploads run: a slow upload is fine,
                    a host that stops answering fails everyone within the group's timeout
       *gather      each rank's chunks (object, byte range, CRC32C) or failure, to the committer
-      commit       only if no rank failed: the committer PUTs the index (the commit point),
-                   then runs ``after_commit`` (state file, retention)
+      commit       only if no rank failed: the committer's ``Committer`` (committer.py, the
+                   step the DCP writer drives too) decodes the index back, PUTs it (the
+                   commit point), then runs ``after_commit`` (state file, retention)
       *broadcast   the outcome; every rank returns it or raises the same error
 
 No index is written unless every rank finished its data, so a failed rank never leaves
@@ -45,6 +46,7 @@ from numpy.typing import NDArray
 from cloudckpt.coordination import Coordinator
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import (
+    AfterCommitError,
     CheckpointFormatError,
     ConcurrentWriterError,
     CoordinationError,
@@ -53,7 +55,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import Chunk, DataObject, dtype_name, index_key, parse_dtype
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
-from cloudckpt.index_store import head_index, read_index
+from cloudckpt.index_store import read_index
 from cloudckpt.saving.collective import (
     Outcome,
     Report,
@@ -61,7 +63,8 @@ from cloudckpt.saving.collective import (
     failure_message,
     wait_for_every_rank,
 )
-from cloudckpt.saving.commit import WriteResult, assemble_index, commit, delete_replaced, discard
+from cloudckpt.saving.commit import assemble_index
+from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
     ObjectPlan,
@@ -75,14 +78,10 @@ from cloudckpt.saving.objects import (
     spreads,
     upload,
 )
-from cloudckpt.saving.plan import DescribeFailure, Description, PieceDescription, SavePlan, make_plan
-from cloudckpt.storage import Location, ObjectMeta
+from cloudckpt.saving.plan import DescribeFailure, Description, PieceDescription, UploadPlan, make_plan
+from cloudckpt.storage import Location
 
 log = logging.getLogger("cloudckpt.saving")
-
-
-#: Runs on the committing rank right after the commit (the manager's bookkeeping).
-AfterCommit = Callable[[WriteResult], None]
 
 
 def _arrays(entries: Mapping[str, Collected]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -98,7 +97,7 @@ def _arrays(entries: Mapping[str, Collected]) -> dict[str, tuple[str, tuple[int,
 def save(coordinator: Coordinator, location: Location, entries: Mapping[str, Collected], *,
          metadata: Mapping[str, Any] | None = None, io_rank: int | None = None,
          after_commit: AfterCommit | None = None, aggregate_errors: bool | None = None,
-         base: str | None = None) -> WriteResult:
+         base: str | None = None) -> CommittedWrite:
     """Run the whole protocol on this rank (every rank calls it with its own entries)."""
     run = SaveRun(coordinator, location, entries, metadata=metadata, io_rank=io_rank, after_commit=after_commit,
                   aggregate_errors=aggregate_errors, base=base)
@@ -136,14 +135,15 @@ class SaveRun:
         self.io_rank = io_rank
         self.committer = 0 if io_rank is None else io_rank
         self.touches_storage = io_rank is None or io_rank == self.rank
-        self.after_commit = after_commit if self.rank == self.committer else None
+        #: The commit step (saving.committer), which the committer rank drives; every rank discards through it.
+        self._commit_step = Committer(self.storage, self.name, rank=self.rank,
+                                      after_commit=after_commit if self.rank == self.committer else None)
         self.log = UploadLog()
         self._base_name = base
         self._base: BaseCheckpoint | None = None
         self._pieces = pieces_of(entries)
-        self._plan: SavePlan | None = None
+        self._plan: UploadPlan | None = None
         self._objects: ObjectPlan | None = None
-        self._seen: ObjectMeta | None = None
         self._early = Uploaded()
         self._early_bytes = 0
         self._local_error: BaseException | None = None
@@ -183,7 +183,7 @@ class SaveRun:
             self._discard()  # Ctrl-C during the early upload: nothing it started may stay
             raise
 
-    def finish(self) -> WriteResult:
+    def finish(self) -> CommittedWrite:
         """Upload the rest, wait for every rank, commit, and return what was committed."""
         try:
             assert self._plan is not None, "SaveRun.finish() before start()"
@@ -192,12 +192,12 @@ class SaveRun:
             self._end_session()
 
     # ------------------------------------------------------------------ phases
-    def _agree_on_plan(self) -> SavePlan:
+    def _agree_on_plan(self) -> UploadPlan:
         mine: Description | DescribeFailure
         try:
             if self.rank == self.committer:
                 # HEAD before anyone uploads: a rival commit during our upload then fails ours.
-                self._seen = head_index(self.storage, self.name)
+                self._commit_step.look()
             mine = Description(
                 url=self.url, suffix=new_suffix(), max_objects=self.storage.config.max_concurrency,
                 arrays=_arrays(self.entries), early=self._early_paths,
@@ -218,14 +218,14 @@ class SaveRun:
             raise DistributedSaveError(f"multi-host save of {self.url} was not started: {exc}",
                                        {self.rank: str(exc)}) from exc
 
-    def _own_objects(self, plan: SavePlan) -> ObjectPlan:
+    def _own_objects(self, plan: UploadPlan) -> ObjectPlan:
         """This rank's data objects (pieces still to be received by an io host are placeholders)."""
         data = self._pieces if plan.io_rank is None else self._receive_buffers(plan)
         return plan_objects(self.name, data, plan.groups[self.rank], suffix=plan.suffix,
                             spread=spreads(self.storage, plan.total_objects),
                             index_offset=plan.offsets[self.rank], total_objects=plan.total_objects)
 
-    def _receive_buffers(self, plan: SavePlan) -> dict[PieceId, NDArray[Any]]:
+    def _receive_buffers(self, plan: UploadPlan) -> dict[PieceId, NDArray[Any]]:
         """On the io host: its own pieces, and empty buffers for the ones the others send."""
         if self.rank != plan.io_rank:
             return {}
@@ -248,7 +248,7 @@ class SaveRun:
         except Exception as exc:
             self._local_error = exc  # still take part in the protocol, or the other ranks would hang
 
-    def _finish(self, plan: SavePlan) -> WriteResult:
+    def _finish(self, plan: UploadPlan) -> CommittedWrite:
         stored = Uploaded()
         local_error = self._local_error
         try:
@@ -280,10 +280,9 @@ class SaveRun:
         reports = self._collective(lambda: self.coord.gather_object(report, dst=self.committer))
         outcome: Outcome | None = None
         commit_error: BaseException | None = None
-        stale: list[str] = []
         if self.rank == self.committer:
             assert reports is not None
-            outcome, commit_error, stale = self._commit(plan, reports)
+            outcome, commit_error = self._commit(reports)
         try:
             outcome = self.coord.broadcast_object(outcome, src=self.committer)
         except CoordinationError as exc:
@@ -292,11 +291,11 @@ class SaveRun:
         if not outcome.ok:
             self._raise_failure(plan, outcome, local_error, commit_error)
         if self.rank == self.committer:
-            delete_replaced(self.storage, self.name, stale)
-        return WriteResult(self.name, outcome.bytes, outcome.objects, outcome.version, outcome.data_keys,
+            self._commit_step.delete_replaced()
+        return CommittedWrite(self.name, outcome.bytes, outcome.objects, outcome.version, outcome.data_keys,
                            outcome.reused_bytes)
 
-    def _raise_failure(self, plan: SavePlan, outcome: Outcome, local_error: BaseException | None,
+    def _raise_failure(self, plan: UploadPlan, outcome: Outcome, local_error: BaseException | None,
                        commit_error: BaseException | None) -> None:
         if not outcome.committed:
             self._discard()
@@ -306,10 +305,10 @@ class SaveRun:
         if outcome.committed:
             if commit_error is not None:
                 raise commit_error  # the committer's own bookkeeping error, as a single host raises it
-            raise DistributedSaveError(
+            raise AfterCommitError(
                 f"multi-host save of {self.url}: the checkpoint is complete and valid (its index was committed), "
                 f"but the committing host's bookkeeping after the commit failed - rank {plan.committer}: "
-                f"{outcome.failures.get(plan.committer)}", outcome.failures, committed=True)
+                f"{outcome.failures.get(plan.committer)}", outcome.failures)
         if outcome.concurrent is not None:
             if isinstance(commit_error, ConcurrentWriterError):
                 raise commit_error
@@ -324,7 +323,7 @@ class SaveRun:
             self._discard()
             raise DistributedSaveError(f"multi-host save of {self.url} failed: {exc}", {self.rank: str(exc)}) from exc
 
-    def _transfer(self, plan: SavePlan) -> None:
+    def _transfer(self, plan: UploadPlan) -> None:
         """io_device: every other rank sends its pieces to the io host, which receives them in place."""
         if plan.io_rank is None:
             return
@@ -340,7 +339,7 @@ class SaveRun:
                 incoming.setdefault(writer, []).append(buffer.reshape(-1).view(np.uint8))
         self.coord.transfer(self.rank, [], incoming)
 
-    def _start_upload(self, plan: SavePlan) -> Future[Uploaded]:
+    def _start_upload(self, plan: UploadPlan) -> Future[Uploaded]:
         """Upload this rank's remaining objects (on a worker thread when other ranks must be polled)."""
         assert self._objects is not None
         which = range(plan.early[self.rank], len(self._objects.objects))
@@ -363,42 +362,38 @@ class SaveRun:
             return Report(error=describe_error(error))
         return Report(objects=tuple(stored.objects), pieces=dict(stored.pieces), reused=dict(stored.reused))
 
-    def _commit(self, plan: SavePlan, reports: list[Report]) -> tuple[Outcome, BaseException | None, list[str]]:
+    def _commit(self, reports: list[Report]) -> tuple[Outcome, BaseException | None]:
+        """On the committer: commit if every rank stored its data; the outcome to broadcast, and the
+        error this rank raises (a bookkeeping failure as its own cause, as a single host raises it)."""
         failures = {r: rep.error for r, rep in enumerate(reports) if rep.error is not None}
         if failures:
-            return Outcome(ok=False, failures=failures), None, []
+            return Outcome(ok=False, failures=failures), None
         ordered, chunks = _number_objects(reports)
         written = tuple(o for rep in reports for o in rep.objects)
         try:
             index = assemble_index(self.name, self.entries, ordered, chunks, self.metadata)
-            size, version, stale = commit(self.storage, index, self._seen)
-            crash_point("after_index_write")
+            result = self._commit_step.commit(index, written)
         except ConcurrentWriterError as exc:
-            return Outcome(ok=False, failures={self.rank: describe_error(exc)}, concurrent=str(exc)), exc, []
+            return Outcome(ok=False, failures={self.rank: describe_error(exc)}, concurrent=str(exc)), exc
+        except AfterCommitError as exc:
+            cause = exc.__cause__ or exc
+            return Outcome(ok=False, committed=True, failures={self.rank: describe_error(cause)}), cause
         except Exception as exc:
-            return Outcome(ok=False, failures={self.rank: describe_error(exc)}), exc, []
-        reused_bytes = sum(c.length for c in chunks.values()) - sum(o.size for o in written)
-        result = WriteResult(self.name, sum(o.size for o in written) + size, len(written) + 1, version,
-                             tuple(o.name for o in written), reused_bytes)
-        if self.after_commit is not None:
-            try:
-                self.after_commit(result)
-            except Exception as exc:
-                return Outcome(ok=False, committed=True, failures={self.rank: describe_error(exc)}), exc, stale
-        return (Outcome(ok=True, version=version, bytes=result.bytes, objects=result.objects,
-                        data_keys=result.data_keys, reused_bytes=reused_bytes), None, stale)
+            return Outcome(ok=False, failures={self.rank: describe_error(exc)}), exc
+        return (Outcome(ok=True, version=result.index_version, bytes=result.bytes, objects=result.objects,
+                        data_keys=result.data_keys, reused_bytes=result.reused_bytes), None)
 
     def _discard(self) -> None:
         """Delete this rank's own data objects (after a failure; kept if an index names them)."""
         if self.touches_storage:
-            discard(self.storage, self.name, self.log.snapshot())
+            self._commit_step.discard(self.log.snapshot())
 
     def _end_session(self) -> None:
         if self._in_session:
             self._in_session = False
             self.coord.end_session()
 
-    def _outcome_lost(self, plan: SavePlan, exc: CoordinationError) -> WriteResult:
+    def _outcome_lost(self, plan: UploadPlan, exc: CoordinationError) -> CommittedWrite:
         """The committer did not tell us the outcome: find it in storage if we may look."""
         failures = {plan.committer: f"lost before announcing the outcome ({exc})"}
         if not self.touches_storage:
@@ -413,10 +408,10 @@ class SaveRun:
         except (CheckpointFormatError, StorageError) as look_exc:
             log.warning("could not read the index of %s after losing the committer: %s", self.url, look_exc)
         if committed:
-            raise DistributedSaveError(
+            raise AfterCommitError(
                 f"multi-host save of {self.url}: the checkpoint is complete and valid (its index, naming this "
                 f"save's data, was committed), but the committing host (rank {plan.committer}) was lost "
-                f"right after: {exc}", failures, committed=True) from exc
+                f"right after: {exc}", failures) from exc
         self._discard()
         raise DistributedSaveError(failure_message(self.url, failures), failures) from exc
 

@@ -80,8 +80,11 @@ class PieceInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class SavePlan:
-    """Who writes what, and how the data objects are named.
+class UploadPlan:
+    """Who uploads which piece into which data object, and how the objects are named.
+
+    (Not torch DCP's ``UploadPlan``: this is the plan every host computes from all hosts'
+    descriptions, after any DCP planning.)
 
     Attributes:
         suffix: the write-unique suffix of every data object.
@@ -110,7 +113,7 @@ class SavePlan:
         return [p for p, w in self.writer.items() if w == rank]
 
 
-def make_plan(descriptions: Sequence[Description], *, committer: int, io_rank: int | None) -> SavePlan:
+def make_plan(descriptions: Sequence[Description], *, committer: int, io_rank: int | None) -> UploadPlan:
     """The plan every host computes from the all-gathered descriptions (identical everywhere).
 
     Raises:
@@ -165,7 +168,7 @@ def make_plan(descriptions: Sequence[Description], *, committer: int, io_rank: i
         groups.append(tuple(tuple(g) for g in early_groups + pack(late, sizes, desc.max_objects)))
         early_counts.append(len(early_groups))
     offsets = tuple(itertools.accumulate((len(g) for g in groups[:-1]), initial=0)) if groups else ()
-    return SavePlan(suffix=descriptions[committer].suffix, committer=committer, io_rank=io_rank,
+    return UploadPlan(suffix=descriptions[committer].suffix, committer=committer, io_rank=io_rank,
                     writer=writer, groups=tuple(groups), early=tuple(early_counts), offsets=offsets,
                     total_objects=sum(len(g) for g in groups), pieces=ordered)
 
