@@ -16,7 +16,7 @@ import tf_bundle_writer as tfw
 
 import cloudckpt.tools as tools
 from cloudckpt import Checkpoint, CheckpointManager, Variable
-from cloudckpt.errors import AlreadyExistsError, CheckpointNotFoundError
+from cloudckpt.errors import AlreadyExistsError, CheckpointNotFoundError, ChecksumError
 from cloudckpt.index_store import load_index
 from cloudckpt.storage import open_storage
 from cloudckpt.storage.base import TEMP_PREFIX
@@ -192,3 +192,27 @@ def test_copy_one_checkpoint_refuses_an_existing_destination(tmp_path: Path) -> 
     with pytest.raises(AlreadyExistsError, match="already exists"):
         tools.copy(f"{run}/ckpt-1", str(tmp_path / "other" / "renamed"))
     assert tools.copy(f"{run}/ckpt-1", str(tmp_path / "other" / "renamed"), force=True).complete
+
+
+# ---------------------------------------------------------------------------- export
+def test_export_writes_the_selected_arrays_and_reports_them(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", 1)
+    report = tools.export(f"{run}/ckpt-1", tmp_path / "out.npz", ["model"])
+    assert isinstance(report, tools.ExportReport)
+    assert (report.path, report.format, report.arrays, report.values) == (tmp_path / "out.npz", "cloudckpt", 2, 0)
+    assert report.bytes == 1000 * 4 + 7 * 8 and report.skipped == ()
+    with np.load(tmp_path / "out.npz") as npz:
+        assert sorted(npz.files) == ["model/ids", "model/w"]
+    with pytest.raises(FileExistsError):
+        tools.export(f"{run}/ckpt-1", tmp_path / "out.npz")
+    with pytest.raises(tools.NothingToExportError, match="'model/nope'"):
+        tools.export(f"{run}/ckpt-1", tmp_path / "none.npz", ["model/nope"])
+    assert not (tmp_path / "none.npz").exists()
+
+
+def test_export_of_a_damaged_checkpoint_writes_nothing(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", 1)
+    _flip(tmp_path / "run", "ckpt-1", 100)
+    with pytest.raises(ChecksumError, match="nothing was written"):
+        tools.export(f"{run}/ckpt-1", tmp_path / "bad.safetensors")
+    assert list(tmp_path.glob("*.safetensors*")) == []

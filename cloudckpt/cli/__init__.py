@@ -1,10 +1,11 @@
 """The ``cloudckpt`` command: look at, check, copy and clean checkpoints without writing Python.
 
 Each command lives in its own module (``ls``, ``inspect``, ``verify``, ``copy``, ``gc``,
-``rm``, ``export``) and uses only the library's public layers (storage, format, reader, state file,
-leftovers); ``common`` holds what they share - exit codes, one-line errors, progress bars.
-Modules are imported only for the command that runs, so ``cloudckpt ls`` does not pay
-for numpy-heavy export code, and no command imports a cloud SDK its URLs do not need.
+``rm``, ``export``) that calls one documented library function of ``cloudckpt.tools`` with
+the parsed arguments and prints its typed result (text, or ``--json``);
+``common`` holds what they share - exit codes, one-line errors, progress bars.
+A command's module is imported only when it runs, and no command imports a cloud SDK
+its URLs do not need (nor tqdm without a terminal to draw on).
 """
 
 from __future__ import annotations

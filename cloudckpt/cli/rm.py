@@ -1,8 +1,9 @@
 """``cloudckpt rm URL/ckpt-N``: delete one checkpoint and take it out of the directory's state file.
 
-All of it is ``cloudckpt.manager.remove_checkpoint`` (the manager's eviction, by hand): the
-state file is updated by compare-and-swap, the index goes first, and data objects that other
-committed checkpoints still name (incremental saves) are kept. This module only reports.
+All of it is ``cloudckpt.remove_checkpoint`` (in ``cloudckpt.tools`` too; the manager's
+eviction, by hand): the state file is updated by compare-and-swap, the index goes first, and
+data objects that other committed checkpoints still name (incremental saves) are kept. This
+module only reports.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from cloudckpt.cli.common import EXIT_OK, human_size, print_json
-from cloudckpt.manager.remove import remove_checkpoint
-from cloudckpt.references import listed_sizes
-from cloudckpt.storage import resolve
+from cloudckpt.tools import remove_checkpoint
 
 
 def run(args: Any) -> int:
@@ -23,8 +22,7 @@ def run(args: Any) -> int:
         return EXIT_OK
     kept = ""
     if removal.kept:
-        sizes = listed_sizes(resolve(removal.url).storage, removal.kept)
-        kept = (f"; kept {len(removal.kept)} ({human_size(sum(sizes.values()))}) named by other checkpoints "
+        kept = (f"; kept {len(removal.kept)} ({human_size(removal.kept_bytes)}) named by other checkpoints "
                 f"(incremental saves)")
     state = (f"; the state file's latest is now {removal.latest or 'none'}" if removal.state_updated
              else "; no state file listed it")

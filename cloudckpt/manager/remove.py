@@ -50,6 +50,7 @@ class Removal:
         kept: its data objects kept because other committed checkpoints name them.
         state_updated: whether the directory's state file listed it (and was rewritten).
         latest: the checkpoint the state file names as the latest afterwards (``None``: none).
+        kept_bytes: the kept data objects' size, as listed after the deletion.
     """
 
     url: str
@@ -57,6 +58,7 @@ class Removal:
     kept: tuple[str, ...]
     state_updated: bool
     latest: str | None
+    kept_bytes: int = 0
 
 
 def remove_checkpoint(path: CheckpointPath) -> Removal:
@@ -85,7 +87,7 @@ def remove_checkpoint(path: CheckpointPath) -> Removal:
     remaining = listed_sizes(storage, objects or ())
     latest = after.model_checkpoint_path if after is not None else None
     return Removal(location.url, tuple(sorted(set(objects or ()) - remaining.keys())), tuple(sorted(remaining)),
-                   listed, relative_name(latest, storage.url) if latest else None)
+                   listed, relative_name(latest, storage.url) if latest else None, sum(remaining.values()))
 
 
 def _objects_of(storage: Storage, name: str, url: str) -> list[str] | None:

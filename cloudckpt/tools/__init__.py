@@ -10,6 +10,7 @@ command                function                                           result
 ``cloudckpt inspect``  :func:`inspect_checkpoint`                         :class:`CheckpointInfo` / :class:`BundleInfo`
 ``cloudckpt verify``   :func:`verify` (:func:`verify_checkpoint`)         :class:`VerifyReport`
 ``cloudckpt cp``       :func:`copy` (:func:`copy_checkpoint`)             :class:`CopyReport`
+``cloudckpt export``   :func:`export`                                     :class:`ExportReport`
 ``cloudckpt gc``       :func:`collect_garbage`                            :class:`GcReport`
 ``cloudckpt rm``       :func:`remove_checkpoint` (``cloudckpt.manager``)  ``Removal``
 =====================  =================================================  ===================
@@ -22,6 +23,7 @@ imports; keeping them here keeps ``import cloudckpt``'s surface the TensorFlow o
 
 from cloudckpt.manager import remove_checkpoint
 from cloudckpt.tools.copy import Copied, CopyReport, Damaged, copy, copy_checkpoint
+from cloudckpt.tools.export import ExportReport, NothingToExportError, export
 from cloudckpt.tools.gc import GcReport, collect_garbage
 from cloudckpt.tools.inspect import BundleInfo, CheckpointInfo, inspect_checkpoint
 from cloudckpt.tools.listing import CheckpointRow, DirectoryListing, list_checkpoints
@@ -37,14 +39,17 @@ __all__ = [
     "CopyReport",
     "Damaged",
     "DirectoryListing",
+    "ExportReport",
     "Finding",
     "GcReport",
+    "NothingToExportError",
     "ProgressFactory",
     "ProgressSink",
     "VerifyReport",
     "collect_garbage",
     "copy",
     "copy_checkpoint",
+    "export",
     "inspect_checkpoint",
     "list_checkpoints",
     "remove_checkpoint",
