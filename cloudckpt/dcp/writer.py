@@ -42,7 +42,7 @@ import io
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry
 from cloudckpt.graph import Collected, ShardedLeaf
-from cloudckpt.saving.collective import describe_error, wait_for_every_rank
+from cloudckpt.saving.collective import describe_error, start_polled, wait_for_every_rank
 from cloudckpt.saving.commit import assemble_index
 from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
@@ -404,21 +404,12 @@ class StorageWriter(Addressed, DCPStorageWriter):
     def _start(self, location: Location, plan: SavePlan, planner: SavePlanner, layout: RankLayout,
                base: BaseCheckpoint | None, *, background: bool) -> Future[list[WriteResult]]:
         """This rank's upload, on a worker thread when the other ranks must be polled meanwhile."""
-        if not background:
-            future: Future[list[WriteResult]] = Future()
-            try:
-                future.set_result(self._upload(location, plan, planner, layout, base))
-            except Exception as exc:
-                future.set_exception(exc)
-            except BaseException:  # Ctrl-C / SystemExit: a PUT may have landed before it
-                self._commit_step().discard(self._log.snapshot())
-                raise
-            return future
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-dcp-upload")
         try:
-            return pool.submit(self._upload, location, plan, planner, layout, base)
-        finally:
-            pool.shutdown(wait=False)
+            return start_polled(lambda: self._upload(location, plan, planner, layout, base), background=background,
+                                name="cloudckpt-dcp-upload")
+        except BaseException:  # Ctrl-C / SystemExit: a PUT may have landed before it
+            self._commit_step().discard(self._log.snapshot())
+            raise
 
     def _upload(self, location: Location, plan: SavePlan, planner: SavePlanner, layout: RankLayout,
                 base: BaseCheckpoint | None) -> list[WriteResult]:

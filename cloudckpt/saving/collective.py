@@ -7,11 +7,11 @@ between the processes of one job by ``torch.distributed``; never part of the for
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CoordinationError, DistributedSaveError
@@ -21,6 +21,8 @@ from cloudckpt.saving.plan import DescribeFailure
 
 _POLL_MIN = 0.005
 _POLL_MAX = 0.5
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +102,25 @@ def wait_for_every_rank(coord: Coordinator, future: Future[Any]) -> None:
         else:
             wait_futures([future], timeout=delay)
         delay = min(delay * 2, _POLL_MAX)
+
+
+def start_polled(work: Callable[[], T], *, background: bool, name: str) -> Future[T]:
+    """``work`` (a rank's upload) as a future: on a worker thread named ``name`` when ``background``
+    (the other ranks must be polled meanwhile, ``wait_for_every_rank``), else run here and now.
+
+    An ``Exception`` becomes the future's, so a failed rank still takes part in the polling
+    and the report that follow; a ``BaseException`` (Ctrl-C) propagates, and the caller
+    removes what the upload started. Shared by ``SaveRun`` and the DCP writer.
+    """
+    if not background:
+        future: Future[T] = Future()
+        try:
+            future.set_result(work())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    try:
+        return pool.submit(work)
+    finally:
+        pool.shutdown(wait=False)

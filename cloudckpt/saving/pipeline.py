@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,7 @@ from cloudckpt.saving.collective import (
     Report,
     describe_error,
     failure_message,
+    start_polled,
     wait_for_every_rank,
 )
 from cloudckpt.saving.commit import assemble_index
@@ -343,16 +344,9 @@ class SaveRun:
         """Upload this rank's remaining objects (on a worker thread when other ranks must be polled)."""
         assert self._objects is not None
         which = range(plan.early[self.rank], len(self._objects.objects))
-        if self.coord.world_size == 1 or not which:
-            try:
-                return _done(upload(self.storage, self._objects, which, self.log, self._base, hashes=self.hashes))
-            except Exception as exc:
-                return _failed(exc)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudckpt-save-upload")
-        try:
-            return pool.submit(upload, self.storage, self._objects, which, self.log, self._base, hashes=self.hashes)
-        finally:
-            pool.shutdown(wait=False)
+        objects = self._objects
+        return start_polled(lambda: upload(self.storage, objects, which, self.log, self._base, hashes=self.hashes),
+                            background=self.coord.world_size > 1 and bool(which), name="cloudckpt-save-upload")
 
     def _poll(self, future: Future[Any]) -> None:
         wait_for_every_rank(self.coord, future)
@@ -426,12 +420,6 @@ def _number_objects(reports: Sequence[Report]) -> tuple[tuple[DataObject, ...], 
                            p.block_crc32c, p.hash)
               for rep in reports for piece, p in rep.pieces.items()}
     return tuple(objects), chunks
-
-
-def _done(value: Uploaded) -> Future[Uploaded]:
-    future: Future[Uploaded] = Future()
-    future.set_result(value)
-    return future
 
 
 def _failed(exc: BaseException) -> Future[Uploaded]:
