@@ -33,6 +33,10 @@ The collectives of ``write_data`` run on the writer's ``Coordinator`` (by defaul
 ``cloudckpt.coordination.default_coordinator()``: a gloo group of its own in a multi-process
 job), whose ranks must be DCP's: with ``no_dist=True`` in a multi-process job, or a DCP
 ``process_group`` that is not the whole job, pass ``coordinator=`` accordingly.
+
+Why one module of ~500 lines: it is one class implementing DCP's ``StorageWriter`` protocol,
+whose steps share one save's state, plus the small records DCP carries between them; what
+is not DCP-specific (plan, upload, polling, the commit step) lives in ``cloudckpt.saving``.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from cloudckpt.errors import (
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry
 from cloudckpt.graph import Collected, ShardedLeaf
 from cloudckpt.saving.collective import describe_error, start_polled, wait_for_every_rank
-from cloudckpt.saving.commit import assemble_index
+from cloudckpt.saving.commit import assemble_index, number_objects
 from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
@@ -445,25 +449,23 @@ class StorageWriter(Addressed, DCPStorageWriter):
                     raise ValueError(f"write result for {result.index.fqn!r} did not come from cloudckpt's writer")
                 pieces[(fqn_path(result.index.fqn), stored.piece.start)] = stored.piece
                 sizes[stored.piece.object] = stored.object_size
-        written = sorted(n for n in sizes if n.endswith("." + self._suffix))  # data-0000k: in plan order
-        reused = sorted(sizes.keys() - set(written))
-        objects = tuple(DataObject(n, sizes[n]) for n in written + reused)
-        number = {o.name: k for k, o in enumerate(objects)}
-        chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
-                               p.block_crc32c, p.hash) for piece, p in pieces.items()}
+        ours = "." + self._suffix
+        written = tuple(DataObject(n, sizes[n]) for n in sorted(sizes) if n.endswith(ours))  # data-0000k: plan order
+        objects, chunks = number_objects(written, {n: size for n, size in sizes.items() if not n.endswith(ours)},
+                                         pieces)
         committer = self._commit_step()
         fenced: ConcurrentWriterError | None = None
         try:
             if metadata.version is None:
                 metadata.version = CURRENT_DCP_VERSION
             index = self._index(location, metadata, chunks, objects)
-            self.last_commit = committer.commit(index, objects[:len(written)])
+            self.last_commit = committer.commit(index, written)
         except AfterCommitError as exc:
             if not isinstance(exc.__cause__, ConcurrentWriterError):
                 raise
             fenced = exc.__cause__
         except BaseException:
-            committer.discard(written)  # kept if the index that names them stands
+            committer.discard([o.name for o in written])  # kept if the index that names them stands
             raise
         if fenced is not None:
             raise fenced  # fenced: the manager undid this commit; raised as itself, as SaveRun raises it

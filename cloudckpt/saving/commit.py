@@ -5,7 +5,8 @@ writer saw there before it uploaded anything (absent -> create-if-absent, presen
 replace-if-unchanged); ``delete_replaced`` then removes the data objects of the index it
 replaced; ``discard`` removes a failed write's own data objects. A crash before the commit
 leaves unreferenced data (cleaned up later, ``cloudckpt.leftovers``) and no index a
-reader would accept; a crash after it leaves a complete checkpoint. These are the
+reader would accept; a crash after it leaves a complete checkpoint. ``number_objects``
+and ``assemble_index`` build the index from what the ranks stored. These are the
 functions; ``saving.committer.Committer`` is the step every save path drives with them.
 """
 
@@ -38,10 +39,25 @@ from cloudckpt.format import (
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import read_index
 from cloudckpt.references import delete_unreferenced
-from cloudckpt.saving.objects import PieceId, shown_objects, unconfirmed_objects
+from cloudckpt.saving.objects import PieceId, StoredPiece, shown_objects, unconfirmed_objects
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 
 log = logging.getLogger("cloudckpt.saving")
+
+
+def number_objects(written: Sequence[DataObject], reused: Mapping[str, int],
+                   pieces: Mapping[PieceId, StoredPiece]) -> tuple[tuple[DataObject, ...], dict[PieceId, Chunk]]:
+    """The index's object list and every stored piece's chunk, numbered into it.
+
+    The list is the objects this save wrote (``written``, in plan order: ``data-0000k``
+    numbering) followed by the earlier checkpoints' objects an incremental save references
+    (``reused``: name -> size, sorted by name), so every rank's pieces number alike.
+    """
+    objects = (*written, *(DataObject(name, size) for name, size in sorted(reused.items())))
+    number = {o.name: k for k, o in enumerate(objects)}
+    chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
+                           p.block_crc32c, p.hash) for piece, p in pieces.items()}
+    return objects, chunks
 
 
 def assemble_index(name: str, entries: Mapping[str, Collected], objects: Sequence[DataObject],

@@ -36,7 +36,7 @@ type. ``ConcurrentWriterError`` is raised as itself everywhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -53,7 +53,7 @@ from cloudckpt.errors import (
     DistributedSaveError,
     StorageError,
 )
-from cloudckpt.format import Chunk, DataObject, dtype_name, index_key, parse_dtype
+from cloudckpt.format import dtype_name, index_key, parse_dtype
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.index_store import read_index
 from cloudckpt.saving.collective import (
@@ -64,7 +64,7 @@ from cloudckpt.saving.collective import (
     start_polled,
     wait_for_every_rank,
 )
-from cloudckpt.saving.commit import assemble_index
+from cloudckpt.saving.commit import assemble_index, number_objects
 from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
@@ -362,8 +362,9 @@ class SaveRun:
         failures = {r: rep.error for r, rep in enumerate(reports) if rep.error is not None}
         if failures:
             return Outcome(ok=False, failures=failures), None
-        ordered, chunks = _number_objects(reports)
         written = tuple(o for rep in reports for o in rep.objects)
+        ordered, chunks = number_objects(written, {name: size for rep in reports for name, size in rep.reused.items()},
+                                         {piece: p for rep in reports for piece, p in rep.pieces.items()})
         try:
             index = assemble_index(self.name, self.entries, ordered, chunks, self.metadata)
             result = self._commit_step.commit(index, written)
@@ -408,18 +409,6 @@ class SaveRun:
                 f"right after: {exc}", failures) from exc
         self._discard()
         raise DistributedSaveError(failure_message(self.url, failures), failures) from exc
-
-
-def _number_objects(reports: Sequence[Report]) -> tuple[tuple[DataObject, ...], dict[PieceId, Chunk]]:
-    """The index's object list (written objects in plan order, then reused ones) and each piece's chunk."""
-    objects: list[DataObject] = [o for rep in reports for o in rep.objects]
-    reused = {name: size for rep in reports for name, size in rep.reused.items()}
-    objects.extend(DataObject(name, size) for name, size in sorted(reused.items()))
-    number = {o.name: k for k, o in enumerate(objects)}
-    chunks = {piece: Chunk(number[p.object], p.offset, p.length, p.crc32c, p.start, p.shape, p.block_size,
-                           p.block_crc32c, p.hash)
-              for rep in reports for piece, p in rep.pieces.items()}
-    return tuple(objects), chunks
 
 
 def _failed(exc: BaseException) -> Future[Uploaded]:
