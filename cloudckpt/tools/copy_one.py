@@ -2,13 +2,13 @@
 
 The order is what makes an interrupted copy harmless, the same as a save's::
 
-    check     -> the destination index (and state file) must be absent, unless --force
+    check     -> the destination index must be absent, unless ``force``
     data      -> every data object, streamed: ranged GETs from SRC feed a multipart upload
                  to DST, at most ``max_concurrency`` parts in flight; the bytes' CRC32C is
                  computed per array chunk as they pass and compared with the index
     re-read   -> DST's data objects are read back and every chunk's CRC32C checked
-                 (``tools.verify.verify_data``); skipped with --no-reread
-    commit    -> the index, last, with create-if-absent (replace-if-unchanged with --force):
+                 (``verify.verify_data``); skipped without ``reread``
+    commit    -> the index, last, with create-if-absent (replace-if-unchanged with ``force``):
                  only now does the copy exist as a checkpoint
 
 Data objects keep their names (they are unique to the write that made them), so a copy
@@ -51,7 +51,7 @@ from cloudckpt.tools.ranges import packed_index, packed_name, plan_packings
 from cloudckpt.tools.streaming import ChunkSums, Copier, chunks_by_object
 from cloudckpt.tools.verify import Finding, verify_bundle, verify_data
 
-log = logging.getLogger("cloudckpt.cli")
+log = logging.getLogger("cloudckpt.tools")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,7 @@ def _already_copied(dst: Storage, new: DataObject, src_name: str, old: DataObjec
     at the destination under the same name and size - copied with the checkpoint that wrote it.
 
     Names are write-unique, so the same name and size is the same bytes; the re-read
-    verification (``--verify``, default) still checks them. Own objects are always copied.
+    verification (``reread``, the default) still checks them. Own objects are always copied.
     """
     if object_checkpoint(old.name) == src_name or new.name != old.name:
         return False
@@ -184,7 +184,7 @@ def _copy_bundle(bundle: Bundle, dst: Storage, dst_name: str, *, force: bool, re
     The order is a save's: shards first, their numeric tensors' CRC32Cs checked as the bytes
     pass (a string tensor's CRC is not one of its raw bytes: the re-read checks those), then
     the copy re-read and verified whole, then the index last with create-if-absent. TensorFlow's
-    data names are not unique per write, so ``--force`` first deletes the destination's old
+    data names are not unique per write, so ``force`` first deletes the destination's old
     index: while its shards are rewritten, no index points at them.
     """
     src = bundle.storage

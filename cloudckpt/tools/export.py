@@ -41,7 +41,7 @@ from cloudckpt.tools.export_formats import SAFETENSORS_DTYPES, npz_strings, writ
 from cloudckpt.tools.inspect import TF_FORMAT, array_nbytes
 from cloudckpt.tools.progress import ProgressFactory, ProgressSink, reporting, silent
 
-log = logging.getLogger("cloudckpt.cli")
+log = logging.getLogger("cloudckpt.tools")
 
 #: Bytes of arrays fetched per batch (in parallel ranged reads) before they are written out.
 BATCH_BYTES = 256 * 1024 * 1024

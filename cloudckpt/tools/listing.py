@@ -37,7 +37,7 @@ from cloudckpt.tools.inspect import TF_FORMAT
 from cloudckpt.tools.ranges import Span, merge_spans, object_spans, span_bytes
 from cloudckpt.tools.verify import stored_size
 
-log = logging.getLogger("cloudckpt.cli")
+log = logging.getLogger("cloudckpt.tools")
 
 #: Row statuses, in the order a summary counts them.
 STATUSES = ("committed", "evicted", "incomplete", "unreadable", "missing")

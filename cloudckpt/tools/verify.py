@@ -36,7 +36,7 @@ from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.tfbundle.entries import DT_STRING, DTYPES, Entry
 from cloudckpt.tfbundle.strings import decode_strings
 from cloudckpt.tools.directory import checkpoint_at, no_checkpoints, open_directory, scan_directory
-from cloudckpt.tools.progress import ProgressFactory, ProgressSink, silent
+from cloudckpt.tools.progress import ProgressFactory, ProgressSink, reporting, silent
 
 #: Bytes per ranged GET while streaming a data object.
 WINDOW = 16 * 1024 * 1024
@@ -282,18 +282,12 @@ def verify_checkpoint(storage: Storage, name: str, *, progress: ProgressFactory 
             size = stored_size(index) - index.index_size
         except CheckpointNotFoundError:
             size = 0  # a missing shard: verify_bundle reports it
-        sink = progress(size, f"verify {name}")
-        try:
+        with reporting(progress, size, f"verify {name}") as sink:
             found = verify_bundle(index, sink)
-        finally:
-            sink.close()
         return CheckpointVerdict(name, url, len(index.keys), index.header.num_shards, size, tuple(found))
     size = sum(o.size for o in index.objects)
-    sink = progress(size, f"verify {name}")
-    try:
+    with reporting(progress, size, f"verify {name}") as sink:
         found = verify_data(storage, index, sink)
-    finally:
-        sink.close()
     return CheckpointVerdict(name, url, sum(1 for e in index.entries.values() if isinstance(e, ArrayEntry)),
                              len(index.objects), size, tuple(found))
 
