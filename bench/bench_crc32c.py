@@ -7,7 +7,7 @@ the CRC reads in place), best of ``--repeat``, pinned to one core (``--core``):
 * ``google_crc32c`` over one ``bytes`` object (its C extension refuses other buffers; the
   copy into ``bytes`` is not timed) and fed 256 KiB ``bytes`` copies (what cloudckpt did
   before it moved to the ``crc32c`` package);
-* ``cloudckpt.checksum.crc32c_of``, the library's entry point.
+* ``cloudckpt.storage.checksum.crc32c_of``, the library's entry point.
 
 Every path must produce the same value, or the run fails.
 """
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         os.sched_setaffinity(0, {args.core})
     import crc32c
 
-    from cloudckpt.checksum import crc32c_of
+    from cloudckpt.storage.checksum import crc32c_of
 
     size = args.size_mib * MiB
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)

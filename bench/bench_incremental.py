@@ -98,7 +98,7 @@ def run_backend(backend: str, state: State, root: str, repeat: int) -> list[Row]
 
 
 def hash_seconds(state: State) -> float:
-    from cloudckpt.content_hash import content_hash
+    from cloudckpt.format.content_hash import content_hash
 
     start = time.perf_counter()
     for array in state.values():

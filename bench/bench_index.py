@@ -32,7 +32,6 @@ import numpy as np
 
 from bench.bench_checkpoint import describe_run
 from cloudckpt import Checkpoint, list_variables, load_variable
-from cloudckpt.checksum import crc32c_of
 from cloudckpt.format import (
     ArrayEntry,
     CheckpointIndex,
@@ -44,6 +43,7 @@ from cloudckpt.format import (
     encode_index,
     index_key,
 )
+from cloudckpt.storage.checksum import crc32c_of
 
 
 def best(repeat: int, run: Callable[[], object]) -> float:

@@ -328,7 +328,7 @@ def run_index(config: dict[str, Any]) -> dict[str, Any]:
     """
     import cloudckpt
     from cloudckpt import DTensorCheckpoint, Layout, Location, Mesh, ShardedArray, list_variables, open_storage
-    from cloudckpt.index_store import load_index
+    from cloudckpt.format.index_fetch import load_index
 
     hosts, arrays, phase = int(config["hosts"]), int(config["arrays"]), config["phase"]
     directory, name = config["directory"], config["name"]

@@ -4,7 +4,7 @@ The package imports light: cloud SDKs and torch load only when a URL or an objec
 """
 
 from cloudckpt import errors
-from cloudckpt import tfbundle as tfbundle  # registers the TensorFlow reader with cloudckpt.sniff
+from cloudckpt import tfbundle as tfbundle  # registers the TensorFlow reader with cloudckpt.format.sniff
 from cloudckpt.async_save import SaveStats
 from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.distributed import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray

@@ -18,17 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from cloudckpt import state_file
 from cloudckpt.async_save import AsyncSaver, SaveStats
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
 from cloudckpt.errors import CheckpointFormatError
-from cloudckpt.format import CheckpointIndex
+from cloudckpt.format import CheckpointIndex, state_file
+from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.graph import Collected, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.relay import ReadRelay, shared_index
 from cloudckpt.restore import RestoreSession
 from cloudckpt.saving import AfterCommit, CommittedWrite, SaveRun, SaveSettings, announce_failure
-from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
 from cloudckpt.storage.throttle import TransferStats

@@ -13,7 +13,7 @@ clock may be minutes off. ``min_age`` is the guard against deleting a save in fl
 must exceed the longest save. Both users - ``CheckpointManager``'s first save and
 ``cloudckpt gc`` - go through :func:`find_leftovers` and :func:`remove_leftovers`.
 
-What is never touched: an index, anything an index names (``cloudckpt.references``: a
+What is never touched: an index, anything an index names (``cloudckpt.format.references``: a
 malformed index protects its own checkpoint's data objects; one of a newer format version
 protects every data object), the state file, objects in sub-directories (other runs), and
 anything that does not look like ours.
@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from cloudckpt.format import INDEX_SUFFIX, object_checkpoint
-from cloudckpt.references import scan
+from cloudckpt.format.references import scan
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
+from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.restore import RestoreSession
-from cloudckpt.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.storage import CheckpointPath, resolve
 
 
@@ -23,7 +23,7 @@ class CheckpointReader:
     inner node (``model``) loads that whole subtree as nested dicts/lists.
 
     A TensorFlow checkpoint (told apart by its ``.index`` bytes) is read too, by
-    ``cloudckpt.tfbundle`` (registered with ``cloudckpt.sniff``): keys are then its object
+    ``cloudckpt.tfbundle`` (registered with ``cloudckpt.format.sniff``): keys are then its object
     paths or raw bundle keys, and ``restore`` is not supported (docs/tensorflow-import.md).
     """
 

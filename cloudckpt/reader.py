@@ -19,8 +19,6 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.checksum import crc32c_of
-from cloudckpt.chunks import overlapping
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -30,7 +28,9 @@ from cloudckpt.errors import (
     StorageError,
 )
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
+from cloudckpt.format.chunks import overlapping
 from cloudckpt.storage import ReadRequest, Storage
+from cloudckpt.storage.checksum import crc32c_of
 from cloudckpt.storage.parts import Countdown
 
 

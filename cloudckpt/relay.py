@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError, StorageError
 from cloudckpt.format import CheckpointIndex, index_key
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.reader import read_coalesced
 from cloudckpt.storage import Location, ReadRequest, Storage
 

@@ -297,7 +297,7 @@ def _resume_past_damage(rank: int, mesh: Any, directory: str, report: dict[str, 
 
     from cloudckpt import UNSHARDED, CheckpointManager, DTensorCheckpoint, Layout, ShardedArray
     from cloudckpt.format import object_checkpoint
-    from cloudckpt.index_store import load_index
+    from cloudckpt.format.index_fetch import load_index
     from cloudckpt.storage import open_storage
 
     g = global_arrays()
@@ -363,7 +363,7 @@ def _managed(rank: int, mesh: Any, directory: str, report: dict[str, Any]) -> No
     report["managed_counts"] = dict(storage.counts)
     if rank == 0:
         from cloudckpt.format import object_checkpoint
-        from cloudckpt.index_store import load_index
+        from cloudckpt.format.index_fetch import load_index
 
         index = load_index(storage, "ckpt-4")
         report["managed_w_chunks"] = {str(list(c.start)): object_checkpoint(index.objects[c.object].name)

@@ -1,4 +1,4 @@
-"""The chunk-partition proof (``cloudckpt.boxes``) against the brute-force pairwise check it replaced."""
+"""The chunk-partition proof (``cloudckpt.format.partition``) against the brute-force pairwise check it replaced."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudckpt.boxes import Box, partition_problem
 from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import (
     ArrayEntry,
@@ -22,6 +21,7 @@ from cloudckpt.format import (
     decode_index,
     encode_index,
 )
+from cloudckpt.format.partition import Box, partition_problem
 
 METHODS = (None, "grid", "corners")
 

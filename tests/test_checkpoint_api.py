@@ -23,7 +23,7 @@ from cloudckpt.errors import (
     ConcurrentWriterError,
     NotFoundError,
 )
-from cloudckpt.state_file import parse
+from cloudckpt.format.state_file import parse
 
 
 def data_objects(directory: Path, name: str) -> list[str]:
@@ -475,10 +475,10 @@ def test_small_adjacent_reads_are_coalesced(tmp_path: Path) -> None:
 @pytest.mark.parametrize("split", ["rows", "columns"])
 def test_sharded_array_entries_are_assembled(tmp_path: Path, split: str) -> None:
     """Chunks with offsets into a global array (as multi-host saves write them)."""
-    from cloudckpt.checksum import crc32c_of
     from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, NodeEntry, data_key
     from cloudckpt.saving.commit import commit
     from cloudckpt.storage import resolve
+    from cloudckpt.storage.checksum import crc32c_of
 
     full = np.arange(24, dtype=np.float64).reshape(4, 6)
     if split == "rows":

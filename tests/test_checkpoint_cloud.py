@@ -13,7 +13,7 @@ from conftest import storage_of
 import cloudckpt
 from cloudckpt import Checkpoint, CheckpointOptions, Variable
 from cloudckpt.errors import CheckpointNotFoundError, ChecksumError
-from cloudckpt.state_file import parse
+from cloudckpt.format.state_file import parse
 from cloudckpt.storage import TransferConfig, open_storage, register_storage
 
 MiB = 1024 * 1024

@@ -267,7 +267,7 @@ def test_any_nested_structure_round_trips(tmp_path_factory: pytest.TempPathFacto
 
 
 def test_oversized_index_is_refused_before_it_is_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cloudckpt import index_store
+    from cloudckpt.format import index_fetch as index_store
     from cloudckpt.storage import resolve
 
     path = Checkpoint(v=Variable(np.arange(4.0))).write(str(tmp_path / "ck"))
@@ -289,7 +289,7 @@ def test_restoring_a_directory_says_it_is_one(tmp_path: Path) -> None:
 
 
 def test_large_chunks_record_block_checksums_that_round_trip(tmp_path: Path) -> None:
-    from cloudckpt.checksum import CRC_BLOCK, crc32c_of
+    from cloudckpt.storage.checksum import CRC_BLOCK, crc32c_of
 
     big = np.random.default_rng(1).standard_normal(CRC_BLOCK // 8 * 2 + 5)  # 2 MiB + 40 bytes: 3 blocks
     Checkpoint(big=big).write(str(tmp_path / "c"))

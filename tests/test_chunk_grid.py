@@ -12,8 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudckpt.chunks import GRID_MIN_CHUNKS, Chunk, ChunkGrid, as_grid, grid_from_json, grid_to_json, overlapping
 from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.format.chunks import (
+    GRID_MIN_CHUNKS,
+    Chunk,
+    ChunkGrid,
+    as_grid,
+    grid_from_json,
+    grid_to_json,
+    overlapping,
+)
 
 
 def grid_chunks(shape: tuple[int, ...], splits: tuple[tuple[int, ...], ...], itemsize: int = 4,

@@ -26,12 +26,12 @@ import servers
 from botocore.config import Config
 
 from cloudckpt import Checkpoint, CheckpointManager, Variable, latest_checkpoint, load_checkpoint
-from cloudckpt.checksum import crc32c_of
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, DataObject, NodeEntry, encode_index, index_key
-from cloudckpt.index_store import load_index
-from cloudckpt.state_file import parse
+from cloudckpt.format.index_fetch import load_index
+from cloudckpt.format.state_file import parse
 from cloudckpt.storage import open_storage, resolve
 from cloudckpt.storage.base import TEMP_PREFIX
+from cloudckpt.storage.checksum import crc32c_of
 
 REPO = Path(__file__).resolve().parent.parent
 

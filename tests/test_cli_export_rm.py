@@ -14,9 +14,9 @@ from cloudckpt import Checkpoint, CheckpointManager, Variable, latest_checkpoint
 from cloudckpt.cli import main as cli_main
 from cloudckpt.cli.common import EXIT_NOT_FOUND
 from cloudckpt.errors import CheckpointNotFoundError, CheckpointVersionError
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
+from cloudckpt.format.state_file import STATE_KEY, format_state, parse
 from cloudckpt.manager import remove as remove_module
-from cloudckpt.state_file import STATE_KEY, format_state, parse
 from cloudckpt.storage import resolve
 
 

@@ -21,8 +21,6 @@ import pytest
 import servers
 
 from cloudckpt import load_checkpoint
-from cloudckpt.checksum import crc32c_of
-from cloudckpt.chunks import ChunkGrid, as_grid
 from cloudckpt.cli.common import human_size
 from cloudckpt.cli.copy import copy_checkpoint
 from cloudckpt.format import (
@@ -37,8 +35,10 @@ from cloudckpt.format import (
     index_key,
     object_checkpoint,
 )
-from cloudckpt.index_store import load_index
+from cloudckpt.format.chunks import ChunkGrid, as_grid
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.storage import Storage, open_storage
+from cloudckpt.storage.checksum import crc32c_of
 from cloudckpt.tools.ranges import Packing, packed_name
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 from cloudckpt import Checkpoint, Variable
 from cloudckpt.errors import AfterCommitError, CheckpointFormatError, DistributedSaveError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, NodeEntry, data_key
-from cloudckpt.index_store import head_index, load_index
+from cloudckpt.format.index_fetch import head_index, load_index
 from cloudckpt.saving import CommittedWrite, Committer
 from cloudckpt.storage import resolve
 
@@ -42,8 +42,8 @@ def test_an_index_that_would_not_decode_is_never_committed(tmp_path: Path, monke
 
 
 def _one_array_index(tmp_path: Path) -> tuple[Any, CheckpointIndex, DataObject]:
-    from cloudckpt.checksum import crc32c_of
     from cloudckpt.format import Chunk
+    from cloudckpt.storage.checksum import crc32c_of
 
     location = resolve(tmp_path / "ck")
     values = np.arange(4.0)

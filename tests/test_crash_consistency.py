@@ -39,9 +39,9 @@ from crash_worker import TrainState, differences, state_for
 from cloudckpt import Checkpoint
 from cloudckpt.crashpoints import CRASH_ENV
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
+from cloudckpt.format.state_file import read_state
 from cloudckpt.leftovers import Leftover, find_leftovers
 from cloudckpt.manager import latest_checkpoint
-from cloudckpt.state_file import read_state
 from cloudckpt.storage import Storage, join_url, open_storage
 
 WORKER = Path(__file__).with_name("crash_worker.py")

@@ -26,9 +26,9 @@ from cloudckpt.distributed import CoordinationError, DistributedSaveError, Local
 from cloudckpt.distributed.mesh import split_extent
 from cloudckpt.errors import ChecksumError, PlanError
 from cloudckpt.format import decode_index, index_key
+from cloudckpt.format.state_file import STATE_KEY, parse
 from cloudckpt.reader import partial_reads
 from cloudckpt.saving.plan import Description, PieceDescription, make_plan
-from cloudckpt.state_file import STATE_KEY, parse
 from cloudckpt.storage import register_storage, resolve
 from cloudckpt.storage.local import LocalStorage
 from cloudckpt.testing.processes import spawn_reports
@@ -188,7 +188,7 @@ def test_single_process_sharded_round_trips(tmp_path: Path) -> None:
 def test_partial_reads_are_verified_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A resharding restore reads part of a stored shard: it reads whole 1 MiB checksum blocks and checks them."""
     from cloudckpt import reader
-    from cloudckpt.checksum import CRC_BLOCK
+    from cloudckpt.storage.checksum import CRC_BLOCK
 
     mesh = local_mesh((2,), ("x",))
     g = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)  # 4 MiB, 2 shards of 2 MiB
@@ -223,7 +223,7 @@ def test_a_resharding_restore_reads_whole_rows_in_place(tmp_path: Path, monkeypa
     """Rows of a stored shard land straight in the new shard's memory; only the margins that
     complete their first and last checksum blocks go through scratch buffers, and are verified."""
     from cloudckpt import reader
-    from cloudckpt.checksum import CRC_BLOCK
+    from cloudckpt.storage.checksum import CRC_BLOCK
 
     g = np.random.default_rng(1).standard_normal((1000, 1024)).astype(np.float32)  # 2 shards of 500 rows
     mesh = local_mesh((2,), ("x",))

@@ -19,13 +19,13 @@ import torch
 from conftest import storage_of
 
 from cloudckpt import Checkpoint, CheckpointManager, ConcurrentWriterError, Variable
-from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import CheckpointNotFoundError, NotFoundError
 from cloudckpt.format import FORMAT_VERSION, ArrayEntry, index_key
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.leftovers import find_leftovers
 from cloudckpt.storage import Storage, join_url
 from cloudckpt.storage.base import MiB
+from cloudckpt.storage.checksum import crc32c_of
 
 
 class UploadCounter:

@@ -23,14 +23,14 @@ from conftest import storage_of
 from test_incremental import UploadCounter
 
 from cloudckpt import Checkpoint, CheckpointManager, Variable
-from cloudckpt.checksum import crc32c_of
 from cloudckpt.cli.verify import verify_checkpoint
-from cloudckpt.content_hash import content_hash
 from cloudckpt.errors import ChecksumError, SaveError
 from cloudckpt.format import index_key
-from cloudckpt.index_store import load_index
+from cloudckpt.format.content_hash import content_hash
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.saving.objects import MIN_REFERENCED_FRACTION
 from cloudckpt.storage import Storage, join_url
+from cloudckpt.storage.checksum import crc32c_of
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ import pytest
 from cloudckpt import Checkpoint, Variable
 from cloudckpt import leftovers as leftovers_module
 from cloudckpt.format import decode_index, index_key
+from cloudckpt.format.state_file import STATE_KEY
 from cloudckpt.leftovers import find_leftovers, remove_leftovers
 from cloudckpt.manager import CheckpointManager
-from cloudckpt.state_file import STATE_KEY
 from cloudckpt.storage import Storage, join_url, open_storage
 from cloudckpt.storage.base import TEMP_PREFIX, TEMP_SUFFIX
 

@@ -18,10 +18,10 @@ import pytest
 from cloudckpt import Checkpoint, CheckpointOptions, Variable
 from cloudckpt.errors import ConcurrentWriterError
 from cloudckpt.format import index_key
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
+from cloudckpt.format.state_file import STATE_KEY, parse, read_state
 from cloudckpt.manager import CheckpointManager, latest_checkpoint
 from cloudckpt.retention import BestN
-from cloudckpt.state_file import STATE_KEY, parse, read_state
 from cloudckpt.storage import ByteRange, Location, ObjectMeta, ReadRequest, join_url, open_storage
 from cloudckpt.storage.local import LocalStorage
 

@@ -19,7 +19,7 @@ from conftest import storage_of, unique_name
 
 from cloudckpt import Checkpoint, CheckpointManager
 from cloudckpt.errors import ConcurrentWriterError
-from cloudckpt.state_file import STATE_KEY
+from cloudckpt.format.state_file import STATE_KEY
 from cloudckpt.storage import join_url
 
 

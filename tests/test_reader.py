@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from cloudckpt import Checkpoint
-from cloudckpt.checksum import Crc32c, crc32c_of
 from cloudckpt.errors import ChecksumError
 from cloudckpt.format import ArrayEntry
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.reader import RangeReader, ReadTarget, read_arrays, read_coalesced
 from cloudckpt.storage import ByteRange, ReadRequest, Storage, TransferConfig
+from cloudckpt.storage.checksum import Crc32c, crc32c_of
 from cloudckpt.storage.local import LocalStorage
 
 MiB = 1024 * 1024

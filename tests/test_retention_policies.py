@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudckpt import Checkpoint, Variable
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.manager import CheckpointManager
 from cloudckpt.manager.managed_set import ManagedSet
 from cloudckpt.retention import (

@@ -11,13 +11,13 @@ import pytest
 import tf_bundle_writer as tfw
 
 import cloudckpt
-from cloudckpt import sniff
 from cloudckpt.errors import CheckpointFormatError
-from cloudckpt.sniff import ForeignCheckpoint, IndexFormat, load_any_index, register_reader, sniff_index
+from cloudckpt.format import sniff
+from cloudckpt.format.sniff import ForeignCheckpoint, IndexFormat, load_any_index, register_reader, sniff_index
 from cloudckpt.storage.local import LocalStorage
 from cloudckpt.tfbundle import Bundle, open_foreign
 
-_CORE = ("checkpoint.py", "loading.py", "references.py", "manager/remove.py", "sniff.py")
+_CORE = ("checkpoint.py", "loading.py", "format/references.py", "manager/remove.py", "format/sniff.py")
 
 
 @pytest.mark.parametrize("module", _CORE)

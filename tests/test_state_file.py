@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cloudckpt.errors import CheckpointFormatError, PreconditionError
-from cloudckpt.state_file import (
+from cloudckpt.format.state_file import (
     STATE_KEY,
     CheckpointState,
     CheckpointStateError,
@@ -186,7 +186,7 @@ def test_checkpoint_save_refuses_a_directory_a_manager_owns(tmp_path: Path) -> N
 
 def test_check_unmanaged_refuses_before_writing(tmp_path: Path) -> None:
     from cloudckpt import ConcurrentWriterError
-    from cloudckpt.state_file import check_unmanaged
+    from cloudckpt.format.state_file import check_unmanaged
 
     store = LocalStorage(tmp_path)
     check_unmanaged(store, "ckpt-1")  # no state file

@@ -26,7 +26,6 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 from requests.structures import CaseInsensitiveDict
 
-from cloudckpt.checksum import crc32c_combine, crc32c_of
 from cloudckpt.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
@@ -38,6 +37,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.storage import Storage, TransferConfig, UpdateVersion, open_storage
 from cloudckpt.storage.base import TEMP_PREFIX, TEMP_SUFFIX
+from cloudckpt.storage.checksum import crc32c_combine, crc32c_of
 from cloudckpt.storage.gcs import PART_OF_KEY, GCSStorage
 from cloudckpt.storage.retry import RetryPolicy
 from cloudckpt.storage.urls import parse_bucket_url

@@ -17,7 +17,7 @@ import tf_bundle_writer as tfw
 import cloudckpt.tools as tools
 from cloudckpt import Checkpoint, CheckpointManager, Variable
 from cloudckpt.errors import AlreadyExistsError, CheckpointNotFoundError, ChecksumError
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.storage import open_storage
 from cloudckpt.storage.base import TEMP_PREFIX
 

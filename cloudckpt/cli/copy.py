@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cloudckpt.cli.common import EXIT_DAMAGED, fail, human_size, progress_bars
-from cloudckpt.state_file import STATE_KEY
+from cloudckpt.format.state_file import STATE_KEY
 from cloudckpt.storage import Storage
 from cloudckpt.tools.copy import Copied, Damaged, copy
 from cloudckpt.tools.copy import copy_checkpoint as _copy_checkpoint

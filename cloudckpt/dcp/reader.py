@@ -42,7 +42,7 @@ from cloudckpt.dcp.metadata import decode_metadata, fqn_path, saved_counter
 from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import CheckpointFormatError, CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
-from cloudckpt.index_store import load_index
+from cloudckpt.format.index_fetch import load_index
 from cloudckpt.reader import ObjectSizes, ReadTarget, backed_buffer, new_buffer, read_arrays
 from cloudckpt.storage import Location, Storage
 

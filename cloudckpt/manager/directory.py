@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, index_key
-from cloudckpt.index_store import newer_format, read_index
-from cloudckpt.references import delete_unreferenced
-from cloudckpt.state_file import CheckpointState, read_state
+from cloudckpt.format.index_fetch import newer_format, read_index
+from cloudckpt.format.references import delete_unreferenced
+from cloudckpt.format.state_file import CheckpointState, read_state
 from cloudckpt.storage import Directory, ObjectMeta, Storage, join_url, resolve_directory
 
 log = logging.getLogger("cloudckpt.manager")

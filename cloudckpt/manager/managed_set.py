@@ -16,9 +16,9 @@ from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from cloudckpt.format.state_file import CheckpointState
 from cloudckpt.manager.directory import relative_name
 from cloudckpt.retention import CheckpointRecord, RetentionPolicy, metric_key, sweep
-from cloudckpt.state_file import CheckpointState
 
 log = logging.getLogger("cloudckpt.manager")
 

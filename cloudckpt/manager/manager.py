@@ -33,6 +33,7 @@ from cloudckpt.coordination import Coordinator, io_rank
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, PreconditionError
 from cloudckpt.format import index_key
+from cloudckpt.format.state_file import CheckpointState
 from cloudckpt.leftovers import find_leftovers, remove_leftovers
 from cloudckpt.manager.contract import ManagedCheckpoint, as_age, as_number
 from cloudckpt.manager.directory import (
@@ -47,7 +48,6 @@ from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.retention import BestN, RetentionPolicy, manager_policy, metric_key
 from cloudckpt.saving import CommittedWrite
-from cloudckpt.state_file import CheckpointState
 from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
 
 log = logging.getLogger("cloudckpt.manager")

@@ -35,11 +35,11 @@ from cloudckpt.errors import (
     StorageError,
 )
 from cloudckpt.format import index_key
-from cloudckpt.index_store import newer_format, read_index
+from cloudckpt.format.index_fetch import newer_format, read_index
+from cloudckpt.format.references import delete_unreferenced, index_names, scan
+from cloudckpt.format.state_file import STATE_KEY, CheckpointState, write_state
 from cloudckpt.manager.directory import read_state_tolerant, relative_name
-from cloudckpt.references import delete_unreferenced, index_names, scan
 from cloudckpt.saving import CommittedWrite
-from cloudckpt.state_file import STATE_KEY, CheckpointState, write_state
 from cloudckpt.storage import ObjectMeta, Storage
 
 log = logging.getLogger("cloudckpt.manager")

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 
 from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError, CheckpointStateError, PreconditionError
 from cloudckpt.format import index_key
-from cloudckpt.index_store import head_index, newer_format
+from cloudckpt.format.index_fetch import head_index, newer_format
+from cloudckpt.format.references import listed_sizes
+from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
+from cloudckpt.format.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.manager.directory import delete_checkpoint, relative_name
-from cloudckpt.references import listed_sizes
-from cloudckpt.sniff import ForeignCheckpoint, load_any_index
-from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import CheckpointPath, Storage, resolve
 
 log = logging.getLogger("cloudckpt.manager")

@@ -30,7 +30,7 @@ from cloudckpt.errors import (
     CloudCkptError,
     NoIntactCheckpointError,
 )
-from cloudckpt.index_store import newer_format
+from cloudckpt.format.index_fetch import newer_format
 
 #: What makes a committed checkpoint unusable (as opposed to unusable *here*) - except an
 #: index of a newer format version (``index_store.newer_format``), which is not damage.

@@ -36,9 +36,9 @@ from cloudckpt.format import (
     index_key,
     object_checkpoint,
 )
+from cloudckpt.format.index_fetch import read_index
+from cloudckpt.format.references import delete_unreferenced
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
-from cloudckpt.index_store import read_index
-from cloudckpt.references import delete_unreferenced
 from cloudckpt.saving.objects import PieceId, StoredPiece, shown_objects, unconfirmed_objects
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import AfterCommitError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject
-from cloudckpt.index_store import head_index
+from cloudckpt.format.index_fetch import head_index
 from cloudckpt.saving.collective import describe_error
 from cloudckpt.saving.commit import commit, delete_replaced, discard
 from cloudckpt.storage import ObjectMeta, Storage

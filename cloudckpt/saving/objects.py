@@ -33,15 +33,15 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.checksum import CRC_BLOCK, crc32c_with_blocks
-from cloudckpt.content_hash import content_hash
 from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointFormatError, StorageError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, data_key, dtype_name
+from cloudckpt.format.content_hash import content_hash
+from cloudckpt.format.index_fetch import read_index
+from cloudckpt.format.references import listed_sizes
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
-from cloudckpt.index_store import read_index
-from cloudckpt.references import listed_sizes
 from cloudckpt.storage import Storage
+from cloudckpt.storage.checksum import CRC_BLOCK, crc32c_with_blocks
 from cloudckpt.storage.transfer import gather
 
 log = logging.getLogger("cloudckpt.saving")

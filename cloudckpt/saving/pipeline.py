@@ -54,8 +54,8 @@ from cloudckpt.errors import (
     StorageError,
 )
 from cloudckpt.format import dtype_name, index_key, parse_dtype
+from cloudckpt.format.index_fetch import read_index
 from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
-from cloudckpt.index_store import read_index
 from cloudckpt.saving.collective import (
     Outcome,
     Report,

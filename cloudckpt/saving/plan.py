@@ -25,8 +25,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cloudckpt.boxes import partition_problem
 from cloudckpt.errors import PlanError
+from cloudckpt.format.partition import partition_problem
 from cloudckpt.saving.objects import PieceId, pack
 
 

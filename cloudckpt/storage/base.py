@@ -33,8 +33,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar, cast
 
-from cloudckpt.checksum import crc32c_base64 as crc32c_base64  # re-exported for backends
-from cloudckpt.checksum import crc32c_of as crc32c_of
 from cloudckpt.errors import (
     BucketNotFoundError,
     InvalidRangeError,
@@ -44,6 +42,8 @@ from cloudckpt.errors import (
     StorageError,
     TransientError,
 )
+from cloudckpt.storage.checksum import crc32c_base64 as crc32c_base64  # re-exported for backends
+from cloudckpt.storage.checksum import crc32c_of as crc32c_of
 from cloudckpt.storage.clients import BUCKETS_SEEN, CAPABILITIES
 from cloudckpt.storage.keys import file_in_the_way as file_in_the_way
 from cloudckpt.storage.keys import translate_os_error as translate_os_error

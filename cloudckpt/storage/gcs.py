@@ -68,7 +68,6 @@ try:
 except ImportError as _missing:  # google-cloud-storage is the install extra cloudckpt[gcs]
     raise missing_extra("gcs", _missing) from _missing
 
-from cloudckpt.checksum import crc32c_combine
 from cloudckpt.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -95,6 +94,7 @@ from cloudckpt.storage.base import (
     crc32c_base64,
     crc32c_of,
 )
+from cloudckpt.storage.checksum import crc32c_combine
 from cloudckpt.storage.clients import ProcessLocalCache
 from cloudckpt.storage.transfer import fill_from
 from cloudckpt.storage.urls import parse_bucket_url

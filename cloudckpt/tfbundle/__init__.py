@@ -9,12 +9,12 @@ in pure Python and numpy: ``table`` (the table), ``wire`` (the protobuf wire for
 Read, never written. See docs/tensorflow-import.md.
 
 The package sits above the core, beside ``Checkpoint``: importing it registers its reader
-with the format layer's sniffer (``cloudckpt.sniff.register_reader``), which is how
+with the format layer's sniffer (``cloudckpt.format.sniff.register_reader``), which is how
 ``Checkpoint.restore``, ``load_checkpoint`` and the deletion rule in ``references`` see a
 TensorFlow checkpoint without importing this package. ``import cloudckpt`` imports it.
 """
 
-from cloudckpt.sniff import ForeignCheckpoint, IndexFormat, register_reader
+from cloudckpt.format.sniff import ForeignCheckpoint, IndexFormat, register_reader
 from cloudckpt.storage import Storage
 from cloudckpt.tfbundle.bundle import (
     Bundle,

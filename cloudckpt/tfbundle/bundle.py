@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.boxes import partition_problem
-from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -35,10 +33,12 @@ from cloudckpt.errors import (
     NotFoundError,
 )
 from cloudckpt.format import CheckpointIndex, decode_segment, index_key
+from cloudckpt.format.partition import partition_problem
+from cloudckpt.format.sniff import IndexFormat, sniff_index
+from cloudckpt.format.sniff import load_any_index as sniffed_index
 from cloudckpt.reader import read_coalesced
-from cloudckpt.sniff import IndexFormat, sniff_index
-from cloudckpt.sniff import load_any_index as sniffed_index
 from cloudckpt.storage import ReadRequest, Storage
+from cloudckpt.storage.checksum import crc32c_of
 from cloudckpt.tfbundle.entries import (
     DT_STRING,
     Entry,
@@ -63,7 +63,7 @@ SLICE_PROOF_BUDGET = 16
 def is_bundle_index(data: bytes) -> bool:
     """Whether an ``.index`` object's bytes are a TensorFlow table rather than cloudckpt's JSON.
 
-    Decided by content, never by the checkpoint's name (``cloudckpt.sniff.sniff_index``).
+    Decided by content, never by the checkpoint's name (``cloudckpt.format.sniff.sniff_index``).
     """
     return sniff_index(data) is IndexFormat.TENSORFLOW
 
@@ -402,7 +402,7 @@ def _segment(segment: str) -> str:
 def load_any_index(storage: Storage, name: str) -> CheckpointIndex | Bundle:
     """Checkpoint ``name``'s index, whichever format it is in: cloudckpt's, or a TensorFlow bundle.
 
-    ``cloudckpt.sniff.load_any_index`` (one HEAD and one GET of the ``.index`` object; the
+    ``cloudckpt.format.sniff.load_any_index`` (one HEAD and one GET of the ``.index`` object; the
     format is told from its bytes), with a TensorFlow checkpoint handed back as its
     :class:`Bundle` - for code above the core (the CLI, ``cloudckpt.tools``).
 

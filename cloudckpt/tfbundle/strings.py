@@ -23,8 +23,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.checksum import Crc32c
 from cloudckpt.errors import CheckpointFormatError, ChecksumError
+from cloudckpt.storage.checksum import Crc32c
 from cloudckpt.tfbundle.crc import unmask
 from cloudckpt.tfbundle.wire import read_varint
 

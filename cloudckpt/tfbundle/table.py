@@ -34,13 +34,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from cloudckpt.checksum import crc32c_of
 from cloudckpt.errors import CheckpointFormatError
-from cloudckpt.sniff import TF_FOOTER_SIZE, TF_TABLE_MAGIC, looks_like_tf_table
+from cloudckpt.format.sniff import TF_FOOTER_SIZE, TF_TABLE_MAGIC, looks_like_tf_table
+from cloudckpt.storage.checksum import crc32c_of
 from cloudckpt.tfbundle.crc import unmask
 from cloudckpt.tfbundle.wire import read_varint
 
-MAGIC_BYTES = TF_TABLE_MAGIC  # the format layer's sniffer tells tables apart by it (cloudckpt.sniff)
+MAGIC_BYTES = TF_TABLE_MAGIC  # the format layer's sniffer tells tables apart by it (cloudckpt.format.sniff)
 FOOTER_SIZE = TF_FOOTER_SIZE
 TRAILER_SIZE = 5
 NO_COMPRESSION = 0

@@ -24,7 +24,7 @@ from cloudckpt.errors import (
     PreconditionError,
 )
 from cloudckpt.format import index_key
-from cloudckpt.state_file import STATE_KEY, CheckpointState, read_state, write_state
+from cloudckpt.format.state_file import STATE_KEY, CheckpointState, read_state, write_state
 from cloudckpt.storage import ObjectMeta, Storage, split_url, url_scheme
 from cloudckpt.tools.copy_one import Copied, copy_checkpoint
 from cloudckpt.tools.directory import (

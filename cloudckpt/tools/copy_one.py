@@ -38,8 +38,8 @@ from dataclasses import dataclass, replace
 
 from cloudckpt.errors import AlreadyExistsError, CheckpointFormatError, ChecksumError, NotFoundError, StorageError
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint, renamed_object
-from cloudckpt.index_store import head_index
-from cloudckpt.references import delete_unreferenced
+from cloudckpt.format.index_fetch import head_index
+from cloudckpt.format.references import delete_unreferenced
 from cloudckpt.saving.commit import commit, delete_replaced
 from cloudckpt.saving.objects import new_suffix
 from cloudckpt.storage import Storage

@@ -28,8 +28,8 @@ from typing import Any
 
 from cloudckpt.errors import CheckpointFormatError, NotFoundError
 from cloudckpt.format import CheckpointIndex
+from cloudckpt.format.state_file import CheckpointState
 from cloudckpt.manager.directory import latest_name, read_state_tolerant
-from cloudckpt.state_file import CheckpointState
 from cloudckpt.storage import Storage
 from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.tools.directory import checkpoint_number, open_directory, scan_directory, sort_names

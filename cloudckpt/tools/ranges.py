@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudckpt.chunks import ChunkGrid
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, Entry, data_key, referenced_checkpoints
+from cloudckpt.format.chunks import ChunkGrid
 
 #: ``[start, end)`` bytes of one object.
 Span = tuple[int, int]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from cloudckpt.checksum import Crc32c
 from cloudckpt.errors import CheckpointFormatError, InvalidRangeError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk
 from cloudckpt.storage import ByteRange, Storage, TransferConfig, open_storage
+from cloudckpt.storage.checksum import Crc32c
 from cloudckpt.tools.directory import open_directory
 from cloudckpt.tools.progress import ProgressSink
 from cloudckpt.tools.ranges import Packing

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt.checksum import combine_blocks, crc32c_of
 from cloudckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -29,9 +28,10 @@ from cloudckpt.errors import (
     NotFoundError,
 )
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk
+from cloudckpt.format.state_file import read_state
 from cloudckpt.manager.directory import latest_name
-from cloudckpt.state_file import read_state
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage
+from cloudckpt.storage.checksum import combine_blocks, crc32c_of
 from cloudckpt.tfbundle import Bundle, load_any_index
 from cloudckpt.tfbundle.entries import DT_STRING, DTYPES, Entry
 from cloudckpt.tfbundle.strings import decode_strings

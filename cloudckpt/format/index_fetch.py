@@ -20,7 +20,9 @@ from cloudckpt.errors import (
     NotFoundError,
     StorageError,
 )
-from cloudckpt.format import FORMAT_VERSION, INDEX_SUFFIX, CheckpointIndex, decode_index, index_key
+from cloudckpt.format.decode import decode_index
+from cloudckpt.format.entries import FORMAT_VERSION, CheckpointIndex
+from cloudckpt.format.naming import INDEX_SUFFIX, index_key
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage
 
 #: Largest index a reader will fetch. A real one is ~200 bytes per array chunk, so this

@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError, NotFoundError
-from cloudckpt.format import INDEX_SUFFIX, CheckpointIndex, object_checkpoint
-from cloudckpt.sniff import ForeignCheckpoint, load_any_index
+from cloudckpt.format.entries import CheckpointIndex
+from cloudckpt.format.naming import INDEX_SUFFIX, object_checkpoint
+from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
 from cloudckpt.storage import Storage
 
-log = logging.getLogger("cloudckpt.references")
+log = logging.getLogger("cloudckpt.format.references")
 
 #: Indexes read in parallel while scanning a directory.
 _SCAN_THREADS = 8

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion
 
-log = logging.getLogger("cloudckpt.state_file")
+log = logging.getLogger("cloudckpt.format.state_file")
 
 STATE_KEY = "checkpoint"
 _MAX_STATE_BYTES = 16 * 1024 * 1024

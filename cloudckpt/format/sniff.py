@@ -22,8 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from cloudckpt.errors import CheckpointFormatError
-from cloudckpt.format import CheckpointIndex, decode_index, index_key
-from cloudckpt.index_store import load_index_bytes
+from cloudckpt.format.decode import decode_index
+from cloudckpt.format.entries import CheckpointIndex
+from cloudckpt.format.index_fetch import load_index_bytes
+from cloudckpt.format.naming import index_key
 from cloudckpt.storage import Storage
 
 #: TensorFlow's table footer: two block handles padded to 40 bytes, then this magic number.
