@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from bench.bench_checkpoint import describe_run
-from cloudckpt import UNSHARDED, Checkpoint, Layout, Mesh, ShardedArray, reader
+from cloudckpt import UNSHARDED, Checkpoint, Layout, Mesh, ShardedArray
 from cloudckpt.coordination import LocalCoordinator
+from cloudckpt.restoring import array_reads as reader
 from cloudckpt.storage import ReadRequest, Storage
 
 

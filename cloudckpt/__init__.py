@@ -5,7 +5,6 @@ The package imports light: cloud SDKs and torch load only when a URL or an objec
 
 from cloudckpt import errors
 from cloudckpt import tfbundle as tfbundle  # registers the TensorFlow reader with cloudckpt.format.sniff
-from cloudckpt.async_save import SaveStats
 from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.distributed import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray
 from cloudckpt.errors import (
@@ -18,11 +17,12 @@ from cloudckpt.errors import (
     NotFoundError,
     SaveError,
 )
-from cloudckpt.loading import CheckpointReader, list_variables, load_checkpoint, load_variable
 from cloudckpt.manager import CheckpointManager, latest_checkpoint, remove_checkpoint
+from cloudckpt.manager.preemption import PreemptionCheckpointHandler
+from cloudckpt.manager.retention import BestN
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.preemption import PreemptionCheckpointHandler
-from cloudckpt.retention import BestN
+from cloudckpt.restoring.checkpoint_reader import CheckpointReader, list_variables, load_checkpoint, load_variable
+from cloudckpt.saving.async_save import SaveStats
 from cloudckpt.storage import (
     Location,
     RetryPolicy,

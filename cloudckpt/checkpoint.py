@@ -2,9 +2,9 @@
 
 It groups the objects to save (keyword arguments, or a root ``Trackable`` and extra
 keyword arguments), numbers saves with ``save_counter``, and composes the layers below:
-``graph.collect`` -> ``saving`` (plan, upload, commit, on a coordinator) for saves,
-``index_store`` + ``restore`` (+ ``relay`` for io_device) for restores, ``async_save`` for
-background saves, ``state_file`` for the directory's ``checkpoint`` file that
+``object_graph.collect`` -> ``saving`` (plan, upload, commit, on a coordinator) for saves,
+``restoring`` (``io_host`` for the shared index, ``assign``) for restores, ``saving.async_save``
+for background saves, ``format.state_file`` for the directory's ``checkpoint`` file that
 ``latest_checkpoint`` reads. Paths are resolved once, here, into a ``Location``.
 """
 
@@ -18,17 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from cloudckpt.async_save import AsyncSaver, SaveStats
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
 from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import CheckpointIndex, state_file
 from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
-from cloudckpt.graph import Collected, ShardedLeaf, classify, collect
+from cloudckpt.object_graph import Collected, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.relay import ReadRelay, shared_index
-from cloudckpt.restore import RestoreSession
+from cloudckpt.restoring.assign import RestoreSession
+from cloudckpt.restoring.io_host import ReadRelay, shared_index
+from cloudckpt.restoring.load_status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.saving import AfterCommit, CommittedWrite, SaveRun, SaveSettings, announce_failure
-from cloudckpt.status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
+from cloudckpt.saving.async_save import AsyncSaver, SaveStats
 from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
 from cloudckpt.storage.throttle import TransferStats
 from cloudckpt.trackable import Trackable, Variable

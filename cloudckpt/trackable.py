@@ -2,7 +2,7 @@
 
 Like ``tf.Module``: assigning a variable, array, container or another trackable to an
 attribute makes it part of the checkpoint under that attribute's name. The restore side
-lives in ``cloudckpt.restore``; this module only offers the hook it needs for deferred
+lives in ``cloudckpt.restoring.assign``; this module only offers the hook it needs for deferred
 restoration (a value that arrives in ``__setattr__`` after ``restore`` ran), so the
 object layer does not depend on the I/O layers above it.
 """
@@ -21,7 +21,7 @@ DEFERRED_ATTR = "_cloudckpt_deferred"
 
 
 class DeferredRestore(Protocol):
-    """A checkpoint value waiting for the attribute it belongs to (see ``cloudckpt.restore``)."""
+    """A checkpoint value waiting for the attribute it belongs to (see ``cloudckpt.restoring.assign``)."""
 
     def restore(self, owner: Trackable, name: str, value: Any) -> None:
         """Restore the stored value into ``value``, just attached as ``owner.<name>``."""

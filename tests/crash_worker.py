@@ -4,7 +4,7 @@
 
 Why a separate process: only a real SIGKILL proves a crash is harmless - no ``finally``,
 no atexit, no buffered write survives it, exactly like a preempted VM. The test kills this
-process either through ``CLOUDCKPT_CRASH_AT`` (cloudckpt/crashpoints.py) or from outside
+process either through ``CLOUDCKPT_CRASH_AT`` (cloudckpt/_testhooks.py) or from outside
 at a random moment, then checks the directory from a fresh process.
 
 The state saved under checkpoint number ``s`` is a pure function of ``s``

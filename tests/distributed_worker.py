@@ -159,8 +159,8 @@ def four_hosts(rank: int, world: int, port: int, root: str, report: dict[str, An
 
     import cloudckpt
     from cloudckpt import UNSHARDED, CheckpointOptions, DTensorCheckpoint, Layout, Mesh, ShardedArray, Variable
-    from cloudckpt import reader as reader_module
     from cloudckpt.distributed import DistributedSaveError
+    from cloudckpt.restoring import array_reads as reader_module
     from cloudckpt.storage import register_storage
 
     coordinator = _init(rank, world, port)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloudckpt import async_save
-from cloudckpt.async_save import StagingBuffer
-from cloudckpt.graph import ArrayLeaf, Collected
+from cloudckpt.object_graph import ArrayLeaf, Collected
+from cloudckpt.saving import async_save
+from cloudckpt.saving.async_save import StagingBuffer
 
 MiB = 1024 * 1024
 

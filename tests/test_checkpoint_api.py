@@ -256,7 +256,7 @@ def test_existing_objects_matched_allows_unused_checkpoint_values(tmp_path: Path
 def test_read_does_not_expect_save_counter_but_restore_does(tmp_path: Path) -> None:
     # A checkpoint without save_counter, as another tool would write it: a plain Trackable root.
     from cloudckpt.coordination import LocalCoordinator
-    from cloudckpt.graph import collect
+    from cloudckpt.object_graph import collect
     from cloudckpt.saving import save
     from cloudckpt.storage import resolve
 

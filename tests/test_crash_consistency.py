@@ -2,7 +2,7 @@
 
 A worker (tests/crash_worker.py) saves in a loop to local disk, SeaweedFS or fake-gcs-server and is killed
 with a real SIGKILL - at each named phase of a save (``CLOUDCKPT_CRASH_AT``, see
-cloudckpt/crashpoints.py) and at seeded random moments from outside. After every kill this
+cloudckpt/_testhooks.py) and at seeded random moments from outside. After every kill this
 process checks, with fresh readers, what a resuming job would see:
 
 - ``latest_checkpoint`` is not ``None`` once any save returned, and its number is at least
@@ -37,11 +37,11 @@ from conftest import unique_name
 from crash_worker import TrainState, differences, state_for
 
 from cloudckpt import Checkpoint
-from cloudckpt.crashpoints import CRASH_ENV
+from cloudckpt._testhooks import CRASH_ENV
 from cloudckpt.format import INDEX_SUFFIX, decode_index, index_key
 from cloudckpt.format.state_file import read_state
-from cloudckpt.leftovers import Leftover, find_leftovers
 from cloudckpt.manager import latest_checkpoint
+from cloudckpt.manager.cleanup import Leftover, find_leftovers
 from cloudckpt.storage import Storage, join_url, open_storage
 
 WORKER = Path(__file__).with_name("crash_worker.py")

@@ -27,7 +27,7 @@ from cloudckpt.distributed.mesh import split_extent
 from cloudckpt.errors import ChecksumError, PlanError
 from cloudckpt.format import decode_index, index_key
 from cloudckpt.format.state_file import STATE_KEY, parse
-from cloudckpt.reader import partial_reads
+from cloudckpt.restoring.array_reads import partial_reads
 from cloudckpt.saving.plan import Description, PieceDescription, make_plan
 from cloudckpt.storage import register_storage, resolve
 from cloudckpt.storage.local import LocalStorage
@@ -136,7 +136,7 @@ def test_plan_refuses_inconsistent_hosts_naming_the_key() -> None:
 
 # ---------------------------------------------------------------------------- partial reads
 def test_partial_reads_cover_exactly_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cloudckpt.reader as reader
+    import cloudckpt.restoring.array_reads as reader
 
     chunk = np.arange(20 * 9).reshape(20, 9)
     for waste in (0, 64, 1 << 20):
@@ -187,7 +187,7 @@ def test_single_process_sharded_round_trips(tmp_path: Path) -> None:
 
 def test_partial_reads_are_verified_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A resharding restore reads part of a stored shard: it reads whole 1 MiB checksum blocks and checks them."""
-    from cloudckpt import reader
+    from cloudckpt.restoring import array_reads as reader
     from cloudckpt.storage.checksum import CRC_BLOCK
 
     mesh = local_mesh((2,), ("x",))
@@ -222,7 +222,7 @@ def test_partial_reads_are_verified_block_by_block(tmp_path: Path, monkeypatch: 
 def test_a_resharding_restore_reads_whole_rows_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of a stored shard land straight in the new shard's memory; only the margins that
     complete their first and last checksum blocks go through scratch buffers, and are verified."""
-    from cloudckpt import reader
+    from cloudckpt.restoring import array_reads as reader
     from cloudckpt.storage.checksum import CRC_BLOCK
 
     g = np.random.default_rng(1).standard_normal((1000, 1024)).astype(np.float32)  # 2 shards of 500 rows
@@ -258,7 +258,7 @@ def test_a_resharding_restore_reads_whole_rows_in_place(tmp_path: Path, monkeypa
 def test_a_stored_chunk_many_new_shards_need_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """64 small stored chunks, restored as 64 one-row shards (each needs a row of 8 chunks) and as
     4 replicas: every stored byte is read once, verified once and copied where it is needed."""
-    from cloudckpt import reader
+    from cloudckpt.restoring import array_reads as reader
 
     g = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
     grid = local_mesh((8, 8), ("x", "y"))

@@ -22,7 +22,7 @@ from cloudckpt import Checkpoint, CheckpointManager, ConcurrentWriterError, Vari
 from cloudckpt.errors import CheckpointNotFoundError, NotFoundError
 from cloudckpt.format import FORMAT_VERSION, ArrayEntry, index_key
 from cloudckpt.format.index_fetch import load_index
-from cloudckpt.leftovers import find_leftovers
+from cloudckpt.manager.cleanup import find_leftovers
 from cloudckpt.storage import Storage, join_url
 from cloudckpt.storage.base import MiB
 from cloudckpt.storage.checksum import crc32c_of

@@ -1,4 +1,4 @@
-"""Cleanup of crashed saves' leftovers (cloudckpt/leftovers.py) on local disk, SeaweedFS and fake-gcs-server.
+"""Cleanup of crashed saves' leftovers (cloudckpt/manager/cleanup.py) on local disk, SeaweedFS and fake-gcs-server.
 
 Each test plants what SIGKILLed saves leave behind next to a committed checkpoint - data
 objects no index names, a temporary chunk under ``TEMP_PREFIX``, on S3 an incomplete
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from cloudckpt import Checkpoint, Variable
-from cloudckpt import leftovers as leftovers_module
 from cloudckpt.format import decode_index, index_key
 from cloudckpt.format.state_file import STATE_KEY
-from cloudckpt.leftovers import find_leftovers, remove_leftovers
 from cloudckpt.manager import CheckpointManager
+from cloudckpt.manager import cleanup as leftovers_module
+from cloudckpt.manager.cleanup import find_leftovers, remove_leftovers
 from cloudckpt.storage import Storage, join_url, open_storage
 from cloudckpt.storage.base import TEMP_PREFIX, TEMP_SUFFIX
 

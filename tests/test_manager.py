@@ -21,7 +21,7 @@ from cloudckpt.format import index_key
 from cloudckpt.format.index_fetch import load_index
 from cloudckpt.format.state_file import STATE_KEY, parse, read_state
 from cloudckpt.manager import CheckpointManager, latest_checkpoint
-from cloudckpt.retention import BestN
+from cloudckpt.manager.retention import BestN
 from cloudckpt.storage import ByteRange, Location, ObjectMeta, ReadRequest, join_url, open_storage
 from cloudckpt.storage.local import LocalStorage
 
@@ -321,7 +321,7 @@ def test_an_eviction_cut_short_is_finished_by_the_next_owner(root: str, clock: C
 
 
 def test_keep_best_and_metadata(tmp_path: Path, clock: Clock) -> None:
-    from cloudckpt.loading import load_checkpoint
+    from cloudckpt.restoring.checkpoint_reader import load_checkpoint
 
     manager = CheckpointManager(Checkpoint(), tmp_path, max_to_keep=1, keep_best=BestN("loss", 1))
     for loss in (0.5, 0.1, 0.9, 0.7):

@@ -16,7 +16,7 @@ from cloudckpt import Checkpoint, Variable
 from cloudckpt.format.index_fetch import load_index
 from cloudckpt.manager import CheckpointManager
 from cloudckpt.manager.managed_set import ManagedSet
-from cloudckpt.retention import (
+from cloudckpt.manager.retention import (
     AnyOf,
     BestN,
     CheckpointRecord,

@@ -23,7 +23,7 @@ from cloudckpt import Checkpoint, CheckpointManager
 from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import data_key, decode_index, encode_index, object_checkpoint, renamed_object
 from cloudckpt.format.index_fetch import load_index
-from cloudckpt.leftovers import find_leftovers, remove_leftovers
+from cloudckpt.manager.cleanup import find_leftovers, remove_leftovers
 from cloudckpt.saving import objects as saving_objects
 from cloudckpt.storage import TransferConfig, join_url, open_storage, register_storage, unregister_storage
 

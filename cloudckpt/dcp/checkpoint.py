@@ -31,16 +31,16 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from cloudckpt.async_save import AsyncSaver
 from cloudckpt.coordination import Coordinator, TorchCoordinator, default_coordinator, io_rank
 from cloudckpt.dcp.reader import StorageReader
 from cloudckpt.dcp.writer import ManagedSave, StorageWriter
 from cloudckpt.errors import AfterCommitError, ConcurrentWriterError, DistributedSaveError
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.relay import shared_index
+from cloudckpt.restoring.io_host import shared_index
+from cloudckpt.restoring.load_status import SAVE_COUNTER
+from cloudckpt.saving.async_save import AsyncSaver
 from cloudckpt.saving.collective import describe_error, failure_message
 from cloudckpt.saving.committer import AfterCommit
-from cloudckpt.status import SAVE_COUNTER
 from cloudckpt.storage import CheckpointPath, Location, resolve
 from cloudckpt.trackable import Variable
 

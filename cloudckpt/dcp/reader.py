@@ -4,7 +4,7 @@ Every rank reads the (guarded, validated) index once in ``read_metadata`` - or i
 read once for the whole job (``DCPCheckpoint.restore``) - and hands DCP its ``Metadata``
 (``cloudckpt.dcp.metadata``); DCP's planner then says which box of which stored chunk goes
 into which box of which destination tensor. ``read_data`` turns those
-items into ``ReadTarget``s and reads them all with one ``cloudckpt.reader.read_arrays``
+items into ``ReadTarget``s and reads them all with one ``cloudckpt.restoring.array_reads.read_arrays``
 call: parallel ranged GETs, small neighbours coalesced, every byte CRC32C-verified (whole
 chunks, or the 1 MiB blocks around the part of a chunk a resharding load needs).
 
@@ -43,7 +43,7 @@ from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import CheckpointFormatError, CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
 from cloudckpt.format.index_fetch import load_index
-from cloudckpt.reader import ObjectSizes, ReadTarget, backed_buffer, new_buffer, read_arrays
+from cloudckpt.restoring.array_reads import ObjectSizes, ReadTarget, backed_buffer, new_buffer, read_arrays
 from cloudckpt.storage import Location, Storage
 
 

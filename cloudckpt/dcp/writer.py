@@ -62,9 +62,9 @@ from torch.distributed.checkpoint.storage import StorageWriter as DCPStorageWrit
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future as TorchFuture
 
+from cloudckpt._testhooks import crash_point
 from cloudckpt.adapters import torch as torch_adapter
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator
-from cloudckpt.crashpoints import crash_point
 from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
 from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import (
@@ -74,7 +74,7 @@ from cloudckpt.errors import (
     CoordinationError,
 )
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, NodeEntry
-from cloudckpt.graph import Collected, ShardedLeaf
+from cloudckpt.object_graph import Collected, ShardedLeaf
 from cloudckpt.saving.collective import describe_error, start_polled, wait_for_every_rank
 from cloudckpt.saving.commit import assemble_index, number_objects
 from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer

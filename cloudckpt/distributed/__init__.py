@@ -4,7 +4,7 @@ See docs/distributed.md. Importing this package stays light (no torch): torch is
 imported only by ``TorchCoordinator`` and when a ``DTensor`` is met.
 """
 
-from cloudckpt import graph as _graph
+from cloudckpt import object_graph as _graph
 from cloudckpt.coordination import (
     Coordinator,
     LocalCoordinator,

@@ -21,7 +21,7 @@ from numpy.typing import DTypeLike, NDArray
 
 from cloudckpt.distributed.mesh import Box, Layout
 from cloudckpt.format import ArrayPyType, storage_dtype
-from cloudckpt.graph import RestoreTarget, ShardedValue
+from cloudckpt.object_graph import RestoreTarget, ShardedValue
 
 
 class ShardedArray:

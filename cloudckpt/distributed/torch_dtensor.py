@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from cloudckpt.adapters import torch as torch_adapter
 from cloudckpt.distributed.mesh import split_extent
 from cloudckpt.format import ArrayPyType
-from cloudckpt.graph import RestoreTarget
+from cloudckpt.object_graph import RestoreTarget
 
 
 def dtensor_box(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -52,7 +52,7 @@ def dtensor_box(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 class DTensorView:
-    """The ``ShardedValue`` of one ``DTensor`` (see ``cloudckpt.graph.ShardedValue``)."""
+    """The ``ShardedValue`` of one ``DTensor`` (see ``cloudckpt.object_graph.ShardedValue``)."""
 
     __slots__ = ("_tensor",)
 

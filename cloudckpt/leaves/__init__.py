@@ -1,6 +1,6 @@
 """Leaf kinds: each kind of leaf value is one ``LeafKind`` object, tried in registry order.
 
-The graph walk (``cloudckpt.graph``) and the restore plan (``cloudckpt.restore``) ask the
+The graph walk (``cloudckpt.object_graph``) and the restore plan (``cloudckpt.restoring.assign``) ask the
 first kind that claims a value (``kind_of``) for its metadata and bytes, how to restore
 into it and how to build it fresh; they never switch on the kind. Adding a kind (JAX
 arrays, CUDA tensors) is one new module with a ``LeafKind`` subclass plus one

@@ -2,7 +2,7 @@
 
 A leaf kind (numpy array, ``Variable``, numpy scalar, Python value, torch tensor, sharded
 array, opaque bytes) is one ``LeafKind`` object. It answers four questions, and the graph
-walk (``cloudckpt.graph.collect``) and the restore plan (``cloudckpt.restore``) only ever
+walk (``cloudckpt.object_graph.collect``) and the restore plan (``cloudckpt.restoring.assign``) only ever
 ask the kind, never switch on it:
 
 - **metadata and host view** (``collect``): the dtype, shape and pytype the index records,
@@ -89,7 +89,7 @@ LeafEntry = Union[ArrayEntry, ValueEntry]  # noqa: UP007 - runtime alias on 3.10
 
 
 class LeafPlan(Protocol):
-    """What a kind may ask of the restore while it plans one stored leaf (``cloudckpt.restore``).
+    """What a kind may ask of the restore while it plans one stored leaf (``cloudckpt.restoring.assign``).
 
     Reads fill their buffers only when the whole restore executes, after every value was
     checked; ``then`` steps run after all reads, in the order they were planned.

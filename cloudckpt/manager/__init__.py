@@ -4,13 +4,18 @@
 ``managed_set`` what a manager keeps and its state-file form; ``ownership`` claiming,
 fencing and undoing; ``directory`` read-only questions about a directory (latest committed
 checkpoint, the state file) and deleting one checkpoint; ``resume`` restoring the newest
-intact checkpoint past damaged ones; ``remove`` deleting one checkpoint by hand (``cloudckpt rm``).
+intact checkpoint past damaged ones; ``remove`` deleting one checkpoint by hand (``cloudckpt rm``);
+``retention`` the policies that decide what a manager keeps (``LatestN``, ``EveryNHours``,
+``BestN``, ``AnyOf``; re-exported here, their public path); ``cleanup`` finding and removing
+what crashed saves left behind; ``preemption`` turning SIGTERM into a save at the next step.
 """
 
 from cloudckpt.manager.contract import ManagedCheckpoint
 from cloudckpt.manager.directory import delete_checkpoint, latest_checkpoint, latest_name
 from cloudckpt.manager.manager import DEFAULT_LEFTOVER_MIN_AGE, CheckpointManager
 from cloudckpt.manager.remove import Removal, remove_checkpoint
+from cloudckpt.manager.retention import AnyOf, BestN, EveryNHours, LatestN, RetentionPolicy
 
-__all__ = ["DEFAULT_LEFTOVER_MIN_AGE", "CheckpointManager", "ManagedCheckpoint", "Removal", "delete_checkpoint",
-           "latest_checkpoint", "latest_name", "remove_checkpoint"]
+__all__ = ["DEFAULT_LEFTOVER_MIN_AGE", "AnyOf", "BestN", "CheckpointManager", "EveryNHours", "LatestN",
+           "ManagedCheckpoint", "Removal", "RetentionPolicy", "delete_checkpoint", "latest_checkpoint", "latest_name",
+           "remove_checkpoint"]

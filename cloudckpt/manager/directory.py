@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
-from cloudckpt.crashpoints import crash_point
+from cloudckpt._testhooks import crash_point
 from cloudckpt.errors import CheckpointFormatError, CheckpointStateError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, index_key
 from cloudckpt.format.index_fetch import newer_format, read_index

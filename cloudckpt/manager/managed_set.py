@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from cloudckpt.format.state_file import CheckpointState
 from cloudckpt.manager.directory import relative_name
-from cloudckpt.retention import CheckpointRecord, RetentionPolicy, metric_key, sweep
+from cloudckpt.manager.retention import CheckpointRecord, RetentionPolicy, metric_key, sweep
 
 log = logging.getLogger("cloudckpt.manager")
 

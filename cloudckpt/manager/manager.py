@@ -28,13 +28,13 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from cloudckpt._testhooks import crash_point
 from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.coordination import Coordinator, io_rank
-from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import CheckpointStateError, ConcurrentWriterError, PreconditionError
 from cloudckpt.format import index_key
 from cloudckpt.format.state_file import CheckpointState
-from cloudckpt.leftovers import find_leftovers, remove_leftovers
+from cloudckpt.manager.cleanup import find_leftovers, remove_leftovers
 from cloudckpt.manager.contract import ManagedCheckpoint, as_age, as_number
 from cloudckpt.manager.directory import (
     delete_checkpoint,
@@ -45,8 +45,8 @@ from cloudckpt.manager.directory import (
 from cloudckpt.manager.managed_set import ManagedSet
 from cloudckpt.manager.ownership import DirectoryOwnership
 from cloudckpt.manager.resume import restore_newest_intact
+from cloudckpt.manager.retention import BestN, RetentionPolicy, manager_policy, metric_key
 from cloudckpt.options import CheckpointOptions
-from cloudckpt.retention import BestN, RetentionPolicy, manager_policy, metric_key
 from cloudckpt.saving import CommittedWrite
 from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
 
@@ -70,7 +70,7 @@ class CheckpointManager:
         checkpoint_interval: minimum steps between saves.
         init_fn: called by ``restore_or_initialize`` when there is nothing to restore.
         keep_best: optional ``BestN`` rule (metric from ``save(metadata=...)``): the best are kept too.
-        preservation: a retention policy (``cloudckpt.retention``: ``LatestN``, ``EveryNHours``,
+        preservation: a retention policy (``cloudckpt.manager.retention``: ``LatestN``, ``EveryNHours``,
             ``BestN``, ``AnyOf``) instead of the three above, which it excludes (``max_to_keep=None``).
         storage: an already-open ``Storage`` for ``directory`` (custom clients, credentials,
             transfer tuning); every object of the directory - checkpoints and state file - goes
@@ -84,7 +84,7 @@ class CheckpointManager:
             (data objects no index names, temporary chunks, stale multipart uploads) when
             older than this by the store's clock (seconds or a ``timedelta``); it must exceed
             the longest save, since anything younger may still be uploading. ``None``
-            disables the cleanup. See ``cloudckpt.leftovers``.
+            disables the cleanup. See ``cloudckpt.manager.cleanup``.
         incremental: each save references the bytes of pieces unchanged since this manager's
             latest checkpoint instead of uploading them again (identity: equal XXH3-128 hash,
             key, dtype, box and size). On by default; ``save(incremental=False)`` writes one

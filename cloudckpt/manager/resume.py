@@ -33,7 +33,7 @@ from cloudckpt.errors import (
 from cloudckpt.format.index_fetch import newer_format
 
 #: What makes a committed checkpoint unusable (as opposed to unusable *here*) - except an
-#: index of a newer format version (``index_store.newer_format``), which is not damage.
+#: index of a newer format version (``index_fetch.newer_format``), which is not damage.
 DAMAGE = (ChecksumError, CheckpointFormatError, CheckpointNotFoundError)
 
 

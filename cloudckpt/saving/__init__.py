@@ -5,7 +5,8 @@ Modules, in the order a save uses them: ``settings`` (what the options imply, on
 uploading data objects), ``commit`` (the index PUT that makes a checkpoint visible, and
 cleanup around it), ``committer`` (the one commit step every save path drives: the
 decode-back check, the PUT, the bookkeeping), ``pipeline`` (the protocol that runs them on
-a coordinator).
+a coordinator); ``async_save`` (async saves: the snapshot on the caller's thread, upload and
+commit on one background worker, and ``SaveStats``).
 """
 
 from cloudckpt.saving.collective import announce_failure

@@ -4,7 +4,7 @@
 writer saw there before it uploaded anything (absent -> create-if-absent, present ->
 replace-if-unchanged); ``delete_replaced`` then removes the data objects of the index it
 replaced; ``discard`` removes a failed write's own data objects. A crash before the commit
-leaves unreferenced data (cleaned up later, ``cloudckpt.leftovers``) and no index a
+leaves unreferenced data (cleaned up later, ``cloudckpt.manager.cleanup``) and no index a
 reader would accept; a crash after it leaves a complete checkpoint. ``number_objects``
 and ``assemble_index`` build the index from what the ranks stored. These are the
 functions; ``saving.committer.Committer`` is the step every save path drives with them.
@@ -38,7 +38,7 @@ from cloudckpt.format import (
 )
 from cloudckpt.format.index_fetch import read_index
 from cloudckpt.format.references import delete_unreferenced
-from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
+from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.saving.objects import PieceId, StoredPiece, shown_objects, unconfirmed_objects
 from cloudckpt.storage import ObjectMeta, Storage, UpdateVersion, WriteMode
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from cloudckpt.crashpoints import crash_point
+from cloudckpt._testhooks import crash_point
 from cloudckpt.errors import AfterCommitError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject
 from cloudckpt.format.index_fetch import head_index

@@ -39,7 +39,7 @@ from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, data_key, 
 from cloudckpt.format.content_hash import content_hash
 from cloudckpt.format.index_fetch import read_index
 from cloudckpt.format.references import listed_sizes
-from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
+from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import Storage
 from cloudckpt.storage.checksum import CRC_BLOCK, crc32c_with_blocks
 from cloudckpt.storage.transfer import gather

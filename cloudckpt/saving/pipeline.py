@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from cloudckpt._testhooks import crash_point
 from cloudckpt.coordination import Coordinator
-from cloudckpt.crashpoints import crash_point
 from cloudckpt.errors import (
     AfterCommitError,
     CheckpointFormatError,
@@ -55,7 +55,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import dtype_name, index_key, parse_dtype
 from cloudckpt.format.index_fetch import read_index
-from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
+from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.saving.collective import (
     Outcome,
     Report,

@@ -7,7 +7,7 @@ whole or not at all, even across a power cut. Large objects are filled by parall
 positional writes (``pwrite`` releases the GIL, so threads overlap page-cache copies).
 The temporary directory is removed again when a write leaves it empty, so a checkpoint
 directory shows only checkpoints (as TensorFlow's do); what a killed writer left stays
-there for ``cloudckpt gc`` (``leftovers.py``). ``rmdir`` only removes an empty directory,
+there for ``cloudckpt gc`` (``manager/cleanup.py``). ``rmdir`` only removes an empty directory,
 and a writer whose directory vanished between ``mkdir`` and ``open`` creates it again.
 
 Versions and user metadata live in extended attributes set on the temporary file before

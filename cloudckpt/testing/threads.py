@@ -1,6 +1,6 @@
 """Many simulated hosts in one process: a coordinator group whose ranks are threads.
 
-Why: the multi-host save and restore (``cloudckpt.saving``, ``cloudckpt.relay``) only
+Why: the multi-host save and restore (``cloudckpt.saving``, ``cloudckpt.restoring.io_host``) only
 ever talk through a ``Coordinator``. A group of threads that meet at in-memory rendezvous
 points runs that *same* code for 256 simulated hosts on one small machine - each rank
 with its own ``Mesh``, its own shards and its own storage instance (and SDK client) -

@@ -36,7 +36,7 @@ from cloudckpt.format import CheckpointIndex, decode_segment, index_key
 from cloudckpt.format.partition import partition_problem
 from cloudckpt.format.sniff import IndexFormat, sniff_index
 from cloudckpt.format.sniff import load_any_index as sniffed_index
-from cloudckpt.reader import read_coalesced
+from cloudckpt.restoring.array_reads import read_coalesced
 from cloudckpt.storage import ReadRequest, Storage
 from cloudckpt.storage.checksum import crc32c_of
 from cloudckpt.tfbundle.entries import (

@@ -1,6 +1,6 @@
 """``collect_garbage``: find, and when asked delete, what crashed saves left in a checkpoint directory.
 
-All the judgement lives in ``cloudckpt.leftovers`` (the same code a manager's first save
+All the judgement lives in ``cloudckpt.manager.cleanup`` (the same code a manager's first save
 runs): what counts as a leftover, ages by the store's clock, re-checking each data object
 against the committed indexes right before deleting it. This module gives it one call and
 a typed report. A dry run is the default because deleting cannot be undone.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from cloudckpt.leftovers import Leftover, Removal, find_leftovers, remove_leftovers
+from cloudckpt.manager.cleanup import Leftover, Removal, find_leftovers, remove_leftovers
 from cloudckpt.tools.directory import open_directory
 
 

@@ -32,7 +32,7 @@ from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError, StorageError
 from cloudckpt.format import CheckpointIndex, index_key
 from cloudckpt.format.index_fetch import load_index
-from cloudckpt.reader import read_coalesced
+from cloudckpt.restoring.array_reads import read_coalesced
 from cloudckpt.storage import Location, ReadRequest, Storage
 
 
@@ -114,7 +114,7 @@ def shared_index(coordinator: Coordinator, location: Location, reader: int,
 
     Why: on thousands of hosts, every host GETting the same index object at the same moment is
     a request storm on one key (and a validation pass per host); one read, one broadcast is
-    one request. ``load`` reads it on ``reader`` (default: ``index_store.load_index``); its
+    one request. ``load`` reads it on ``reader`` (default: ``index_fetch.load_index``); its
     failure is every rank's, with the same error type where it travels (not found, malformed).
     """
     storage, name = location.storage, location.name

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any, Protocol
 
-log = logging.getLogger("cloudckpt.preemption")
+log = logging.getLogger("cloudckpt.manager.preemption")
 
 
 class _Manager(Protocol):

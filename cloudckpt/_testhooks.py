@@ -1,4 +1,11 @@
-"""Named places where a test can kill a saving process, to prove crashes are harmless.
+"""Test hooks in production code: named places where a test can kill a saving process.
+
+This module exists only for the test suite (tests/test_crash_consistency.py and its
+tests/crash_worker.py); it is private (leading underscore), no public API names it, and it
+does nothing unless the test-only environment variable below is set. It sits at the bottom
+of the layers (it imports nothing of cloudckpt) so that saving/ and manager/ can call it.
+
+Its job: prove crashes are harmless.
 
 The crash-consistency suite runs a training loop in a subprocess with
 ``CLOUDCKPT_CRASH_AT=<point>[:<n>]`` and checks that a fresh process restores exactly

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import ConcurrentWriterError, SaveError
-from cloudckpt.graph import ArrayLeaf, Collected, ShardedLeaf
+from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 
-log = logging.getLogger("cloudckpt.async_save")
+log = logging.getLogger("cloudckpt.saving.async_save")
 
 _ALIGN = 64
 

@@ -11,8 +11,8 @@ import warnings
 import weakref
 from collections.abc import Iterable
 
-from cloudckpt.graph import live_value_paths
-from cloudckpt.restore import RestoreSession
+from cloudckpt.object_graph import live_value_paths
+from cloudckpt.restoring.assign import RestoreSession
 from cloudckpt.trackable import Trackable
 
 SAVE_COUNTER = "save_counter"

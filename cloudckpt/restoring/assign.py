@@ -26,10 +26,10 @@ from numpy.typing import NDArray
 
 from cloudckpt.errors import CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Entry, NodeEntry, ValueEntry, decode_segment, join_path
-from cloudckpt.graph import Classified, Kind, children, classify, describe_type, display_path, unsupported
 from cloudckpt.leaves import Builder, LeafEntry, Setter, builder_for
 from cloudckpt.leaves.base import mismatch, mismatch_error
-from cloudckpt.reader import ObjectSizes, RangeReader, ReadTarget, backed_buffer, new_buffer, read_arrays
+from cloudckpt.object_graph import Classified, Kind, children, classify, describe_type, display_path, unsupported
+from cloudckpt.restoring.array_reads import ObjectSizes, RangeReader, ReadTarget, backed_buffer, new_buffer, read_arrays
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
 

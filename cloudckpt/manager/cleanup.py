@@ -32,7 +32,7 @@ from cloudckpt.format.references import scan
 from cloudckpt.storage import Storage
 from cloudckpt.storage.base import TEMP_PREFIX
 
-log = logging.getLogger("cloudckpt.leftovers")
+log = logging.getLogger("cloudckpt.manager.cleanup")
 
 LeftoverKind = Literal["unreferenced-data", "temporary", "multipart-upload"]
 

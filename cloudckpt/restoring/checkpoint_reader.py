@@ -12,7 +12,7 @@ import numpy as np
 
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
 from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
-from cloudckpt.restore import RestoreSession
+from cloudckpt.restoring.assign import RestoreSession
 from cloudckpt.storage import CheckpointPath, resolve
 
 
