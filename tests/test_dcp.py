@@ -52,7 +52,7 @@ from cloudckpt.errors import (
 from cloudckpt.format import ArrayEntry, CheckpointIndex, decode_index, encode_index, index_key
 from cloudckpt.format.index_fetch import load_index
 from cloudckpt.format.state_file import STATE_KEY, parse
-from cloudckpt.restoring.array_reads import CHECK_BEFORE_ALLOCATING
+from cloudckpt.restoring.buffers import CHECK_BEFORE_ALLOCATING
 from cloudckpt.storage import Location, Storage, resolve
 from cloudckpt.storage.local import LocalStorage
 from cloudckpt.testing.processes import spawn_reports

@@ -18,7 +18,8 @@ from cloudckpt import Checkpoint
 from cloudckpt.errors import ChecksumError
 from cloudckpt.format import ArrayEntry
 from cloudckpt.format.index_fetch import load_index
-from cloudckpt.restoring.array_reads import RangeReader, ReadTarget, read_arrays, read_coalesced
+from cloudckpt.restoring.array_reads import RangeReader, read_arrays, read_coalesced
+from cloudckpt.restoring.buffers import ReadTarget
 from cloudckpt.storage import ByteRange, ReadRequest, Storage, TransferConfig
 from cloudckpt.storage.checksum import Crc32c, crc32c_of
 from cloudckpt.storage.local import LocalStorage

@@ -43,7 +43,8 @@ from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import CheckpointFormatError, CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
 from cloudckpt.format.index_fetch import load_index
-from cloudckpt.restoring.array_reads import ObjectSizes, ReadTarget, backed_buffer, new_buffer, read_arrays
+from cloudckpt.restoring.array_reads import read_arrays
+from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer, new_buffer
 from cloudckpt.storage import Location, Storage
 
 

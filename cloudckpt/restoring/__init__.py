@@ -3,8 +3,9 @@
 Modules, in the order a restore uses them: ``io_host`` (the index every rank shares, and
 with ``experimental_io_device`` the io host fetching every rank's bytes), ``assign``
 (match the index's entries to live objects, validate, then assign; ``RestoreSession``),
-``array_reads`` (ranged reads straight into destination buffers, each chunk's CRC32C
-verified), ``load_status`` (the status objects ``Checkpoint.restore`` returns) and
+``buffers`` (what a read fills, and the size checks before allocating one),
+``array_reads`` (ranged reads straight into those buffers, each chunk's CRC32C verified),
+``load_status`` (the status objects ``Checkpoint.restore`` returns) and
 ``checkpoint_reader`` (reading without restoring: ``CheckpointReader``, ``load_variable``,
 ``list_variables``).
 """

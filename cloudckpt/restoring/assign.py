@@ -29,7 +29,8 @@ from cloudckpt.format import ArrayEntry, CheckpointIndex, Entry, NodeEntry, Valu
 from cloudckpt.leaves import Builder, LeafEntry, Setter, builder_for
 from cloudckpt.leaves.base import mismatch, mismatch_error
 from cloudckpt.object_graph import Classified, Kind, children, classify, describe_type, display_path, unsupported
-from cloudckpt.restoring.array_reads import ObjectSizes, RangeReader, ReadTarget, backed_buffer, new_buffer, read_arrays
+from cloudckpt.restoring.array_reads import RangeReader, read_arrays
+from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer, new_buffer
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
 

@@ -17,6 +17,10 @@ chunks whose objects a listing found, at the size the base index records, are ca
 an object whose reused pieces would keep less than ``MIN_REFERENCED_FRACTION`` of it in use is
 not referenced at all (its pieces are uploaded again, so the mostly stale object can go). An
 object whose pieces were all reused is not written at all.
+
+Why one ~420-line module: every function here answers one question about the data
+objects of a save - which pieces go in which object, under what name, what an incremental
+save may reuse from its base, and the upload - and they share the piece/object types.
 """
 
 from __future__ import annotations

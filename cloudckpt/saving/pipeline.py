@@ -31,6 +31,10 @@ a ``BucketNotFoundError``); a collective save (``aggregate_errors``: a ``DTensor
 or any job of several ranks) raises one ``DistributedSaveError`` on every rank listing each
 rank's cause, even on a one-process mesh, so code written for many hosts handles one error
 type. ``ConcurrentWriterError`` is raised as itself everywhere.
+
+Why one ~420-line module: it is the save protocol in call order, on one class; split,
+the order above would be scattered over files. The steps it calls live in their own
+modules (``settings``, ``plan``, ``objects``, ``collective``, ``committer``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ write retry trap with a writer nonce. The call order for a write is::
     put -> [size <= threshold] _put_whole            (retried)
         -> [size >  threshold] _begin_multipart -> upload_part x N (parallel, retried)
                                                 -> complete (retried) | abort on any failure
+
+Why one ~620-line module: it is the template every backend fills in - the public verbs
+with their one retry layer and validation, wrapped around the hooks a backend implements -
+and the two must be read side by side. Value types, keys, parts, transfer, retries,
+throttling and client caches already have modules of their own; splitting the template
+itself further (its executor and multipart writer) is left for later (issue 23).
 """
 
 from __future__ import annotations

@@ -38,6 +38,11 @@ How each verb maps onto GCS, and why:
 Capabilities: conditional writes yes; server-side CRC32C yes; listing is a plain
 string prefix (temporary objects are hidden unless the listed prefix is inside
 ``TEMP_PREFIX``, which is how cleanup tooling finds them).
+
+Why one ~630-line module: one backend on one SDK; its composite (parallel) uploads,
+conditional writes and error translation all work on the same client and resource types.
+Splitting the composite upload and the error translation into modules of their own is left
+for later (issue 23).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ never wedges the directory (a lock *file* whose existence is the lock would).
 Where the file system has no user xattrs, versions fall back to (inode, mtime, size),
 which a fast re-write can repeat; and rename is not atomic on gcsfuse or some NFS
 mounts - use ``gs://`` / ``s3://`` URLs rather than a mounted bucket.
+
+Why one ~450-line module: one backend, and most of its length is the crash-safety of
+each verb (temp file, fsync, rename or link, directory fsync) that must be read together.
 """
 
 from __future__ import annotations

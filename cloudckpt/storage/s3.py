@@ -30,6 +30,11 @@ Where stores differ, and what callers see:
   ``UpdateVersion`` cannot see an A -> B -> A change of the object (ABA). Objects that are
   compare-and-swapped (the manager's state file) carry a writer token and timestamps.
 * moto reports a fixed 2010 ``Initiated`` time for multipart uploads.
+
+Why one ~770-line module: one backend on boto3 - the client factory, the capability
+probes for conditional writes, the error translation, multipart administration and the data
+plane all work on botocore's types. Splitting them into modules of their own (the issue
+names this module as mixing jobs) is left for later (issue 23).
 """
 
 from __future__ import annotations

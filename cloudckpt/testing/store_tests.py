@@ -17,6 +17,9 @@ Subclass ``StorageContract`` in a test module and provide:
 Then retries, the writer-nonce check of a retried conditional write, the retry budget,
 a missing bucket and ``server_time`` are tested the same way on every backend. Shipped
 in the package so third-party backends can prove themselves with the same tests.
+
+Why one ~640-line module: it is one test class, the contract, read as a list of
+promises every backend keeps; splitting it would make a backend author hunt for them.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Trust: the index is untrusted input. Every data range must lie inside its shard 
 store reports the shard's size (HEAD) before anything is allocated for it, so memory is
 bounded by the checkpoint's real size; only this checkpoint's own ``.index`` and
 ``.data-*`` objects are ever read; every failure is a typed error naming the tensor.
+
+Why one ~420-line module: ``Bundle`` is the one object a TensorFlow checkpoint is
+opened as, and its reads and checks share its state; the wire format, table, entries,
+object graph and string tensors already have modules of their own.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from numpy.typing import NDArray
 
 from cloudckpt.errors import ChecksumError, InvalidURLError, NotFoundError, PermissionDeniedError, StorageError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
-from cloudckpt.restoring.array_reads import ObjectSizes, ReadTarget, backed_buffer, read_arrays
+from cloudckpt.restoring.array_reads import read_arrays
+from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer
 from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
 from cloudckpt.tfbundle import Bundle, Tensor, load_any_index
 from cloudckpt.tools.export_formats import SAFETENSORS_DTYPES, npz_strings, write_npz, write_safetensors

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
-from cloudckpt.restoring.array_reads import ReadTarget, new_buffer, read_arrays
+from cloudckpt.restoring.array_reads import read_arrays
+from cloudckpt.restoring.buffers import ReadTarget, new_buffer
 from cloudckpt.storage import CheckpointPath, Storage, resolve
 from cloudckpt.tfbundle import Bundle, Tensor, load_any_index, tensor_value
 
