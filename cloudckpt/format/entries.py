@@ -11,6 +11,7 @@ from typing import Any, Literal, Union
 from cloudckpt.format.chunks import Chunk
 from cloudckpt.format.naming import object_checkpoint
 
+#: Bump on any change a reader of the previous version could misread (docs/format.md has each).
 #: Version 2 added references (incremental saves), the ``bytes`` array pytype and the optional
 #: top-level ``dcp`` field (torch.distributed.checkpoint's metadata).
 FORMAT_VERSION = 2
