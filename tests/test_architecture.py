@@ -117,6 +117,12 @@ def test_the_units_of_a_layer_do_not_import_each_other_in_a_cycle() -> None:
     assert not cycles, f"import cycles between folders/modules: {cycles}"
 
 
+def test_saving_and_restoring_do_not_import_each_other() -> None:
+    crossing = sorted((module, target) for module, targets in GRAPH.items() for target in targets
+                      if {_unit(module), _unit(target)} == {"saving", "restoring"})
+    assert not crossing, f"saving/ and restoring/ are mirrors, neither imports the other: {crossing}"
+
+
 def test_the_exceptions_are_still_needed() -> None:
     stale = [pair for pair in EXCEPTIONS if pair[1] not in GRAPH.get(pair[0], set())]
     assert not stale, f"remove these from EXCEPTIONS, the import is gone: {stale}"
