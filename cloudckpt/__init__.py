@@ -8,6 +8,7 @@ from cloudckpt import tfbundle as tfbundle  # registers the TensorFlow reader wi
 from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.distributed import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray
 from cloudckpt.errors import (
+    AfterCommitError,
     CheckpointFormatError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -19,7 +20,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.manager import CheckpointManager, latest_checkpoint, remove_checkpoint
 from cloudckpt.manager.preemption import PreemptionCheckpointHandler
-from cloudckpt.manager.retention import BestN
+from cloudckpt.manager.retention import AnyOf, BestN, EveryNHours, LatestN
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.restoring.checkpoint_reader import CheckpointReader, list_variables, load_checkpoint, load_variable
 from cloudckpt.saving.async_save import SaveStats
@@ -39,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "UNSHARDED",
+    "AfterCommitError",
+    "AnyOf",
     "BestN",
     "Checkpoint",
     "CheckpointFormatError",
@@ -51,7 +54,9 @@ __all__ = [
     "CloudCkptError",
     "ConcurrentWriterError",
     "DTensorCheckpoint",
+    "EveryNHours",
     "GiB",
+    "LatestN",
     "Layout",
     "Location",
     "Mesh",
