@@ -39,10 +39,9 @@ Capabilities: conditional writes yes; server-side CRC32C yes; listing is a plain
 string prefix (temporary objects are hidden unless the listed prefix is inside
 ``TEMP_PREFIX``, which is how cleanup tooling finds them).
 
-Why one ~630-line module: one backend on one SDK; its composite (parallel) uploads,
-conditional writes and error translation all work on the same client and resource types.
-Splitting the composite upload and the error translation into modules of their own is left
-for later (issue 23).
+Modules: this one is the data plane (``GCSStorage``: reads, simple uploads, deletes, listing);
+``gcs_client`` builds the clients and reads object metadata, ``gcs_errors`` says what GCS's
+answers mean, ``gcs_compose`` is the parallel composite upload.
 """
 
 from __future__ import annotations
@@ -50,13 +49,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from http.client import HTTPException
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -65,26 +61,16 @@ from cloudckpt.storage.extras import missing_extra
 try:
     import google.cloud.storage as gcs
     import requests
-    import urllib3
     from google.api_core import exceptions as api_exceptions
-    from google.api_core.datetime_helpers import from_rfc3339
-    from google.auth import exceptions as auth_exceptions
-    from google.auth.credentials import AnonymousCredentials, Credentials
+    from google.auth.credentials import Credentials
 except ImportError as _missing:  # google-cloud-storage is the install extra cloudckpt[gcs]
     raise missing_extra("gcs", _missing) from _missing
 
 from cloudckpt.errors import (
-    AlreadyExistsError,
-    AuthenticationError,
-    BucketNotFoundError,
     ChecksumError,
     InvalidRangeError,
     InvalidURLError,
-    NotFoundError,
-    PermissionDeniedError,
-    PreconditionError,
     StorageError,
-    TransientError,
 )
 from cloudckpt.storage.base import (
     TEMP_PREFIX,
@@ -94,133 +80,30 @@ from cloudckpt.storage.base import (
     ObjectMeta,
     Storage,
     TransferConfig,
-    UpdateVersion,
     WriteMode,
     crc32c_base64,
     crc32c_of,
 )
-from cloudckpt.storage.checksum import crc32c_combine
-from cloudckpt.storage.clients import ProcessLocalCache
+from cloudckpt.storage.gcs_client import (
+    CLIENTS,
+    TIMEOUT,
+    StreamedBody,
+    build_client,
+    meta_from_blob,
+    meta_from_resource,
+    raise_for_status,
+)
+from cloudckpt.storage.gcs_client import EMULATOR_PROJECT as EMULATOR_PROJECT
+from cloudckpt.storage.gcs_compose import MAX_COMPOSE_SOURCES as MAX_COMPOSE_SOURCES
+from cloudckpt.storage.gcs_compose import PART_OF_KEY as PART_OF_KEY
+from cloudckpt.storage.gcs_compose import CompositeUpload
+from cloudckpt.storage.gcs_errors import generation_match, is_throttle, is_transient, precondition_error, translate
 from cloudckpt.storage.transfer import fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
 
-#: (connect, read) seconds for every request; a stalled connection becomes a retryable
-#: timeout instead of a hang.
-TIMEOUT = (30.0, 120.0)
-#: GCS composes at most this many sources in one call.
-MAX_COMPOSE_SOURCES = 32
-#: Metadata of a composite upload's chunk objects: the key they are a part of (for whoever
-#: finds a leftover chunk, and for tests that fault one object's parts).
-PART_OF_KEY = "cloudckpt-part-of"
-#: Project name used against an emulator, which needs one but checks none.
-EMULATOR_PROJECT = "cloudckpt-emulator"
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
-    requests.ConnectionError,  # includes resets and connect timeouts
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.ProtocolError,  # a reset or short body while streaming a read
-    urllib3.exceptions.TimeoutError,
-    HTTPException,
-    ConnectionError,
-    TimeoutError,
-    auth_exceptions.TransportError,  # token endpoint unreachable
-)
 
-
-# ---------------------------------------------------------------------- clients
-def _build_client(project: str | None, credentials: Credentials | None, emulator: str | None) -> gcs.Client:
-    """Against an emulator: anonymous credentials and a dummy project; else google-auth's chain."""
-    if emulator is not None:
-        return gcs.Client(project=project or EMULATOR_PROJECT,
-                          credentials=credentials or AnonymousCredentials())  # type: ignore[no-untyped-call]
-    return gcs.Client(project=project, credentials=credentials)
-
-
-#: (emulator host, project, credentials) -> client, one per process.
-_CLIENTS: ProcessLocalCache[tuple[Any, ...], gcs.Client] = ProcessLocalCache()
-
-
-# ---------------------------------------------------------------------- helpers
-def _generation_match(mode: WriteMode) -> int | None:
-    """``ifGenerationMatch`` for a write mode: 0 = must not exist, g = must be at g."""
-    if mode == "create":
-        return 0
-    if isinstance(mode, UpdateVersion):
-        try:
-            return int(mode.version)
-        except ValueError:
-            return -1  # matches no generation: a version from another store is stale here
-    return None
-
-
-def _precondition_error(mode: WriteMode, url: str) -> PreconditionError:
-    if mode == "create":
-        return AlreadyExistsError(f"{url} already exists (put mode='create')", url)
-    assert isinstance(mode, UpdateVersion)
-    return PreconditionError(
-        f"{url} is no longer at generation {mode.version} (or is absent): another writer changed it", url)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, str) and value:
-        parsed: datetime = from_rfc3339(value)  # type: ignore[no-untyped-call]
-        return parsed
-    return None
-
-
-def _meta_from_resource(resource: Mapping[str, Any]) -> ObjectMeta:
-    """ObjectMeta from a JSON object resource (``key`` is the full name)."""
-    return ObjectMeta(
-        key=str(resource["name"]),
-        size=int(resource.get("size", 0)),
-        version=str(resource["generation"]) if resource.get("generation") is not None else None,
-        last_modified=_parse_time(resource.get("updated") or resource.get("timeCreated")),
-        metadata=dict(resource.get("metadata") or {}),
-    )
-
-
-def _meta_from_blob(blob: gcs.Blob) -> ObjectMeta:
-    return ObjectMeta(
-        key=str(blob.name),
-        size=int(blob.size or 0),
-        version=str(blob.generation) if blob.generation is not None else None,
-        last_modified=blob.updated or blob.time_created,
-        metadata=dict(blob.metadata or {}),
-    )
-
-
-def _raise_for_status(response: requests.Response) -> None:
-    """Turn an HTTP error of a raw request into the google.api_core exception the library raises."""
-    if response.status_code >= 400:
-        raise api_exceptions.from_http_response(response)  # type: ignore[no-untyped-call]
-
-
-class _StreamedBody:
-    """A request body sent piece by piece from the caller's buffers.
-
-    Why: joining metadata + payload into one ``bytes`` would copy every byte once more
-    (64 MiB per in-flight write at the default threshold). requests sends an iterable
-    with a known ``len`` as a plain Content-Length body; iterating again restarts it,
-    so a re-send (google-auth retries once after refreshing a rejected token) is whole.
-    """
-
-    def __init__(self, pieces: Sequence[memoryview]) -> None:
-        self._pieces = [p for p in pieces if p.nbytes]
-        self._length = sum(p.nbytes for p in self._pieces)
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[memoryview]:
-        return iter(self._pieces)
-
-
-# ---------------------------------------------------------------------- storage
 class GCSStorage(Storage):
     """``gs://bucket/prefix`` on Google Cloud Storage (or fake-gcs-server).
 
@@ -274,8 +157,8 @@ class GCSStorage(Storage):
             return self._given_client
         emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
         project, credentials = self._project, self._credentials
-        return _CLIENTS.get((emulator, project, credentials),
-                            lambda: _build_client(project, credentials, emulator))
+        return CLIENTS.get((emulator, project, credentials),
+                            lambda: build_client(project, credentials, emulator))
 
     def _store_identity(self) -> tuple[str, ...]:
         return ("gcs", self._endpoint(), self.bucket_name)
@@ -309,7 +192,7 @@ class GCSStorage(Storage):
     def _head(self, full_key: str) -> ObjectMeta:
         blob = self._blob(full_key)
         blob.reload(projection="noAcl", timeout=TIMEOUT, retry=None)
-        return _meta_from_blob(blob)
+        return meta_from_blob(blob)
 
     def _media_url(self, full_key: str) -> str:
         return (f"{self._endpoint()}/download/storage/v1/b/{quote(self.bucket_name, safe='')}"
@@ -326,7 +209,7 @@ class GCSStorage(Storage):
                 response.content  # noqa: B018 - the error body, for the message
             finally:
                 response.close()
-            _raise_for_status(response)
+            raise_for_status(response)
         return response
 
     def _get_range(self, full_key: str, byte_range: ByteRange | None) -> bytes:
@@ -363,7 +246,7 @@ class GCSStorage(Storage):
         for blob in blobs:
             if not show_temp and str(blob.name).startswith(temp_root):
                 continue  # a composite upload in flight (or abandoned) is not an object
-            yield _meta_from_blob(blob)
+            yield meta_from_blob(blob)
 
     # ------------------------------------------------------------------ writes
     def _upload(self, full_key: str, buffers: Sequence[memoryview], *, generation_match: int | None,
@@ -386,32 +269,32 @@ class GCSStorage(Storage):
                 f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         # requests' stubs do not know that an iterable of buffers with a len() is a body.
-        body: Any = _StreamedBody([memoryview(head), *buffers, memoryview(tail)])
+        body: Any = StreamedBody([memoryview(head), *buffers, memoryview(tail)])
         url = f"{self._endpoint()}/upload/storage/v1/b/{quote(self.bucket_name, safe='')}/o"
         params = self._query(uploadType="multipart", ifGenerationMatch=generation_match,
                              kmsKeyName=self.kms_key_name)
         response = self._session().post(
             url, params=params, data=body, timeout=TIMEOUT,
             headers={"Content-Type": f'multipart/related; boundary="{boundary}"'})
-        _raise_for_status(response)
+        raise_for_status(response)
         stored = response.json()
         if stored.get("crc32c") not in (None, crc):
             where = self._url_for_full(full_key)
             raise ChecksumError(f"{where}: server stored CRC32C {stored['crc32c']}, sent {crc}; "
                                 "the bytes were corrupted in transit")
-        return _meta_from_resource(stored)
+        return meta_from_resource(stored)
 
     def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: WriteMode,
                    metadata: Mapping[str, str]) -> ObjectMeta:
         try:
-            return self._upload(full_key, buffers, generation_match=_generation_match(mode),
+            return self._upload(full_key, buffers, generation_match=generation_match(mode),
                                 metadata=metadata, storage_class=self.storage_class)
         except api_exceptions.PreconditionFailed as exc:
-            raise _precondition_error(mode, self._url_for_full(full_key)) from exc
+            raise precondition_error(mode, self._url_for_full(full_key)) from exc
 
     def _begin_multipart(self, full_key: str, mode: WriteMode, metadata: Mapping[str, str],
                          size: int, part_size: int) -> MultipartUpload:
-        return _CompositeUpload(self, full_key, mode, metadata)
+        return CompositeUpload(self, full_key, mode, metadata)
 
     def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
         """Whether compose enforces ``ifGenerationMatch`` here (probed once per bucket and process).
@@ -461,38 +344,13 @@ class GCSStorage(Storage):
 
     # ------------------------------------------------------------------ errors
     def _is_transient(self, exc: BaseException) -> bool:
-        if isinstance(exc, api_exceptions.GoogleAPICallError):
-            return exc.code in _TRANSIENT_STATUS
-        return isinstance(exc, _TRANSIENT_TYPES)
+        return is_transient(exc)
 
     def _is_throttle(self, exc: BaseException) -> bool:
-        """429 (rate limits: ``rateLimitExceeded``, ``tooManyRequests``) and 503: GCS asks to back off."""
-        return isinstance(exc, api_exceptions.GoogleAPICallError) and exc.code in (429, 503)
+        return is_throttle(exc)
 
     def _translate(self, exc: BaseException, url: str) -> BaseException:
-        if isinstance(exc, (auth_exceptions.DefaultCredentialsError, auth_exceptions.RefreshError)):
-            return AuthenticationError(f"GCS credentials for {url} are missing or rejected: {exc}", url)
-        if isinstance(exc, _TRANSIENT_TYPES):
-            return TransientError(f"{url}: {type(exc).__name__}: {exc}", url)
-        if not isinstance(exc, api_exceptions.GoogleAPICallError):
-            return exc  # our own errors (ChecksumError, ValueError) and programming errors pass
-        detail = f"{exc.code} {exc.message}"
-        if isinstance(exc, api_exceptions.NotFound):
-            if self._bucket_missing():
-                return BucketNotFoundError(f"bucket gs://{self.bucket_name} does not exist "
-                                           f"(or these credentials cannot see it), for {url}", url)
-            return NotFoundError(f"{url} not found", url)
-        if isinstance(exc, api_exceptions.PreconditionFailed):
-            return PreconditionError(f"{url}: precondition failed ({detail})", url)
-        if isinstance(exc, api_exceptions.Unauthorized):
-            return AuthenticationError(f"GCS rejected the credentials for {url}: {detail}", url)
-        if isinstance(exc, api_exceptions.Forbidden):
-            return PermissionDeniedError(f"permission denied for {url}: {detail}", url)
-        if isinstance(exc, api_exceptions.RequestRangeNotSatisfiable):
-            return InvalidRangeError(f"byte range not satisfiable for {url} (starts past the end?)", url)
-        if exc.code in _TRANSIENT_STATUS:
-            return TransientError(f"{url}: {detail}", url)
-        return StorageError(f"GCS request for {url} failed: {detail}", url)
+        return translate(exc, url, self.bucket_name, self._bucket_missing)
 
     def _bucket_exists(self) -> bool | None:
         """A bucket GET: GCS and fake-gcs-server answer a missing object and a missing bucket alike (404)."""
@@ -517,116 +375,8 @@ class GCSStorage(Storage):
             response.close()
             date = response.headers.get("Date")
             if not date:
-                _raise_for_status(response)
+                raise_for_status(response)
                 raise StorageError(f"no Date header from GCS for {self.url}", self.url)
             return parsedate_to_datetime(date)
 
         return self._call(probe, self.url, describe="server time of")
-
-
-# ---------------------------------------------------------------------- multipart writes
-@dataclass
-class _Part:
-    name: str
-    size: int
-    crc32c: int
-
-
-class _CompositeUpload(MultipartUpload):
-    """A parallel composite upload: parts as temporary objects, then compose.
-
-    ``upload_part`` runs on pool threads; each part is a simple upload of a temporary
-    object (retries overwrite it, so they are idempotent). ``complete`` composes the
-    parts - through intermediate temporary composites when there are more than 32 -
-    into the final key with the generation precondition of the write mode, then
-    deletes every temporary object. ``abort`` deletes them too, tolerating parts that
-    never arrived. A retried ``complete`` skips the intermediate composites it already
-    made.
-    """
-
-    def __init__(self, storage: GCSStorage, full_key: str, mode: WriteMode,
-                 metadata: Mapping[str, str]) -> None:
-        self._storage = storage
-        self._full_key = full_key
-        self._mode = mode
-        self._metadata = dict(metadata)
-        self._id = uuid.uuid4().hex
-        self._parts: dict[int, _Part] = {}
-        self._intermediates: list[str] = []
-        self._composed: set[str] = set()
-        self._lock = threading.Lock()
-
-    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None:
-        name = self._storage._temp_name(self._id, f"part-{index:06d}")
-        size = sum(p.nbytes for p in pieces)
-        with self._lock:
-            self._parts[index] = _Part(name, size, -1)  # registered first: abort finds it
-        self._storage._upload(name, list(pieces), generation_match=None, metadata={PART_OF_KEY: self._full_key},
-                              storage_class="STANDARD")
-        with self._lock:
-            self._parts[index] = _Part(name, size, crc32c_of(pieces))
-
-    def _temp_names(self) -> list[str]:
-        with self._lock:
-            return [p.name for p in self._parts.values()] + list(self._intermediates)
-
-    def complete(self) -> ObjectMeta:
-        storage = self._storage
-        url = storage._url_for_full(self._full_key)
-        parts = [self._parts[i] for i in sorted(self._parts)]
-        sources = [p.name for p in parts]
-        level = 0
-        while len(sources) > MAX_COMPOSE_SOURCES:
-            next_level = []
-            for group_index, start in enumerate(range(0, len(sources), MAX_COMPOSE_SOURCES)):
-                group = sources[start:start + MAX_COMPOSE_SOURCES]
-                if len(group) == 1:
-                    next_level.append(group[0])
-                    continue
-                name = storage._temp_name(self._id, f"compose-{level}-{group_index:06d}")
-                if name not in self._composed:
-                    with self._lock:
-                        if name not in self._intermediates:
-                            self._intermediates.append(name)
-                    self._compose(storage._blob(name), group, generation_match=None)
-                    self._composed.add(name)
-                next_level.append(name)
-            sources = next_level
-            level += 1
-        final = storage._blob(self._full_key)
-        final.metadata = self._metadata
-        final.content_type = "application/octet-stream"
-        if storage.storage_class is not None:
-            final.storage_class = storage.storage_class
-        try:
-            self._compose(final, sources, generation_match=_generation_match(self._mode))
-        except api_exceptions.PreconditionFailed as exc:
-            # Over either way: another writer won, or an earlier attempt of ours landed
-            # (the base class checks the writer nonce). The parts are no longer needed.
-            storage._delete_quietly(self._temp_names())
-            raise _precondition_error(self._mode, url) from exc
-        storage._delete_quietly(self._temp_names())
-        self._check_crc32c(final, parts, url)
-        return _meta_from_blob(final)
-
-    def _compose(self, destination: gcs.Blob, sources: Sequence[str], generation_match: int | None) -> None:
-        bucket = self._storage._bucket()
-        destination.compose([bucket.blob(name) for name in sources], if_generation_match=generation_match,
-                            timeout=TIMEOUT, retry=None)
-
-    @staticmethod
-    def _check_crc32c(final: gcs.Blob, parts: Sequence[_Part], url: str) -> None:
-        """Compare the composite's CRC32C with the one combined from the parts (no data pass)."""
-        if final.crc32c is None:
-            return
-        combined = parts[0].crc32c
-        for part in parts[1:]:
-            combined = crc32c_combine(combined, part.crc32c, part.size)
-        if final.crc32c != crc32c_base64(combined):
-            raise ChecksumError(f"{url}: composite object has CRC32C {final.crc32c}, "
-                                f"its parts combine to {crc32c_base64(combined)}")
-
-    def abort(self) -> None:
-        names = self._temp_names()
-        if names:
-            self._storage._delete_quietly(names)
