@@ -49,7 +49,7 @@ from cloudckpt.errors import (
     DistributedSaveError,
     SaveError,
 )
-from cloudckpt.format import ArrayEntry, CheckpointIndex, decode_index, encode_index, index_key
+from cloudckpt.format import FORMAT_VERSION, ArrayEntry, CheckpointIndex, decode_index, encode_index, index_key
 from cloudckpt.format.index_fetch import load_index
 from cloudckpt.format.state_file import STATE_KEY, parse
 from cloudckpt.restoring.buffers import CHECK_BEFORE_ALLOCATING
@@ -223,7 +223,7 @@ def test_cli_on_a_dcp_checkpoint(ranks: list[dict[str, Any]], gcs_root: str, tmp
     assert cli_main(["inspect", "--json", path]) == 0
     doc = json.loads(capsys.readouterr().out)
     entries = {e["key"]: e for e in doc["entries"]}
-    assert doc["format_version"] == 2 and len(entries["params.W"]["chunks"]) == 2
+    assert doc["format_version"] == FORMAT_VERSION and len(entries["params.W"]["chunks"]) == 2
     assert entries["step"]["pytype"] == "bytes"
     assert cli_main(["verify", path]) == 0
     capsys.readouterr()
@@ -609,7 +609,7 @@ def test_a_truncated_data_object_names_the_item_and_the_real_size(tmp_path: Path
 
 def test_format_version_2_additions_and_version_1_still_read(tmp_path: Path) -> None:
     doc, _ = _written(tmp_path)
-    assert doc["version"] == 2 and "dcp" in doc
+    assert doc["version"] == FORMAT_VERSION and "dcp" in doc
     step = doc["entries"]["step"]
     assert step["pytype"] == "bytes" and step["dtype"] == "uint8"
     bad = json.loads(json.dumps(doc))
@@ -632,8 +632,9 @@ def test_format_version_2_additions_and_version_1_still_read(tmp_path: Path) -> 
     raw = json.loads(encode_index(plain_v1))
     raw["version"] = 1
     assert decode_index(json.dumps(raw).encode(), "c", "x").version == 1  # version 1 stays readable
-    raw["version"] = 3
-    with pytest.raises(CheckpointFormatError, match="format version 3; this cloudckpt reads versions 1, 2"):
+    raw["version"] = FORMAT_VERSION + 1  # a newer format than this reader knows
+    with pytest.raises(CheckpointFormatError, match=f"format version {FORMAT_VERSION + 1}; this cloudckpt reads "
+                                                    f"versions {', '.join(map(str, range(1, FORMAT_VERSION + 1)))}"):
         decode_index(json.dumps(raw).encode(), "c", "x")
 
 

@@ -17,12 +17,15 @@ from conftest import storage_of
 
 from cloudckpt import Checkpoint, CheckpointManager, latest_checkpoint
 from cloudckpt.errors import CheckpointVersionError, ConcurrentWriterError
-from cloudckpt.format import index_key
+from cloudckpt.format import FORMAT_VERSION, index_key
 from cloudckpt.manager.directory import delete_checkpoint
 from cloudckpt.storage import Storage, join_url
 
+#: A format version this cloudckpt does not know yet (the next one).
+NEWER = FORMAT_VERSION + 1
 
-def make_run(root: str, version: object = 3) -> np.ndarray:
+
+def make_run(root: str, version: object = NEWER) -> np.ndarray:
     """ckpt-1..3 saved, then ckpt-3's index rewritten with format ``version``; returns the live array."""
     w = np.zeros(64)
     manager = CheckpointManager(Checkpoint(w=w), root, max_to_keep=3)
@@ -50,12 +53,12 @@ def test_resume_stops_at_a_newer_checkpoint_and_the_manager_will_not_save(root: 
     manager = CheckpointManager(Checkpoint(w=w), root, max_to_keep=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "damaged or incomplete" fallback
-        with pytest.raises(CheckpointVersionError, match=r"format version 3.*upgrade cloudckpt") as resumed:
+        with pytest.raises(CheckpointVersionError, match=rf"format version {NEWER}.*upgrade cloudckpt") as resumed:
             manager.restore_or_initialize()
     assert str(resumed.value) == str(plain.value)  # the same error a plain restore gives
     assert (w == -1).all()  # nothing restored from an older checkpoint
     for _ in range(2):  # refused, and refused again (not a one-off)
-        with pytest.raises(ConcurrentWriterError, match=r"ckpt-3.*format version 3.*upgrade cloudckpt"):
+        with pytest.raises(ConcurrentWriterError, match=rf"ckpt-3.*format version {NEWER}.*upgrade cloudckpt"):
             manager.save()
     assert snapshot(storage) == before
 

@@ -21,6 +21,7 @@ import base64
 import bisect
 import itertools
 import math
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -35,6 +36,26 @@ GRID_MIN_CHUNKS = 64
 #: make a reader allocate columns for more.
 MAX_GRID_CHUNKS = 1 << 24
 _HASH_TAG = "xxh3_128:"
+#: The format version from which a per-chunk ``blocks.crc32c`` is little-endian. Versions 1 and 2
+#: wrote it big-endian while a grid's ``blocks.crc32c`` (like all its columns) was little-endian:
+#: one field, two byte orders. Little-endian won because it is what the grid's numpy columns already
+#: are (native on x86-64 and aarch64: no byteswap of millions of values, and grids are unchanged),
+#: and what the data objects use; for a chunk list either order is one ``struct`` call.
+BLOCKS_LITTLE_ENDIAN_SINCE = 3
+
+
+def pack_block_crcs(crcs: Sequence[int]) -> bytes:
+    """A chunk's block CRC32Cs as the bytes the current format writes: little-endian uint32s."""
+    return struct.pack(f"<{len(crcs)}I", *crcs)
+
+
+def unpack_block_crcs(packed: bytes, version: int) -> tuple[int, ...]:
+    """A chunk's block CRC32Cs from an index of format ``version``: big-endian before version 3.
+
+    ``len(packed)`` must be a multiple of 4 (the caller checks the count).
+    """
+    order = "<" if version >= BLOCKS_LITTLE_ENDIAN_SINCE else ">"
+    return struct.unpack(f"{order}{len(packed) // 4}I", packed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +240,10 @@ def as_grid(shape: tuple[int, ...], itemsize: int, chunks: Sequence[Chunk]) -> C
 
 
 def grid_to_json(grid: ChunkGrid) -> dict[str, Any]:
-    """The index form of a grid: the splits, then the columns as base64 little-endian integers."""
+    """The index form of a grid: the splits, then the columns as base64 little-endian integers.
+
+    ``blocks.crc32c`` is little-endian in every version (a chunk list's was big-endian before version 3).
+    """
     out: dict[str, Any] = {
         "splits": [list(s) for s in grid.splits],
         "object": _b64(grid.objects.astype("<u4")),

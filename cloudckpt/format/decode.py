@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 
 from cloudckpt.errors import CheckpointFormatError, CheckpointVersionError
-from cloudckpt.format.chunks import Chunk, grid_from_json
+from cloudckpt.format.chunks import Chunk, grid_from_json, unpack_block_crcs
 from cloudckpt.format.dtypes import dtype_name, parse_dtype
 from cloudckpt.format.entries import (
     ADAPTERS,
@@ -291,7 +291,8 @@ def _decode_chunk(check: _Checker, raw: object, where: str, shape: tuple[int, ..
 
 
 def _decode_blocks(check: _Checker, raw: object, where: str, length: int) -> tuple[int, tuple[int, ...]]:
-    """A chunk's per-block CRC32Cs: ``{"size": bytes, "crc32c": base64 of big-endian uint32s}``."""
+    """A chunk's per-block CRC32Cs: ``{"size": bytes, "crc32c": base64 of uint32s}``, big-endian in
+    versions 1 and 2, little-endian from version 3 (the order a grid's always had)."""
     if raw is None:
         return 0, ()
     doc = check.dict_(raw, where)
@@ -306,7 +307,7 @@ def _decode_blocks(check: _Checker, raw: object, where: str, length: int) -> tup
         raise check.fail(where, "crc32c is not base64") from None
     if len(packed) != 4 * count:
         raise check.fail(where, f"{len(packed) // 4} block checksums for {count} blocks of {size} bytes")
-    return size, tuple(int.from_bytes(packed[i:i + 4], "big") for i in range(0, len(packed), 4))
+    return size, unpack_block_crcs(packed, check.version)
 
 
 def _decode_value(check: _Checker, doc: dict[str, Any], where: str) -> ValueEntry:

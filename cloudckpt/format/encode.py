@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from cloudckpt.format.chunks import Chunk, ChunkGrid, as_grid, grid_to_json
+from cloudckpt.format.chunks import Chunk, ChunkGrid, as_grid, grid_to_json, pack_block_crcs
 from cloudckpt.format.dtypes import parse_dtype
 from cloudckpt.format.entries import (
     FORMAT_NAME,
@@ -48,7 +48,7 @@ def _chunk_to_json(c: Chunk) -> dict[str, Any]:
     out: dict[str, Any] = {"object": c.object, "offset": c.offset, "length": c.length, "crc32c": c.crc32c,
                            "start": list(c.start), "shape": list(c.shape)}
     if c.block_crc32c:
-        packed = b"".join(crc.to_bytes(4, "big") for crc in c.block_crc32c)
+        packed = pack_block_crcs(c.block_crc32c)  # little-endian, as in a grid (format version 3)
         out["blocks"] = {"size": c.block_size, "crc32c": base64.b64encode(packed).decode("ascii")}
     if c.hash is not None:
         out["hash"] = c.hash

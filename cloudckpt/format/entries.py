@@ -13,10 +13,11 @@ from cloudckpt.format.naming import object_checkpoint
 
 #: Bump on any change a reader of the previous version could misread (docs/format.md has each).
 #: Version 2 added references (incremental saves), the ``bytes`` array pytype and the optional
-#: top-level ``dcp`` field (torch.distributed.checkpoint's metadata).
-FORMAT_VERSION = 2
+#: top-level ``dcp`` field (torch.distributed.checkpoint's metadata). Version 3 writes a
+#: chunk's ``blocks.crc32c`` little-endian, as a grid's always were (``chunks.BLOCKS_LITTLE_ENDIAN_SINCE``).
+FORMAT_VERSION = 3
 #: Versions this reader understands; every earlier version stays readable.
-READABLE_VERSIONS = frozenset({1, 2})
+READABLE_VERSIONS = frozenset({1, 2, 3})
 FORMAT_NAME = "cloudckpt-index"
 
 
