@@ -319,3 +319,201 @@ def test_a_huge_array_claimed_in_a_small_object_is_refused_before_allocating(tmp
         cloudckpt.load_variable(path, "big")
     with pytest.raises(CheckpointFormatError, match="cannot read 'big'"):
         cloudckpt.load_checkpoint(path).get_tensor("")  # the whole tree, materialised
+
+
+# ---------------------------------------------------------------------- block CRC byte order (issue 23)
+# Versions 1 and 2 wrote a chunk list's ``blocks.crc32c`` big-endian and a grid's little-endian;
+# version 3 writes both little-endian. Each version is read with its own order.
+_BLOCK = 4096  # the smallest block size the format allows: small data, several blocks per chunk
+_DATA = "c.data-00000-of-00001.0123456789abcdef"
+
+
+def _handmade(tmp_path: Path, *, grid: bool = True) -> tuple[CheckpointIndex, dict[str, np.ndarray]]:
+    """A checkpoint written by hand at ``tmp_path/c`` (its index left to the caller): ``flat``, one
+    chunk of 5 blocks (a chunk list), and ``grid``, 64 row chunks of 2 blocks each (a grid)."""
+    from cloudckpt.format import ArrayEntry, Chunk, DataObject, NodeEntry
+    from cloudckpt.format.chunks import ChunkGrid
+    from cloudckpt.storage.checksum import crc32c_with_blocks
+
+    arrays = {"flat": np.arange(5000, dtype=np.float32)}
+    if grid:
+        arrays["grid"] = np.random.default_rng(3).standard_normal((64, 1536)).astype(np.float32)
+    data = bytearray()
+    entries: dict[str, Any] = {"": NodeEntry("object", tuple(arrays))}
+
+    def chunk(raw: bytes, start: tuple[int, ...], shape: tuple[int, ...]) -> Chunk:
+        crc, blocks = crc32c_with_blocks(memoryview(raw), _BLOCK)
+        assert len(blocks) > 1
+        out = Chunk(0, len(data), len(raw), crc, start, shape, _BLOCK, blocks)
+        data.extend(raw)
+        return out
+
+    entries["flat"] = ArrayEntry("float32", (5000,), "ndarray", (chunk(arrays["flat"].tobytes(), (0,), (5000,)),))
+    if grid:
+        rows = tuple(chunk(arrays["grid"][r].tobytes(), (r, 0), (1, 1536)) for r in range(64))
+        entries["grid"] = ArrayEntry("float32", (64, 1536), "ndarray", rows)
+    (tmp_path / _DATA).write_bytes(bytes(data))
+    index = CheckpointIndex("c", entries, (DataObject(_DATA, len(data)),))
+    if grid:
+        assert isinstance(json.loads(encode_index(index))["entries"]["grid"].get("grid"), dict)
+        assert not isinstance(index.entries["grid"].chunks, ChunkGrid)  # type: ignore[union-attr]
+    return index, arrays
+
+
+def _as_written(index: CheckpointIndex, version: int, chunks: str, grid: str) -> dict[str, Any]:
+    """``index`` as a document of format ``version``, its ``blocks.crc32c`` packed in byte order ``chunks``
+    (``"<"`` or ``">"``) in the chunk lists and ``grid`` in the grids - set from the block CRC32Cs
+    themselves, not from what this cloudckpt's encoder chose."""
+    import base64
+
+    doc: dict[str, Any] = json.loads(encode_index(index))
+    decoded = decode_index(encode_index(index), index.name, "x")  # the CRCs in the document's order
+
+    def packed(crcs: list[int], order: str) -> str:
+        return base64.b64encode(np.array(crcs, dtype=f"{order}u4").tobytes()).decode()
+
+    for key, entry in doc["entries"].items():
+        if entry["kind"] != "array":
+            continue
+        chunk_list = list(decoded.entries[key].chunks)  # type: ignore[union-attr]
+        for raw, chunk in zip(entry.get("chunks", []), chunk_list, strict=False):
+            if "blocks" in raw:
+                raw["blocks"]["crc32c"] = packed(list(chunk.block_crc32c), chunks)
+        if "blocks" in entry.get("grid", {}):
+            entry["grid"]["blocks"]["crc32c"] = packed([b for c in chunk_list for b in c.block_crc32c], grid)
+    doc["version"] = version
+    return doc
+
+
+def _block_words(b64: str, order: str) -> list[int]:
+    import base64
+
+    return np.frombuffer(base64.b64decode(b64), dtype=f"{order}u4").tolist()
+
+
+def _partial_reads(tmp_path: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Read a box inside one block of each array: verified against that block's CRC32C alone."""
+    from cloudckpt.format import ArrayEntry
+    from cloudckpt.format.index_fetch import load_index
+    from cloudckpt.restoring.array_reads import read_arrays
+    from cloudckpt.restoring.buffers import ReadTarget
+    from cloudckpt.storage.local import LocalStorage
+
+    storage = LocalStorage(tmp_path)
+    index = load_index(storage, name)
+    boxes = {"flat": ((4500,), (100,)), "grid": ((3, 1100), (1, 100))}
+    targets, dest = [], {}
+    for key, (start, extent) in boxes.items():
+        entry = index.entries.get(key)
+        if isinstance(entry, ArrayEntry):
+            dest[key] = np.zeros(extent, dtype=np.float32)
+            targets.append(ReadTarget(key, entry, dest[key], live=False, start=start))
+    read_arrays(storage, index, targets)
+    for key, (start, extent) in boxes.items():
+        if key in dest:
+            box = tuple(slice(a, a + n) for a, n in zip(start, extent, strict=True))
+            np.testing.assert_array_equal(dest[key], arrays[key][box])
+
+
+def _restores_and_verifies(tmp_path: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    import cloudckpt
+    from cloudckpt.storage.local import LocalStorage
+    from cloudckpt.tools.verify import verify_checkpoint
+
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(cloudckpt.load_variable(str(tmp_path / name), key), value)
+    _partial_reads(tmp_path, name, arrays)
+    verdict = verify_checkpoint(LocalStorage(tmp_path), name)
+    assert verdict.intact and verdict.arrays == len(arrays), verdict.findings
+
+
+def test_new_writes_are_version_3_with_little_endian_block_crcs_in_chunk_lists_and_grids(tmp_path: Path) -> None:
+    from cloudckpt.storage.checksum import CRC_BLOCK, crc32c_of
+
+    assert FORMAT_VERSION == 3
+    index, arrays = _handmade(tmp_path)
+    doc = json.loads(encode_index(index))
+    assert doc["version"] == 3
+    flat = doc["entries"]["flat"]["chunks"][0]["blocks"]
+    assert _block_words(flat["crc32c"], "<") == list(index.entries["flat"].chunks[0].block_crc32c)  # type: ignore
+    grid = doc["entries"]["grid"]["grid"]["blocks"]
+    assert _block_words(grid["crc32c"], "<") == [b for c in index.entries["grid"].chunks  # type: ignore[union-attr]
+                                                  for b in c.block_crc32c]
+    (tmp_path / "c.index").write_text(json.dumps(doc))
+    _restores_and_verifies(tmp_path, "c", arrays)
+    # a real save too: the writer's own index
+    big = np.random.default_rng(1).standard_normal(CRC_BLOCK // 8 * 2 + 5)  # 3 blocks
+    Checkpoint(big=big).write(str(tmp_path / "w"))
+    written = json.loads((tmp_path / "w.index").read_bytes())
+    raw = memoryview(big).cast("B")
+    assert written["version"] == 3
+    assert _block_words(written["entries"]["big"]["chunks"][0]["blocks"]["crc32c"], "<") == [
+        crc32c_of([raw[i:i + CRC_BLOCK]]) for i in range(0, raw.nbytes, CRC_BLOCK)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_earlier_versions_read_big_endian_chunk_blocks_and_little_endian_grid_blocks(tmp_path: Path,
+                                                                                     version: int) -> None:
+    """A version-2 index as version 2 wrote it (and a version-1 one: chunk lists only) restores and verifies."""
+    index, arrays = _handmade(tmp_path, grid=version >= 2)
+    doc = _as_written(index, version, chunks=">", grid="<")  # what versions 1 and 2 wrote
+    assert _block_words(doc["entries"]["flat"]["chunks"][0]["blocks"]["crc32c"], ">") == list(
+        index.entries["flat"].chunks[0].block_crc32c)  # type: ignore[union-attr]
+    (tmp_path / "c.index").write_text(json.dumps(doc))
+    back = decode_index((tmp_path / "c.index").read_bytes(), "c", "x")
+    assert back.version == version
+    for key in arrays:  # the same block CRC32Cs as written (the grid's come back as columns)
+        assert list(back.entries[key].chunks) == list(index.entries[key].chunks)  # type: ignore[union-attr]
+    _restores_and_verifies(tmp_path, "c", arrays)
+
+
+@pytest.mark.parametrize(("version", "layout"), [(3, "chunks"), (3, "grid"), (2, "grid")])
+def test_block_crcs_in_the_wrong_byte_order_fail_their_crc_check(tmp_path: Path, version: int, layout: str) -> None:
+    """A version-3 index with big-endian block CRCs (either layout), or a version-2 one whose grid blocks
+    are big-endian, is caught: a partial read raises ``ChecksumError``, verify reports the blocks."""
+    from cloudckpt.storage.local import LocalStorage
+    from cloudckpt.tools.verify import verify_checkpoint
+
+    index, arrays = _handmade(tmp_path)
+    right = {"chunks": "<" if version >= 3 else ">", "grid": "<"}  # the order each layout has in ``version``
+    wrong = {"<": ">", ">": "<"}[right[layout]]
+    doc = _as_written(index, version, **{**right, layout: wrong})
+    (tmp_path / "c.index").write_text(json.dumps(doc))
+    key = "flat" if layout == "chunks" else "grid"
+    with pytest.raises(ChecksumError, match=rf"'{key}'"):
+        _partial_reads(tmp_path, "c", {key: arrays[key]})
+    findings = verify_checkpoint(LocalStorage(tmp_path), "c").findings
+    assert findings and all(f.kind == "crc-mismatch" and f.key == key for f in findings), findings
+    assert "block CRC32C(s)" in findings[0].detail
+
+
+def test_a_version_2_index_with_little_endian_chunk_blocks_fails_its_crc_check(tmp_path: Path) -> None:
+    """Version 3's chunk blocks under version 2 are read with version 2's big-endian order: wrong."""
+    from cloudckpt.storage.local import LocalStorage
+    from cloudckpt.tools.verify import verify_checkpoint
+
+    index, arrays = _handmade(tmp_path, grid=False)
+    doc = _as_written(index, 2, chunks="<", grid="<")
+    (tmp_path / "c.index").write_text(json.dumps(doc))
+    with pytest.raises(ChecksumError, match="'flat'"):
+        _partial_reads(tmp_path, "c", arrays)
+    assert not verify_checkpoint(LocalStorage(tmp_path), "c").intact
+
+
+@pytest.mark.parametrize("ranged", [True, False])
+def test_a_copied_version_2_checkpoint_is_rewritten_as_version_3(tmp_path: Path, ranged: bool) -> None:
+    """``cp`` re-encodes the index: the copy is version 3, its chunk blocks converted to little-endian."""
+    from cloudckpt.storage.local import LocalStorage
+    from cloudckpt.tools.copy_one import copy_checkpoint
+
+    index, arrays = _handmade(tmp_path)
+    doc = _as_written(index, 2, chunks=">", grid="<")
+    (tmp_path / "c.index").write_text(json.dumps(doc))
+    copy_checkpoint(LocalStorage(tmp_path), "c", LocalStorage(tmp_path), "d", force=False, reread=True, ranged=ranged)
+    copied = json.loads((tmp_path / "d.index").read_bytes())
+    assert copied["version"] == 3
+    crcs = list(index.entries["flat"].chunks[0].block_crc32c)  # type: ignore[union-attr]
+    assert _block_words(copied["entries"]["flat"]["chunks"][0]["blocks"]["crc32c"], "<") == crcs  # converted
+    assert copied["entries"]["grid"]["grid"]["blocks"] == doc["entries"]["grid"]["grid"]["blocks"]
+    _restores_and_verifies(tmp_path, "d", arrays)
+    _restores_and_verifies(tmp_path, "c", arrays)  # the source is untouched, still version 2
