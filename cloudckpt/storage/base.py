@@ -6,8 +6,10 @@ writes as a ``mode`` argument. Everything is synchronous; concurrency lives in o
 bounded thread pool per storage object, used by the multipart writer and the ranged
 reader (never an async twin of each method).
 
-Value types live in ``values.py``, key checks in ``keys.py``, the span/part bookkeeping in
-``parts.py``; this module is the ``Storage`` class itself.
+Value types live in ``values.py``, key checks in ``keys.py``, the write path (one request
+or a multipart upload, and the ``MultipartUpload`` a backend implements) in ``writes.py``,
+the ranged reader's planning in ``reads.py``, the span/part bookkeeping in ``parts.py``;
+this module is the ``Storage`` class itself.
 
 Backends implement a handful of primitives on *full* keys (the storage root's prefix
 already joined). This class validates keys and ranges, retries transient failures,
@@ -18,11 +20,12 @@ write retry trap with a writer nonce. The call order for a write is::
         -> [size >  threshold] _begin_multipart -> upload_part x N (parallel, retried)
                                                 -> complete (retried) | abort on any failure
 
-Why one ~620-line module: it is the template every backend fills in - the public verbs
-with their one retry layer and validation, wrapped around the hooks a backend implements -
-and the two must be read side by side. Value types, keys, parts, transfer, retries,
-throttling and client caches already have modules of their own; splitting the template
-itself further (its executor and multipart writer) is left for later (issue 23).
+Why still ~440 lines: what is left is the template every backend fills in - the public
+verbs, whose docstrings are the interface's documentation, with their one retry layer and
+validation, wrapped around the hooks a backend implements (and the per-process memos and
+the pool those hooks share) - and the two must be read side by side. The machinery has
+modules of its own: ``writes``, ``reads``, ``parts``, ``transfer``, ``retry``, ``throttle``
+and the client caches in ``clients``.
 """
 
 from __future__ import annotations
@@ -30,11 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar, cast
@@ -43,8 +44,6 @@ from cloudckpt.errors import (
     BucketNotFoundError,
     InvalidRangeError,
     NotFoundError,
-    NotSupportedError,
-    PreconditionError,
     StorageError,
     TransientError,
 )
@@ -54,10 +53,11 @@ from cloudckpt.storage.clients import BUCKETS_SEEN, CAPABILITIES
 from cloudckpt.storage.keys import file_in_the_way as file_in_the_way
 from cloudckpt.storage.keys import translate_os_error as translate_os_error
 from cloudckpt.storage.keys import validate_key as validate_key
-from cloudckpt.storage.parts import MIN_SPAN, Countdown, PartSource, consume_pieces, exact, slice_pieces, spans
+from cloudckpt.storage.parts import consume_pieces, exact, slice_pieces
+from cloudckpt.storage.reads import read_tasks
 from cloudckpt.storage.retry import call_with_retry
 from cloudckpt.storage.throttle import AdaptiveConcurrency, TransferStats
-from cloudckpt.storage.transfer import Cancellation, CancelToken, RateLimiter, as_buffers, gather, part_boundaries
+from cloudckpt.storage.transfer import Cancellation, RateLimiter, as_buffers, gather
 from cloudckpt.storage.values import PROBE_PREFIX as PROBE_PREFIX
 from cloudckpt.storage.values import TEMP_PREFIX as TEMP_PREFIX
 from cloudckpt.storage.values import TEMP_SUFFIX as TEMP_SUFFIX
@@ -70,30 +70,11 @@ from cloudckpt.storage.values import ReadRequest as ReadRequest
 from cloudckpt.storage.values import TransferConfig as TransferConfig
 from cloudckpt.storage.values import UpdateVersion as UpdateVersion
 from cloudckpt.storage.values import WriteMode as WriteMode
+from cloudckpt.storage.writes import MultipartUpload as MultipartUpload
+from cloudckpt.storage.writes import write
 
 T = TypeVar("T")
 log = logging.getLogger("cloudckpt.storage")
-
-class MultipartUpload(ABC):
-    """One in-flight multipart write, as a backend implements it.
-
-    ``upload_part`` is called from pool threads, concurrently, with 0-based indexes and
-    the part as a list of pieces (views of the caller's buffers - a part spanning several
-    arrays is never joined into a copy); ``complete`` once after every part succeeded;
-    ``abort`` on any failure (it must not raise for parts that never arrived). S3 maps
-    this onto its multipart API, GCS onto chunk objects + compose, local disk onto
-    positional writes into a temp file.
-    """
-
-    @abstractmethod
-    def upload_part(self, index: int, pieces: Sequence[memoryview]) -> None: ...
-
-    @abstractmethod
-    def complete(self) -> ObjectMeta: ...
-
-    @abstractmethod
-    def abort(self) -> None: ...
-
 
 class Storage(ABC):
     """A prefix of an object store (or a local directory) holding checkpoint objects.
@@ -336,50 +317,7 @@ class Storage(ABC):
         hundreds, and no byte is copied twice. A request's ``done`` runs on the thread
         that landed its last span.
         """
-        tasks: list[Callable[[], None]] = []
-        by_key: dict[str, list[tuple[int, memoryview, Countdown | None]]] = {}
-        for req in requests:
-            out = req.out.cast("B") if req.out.format != "B" or req.out.ndim != 1 else req.out
-            if req.offset < 0:
-                raise InvalidRangeError(f"negative offset {req.offset} for {self.url_for(req.key)}",
-                                        self.url_for(req.key))
-            if out.nbytes == 0:  # nothing to read, but a missing key is still an error
-                tasks.append(self._head_task(req.key, req.done))
-                continue
-            by_key.setdefault(req.key, []).append((req.offset, out, None if req.done is None else Countdown(req.done)))
-        for key, items in by_key.items():
-            full, url = self._full(key), self.url_for(key)
-            span = self._span(sum(out.nbytes for _, out, _ in items))
-            for offset, pieces in spans(items, span):
-                tasks.append(self._read_task(full, url, offset, pieces))
-        self._run_parallel(tasks)
-
-    def _span(self, total: int) -> int:
-        """Bytes per ranged read of an object read ``total`` bytes of: enough reads to keep the pool busy."""
-        per_thread = -(-total // self.config.max_concurrency)
-        return max(1, min(self.config.read_chunk_size, max(per_thread, MIN_SPAN)))
-
-    def _head_task(self, key: str, done: Callable[[], None] | None) -> Callable[[], None]:
-        full, url = self._full(key), self.url_for(key)
-
-        def task() -> None:
-            self._call(lambda: self._head(full), url, describe="HEAD")
-            if done is not None:
-                done()
-        return task
-
-    def _read_task(self, full: str, url: str, offset: int,
-                   pieces: Sequence[tuple[memoryview, Countdown | None]]) -> Callable[[], None]:
-        outs = [out for out, _ in pieces]
-        size = sum(out.nbytes for out in outs)
-
-        def task() -> None:
-            self._call(lambda: self._read_into(full, offset, outs), url, describe="GET")
-            self._download_limiter.consume(size)
-            for _, landed in pieces:
-                if landed is not None:
-                    landed()
-        return task
+        self._run_parallel(read_tasks(self, requests))
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Several ``[start, end)`` ranges of one object, fetched in parallel."""
@@ -412,7 +350,7 @@ class Storage(ABC):
         """
         buffers = as_buffers(data)
         size = sum(b.nbytes for b in buffers)
-        return self._write(key, size, lambda: buffers, lambda start, end: slice_pieces(buffers, start, end),
+        return write(self, key, size, lambda: buffers, lambda start, end: slice_pieces(buffers, start, end),
                            mode, metadata, None)
 
     def put_stream(self, key: str, size: int, read: Callable[[int, int], Any], *, mode: WriteMode = "overwrite",
@@ -436,47 +374,7 @@ class Storage(ABC):
                 consume_pieces(consume, 0, pieces)
             return pieces
 
-        return self._write(key, size, whole, read, mode, metadata, consume)
-
-    def _write(self, key: str, size: int, whole: Callable[[], Sequence[memoryview]],
-               read: Callable[[int, int], Any], mode: WriteMode, metadata: Mapping[str, str] | None,
-               consume: Callable[[int, memoryview], None] | None) -> ObjectMeta:
-        """The one write path: one PUT up to the threshold, multipart above it.
-
-        A conditional write above the threshold still goes up as one request where the
-        store ignores the condition on the request that completes a multipart write
-        (``_multipart_honours``): correct and atomic, not parallel.
-        """
-        full = self._full(key)
-        url = self.url_for(key)
-        if mode not in ("overwrite", "create") and not isinstance(mode, UpdateVersion):
-            raise ValueError(f"put mode must be 'overwrite', 'create' or UpdateVersion, got {mode!r}")
-        if mode == "overwrite":
-            self._warm_up_conditional()
-        else:
-            self._require_conditional(url)
-        cancel = self._cancel.token()
-        nonce = uuid.uuid4().hex
-        meta = {**(metadata or {}), WRITER_NONCE_KEY: nonce}
-        one_request = size <= self.config.multipart_threshold or not self.supports_multipart
-        if not one_request and mode != "overwrite" and not self._multipart_honours(mode, url):
-            if self.max_put_size is not None and size > self.max_put_size:
-                raise NotSupportedError(
-                    f"{url}: this store ignores conditions on the request that completes a multipart write, "
-                    f"and the object ({size} bytes) is above its {self.max_put_size}-byte single-request "
-                    f"limit; write it with mode='overwrite'", url)
-            log.debug("%s: conditional write as one request (the store ignores conditions on multipart)", url)
-            one_request = True
-        if one_request:
-            buffers = whole()
-            cancel.check(url)
-            result = self._conditional_aware(
-                lambda: self._put_whole(full, buffers, mode, meta), full, url, mode, nonce, "PUT")
-            self._upload_limiter.consume(size)
-        else:  # each part accounts for itself as it goes
-            result = self._put_multipart(full, url, PartSource(size, read, whole, consume), mode, meta, nonce,
-                                         cancel)
-        return self._relative(result)
+        return write(self, key, size, whole, read, mode, metadata, consume)
 
     def _require_conditional(self, url: str) -> None:  # noqa: B027 - optional hook
         """Backends that cannot honour conditional modes override this to raise."""
@@ -492,89 +390,6 @@ class Storage(ABC):
     def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
         """Whether the request that completes a multipart write honours ``mode``'s condition."""
         return True
-
-    def _put_multipart(self, full: str, url: str, source: PartSource, mode: WriteMode,
-                       meta: Mapping[str, str], nonce: str, cancel: CancelToken) -> ObjectMeta:
-        part_size = self._part_size(source.size)
-        upload = self._call(lambda: self._begin_multipart(full, mode, meta, source.size, part_size), url,
-                            describe="begin multipart upload of")
-        try:
-            bounds = part_boundaries(source.size, part_size)
-            self._upload_parts(upload, source, bounds, url, cancel)
-            log.debug("uploaded %d parts of %s", len(bounds), url)
-            cancel.check(url)
-            return self._conditional_aware(upload.complete, full, url, mode, nonce,
-                                           "complete multipart upload of")
-        except BaseException:
-            try:
-                upload.abort()
-            except Exception as abort_exc:
-                log.warning("could not abort multipart upload of %s: %s", url, abort_exc)
-            raise
-
-    def _upload_parts(self, upload: MultipartUpload, source: PartSource, bounds: Sequence[tuple[int, int]],
-                      url: str, cancel: CancelToken) -> None:
-        """Read and upload parts on the pool, a bounded window of them in memory; consume in order.
-
-        A cancelled write (``cancel_transfers``) starts no further part: each part checks
-        its token before it reads or sends, so at most the parts already on the wire finish.
-        """
-        def part(index: int, start: int, end: int) -> list[memoryview]:
-            cancel.check(url)
-            pieces = exact(source.read(start, end), start, end, url)
-            self._call(lambda: upload.upload_part(index, pieces), url, describe=f"upload part {index + 1} of")
-            self._upload_limiter.consume(end - start)
-            return pieces
-
-        pool = self._executor()
-        window: deque[tuple[int, Future[list[memoryview]]]] = deque()
-
-        def drain_one() -> None:
-            start, future = window.popleft()
-            pieces = future.result()
-            if source.consume is not None:
-                consume_pieces(source.consume, start, pieces)
-
-        try:
-            for index, (start, end) in enumerate(bounds):
-                if len(window) >= self.config.max_concurrency:
-                    drain_one()
-                cancel.check(url)
-                window.append((start, pool.submit(part, index, start, end)))
-            while window:
-                drain_one()
-        except BaseException:
-            for _, future in window:
-                future.cancel()
-            wait([future for _, future in window])  # no part may still upload once the caller aborts
-            raise
-
-    def _conditional_aware(self, op: Callable[[], ObjectMeta], full: str, url: str,
-                           mode: WriteMode, nonce: str, describe: str) -> ObjectMeta:
-        """Retry ``op``; if a *retried* conditional write is refused, check whether it landed.
-
-        A timeout can hide a success: the retry then sees 412 (or 404 / NoSuchUpload)
-        because of our own first attempt. The nonce in the object's metadata tells.
-        """
-        retried = False
-
-        def mark(_exc: BaseException, _attempt: int) -> None:
-            nonlocal retried
-            retried = True
-
-        try:
-            return self._call(op, url, describe=describe, on_retry=mark)
-        except (PreconditionError, NotFoundError) as refused:
-            if not retried:
-                raise
-            try:
-                current = self._call(lambda: self._head(full), url, describe="HEAD")
-            except NotFoundError:
-                raise refused from None  # nothing landed: the refusal stands (not the HEAD's 404)
-            if current.metadata.get(WRITER_NONCE_KEY) == nonce:
-                log.info("%s %s: an earlier attempt had landed; treating as success", describe, url)
-                return current
-            raise
 
     def delete(self, keys: str | Iterable[str]) -> None:
         """Delete one key or many (in bulk where the store can); missing keys are fine."""
