@@ -71,6 +71,21 @@ def _data_bytes(storage: Storage) -> int:
     return sum(m.size for m in storage.list("") if ".data-" in m.key)
 
 
+def _reused_from_ckpt_1(storage: Storage) -> list[str]:
+    """The data objects ckpt-2 names that ckpt-1's save wrote (what an incremental ckpt-2 reuses)."""
+    return [o.name for o in load_index(storage, "ckpt-2").objects if o.name.startswith("ckpt-1.")]
+
+
+def _managed_two_saves(root: str) -> tuple[dict[str, Any], CheckpointManager]:
+    """Steps 1 and 2 saved by one manager keeping everything: ckpt-2 reuses ckpt-1's frozen bytes."""
+    state = _state()
+    manager = CheckpointManager(Checkpoint(**state), root, max_to_keep=None)
+    for n in (1, 2):
+        _step(state, n)
+        manager.save()
+    return state, manager
+
+
 # ---------------------------------------------------------------------------- item 1
 def test_a_save_after_falling_back_past_a_damaged_checkpoint_stores_intact_bytes(root: str) -> None:
     """Fall back past a damaged ckpt-2, redo the same step, save: the new ckpt-2 must not inherit the
@@ -103,13 +118,9 @@ def test_a_save_after_falling_back_past_a_damaged_checkpoint_stores_intact_bytes
 # ---------------------------------------------------------------------------- item 2
 def test_a_referenced_object_that_is_gone_is_uploaded_again(root: str, uploads: UploadCounter,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    state = _state()
-    manager = CheckpointManager(Checkpoint(**state), root, max_to_keep=None)
-    for n in (1, 2):
-        _step(state, n)
-        manager.save()
+    state, manager = _managed_two_saves(root)
     storage = storage_of(root)
-    shared = [o.name for o in load_index(storage, "ckpt-2").objects if o.name.startswith("ckpt-1.")]
+    shared = _reused_from_ckpt_1(storage)
     assert shared
     storage.delete(shared)  # a lifecycle rule, someone cleaning up
     uploads.take()
@@ -130,13 +141,9 @@ def test_an_object_that_vanishes_while_a_save_runs_is_never_committed(root: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from cloudckpt.saving import pipeline
 
-    state = _state()
-    manager = CheckpointManager(Checkpoint(**state), root, max_to_keep=None)
-    for n in (1, 2):
-        _step(state, n)
-        manager.save()
+    state, manager = _managed_two_saves(root)
     storage = storage_of(root)
-    shared = [o.name for o in load_index(storage, "ckpt-2").objects if o.name.startswith("ckpt-1.")]
+    shared = _reused_from_ckpt_1(storage)
     real = pipeline.crash_point
 
     def vanish(point: str) -> None:
@@ -171,7 +178,7 @@ def test_the_dcp_writer_checks_the_same(tmp_path: Path, monkeypatch: pytest.Monk
     app["head"] += 1
     manager.save()
     storage = storage_of(str(tmp_path))
-    shared = [o.name for o in load_index(storage, "ckpt-2").objects if o.name.startswith("ckpt-1.")]
+    shared = _reused_from_ckpt_1(storage)
     assert shared
     storage.delete(shared)
     app["head"] += 1
