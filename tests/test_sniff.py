@@ -58,3 +58,27 @@ def test_a_tensorflow_checkpoint_reaches_the_core_through_its_registered_reader(
 def test_cloudckpt_reads_its_own_index_without_a_reader() -> None:
     with pytest.raises(ValueError, match="read by the core"):
         register_reader(IndexFormat.CLOUDCKPT, open_foreign)
+
+
+def test_a_directory_layout_is_probed_by_its_marker_only_when_there_is_no_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch DCP and Orbax write a directory, not ``<name>.index``: the seam finds them by a marker object."""
+    storage = LocalStorage(str(tmp_path))
+    opened: list[str] = []
+
+    def opener(found: object, name: str) -> ForeignCheckpoint:
+        opened.append(name)
+        return ForeignCheckpoint(IndexFormat.TORCH_DCP, name, frozenset(), None, None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sniff, "_LAYOUTS", {})
+    sniff.register_directory_reader(IndexFormat.TORCH_DCP, ".metadata", opener)
+    with pytest.raises(cloudckpt.CheckpointNotFoundError):  # no index, no marker
+        load_any_index(storage, "step-1")
+    storage.put("step-1/.metadata", b"x")
+    found = load_any_index(storage, "step-1/")
+    assert isinstance(found, ForeignCheckpoint) and found.format is IndexFormat.TORCH_DCP
+    assert opened == ["step-1"]
+    cloudckpt.Checkpoint(v=np.zeros(2)).write(str(tmp_path / "step-1"))  # an index wins over the directory
+    assert not isinstance(load_any_index(storage, "step-1"), ForeignCheckpoint)
+    with pytest.raises(ValueError, match="not a directory layout"):
+        sniff.register_directory_reader(IndexFormat.TENSORFLOW, ".metadata", opener)

@@ -2,8 +2,11 @@
 
 A checkpoint path may hold cloudckpt's own index (a JSON object) or another framework's
 checkpoint: TensorFlow's TensorBundle writes ``<name>.index`` too - a LevelDB-style table
-that ends in a magic number (torch DCP's layout, issue 25, will be the next kind). Deciding
-*which* is format knowledge and lives here, by content, never by the checkpoint's name.
+that ends in a magic number. Other frameworks write a *directory* instead (torch DCP's
+``<name>/.metadata`` + ``.distcp`` files, Orbax's ``<name>/_CHECKPOINT_METADATA`` + OCDBT): when
+``<name>.index`` is absent, the directory layouts registered with :func:`register_directory_reader`
+are probed by their marker object. Deciding *which* is format knowledge and lives here, by
+content and marker, never by the checkpoint's name.
 *Reading* a foreign format is an integration's job: ``cloudckpt.tfbundle`` sits above the
 core and registers its reader with :func:`register_reader` when it is imported (the package
 ``cloudckpt`` imports it, so every user of the core sees it registered), and the core
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from cloudckpt.format.decode import decode_index
 from cloudckpt.format.entries import CheckpointIndex
 from cloudckpt.format.index_fetch import load_index_bytes
@@ -38,6 +41,8 @@ class IndexFormat(enum.Enum):
 
     CLOUDCKPT = "cloudckpt index"
     TENSORFLOW = "TensorFlow bundle"
+    TORCH_DCP = "torch DCP checkpoint"
+    ORBAX = "Orbax checkpoint"
 
 
 def looks_like_tf_table(data: bytes) -> bool:
@@ -95,7 +100,27 @@ class ForeignCheckpoint:
 #: Opens a foreign checkpoint from its storage, name and ``.index`` bytes (raises CheckpointFormatError).
 Opener = Callable[[Storage, str, bytes], ForeignCheckpoint]
 
+#: Opens a foreign checkpoint laid out as a directory ``<name>/`` from its storage and name.
+DirectoryOpener = Callable[[Storage, str], ForeignCheckpoint]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryLayout:
+    """A foreign format that is a directory ``<name>/``, recognised by one marker object in it.
+
+    Attributes:
+        kind: the format.
+        marker: the object under ``<name>/`` whose presence says "this layout" (torch DCP: ``.metadata``).
+        opener: reads and validates the checkpoint (raises CheckpointFormatError).
+    """
+
+    kind: IndexFormat
+    marker: str
+    opener: DirectoryOpener
+
+
 _READERS: dict[IndexFormat, Opener] = {}
+_LAYOUTS: dict[IndexFormat, DirectoryLayout] = {}
 
 
 def register_reader(kind: IndexFormat, opener: Opener) -> None:
@@ -105,18 +130,43 @@ def register_reader(kind: IndexFormat, opener: Opener) -> None:
     _READERS[kind] = opener
 
 
+def register_directory_reader(kind: IndexFormat, marker: str, opener: DirectoryOpener) -> None:
+    """Make directory checkpoints of format ``kind`` (marked by ``<name>/<marker>``) readable through ``opener``."""
+    if kind in (IndexFormat.CLOUDCKPT, IndexFormat.TENSORFLOW):
+        raise ValueError(f"a {kind.value} is an .index object, not a directory layout")
+    if not marker or "/" in marker:
+        raise ValueError(f"a directory layout's marker is one object name, not {marker!r}")
+    _LAYOUTS[kind] = DirectoryLayout(kind, marker, opener)
+
+
+def find_directory_layout(storage: Storage, name: str) -> DirectoryLayout | None:
+    """The registered directory layout ``<name>/`` is in (one HEAD per registered layout), or ``None``."""
+    base = name.rstrip("/")
+    for layout in _LAYOUTS.values():
+        if storage.exists(f"{base}/{layout.marker}"):
+            return layout
+    return None
+
+
 def load_any_index(storage: Storage, name: str) -> CheckpointIndex | ForeignCheckpoint:
     """Checkpoint ``name``'s index, whichever format it is in: cloudckpt's, or a registered foreign one.
 
-    One HEAD and one GET of the ``.index`` object; the format is told from its bytes.
+    One HEAD and one GET of the ``.index`` object; the format is told from its bytes. Only
+    when there is no ``.index`` are the registered directory layouts probed (one HEAD each).
 
     Raises:
-        CheckpointNotFoundError: no index.
+        CheckpointNotFoundError: no index, and no registered directory layout at ``<name>/``.
         CheckpointFormatError: the bytes are no known format (a truncated TensorFlow index
             has lost its magic number), no reader is registered for theirs, or the index
             they hold is malformed.
     """
-    data = load_index_bytes(storage, name)
+    try:
+        data = load_index_bytes(storage, name)
+    except CheckpointNotFoundError:
+        layout = find_directory_layout(storage, name) if _LAYOUTS else None
+        if layout is None:
+            raise
+        return layout.opener(storage, name.rstrip("/"))
     url = storage.url_for(index_key(name))
     kind = sniff_index(data)
     if kind is IndexFormat.CLOUDCKPT:
