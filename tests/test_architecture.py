@@ -11,6 +11,7 @@ a layer here (and a line in docs/architecture.md) before it can import anything.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("state", frozenset({"trackable", "adapters", "leaves", "object_graph", "coordination"})),
     ("saving/restoring", frozenset({"saving", "restoring"})),
     ("api", frozenset({"checkpoint", "manager", "distributed"})),
-    ("integrations", frozenset({"dcp", "tfbundle", "tools"})),
+    # jax, orbax, lightning, hf: the framework doors (each imports its framework only inside itself).
+    ("integrations", frozenset({"dcp", "tfbundle", "tools", "jax", "orbax", "lightning", "hf"})),
     ("surface", frozenset({"cli", "demo", "testing", "cloudckpt", "__main__"})),
 )
 
@@ -130,6 +132,34 @@ def test_the_exceptions_are_still_needed() -> None:
 
 def test_the_architecture_page_names_every_unit() -> None:
     page = ARCHITECTURE.read_text()
-    units = sorted(_LAYER_OF.keys() - {"cloudckpt", "__main__"})
+    units = sorted({_unit(m) for m in MODULES} - {"cloudckpt", "__main__"})
     named = [u for u in units if f"{u}/" in page or f"{u}.py" in page]
     assert named == units, f"docs/architecture.md does not name: {sorted(set(units) - set(named))}"
+
+
+#: Where README.md and docs/ show code: an import of ``cloudckpt.X`` must name a public path.
+_DOCS = [PACKAGE.parent / "README.md", *sorted((PACKAGE.parent / "docs").glob("*.md"))]
+
+
+def _public_paths() -> set[str]:
+    """The modules docs/architecture.md's "Public paths" paragraph names (plus the package itself)."""
+    page = ARCHITECTURE.read_text()
+    start = page.index("Public paths:")
+    paragraph = page[start:page.index("\n\n", start)]
+    return {"cloudckpt", "cloudckpt.errors", *re.findall(r"`(cloudckpt\.[a-z_.]+)`", paragraph)}
+
+
+def test_the_public_paths_exist() -> None:
+    missing = sorted(_public_paths() - MODULES.keys())
+    assert not missing, f"docs/architecture.md names public paths that are no module: {missing}"
+
+
+@pytest.mark.parametrize("doc", _DOCS, ids=lambda p: p.name)
+def test_the_docs_import_only_public_paths(doc: Path) -> None:
+    """The public surface is what the docs teach: an example that imports an internal module makes it public."""
+    public = _public_paths()
+    imported = re.findall(r"^\s*(?:from|import)\s+(cloudckpt(?:\.[a-z_0-9]+)*)", doc.read_text(), re.MULTILINE)
+    internal = sorted({name for name in imported
+                       if name != "cloudckpt" and not any(name == p or name.startswith(p + ".")
+                                                          for p in public - {"cloudckpt"})})
+    assert not internal, f"{doc.name} imports internal modules (use a public path, or make one public): {internal}"
