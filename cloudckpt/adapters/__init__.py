@@ -1,5 +1,7 @@
 """Adapters: objects whose state is saved and restored as one structure.
 
+Internal: not a public path (docs/architecture.md lists those), so it may move between releases.
+
 A PyTorch module, an optimizer, a random-number generator: none of them can be restored
 attribute by attribute, but each can hand out its state (``state_dict()``,
 ``bit_generator.state``, ``getstate()``) and take a whole new one back. An adapter names

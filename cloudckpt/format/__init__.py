@@ -1,5 +1,7 @@
 """The on-store format: object names, key paths, dtypes and the index (manifest).
 
+Internal: not a public path (docs/architecture.md lists those), so it may move between releases.
+
 A checkpoint at ``<dir>/<name>`` is the object ``<name>.index`` (JSON, written last: its
 presence is the commit) plus data objects ``<name>.data-0000k-of-0000N.<suffix>``, whose
 suffix is unique to the write that made them. docs/format.md is the human-readable

@@ -1,5 +1,7 @@
 """Leaf kinds: each kind of leaf value is one ``LeafKind`` object, tried in registry order.
 
+Internal: not a public path (docs/architecture.md lists those), so it may move between releases.
+
 The graph walk (``cloudckpt.object_graph``) and the restore plan (``cloudckpt.restoring.assign``) ask the
 first kind that claims a value (``kind_of``) for its metadata and bytes, how to restore
 into it and how to build it fresh; they never switch on the kind. Adding a kind (JAX

@@ -1,5 +1,7 @@
 """Saving a checkpoint: one pipeline for one host and many.
 
+Internal: not a public path (docs/architecture.md lists those), so it may move between releases.
+
 Modules, in the order a save uses them: ``settings`` (what the options imply, once),
 ``plan`` (who writes which piece into which data object), ``objects`` (packing, naming and
 uploading data objects), ``commit`` (the index PUT that makes a checkpoint visible, and
