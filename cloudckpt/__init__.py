@@ -4,6 +4,7 @@ The package imports light: cloud SDKs and torch load only when a URL or an objec
 """
 
 from cloudckpt import errors
+from cloudckpt import orbax as orbax  # registers the Orbax layout (tensorstore loads only when one is opened)
 from cloudckpt import tfbundle as tfbundle  # registers the TensorFlow reader with cloudckpt.format.sniff
 from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.distributed import UNSHARDED, DTensorCheckpoint, Layout, Mesh, ShardedArray
