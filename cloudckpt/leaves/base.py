@@ -23,13 +23,12 @@ Restoring is planned before anything is touched: a kind only *plans* through a
 The device seam (GUIDE section 12, "device copies are a copier"): every kind here hands
 ``collect`` a *host* view - memory the CPU can read, shared with the live value where it
 can be (zero copy) - and ``ArrayLeaf.array`` carries it. A device kind (a CUDA tensor, a
-``jax.Array`` on an accelerator) has no such view without a copy. It will hand over its
-bytes through a *copier* instead: its ``collect`` returns a leaf whose source is device
-memory, and the snapshot step asks a copier to move a batch of such sources into staging
-buffers (the CPU copier is the ``np.copyto`` into staging that ``async_save`` does today;
-a CUDA copier issues non-blocking copies on a side stream into pinned, reused memory and
-finishes on an event). Nothing below ``collect`` needs to know which kind a leaf came from:
-only the snapshot step learns to ask the copier. That copier is not built yet.
+``jax.Array`` on an accelerator) has no such view without a copy: its ``collect`` hands a
+``DeviceArray`` (``cloudckpt.leaves.copier``: metadata, and the ``Copier`` that moves its
+bytes) instead, and the steps that need bytes ask that copier - the async snapshot in
+batches into the reused staging area, a sync upload through a bounded ring of host buffers,
+a restore (``LeafPlan.read_to_device``) through bounce buffers. Nothing else below
+``collect`` needs to know which kind a leaf came from.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from cloudckpt.format import (
     parse_dtype,
     storage_dtype,
 )
+from cloudckpt.leaves.copier import DeviceArray
 
 Setter = Callable[[Any], None]
 Builder = Callable[[], Any]
@@ -61,11 +61,11 @@ Builder = Callable[[], Any]
 class ArrayLeaf:
     """An array to write: its bytes (C-contiguous, little-endian) and the Python type to rebuild.
 
-    ``array`` is the host view a kind's ``collect`` handed over (see the module docstring
-    for how a device kind will hand its bytes over instead).
+    ``array`` is the host view a kind's ``collect`` handed over, or a ``DeviceArray`` whose
+    copier moves its bytes when a step needs them (see the module docstring).
     """
 
-    array: NDArray[Any]
+    array: NDArray[Any] | DeviceArray
     pytype: ArrayPyType
 
 
@@ -73,13 +73,14 @@ class ArrayLeaf:
 class ShardedLeaf:
     """This process's shards of a global array: ``(start, data)`` boxes, data C-contiguous.
 
-    Shards with the same start (replicas on several local devices) appear once.
+    Shards with the same start (replicas on several local devices) appear once. A shard on
+    a device is a ``DeviceArray`` (a DTensor's CUDA local shard).
     """
 
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     pytype: ArrayPyType
-    shards: tuple[tuple[tuple[int, ...], NDArray[Any]], ...]
+    shards: tuple[tuple[tuple[int, ...], NDArray[Any] | DeviceArray], ...]
 
 
 #: What the graph walk yields per key path: inner nodes, JSON values and arrays to write.
@@ -120,6 +121,12 @@ class LeafPlan(Protocol):
     def read_built(self) -> NDArray[Any]:
         """A fresh buffer of the entry's whole shape, for a value built from the checkpoint
         alone: its size is checked against the real objects before it is allocated."""
+        ...
+
+    def read_to_device(self, dest: DeviceArray, start: tuple[int, ...] | None = None) -> None:
+        """Read the stored bytes (or the box at ``start``) into device memory ``dest``: ranged reads
+        into bounded host bounce buffers, CRC32C-verified there, copied by ``dest.copier`` while
+        the next reads run - no host or device buffer of the whole array."""
         ...
 
     def then(self, step: Callable[[], None]) -> None:

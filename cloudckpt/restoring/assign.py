@@ -28,9 +28,11 @@ from cloudckpt.errors import CheckpointMismatchError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, Entry, NodeEntry, ValueEntry, decode_segment, join_path
 from cloudckpt.leaves import Builder, LeafEntry, Setter, builder_for
 from cloudckpt.leaves.base import mismatch, mismatch_error
+from cloudckpt.leaves.copier import DeviceArray
 from cloudckpt.object_graph import Classified, Kind, children, classify, describe_type, display_path, unsupported
 from cloudckpt.restoring.array_reads import RangeReader, read_arrays
 from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer, new_buffer
+from cloudckpt.restoring.device_reads import DeviceTarget, read_to_device
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
 
@@ -140,6 +142,9 @@ class _LeafPlan:
         self._plan.reads.append(ReadTarget(self.path, self._array(), dest, live=False))
         return dest
 
+    def read_to_device(self, dest: DeviceArray, start: tuple[int, ...] | None = None) -> None:
+        self._plan.device_reads.append(DeviceTarget(self.path, self._array(), dest, start))
+
     def then(self, step: Callable[[], None]) -> None:
         self._plan.ops.append(step)
 
@@ -151,12 +156,15 @@ class _Plan:
         self.session = session
         self.entries = session.index.entries
         self.reads: list[ReadTarget] = []
+        self.device_reads: list[DeviceTarget] = []
         self.ops: list[Callable[[], None]] = []
         self.deferred: list[tuple[Trackable, str, str]] = []
         self.consumed: set[str] = set()
 
     def execute(self) -> None:
         read_arrays(self.session.storage, self.session.index, self.reads, self.session.ranges)
+        if self.device_reads:
+            read_to_device(self.session.storage, self.session.index, self.device_reads, self.session.ranges)
         for op in self.ops:
             op()
         for owner, name, path in self.deferred:

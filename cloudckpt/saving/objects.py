@@ -7,6 +7,10 @@ collection order), every object named with the one suffix unique to this write
 (``<name>.data-0000k-of-0000N.<suffix>``), so no committed index's bytes are ever
 touched. Uploading PUTs each object straight from the arrays' memory (a list of views,
 never a joined copy) and computes every piece's CRC32C and content hash on the way.
+A piece in device memory (a ``DeviceArray``: a CUDA tensor in a sync save) is copied by its
+copier into a buffer of a bounded ring (``HostRing``) just before its object is checksummed
+and PUT, and the buffer is reused once that object is stored: host memory is the ring's,
+not the state's, and the copy of one object overlaps the upload of the others in flight.
 
 Incremental saves: a piece whose bytes equal a piece of the same key, dtype, box and length
 in the base checkpoint (equal XXH3-128 *and* equal CRC32C, never CRC32C alone) is not
@@ -25,6 +29,7 @@ save may reuse from its base, and the upload - and they share the piece/object t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -32,7 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -43,6 +48,7 @@ from cloudckpt.format import ArrayEntry, CheckpointIndex, DataObject, data_key, 
 from cloudckpt.format.content_hash import content_hash
 from cloudckpt.format.index_fetch import read_index
 from cloudckpt.format.references import listed_sizes
+from cloudckpt.leaves.copier import DeviceArray, HostRing, on_host
 from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import Storage
 from cloudckpt.storage.checksum import CRC_BLOCK, crc32c_with_blocks
@@ -69,6 +75,12 @@ MIN_REFERENCED_FRACTION = 0.25
 
 #: One contiguous box of an array leaf, as stored: ``(key path, start in the global array)``.
 PieceId = tuple[str, tuple[int, ...]]
+#: A piece's bytes: host memory, or device memory its copier moves through the ring.
+Piece = Union[NDArray[Any], DeviceArray]  # noqa: UP007 - runtime alias on 3.10
+
+#: Host buffers of a sync save's ring of device bytes: one object is copied while others are
+#: checksummed and uploaded. Each buffer holds one data object's device pieces.
+RING_SLOTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +100,11 @@ class ObjectPlan:
     (``data-0000k-of-0000N``); on one host ``index_offset`` is 0.
     """
 
-    pieces: Mapping[PieceId, NDArray[Any]]
+    pieces: Mapping[PieceId, Piece]
     objects: tuple[PlannedObject, ...]
     index_offset: int = 0
+    #: The ring device pieces stream through (``None``: every piece is in host memory).
+    ring: HostRing | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -117,9 +131,9 @@ class UploadLog:
             return set(self.started)
 
 
-def pieces_of(entries: Mapping[str, Collected]) -> dict[PieceId, NDArray[Any]]:
+def pieces_of(entries: Mapping[str, Collected]) -> dict[PieceId, Piece]:
     """Every array piece of the collected entries, in collection order."""
-    out: dict[PieceId, NDArray[Any]] = {}
+    out: dict[PieceId, Piece] = {}
     for path, item in entries.items():
         if isinstance(item, ArrayLeaf):
             out[(path, (0,) * item.array.ndim)] = item.array
@@ -162,7 +176,7 @@ def spreads(storage: Storage, total_objects: int) -> bool:
     return storage.partitions_by_prefix and total_objects >= SPREAD_MIN_OBJECTS
 
 
-def plan_objects(name: str, pieces: Mapping[PieceId, NDArray[Any]], groups: Sequence[Sequence[PieceId]], *,
+def plan_objects(name: str, pieces: Mapping[PieceId, Piece], groups: Sequence[Sequence[PieceId]], *,
                  suffix: str, index_offset: int, total_objects: int, spread: bool = False) -> ObjectPlan:
     """Name and lay out the objects of already grouped pieces (objects ``index_offset`` + k of ``total_objects``).
 
@@ -177,7 +191,15 @@ def plan_objects(name: str, pieces: Mapping[PieceId, NDArray[Any]], groups: Sequ
             position += int(pieces[piece].nbytes)
         objects.append(PlannedObject(data_key(name, index_offset + k, total_objects, suffix, spread=spread),
                                      tuple(offsets), position))
-    return ObjectPlan({p: pieces[p] for group in groups for p in group}, tuple(objects), index_offset)
+    mine = {p: pieces[p] for group in groups for p in group}
+    device = next((a for a in mine.values() if isinstance(a, DeviceArray)), None)
+    ring = None if device is None else HostRing(device.copier, RING_SLOTS)
+    return ObjectPlan(mine, tuple(objects), index_offset, ring)
+
+
+def host_pieces(plan: ObjectPlan, k: int) -> contextlib.AbstractContextManager[Mapping[PieceId, NDArray[Any]]]:
+    """Object ``k``'s pieces in host memory for the block (device ones through the plan's ring)."""
+    return on_host(plan.pieces, [piece for piece, _ in plan.objects[k].pieces], plan.ring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +302,7 @@ def fingerprint(array: NDArray[Any], hashes: bool) -> Fingerprint:
     return Fingerprint(crc, blocks, content_hash([view]) if hashes else None)
 
 
-def _record(obj: str, offset: int, array: NDArray[Any], start: tuple[int, ...], found: Fingerprint) -> StoredPiece:
+def _record(obj: str, offset: int, array: Piece, start: tuple[int, ...], found: Fingerprint) -> StoredPiece:
     """A piece's record: where its bytes are, with the live bytes' checksums and hash."""
     return StoredPiece(obj, offset, int(array.nbytes), found.crc32c, start, tuple(array.shape),
                        CRC_BLOCK if found.block_crc32c else 0, found.block_crc32c, found.hash)
@@ -326,7 +348,7 @@ class BaseCheckpoint:
         self._pieces = {p: known for p, known in self._pieces.items() if known[1].object not in wrong}
         self.sizes = {name: size for name, size in self.sizes.items() if name not in wrong}
 
-    def _find(self, piece: PieceId, array: NDArray[Any], found: Fingerprint) -> StoredPiece | None:
+    def _find(self, piece: PieceId, array: Piece, found: Fingerprint) -> StoredPiece | None:
         """The record reusing the base's bytes of ``piece`` if they are recorded identical to ``array``'s."""
         known = self._pieces.get(piece)
         if known is None or found.hash is None:
@@ -337,7 +359,7 @@ class BaseCheckpoint:
             return None
         return _record(stored.object, stored.offset, array, piece[1], found)
 
-    def reuse(self, pieces: Mapping[PieceId, NDArray[Any]],
+    def reuse(self, pieces: Mapping[PieceId, Piece],
               found: Mapping[PieceId, Fingerprint]) -> dict[PieceId, StoredPiece]:
         """The records of those ``found`` pieces that reference the base's bytes instead of being uploaded.
 
@@ -378,9 +400,16 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
     hashes = hashes or base is not None
 
     def fingerprints(k: int) -> dict[PieceId, Fingerprint]:
-        return {piece: fingerprint(plan.pieces[piece], hashes) for piece, _ in plan.objects[k].pieces}
+        with host_pieces(plan, k) as arrays:
+            return {piece: fingerprint(arrays[piece], hashes) for piece, _ in plan.objects[k].pieces}
 
-    def put(k: int, found: Mapping[PieceId, Fingerprint], reused: Mapping[PieceId, StoredPiece]) -> Uploaded:
+    def put(k: int, found: Mapping[PieceId, Fingerprint] | None, reused: Mapping[PieceId, StoredPiece]) -> Uploaded:
+        with host_pieces(plan, k) as arrays:
+            return put_host(k, arrays, found if found is not None else {
+                piece: fingerprint(arrays[piece], hashes) for piece, _ in plan.objects[k].pieces}, reused)
+
+    def put_host(k: int, arrays: Mapping[PieceId, NDArray[Any]], found: Mapping[PieceId, Fingerprint],
+                 reused: Mapping[PieceId, StoredPiece]) -> Uploaded:
         obj = plan.objects[k]
         done = Uploaded()
         views: list[memoryview] = []
@@ -392,7 +421,7 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
                 done.pieces[piece] = record
                 done.reused[record.object] = base.sizes[record.object]
                 continue
-            array = plan.pieces[piece]
+            array = arrays[piece]
             done.pieces[piece] = _record(obj.key, position, array, piece[1], found[piece])
             views.append(_byte_view(array))
             position += int(array.nbytes)
@@ -403,7 +432,7 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
         return done
 
     if base is None:
-        parts = _each(storage, which, lambda k: put(k, fingerprints(k), {}))
+        parts = _each(storage, which, lambda k: put(k, None, {}))
     else:
         found: dict[PieceId, Fingerprint] = {}
         for part in _each(storage, which, fingerprints):

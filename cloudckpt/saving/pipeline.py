@@ -59,6 +59,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.format import dtype_name, index_key, parse_dtype
 from cloudckpt.format.index_fetch import read_index
+from cloudckpt.leaves.copier import DeviceArray, to_host_now
 from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.saving.collective import (
     Outcome,
@@ -73,6 +74,7 @@ from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
     ObjectPlan,
+    Piece,
     PieceId,
     Uploaded,
     UploadLog,
@@ -230,12 +232,12 @@ class SaveRun:
                             spread=spreads(self.storage, plan.total_objects),
                             index_offset=plan.offsets[self.rank], total_objects=plan.total_objects)
 
-    def _receive_buffers(self, plan: UploadPlan) -> dict[PieceId, NDArray[Any]]:
+    def _receive_buffers(self, plan: UploadPlan) -> dict[PieceId, Piece]:
         """On the io host: its own pieces, and empty buffers for the ones the others send."""
         if self.rank != plan.io_rank:
             return {}
         dtypes = {path: parse_dtype(dtype) for path, (dtype, _) in _arrays(self.entries).items()}
-        out: dict[PieceId, NDArray[Any]] = {}
+        out: dict[PieceId, Piece] = {}
         for piece, writer in plan.writer.items():
             info = plan.pieces[piece]
             out[piece] = (self._pieces[piece] if writer == self.rank
@@ -333,7 +335,7 @@ class SaveRun:
         if plan.io_rank is None:
             return
         if self.rank != plan.io_rank:
-            outgoing = [self._pieces[p].reshape(-1).view(np.uint8) for p in plan.sent_by(self.rank)]
+            outgoing = [to_host_now(self._pieces[p]).reshape(-1).view(np.uint8) for p in plan.sent_by(self.rank)]
             self.coord.transfer(plan.io_rank, [o for o in outgoing if o.nbytes], {})
             return
         assert self._objects is not None
@@ -341,6 +343,7 @@ class SaveRun:
         for piece, writer in plan.writer.items():
             buffer = self._objects.pieces[piece]
             if writer != self.rank and buffer.nbytes:
+                assert not isinstance(buffer, DeviceArray)  # a receive buffer: host memory
                 incoming.setdefault(writer, []).append(buffer.reshape(-1).view(np.uint8))
         self.coord.transfer(self.rank, [], incoming)
 

@@ -1,0 +1,198 @@
+"""torch tensors off the CPU: ``DeviceArray``s and their copiers (the CUDA one, and the CPU one elsewhere).
+
+Why here: a tensor on a device has no numpy view, so the tensor leaf kind hands the save
+pipeline a ``TorchDeviceArray`` (metadata only) instead of ``tensor.cpu()`` - one pageable,
+synchronous copy per tensor, then a second copy into staging. The pipeline batches them
+through a ``Copier`` (``cloudckpt.leaves.copier``):
+
+- ``CudaCopier``: host memory from torch's pinned allocator (``torch.empty(pin_memory=True)``,
+  page-locked, reused by the staging area and the rings), copies issued with
+  ``non_blocking=True`` on one side stream that first waits for the caller's current
+  stream (so the bytes are the ones the training step wrote), finished by one CUDA event per
+  batch. Not measured on a GPU in this repository yet (docs/benchmarks.md).
+- the CPU copier (``ThreadCopier``) for every other device, and for CI: ``torch.cuda.is_available()``
+  false chooses it, and the choice is logged once.
+
+``use_copier`` is the test seam: it sets the copier and, with ``cpu_tensors=True``, routes CPU
+tensors through the device path too, so the ring, batching, budget and ordering run in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from cloudckpt.adapters.torch import tensor_meta
+from cloudckpt.leaves.copier import Copier, DeviceArray, HostBytes, Pending, ThreadCopier
+
+log = logging.getLogger("cloudckpt.adapters.torch_device")
+
+
+def _bytes_tensor(buffer: HostBytes, nbytes: int) -> torch.Tensor:
+    """The first ``nbytes`` of a host buffer as a uint8 tensor sharing its memory."""
+    return torch.from_numpy(buffer[:nbytes])
+
+
+class TorchDeviceArray(DeviceArray):
+    """A torch tensor whose bytes are read (and written, on restore) through a copier."""
+
+    def __init__(self, tensor: torch.Tensor, copier: Copier) -> None:
+        shape, dtype = tensor_meta(tensor)
+        storage = tensor.untyped_storage()
+        ident = (tensor.device.type, tensor.device.index, storage.data_ptr())
+        offset = int(tensor.storage_offset()) * tensor.element_size()
+        super().__init__(shape, dtype, copier, (ident, offset, tensor.is_contiguous()))
+        self.tensor = tensor.detach()
+
+    def _host(self, buffer: HostBytes, nbytes: int, shape: Sequence[int]) -> torch.Tensor:
+        return _bytes_tensor(buffer, nbytes).view(self.tensor.dtype).view(tuple(shape))
+
+    def copy_to_host(self, dest: HostBytes) -> None:
+        host = self._host(dest, self.nbytes, self.shape)
+        host.copy_(self.tensor, non_blocking=isinstance(self.copier, CudaCopier))
+
+    def copy_from_host(self, src: HostBytes, rows: tuple[int, int]) -> None:
+        target = self.tensor if self.tensor.ndim == 0 else self.tensor[rows[0]:rows[1]]
+        nbytes = target.numel() * target.element_size()
+        with torch.no_grad():
+            target.copy_(self._host(src, nbytes, target.shape), non_blocking=isinstance(self.copier, CudaCopier))
+
+
+class _CudaPending:
+    def __init__(self, event: Any) -> None:
+        self._event = event
+
+    def wait(self) -> None:
+        self._event.synchronize()
+
+
+class CudaCopier(Copier):
+    """Pinned host memory, non-blocking copies on one side stream, one event per batch."""
+
+    name = "cuda"
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self._stream: Any = None
+        self._lock = threading.Lock()
+
+    def _side_stream(self) -> Any:
+        with self._lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+            return self._stream
+
+    def allocate_host(self, nbytes: int) -> HostBytes:
+        pinned = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        array: HostBytes = pinned.numpy()[:nbytes]
+        return array  # the numpy view keeps the pinned tensor's memory alive
+
+    def pin(self, buffer: HostBytes) -> None:
+        """``cudaHostRegister`` the staging mapping in place: page-locked without a second buffer."""
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        result = cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, 0)
+        if int(result) != 0:
+            log.warning("cudaHostRegister of %d staging bytes failed (%s): copies from pageable memory",
+                        buffer.nbytes, result)
+
+    def unpin(self, buffer: HostBytes) -> None:
+        torch.cuda.cudart().cudaHostUnregister(buffer.ctypes.data)  # type: ignore[no-untyped-call]
+
+    def _run(self, issue: Any, arrays: Sequence[DeviceArray]) -> Pending:
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the bytes the step wrote
+        with torch.cuda.stream(stream):
+            issue()
+            for array in arrays:  # the caching allocator must not reuse their memory before the copy ran
+                if isinstance(array, TorchDeviceArray) and array.tensor.is_cuda:
+                    array.tensor.record_stream(stream)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        return _CudaPending(event)
+
+    def to_host(self, batch: Sequence[tuple[DeviceArray, HostBytes]]) -> Pending:
+        def issue() -> None:
+            for array, dest in batch:
+                array.copy_to_host(dest)
+        return self._run(issue, [a for a, _ in batch])
+
+    def to_device(self, batch: Sequence[tuple[HostBytes, DeviceArray, tuple[int, int]]]) -> Pending:
+        def issue() -> None:
+            for src, array, rows in batch:
+                array.copy_from_host(src, rows)
+        pending = self._run(issue, [a for _, a, _ in batch])
+        return pending
+
+
+_lock = threading.Lock()
+_chosen: Copier | None = None
+_cpu_tensors = False
+
+
+def _choose() -> Copier:
+    global _chosen
+    with _lock:
+        if _chosen is None:
+            if torch.cuda.is_available():
+                _chosen = CudaCopier()
+                log.info("cloudckpt device copies: cuda copier (pinned staging, side stream) on %s",
+                         torch.cuda.get_device_name(_chosen.device))
+            else:
+                _chosen = ThreadCopier()
+                log.info("cloudckpt device copies: cpu copier (torch.cuda.is_available() is false)")
+        return _chosen
+
+
+_cpu_copier = ThreadCopier()
+
+
+def copier_for(tensor: torch.Tensor) -> Copier | None:
+    """The copier that serves ``tensor``, or ``None`` for a CPU tensor (it has a numpy view)."""
+    device = tensor.device.type
+    if device == "cpu":
+        return _choose() if _cpu_tensors else None
+    if device == "cuda":
+        return _choose() if torch.cuda.is_available() else _cpu_copier
+    return _cpu_copier
+
+
+def device_array(tensor: torch.Tensor) -> TorchDeviceArray | None:
+    """``tensor`` as a ``DeviceArray`` if a copier serves it (a tensor off the CPU), else ``None``
+    (also for what has no flat bytes - meta, sparse, quantized: the plain path refuses those, naming the key).
+
+    Raises:
+        ValueError: a dtype with no numpy or ml_dtypes twin.
+    """
+    if tensor.device.type == "meta" or tensor.layout != torch.strided or tensor.is_quantized:
+        return None
+    copier = copier_for(tensor)
+    return None if copier is None else TorchDeviceArray(tensor, copier)
+
+
+def chosen_copier() -> Copier:
+    """The copier device tensors of this process use (chosen once, on first need, and logged)."""
+    return _choose()
+
+
+@contextlib.contextmanager
+def use_copier(copier: Copier, *, cpu_tensors: bool = False) -> Iterator[Copier]:
+    """Use ``copier`` for device tensors within the block; ``cpu_tensors``: for CPU tensors too.
+
+    The seam CI runs the device pipeline through (an instrumented ``ThreadCopier``, CPU tensors
+    standing in for device ones); a benchmark uses it to compare copiers.
+    """
+    global _chosen, _cpu_tensors
+    with _lock:
+        saved = (_chosen, _cpu_tensors)
+        _chosen, _cpu_tensors = copier, cpu_tensors
+    try:
+        yield copier
+    finally:
+        with _lock:
+            _chosen, _cpu_tensors = saved
+
