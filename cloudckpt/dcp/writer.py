@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.typing import NDArray
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
@@ -64,6 +63,7 @@ from torch.futures import Future as TorchFuture
 
 from cloudckpt._testhooks import crash_point
 from cloudckpt.adapters import torch as torch_adapter
+from cloudckpt.adapters import torch_device
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator
 from cloudckpt.dcp.metadata import encode_dcp_field, fqn_path, numpy_dtype, stored_dtype_name
 from cloudckpt.dcp.paths import Addressed, CheckpointId
@@ -80,6 +80,7 @@ from cloudckpt.saving.commit import assemble_index, number_objects
 from cloudckpt.saving.committer import AfterCommit, CommittedWrite, Committer
 from cloudckpt.saving.objects import (
     BaseCheckpoint,
+    Piece,
     PieceId,
     StoredPiece,
     UploadLog,
@@ -188,19 +189,21 @@ def _describe(rank_items: Sequence[WriteItem], info: RankInfo, suffix: str) -> D
                        pieces=tuple(pieces))
 
 
-def _item_array(item: WriteItem, data: Any) -> NDArray[Any]:
-    """The bytes of one resolved item as a C-contiguous array (a view of the tensor where it can be)."""
+def _item_array(item: WriteItem, data: Any) -> Piece:
+    """The bytes of one resolved item as a C-contiguous array (a view of the tensor where it can be),
+    or, for a tensor off the CPU (CUDA), a ``DeviceArray`` the upload copies through its ring in batches."""
     if isinstance(data, io.BytesIO):
         return np.frombuffer(data.getbuffer(), dtype=np.uint8)
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"DCP item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor or bytes")
-    tensor = data.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.resolve_conj().resolve_neg()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    array = torch_adapter.tensor_to_numpy(tensor)
+    tensor = data.detach().resolve_conj().resolve_neg()
+    array: Piece | None = torch_device.device_array(tensor)
+    if array is None:
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        array = torch_adapter.tensor_to_numpy(tensor)
     assert item.tensor_data is not None
     expected = tuple(int(n) for n in item.tensor_data.chunk.sizes)
     if tuple(array.shape) != expected:
@@ -419,7 +422,7 @@ class StorageWriter(Addressed, DCPStorageWriter):
                 base: BaseCheckpoint | None) -> list[WriteResult]:
         """Upload this rank's pieces, leaving out those ``base`` (an incremental save's) already holds."""
         wanted = {piece for group in layout.groups for piece in group}
-        pieces: dict[PieceId, NDArray[Any]] = {}
+        pieces: dict[PieceId, Piece] = {}
         items: dict[PieceId, WriteItem] = {}
         for item in plan.items:
             piece = piece_of(item)
