@@ -22,6 +22,7 @@ SUITES = {
     "tfimport": "bench_tf_import",
     "crc32c": "bench_crc32c",
     "reshard": "bench_reshard",
+    "cpu": "bench_cpu",
 }
 
 

@@ -348,8 +348,12 @@ def s3_boto3(s: Setup) -> SavePath:
 def _obstore(s: Setup) -> Any:
     from obstore.store import S3Store
 
+    options: dict[str, Any] = {"allow_http": True}
+    ca_bundle = os.environ.get("AWS_CA_BUNDLE")
+    if s.endpoint.startswith("https://") and ca_bundle:  # a TLS endpoint with its own CA (bench cpu)
+        options["root_certificate"] = Path(ca_bundle).read_bytes()
     return S3Store(s.bucket, endpoint=s.endpoint, region=REGION, virtual_hosted_style_request=False,
-                   client_options={"allow_http": True})
+                   client_options=options)
 
 
 def s3_obstore_one(s: Setup) -> SavePath:

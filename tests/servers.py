@@ -137,11 +137,13 @@ def _serve(name: str, workdir: Path, launch: Launch, ready: Ready) -> Iterator[S
         return
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A fresh self-signed certificate for 127.0.0.1 / localhost: ``(cert.pem, key.pem)``.
+def self_signed_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """A fresh server certificate for 127.0.0.1 / localhost: ``(ca.pem, cert.pem, key.pem)``.
 
-    Made at run time (never checked in): it is its own CA, so clients verify the server with
-    it as their CA bundle (``AWS_CA_BUNDLE``, ``verify=``) - TLS as users run it, not turned off.
+    Made at run time (never checked in): a throwaway CA signs the certificate the server presents
+    (``cert.pem``, ``key.pem``); clients trust ``ca.pem`` (``AWS_CA_BUNDLE``, ``verify=``) - TLS as
+    users run it, not turned off. Two certificates, not one self-signed one, because rustls
+    (obstore) refuses a CA certificate used as the server's own.
     """
     import datetime
     import ipaddress
@@ -149,24 +151,35 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                        x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cloudckpt test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                          x509.DNSName("localhost")]), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    ca_path, cert_path, key_path = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     key_path.chmod(0o600)
-    return cert_path, key_path
+    return ca_path, cert_path, key_path
 
 
 @contextlib.contextmanager
@@ -203,7 +216,8 @@ def seaweedfs(workdir: Path | None = None, tls: bool = True) -> Iterator[Server]
             https.clear()
             if cert is not None:
                 https_port = free_port()
-                argv += [f"-s3.port.https={https_port}", f"-s3.cert.file={cert[0]}", f"-s3.key.file={cert[1]}"]
+                argv += [f"-s3.port.https={https_port}", f"-s3.cert.file={cert[1]}",
+                         f"-s3.key.file={cert[2]}"]
                 https.append(f"https://127.0.0.1:{https_port}")
             return argv, f"http://127.0.0.1:{s3_port}"
 
