@@ -10,8 +10,9 @@ arrays, CUDA tensors) is one new module with a ``LeafKind`` subclass plus one
 otherwise. See ``base`` for the protocol and the device-copier seam.
 
 Built-in order (first match wins, as classification always went): sharded arrays,
-``Variable``, numpy arrays, numpy scalars, Python values, torch tensors, then opaque
-bytes (which claims no live value; it only builds ``bytes`` entries).
+``Variable``, numpy arrays, numpy scalars, Python values, torch tensors, opaque bytes
+(which claims no live value; it only builds ``bytes`` entries), then ``jax.Array`` (jax is
+never imported here).
 """
 
 from cloudckpt.leaves.base import (
@@ -24,6 +25,7 @@ from cloudckpt.leaves.base import (
     Setter,
     ShardedLeaf,
 )
+from cloudckpt.leaves.jax_array import JAX_ARRAY
 from cloudckpt.leaves.ndarray import NDARRAY
 from cloudckpt.leaves.opaque import OPAQUE_BYTES
 from cloudckpt.leaves.registry import builder_for, kind_of, register, registered, unregister
@@ -33,7 +35,7 @@ from cloudckpt.leaves.tensor import TORCH_TENSOR
 from cloudckpt.leaves.value import VALUE
 from cloudckpt.leaves.variable import VARIABLE
 
-for _kind in (SHARDED, VARIABLE, NDARRAY, NUMPY_SCALAR, VALUE, TORCH_TENSOR, OPAQUE_BYTES):
+for _kind in (SHARDED, VARIABLE, NDARRAY, NUMPY_SCALAR, VALUE, TORCH_TENSOR, OPAQUE_BYTES, JAX_ARRAY):
     register(_kind)
 
 __all__ = [

@@ -1,0 +1,136 @@
+"""Functions run in spawned processes by tests/test_jax*.py: jax with several CPU devices.
+
+jax fixes its device count when it is first imported, and the pytest process may have
+imported it already; so every scenario needing more devices runs here, in a process that
+sets ``XLA_FLAGS`` before it imports jax (this module imports jax only inside functions).
+Each function fills ``report`` with plain data (see ``cloudckpt.testing.processes``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _start_jax(devices: int) -> Any:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    return jax
+
+
+def global_values() -> dict[str, np.ndarray[Any, Any]]:
+    """The global arrays every scenario saves (each process takes its shards)."""
+    return {
+        "w": (np.arange(8 * 16, dtype=np.float32).reshape(8, 16) - 40) / 7,
+        "replicated": np.arange(12, dtype=np.int32).reshape(3, 4) * 5 - 7,
+        "cols": (np.arange(6 * 4, dtype=np.int16).reshape(6, 4) - 9) * 3,
+    }
+
+
+def counting_local(url: str) -> Any:
+    """A local storage that counts the data-object bytes it reads (registered for ``url``)."""
+    from cloudckpt.storage import register_storage
+    from cloudckpt.storage.local import LocalStorage
+
+    class Counting(LocalStorage):
+        def __init__(self, root: str) -> None:
+            super().__init__(root)
+            self.counts: Counter[str] = Counter()
+            self._lock = threading.Lock()
+
+        def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
+            super()._read_into(full_key, offset, outs)
+            if ".data-" in full_key:
+                with self._lock:
+                    self.counts["data_bytes_read"] += sum(out.nbytes for out in outs)
+
+        def _get_range(self, full_key: str, byte_range: Any) -> bytes:
+            data = super()._get_range(full_key, byte_range)
+            if ".data-" in full_key:
+                with self._lock:
+                    self.counts["data_bytes_read"] += len(data)
+            return data
+
+    storage = Counting(url)
+    register_storage(storage)
+    return storage
+
+
+def _check(name: str, array: Any, expected: np.ndarray[Any, Any], sharding: Any, problems: list[str]) -> None:
+    """``array`` has ``sharding`` and each addressable shard holds exactly its box of ``expected``."""
+    if array.sharding != sharding:
+        problems.append(f"{name}: sharding {array.sharding} != {sharding}")
+    for shard in array.addressable_shards:
+        want = expected[shard.index]
+        got = np.asarray(shard.data)
+        if got.dtype != want.dtype or got.tobytes() != np.ascontiguousarray(want).tobytes():
+            problems.append(f"{name}: shard {shard.index} on {shard.device} differs")
+
+
+def eight_devices(rank: int, world: int, port: int, root: str, report: dict[str, Any]) -> None:
+    """Save a tree sharded over a (4, 2) mesh; restore it onto (2, 4), (8,), replicated and one device."""
+    jax = _start_jax(8)
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    import cloudckpt.jax as ccjax
+    from cloudckpt.format.index_fetch import load_index
+
+    P: Any = PartitionSpec
+    devices = jax.devices()
+    report["devices"] = len(devices)
+    g = global_values()
+    mesh42 = jax.make_mesh((4, 2), ("x", "y"), devices=devices)
+    placed = {
+        "w": NamedSharding(mesh42, P("x", "y")),
+        "replicated": NamedSharding(mesh42, P()),
+        "cols": NamedSharding(mesh42, P(None, "y")),
+    }
+    tree = {name: jax.device_put(g[name], placed[name]) for name in g}
+    tree["rng"] = jax.device_put(jax.random.key(3), NamedSharding(mesh42, P()))
+    storage = counting_local(root)
+    ccjax.save(f"{root}/sharded", tree)
+    index = load_index(storage, "sharded")
+    report["chunks"] = {k: len(getattr(index.entries[k], "chunks", ()))
+                        for k in ("w", "replicated", "cols", "rng/key_data")}
+    report["state_bytes"] = sum(int(v.nbytes) for v in g.values()) + 8 + 8  # + the key data, save_counter
+
+    problems: list[str] = []
+    mesh24 = jax.make_mesh((2, 4), ("x", "y"), devices=devices)
+    mesh8 = jax.make_mesh((8,), ("x",), devices=devices[::-1])
+    targets: dict[str, dict[str, Any]] = {
+        "(2, 4) P('x', 'y')": {"w": NamedSharding(mesh24, P("x", "y")),
+                               "replicated": NamedSharding(mesh24, P(None, "y")),
+                               "cols": NamedSharding(mesh24, P("x", "y"))},
+        "(8,) P(None, 'x')": {"w": NamedSharding(mesh8, P(None, "x")), "replicated": NamedSharding(mesh8, P()),
+                              "cols": NamedSharding(mesh8, P())},
+        "replicated": {name: NamedSharding(mesh24, P()) for name in g},
+        "one device": {name: SingleDeviceSharding(devices[5]) for name in g},
+    }
+    restored_on: list[str] = []
+    bytes_read: dict[str, int] = {}
+    report["restored"] = restored_on
+    report["bytes_read"] = bytes_read
+    for label, shardings in targets.items():
+        like = {name: jax.ShapeDtypeStruct(g[name].shape, g[name].dtype, sharding=shardings[name]) for name in g}
+        like["rng"] = jax.random.key(0)  # a jax.Array like: the restored key takes its (single-device) placement
+        storage.counts.clear()
+        try:
+            restored = ccjax.restore(f"{root}/sharded", like)
+        except Exception as exc:  # recorded, so one failing target does not hide the others
+            problems.append(f"{label}: {exc!r}")
+            continue
+        bytes_read[label] = storage.counts["data_bytes_read"]
+        for name in g:
+            _check(f"{label} {name}", restored[name], g[name], shardings[name], problems)
+        if np.asarray(jax.random.key_data(restored["rng"])).tobytes() != \
+                np.asarray(jax.random.key_data(tree["rng"])).tobytes():
+            problems.append(f"{label}: rng differs")
+        restored_on.append(label)
+    report["problems"] = problems
