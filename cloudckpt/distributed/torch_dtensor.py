@@ -18,8 +18,10 @@ from numpy.typing import NDArray
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from cloudckpt.adapters import torch as torch_adapter
+from cloudckpt.adapters import torch_device
 from cloudckpt.distributed.mesh import split_extent
 from cloudckpt.format import ArrayPyType
+from cloudckpt.leaves.copier import DeviceArray
 from cloudckpt.object_graph import RestoreTarget
 
 
@@ -71,15 +73,19 @@ class DTensorView:
     def pytype(self) -> ArrayPyType:
         return "tensor"
 
-    def save_shards(self) -> list[tuple[tuple[int, ...], NDArray[Any]]]:
+    def save_shards(self) -> list[tuple[tuple[int, ...], NDArray[Any] | DeviceArray]]:
+        """The local shard: a numpy view on the CPU, a ``DeviceArray`` on a GPU (copied in batches)."""
         start, _ = dtensor_box(self._tensor)
-        local = torch_adapter.tensor_to_numpy(self._tensor.to_local())
-        return [(start, local)]
+        shard = self._tensor.to_local()
+        device = torch_device.device_array(shard)
+        return [(start, device if device is not None else torch_adapter.tensor_to_numpy(shard))]
 
     def restore_targets(self) -> list[RestoreTarget]:
         start, extent = dtensor_box(self._tensor)
         local = self._tensor.to_local()
-        direct = torch_adapter.writable_view(local)
+        direct: NDArray[Any] | DeviceArray | None = torch_device.device_array(local)
+        if direct is None:
+            direct = torch_adapter.writable_view(local)
 
         def assign(values: NDArray[Any]) -> None:
             if direct is None:

@@ -24,9 +24,11 @@ from cloudckpt.leaves.base import (
     check_array,
     display_path,
 )
+from cloudckpt.leaves.copier import DeviceArray
 
 #: One local shard to restore: ``(start, shape, dest or None, assign)`` (see ``ShardedValue``).
-RestoreTarget = tuple[tuple[int, ...], tuple[int, ...], "NDArray[Any] | None", Callable[[NDArray[Any]], None]]
+RestoreTarget = tuple[tuple[int, ...], tuple[int, ...], "NDArray[Any] | DeviceArray | None",
+                      Callable[[NDArray[Any]], None]]
 
 
 class ShardedValue(Protocol):
@@ -46,14 +48,16 @@ class ShardedValue(Protocol):
     @property
     def pytype(self) -> ArrayPyType: ...
 
-    def save_shards(self) -> Sequence[tuple[tuple[int, ...], NDArray[Any]]]:
-        """``(start, data)`` of every local shard; ``data`` C-contiguous, little-endian."""
+    def save_shards(self) -> Sequence[tuple[tuple[int, ...], NDArray[Any] | DeviceArray]]:
+        """``(start, data)`` of every local shard; ``data`` C-contiguous, little-endian, or a
+        ``DeviceArray`` (a shard in device memory, copied by its copier)."""
         ...
 
     def restore_targets(self) -> Sequence[RestoreTarget]:
         """``(start, shape, dest, assign)`` per local shard: restore reads straight into
-        ``dest`` when it is not ``None`` (then ``assign`` is not called), else into a fresh
-        buffer of ``shape`` that ``assign`` then copies in."""
+        ``dest`` when it is not ``None`` (then ``assign`` is not called; a ``DeviceArray`` is
+        filled through bounce buffers), else into a fresh buffer of ``shape`` that ``assign``
+        then copies in."""
         ...
 
 
@@ -85,18 +89,19 @@ def sharded_leaf(value: object, path: str) -> ShardedLeaf:
         dtype_name(view.dtype)
     except ValueError as exc:
         raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
-    shards: dict[tuple[int, ...], NDArray[Any]] = {}
+    shards: dict[tuple[int, ...], NDArray[Any] | DeviceArray] = {}
     for start, data in view.save_shards():
         box = tuple(start)
         if len(box) != len(shape) or data.ndim != len(shape) or any(
                 s < 0 or s + n > dim for s, n, dim in zip(box, data.shape, shape, strict=True)):
             raise ValueError(f"cannot checkpoint {display_path(path)}: a shard at {box} of shape {data.shape} "
                              f"lies outside the global shape {shape}")
-        wanted = storage_dtype(data.dtype)
-        if wanted != data.dtype:
-            data = data.astype(wanted)
-        if not data.flags.c_contiguous:
-            data = np.ascontiguousarray(data)
+        if not isinstance(data, DeviceArray):  # a device shard's copier writes C order, stored dtype
+            wanted = storage_dtype(data.dtype)
+            if wanted != data.dtype:
+                data = data.astype(wanted)
+            if not data.flags.c_contiguous:
+                data = np.ascontiguousarray(data)
         if box in shards and shards[box].shape != data.shape:
             raise ValueError(f"cannot checkpoint {display_path(path)}: two local shards at {box} differ in shape")
         shards.setdefault(box, data)
@@ -140,6 +145,9 @@ def _into_shards(plan: LeafPlan, live: Any) -> None:
     first_of: dict[tuple[int, ...], NDArray[Any]] = {}
     for start, shape, dest, assign in view.restore_targets():
         start = tuple(start)
+        if isinstance(dest, DeviceArray):  # a device shard: through bounce buffers, no host copy of the shard
+            plan.read_to_device(dest, start=start)
+            continue
         if start in first_of:
             plan.then(_assigner(dest, assign, first_of[start]))
             continue
@@ -152,11 +160,11 @@ def _into_shards(plan: LeafPlan, live: Any) -> None:
             first_of[start] = buffer
 
 
-def _assigner(dest: NDArray[Any] | None, assign: Callable[[NDArray[Any]], None],
+def _assigner(dest: NDArray[Any] | DeviceArray | None, assign: Callable[[NDArray[Any]], None],
               source: NDArray[Any]) -> Callable[[], None]:
     """Copy ``source`` into a shard after the reads: into ``dest`` if it is an array, else via ``assign``."""
     def apply() -> None:
-        if dest is not None:
+        if isinstance(dest, np.ndarray):
             np.copyto(dest, source)
         else:
             assign(source)
