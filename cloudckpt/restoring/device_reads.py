@@ -61,13 +61,15 @@ def _blocks(target: DeviceTarget, bounce_bytes: int) -> list[_Block]:
 
 
 def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[DeviceTarget],
-                   ranges: RangeReader | None = None, *, bounce_bytes: int = BOUNCE_BYTES,
-                   slots: int = BOUNCE_SLOTS) -> None:
+                   ranges: RangeReader | None = None, *, bounce_bytes: int | None = None,
+                   slots: int | None = None) -> None:
     """Fill every device target through bounce buffers; see the module docstring.
 
     Raises what ``read_arrays`` raises (``ChecksumError`` names the key); a failure after the
     first round leaves the destination tensors partly written.
     """
+    bounce_bytes = BOUNCE_BYTES if bounce_bytes is None else bounce_bytes
+    slots = BOUNCE_SLOTS if slots is None else slots
     blocks = [b for t in targets for b in _blocks(t, bounce_bytes)]
     if not blocks:
         return
