@@ -134,3 +134,107 @@ def eight_devices(rank: int, world: int, port: int, root: str, report: dict[str,
             problems.append(f"{label}: rng differs")
         restored_on.append(label)
     report["problems"] = problems
+
+
+def _needed_bytes(like: dict[str, Any]) -> int:
+    """The bytes of the distinct boxes this process's devices hold, over every array of ``like``."""
+    total = 0
+    for value in like.values():
+        shape = tuple(value.shape)
+        boxes = {tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape, strict=True))
+                 for index in value.sharding.addressable_devices_indices_map(shape).values()}
+        total += sum(int(np.prod([hi - lo for lo, hi in box])) for box in boxes) * np.dtype(value.dtype).itemsize
+    return total
+
+
+def two_processes(rank: int, world: int, port: int, root: str, report: dict[str, Any]) -> None:
+    """2 processes x 2 CPU devices on JAX's distributed runtime: managed saves (sync, async), a failed
+    upload, restore onto another mesh, resume; every storage request of this process counted."""
+    jax = _start_jax(2)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world, process_id=rank,
+                               coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60)
+    from distributed_worker import counting_storage
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import cloudckpt
+    import cloudckpt.jax as ccjax
+    from cloudckpt import CheckpointManager, CheckpointOptions
+    from cloudckpt.errors import SaveError
+    from cloudckpt.storage import register_storage
+
+    P: Any = PartitionSpec
+    SDS: Any = jax.ShapeDtypeStruct
+    report["devices"] = [jax.local_device_count(), jax.device_count()]
+    g = global_values()
+    mesh = jax.make_mesh((2, 2), ("x", "y"))  # process 0 holds row x=0 of the mesh
+    placed = {"w": NamedSharding(mesh, P("x", "y")), "replicated": NamedSharding(mesh, P()),
+              "cols": NamedSharding(mesh, P(None, "y"))}
+
+    def tree_of(offset: int) -> dict[str, Any]:
+        arrays = {name: jax.make_array_from_callback(g[name].shape, placed[name], lambda i, n=name: g[n][i] + offset)
+                  for name in g}
+        return {**arrays, "rng": jax.random.key(11), "step": offset}
+
+    directory = f"{root}/managed"
+    storage = counting_storage(directory)
+    register_storage(storage)
+    coordinator = ccjax.jax_coordinator()
+
+    # 1. a synchronous managed save: each process writes its own shards, replicated boxes once
+    ckpt = ccjax.PyTreeCheckpoint(tree_of(0))
+    manager = CheckpointManager(ckpt, directory, max_to_keep=2)
+    storage.counts.clear()
+    manager.save()
+    report["written"] = storage.counts["data_bytes_written"]
+    report["state_bytes"] = sum(int(v.nbytes) for v in g.values()) + 8 + 8  # + key data, save_counter
+    coordinator.barrier()
+
+    # 2. an async save: the collectives run on the background worker, on the key-value store
+    async_manager = CheckpointManager(ckpt, directory, max_to_keep=2, options=CheckpointOptions(enable_async=True))
+    ckpt.tree = tree_of(1)
+    async_manager.save()
+    ckpt.sync()
+    report["latest"] = cloudckpt.latest_checkpoint(directory)
+    coordinator.barrier()
+
+    # 3. rank 1 fails its upload: every process gets the error, no ckpt-3, ckpt-2 stays the latest
+    storage.fail_data_puts = rank == 1
+    ckpt.tree = tree_of(2)
+    try:
+        async_manager.save(options=CheckpointOptions())
+        report["failure"] = None
+    except SaveError as exc:
+        report["failure"] = type(exc).__name__
+    storage.fail_data_puts = False
+    coordinator.barrier()
+    report["latest_after_failure"] = cloudckpt.latest_checkpoint(directory)
+    report["ckpt3_exists"] = storage.exists("ckpt-3.index")
+    coordinator.barrier()
+
+    # 4. restore onto another mesh: 4 devices in a row, reversed - each process reads rows the other wrote
+    mesh4 = jax.make_mesh((4,), ("x",), devices=jax.devices()[::-1])
+    shardings = {"w": NamedSharding(mesh4, P("x", None)), "replicated": NamedSharding(mesh4, P()),
+                 "cols": NamedSharding(mesh4, P(None, "x"))}
+    like = {name: SDS(g[name].shape, g[name].dtype, sharding=shardings[name]) for name in g}
+    storage.counts.clear()
+    restored = ccjax.restore(f"{directory}/ckpt-2", {**like, "rng": jax.random.key(0), "step": 0})
+    report["read"] = storage.counts["data_bytes_read"]
+    report["needed"] = _needed_bytes(like) + 8 + 8
+    problems: list[str] = []
+    for name in g:
+        _check(f"restored {name}", restored[name], g[name] + 1, shardings[name], problems)
+    if restored["step"] != 1:
+        problems.append(f"step {restored['step']}")
+    coordinator.barrier()
+
+    # 5. a new manager resumes from the latest checkpoint into zeros
+    fresh = ccjax.PyTreeCheckpoint({**{name: jax.numpy.zeros(g[name].shape, g[name].dtype, device=placed[name])
+                                       for name in g}, "rng": jax.random.key(0), "step": -1})
+    report["resumed"] = CheckpointManager(fresh, directory, max_to_keep=2).restore_or_initialize()
+    for name in g:
+        _check(f"resumed {name}", fresh.tree[name], g[name] + 1, placed[name], problems)
+    report["resumed_counter"] = int(fresh.save_counter)
+    report["problems"] = problems
+    coordinator.barrier()
+    jax.distributed.shutdown()

@@ -1,0 +1,50 @@
+"""cloudckpt.jax in a multi-process JAX job: 2 processes x 2 CPU devices on JAX's distributed runtime, SeaweedFS.
+
+One spawn runs every scenario (starting jax's distributed runtime dominates the cost; body
+in tests/jax_worker.py): managed sync and async saves, each process writing only its own
+shards and every replicated box once; a failed upload on one process leaving no checkpoint;
+a restore onto another mesh reading only the bytes each process's devices hold; a resume.
+This process then restores the job's checkpoint onto its own single device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax_worker
+import numpy as np
+
+import cloudckpt.jax as ccjax
+from cloudckpt.testing.processes import spawn_reports
+
+SPAWN_TIMEOUT = 240.0
+
+
+def test_two_processes_save_restore_fail_and_resume_on_s3(s3_root: str) -> None:
+    reports = spawn_reports(jax_worker.two_processes, 2, s3_root, timeout=SPAWN_TIMEOUT)
+    for report in reports:
+        assert report["devices"] == [2, 4]
+        assert report["problems"] == [], report["rank"]
+        assert report["latest"].endswith("/managed/ckpt-2")
+        assert report["failure"] in ("DistributedSaveError", "SaveError")
+        assert report["latest_after_failure"] == report["latest"] and not report["ckpt3_exists"]
+        assert report["resumed"].endswith("/managed/ckpt-2") and report["resumed_counter"] == 2
+        # each process read exactly the boxes its devices hold on the new mesh (half of w, all of the rest)
+        assert report["read"] == report["needed"]
+    rank0, rank1 = reports
+    # each process wrote only its own shards; the replicated boxes were written once, by replica 0's process
+    assert rank0["written"] + rank1["written"] == rank0["state_bytes"]
+    g = jax_worker.global_values()
+    # rank 1: its half of w, and the two 8-byte single-device values every process holds (the key data,
+    # save_counter), which the plan gives the less loaded holder; never a box of the sharded replicated arrays
+    assert rank1["written"] == g["w"].nbytes // 2 + 16
+    assert rank0["written"] == g["w"].nbytes // 2 + g["replicated"].nbytes + g["cols"].nbytes
+
+    like: dict[str, Any] = {name: np.zeros_like(value) for name, value in g.items()}
+    like = {**like, "w": jax.numpy.zeros(g["w"].shape, g["w"].dtype), "rng": jax.random.key(0), "step": 0}
+    restored = ccjax.restore(f"{s3_root}/managed/ckpt-2", like)
+    assert isinstance(restored["w"], jax.Array)
+    for name, value in g.items():
+        assert np.asarray(restored[name]).tobytes() == (value + 1).tobytes(), name
+    assert restored["step"] == 1
