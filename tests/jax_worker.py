@@ -34,29 +34,50 @@ def global_values() -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
-def counting_local(url: str) -> Any:
-    """A local storage that counts the data-object bytes it reads (registered for ``url``)."""
-    from cloudckpt.storage import register_storage
-    from cloudckpt.storage.local import LocalStorage
+def counting_storage(url: str) -> Any:
+    """The storage ``url`` opens, counting the data-object bytes it moves, registered for ``url``.
 
-    class Counting(LocalStorage):
+    ``fail_data_puts`` makes its data-object writes fail (an upload failing on this process).
+    """
+    from cloudckpt.storage import open_storage, register_storage
+
+    base: Any = type(open_storage(url))
+
+    class Counting(base):  # type: ignore[misc]
         def __init__(self, root: str) -> None:
             super().__init__(root)
             self.counts: Counter[str] = Counter()
+            self.fail_data_puts = False
             self._lock = threading.Lock()
+
+        def _count(self, what: str, n: int) -> None:
+            with self._lock:
+                self.counts[what] += n
 
         def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
             super()._read_into(full_key, offset, outs)
             if ".data-" in full_key:
-                with self._lock:
-                    self.counts["data_bytes_read"] += sum(out.nbytes for out in outs)
+                self._count("data_bytes_read", sum(out.nbytes for out in outs))
 
         def _get_range(self, full_key: str, byte_range: Any) -> bytes:
-            data = super()._get_range(full_key, byte_range)
+            data: bytes = super()._get_range(full_key, byte_range)
             if ".data-" in full_key:
-                with self._lock:
-                    self.counts["data_bytes_read"] += len(data)
+                self._count("data_bytes_read", len(data))
             return data
+
+        def _put_whole(self, full_key: str, buffers: Sequence[memoryview], mode: Any, metadata: Any) -> Any:
+            if ".data-" in full_key:
+                if self.fail_data_puts:
+                    raise OSError("injected failure: disk on fire")
+                self._count("data_bytes_written", sum(b.nbytes for b in buffers))
+            return super()._put_whole(full_key, buffers, mode, metadata)
+
+        def _begin_multipart(self, full_key: str, mode: Any, metadata: Any, size: int, part_size: int) -> Any:
+            if ".data-" in full_key:
+                if self.fail_data_puts:
+                    raise OSError("injected failure: disk on fire")
+                self._count("data_bytes_written", size)
+            return super()._begin_multipart(full_key, mode, metadata, size, part_size)
 
     storage = Counting(url)
     register_storage(storage)
@@ -94,7 +115,7 @@ def eight_devices(rank: int, world: int, port: int, root: str, report: dict[str,
     }
     tree = {name: jax.device_put(g[name], placed[name]) for name in g}
     tree["rng"] = jax.device_put(jax.random.key(3), NamedSharding(mesh42, P()))
-    storage = counting_local(root)
+    storage = counting_storage(root)
     ccjax.save(f"{root}/sharded", tree)
     index = load_index(storage, "sharded")
     report["chunks"] = {k: len(getattr(index.entries[k], "chunks", ()))
@@ -154,14 +175,12 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world, process_id=rank,
                                coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60)
-    from distributed_worker import counting_storage
     from jax.sharding import NamedSharding, PartitionSpec
 
     import cloudckpt
     import cloudckpt.jax as ccjax
     from cloudckpt import CheckpointManager, CheckpointOptions
     from cloudckpt.errors import SaveError
-    from cloudckpt.storage import register_storage
 
     P: Any = PartitionSpec
     SDS: Any = jax.ShapeDtypeStruct
@@ -178,7 +197,6 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
 
     directory = f"{root}/managed"
     storage = counting_storage(directory)
-    register_storage(storage)
     coordinator = ccjax.jax_coordinator()
 
     # 1. a synchronous managed save: each process writes its own shards, replicated boxes once

@@ -1,4 +1,5 @@
-"""cloudckpt.jax in a multi-process JAX job: 2 processes x 2 CPU devices on JAX's distributed runtime, SeaweedFS.
+"""cloudckpt.jax in a multi-process JAX job: 2 processes x 2 CPU devices on JAX's distributed runtime,
+SeaweedFS and fake-gcs-server.
 
 One spawn runs every scenario (starting jax's distributed runtime dominates the cost; body
 in tests/jax_worker.py): managed sync and async saves, each process writing only its own
@@ -9,11 +10,13 @@ This process then restores the job's checkpoint onto its own single device.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import jax
 import jax_worker
 import numpy as np
+import pytest
 
 import cloudckpt.jax as ccjax
 from cloudckpt.testing.processes import spawn_reports
@@ -21,8 +24,16 @@ from cloudckpt.testing.processes import spawn_reports
 SPAWN_TIMEOUT = 240.0
 
 
-def test_two_processes_save_restore_fail_and_resume_on_s3(s3_root: str) -> None:
-    reports = spawn_reports(jax_worker.two_processes, 2, s3_root, timeout=SPAWN_TIMEOUT)
+@pytest.fixture(params=["s3", "gcs"])
+def job_root(request: pytest.FixtureRequest) -> str:
+    """A fresh directory on SeaweedFS or fake-gcs-server (the spawned processes inherit the endpoints)."""
+    if request.param == "s3":
+        return str(request.getfixturevalue("s3_root"))
+    return f"gs://{request.getfixturevalue('gcs_bucket')}/run-{uuid.uuid4().hex[:8]}"
+
+
+def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
+    reports = spawn_reports(jax_worker.two_processes, 2, job_root, timeout=SPAWN_TIMEOUT)
     for report in reports:
         assert report["devices"] == [2, 4]
         assert report["problems"] == [], report["rank"]
@@ -43,7 +54,7 @@ def test_two_processes_save_restore_fail_and_resume_on_s3(s3_root: str) -> None:
 
     like: dict[str, Any] = {name: np.zeros_like(value) for name, value in g.items()}
     like = {**like, "w": jax.numpy.zeros(g["w"].shape, g["w"].dtype), "rng": jax.random.key(0), "step": 0}
-    restored = ccjax.restore(f"{s3_root}/managed/ckpt-2", like)
+    restored = ccjax.restore(f"{job_root}/managed/ckpt-2", like)
     assert isinstance(restored["w"], jax.Array)
     for name, value in g.items():
         assert np.asarray(restored[name]).tobytes() == (value + 1).tobytes(), name
