@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 import cloudckpt
 from cloudckpt.adapters import torch_device
@@ -234,10 +235,10 @@ def test_dcp_save_hands_device_tensors_to_the_copier(copier: Recording, tmp_path
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(objects, "TARGET_OBJECT_SIZE", 64 * KiB)
     state: dict[str, Any] = {**_many(12), "bf16": torch.randn(16, 16).to(torch.bfloat16)}
-    dcp.save(state, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    dcp_save(state, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
     assert sum(copier.to_host_batches) == len(state) and len(copier.to_host_batches) < len(state)
     assert len(copier.allocations) <= objects.RING_SLOTS
     dest = {k: torch.zeros_like(v) for k, v in state.items()}
     with use_copier(ThreadCopier(), cpu_tensors=False):
-        dcp.load(dest, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+        dcp_load(dest, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
     assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())
