@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cloudckpt.cli import tf
+from cloudckpt.cli import foreign, tf
 from cloudckpt.cli.common import EXIT_NOT_FOUND, CliError, human_size, print_json, print_table
 from cloudckpt.format import ArrayEntry, ValueEntry
+from cloudckpt.tools.foreign import ForeignInfo
 from cloudckpt.tools.inspect import BundleInfo, array_nbytes, inspect_checkpoint, json_value
 
 
@@ -24,6 +25,8 @@ def run(args: Any) -> int:
     info = inspect_checkpoint(args.url, values=not args.no_values)
     if isinstance(info, BundleInfo):
         return tf.inspect(info, args)
+    if isinstance(info, ForeignInfo):
+        return foreign.inspect(info, args)
     if args.json:
         print_json(info.to_json())
         return 0

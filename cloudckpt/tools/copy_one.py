@@ -23,6 +23,8 @@ them for ``cloudckpt gc``.
 
 A TensorFlow checkpoint (told by its index bytes) is copied as-is - same index bytes, same
 shard layout, renamed with the checkpoint - with the same order and checks (``_copy_bundle``).
+Any other foreign format a registered reader opens (torch DCP's layout, ...) is converted into
+cloudckpt's format through that reader (``copy_foreign``): atomic, CRC32C'd, memory bounded.
 
 Memory: objects up to the destination's ``multipart_threshold`` (64 MiB by default) are
 copied whole - one GET, one PUT, up to ``max_concurrency`` of them at once; larger ones
@@ -32,20 +34,21 @@ are streamed in parts, at most ``max_concurrency`` parts held at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from cloudckpt.errors import AlreadyExistsError, CheckpointFormatError, ChecksumError, NotFoundError, StorageError
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint, renamed_object
 from cloudckpt.format.index_fetch import head_index
-from cloudckpt.format.references import delete_unreferenced
+from cloudckpt.format.sniff import ForeignCheckpoint
 from cloudckpt.saving.commit import commit, delete_replaced
 from cloudckpt.saving.objects import new_suffix
 from cloudckpt.storage import Storage
 from cloudckpt.storage.transfer import gather
-from cloudckpt.tfbundle import Bundle, data_object, load_any_index
+from cloudckpt.tfbundle import Bundle, data_object
 from cloudckpt.tfbundle.entries import DTYPES
+from cloudckpt.tools.copy_foreign import convert_foreign, discard_written
+from cloudckpt.tools.foreign import open_checkpoint
 from cloudckpt.tools.progress import ProgressFactory, reporting, silent
 from cloudckpt.tools.ranges import packed_index, packed_name, plan_packings
 from cloudckpt.tools.streaming import ChunkSums, Copier, chunks_by_object
@@ -89,16 +92,6 @@ def _renamed(index: CheckpointIndex, name: str) -> CheckpointIndex:
     return replace(index, name=name, objects=objects, references=())
 
 
-def _discard(dst: Storage, written: Sequence[str]) -> None:
-    """Remove what this copy wrote, except objects a committed index names (a recopy, or a
-    checkpoint copied earlier that this one references)."""
-    try:
-        delete_unreferenced(dst, written)
-    except (StorageError, CheckpointFormatError) as exc:
-        log.warning("could not remove %d copied data object(s) from %s: %s (cloudckpt gc will)",
-                    len(written), dst.url, exc)
-
-
 def _already_copied(dst: Storage, new: DataObject, src_name: str, old: DataObject) -> bool:
     """Whether an object another checkpoint owns (one an incremental index references) is already
     at the destination under the same name and size - copied with the checkpoint that wrote it.
@@ -122,9 +115,12 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
     the ranges it reads, into a new object of the copy (see the module docs). A directory copy
     passes ``False``: its checkpoints share their shared objects' copies.
     """
-    index = load_any_index(src, src_name)
+    index = open_checkpoint(src, src_name)
     if isinstance(index, Bundle):
         return _copy_bundle(index, dst, dst_name, force=force, reread=reread, progress=progress)
+    if isinstance(index, ForeignCheckpoint):
+        count, size = convert_foreign(index, dst, dst_name, force=force, reread=reread, progress=progress)
+        return Copied(index.url, dst.url_for(dst_name), count, size, reread)
     seen = head_index(dst, dst_name)
     if seen is not None and not force:
         raise AlreadyExistsError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)",
@@ -168,7 +164,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
                                + "; ".join(p.line() for p in problems[:5]))
         _, _, stale = commit(dst, new_index, seen)
     except BaseException:
-        _discard(dst, written)
+        discard_written(dst, written)
         raise
     delete_replaced(dst, dst_name, stale)
     carried = tuple(old.name for i, old in enumerate(index.objects)

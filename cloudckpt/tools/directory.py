@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cloudckpt.errors import CheckpointNotFoundError, InvalidURLError
 from cloudckpt.format import INDEX_SUFFIX, index_key, object_checkpoint
+from cloudckpt.format.sniff import find_directory_layout
 from cloudckpt.storage import ObjectMeta, Storage, resolve, split_url, storage_for_directory
 from cloudckpt.storage.base import TEMP_PREFIX
 
@@ -28,14 +29,20 @@ def checkpoint_at(url: str) -> tuple[Storage, str] | None:
     """``(storage, name)`` if ``url`` names a committed checkpoint, else ``None``.
 
     Why "committed": a checkpoint exists iff its index does. A path that only has data
-    objects is a crashed save, and a path that names a directory has no index either.
+    objects is a crashed save, and a path that names a directory has no index either -
+    unless the directory is a foreign checkpoint of a registered directory layout (torch
+    DCP's ``<name>/.metadata``; one HEAD per registered layout), which is one checkpoint.
     """
     try:
         split_url(url)
     except InvalidURLError:
         return None  # a bucket root: a directory, never a checkpoint
     location = resolve(url)
-    return (location.storage, location.name) if location.storage.exists(index_key(location.name)) else None
+    if location.storage.exists(index_key(location.name)):
+        return location.storage, location.name
+    if find_directory_layout(location.storage, location.name) is not None:
+        return location.storage, location.name
+    return None
 
 
 def checkpoint_number(name: str) -> int | None:
@@ -57,12 +64,14 @@ class DirectoryScan:
         data: name -> its data objects (of any write: committed or crashed).
         subdirectories: first path segments of deeper keys (other runs, for hints).
         has_state: whether the state file ``checkpoint`` exists.
+        nested: the objects under each sub-directory (a foreign directory checkpoint's files).
     """
 
     indexes: dict[str, ObjectMeta] = field(default_factory=dict)
     data: dict[str, list[ObjectMeta]] = field(default_factory=dict)
     subdirectories: set[str] = field(default_factory=set)
     has_state: bool = False
+    nested: dict[str, list[ObjectMeta]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -80,6 +89,7 @@ def scan_directory(storage: Storage) -> DirectoryScan:
         elif "/" in key:
             if not key.startswith(TEMP_PREFIX):
                 scan.subdirectories.add(key.split("/", 1)[0])
+                scan.nested.setdefault(key.split("/", 1)[0], []).append(meta)
         elif key == "checkpoint":
             scan.has_state = True
         elif key.endswith(INDEX_SUFFIX):

@@ -15,7 +15,9 @@ dependency needed); it keeps bfloat16 and float8 and skips what it cannot hold.
 A TensorFlow checkpoint exports the same way, its tensors named by object path
 (``model/dense/kernel``); ``tf.string`` tensors go into .npz as fixed-width ``S`` arrays
 (skipped if a string ends in NUL bytes, which ``S`` would drop) and are skipped by
-.safetensors, like resource/variant tensors everywhere.
+.safetensors, like resource/variant tensors everywhere. Any other foreign format a registered
+reader opens (torch DCP's layout, ...) exports its tensors by name through that reader, one
+tensor in memory at a time.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from cloudckpt.errors import ChecksumError, InvalidURLError, NotFoundError, PermissionDeniedError, StorageError
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry
+from cloudckpt.format.sniff import ForeignCheckpoint
 from cloudckpt.restoring.array_reads import read_arrays
 from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer
 from cloudckpt.storage import CheckpointPath, Location, Storage, resolve
-from cloudckpt.tfbundle import Bundle, Tensor, load_any_index
+from cloudckpt.tfbundle import Bundle, Tensor
 from cloudckpt.tools.export_formats import SAFETENSORS_DTYPES, npz_strings, write_npz, write_safetensors
+from cloudckpt.tools.foreign import ForeignTensor, foreign_tensors, format_name, open_checkpoint
 from cloudckpt.tools.inspect import TF_FORMAT, array_nbytes
 from cloudckpt.tools.progress import ProgressFactory, ProgressSink, reporting, silent
 
@@ -97,9 +102,11 @@ def export(path: CheckpointPath, out: str | os.PathLike[str], keys: Sequence[str
     target = _Temp(fd)
     try:
         location = resolve(path)
-        index = load_any_index(location.storage, location.name)
+        index = open_checkpoint(location.storage, location.name)
         if isinstance(index, Bundle):
             report = _export_tf(index, keys, suffix, target, progress)
+        elif isinstance(index, ForeignCheckpoint):
+            report = _export_foreign(index, keys, suffix, target, progress)
         else:
             report = _export(location.storage, index, keys, suffix, target, progress)
         os.replace(temp, out_path)
@@ -345,6 +352,50 @@ def _export_tf(bundle: Bundle, keys: Sequence[str], suffix: str, target: _Temp,
 
     _write_into(target, total, f"export {bundle.name}", progress, write)
     return ExportReport(Path(), TF_FORMAT, len(tensors) + len(texts), 0, total, tuple(skipped))
+
+
+def _export_foreign(foreign: ForeignCheckpoint, keys: Sequence[str], suffix: str, target: _Temp,
+                    progress: ProgressFactory) -> ExportReport:
+    """Export another foreign format's tensors by name, read one at a time through its reader."""
+    chosen: list[ForeignTensor] = []
+    skipped: list[str] = []
+    unmatched = dict.fromkeys(keys)
+    for tensor in foreign_tensors(foreign):
+        hits = [k for k in keys if key_matches(tensor.name, k)]
+        if keys and not hits:
+            continue
+        for key in hits:
+            unmatched.pop(key, None)
+        if tensor.dtype == "object" or (suffix == ".safetensors" and tensor.dtype not in SAFETENSORS_DTYPES):
+            skipped.append(f"{tensor.name} ({tensor.dtype})")
+        else:
+            chosen.append(tensor)
+    if unmatched:
+        raise NothingToExportError(f"{foreign.url}: no tensor matches {', '.join(map(repr, unmatched))} "
+                                   f"(see cloudckpt inspect for the names)", foreign.url)
+    if skipped:
+        log.warning("not exported, the %s format cannot hold them: %s", suffix, "; ".join(skipped))
+    if not chosen:
+        raise NothingToExportError(f"{foreign.url} has no tensors that {suffix} can hold", foreign.url)
+    total = sum(t.nbytes for t in chosen)
+    kind = format_name(foreign.format)
+
+    def tensors(sink: ProgressSink) -> Iterator[tuple[str, NDArray[Any]]]:
+        for tensor in chosen:
+            value = np.ascontiguousarray(foreign.reader.get_tensor(tensor.name))
+            sink.update(value.nbytes)
+            yield tensor.name, value
+
+    def write(out: IO[bytes], sink: ProgressSink) -> None:
+        if suffix == ".npz":
+            write_npz(out, tensors(sink), [])
+        else:
+            layout = [(t.name, t.dtype, t.shape, t.nbytes) for t in chosen]
+            write_safetensors(out, tensors(sink), layout, {"cloudckpt_checkpoint": foreign.url,
+                                                           "cloudckpt_format": kind})
+
+    _write_into(target, total, f"export {foreign.url}", progress, write)
+    return ExportReport(Path(), kind, len(chosen), 0, total, tuple(skipped))
 
 
 def _dtype_name(tensor: Tensor) -> str:

@@ -3,7 +3,8 @@
 Everything but the values of small 0-d arrays comes from the index (one GET). Those values
 (``save_counter``, a step ``Variable``) are what people look for first, so they are fetched
 too - in one coalesced ranged read, CRC32C-checked like any restore. A TensorFlow checkpoint
-is described by its bundle (tensors by object path and raw key).
+is described by its bundle (tensors by object path and raw key); any other registered foreign
+format (torch DCP's layout, ...) by its reader (``ForeignInfo``: tensors by name, its objects).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.format import ArrayEntry, CheckpointIndex, NodeEntry, ValueEntry, parse_dtype
+from cloudckpt.format.sniff import ForeignCheckpoint
 from cloudckpt.restoring.array_reads import read_arrays
 from cloudckpt.restoring.buffers import ReadTarget, new_buffer
 from cloudckpt.storage import CheckpointPath, Storage, resolve
-from cloudckpt.tfbundle import Bundle, Tensor, load_any_index, tensor_value
+from cloudckpt.tfbundle import Bundle, Tensor, tensor_value
+from cloudckpt.tools.foreign import ForeignInfo, inspect_foreign, open_checkpoint
 
 #: Largest array (or tensor) whose value is fetched (0-d arrays are a few bytes each).
 _SCALAR_BYTES = 64
@@ -170,7 +173,7 @@ class BundleInfo:
         return doc
 
 
-def inspect_checkpoint(path: CheckpointPath, *, values: bool = True) -> CheckpointInfo | BundleInfo:
+def inspect_checkpoint(path: CheckpointPath, *, values: bool = True) -> CheckpointInfo | BundleInfo | ForeignInfo:
     """What the checkpoint at ``path`` holds (``cloudckpt inspect``): its index, and small scalars' values.
 
     Args:
@@ -183,8 +186,10 @@ def inspect_checkpoint(path: CheckpointPath, *, values: bool = True) -> Checkpoi
     """
     location = resolve(path)
     storage, name = location.storage, location.name
-    index = load_any_index(storage, name)
+    index = open_checkpoint(storage, name)
     if isinstance(index, Bundle):
         tensors = tuple(index.tensors())
         return BundleInfo(index, tensors, bundle_scalar_values(index, tensors) if values else {})
+    if isinstance(index, ForeignCheckpoint):
+        return inspect_foreign(storage, index, values=values)
     return CheckpointInfo(storage.url_for(name), name, index, scalar_values(storage, index) if values else {})

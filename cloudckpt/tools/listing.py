@@ -28,11 +28,13 @@ from typing import Any
 
 from cloudckpt.errors import CheckpointFormatError, NotFoundError
 from cloudckpt.format import CheckpointIndex
+from cloudckpt.format.sniff import ForeignCheckpoint
 from cloudckpt.format.state_file import CheckpointState
 from cloudckpt.manager.directory import latest_name, read_state_tolerant
-from cloudckpt.storage import Storage
-from cloudckpt.tfbundle import Bundle, load_any_index
+from cloudckpt.storage import ObjectMeta, Storage
+from cloudckpt.tfbundle import Bundle
 from cloudckpt.tools.directory import checkpoint_number, open_directory, scan_directory, sort_names
+from cloudckpt.tools.foreign import format_name, is_directory_checkpoint, object_sizes, open_checkpoint
 from cloudckpt.tools.inspect import TF_FORMAT
 from cloudckpt.tools.ranges import Span, merge_spans, object_spans, span_bytes
 from cloudckpt.tools.verify import stored_size
@@ -58,7 +60,8 @@ class CheckpointRow:
         problem: why an index is unreadable, or a state file entry is missing.
         new_bytes: incremental checkpoints: array bytes new in this one.
         shared: bytes this one reads from earlier checkpoints' objects, by checkpoint.
-        format: ``cloudckpt`` or ``tensorflow`` (a TensorBundle, read by ``cloudckpt.tfbundle``).
+        format: ``cloudckpt``, ``tensorflow`` (a TensorBundle, read by ``cloudckpt.tfbundle``) or another
+            registered foreign format (``torch-dcp``: a sub-directory holding torch DCP's layout).
         kept_for: other committed checkpoints that name data objects of this one (its own index aside).
         kept_bytes: how many bytes of those objects they read; ``kept_size``: the objects' whole size.
     """
@@ -117,14 +120,40 @@ def read_state_quietly(storage: Storage) -> CheckpointState | None:
     return found[0] if found else None
 
 
-def _load(storage: Storage, name: str) -> CheckpointIndex | Bundle | Exception:
+def _load(storage: Storage, name: str) -> CheckpointIndex | Bundle | ForeignCheckpoint | Exception:
     try:
-        loaded = load_any_index(storage, name)
+        loaded = open_checkpoint(storage, name)
         if isinstance(loaded, Bundle):
             stored_size(loaded)  # HEAD its shards now, in this pool (a missing one: unreadable)
         return loaded
     except (CheckpointFormatError, NotFoundError) as exc:
         return exc
+
+
+def _foreign_directories(storage: Storage, subdirectories: set[str]
+                         ) -> dict[str, ForeignCheckpoint | Exception]:
+    """The sub-directories that are foreign checkpoints (torch DCP's layout), opened, in parallel."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        marked = dict(zip(subdirectories, pool.map(lambda n: is_directory_checkpoint(storage, n), subdirectories),
+                          strict=True))
+        names = [n for n, is_one in marked.items() if is_one]
+        opened = dict(zip(names, pool.map(lambda n: _load(storage, n), names), strict=True))
+    return {n: o for n, o in opened.items() if isinstance(o, ForeignCheckpoint | Exception)}
+
+
+def _foreign_row(storage: Storage, name: str, found: ForeignCheckpoint | Exception, scan_nested: list[ObjectMeta]
+                 ) -> CheckpointRow:
+    """A sub-directory that is a foreign checkpoint: its files are the row's objects."""
+    stamps = [m.last_modified for m in scan_nested if m.last_modified]
+    row = CheckpointRow(name, "committed", size=sum(m.size for m in scan_nested), objects=len(scan_nested),
+                        time=max(stamps) if stamps else None)
+    if isinstance(found, Exception):
+        return replace(row, status="unreadable", problem=str(found))
+    missing = sorted(k for k, size in object_sizes(storage, found).items() if size is None)
+    if missing:
+        return replace(row, status="unreadable", format=format_name(found.format),
+                       problem=f"{len(missing)} object(s) its metadata names are missing: {', '.join(missing[:3])}")
+    return replace(row, format=format_name(found.format))
 
 
 def _named_by(indexes: dict[str, CheckpointIndex]) -> tuple[dict[str, set[str]], dict[str, list[Span]]]:
@@ -152,7 +181,7 @@ def list_checkpoints(url: str) -> DirectoryListing:
     with ThreadPoolExecutor(max_workers=8) as pool:
         loaded = dict(zip(scan.indexes, pool.map(lambda n: _load(storage, n), scan.indexes), strict=True))
     users, spans = _named_by({n: i for n, i in loaded.items() if isinstance(i, CheckpointIndex)})
-    latest = latest_name(storage) if scan.indexes else None
+    latest = latest_name(storage) if scan.indexes else None  # foreign directories: no state file says which
     rows: dict[str, CheckpointRow] = {}
     for name in scan.names:
         data = scan.data.get(name, [])
@@ -179,12 +208,19 @@ def list_checkpoints(url: str) -> DirectoryListing:
             row = replace(row, status="committed", time=index_meta.last_modified, format=TF_FORMAT,
                           size=row.size + stored_size(index), objects=row.objects + 1 + index.header.num_shards,
                           stray_objects=strays)
+        elif isinstance(index, ForeignCheckpoint):
+            row = replace(row, status="committed", time=index_meta.last_modified, format=format_name(index.format),
+                          size=row.size + index_meta.size, objects=row.objects + 1, stray_objects=strays)
         else:
             row = replace(row, status="unreadable", time=index_meta.last_modified, problem=str(index),
                           size=row.size + index_meta.size, objects=row.objects + 1)
         rows[name] = row
+    foreign = _foreign_directories(storage, scan.subdirectories - set(rows))
+    for name, found in foreign.items():
+        rows[name] = _foreign_row(storage, name, found, scan.nested.get(name, []))
     for name in listed - set(rows):
         rows[name] = CheckpointRow(name, "missing", problem="listed in the state file, but its index is gone")
     ordered = tuple(replace(rows[name], managed=name in listed, preserved=name in preserved, latest=name == latest)
                     for name in sort_names(set(rows)))
-    return DirectoryListing(storage.url, latest, scan.has_state, ordered, tuple(sorted(scan.subdirectories)))
+    return DirectoryListing(storage.url, latest, scan.has_state, ordered,
+                            tuple(sorted(scan.subdirectories - set(foreign))))
