@@ -217,3 +217,23 @@ def test_sharded_save_restores_onto_every_mesh(tmp_path: Path) -> None:
     index = load_index(resolve(f"{tmp_path}/x").storage, "sharded")
     entry = index.entries["w"]
     assert isinstance(entry, ArrayEntry) and entry.shape == (8, 16)
+
+
+def _doc_block(marker: str) -> str:
+    """The ```python block of docs/jax.md that contains ``marker``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "jax.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    return next(block.split("```", 1)[0] for block in blocks if marker in block)
+
+
+def test_the_docs_training_loop_saves_async_and_resumes(tmp_path: Path) -> None:
+    """docs/jax.md's Flax/optax loop, run as written (on a local directory), twice: the second run resumes."""
+    code = _doc_block("restore_or_initialize").replace('"s3://my-bucket/runs/mlp"', repr(str(tmp_path / "mlp")))
+    first: dict[str, Any] = {}
+    exec(compile(code, "docs/jax.md", "exec"), first)
+    assert [Path(p).name for p in first["manager"].checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-3"]
+    second: dict[str, Any] = {}
+    exec(compile(code, "docs/jax.md", "exec"), second)
+    assert int(second["state"]["step"]) == 30 and second["ckpt"].last_save_stats is None  # resumed: no step ran
+    assert_same_tree(first["state"], second["state"])
+    assert Path(str(second["manager"].save())).name == "ckpt-4"
