@@ -11,7 +11,7 @@ otherwise. See ``base`` for the protocol and the device-copier seam.
 
 Built-in order (first match wins, as classification always went): sharded arrays,
 ``Variable``, numpy arrays, numpy scalars, Python values, torch tensors, opaque bytes
-(which claims no live value; it only builds ``bytes`` entries), then ``jax.Array`` (jax is
+(``bytes`` values, and the ``bytes`` entries DCP writes), then ``jax.Array`` (jax is
 never imported here).
 """
 
