@@ -23,6 +23,7 @@ SUITES = {
     "crc32c": "bench_crc32c",
     "reshard": "bench_reshard",
     "cpu": "bench_cpu",
+    "gpu": "bench_gpu",
 }
 
 
