@@ -27,10 +27,14 @@ import cloudckpt
 from cloudckpt.adapters import torch_device
 from cloudckpt.adapters.torch_device import use_copier
 from cloudckpt.dcp import StorageReader, StorageWriter
+from cloudckpt.format.index_fetch import read_index
 from cloudckpt.leaves.copier import DeviceArray, HostBytes, Pending, ThreadCopier
 from cloudckpt.object_graph import ArrayLeaf, collect
 from cloudckpt.restoring import device_reads
+from cloudckpt.restoring.array_reads import read_coalesced
+from cloudckpt.restoring.assign import RestoreSession
 from cloudckpt.saving import objects
+from cloudckpt.storage import ReadRequest, Storage, open_storage
 
 KiB = 1024
 
@@ -163,7 +167,7 @@ def test_async_save_copies_in_one_batch_blocks_until_it_completed_and_reuses_the
         ckpt.sync()
         assert staging._buffer.ctypes.data == address and staging.capacity == capacity  # type: ignore[union-attr]
         ckpt.close()
-    assert slow.to_host_batches == [len(state) + 0, len(state)]  # one batch per save, not one per tensor
+    assert slow.to_host_batches == [len(state), len(state)]  # one batch per save, not one per tensor
     assert slow.pins == 1 and slow.allocations == []  # the staging area: pinned once, never reallocated
     assert all(_bits(_plain_restore(first, state)[k]) == _bits(original[k]) for k in state)
     assert all(_bits(_plain_restore(second, state)[k]) == _bits(state[k]) for k in state)
@@ -241,4 +245,32 @@ def test_dcp_save_hands_device_tensors_to_the_copier(copier: Recording, tmp_path
     dest = {k: torch.zeros_like(v) for k, v in state.items()}
     with use_copier(ThreadCopier(), cpu_tensors=False):
         dcp_load(dest, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())
+
+
+class CountingRelay:
+    """A ``RangeReader`` standing in for the io host's relay, where every call is a collective."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def read(self, storage: Storage, requests: Sequence[ReadRequest]) -> None:
+        self.calls += 1
+        read_coalesced(storage, requests)
+
+
+def test_a_relayed_restore_reads_device_tensors_in_its_one_collective_read(copier: Recording, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the io host every rank must pass each collective once: no rounds of bounce reads there."""
+    monkeypatch.setattr(device_reads, "BOUNCE_BYTES", 4 * KiB)
+    state = _many(3, rows=16)  # 64 KiB each: 16 bounce blocks each outside a relay
+    path = cloudckpt.Checkpoint(model=state).write(str(tmp_path / "ck"))
+    storage = open_storage(str(tmp_path))
+    index = read_index(storage, Path(path).name)
+    assert index is not None
+    relay = CountingRelay()
+    dest = _zeros_like(state)
+    RestoreSession(storage, index, relay).restore("", cloudckpt.Checkpoint(model=dest), None)
+    assert relay.calls == 1
+    assert copier.to_device_batches == [len(state)]  # copied in after that read, in one batch
     assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())

@@ -32,7 +32,7 @@ from cloudckpt.leaves.copier import DeviceArray
 from cloudckpt.object_graph import Classified, Kind, children, classify, describe_type, display_path, unsupported
 from cloudckpt.restoring.array_reads import RangeReader, read_arrays
 from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer, new_buffer
-from cloudckpt.restoring.device_reads import DeviceTarget, read_to_device
+from cloudckpt.restoring.device_reads import DeviceTarget, read_to_device, staged_reads
 from cloudckpt.storage import Storage
 from cloudckpt.trackable import Trackable
 
@@ -162,9 +162,15 @@ class _Plan:
         self.consumed: set[str] = set()
 
     def execute(self) -> None:
-        read_arrays(self.session.storage, self.session.index, self.reads, self.session.ranges)
-        if self.device_reads:
-            read_to_device(self.session.storage, self.session.index, self.device_reads, self.session.ranges)
+        reads, device, copy_in = self.reads, self.device_reads, None
+        if device and self.session.ranges is not None:  # a relay reads once, collectively: no rounds
+            staged, copy_in = staged_reads(device)
+            reads, device = [*reads, *staged], []
+        read_arrays(self.session.storage, self.session.index, reads, self.session.ranges)
+        if copy_in is not None:
+            copy_in()
+        if device:
+            read_to_device(self.session.storage, self.session.index, device)
         for op in self.ops:
             op()
         for owner, name, path in self.deferred:

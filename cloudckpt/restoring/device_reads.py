@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from cloudckpt.format import ArrayEntry, CheckpointIndex, parse_dtype
 from cloudckpt.leaves.copier import DeviceArray, HostBytes, HostRing, Pending
-from cloudckpt.restoring.array_reads import RangeReader, read_arrays
+from cloudckpt.restoring.array_reads import read_arrays
 from cloudckpt.restoring.buffers import ReadTarget
 from cloudckpt.storage import Storage
 
@@ -60,10 +62,11 @@ def _blocks(target: DeviceTarget, bounce_bytes: int) -> list[_Block]:
             for r in range(0, shape[0], step)]
 
 
-def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[DeviceTarget],
-                   ranges: RangeReader | None = None, *, bounce_bytes: int | None = None,
+def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[DeviceTarget], *,
+                   bounce_bytes: int | None = None,
                    slots: int | None = None) -> None:
-    """Fill every device target through bounce buffers; see the module docstring.
+    """Fill every device target through bounce buffers; see the module docstring. Reads storage
+    directly, in rounds: a restore through the io host's relay uses ``staged_reads`` instead.
 
     Raises what ``read_arrays`` raises (``ChecksumError`` names the key); a failure after the
     first round leaves the destination tensors partly written.
@@ -93,7 +96,7 @@ def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[D
             buffers = [ring.acquire(b.nbytes) for b in round_blocks]
             reads = [_read_target(b, buf) for b, buf in zip(round_blocks, buffers, strict=True)]
             try:
-                read_arrays(storage, index, reads, ranges)
+                read_arrays(storage, index, reads)
             except BaseException:
                 for buffer in buffers:
                     ring.release(buffer)
@@ -103,6 +106,31 @@ def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[D
     finally:
         while in_flight:
             settle_oldest()
+
+
+def staged_reads(targets: Sequence[DeviceTarget]) -> tuple[list[ReadTarget], Callable[[], None]]:
+    """The device targets as whole host reads, and the step that copies them in after.
+
+    For a restore whose reads are one collective (the io host's relay: every rank must pass
+    through it exactly once), where rounds of bounce reads would differ in number between
+    ranks; it costs a host buffer of each device array, as the plain path did.
+    """
+    reads: list[ReadTarget] = []
+    copies: list[tuple[HostBytes, DeviceArray, tuple[int, int]]] = []
+    for target in targets:
+        buffer = np.empty(target.dest.nbytes, dtype=np.uint8)
+        block = _Block(target, (0, target.dest.shape[0] if target.dest.shape else 0), target.dest.nbytes)
+        reads.append(_read_target(block, buffer))
+        copies.append((buffer, target.dest, block.rows))
+
+    def copy_in() -> None:
+        by_copier: dict[int, list[tuple[HostBytes, DeviceArray, tuple[int, int]]]] = {}
+        for copy in copies:
+            by_copier.setdefault(id(copy[1].copier), []).append(copy)
+        for batch in [b for b in by_copier.values() if b]:
+            batch[0][1].copier.to_device(batch).wait()
+
+    return reads, copy_in
 
 
 def _ring_full(rings: dict[int, HostRing], blocks: Sequence[_Block], per_round: int) -> bool:
