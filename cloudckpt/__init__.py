@@ -19,6 +19,9 @@ from cloudckpt.errors import (
     NotFoundError,
     SaveError,
 )
+from cloudckpt.format.sniff import ForeignCheckpoint as _ForeignCheckpoint
+from cloudckpt.format.sniff import IndexFormat as _IndexFormat
+from cloudckpt.format.sniff import register_directory_reader as _register_directory_reader
 from cloudckpt.manager import CheckpointManager, latest_checkpoint, remove_checkpoint
 from cloudckpt.manager.preemption import PreemptionCheckpointHandler
 from cloudckpt.manager.retention import AnyOf, BestN, EveryNHours, LatestN
@@ -36,6 +39,16 @@ from cloudckpt.storage import (
 )
 from cloudckpt.storage.base import GiB, MiB
 from cloudckpt.trackable import Trackable, Variable
+
+
+def _open_torch_dcp(storage: Storage, name: str) -> _ForeignCheckpoint:
+    """torch DCP's own layout (``<name>/.metadata``): the reader (and torch) is imported only when one is opened."""
+    from cloudckpt.dcp.layout import open_layout
+
+    return open_layout(storage, name)
+
+
+_register_directory_reader(_IndexFormat.TORCH_DCP, ".metadata", _open_torch_dcp)
 
 __version__ = "0.1.0"
 

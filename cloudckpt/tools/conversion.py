@@ -120,7 +120,7 @@ def default_conversion(reader: VariableReader) -> Conversion:
 def _loader(reader: VariableReader, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]
             ) -> Callable[[], NDArray[Any]]:
     def load() -> NDArray[Any]:
-        value = np.ascontiguousarray(reader.get_tensor(name))
+        value = np.asarray(reader.get_tensor(name), order="C")
         if value.dtype != dtype or value.shape != shape:
             raise ValueError(f"{name}: the reader returned {value.dtype}{list(value.shape)}, "
                              f"its maps say {dtype}{list(shape)}")

@@ -382,7 +382,7 @@ def _export_foreign(foreign: ForeignCheckpoint, keys: Sequence[str], suffix: str
 
     def tensors(sink: ProgressSink) -> Iterator[tuple[str, NDArray[Any]]]:
         for tensor in chosen:
-            value = np.ascontiguousarray(foreign.reader.get_tensor(tensor.name))
+            value = np.asarray(foreign.reader.get_tensor(tensor.name), order="C")
             sink.update(value.nbytes)
             yield tensor.name, value
 
