@@ -256,3 +256,45 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
     report["problems"] = problems
     coordinator.barrier()
     jax.distributed.shutdown()
+
+
+def killed_mid_save(rank: int, world: int, port: int, root: str, report: dict[str, Any]) -> None:
+    """2 processes: ckpt-1 saved; during the next save, rank 1 is SIGKILLed after uploading its data.
+
+    Rank 0's save fails within its coordinator's timeout; ckpt-1 stays the latest, and no ckpt-2
+    index exists. Short runtime timeouts, so the survivor also exits promptly.
+    """
+    jax = _start_jax(2)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world, process_id=rank,
+                               coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60,
+                               heartbeat_timeout_seconds=30, shutdown_timeout_seconds=2)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import cloudckpt
+    import cloudckpt.jax as ccjax
+    from cloudckpt import CheckpointManager
+    from cloudckpt._testhooks import CRASH_ENV
+    from cloudckpt.errors import CloudCkptError
+
+    P: Any = PartitionSpec
+    g = global_values()
+    mesh = jax.make_mesh((2, 2), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+    coordinator = ccjax.JaxCoordinator(timeout=3)
+    ckpt = ccjax.PyTreeCheckpoint({"w": jax.make_array_from_callback(g["w"].shape, sharding, lambda i: g["w"][i])},
+                                  coordinator=coordinator)
+    directory = f"{root}/killed"
+    manager = CheckpointManager(ckpt, directory, max_to_keep=2)
+    manager.save()
+    coordinator.barrier()
+    ckpt.tree = {"w": jax.make_array_from_callback(g["w"].shape, sharding, lambda i: g["w"][i] + 1)}
+    if rank == 1:
+        os.environ[CRASH_ENV] = "after_data_upload"  # SIGKILL, as a preempted VM dies
+    try:
+        manager.save()
+        report["second_save"] = "succeeded"
+    except CloudCkptError as exc:
+        report["second_save"] = type(exc).__name__
+    report["latest"] = cloudckpt.latest_checkpoint(directory)
+    report["ckpt2_index"] = cloudckpt.open_storage(directory).exists("ckpt-2.index")

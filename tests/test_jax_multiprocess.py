@@ -59,3 +59,15 @@ def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
     for name, value in g.items():
         assert np.asarray(restored[name]).tobytes() == (value + 1).tobytes(), name
     assert restored["step"] == 1
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(s3_root: str) -> None:
+    """Rank 1 is SIGKILLed after uploading its shards of ckpt-2: rank 0's save fails, ckpt-1 stays intact."""
+    reports = spawn_reports(jax_worker.killed_mid_save, 2, s3_root, timeout=SPAWN_TIMEOUT, may_die={1})
+    survivor, killed = reports
+    assert killed.get("died") == -9 and "second_save" not in killed
+    assert survivor["second_save"] in ("CoordinationError", "DistributedSaveError")
+    assert survivor["latest"].endswith("/killed/ckpt-1") and not survivor["ckpt2_index"]
+    g = jax_worker.global_values()
+    restored = ccjax.restore(f"{s3_root}/killed/ckpt-1", {"w": jax.numpy.zeros(g["w"].shape, g["w"].dtype)})
+    assert np.asarray(restored["w"]).tobytes() == g["w"].tobytes()
