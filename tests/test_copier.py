@@ -274,3 +274,29 @@ def test_a_relayed_restore_reads_device_tensors_in_its_one_collective_read(copie
     assert relay.calls == 1
     assert copier.to_device_batches == [len(state)]  # copied in after that read, in one batch
     assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())
+
+
+def test_a_dtensor_local_shard_goes_through_the_copier_both_ways(copier: Recording, tmp_path: Path) -> None:
+    """A one-process gloo group: the DTensor's local shard is a DeviceArray, saved in the batch and
+    restored through bounce buffers into the local shard itself."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        full = torch.randn(32, 16, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        state = {"w": distribute_tensor(full, mesh, [Shard(0)]), "plain": torch.arange(10.0)}
+        path = cloudckpt.Checkpoint(model=state).write(str(tmp_path / "ck"))
+        assert copier.to_host_batches and sum(copier.to_host_batches) == 2  # the shard and the plain tensor
+        shard = distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)])
+        dest = {"w": shard, "plain": torch.zeros(10)}
+        local = shard.to_local()
+        cloudckpt.Checkpoint(model=dest).restore(path)
+        assert sum(copier.to_device_batches) == 2
+        assert shard.to_local().data_ptr() == local.data_ptr()  # restored into the shard in place
+        assert _bits(shard.full_tensor()) == _bits(full)
+        assert _bits(dest["plain"]) == _bits(state["plain"])
+    finally:
+        dist.destroy_process_group()
