@@ -135,13 +135,14 @@ _cpu_tensors = False
 
 
 def _choose() -> Copier:
+    """The process's copier (chosen on first need, logged once): CUDA's for the current device, else the CPU one."""
     global _chosen
     with _lock:
         if _chosen is None:
             if torch.cuda.is_available():
-                _chosen = CudaCopier()
+                _chosen = _cuda_copier(torch.cuda.current_device())
                 log.info("cloudckpt device copies: cuda copier (pinned staging, side stream) on %s",
-                         torch.cuda.get_device_name(_chosen.device))
+                         torch.cuda.get_device_name(torch.cuda.current_device()))
             else:
                 _chosen = ThreadCopier()
                 log.info("cloudckpt device copies: cpu copier (torch.cuda.is_available() is false)")
@@ -149,6 +150,15 @@ def _choose() -> Copier:
 
 
 _cpu_copier = ThreadCopier()
+_per_device: dict[int, CudaCopier] = {}
+
+
+def _cuda_copier(index: int) -> CudaCopier:
+    """One copier (one side stream) per CUDA device: a stream copies only its own device's memory."""
+    copier = _per_device.get(index)
+    if copier is None:
+        copier = _per_device.setdefault(index, CudaCopier(torch.device("cuda", index)))
+    return copier
 
 
 def copier_for(tensor: torch.Tensor) -> Copier | None:
@@ -156,9 +166,12 @@ def copier_for(tensor: torch.Tensor) -> Copier | None:
     device = tensor.device.type
     if device == "cpu":
         return _choose() if _cpu_tensors else None
+    chosen = _choose()
+    if not isinstance(chosen, CudaCopier):
+        return chosen  # the CPU copier (or a test's): torch's own copy_ moves any device's bytes
     if device == "cuda":
-        return _choose() if torch.cuda.is_available() else _cpu_copier
-    return _cpu_copier
+        return _cuda_copier(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+    return _cpu_copier  # another accelerator (xpu, mps): a CUDA stream cannot copy its memory
 
 
 def device_array(tensor: torch.Tensor) -> TorchDeviceArray | None:
