@@ -153,6 +153,15 @@ float8 and holds arrays only: what it cannot store is skipped, in one warning li
     p.add_argument("keys", metavar="KEY", nargs="*",
                    help="only the key paths these select (see above; default: all)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--format", choices=("safetensors",), default=None,
+                   help="safetensors: OUT is a directory that gets Hugging Face sharded safetensors "
+                        "(model-0000k-of-0000N.safetensors + model.safetensors.index.json) that "
+                        "from_pretrained loads; names are key paths joined with '.'")
+    p.add_argument("--prefix", default="", help="with --format safetensors: only the key paths under this "
+                   "prefix, e.g. model/ (a Lightning checkpoint: lightning/state_dict/)")
+    p.add_argument("--strip-prefix", action="store_true", help="drop --prefix from the names written")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="with --format safetensors: the largest shard, e.g. 5GiB (default: 5 GB, as transformers)")
     return parser
 
 
