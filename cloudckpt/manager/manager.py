@@ -51,6 +51,7 @@ from cloudckpt.manager.managed_set import ManagedSet
 from cloudckpt.manager.ownership import DirectoryOwnership
 from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.manager.retention import BestN, RetentionPolicy, manager_policy, metric_key
+from cloudckpt.manager.tiers import LocalTier, TierRunner, step_of
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.saving import CommittedWrite
 from cloudckpt.storage import Directory, Location, Storage, join_url, resolve_directory
@@ -94,6 +95,9 @@ class CheckpointManager:
             latest checkpoint instead of uploading them again (identity: equal XXH3-128 hash,
             key, dtype, box and size). On by default; ``save(incremental=False)`` writes one
             save in full. Retention and cleanup delete only objects no kept checkpoint names.
+        local_tier: a ``LocalTier`` (host-local directory, replicas on peer hosts, its own
+            ``max_to_keep``): ``save(tier="local")`` saves there, and ``restore_or_initialize``
+            restores the newest verified step of both tiers (``cloudckpt.manager.tiers``, docs/tiers.md).
 
     Many hosts: with a ``DTensorCheckpoint`` the manager is a collective object - every
     rank constructs it and calls ``save``, ``restore_or_initialize`` and ``sync`` together,
@@ -111,7 +115,7 @@ class CheckpointManager:
                  preservation: RetentionPolicy | None = None,
                  storage: Storage | None = None, options: CheckpointOptions | None = None,
                  leftover_min_age: float | timedelta | None = DEFAULT_LEFTOVER_MIN_AGE,
-                 incremental: bool = True) -> None:
+                 incremental: bool = True, local_tier: LocalTier | None = None) -> None:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         if checkpoint_interval is not None:
@@ -143,6 +147,7 @@ class CheckpointManager:
         coordinator = checkpoint.coordinator
         self._coordinator = coordinator if coordinator is not None and coordinator.world_size > 1 else None
         self._owner = self._committer(options)
+        self._tier = TierRunner(local_tier, self._coordinator) if local_tier is not None else None
         found = self._ownership.read() if self._owns_storage else None
         self._managed = ManagedSet.adopt(found[0] if found else None, self._storage.url, time.time())
         self._share_state()
@@ -301,11 +306,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, checkpoint_number: Any = None, check_interval: bool = True,
              options: CheckpointOptions | None = None, metadata: Mapping[str, Any] | None = None, *,
-             incremental: bool | None = None) -> str | None:
+             incremental: bool | None = None, tier: str = "bucket") -> str | None:
         """Save a checkpoint (``write`` semantics) and apply retention; see the class docs.
 
         ``incremental`` overrides the manager's setting for this save (``False``: upload
-        every byte, e.g. to start a fresh chain).
+        every byte, e.g. to start a fresh chain). ``tier="local"``: save to the ``local_tier``
+        (every host's directory and its replicas; synchronous, never incremental) instead of the bucket.
 
         Returns:
             The new checkpoint's path, or ``None`` when ``checkpoint_interval`` skipped it.
@@ -315,6 +321,8 @@ class CheckpointManager:
             ValueError: on many hosts, ``options`` route I/O through another host than the
                 one keeping this manager's state file (checked before anything changes).
         """
+        if tier not in ("bucket", "local") or (tier == "local" and self._tier is None):
+            raise ValueError(f"tier must be 'bucket' or (with CheckpointManager(local_tier=...)) 'local', got {tier!r}")
         options = options if options is not None else self._options
         if self._committer(options) != self._owner:
             assert options is not None
@@ -330,11 +338,15 @@ class CheckpointManager:
                     return None
             self._last_checkpoint_step = step
         self.sync()
-        self._ensure_ownership()
+        if tier == "bucket":
+            self._ensure_ownership()
         counter = self._checkpoint.save_counter
         counter.assign_add(1)
         number = as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
         name = f"{self._name}-{number}"
+        if self._tier is not None and tier == "local":
+            self._tier.save(self._checkpoint, name, metadata)
+            return join_url(self._tier.url, name)
         key = metric_key(self._policy)
         metric = float(metadata[key]) if key is not None and metadata is not None and key in metadata else None
         with self._lock:
@@ -376,6 +388,11 @@ class CheckpointManager:
             candidates = self._coordinator.broadcast_object(mine, src=self._owner)
         else:
             candidates = self._resume_candidates()
+        if self._tier is not None:  # a local step at least as new as the bucket's newest wins
+            local = self._tier.restore(lambda where: self._checkpoint.restore(where),
+                                       step_of(candidates[0]) if candidates else 0)
+            if local is not None:
+                return join_url(self._tier.url, local)
         if candidates:
             # Through this manager's storage; with an io_device, that host reads for all. A damaged
             # latest checkpoint is skipped with a warning for the newest intact one (manager/resume.py).

@@ -1,0 +1,72 @@
+"""``LocalTier``: where a host keeps its fast copies, how many peers hold a replica, how many steps stay.
+
+A value object the user hands to ``CheckpointManager(local_tier=...)``; it opens nothing
+until the manager does. Replica placement is a pure function of every host's failure
+domain (``replica_holders``), so every rank computes the same answer from one all-gather.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTier:
+    """The host-local tier of a ``CheckpointManager``.
+
+    Args:
+        path: a directory on this host (tmpfs, local NVMe); every host passes its own.
+        replicas: how many peer hosts also keep each of this host's shards (0: none).
+        max_to_keep: how many local steps each host keeps (its own retention, apart from the bucket's).
+        failure_domain: what a host and its replica holders must not share (a rack, a VM);
+            ``None`` is the hostname. On one machine, pass something distinct per process
+            (the rank) - otherwise every peer shares the domain and replicas go to peers anyway,
+            with a warning.
+    """
+
+    path: str | os.PathLike[str]
+    replicas: int = 1
+    max_to_keep: int = 2
+    failure_domain: str | None = None
+
+    def __post_init__(self) -> None:
+        if not os.fspath(self.path):
+            raise ValueError("LocalTier path must be a non-empty directory path")
+        if not isinstance(self.replicas, int) or self.replicas < 0:
+            raise ValueError(f"LocalTier replicas must be a non-negative int, got {self.replicas!r}")
+        if not isinstance(self.max_to_keep, int) or self.max_to_keep <= 0:
+            raise ValueError(f"LocalTier max_to_keep must be a positive int, got {self.max_to_keep!r}")
+
+    def domain(self) -> str:
+        """This host's failure domain (the hostname unless given)."""
+        return self.failure_domain if self.failure_domain is not None else socket.gethostname()
+
+
+def replica_holders(domains: list[str], replicas: int) -> list[list[int]]:
+    """For each rank, the ranks that keep a replica of its shards.
+
+    Hosts of *other* failure domains first, taken round-robin from the next domain on, so that
+    holders spread over domains and each host holds about ``replicas`` others' shards; peers
+    in the same domain only when other domains run out. Deterministic: every rank computes
+    the same table from the same gathered domains.
+    """
+    world = len(domains)
+    order = sorted(set(domains))
+    table: list[list[int]] = []
+    for rank in range(world):
+        mine = order.index(domains[rank])
+        # Other domains in ring order from the next one, each domain's ranks rotated by our position
+        # in our own domain, so two hosts of one domain pick different holders.
+        position = [r for r in range(world) if domains[r] == domains[rank]].index(rank)
+        others: list[int] = []
+        for step in range(1, len(order)):
+            members = [r for r in range(world) if domains[r] == order[(mine + step) % len(order)]]
+            others.append(members[position % len(members)])
+        for step in range(1, len(order)):  # then the remaining members of other domains
+            members = [r for r in range(world) if domains[r] == order[(mine + step) % len(order)]]
+            others.extend(r for r in members if r not in others)
+        same = [r for r in range(world) if domains[r] == domains[rank] and r != rank]
+        table.append([*others, *same][:replicas])
+    return table

@@ -1,0 +1,190 @@
+"""What one host's local tier directory holds: steps, their manifests, verified objects, the owner.
+
+Layout of ``LocalTier.path`` (a plain ``LocalStorage`` - temp file, fsync, rename - so an
+object is whole or absent even across a power cut)::
+
+    ckpt-7.index, ckpt-7.data-*        cloudckpt's format, as the pipeline wrote it (and replicas
+                                       of peers' data objects, under the same write-unique names)
+    tier/ckpt-7.json                   the manifest: this host's local commit of step 7
+    tier/owner.json                    which incarnation owns this directory, and the fenced ones
+
+The manifest is written only once every host's shards are on the host and its replicas;
+it records the writer's incarnation token, which rank wrote which data object, and the
+CRC32C of the index bytes - so a resume accepts neither a step a fenced zombie wrote nor an
+index a zombie replaced under a manifest of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cloudckpt.errors import CloudCkptError, ConcurrentWriterError, NotFoundError, PreconditionError
+from cloudckpt.format import INDEX_SUFFIX, ArrayEntry, CheckpointIndex, index_key
+from cloudckpt.format.decode import decode_index
+from cloudckpt.format.naming import object_checkpoint
+from cloudckpt.storage import Storage, UpdateVersion
+from cloudckpt.storage.checksum import crc32c_of
+
+log = logging.getLogger("cloudckpt.manager.tiers")
+
+MANIFEST_DIR = "tier/"
+OWNER_KEY = "tier/owner.json"
+
+
+def manifest_key(name: str) -> str:
+    return f"{MANIFEST_DIR}{name}.json"
+
+
+def step_of(name: str) -> int:
+    """The number of ``ckpt-7`` (``-1`` when the name has none)."""
+    number = name.rpartition("-")[2]
+    return int(number) if number.isdigit() else -1
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """One host's record that step ``name`` committed on every host and its replicas."""
+
+    name: str
+    token: str
+    index_crc32c: int
+    owners: dict[str, int] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"name": self.name, "token": self.token, "index_crc32c": self.index_crc32c,
+                           "owners": self.owners}, sort_keys=True).encode()
+
+    @staticmethod
+    def parse(data: bytes, where: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+            owners = {str(k): int(v) for k, v in dict(raw["owners"]).items()}
+            return Manifest(str(raw["name"]), str(raw["token"]), int(raw["index_crc32c"]), owners)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CloudCkptError(f"local tier manifest {where} is unreadable: {exc}") from exc
+
+
+class Holdings:
+    """One host's local tier directory, through a ``Storage`` (a ``LocalStorage`` of ``LocalTier.path``)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    # ---------------------------------------------------------------- owner (fencing)
+    def read_owner(self) -> tuple[dict[str, object], str | None]:
+        """The owner record (``token``, ``fenced``: token -> last step it may have written) and its version."""
+        try:
+            meta = self.storage.head(OWNER_KEY)
+            return json.loads(self.storage.get(OWNER_KEY)), meta.version
+        except NotFoundError:
+            return {"token": None, "fenced": {}}, None
+
+    def claim(self, token: str) -> None:
+        """Make ``token`` the owner; the previous owner is fenced at the newest step it committed here.
+
+        A zombie of that incarnation then fails its next save here (``check_owner``), and a
+        step it committed after this claim is never restored (``acceptable``).
+        """
+        for _ in range(3):  # bounded: a racing claim is retried twice, then reported
+            record, version = self.read_owner()
+            if record.get("token") == token:
+                return
+            fenced = dict(record.get("fenced") or {})  # type: ignore[call-overload]
+            old = record.get("token")
+            if isinstance(old, str):
+                steps = [step_of(m.name) for m in self.manifests() if m.token == old]
+                fenced[old] = max(steps, default=-1)
+            data = json.dumps({"token": token, "fenced": fenced}, sort_keys=True).encode()
+            try:
+                self.storage.put(OWNER_KEY, data, mode="create" if version is None else UpdateVersion(version))
+                return
+            except PreconditionError:  # AlreadyExistsError too: another claim got there first
+                continue
+        raise ConcurrentWriterError(f"could not claim the local tier {self.storage.url}: another job keeps claiming it")
+
+    def check_owner(self, token: str) -> None:
+        """Raise ``ConcurrentWriterError`` unless ``token`` owns this directory."""
+        record, _ = self.read_owner()
+        if record.get("token") not in (None, token):
+            raise ConcurrentWriterError(f"the local tier {self.storage.url} was claimed by a newer job; this "
+                                        f"(previous) incarnation may no longer save there")
+
+    def acceptable(self, manifest: Manifest, token: str | None) -> bool:
+        """Whether a resume may use ``manifest``: ours, or a fenced incarnation's from before its fence."""
+        record, _ = self.read_owner()
+        fenced = dict(record.get("fenced") or {})  # type: ignore[call-overload]
+        if manifest.token in (token, record.get("token")):
+            return True
+        return manifest.token in fenced and step_of(manifest.name) <= int(fenced[manifest.token])
+
+    # ---------------------------------------------------------------- steps
+    def manifests(self) -> list[Manifest]:
+        """Every manifest here, newest step first (unreadable ones skipped with a warning)."""
+        found = []
+        for meta in self.storage.list(MANIFEST_DIR):
+            if not meta.key.endswith(".json") or meta.key == OWNER_KEY:
+                continue
+            try:
+                found.append(Manifest.parse(self.storage.get(meta.key), self.storage.url_for(meta.key)))
+            except (CloudCkptError, NotFoundError) as exc:
+                log.warning("%s", exc)
+        return sorted(found, key=lambda m: step_of(m.name), reverse=True)
+
+    def manifest(self, name: str) -> Manifest | None:
+        try:
+            return Manifest.parse(self.storage.get(manifest_key(name)), self.storage.url_for(manifest_key(name)))
+        except NotFoundError:
+            return None
+
+    def data_objects(self, name: str) -> dict[str, int]:
+        """The data objects of step ``name`` held here (its own and replicas): key -> size."""
+        return {m.key: m.size for m in self.storage.list(name)
+                if not m.key.endswith(INDEX_SUFFIX) and object_checkpoint(m.key) == name}
+
+    def index_text(self, name: str, manifest: Manifest) -> str | None:
+        """The index of ``name`` held here, if it is the one ``manifest`` committed."""
+        try:
+            data = self.storage.get(index_key(name))
+        except NotFoundError:
+            return None
+        if crc32c_of([data]) != manifest.index_crc32c:
+            log.warning("local tier: %s is not the index its manifest committed; not using it",
+                        self.storage.url_for(index_key(name)))
+            return None
+        return data.decode()
+
+    def verified(self, index: CheckpointIndex, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` held here whose every chunk matches the CRC32C the index records."""
+        chunks: dict[int, list[tuple[int, int, int]]] = {}
+        for entry in index.entries.values():
+            if isinstance(entry, ArrayEntry):
+                for chunk in entry.chunks:
+                    chunks.setdefault(chunk.object, []).append((chunk.offset, chunk.length, chunk.crc32c))
+        position = {obj.name: (i, obj.size) for i, obj in enumerate(index.objects)}
+        good = []
+        for key in keys:
+            if key not in position:
+                continue
+            i, size = position[key]
+            try:
+                data = memoryview(self.storage.get(key))
+            except NotFoundError:
+                continue
+            bad = len(data) != size or any(crc32c_of([data[off:off + n]]) != crc for off, n, crc in chunks.get(i, ()))
+            if bad:
+                log.warning("local tier: %s fails its CRC32C check; it will not be used", self.storage.url_for(key))
+                continue
+            good.append(key)
+        return good
+
+    def decode(self, name: str, text: str) -> CheckpointIndex:
+        return decode_index(text.encode(), name, self.storage.url_for(index_key(name)))
+
+    def delete_step(self, name: str) -> None:
+        """Manifest first (the step stops counting here), then the index, then every data object held."""
+        self.storage.delete(manifest_key(name))
+        self.storage.delete(index_key(name))
+        self.storage.delete(list(self.data_objects(name)))

@@ -1,0 +1,69 @@
+"""Moving a step's data objects between hosts over the job's coordinator (never a home-made RPC).
+
+Two directions, one mechanism (``Coordinator.transfer``: every sender's buffers to one
+receiving rank, sizes agreed beforehand by an all-gather):
+
+- ``replicate``: after a local save, each host sends the data objects it wrote to its
+  replica holders, which store them under the same write-unique names;
+- ``fetch``: at resume, each host receives the objects it lacks from a host that holds
+  them verified.
+
+One ``transfer`` per receiving rank, in rank order on every rank; a rank with nothing to
+send passes no buffers. Objects are read whole into memory (a host's own shards of one step).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudckpt.coordination import Coordinator
+from cloudckpt.manager.tiers.holdings import Holdings
+
+log = logging.getLogger("cloudckpt.manager.tiers")
+
+#: For each receiving rank: for each sending rank, the (key, size) it sends, in order.
+Routes = Mapping[int, Mapping[int, Sequence[tuple[str, int]]]]
+
+
+def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
+    """Run the transfers ``routes`` describes (identical on every rank); return the bytes this rank received."""
+    me = coordinator.rank
+    received = 0
+    for dst in range(coordinator.world_size):
+        senders = {src: list(items) for src, items in routes.get(dst, {}).items() if items and src != dst}
+        if not senders:
+            continue
+        outgoing: list[NDArray[np.uint8]] = []
+        if me in senders:
+            outgoing = [np.frombuffer(holdings.storage.get(key), dtype=np.uint8) for key, _ in senders[me]]
+        incoming = ({src: [np.empty(size, dtype=np.uint8) for _, size in items] for src, items in senders.items()}
+                    if me == dst else {})
+        coordinator.transfer(dst, outgoing, incoming)
+        for src, buffers in incoming.items():
+            for (key, _), buf in zip(senders[src], buffers, strict=True):
+                holdings.storage.put(key, buf.data)
+                received += buf.nbytes
+    return received
+
+
+def replicate(holdings: Holdings, coordinator: Coordinator, name: str,
+              holders: Sequence[Sequence[int]]) -> dict[str, int]:
+    """Send this host's data objects of ``name`` to its replica holders; return key -> writing rank.
+
+    Collective. Before it, each host holds only what it wrote (a fresh step).
+    """
+    mine = sorted(holdings.data_objects(name).items())
+    gathered = [[(str(k), int(s)) for k, s in items] for items in coordinator.all_gather_object(mine)]
+    owners = {key: rank for rank, items in enumerate(gathered) for key, _ in items}
+    routes: dict[int, dict[int, Sequence[tuple[str, int]]]] = {}
+    for src, targets in enumerate(holders):
+        for dst in targets:
+            routes.setdefault(dst, {})[src] = gathered[src]
+    received = move(holdings, coordinator, routes)
+    if received:
+        log.debug("local tier: rank %d holds %d replica bytes of %s", coordinator.rank, received, name)
+    return owners

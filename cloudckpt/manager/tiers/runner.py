@@ -1,0 +1,161 @@
+"""The local tier in a ``CheckpointManager``: save a step to every host and its replicas, resume from it.
+
+``CheckpointManager`` keeps one ``TierRunner`` when given ``local_tier=`` and delegates
+``save(tier="local")`` and the local half of ``restore_or_initialize`` to it. Everything here
+is collective on a multi-host manager (all ranks call it in the same order) and is the
+one-rank case on one host (a ``LocalCoordinator``: no replicas, the same steps).
+
+A local save, in order: check this incarnation still owns every host's directory -> the
+checkpoint's own pipeline writes each host's shards into its directory and commits the index
+on rank 0's (``saving/committer.py``: the one commit path) -> replicate the data objects to
+their holders and the index to every host -> check ownership again -> every host writes the
+step's manifest (the local commit) -> local retention. A failure anywhere before the
+manifests leaves a step no resume uses (``recover``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cloudckpt.coordination import Coordinator, LocalCoordinator
+from cloudckpt.errors import ConcurrentWriterError, NoIntactCheckpointError
+from cloudckpt.format import index_key
+from cloudckpt.manager.contract import ManagedCheckpoint
+from cloudckpt.manager.resume import restore_newest_intact
+from cloudckpt.manager.tiers.config import LocalTier, replica_holders
+from cloudckpt.manager.tiers.holdings import Holdings, Manifest, manifest_key, step_of
+from cloudckpt.manager.tiers.recover import candidates, fetch
+from cloudckpt.manager.tiers.replicate import replicate
+from cloudckpt.storage import Location
+from cloudckpt.storage.checksum import crc32c_of
+from cloudckpt.storage.local import LocalStorage
+
+log = logging.getLogger("cloudckpt.manager.tiers")
+
+
+class TierRunner:
+    """One host's side of the local tier of a manager (``coordinator=None``: one host)."""
+
+    def __init__(self, tier: LocalTier, coordinator: Coordinator | None) -> None:
+        os.makedirs(os.fspath(tier.path), exist_ok=True)
+        self.tier = tier
+        self.coordinator = coordinator if coordinator is not None else LocalCoordinator()
+        self.holdings = Holdings(LocalStorage(os.fspath(tier.path)))
+        self._token: str | None = None
+        self._holders: list[list[int]] = []
+        self._claimed = False
+
+    @property
+    def url(self) -> str:
+        return self.holdings.storage.url
+
+    def _start(self) -> str:
+        """The incarnation token (rank 0's, shared) and the replica table: collective, once."""
+        if self._token is None:
+            token = self.coordinator.broadcast_object(uuid.uuid4().hex if self.coordinator.rank == 0 else None)
+            domains = [str(d) for d in self.coordinator.all_gather_object(self.tier.domain())]
+            self._holders = replica_holders(domains, self.tier.replicas)
+            mine = self._holders[self.coordinator.rank]
+            if any(domains[r] == domains[self.coordinator.rank] for r in mine):
+                log.warning("local tier: rank %d's replicas share its failure domain %r (too few domains for "
+                            "replicas=%d); pass LocalTier(failure_domain=...) to spread them",
+                            self.coordinator.rank, domains[self.coordinator.rank], self.tier.replicas)
+            self._token = token
+        return self._token
+
+    def _claim(self) -> None:
+        """This incarnation owns every host's directory from now on (fences the previous one's zombies)."""
+        token = self._start()
+        if not self._claimed:
+            failure = None
+            try:
+                self.holdings.claim(token)
+            except ConcurrentWriterError as exc:
+                failure = str(exc)
+            self._raise_if_any(failure)
+            self._claimed = True
+
+    def _raise_if_any(self, failure: str | None) -> None:
+        failures = self.coordinator.all_gather_object(failure)
+        first = next((f for f in failures if f is not None), None)
+        if first is not None:
+            raise ConcurrentWriterError(first)
+
+    def _check_owner(self) -> None:
+        failure = None
+        try:
+            self.holdings.check_owner(self._start())
+        except ConcurrentWriterError as exc:
+            failure = str(exc)
+        self._raise_if_any(failure)
+
+    # ------------------------------------------------------------------ save
+    def save(self, checkpoint: ManagedCheckpoint, name: str, metadata: Mapping[str, Any] | None) -> None:
+        """Save step ``name`` to every host's directory and its replicas; return once it is committed there."""
+        self._claim()
+        self._check_owner()  # a zombie stops before it writes a byte
+        self.holdings.delete_step(name)  # a re-save of a number: the old manifest stops counting first
+        checkpoint._write_managed(Location(self.holdings.storage, name), options=None, metadata=metadata, base=None)
+        owners = replicate(self.holdings, self.coordinator, name, self._holders)
+        text = self.holdings.storage.get(index_key(name)).decode() if self.coordinator.rank == 0 else None
+        text = self.coordinator.broadcast_object(text, src=0)
+        assert text is not None
+        if self.coordinator.rank != 0:
+            self.holdings.storage.put(index_key(name), text.encode())
+        try:
+            self._check_owner()  # fenced mid-save: nothing of ours commits, and what we wrote goes
+        except ConcurrentWriterError:
+            ours = [k for k, r in owners.items() if r == self.coordinator.rank]
+            if self.holdings.index_text(name, Manifest(name, "", crc32c_of([text.encode()]))) is not None:
+                ours.append(index_key(name))  # still the index we wrote (not one the new owner made)
+            self.holdings.storage.delete(ours)
+            raise
+        manifest = Manifest(name, self._start(), crc32c_of([text.encode()]), owners)
+        self.holdings.storage.put(manifest_key(name), manifest.to_bytes())
+        self.coordinator.barrier()  # committed on every host and its replicas
+        self._retain()
+
+    def _retain(self) -> None:
+        """Keep this host's ``max_to_keep`` newest committed steps (every host decides the same)."""
+        steps = [m.name for m in self.holdings.manifests() if self.holdings.acceptable(m, self._token)]
+        for name in steps[self.tier.max_to_keep:]:
+            self.holdings.delete_step(name)
+            log.info("local tier: deleted %s (max_to_keep=%d)", self.holdings.storage.url_for(name),
+                     self.tier.max_to_keep)
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, restore: Callable[[Location], None], at_least: int) -> str | None:
+        """Restore the newest complete local step numbered ``>= at_least``; its name, or ``None``.
+
+        ``None`` (nothing local is newer than the bucket, or every local step is incomplete or
+        damaged) sends the manager to the bucket; why is logged.
+        """
+        self._claim()
+        url_for = self.holdings.storage.url_for
+        for candidate in candidates(self.holdings, self.coordinator, self._token, at_least):
+            for everything in (False, True):
+                fetch(self.holdings, self.coordinator, candidate, everything=everything)
+                try:
+                    restore_newest_intact(lambda name: restore(Location(self.holdings.storage, name)),
+                                          [candidate.name], url_for,
+                                          self.coordinator if self.coordinator.world_size > 1 else None)
+                except NoIntactCheckpointError as exc:
+                    log.warning("local tier: restoring %s failed (%s)%s", candidate.name, exc,
+                                "; fetching every object this host lacks and trying again" if not everything else "")
+                    continue
+                if self.holdings.manifest(candidate.name) is None:
+                    self.holdings.storage.put(manifest_key(candidate.name), candidate.manifest.to_bytes())
+                log.info("restored %s from the local tier (step %d: newest complete step, every data object "
+                         "CRC32C-verified on a host; bucket's newest is older)", url_for(candidate.name),
+                         step_of(candidate.name))
+                return candidate.name
+        log.info("local tier %s: no complete step numbered >= %d; restoring from the bucket", self.url, at_least)
+        return None
+
+    def steps(self) -> list[str]:
+        """The steps this host's manifests commit, newest first (``cloudckpt ls``)."""
+        return [m.name for m in self.holdings.manifests()]
