@@ -88,9 +88,9 @@ def measured(fn: Callable[[], Any]) -> tuple[Sample, Any]:
 @contextlib.contextmanager
 def endpoint_env(endpoint: str, ca_bundle: Path | None) -> Iterator[None]:
     """Point every client at ``endpoint``: boto3 / cloudckpt / CRT read ``AWS_ENDPOINT_URL``; the CA
-    bundle goes where each client looks (botocore ``AWS_CA_BUNDLE``, tensorstore
-    ``TENSORSTORE_CA_BUNDLE``, OpenSSL-based ``SSL_CERT_FILE``; obstore gets it in its options)."""
-    names = ("AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "TENSORSTORE_CA_BUNDLE", "SSL_CERT_FILE")
+    bundle goes where each client looks (botocore ``AWS_CA_BUNDLE``, OpenSSL-based ``SSL_CERT_FILE``;
+    obstore gets it in its options, tensorstore's ``TENSORSTORE_CA_BUNDLE`` is set once in ``main``)."""
+    names = ("AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "SSL_CERT_FILE")
     saved = {n: os.environ.get(n) for n in names}
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     for name in names[1:]:
@@ -363,10 +363,14 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-cpu-", dir=REPO) as tmp, \
             servers.seaweedfs(Path(tmp) / "weed", tls=True) as server:
         endpoints = {"http": (server.endpoint, None), "https": (server.https_endpoint or "", server.ca_bundle)}
-        bucket = f"cpu-{uuid.uuid4().hex[:10]}"
-        s3_client(server.endpoint).create_bucket(Bucket=bucket)
+        if server.ca_bundle is not None:  # tensorstore reads it once, at its first request: set it before the first
+            os.environ["TENSORSTORE_CA_BUNDLE"] = str(server.ca_bundle)
         for protocol in protocols:
             endpoint, ca_bundle = endpoints[protocol]
+            # A bucket per protocol: cloudckpt keeps the storage (and its client) of a directory it
+            # opened, so the same URLs over the other protocol would silently reuse the first client.
+            bucket = f"cpu-{protocol}-{uuid.uuid4().hex[:10]}"
+            s3_client(server.endpoint).create_bucket(Bucket=bucket)
             with endpoint_env(endpoint, ca_bundle):
                 print(f"{protocol}: {endpoint} ...", flush=True)
                 if not args.no_timing:
