@@ -26,6 +26,7 @@ from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointMismatchError
 from cloudckpt.jax.coordinator import jax_coordinator
 from cloudckpt.jax.pytree import flatten, from_graph, to_graph
+from cloudckpt.leaves.jax_array import is_prng_key, start_host_copies
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.restoring.load_status import SAVE_COUNTER, CheckpointLoadStatus, InitializationOnlyStatus
 from cloudckpt.storage import CheckpointPath
@@ -84,7 +85,13 @@ class PyTreeCheckpoint(Checkpoint):
 
     def _checkpoint_dependencies(self) -> Iterator[tuple[str, Any]]:
         yield SAVE_COUNTER, self._save_counter
-        graph = self._graph if self._graph is not None else _Graph(to_graph(flatten(self.tree), for_restore=False))
+        graph = self._graph
+        if graph is None:  # a save: the tree as it is now, every array's host copy started at once
+            flat = flatten(self.tree)
+            for leaf in flat.leaves:
+                if isinstance(leaf, jax.Array) and not is_prng_key(leaf):
+                    start_host_copies(leaf)
+            graph = _Graph(to_graph(flat, for_restore=False))
         yield from graph._checkpoint_dependencies()
 
     def _attribute_owner(self, name: str) -> Trackable:

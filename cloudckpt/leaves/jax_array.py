@@ -74,6 +74,22 @@ def box_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
     return tuple(starts), tuple(extents)
 
 
+def written_shards(value: Any) -> list[Any]:
+    """The addressable shards of ``value`` this process writes: replica 0 of each box."""
+    return [shard for shard in value.addressable_shards if shard.replica_id == 0]
+
+
+def start_host_copies(value: Any) -> None:
+    """Start the device-to-host copies of the shards a save will read (on an accelerator they then
+    run side by side instead of one ``np.asarray`` at a time; on CPU the host view is the device
+    memory and nothing is copied). Only replica 0 of each box: a replicated array is copied once."""
+    if len(value.sharding.device_set) == 1:
+        value.copy_to_host_async()
+        return
+    for shard in written_shards(value):
+        shard.data.copy_to_host_async()
+
+
 class JaxArrayKind(LeafKind):
     """``jax.Array`` (any sharding; typed PRNG keys excluded) and ``jax.ShapeDtypeStruct`` as a restore target."""
 
@@ -93,10 +109,9 @@ class JaxArrayKind(LeafKind):
         shape = tuple(int(n) for n in value.shape)
         if len(value.sharding.device_set) == 1:
             return ArrayLeaf(host_array(np.asarray(value), path), "ndarray")
+        start_host_copies(value)
         shards: list[tuple[tuple[int, ...], NDArray[Any]]] = []
-        for shard in value.addressable_shards:
-            if shard.replica_id != 0:
-                continue  # another device (maybe another process) writes this box
+        for shard in written_shards(value):  # other replicas: another device (maybe another process) writes them
             start, _ = box_of(shard.index, shape)
             shards.append((start, host_array(np.asarray(shard.data), path)))
         return ShardedLeaf(shape, storage_dtype(np.dtype(value.dtype)), "ndarray", tuple(shards))
