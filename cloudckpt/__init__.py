@@ -25,6 +25,7 @@ from cloudckpt.format.sniff import register_directory_reader as _register_direct
 from cloudckpt.manager import CheckpointManager, latest_checkpoint, remove_checkpoint
 from cloudckpt.manager.preemption import PreemptionCheckpointHandler
 from cloudckpt.manager.retention import AnyOf, BestN, EveryNHours, LatestN
+from cloudckpt.manager.tiers import LocalTier
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.restoring.checkpoint_reader import CheckpointReader, list_variables, load_checkpoint, load_variable
 from cloudckpt.saving.async_save import SaveStats
@@ -72,6 +73,7 @@ __all__ = [
     "GiB",
     "LatestN",
     "Layout",
+    "LocalTier",
     "Location",
     "Mesh",
     "MiB",

@@ -7,7 +7,8 @@ checkpoint, the state file) and deleting one checkpoint; ``resume`` restoring th
 intact checkpoint past damaged ones; ``remove`` deleting one checkpoint by hand (``cloudckpt rm``);
 ``retention`` the policies that decide what a manager keeps (``LatestN``, ``EveryNHours``,
 ``BestN``, ``AnyOf``; re-exported here, their public path); ``cleanup`` finding and removing
-what crashed saves left behind; ``preemption`` turning SIGTERM into a save at the next step.
+what crashed saves left behind; ``preemption`` turning SIGTERM into a save at the next step;
+``tiers`` the host-local tier (``LocalTier``) in front of the bucket.
 """
 
 from cloudckpt.manager.contract import ManagedCheckpoint
@@ -15,7 +16,8 @@ from cloudckpt.manager.directory import delete_checkpoint, latest_checkpoint, la
 from cloudckpt.manager.manager import DEFAULT_LEFTOVER_MIN_AGE, CheckpointManager
 from cloudckpt.manager.remove import Removal, remove_checkpoint
 from cloudckpt.manager.retention import AnyOf, BestN, EveryNHours, LatestN, RetentionPolicy
+from cloudckpt.manager.tiers import LocalTier
 
-__all__ = ["DEFAULT_LEFTOVER_MIN_AGE", "AnyOf", "BestN", "CheckpointManager", "EveryNHours", "LatestN",
+__all__ = ["DEFAULT_LEFTOVER_MIN_AGE", "AnyOf", "BestN", "CheckpointManager", "EveryNHours", "LatestN", "LocalTier",
            "ManagedCheckpoint", "Removal", "RetentionPolicy", "delete_checkpoint", "latest_checkpoint", "latest_name",
            "remove_checkpoint"]
