@@ -80,6 +80,7 @@ class CudaCopier(Copier):
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         self._stream: Any = None
         self._lock = threading.Lock()
+        self._registered: set[int] = set()
 
     def _side_stream(self) -> Any:
         with self._lock:
@@ -93,15 +94,20 @@ class CudaCopier(Copier):
         return array  # the numpy view keeps the pinned tensor's memory alive
 
     def pin(self, buffer: HostBytes) -> None:
-        """``cudaHostRegister`` the staging mapping in place: page-locked without a second buffer."""
+        """``cudaHostRegister`` the staging mapping in place: page-locked without a second buffer
+        (portable, as torch's own ``_pin_memory_utils`` registers: every device's copies see it)."""
         cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        result = cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, 0)
-        if int(result) != 0:
-            log.warning("cudaHostRegister of %d staging bytes failed (%s): copies from pageable memory",
+        result = int(cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, 1))
+        if result != 0:
+            log.warning("cudaHostRegister of %d staging bytes failed (cudaError %d): copies from pageable memory",
                         buffer.nbytes, result)
+        else:
+            self._registered.add(buffer.ctypes.data)
 
     def unpin(self, buffer: HostBytes) -> None:
-        torch.cuda.cudart().cudaHostUnregister(buffer.ctypes.data)  # type: ignore[no-untyped-call]
+        if buffer.ctypes.data in self._registered:
+            self._registered.discard(buffer.ctypes.data)
+            torch.cuda.cudart().cudaHostUnregister(buffer.ctypes.data)  # type: ignore[no-untyped-call]
 
     def _run(self, issue: Any, arrays: Sequence[DeviceArray]) -> Pending:
         stream = self._side_stream()
