@@ -246,6 +246,11 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
         problems.append(f"step {restored['step']}")
     coordinator.barrier()
 
+    # 4b. a checkpoint one process wrote (the test's own, single device) restores sharded over both
+    one = ccjax.restore(f"{root}/from-one", {"w": SDS(g["w"].shape, g["w"].dtype, sharding=placed["w"])})
+    _check("from one process", one["w"], g["w"] + 5, placed["w"], problems)
+    coordinator.barrier()
+
     # 5. a new manager resumes from the latest checkpoint into zeros
     fresh = ccjax.PyTreeCheckpoint({**{name: jax.numpy.zeros(g[name].shape, g[name].dtype, device=placed[name])
                                        for name in g}, "rng": jax.random.key(0), "step": -1})

@@ -237,3 +237,16 @@ def test_the_docs_training_loop_saves_async_and_resumes(tmp_path: Path) -> None:
     assert int(second["state"]["step"]) == 30 and second["ckpt"].last_save_stats is None  # resumed: no step ran
     assert_same_tree(first["state"], second["state"])
     assert Path(str(second["manager"].save())).name == "ckpt-4"
+
+
+def test_an_incremental_save_references_the_unchanged_arrays(tmp_path: Path) -> None:
+    """The manager's incremental saves work on JAX state: frozen params are not uploaded again."""
+    frozen = {"embed": random_bits((64, 16), jnp.float32, 5)}
+    ckpt = ccjax.PyTreeCheckpoint({"frozen": frozen, "head": jnp.zeros(4), "step": 0})
+    manager = CheckpointManager(ckpt, str(tmp_path / "run"), max_to_keep=2)
+    manager.save()
+    ckpt.tree = {"frozen": frozen, "head": jnp.ones(4), "step": 1}
+    manager.save()
+    stats = ckpt.last_save_stats
+    assert stats is not None and stats.reused_bytes == frozen["embed"].nbytes
+    assert_same_tree(ckpt.tree, ccjax.restore(str(tmp_path / "run" / "ckpt-2"), ckpt.tree))

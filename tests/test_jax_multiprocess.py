@@ -4,7 +4,8 @@ SeaweedFS and fake-gcs-server.
 One spawn runs every scenario (starting jax's distributed runtime dominates the cost; body
 in tests/jax_worker.py): managed sync and async saves, each process writing only its own
 shards and every replicated box once; a failed upload on one process leaving no checkpoint;
-a restore onto another mesh reading only the bytes each process's devices hold; a resume.
+a restore onto another mesh reading only the bytes each process's devices hold; a checkpoint
+one process wrote restored sharded over two; a resume.
 This process then restores the job's checkpoint onto its own single device.
 """
 
@@ -33,6 +34,8 @@ def job_root(request: pytest.FixtureRequest) -> str:
 
 
 def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
+    g = jax_worker.global_values()
+    ccjax.save(f"{job_root}/from-one", {"w": jax.numpy.asarray(g["w"] + 5)})  # the job restores it sharded
     reports = spawn_reports(jax_worker.two_processes, 2, job_root, timeout=SPAWN_TIMEOUT)
     for report in reports:
         assert report["devices"] == [2, 4]
@@ -46,7 +49,6 @@ def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
     rank0, rank1 = reports
     # each process wrote only its own shards; the replicated boxes were written once, by replica 0's process
     assert rank0["written"] + rank1["written"] == rank0["state_bytes"]
-    g = jax_worker.global_values()
     # rank 1: its half of w, and the two 8-byte single-device values every process holds (the key data,
     # save_counter), which the plan gives the less loaded holder; never a box of the sharded replicated arrays
     assert rank1["written"] == g["w"].nbytes // 2 + 16
