@@ -27,6 +27,7 @@ import cloudckpt
 from cloudckpt.adapters import torch_device
 from cloudckpt.adapters.torch_device import use_copier
 from cloudckpt.dcp import StorageReader, StorageWriter
+from cloudckpt.format import ArrayEntry
 from cloudckpt.format.index_fetch import read_index
 from cloudckpt.leaves.copier import DeviceArray, HostBytes, Pending, ThreadCopier
 from cloudckpt.object_graph import ArrayLeaf, collect
@@ -300,3 +301,18 @@ def test_a_dtensor_local_shard_goes_through_the_copier_both_ways(copier: Recordi
         assert _bits(dest["plain"]) == _bits(state["plain"])
     finally:
         dist.destroy_process_group()
+
+
+def test_a_tensor_larger_than_an_object_streams_in_row_blocks(copier: Recording, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring holds about an object, not the largest tensor: a big device tensor becomes chunks of rows."""
+    monkeypatch.setattr(objects, "TARGET_OBJECT_SIZE", 32 * KiB)
+    big = torch.randn(64, 1024, generator=torch.Generator().manual_seed(9))  # 256 KiB: 8 blocks of 8 rows
+    path = cloudckpt.Checkpoint(model={"big": big}).write(str(tmp_path / "ck"))
+    index = read_index(open_storage(str(tmp_path)), Path(path).name)
+    assert index is not None
+    entry = index.entries["model/big"]
+    assert isinstance(entry, ArrayEntry)
+    assert [c.start for c in entry.chunks] == [(r, 0) for r in range(0, 64, 8)]
+    assert max(copier.allocations) <= 2 * 32 * KiB and sum(copier.allocations) < big.nbytes
+    assert _bits(_plain_restore(path, {"big": big})["big"]) == _bits(big)

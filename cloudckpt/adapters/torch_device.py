@@ -49,6 +49,9 @@ class TorchDeviceArray(DeviceArray):
         super().__init__(shape, dtype, copier, (ident, offset, tensor.is_contiguous()))
         self.tensor = tensor.detach()
 
+    def rows(self, start: int, stop: int) -> TorchDeviceArray:
+        return TorchDeviceArray(self.tensor[start:stop], self.copier)
+
     def _host(self, buffer: HostBytes, nbytes: int, shape: Sequence[int]) -> torch.Tensor:
         return _bytes_tensor(buffer, nbytes).view(self.tensor.dtype).view(tuple(shape))
 

@@ -75,6 +75,11 @@ class DeviceArray(ABC):
         """Issue the copy of ``src`` (C-order bytes of rows ``rows`` of dimension 0; the whole array
         for a 0-d one) into this array's memory; the copier orders it."""
 
+    def rows(self, start: int, stop: int) -> DeviceArray | None:
+        """Rows ``[start, stop)`` of dimension 0 as a device array of their own (no copy), or
+        ``None`` if this kind cannot cut itself (then it is copied whole)."""
+        return None
+
     def host_view(self, buffer: HostBytes) -> NDArray[Any]:
         """``buffer``'s first ``nbytes`` bytes seen as this array (what staging hands the uploader)."""
         return buffer[:self.nbytes].view(self.dtype).reshape(self.shape)

@@ -132,15 +132,34 @@ class UploadLog:
 
 
 def pieces_of(entries: Mapping[str, Collected]) -> dict[PieceId, Piece]:
-    """Every array piece of the collected entries, in collection order."""
+    """Every array piece of the collected entries, in collection order.
+
+    A device array larger than ``TARGET_OBJECT_SIZE`` becomes several pieces of whole rows
+    (chunks of one entry, as a sharded array's are), so the ring buffers it streams through
+    stay near an object's size whatever the largest tensor (a host array stays one piece).
+    """
     out: dict[PieceId, Piece] = {}
     for path, item in entries.items():
-        if isinstance(item, ArrayLeaf):
-            out[(path, (0,) * item.array.ndim)] = item.array
-        elif isinstance(item, ShardedLeaf):
-            for start, data in item.shards:
-                out[(path, start)] = data
+        boxes = [((0,) * item.array.ndim, item.array)] if isinstance(item, ArrayLeaf) else \
+            list(item.shards) if isinstance(item, ShardedLeaf) else []
+        for start, data in boxes:
+            for at, piece in _row_blocks(start, data):
+                out[(path, at)] = piece
     return out
+
+
+def _row_blocks(start: tuple[int, ...], data: Piece) -> list[tuple[tuple[int, ...], Piece]]:
+    """``data`` at ``start``, or a large device array cut into blocks of rows of about an object each."""
+    if not isinstance(data, DeviceArray) or data.nbytes <= TARGET_OBJECT_SIZE or data.ndim == 0 or data.shape[0] < 2:
+        return [(start, data)]
+    step = max(1, TARGET_OBJECT_SIZE // max(1, data.nbytes // data.shape[0]))
+    blocks: list[tuple[tuple[int, ...], Piece]] = []
+    for row in range(0, data.shape[0], step):
+        block = data.rows(row, min(row + step, data.shape[0]))
+        if block is None:
+            return [(start, data)]
+        blocks.append(((start[0] + row, *start[1:]), block))
+    return blocks
 
 
 def pack(pieces: Sequence[PieceId], sizes: Mapping[PieceId, int], max_objects: int) -> list[list[PieceId]]:
