@@ -22,9 +22,11 @@ an object whose reused pieces would keep less than ``MIN_REFERENCED_FRACTION`` o
 not referenced at all (its pieces are uploaded again, so the mostly stale object can go). An
 object whose pieces were all reused is not written at all.
 
-Why one ~420-line module: every function here answers one question about the data
-objects of a save - which pieces go in which object, under what name, what an incremental
-save may reuse from its base, and the upload - and they share the piece/object types.
+Why one ~470-line module: every function here answers one question about the data
+objects of a save - which pieces go in which object (device arrays cut into row blocks),
+under what name, what an incremental save may reuse from its base, and the upload - and
+they share the piece/object types. The device copies themselves live in
+``cloudckpt.leaves.copier`` (the ring, the batches); only where they plug in is here.
 """
 
 from __future__ import annotations
