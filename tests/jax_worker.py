@@ -259,6 +259,13 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
         _check(f"resumed {name}", fresh.tree[name], g[name] + 1, placed[name], problems)
     report["resumed_counter"] = int(fresh.save_counter)
     report["problems"] = problems
+
+    # 6. a plain Checkpoint has no coordinator spanning the job: it refuses to plan half an array
+    try:
+        cloudckpt.Checkpoint(state={"w": fresh.tree["w"]}).write(f"{root}/plain")
+        report["plain_checkpoint"] = "saved"
+    except Exception as exc:
+        report["plain_checkpoint"] = type(exc).__name__
     coordinator.barrier()
     jax.distributed.shutdown()
 

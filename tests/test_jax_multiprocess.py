@@ -46,6 +46,7 @@ def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
         assert report["resumed"].endswith("/managed/ckpt-2") and report["resumed_counter"] == 2
         # each process read exactly the boxes its devices hold on the new mesh (half of w, all of the rest)
         assert report["read"] == report["needed"]
+        assert report["plain_checkpoint"] == "PlanError"
     rank0, rank1 = reports
     # each process wrote only its own shards; the replicated boxes were written once, by replica 0's process
     assert rank0["written"] + rank1["written"] == rank0["state_bytes"]
