@@ -153,10 +153,11 @@ float8 and holds arrays only: what it cannot store is skipped, in one warning li
     p.add_argument("keys", metavar="KEY", nargs="*",
                    help="only the key paths these select (see above; default: all)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--format", choices=("safetensors",), default=None,
+    p.add_argument("--format", choices=("safetensors", "torch-dcp"), default=None,
                    help="safetensors: OUT is a directory that gets Hugging Face sharded safetensors "
                         "(model-0000k-of-0000N.safetensors + model.safetensors.index.json) that "
-                        "from_pretrained loads; names are key paths joined with '.'")
+                        "from_pretrained loads; names are key paths joined with '.'. torch-dcp: OUT is a "
+                        "directory in torch DCP's FileSystemWriter layout (FileSystemReader, dcp_to_torch_save)")
     p.add_argument("--prefix", default="", help="with --format safetensors: only the key paths under this "
                    "prefix, e.g. model/ (a Lightning checkpoint: lightning/state_dict/)")
     p.add_argument("--strip-prefix", action="store_true", help="drop --prefix from the names written")
