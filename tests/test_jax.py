@@ -250,3 +250,12 @@ def test_an_incremental_save_references_the_unchanged_arrays(tmp_path: Path) -> 
     stats = ckpt.last_save_stats
     assert stats is not None and stats.reused_bytes == frozen["embed"].nbytes
     assert_same_tree(ckpt.tree, ccjax.restore(str(tmp_path / "run" / "ckpt-2"), ckpt.tree))
+
+
+def test_a_prng_key_with_an_unknown_impl_is_refused_by_name(tmp_path: Path) -> None:
+    """The impl name comes from the checkpoint: one jax does not know fails the restore, naming the key."""
+    path = str(tmp_path / "k")
+    cloudckpt.Checkpoint(rng={"key_data": np.zeros(2, np.uint32), "impl": "no-such-impl"}).write(path)
+    like = {"rng": jax.random.key(0)}
+    with pytest.raises(CheckpointMismatchError, match=r"'rng'.*no-such-impl"):
+        ccjax.restore(path, like)

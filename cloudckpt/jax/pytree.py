@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cloudckpt.errors import CheckpointMismatchError
 from cloudckpt.leaves.jax_array import is_prng_key
 
 #: The segments a typed PRNG key is stored as.
@@ -133,9 +134,19 @@ def from_graph(graph: dict[Any, Any], flat: Flat) -> Any:
         for seg in segments:
             value = value[seg]
         if isinstance(like, (jax.Array, jax.ShapeDtypeStruct)) and is_prng_key(like):
-            impl = value[KEY_IMPL]
-            if not isinstance(impl, str) or not impl:
-                raise ValueError(f"cannot restore the PRNG key {shown(segments)}: the checkpoint names no key impl")
-            value = jax.random.wrap_key_data(value[KEY_DATA], impl=impl)
+            value = _wrap_key(value, segments)
         leaves.append(value)
     return jax.tree_util.tree_unflatten(flat.treedef, leaves)
+
+
+def _wrap_key(stored: dict[Any, Any], segments: Sequence[Any]) -> Any:
+    """A typed PRNG key from its stored key data and impl name (both untrusted: refused by name, not run)."""
+    impl = stored[KEY_IMPL]
+    if not isinstance(impl, str) or not impl:
+        raise CheckpointMismatchError(f"cannot restore the PRNG key {shown(segments)!r}: the checkpoint names no key "
+                                      f"impl (found {impl!r}); the tree was not replaced")
+    try:
+        return jax.random.wrap_key_data(stored[KEY_DATA], impl=impl)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointMismatchError(f"cannot restore the PRNG key {shown(segments)!r} with impl {impl!r}: {exc}; "
+                                      f"the tree was not replaced") from None
