@@ -316,3 +316,31 @@ def test_a_tensor_larger_than_an_object_streams_in_row_blocks(copier: Recording,
     assert [c.start for c in entry.chunks] == [(r, 0) for r in range(0, 64, 8)]
     assert max(copier.allocations) <= 2 * 32 * KiB and sum(copier.allocations) < big.nbytes
     assert _bits(_plain_restore(path, {"big": big})["big"]) == _bits(big)
+
+
+def test_async_overflow_and_incremental_saves_stream_device_tensors_too(copier: Recording, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """State beyond the staging budget is uploaded through the ring before ``save`` returns; a
+    manager's incremental save fingerprints device pieces through the ring and reuses the unchanged."""
+    monkeypatch.setattr(objects, "TARGET_OBJECT_SIZE", 64 * KiB)
+    state = _many(8)  # 8 x 32 KiB
+    budget = 3 * 32 * KiB + 256  # three fit (and the save counter); five overflow
+    ckpt = cloudckpt.Checkpoint(model=state)
+    path = ckpt.save(str(tmp_path / "over"), options=cloudckpt.CheckpointOptions(
+        enable_async=True, async_staging_budget=budget))
+    ckpt.sync()
+    stats = ckpt.last_save_stats
+    assert stats is not None and stats.overflow_bytes >= 5 * 32 * KiB and stats.staged_bytes <= budget
+    assert copier.to_host_batches[0] == 3 and sum(copier.to_host_batches) == len(state)
+    assert all(_bits(_plain_restore(path, state)[k]) == _bits(v) for k, v in state.items())
+    ckpt.close()
+
+    inner = cloudckpt.Checkpoint(model=state)
+    manager = cloudckpt.CheckpointManager(inner, tmp_path / "managed", max_to_keep=2)
+    manager.save()
+    state["t0"].add_(1.0)
+    second = manager.save()
+    assert second is not None
+    managed = inner.last_save_stats
+    assert managed is not None and managed.reused_bytes >= 6 * 32 * KiB  # unchanged device tensors not re-uploaded
+    assert all(_bits(_plain_restore(second, state)[k]) == _bits(v) for k, v in state.items())
