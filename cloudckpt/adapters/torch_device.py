@@ -48,9 +48,14 @@ class TorchDeviceArray(DeviceArray):
         offset = int(tensor.storage_offset()) * tensor.element_size()
         super().__init__(shape, dtype, copier, (ident, offset, tensor.is_contiguous()))
         self.tensor = tensor.detach()
+        #: The stream the caller's work on this tensor is queued on (captured on the caller's thread,
+        #: which collect and restore run on): the side stream waits for it before copying.
+        self.producer: Any = torch.cuda.current_stream(tensor.device) if tensor.is_cuda else None
 
     def rows(self, start: int, stop: int) -> TorchDeviceArray:
-        return TorchDeviceArray(self.tensor[start:stop], self.copier)
+        block = TorchDeviceArray(self.tensor[start:stop], self.copier)
+        block.producer = self.producer
+        return block
 
     def _host(self, buffer: HostBytes, nbytes: int, shape: Sequence[int]) -> torch.Tensor:
         return _bytes_tensor(buffer, nbytes).view(self.tensor.dtype).view(tuple(shape))
@@ -114,7 +119,9 @@ class CudaCopier(Copier):
 
     def _run(self, issue: Any, arrays: Sequence[DeviceArray]) -> Pending:
         stream = self._side_stream()
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # the bytes the step wrote
+        producers = {id(p): p for a in arrays if (p := getattr(a, "producer", None)) is not None}
+        for producer in producers.values() or [torch.cuda.current_stream(self.device)]:
+            stream.wait_stream(producer)  # the bytes the training step wrote (or reads, on restore)
         with torch.cuda.stream(stream):
             issue()
             for array in arrays:  # the caching allocator must not reuse their memory before the copy ran
