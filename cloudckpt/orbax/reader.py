@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cloudckpt.errors import CheckpointFormatError
+from cloudckpt.errors import CheckpointFormatError, CloudCkptError, StorageError
 from cloudckpt.format.keypaths import decode_segment
 from cloudckpt.format.sniff import ForeignCheckpoint, IndexFormat
 from cloudckpt.orbax.arrays import (
@@ -31,6 +31,21 @@ from cloudckpt.storage import Storage
 
 #: Cache for OCDBT's manifest and B-tree nodes, shared by every array of one checkpoint.
 _OCDBT_CACHE_BYTES = 64 * 1024 * 1024
+#: tensorstore's retries of a failing request (its default: 32, minutes against an unreachable endpoint).
+_RETRIES = {"max_retries": 6, "initial_delay": "0.2s", "max_delay": "4s"}
+
+
+#: tensorstore status codes that mean "the store failed" (else the data is at fault).
+_STORE_FAILURES = ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                   "RESOURCE_EXHAUSTED", "CANCELLED")
+
+
+def _failed(exc: ValueError, what: str, url: str) -> CloudCkptError:
+    """A tensorstore error (a ValueError carrying its status) as cloudckpt's: the store's, or the data's."""
+    text = str(exc)
+    if text.startswith(_STORE_FAILURES):
+        return StorageError(f"{what}: {text}", url)
+    return CheckpointFormatError(f"{what}: {text}", url)
 
 
 class OrbaxReader:
@@ -43,7 +58,8 @@ class OrbaxReader:
         self.layout = layout
         self._ts = tensorstore()
         self._context = self._ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE_BYTES},
-                                          "cache_pool": {"total_bytes_limit": 0}})
+                                          "cache_pool": {"total_bytes_limit": 0},
+                                          "s3_request_retries": _RETRIES, "gcs_request_retries": _RETRIES})
         self._items = {item.item: item for item in layout.items}
         self._leaves = {leaf.path: leaf for leaf in layout.leaves}
         self._metas: dict[str, ArrayMeta] | None = None
@@ -76,15 +92,14 @@ class OrbaxReader:
                     store = self._ts.KvStore.open(self._kvstore(item, leaf.param), context=self._context).result()
                     read = store.read(metadata_key(item.use_zarr3))
                 except ValueError as exc:
-                    raise CheckpointFormatError(f"cannot open {self._where(leaf)}: {exc}", self.url) from exc
+                    raise _failed(exc, f"cannot open {self._where(leaf)}", self.url) from exc
                 pending.append((leaf, item, read))
             metas: dict[str, ArrayMeta] = {}
             for leaf, item, read in pending:
                 try:
                     result = read.result()
                 except ValueError as exc:
-                    raise CheckpointFormatError(f"cannot read the metadata of {self._where(leaf)}: {exc}",
-                                                self.url) from exc
+                    raise _failed(exc, f"cannot read the metadata of {self._where(leaf)}", self.url) from exc
                 if result.state != "value":
                     raise CheckpointFormatError(f"{self._where(leaf)} has no {metadata_key(item.use_zarr3)}: "
                                                 "damaged, or not written by Orbax", self.url)
@@ -118,14 +133,14 @@ class OrbaxReader:
             store = self._ts.open({"driver": "zarr3" if item.use_zarr3 else "zarr", "kvstore": kvstore},
                                   open=True, read=True, context=self._context).result()
         except ValueError as exc:
-            raise CheckpointFormatError(f"cannot open {self._where(leaf)}: {exc}", self.url) from exc
+            raise _failed(exc, f"cannot open {self._where(leaf)}", self.url) from exc
         if tuple(store.shape) != meta.shape or np.dtype(store.dtype.numpy_dtype) != meta.dtype:
             raise CheckpointFormatError(f"{self._where(leaf)}: tensorstore opened {store.dtype}{list(store.shape)}, "
                                         f"its metadata says {meta.dtype}{list(meta.shape)}", self.url)
         try:
             value = np.asarray(store.read().result())
         except ValueError as exc:
-            raise CheckpointFormatError(f"cannot read {self._where(leaf)}: {exc}", self.url) from exc
+            raise _failed(exc, f"cannot read {self._where(leaf)}", self.url) from exc
         return value[()] if value.ndim == 0 else value
 
     def _value(self, leaf: OrbaxLeaf) -> Any:
