@@ -16,7 +16,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from cloudckpt.format import parse_dtype
+from cloudckpt.format import dtype_name, parse_dtype
 from cloudckpt.leaves.base import (
     ArrayLeaf,
     Builder,
@@ -104,7 +104,10 @@ class TorchTensorKind(LeafKind):
     def _device_array(tensor: Any, path: str) -> Any:
         """``tensor`` as a ``DeviceArray`` when a copier serves it (off the CPU), else ``None``."""
         try:
-            return _device().device_array(tensor)
+            array = _device().device_array(tensor)
+            if array is not None:
+                dtype_name(array.dtype)  # a dtype the format cannot name is refused here, naming the key
+            return array
         except (TypeError, ValueError) as exc:
             raise ValueError(f"cannot checkpoint {display_path(path)}: {exc}") from None
 
