@@ -260,7 +260,20 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
     report["resumed_counter"] = int(fresh.save_counter)
     report["problems"] = problems
 
-    # 6. a plain Checkpoint has no coordinator spanning the job: it refuses to plan half an array
+    # 6. io_device: rank 1's shards travel to rank 0 over the key-value store, only rank 0 touches storage
+    io_options = CheckpointOptions(experimental_io_device="/job:worker/task:0")
+    storage.counts.clear()
+    ccjax.PyTreeCheckpoint(tree_of(3)).write(f"{directory}/io", io_options)
+    report["io_written"] = storage.counts["data_bytes_written"]
+    io_ckpt = ccjax.PyTreeCheckpoint({name: SDS(g[name].shape, g[name].dtype, sharding=shardings[name]) for name in g})
+    storage.counts.clear()
+    io_ckpt.read(f"{directory}/io", io_options)
+    report["io_read"] = storage.counts["data_bytes_read"]
+    for name in g:
+        _check(f"io {name}", io_ckpt.tree[name], g[name] + 3, shardings[name], problems)
+    coordinator.barrier()
+
+    # 7. a plain Checkpoint has no coordinator spanning the job: it refuses to plan half an array
     try:
         cloudckpt.Checkpoint(state={"w": fresh.tree["w"]}).write(f"{root}/plain")
         report["plain_checkpoint"] = "saved"

@@ -5,7 +5,8 @@ One spawn runs every scenario (starting jax's distributed runtime dominates the 
 in tests/jax_worker.py): managed sync and async saves, each process writing only its own
 shards and every replicated box once; a failed upload on one process leaving no checkpoint;
 a restore onto another mesh reading only the bytes each process's devices hold; a checkpoint
-one process wrote restored sharded over two; a resume.
+one process wrote restored sharded over two; a resume; an io_device save and restore (bytes
+routed through one process over the key-value store).
 This process then restores the job's checkpoint onto its own single device.
 """
 
@@ -54,6 +55,9 @@ def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
     # save_counter), which the plan gives the less loaded holder; never a box of the sharded replicated arrays
     assert rank1["written"] == g["w"].nbytes // 2 + 16
     assert rank0["written"] == g["w"].nbytes // 2 + g["replicated"].nbytes + g["cols"].nbytes
+    # io_device: rank 0 wrote and read every byte, rank 1 none (its shards went over the key-value store)
+    assert rank1["io_written"] == rank1["io_read"] == 0
+    assert rank0["io_written"] == rank0["state_bytes"] and rank0["io_read"] > 0
 
     like: dict[str, Any] = {name: np.zeros_like(value) for name, value in g.items()}
     like = {**like, "w": jax.numpy.zeros(g["w"].shape, g["w"].dtype), "rng": jax.random.key(0), "step": 0}
