@@ -347,7 +347,7 @@ def test_async_overflow_and_incremental_saves_stream_device_tensors_too(copier: 
 
 
 def test_a_device_tensor_the_format_cannot_store_is_refused_naming_its_key(copier: Recording, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'model/half_complex'.*complex32"):
+    with pytest.raises(ValueError, match=r"'model/half_complex'.*complex32"):
         cloudckpt.Checkpoint(model={"half_complex": torch.zeros(3, dtype=torch.complex64).to(torch.complex32)}
                              ).write(str(tmp_path / "ck"))
     assert copier.to_host_batches == []  # refused while collecting: nothing was copied
