@@ -1,0 +1,149 @@
+"""TorchTitan's checkpoint component on cloudckpt (``cloudckpt.dcp.torchtitan.CloudCheckpointManager``).
+
+TorchTitan's ``CheckpointManager`` is driven directly, as its trainer drives it (``save(step)``
+every step, ``load()`` at start), with a tiny model, its ``OptimizersContainer`` (Adam) and
+``LRSchedulersContainer``, in spawned gloo processes: one trains 3 steps into a local folder and
+a SeaweedFS one (keep_latest_k=2), then is SIGKILLed in the middle of the step-4 save (data
+uploaded, index not written); a fresh process resumes from each folder and must get step 3
+bit-exact, with step 4 invisible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudckpt.storage import open_storage
+from cloudckpt.testing.processes import spawn_reports
+
+SPAWN_TIMEOUT = 180
+
+
+class _TrainState:
+    """The trainer's own ``train_state`` (a ``Stateful``): the step."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def _manager(folder: str, seed: int) -> tuple[Any, Any, _TrainState]:
+    import torch
+    from torchtitan.components.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer import OptimizersContainer
+    from torchtitan.config import Checkpoint as CheckpointConfig
+
+    from cloudckpt.dcp.torchtitan import CloudCheckpointManager
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    optimizers = OptimizersContainer([model], torch.optim.Adam, {"lr": 0.01})
+    schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
+    train_state = _TrainState()
+    config = CheckpointConfig(enable=True, folder=folder, interval=1, keep_latest_k=2)
+    manager = CloudCheckpointManager(dataloader=None, model_parts=[model], optimizers=optimizers,
+                                     lr_schedulers=schedulers, states={"train_state": train_state},
+                                     checkpoint_config=config, sd_adapter=None)
+    return manager, model, train_state
+
+
+def _digests(model: Any) -> dict[str, str]:
+    import hashlib
+
+    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}
+
+
+def train_then_die(rank: int, world: int, port: int, folders: list[str], notes: str, report: dict[str, Any]) -> None:
+    """Spawned: 3 steps saved into each folder, then SIGKILLed in the last folder's step-4 save."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    saved: dict[str, Any] = {}
+    for n, folder in enumerate(folders):
+        manager, model, train_state = _manager(folder, seed=n)
+        assert manager.load() is False  # nothing there yet: a fresh start
+        x = torch.randn(8, 6)
+        for step in range(1, 5):
+            loss = model(x).square().mean()
+            loss.backward()
+            manager.states["optimizer"].step()
+            manager.states["lr_scheduler"].step()
+            manager.states["optimizer"].zero_grad()
+            train_state.step = step
+            if step == 4:
+                if n == len(folders) - 1:
+                    Path(notes).write_text(json.dumps(saved))  # what the killed process last committed
+                    os.environ["CLOUDCKPT_CRASH_AT"] = "after_data_upload"
+                else:
+                    break
+            manager.save(curr_step=step)
+            saved[folder] = {"digests": _digests(model), "lr": manager.states["lr_scheduler"].schedulers[0].get_last_lr()}
+    report["unreachable"] = True
+
+
+def resume(rank: int, world: int, port: int, folders: list[str], report: dict[str, Any]) -> None:
+    """Spawned: a fresh process per folder loads the latest committed step."""
+    import torch.distributed as dist
+
+    from cloudckpt.dcp.torchtitan import committed_steps
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for n, folder in enumerate(folders):
+        manager, model, train_state = _manager(folder, seed=100 + n)
+        loaded = manager.load()
+        report[folder] = {"loaded": loaded, "step": train_state.step, "digests": _digests(model),
+                          "lr": manager.states["lr_scheduler"].schedulers[0].get_last_lr(), "steps": committed_steps(folder)}
+        manager.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, s3_root: str) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    base = tmp_path_factory.mktemp("titan")
+    folders = [str(base / "checkpoint"), f"{s3_root}/titan/checkpoint"]
+    notes = base / "saved.json"
+    died = spawn_reports(train_then_die, 1, folders, str(notes), timeout=SPAWN_TIMEOUT, may_die={0})
+    assert "died" in died[0], died  # SIGKILLed at the crash point, as a preempted VM
+    resumed = spawn_reports(resume, 1, folders, timeout=SPAWN_TIMEOUT)[0]
+    return folders, json.loads(notes.read_text()), resumed
+
+
+def test_resume_loads_the_last_committed_step_bit_exact(runs: tuple[list[str], dict[str, Any], dict[str, Any]]
+                                                        ) -> None:
+    folders, saved, resumed = runs
+    for folder in folders:
+        assert resumed[folder]["loaded"] is True
+        assert resumed[folder]["step"] == 3
+        assert resumed[folder]["digests"] == saved[folder]["digests"]  # model weights bit for bit
+        assert resumed[folder]["lr"] == saved[folder]["lr"]  # the LR scheduler's state came back too
+
+
+def test_a_save_killed_mid_way_leaves_the_previous_step_latest(runs: tuple[list[str], dict[str, Any],
+                                                                              dict[str, Any]]) -> None:
+    folders, _, resumed = runs
+    s3 = folders[1]
+    assert resumed[s3]["steps"] == [2, 3]  # keep_latest_k=2 removed step 1; step 4 never committed
+    keys = [m.key for m in open_storage(s3).list()]
+    assert any(k.startswith("step-4.data-") for k in keys)  # the killed save's data is there ...
+    assert "step-4.index" not in keys  # ... but no index: invisible to a resume (gc removes the data)
+    assert not any(k.startswith("step-1.") for k in keys)
+
+
+def test_checkpoints_are_cloudckpt_checkpoints(runs: tuple[list[str], dict[str, Any], dict[str, Any]]) -> None:
+    from cloudckpt.tools import verify
+
+    folders, _, _ = runs
+    report = verify(folders[0])
+    assert [c.name for c in report.checkpoints] == ["step-2", "step-3"] and report.intact
