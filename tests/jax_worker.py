@@ -306,7 +306,7 @@ def killed_mid_save(rank: int, world: int, port: int, root: str, report: dict[st
     g = global_values()
     mesh = jax.make_mesh((2, 2), ("x", "y"))
     sharding = NamedSharding(mesh, P("x", "y"))
-    coordinator = ccjax.JaxCoordinator(timeout=3)
+    coordinator = ccjax.JaxCoordinator(timeout=5)  # short: the survivor learns of the death quickly
     ckpt = ccjax.PyTreeCheckpoint({"w": jax.make_array_from_callback(g["w"].shape, sharding, lambda i: g["w"][i])},
                                   coordinator=coordinator)
     directory = f"{root}/killed"
