@@ -5,7 +5,9 @@ H100. It prints the device, torch and driver versions and the copier cloudckpt u
 for each ``--size`` (default 2 and 8 GiB on a GPU, 64 MiB without one) of bf16 parameters
 with fp32 Adam state (exp_avg, exp_avg_sq: 10 bytes a parameter, 64 MiB matrices):
 
-1. the limit: a device-to-host copy of the whole state into pinned and into pageable memory, GB/s;
+1. the limit: a device-to-host copy of the whole state into pinned memory (torch's allocator), into
+   an anonymous mapping registered in place (``cudaHostRegister``: how cloudckpt pins its async
+   staging area - the issue's "measure which") and into pageable memory, GB/s;
 2. async save to local disk, the caller's blocked time: cloudckpt (``enable_async``, its
    staging budget set to the state's size and reserved ahead, as ``CheckpointManager`` does)
    vs ``dcp.async_save`` with ``DefaultStager`` (pinned, non-blocking copies; blocked = until
@@ -48,6 +50,7 @@ from bench.bench_checkpoint import describe_run
 from bench.bench_dcp import PeakRss
 from cloudckpt.adapters.torch_device import chosen_copier, use_copier
 from cloudckpt.leaves.copier import Copier, ThreadCopier
+from cloudckpt.saving.async_save import _prefaulted
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -98,13 +101,25 @@ def best(repeat: int, run: Callable[[], float]) -> float:
     return min(run() for _ in range(repeat))
 
 
-def copy_gbps(state: dict[str, torch.Tensor], device: torch.device, pinned: bool, repeat: int) -> float | None:
-    """Device-to-host copy of every tensor into one host buffer (pinned or pageable), GB/s."""
-    if pinned and device.type != "cuda":
+def copy_gbps(state: dict[str, torch.Tensor], device: torch.device, memory: str, repeat: int,
+              copier: Copier | None = None) -> float | None:
+    """Device-to-host copy of every tensor into one host buffer, GB/s. ``memory``: ``pinned`` (torch's
+    pinned allocator), ``pageable``, or ``registered`` (an anonymous mapping like cloudckpt's staging,
+    page-locked in place by ``copier.pin``: ``cudaHostRegister``). ``None`` where it cannot run."""
+    if memory != "pageable" and device.type != "cuda":
         return None
     total = nbytes_of(state)
-    host = torch.empty(total + 64 * len(state), dtype=torch.uint8, pin_memory=pinned)
-    host.fill_(0)  # fault the pages in: the copy, not the first touch, is timed
+    size = total + 64 * len(state)
+    registered = None
+    if memory == "registered":
+        assert copier is not None
+        registered = _prefaulted(size)
+        copier.pin(registered)
+        host = torch.from_numpy(registered)
+    else:
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=memory == "pinned")
+        host.fill_(0)  # fault the pages in: the copy, not the first touch, is timed
+    non_blocking = memory != "pageable"
 
     def run() -> float:
         sync(device)
@@ -112,12 +127,16 @@ def copy_gbps(state: dict[str, torch.Tensor], device: torch.device, pinned: bool
         at = 0
         for t in state.values():
             n = t.numel() * t.element_size()
-            host[at:at + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=pinned)
+            host[at:at + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=non_blocking)
             at += -(-n // 64) * 64
         sync(device)
         return time.perf_counter() - started
 
-    return total / best(repeat, run) / 1e9
+    try:
+        return total / best(repeat, run) / 1e9
+    finally:
+        if registered is not None and copier is not None:
+            copier.unpin(registered)
 
 
 def dest_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,10 +180,13 @@ def run_size(nbytes: int, device: torch.device, copier: Copier, root: Path, shm:
     gb = total / 1e9
     rows: list[tuple[str, str]] = [("state", f"{total / GiB:.2f} GiB in {len(state)} tensors")]
     exact: list[str] = []
-    pinned = copy_gbps(state, device, True, repeat)
-    pageable = copy_gbps(state, device, False, repeat)
+    pinned = copy_gbps(state, device, "pinned", repeat)
+    registered = copy_gbps(state, device, "registered", repeat, copier)
+    pageable = copy_gbps(state, device, "pageable", repeat)
     limit = gb / pinned if pinned else gb / pageable if pageable else float("nan")
     rows.append(("D2H copy pinned", "n/a (no CUDA)" if pinned is None else f"{pinned:.1f} GB/s ({gb / pinned:.3f} s)"))
+    rows.append(("D2H copy registered mapping (staging)", "n/a (no CUDA)" if registered is None
+                 else f"{registered:.1f} GB/s ({gb / registered:.3f} s)"))
     rows.append(("D2H copy pageable", f"{pageable:.1f} GB/s ({gb / pageable:.3f} s)" if pageable else "n/a"))
 
     # 2. async save, caller-blocked time
