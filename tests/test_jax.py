@@ -154,8 +154,11 @@ def test_restore_refuses_a_missing_key_or_another_shape_and_keeps_the_tree(tmp_p
     assert ckpt.tree is before
     with pytest.raises(ValueError, match="ShapeDtypeStruct"):
         ccjax.save(str(tmp_path / "t"), {"w": SDS((2,), jnp.float32)})
-    with pytest.raises(ValueError, match="reserved"):
-        ccjax.save(str(tmp_path / "t"), {"save_counter": jnp.ones(1)})
+    for reserved in ("save_counter", "_checkpoint_dependencies", "__class__"):
+        with pytest.raises(ValueError, match="reserved"):
+            ccjax.save(str(tmp_path / "t"), {reserved: jnp.ones(1)})
+    tree = {"values": jnp.arange(3), "items": 1, "keys": None, "tree": "a"}  # method and attribute names are keys
+    assert_same_tree(tree, ccjax.restore(ccjax.save(str(tmp_path / "u"), tree), tree))
 
 
 def test_a_plain_checkpoint_takes_jax_arrays_without_the_door(tmp_path: Path) -> None:

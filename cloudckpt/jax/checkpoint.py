@@ -37,7 +37,8 @@ class _Graph(Trackable):
     """The tree's top-level segments as this object's attributes, in tree order.
 
     Restore's setter replaces a top-level value with ``object.__setattr__`` on the object
-    that owns it: here, so the restored values are found again in ``values()``.
+    that owns it: here, so the restored values are found again in ``_top_values``. Keys that
+    would shadow what the object graph calls on it (``_checkpoint_dependencies``, ...) are refused.
     """
 
     def __init__(self, top: dict[Any, Any]) -> None:
@@ -45,15 +46,17 @@ class _Graph(Trackable):
             if not isinstance(name, str):
                 raise ValueError(f"cannot checkpoint the tree: its top-level key {name!r} is not a string (the "
                                  f"top-level keys are the checkpoint's dependencies)")
-            if name in (SAVE_COUNTER, DEFERRED_ATTR):
+            if name in (SAVE_COUNTER, DEFERRED_ATTR) or hasattr(_Graph, name):
                 raise ValueError(f"cannot checkpoint the tree: its top-level key {name!r} is reserved")
             object.__setattr__(self, name, value)
 
-    def values(self) -> dict[Any, Any]:
-        return {k: v for k, v in vars(self).items() if k != DEFERRED_ATTR}
-
     def _checkpoint_dependencies(self) -> Iterator[tuple[str, Any]]:
-        yield from self.values().items()
+        yield from _top_values(self).items()
+
+
+def _top_values(graph: _Graph) -> dict[Any, Any]:
+    """The top-level values (a function, not a method: a method's name could be a key of the tree)."""
+    return {k: v for k, v in vars(graph).items() if k != DEFERRED_ATTR}
 
 
 class PyTreeCheckpoint(Checkpoint):
@@ -115,7 +118,7 @@ class PyTreeCheckpoint(Checkpoint):
                                               f"not replaced") from None
         finally:
             object.__setattr__(self, "_graph", None)
-        object.__setattr__(self, "tree", from_graph(graph.values(), flat))
+        object.__setattr__(self, "tree", from_graph(_top_values(graph), flat))
         return status
 
 
