@@ -23,6 +23,7 @@ SUITES = {
     "crc32c": "bench_crc32c",
     "reshard": "bench_reshard",
     "cpu": "bench_cpu",
+    "jax": "bench_jax",
     "gpu": "bench_gpu",
 }
 
