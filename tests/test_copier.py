@@ -351,3 +351,19 @@ def test_a_device_tensor_the_format_cannot_store_is_refused_naming_its_key(copie
         cloudckpt.Checkpoint(model={"half_complex": torch.zeros(3, dtype=torch.complex64).to(torch.complex32)}
                              ).write(str(tmp_path / "ck"))
     assert copier.to_host_batches == []  # refused while collecting: nothing was copied
+
+
+def test_a_restore_round_is_one_copiers_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors served by two copiers (two GPUs) are never mixed in one batch: each batch's event covers its copies."""
+    monkeypatch.setattr(device_reads, "BOUNCE_BYTES", 4 * KiB)
+    state = {"a": torch.randn(7, 1024), "b": torch.randn(5, 1024), "c": torch.randn(8, 1024)}  # odd: rounds of 2
+    path = cloudckpt.Checkpoint(model=state).write(str(tmp_path / "ck"))
+    first, second = Recording(), Recording()
+    dest = _zeros_like(state)
+    with use_copier(first, cpu_tensors=True):
+        plain = torch_device.device_array
+        monkeypatch.setattr(torch_device, "device_array", lambda t: None if plain(t) is None else
+                            torch_device.TorchDeviceArray(t, second if t.data_ptr() == dest["b"].data_ptr() else first))
+        cloudckpt.Checkpoint(model=dest).restore(path)
+    assert sum(first.to_device_batches) == 15 and sum(second.to_device_batches) == 5  # 4 KiB rows each
+    assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())

@@ -73,11 +73,12 @@ def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[D
     """
     bounce_bytes = BOUNCE_BYTES if bounce_bytes is None else bounce_bytes
     slots = BOUNCE_SLOTS if slots is None else slots
-    blocks = [b for t in targets for b in _blocks(t, bounce_bytes)]
-    if not blocks:
-        return
-    rings: dict[int, HostRing] = {}
     per_round = max(1, slots // 2)
+    by_copier: dict[int, list[_Block]] = {}  # a round is one copier's: its event covers its batch
+    for block in (b for t in targets for b in _blocks(t, bounce_bytes)):
+        by_copier.setdefault(id(block.target.dest.copier), []).append(block)
+    rounds = [group[i:i + per_round] for group in by_copier.values() for i in range(0, len(group), per_round)]
+    rings: dict[int, HostRing] = {}
     in_flight: deque[tuple[Pending, HostRing, list[HostBytes]]] = deque()
 
     def settle_oldest() -> None:
@@ -87,8 +88,7 @@ def read_to_device(storage: Storage, index: CheckpointIndex, targets: Sequence[D
             ring.release(buffer)
 
     try:
-        for first in range(0, len(blocks), per_round):
-            round_blocks = blocks[first:first + per_round]
+        for round_blocks in rounds:
             while len(in_flight) >= 2 or (in_flight and _ring_full(rings, round_blocks, per_round)):
                 settle_oldest()
             ring = rings.setdefault(id(round_blocks[0].target.dest.copier),
