@@ -111,6 +111,9 @@ def test_every_pytree_kind_and_dtype_round_trips_bit_exact(tmp_path: Path) -> No
     assert_same_tree(tree, restored)
     assert restored["params"]["dense"]["kernel"] is not tree["params"]["dense"]["kernel"]
     assert restored["numpy"] is not tree["numpy"]
+    bare = ccjax.save(str(tmp_path / "bare"), jnp.arange(3.0))  # a tree that is one leaf: key path "value"
+    assert cloudckpt.load_variable(bare, "value").tolist() == [0.0, 1.0, 2.0]
+    assert bits(ccjax.restore(bare, jnp.zeros(3))) == bits(jnp.arange(3.0))
 
 
 def test_key_paths_are_readable_by_load_variable_ls_and_inspect(tmp_path: Path) -> None:
