@@ -256,3 +256,19 @@ def test_the_json_of_inspect_is_strict_json(saved: tuple[Path, dict[str, Any]]) 
     doc = inspect_checkpoint(str(directory)).to_json()
     names = {o["name"] for o in json.loads(json.dumps(doc, allow_nan=False))["objects"]}
     assert names == {f"{directory.name}/{f.name}" for f in directory.iterdir()}
+
+
+def doc_block(marker: str) -> str:
+    """The ```python block of docs/dcp.md that contains ``marker``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "dcp.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    return next(b for b in blocks if marker in b)
+
+
+def test_the_docs_migration_recipe_runs_as_written(on_s3: str, s3_root: str,
+                                                   saved: tuple[Path, dict[str, Any]]) -> None:
+    code = doc_block("run-cloudckpt")
+    code = code.replace("s3://bucket/run/step-100", on_s3).replace("s3://bucket/run-cloudckpt", f"{s3_root}/doc")
+    namespace: dict[str, Any] = {"state_dict": fresh_state()}
+    exec(compile(code, "docs/dcp.md", "exec"), namespace)
+    assert_loaded(namespace["state_dict"], saved[1])

@@ -10,6 +10,7 @@ bit-exact, with step 4 invisible.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -38,7 +39,7 @@ class _TrainState:
         self.step = int(state["step"])
 
 
-def _manager(folder: str, seed: int) -> tuple[Any, Any, _TrainState]:
+def _manager(folder: str, seed: int, cls: Any = None) -> tuple[Any, Any, _TrainState]:
     import torch
     from torchtitan.components.lr_scheduler import LRSchedulersContainer
     from torchtitan.components.optimizer import OptimizersContainer
@@ -52,7 +53,7 @@ def _manager(folder: str, seed: int) -> tuple[Any, Any, _TrainState]:
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
     train_state = _TrainState()
     config = CheckpointConfig(enable=True, folder=folder, interval=1, keep_latest_k=2)
-    manager = CloudCheckpointManager(dataloader=None, model_parts=[model], optimizers=optimizers,
+    manager = (cls or CloudCheckpointManager)(dataloader=None, model_parts=[model], optimizers=optimizers,
                                      lr_schedulers=schedulers, states={"train_state": train_state},
                                      checkpoint_config=config, sd_adapter=None)
     return manager, model, train_state
@@ -63,6 +64,10 @@ def _digests(model: Any) -> dict[str, str]:
 
     return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest()
             for k, v in model.state_dict().items()}
+
+
+def _lr(manager: Any) -> list[float]:
+    return list(manager.states["lr_scheduler"].schedulers[0].get_last_lr())
 
 
 def train_then_die(rank: int, world: int, port: int, folders: list[str], notes: str, report: dict[str, Any]) -> None:
@@ -90,22 +95,33 @@ def train_then_die(rank: int, world: int, port: int, folders: list[str], notes: 
                 else:
                     break
             manager.save(curr_step=step)
-            saved[folder] = {"digests": _digests(model), "lr": manager.states["lr_scheduler"].schedulers[0].get_last_lr()}
+            saved[folder] = {"digests": _digests(model), "lr": _lr(manager)}
     report["unreachable"] = True
 
 
+def doc_block(marker: str) -> str:
+    """The ```python block of docs/dcp.md that contains ``marker``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "dcp.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    return next(b for b in blocks if marker in b)
+
+
 def resume(rank: int, world: int, port: int, folders: list[str], report: dict[str, Any]) -> None:
-    """Spawned: a fresh process per folder loads the latest committed step."""
+    """Spawned: a fresh process per folder loads the latest committed step, set up by docs/dcp.md's recipe."""
     import torch.distributed as dist
+    import torchtitan.train
 
     from cloudckpt.dcp.torchtitan import committed_steps
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    exec(compile(doc_block("torchtitan.train.CheckpointManager ="), "docs/dcp.md", "exec"), {})
+    report["recipe"] = torchtitan.train.CheckpointManager.__name__
+    report["trainer_builds_it"] = "= CheckpointManager(" in inspect.getsource(torchtitan.train.Trainer.__init__)
     for n, folder in enumerate(folders):
-        manager, model, train_state = _manager(folder, seed=100 + n)
+        manager, model, train_state = _manager(folder, seed=100 + n, cls=torchtitan.train.CheckpointManager)
         loaded = manager.load()
         report[folder] = {"loaded": loaded, "step": train_state.step, "digests": _digests(model),
-                          "lr": manager.states["lr_scheduler"].schedulers[0].get_last_lr(), "steps": committed_steps(folder)}
+                          "lr": _lr(manager), "steps": committed_steps(folder)}
         manager.close()
 
 
@@ -147,3 +163,10 @@ def test_checkpoints_are_cloudckpt_checkpoints(runs: tuple[list[str], dict[str, 
     folders, _, _ = runs
     report = verify(folders[0])
     assert [c.name for c in report.checkpoints] == ["step-2", "step-3"] and report.intact
+
+
+def test_the_docs_recipe_installs_the_manager_the_trainer_builds(
+        runs: tuple[list[str], dict[str, Any], dict[str, Any]]) -> None:
+    _, _, resumed = runs
+    assert resumed["recipe"] == "CloudCheckpointManager"  # the resume above ran through it
+    assert resumed["trainer_builds_it"]  # TorchTitan's Trainer still builds its manager by that name
