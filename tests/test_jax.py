@@ -9,6 +9,8 @@ run in one spawned process that sets ``XLA_FLAGS`` before it imports jax
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -265,3 +267,14 @@ def test_a_prng_key_with_an_unknown_impl_is_refused_by_name(tmp_path: Path) -> N
     like = {"rng": jax.random.key(0)}
     with pytest.raises(CheckpointMismatchError, match=r"'rng'.*no-such-impl"):
         ccjax.restore(path, like)
+
+
+def test_import_cloudckpt_and_a_numpy_checkpoint_never_import_jax(tmp_path: Path) -> None:
+    """The jax.Array leaf kind is registered with the built-in ones but claims values by their type's module."""
+    code = ("import sys, numpy as np, cloudckpt\n"
+            "assert 'jax' not in sys.modules, 'import cloudckpt'\n"
+            f"path = cloudckpt.Checkpoint(w={{'a': np.ones(3), 'n': 1}}).save({str(tmp_path / 'ck')!r})\n"
+            "cloudckpt.Checkpoint(w={'a': np.zeros(3), 'n': 0}).restore(path).assert_consumed()\n"
+            "assert 'jax' not in sys.modules and 'jaxlib' not in sys.modules, 'a numpy save and restore'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
