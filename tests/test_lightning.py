@@ -228,3 +228,25 @@ def test_tags_from_an_untrusted_index_are_checked() -> None:
         loop["self"] = loop
         to_storable(loop)
     assert np.array_equal(np.frombuffer(b"ab", dtype=np.uint8), [97, 98])
+
+
+def test_the_fsspec_view_answers_lightnings_file_calls_on_a_bucket(s3_root: str) -> None:
+    import fsspec
+
+    from cloudckpt.lightning.fs import CloudFileSystem
+
+    fs = fsspec.filesystem("s3")
+    assert isinstance(fs, CloudFileSystem), "no s3fs here: the view serves s3://"
+    base = f"{s3_root}/fsview"
+    bare = base.removeprefix("s3://")
+    with fs.open(f"{base}/run/best_k_models.yaml", "w") as out:
+        out.write("a.ckpt: 0.5\n")
+    fs.makedirs(f"{base}/run", exist_ok=True)
+    assert fs.exists(f"{base}/run/best_k_models.yaml") and fs.isdir(f"{base}/run") and not fs.exists(f"{base}/no")
+    assert fs.ls(base, detail=False) == [f"{bare}/run"]
+    assert fs.ls(f"{base}/run", detail=False) == [f"{bare}/run/best_k_models.yaml"]
+    with fs.open(f"{base}/run/best_k_models.yaml", "r") as source:
+        assert source.read() == "a.ckpt: 0.5\n"
+    assert fs.modified(f"{base}/run/best_k_models.yaml").year >= 2024
+    fs.rm(f"{base}/run", recursive=True)
+    assert not fs.exists(f"{base}/run") and not fs.exists(f"{base}/run/best_k_models.yaml")
