@@ -140,6 +140,7 @@ into the directory meanwhile stops at its next save (its state file changed)."""
                     """\
   cloudckpt export s3://bucket/run/ckpt-7 model.npz
   cloudckpt export s3://bucket/run/ckpt-7 model.safetensors model/
+  cloudckpt export --format safetensors --prefix model/ --strip-prefix s3://bucket/run/ckpt-7 hf-model/
 
 Keys are the checkpoint's key paths, as 'cloudckpt inspect' shows them (model/layers/0/kernel).
 A KEY selects every key path equal to it or continuing it with '/' or '.': model/head selects
