@@ -273,3 +273,56 @@ def test_tensorstore_failures_are_told_apart() -> None:
     data = _failed(ValueError("DATA_LOSS: Error decoding chunk"), "cannot read 'w'", "s3://b/c")
     assert isinstance(store, StorageError) and store.url == "s3://b/c" and "cannot read 'w'" in str(store)
     assert isinstance(data, CheckpointFormatError) and not isinstance(data, StorageError)
+
+
+# ---------------------------------------------------------------------------- tools (the generic foreign path)
+def test_tools_list_inspect_verify_on_every_store(store: str) -> None:
+    from cloudckpt.tools import inspect_checkpoint, list_checkpoints, verify
+
+    rows = {row.name: row for row in list_checkpoints(store).checkpoints}
+    assert {"standard", "zarr3", "chunked"} <= set(rows), rows
+    doc = inspect_checkpoint(f"{store}/standard").to_json()
+    entries = {e["key"]: e for e in doc["entries"]}
+    assert sorted(entries) == sorted(FLAT)
+    assert entries["params/dense/bias"]["dtype"] == "bfloat16" and entries["params/embed"]["shape"] == [5, 2]
+    assert verify(f"{store}/manager/5").intact
+
+
+def test_cli_ls_inspect_cp(written: Path, tmp_path: Path) -> None:
+    from test_cli import cli
+
+    listing = cli("ls", str(written), "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = {row["name"]: row for row in json.loads(listing.stdout)["checkpoints"]}
+    assert rows["standard"]["format"] == "orbax" and rows["standard"]["status"] == "committed", rows
+    shown = cli("inspect", str(written / "zarr3"))
+    assert shown.returncode == 0 and "Orbax checkpoint" in shown.stdout, shown.stdout + shown.stderr
+    assert "bfloat16" in shown.stdout and "params/dense/bias" in shown.stdout
+    copied = cli("cp", str(written / "standard"), str(tmp_path / "ckpt-3"))
+    assert copied.returncode == 0, copied.stderr
+    want = expected_tree()
+    for key, pick in FLAT.items():
+        assert_bits(cloudckpt.load_variable(tmp_path / "ckpt-3", key), pick(want), f"cli cp {key}")
+
+
+def test_cp_into_cloudckpt_format_then_ccjax_restore_bit_exact(store: str, tmp_path: Path) -> None:
+    import jax
+
+    import cloudckpt.jax as ccjax
+    from cloudckpt.tools import copy
+
+    target = str(tmp_path / "run" / "ckpt-1")
+    copy(f"{store}/standard", target)
+    assert isinstance(load_any_index(open_storage(str(tmp_path / "run")), "ckpt-1"), CheckpointIndex)
+    want = expected_tree()
+    sds: Any = jax.ShapeDtypeStruct  # jax leaves its constructor unannotated
+    like = {"params": jax.tree.map(lambda a: sds(a.shape, a.dtype), want["params"]),
+            "opt": [np.zeros_like(a) for a in want["opt"]]}
+    restored = ccjax.restore(target, like)
+    assert isinstance(restored["params"]["embed"], jax.Array)
+    got = {"params/dense/kernel": restored["params"]["dense"]["kernel"],
+           "params/dense/bias": restored["params"]["dense"]["bias"],
+           "params/embed": restored["params"]["embed"], "opt/0": restored["opt"][0], "opt/1": restored["opt"][1]}
+    for key, value in got.items():
+        assert_bits(np.asarray(value), FLAT[key](want), f"ccjax {key}")
+    assert cloudckpt.load_variable(target, "step") == 7
