@@ -13,6 +13,14 @@ as ``DTensor`` ``[Shard(0)]``, 4 replicated plain tensors). Paths, all through
 - fsspec: ``FsspecWriter`` / ``FsspecReader`` over s3fs, ``--peer-threads`` writer threads;
 - cloudckpt's own ``DTensorCheckpoint.write`` / ``read`` (no DCP), for reference.
 
+And the TorchTitan rows (a table of their own, the ratio between the two): TorchTitan 0.2.2's
+``CheckpointManager`` driving a model whose parameters are the same shards (``DTensor``s) plus
+its Adam state (one step taken: 3x the state size) and LR scheduler, ``save(step)`` and a load of
+that step, through ``cloudckpt.dcp.torchtitan.CloudCheckpointManager`` vs TorchTitan's own
+(``checkpoint_id`` only: torch's ``FsspecWriter`` / ``FsspecReader`` over s3fs, default threads).
+TorchTitan's own ``load()`` checks ``os.path`` and cannot find an ``s3://`` folder, so its restore
+is timed through its ``dcp_load`` on the step's id; cloudckpt's through ``load(step)``.
+
 Each is timed with barriers around it (the slowest rank's time counts) for save, restore
 onto the same layout, and - in the world-2 run - restore of what the world-1 run saved
 (onto another world size). Every restore is checked value for value (untimed). Peak
@@ -135,9 +143,12 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
         save(f"s3://{bucket}/warm/w{world}/{tag}" + ("/ckpt" if tag in ("cloudckpt", "native") else ""))
     dist.barrier()
 
+    titan = _titan_paths(ranks, bucket) if config["titan"] else []
+    for _, tag, save, _, _, _ in titan:
+        save(f"s3://{bucket}/warm/w{world}/{tag}")
     results: dict[str, dict[str, Any]] = {}
 
-    def timed(key: str, label: str, direction: str, fn: Callable[[], Any]) -> None:
+    def timed(key: str, label: str, direction: str, fn: Callable[[], Any], group: str = "dcp") -> None:
         dist.barrier()
         started = time.perf_counter()
         with PeakRss() as rss:
@@ -146,7 +157,8 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
         elapsed = time.perf_counter() - started
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (elapsed, rss.extra))
-        row = results.setdefault(key, {"direction": direction, "path": label, "seconds": [], "extra": 0})
+        row = results.setdefault(key, {"direction": direction, "path": label, "seconds": [], "extra": 0,
+                                       "group": group})
         row["seconds"].append(max(g[0] for g in gathered))
         row["extra"] = max(row["extra"], *(g[1] for g in gathered))
 
@@ -173,6 +185,12 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
             url = url_of(world, r, tag)
             timed(f"restore|{tag}", label, "restore", lambda load=load, url=url: load(url))
             verify(lambda name: originals[name])
+        for label, tag, titan_save, titan_load, zero, check in titan:
+            url = f"s3://{bucket}/w{world}/r{r}/{tag}"
+            timed(f"save|{tag}", label, "save", lambda fn=titan_save, url=url: fn(url), "titan")
+            zero()
+            timed(f"restore|{tag}", label, "restore", lambda fn=titan_load, url=url: fn(url), "titan")
+            check(url)
         if world > 1 and config["other_world"]:
             for label, tag, _, load in paths:
                 for array in dests.values():
@@ -187,14 +205,80 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any]) -> dict[st
     return {"world": world, "global_bytes": ranks.global_bytes, "results": list(results.values()), "skipped": skipped}
 
 
-def report(worlds: list[dict[str, Any]]) -> str:
-    """The markdown table: time, throughput, ratio to the best DCP peer, peak extra memory per rank."""
+def _titan_paths(ranks: RankState, bucket: str) -> list[tuple[str, str, Callable[[str], Any], Callable[[str], Any],
+                                                              Callable[[], None], Callable[[str], None]]]:
+    """TorchTitan's CheckpointManager over a model of this rank's shards: through cloudckpt, and its own.
+
+    Each path: label, tag, save(url), load(url), and - untimed - zero the model, check the restore.
+    """
+    import torch
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer import OptimizersContainer
+    from torchtitan.config import Checkpoint as CheckpointConfig
+
+    from cloudckpt.dcp.torchtitan import CloudCheckpointManager
+
+    model = torch.nn.Module()
+    for i, tensor in enumerate(ranks.dcp_state({k: v.copy() for k, v in ranks.originals.items()}).values()):
+        model.register_parameter(f"p{i}", torch.nn.Parameter(tensor))
+    optimizers = OptimizersContainer([model], torch.optim.Adam, {"lr": 1e-3})
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizers.step()  # Adam's moments exist: the state TorchTitan saves is 3x the parameters
+    schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0)
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def manager(cls: Any) -> Any:
+        config = CheckpointConfig(enable=True, folder=f"s3://{bucket}/titan-unused", interval=1)
+        return cls(dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+                   states={}, checkpoint_config=config, sd_adapter=None)
+
+    ours, theirs = manager(CloudCheckpointManager), manager(CheckpointManager)
+
+    def save(m: Any) -> Callable[[str], Any]:
+        def run(url: str) -> None:
+            m.folder = url
+            m.save(curr_step=1)
+        return run
+
+    def zero() -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+
+    def check(url: str) -> None:
+        if not all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()):
+            raise AssertionError(f"{url}: TorchTitan restored other values")
+
+    def load_ours(url: str) -> None:
+        ours.folder = url
+        if not ours.load(step=1):
+            raise AssertionError(f"{url}: nothing loaded")
+
+    def load_theirs(url: str) -> None:
+        theirs.dcp_load(theirs._states_to_load(model_only=False), checkpoint_id=f"{url}/step-1", from_hf=False,
+                        from_quantized=False)
+
+    return [("cloudckpt: TorchTitan CloudCheckpointManager", "titan-cloudckpt", save(ours), load_ours, zero, check),
+            ("TorchTitan CheckpointManager (torch FsspecWriter / FsspecReader, s3fs)", "titan-fsspec", save(theirs),
+             load_theirs, zero, check)]
+
+
+def report(worlds: list[dict[str, Any]], group: str = "dcp") -> str:
+    """The markdown table: time, throughput, ratio to the best DCP peer, peak extra memory per rank.
+
+    ``group``: ``dcp`` (the storages under ``dcp.save``) or ``titan`` (TorchTitan's manager; its
+    rows' MiB/s count the model's state alone, though Adam's moments are saved too).
+    """
     lines = ["| processes | direction | path | best s | MiB/s | vs best DCP peer | peak extra MiB / rank |",
              "|---:|---|---|---:|---:|---:|---:|"]
     for w in worlds:
         size = w["global_bytes"]
         by_direction: dict[str, list[dict[str, Any]]] = {}
         for row in w["results"]:
+            if row.get("group", "dcp") != group:
+                continue
             row["best"] = min(row["seconds"])
             row["mib_s"] = size / MiB / row["best"]
             by_direction.setdefault(row["direction"], []).append(row)
@@ -210,6 +294,7 @@ def report(worlds: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = world_parser("python -m bench dcp", __doc__, size_mib=1024, timeout=3600.0)
+    parser.add_argument("--no-titan", action="store_true", help="leave out the TorchTitan rows")
     parser.add_argument("--peer-threads", type=int, default=4,
                         help="writer threads of s3torchconnector and FsspecWriter (cloudckpt uploads with 4)")
     args = parser.parse_args(argv)
@@ -224,7 +309,8 @@ def main(argv: list[str]) -> int:
     with seaweedfs_bucket("dcp") as (endpoint, bucket):
         for world in sorted(worlds):
             config = {"endpoint": endpoint, "bucket": bucket, "size_bytes": size_mib * MiB, "repeat": repeat,
-                      "peer_threads": args.peer_threads, "other_world": 1 in worlds}
+                      "peer_threads": args.peer_threads, "other_world": 1 in worlds,
+                      "titan": not args.no_titan}
             print(f"world {world}: spawning {world} gloo process(es) ...", flush=True)
             started = time.monotonic()
             results.append(spawn_reports(worker, world, config, timeout=args.timeout)[0])
@@ -236,5 +322,8 @@ def main(argv: list[str]) -> int:
     for note in sorted({n for w in results for n in w["skipped"]}):
         print(f"skipped: {note}")
     print(report(results))
+    if not args.no_titan:
+        print("\nTorchTitan CheckpointManager (model + Adam state + LR scheduler; MiB/s of the model state):")
+        print(report(results, "titan"))
     print(f"{describe_run()} (at the end)")
     return 0
