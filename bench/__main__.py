@@ -25,6 +25,7 @@ SUITES = {
     "cpu": "bench_cpu",
     "jax": "bench_jax",
     "gpu": "bench_gpu",
+    "frameworks": "bench_frameworks",
 }
 
 
