@@ -272,3 +272,24 @@ def test_the_docs_migration_recipe_runs_as_written(on_s3: str, s3_root: str,
     namespace: dict[str, Any] = {"state_dict": fresh_state()}
     exec(compile(code, "docs/dcp.md", "exec"), namespace)
     assert_loaded(namespace["state_dict"], saved[1])
+
+
+def test_any_reader_without_its_own_conversion_goes_through_the_generic_path(
+        saved: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tools' generic path (what an Orbax reader gets): cp through get_tensor alone, export .npz."""
+    from cloudckpt.dcp.layout import DCPLayoutReader
+    from cloudckpt.tools import export
+
+    directory, report = saved
+    monkeypatch.delattr(DCPLayoutReader, "conversion")
+    copy(str(directory), str(tmp_path / "ckpt-1"))
+    reader = cloudckpt.load_checkpoint(str(tmp_path / "ckpt-1"))
+    assert set(reader.get_variable_to_shape_map()) == set(report["digests"])  # tensors only; names kept
+    for fqn, digest in report["digests"].items():
+        assert sha(reader.get_tensor(fqn)) == digest, fqn
+    assert verify(str(tmp_path / "ckpt-1")).intact
+    written = export(str(directory), tmp_path / "out.npz", ["model."])
+    with np.load(tmp_path / "out.npz") as npz:
+        assert sorted(npz.files) == sorted(k for k in report["digests"] if k.startswith("model."))
+        assert sha(npz["model.0.weight"]) == report["digests"]["model.0.weight"]
+    assert written.format == "torch-dcp" and written.arrays == len(npz.files)
