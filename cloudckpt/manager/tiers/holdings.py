@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from cloudckpt.format.decode import decode_index
 from cloudckpt.format.naming import object_checkpoint
 from cloudckpt.storage import Storage, UpdateVersion
 from cloudckpt.storage.checksum import crc32c_of
+from cloudckpt.storage.local import LocalStorage
 
 log = logging.getLogger("cloudckpt.manager.tiers")
 
@@ -65,6 +67,20 @@ class Manifest:
             return Manifest(str(raw["name"]), str(raw["token"]), int(raw["index_crc32c"]), owners)
         except (ValueError, KeyError, TypeError) as exc:
             raise CloudCkptError(f"local tier manifest {where} is unreadable: {exc}") from exc
+
+
+class HostDirectory(LocalStorage):
+    """A host's local tier directory, named ``shown`` in URLs (by default its path).
+
+    A multi-host save requires every host to name the same place (``saving/plan.py``); on a
+    cluster every host passes the same path, but several processes on one machine need
+    directories of their own - they share one name (their common parent) instead.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], shown: str | None = None) -> None:
+        super().__init__(os.fspath(path))
+        if shown is not None:
+            self._url = shown
 
 
 class Holdings:

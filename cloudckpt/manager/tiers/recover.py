@@ -79,11 +79,18 @@ def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
         yield Candidate(name, owners, sizes, verified, Manifest.parse(committed.encode(), name))
 
 
-def fetch(holdings: Holdings, coordinator: Coordinator, candidate: Candidate, *, everything: bool) -> int:
-    """Bring the objects each host lacks (its own, or ``everything``) from a verified holder; bytes received."""
+def fetch(holdings: Holdings, coordinator: Coordinator, candidate: Candidate, *, everything: bool = False) -> int:
+    """Bring each host the objects it lacks from a verified holder; the bytes this host received.
+
+    A host gets the objects it wrote; with ``everything`` (this host's restore needed more - a
+    replicated piece another host wrote), every object of the step it lacks. Collective: every
+    rank passes its own ``everything``.
+    """
+    wants_all = coordinator.all_gather_object(everything)
     routes: dict[int, dict[int, list[tuple[str, int]]]] = {}
     for key, ranks in sorted(candidate.verified.items()):
-        wanting = range(coordinator.world_size) if everything else [candidate.owners.get(key, -1)]
+        owner = candidate.owners.get(key, -1)
+        wanting = [r for r in range(coordinator.world_size) if wants_all[r] or r == owner]
         for dst in wanting:
             if 0 <= dst < coordinator.world_size and dst not in ranks:
                 routes.setdefault(dst, {}).setdefault(ranks[0], []).append((key, candidate.sizes[key]))

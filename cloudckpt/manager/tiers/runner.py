@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,12 +28,11 @@ from cloudckpt.format import index_key
 from cloudckpt.manager.contract import ManagedCheckpoint
 from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.manager.tiers.config import LocalTier, replica_holders
-from cloudckpt.manager.tiers.holdings import Holdings, Manifest, manifest_key, step_of
-from cloudckpt.manager.tiers.recover import candidates, fetch
+from cloudckpt.manager.tiers.holdings import Holdings, HostDirectory, Manifest, manifest_key, step_of
+from cloudckpt.manager.tiers.recover import Candidate, candidates, fetch
 from cloudckpt.manager.tiers.replicate import replicate
 from cloudckpt.storage import Location
 from cloudckpt.storage.checksum import crc32c_of
-from cloudckpt.storage.local import LocalStorage
 
 log = logging.getLogger("cloudckpt.manager.tiers")
 
@@ -44,20 +44,27 @@ class TierRunner:
         os.makedirs(os.fspath(tier.path), exist_ok=True)
         self.tier = tier
         self.coordinator = coordinator if coordinator is not None else LocalCoordinator()
-        self.holdings = Holdings(LocalStorage(os.fspath(tier.path)))
+        self.holdings = Holdings(HostDirectory(tier.path))
         self._token: str | None = None
         self._holders: list[list[int]] = []
         self._claimed = False
+        #: Bytes this host received from its peers during the last ``restore``.
+        self.received = 0
+        self._failed = False
 
     @property
     def url(self) -> str:
-        return self.holdings.storage.url
+        """This host's local tier directory, as the user gave it."""
+        return os.fspath(self.tier.path)
 
     def _start(self) -> str:
         """The incarnation token (rank 0's, shared) and the replica table: collective, once."""
         if self._token is None:
             token = self.coordinator.broadcast_object(uuid.uuid4().hex if self.coordinator.rank == 0 else None)
             domains = [str(d) for d in self.coordinator.all_gather_object(self.tier.domain())]
+            paths = [str(p) for p in self.coordinator.all_gather_object(str(self.holdings.storage.url))]
+            if len(set(paths)) > 1:  # several hosts on one machine: one name, as the pipeline requires
+                self.holdings = Holdings(HostDirectory(self.tier.path, f"local-tier:{os.path.commonpath(paths)}"))
             self._holders = replica_holders(domains, self.tier.replicas)
             mine = self._holders[self.coordinator.rank]
             if any(domains[r] == domains[self.coordinator.rank] for r in mine):
@@ -136,25 +143,52 @@ class TierRunner:
         """
         self._claim()
         url_for = self.holdings.storage.url_for
+        self.received = 0
         for candidate in candidates(self.holdings, self.coordinator, self._token, at_least):
-            for everything in (False, True):
-                fetch(self.holdings, self.coordinator, candidate, everything=everything)
-                try:
-                    restore_newest_intact(lambda name: restore(Location(self.holdings.storage, name)),
-                                          [candidate.name], url_for,
-                                          self.coordinator if self.coordinator.world_size > 1 else None)
-                except NoIntactCheckpointError as exc:
-                    log.warning("local tier: restoring %s failed (%s)%s", candidate.name, exc,
-                                "; fetching every object this host lacks and trying again" if not everything else "")
-                    continue
-                if self.holdings.manifest(candidate.name) is None:
-                    self.holdings.storage.put(manifest_key(candidate.name), candidate.manifest.to_bytes())
-                log.info("restored %s from the local tier (step %d: newest complete step, every data object "
-                         "CRC32C-verified on a host; bucket's newest is older)", url_for(candidate.name),
-                         step_of(candidate.name))
-                return candidate.name
+            if not any(self._attempt(restore, candidate, attempt) for attempt in range(2)):
+                continue
+            if self.holdings.manifest(candidate.name) is None:
+                self.holdings.storage.put(manifest_key(candidate.name), candidate.manifest.to_bytes())
+            log.info("restored %s from the local tier (step %d: newest complete step, every data object "
+                     "CRC32C-verified on a host; the bucket's newest is not newer)", url_for(candidate.name),
+                     step_of(candidate.name))
+            return candidate.name
         log.info("local tier %s: no complete step numbered >= %d; restoring from the bucket", self.url, at_least)
         return None
+
+    def _attempt(self, restore: Callable[[Location], None], candidate: Candidate, attempt: int) -> bool:
+        """Fetch what the hosts lack, restore ``candidate``; whether every host restored it (collective).
+
+        Attempt 0 brings each host the objects it wrote; a host whose restore needed more (pieces
+        of a replicated array another host wrote) fetches every object it lacks for attempt 1.
+        """
+        self.received += fetch(self.holdings, self.coordinator, candidate, everything=self._failed)
+        self._failed = False
+
+        def restore_here(name: str) -> None:
+            try:
+                restore(Location(self.holdings.storage, name))
+            except Exception:
+                self._failed = True
+                raise
+
+        try:
+            with warnings.catch_warnings():
+                if not attempt:  # a host lacking a peer's object is no damage yet
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                restore_newest_intact(restore_here, [candidate.name], self.holdings.storage.url_for,
+                                      self.coordinator if self.coordinator.world_size > 1 else None)
+        except NoIntactCheckpointError as exc:
+            if attempt:
+                log.warning("local tier: restoring %s failed (%s); trying an older step", candidate.name, exc)
+            else:
+                log.info("local tier: %s needs objects beyond the hosts' own (%s); the hosts that lack them "
+                         "fetch every object they lack and retry", candidate.name, exc)
+            return False
+        finally:
+            if attempt:
+                self._failed = False
+        return True
 
     def steps(self) -> list[str]:
         """The steps this host's manifests commit, newest first (``cloudckpt ls``)."""
