@@ -16,7 +16,10 @@ every matrix sharded over a (devices/2, 2) mesh ``("fsdp", "model")``, vectors r
    after the device-to-host copy) vs a ``ccjax.PyTreeCheckpoint`` write with
    ``CheckpointOptions(enable_async=True)``, and the time to done (``wait_until_finished`` /
    ``sync``); the first save of each is reported apart (it allocates and warms up).
-4. **Peak extra host memory**, in a fresh process per path: the high-water mark of RSS during one
+4. **2 processes x 2 CPU devices** (``jax.distributed.initialize`` on 127.0.0.1, gloo collectives), the
+   same shapes on a (2, 2) mesh, each process building only its own shards: save / restore of both
+   paths on local disk, timed by process 0 between two global barriers, every shard checked.
+5. **Peak extra host memory**, in a fresh process per path: the high-water mark of RSS during one
    save (reset just before it) minus RSS before it, as a share of the state's bytes; for a
    restore, minus the restored state itself (which the restore must allocate).
 
@@ -309,6 +312,111 @@ def measure_memory(path: str, op: str, size: int, devices: int, root: Path) -> d
     return out
 
 
+# --------------------------------------------------------------------------- 2 processes x 2 devices
+def _global_block(shape: tuple[int, ...], index: tuple[slice, ...], salt: int) -> Any:
+    """The values at ``index`` of a global array of ``shape``: a function of the global position, so each
+    process builds only its own shards (no process holds a global array) and a restore checks them."""
+    if not shape:
+        return np.float32(salt)
+    grids = np.ix_(*[np.arange(*sl.indices(n)) for sl, n in zip(index, shape, strict=True)])
+    flat = grids[0] * shape[1] + grids[1] if len(shape) == 2 else grids[0]
+    return ((flat % 65521) * 1e-3 + salt).astype(np.float32)
+
+
+def _flat_items(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        return [item for k, v in tree.items() for item in _flat_items(v, f"{prefix}{k}/")]
+    return [(prefix.rstrip("/"), tree)]
+
+
+def mp_child(spec_json: str) -> int:
+    """One of 2 processes x 2 CPU devices on JAX's distributed runtime: interleaved saves, then restores,
+    of each path, a barrier before and after each timed call; process 0 prints the timings as JSON."""
+    spec = json.loads(spec_json)
+    force_devices(2)
+    import jax
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{spec['port']}", num_processes=2,
+                               process_id=spec["rank"], initialization_timeout=120)
+    mesh = jax.make_mesh((2, 2), ("fsdp", "model"))
+    layout = sorted((f"{part}/{k}", s) for part in ("params", "mu", "nu") for k, s in shapes(spec["size"]).items())
+
+    def sharding(shape: tuple[int, ...]) -> Any:
+        return NamedSharding(mesh, PartitionSpec("fsdp", "model") if len(shape) == 2 else PartitionSpec())
+
+    tree = _nest({k: jax.make_array_from_callback(s, sharding(s), lambda i, s=s, n=n: _global_block(s, i, n % 7))
+                  for n, (k, s) in enumerate(layout)})
+    like = abstract(tree)
+    fns = {p: saver(p) for p in spec["paths"]}
+    times: dict[str, dict[str, list[float]]] = {p: {"save": [], "restore": []} for p in spec["paths"]}
+
+    def collective(name: str, fn: Callable[[], Any]) -> tuple[float, Any]:
+        multihost_utils.sync_global_devices(f"before {name}")
+        started = time.perf_counter()
+        out = fn()
+        multihost_utils.sync_global_devices(f"after {name}")
+        return time.perf_counter() - started, out
+
+    last = spec["repeat"] - 1
+    for i in range(spec["repeat"]):
+        for p in spec["paths"]:
+            where = f"{spec['root']}/{p}-{i}/ckpt"
+            seconds, _ = collective(f"save {p} {i}", lambda p=p, where=where: fns[p][0](tree, where))
+            times[p]["save"].append(seconds)
+    for i in range(spec["repeat"]):
+        for p in spec["paths"]:
+            where = f"{spec['root']}/{p}-{last}/ckpt"
+            seconds, restored = collective(f"restore {p} {i}", lambda p=p, where=where: fns[p][1](like, where))
+            got = dict(_flat_items(restored))
+            for n, (key, shape) in enumerate(layout):
+                for shard in got[key].addressable_shards:
+                    if not np.array_equal(np.asarray(shard.data), _global_block(shape, shard.index, n % 7)):
+                        raise AssertionError(f"2 processes, {p}: {key} restored different values")
+            del restored, got
+            times[p]["restore"].append(seconds)
+    if spec["rank"] == 0:
+        print(json.dumps(times), flush=True)
+    multihost_utils.sync_global_devices("done")
+    return 0
+
+
+def measure_two_processes(size: int, repeat: int, root: Path) -> dict[str, dict[str, list[float]]]:
+    """Spawn 2 processes x 2 CPU devices (bounded wait, killed by PID on timeout); process 0's timings."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = "import sys; from bench.bench_jax import mp_child; sys.exit(mp_child(sys.argv[1]))"
+    procs = []
+    for rank in range(2):
+        spec = json.dumps({"rank": rank, "port": port, "root": str(root / "mp"), "size": size, "repeat": repeat,
+                           "paths": list(PATHS)})
+        procs.append(subprocess.Popen([sys.executable, "-c", code, spec], cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=CHILD_TIMEOUT))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"2-process child failed ({proc.returncode}):\n{err[-3000:]}")
+    times: dict[str, dict[str, list[float]]] = json.loads(outs[0][0].strip().splitlines()[-1])
+    for p, by_op in times.items():
+        for op, values in by_op.items():
+            print(f"  2x2 {op} {p}: {', '.join(f'{v:.2f}' for v in values)} s", flush=True)
+    shutil.rmtree(root / "mp", ignore_errors=True)
+    return times
+
+
 # --------------------------------------------------------------------------- report
 def ratio(theirs: float, ours: float) -> str:
     return f"{theirs / ours:.2f}x" if ours > 0 else "n/a"
@@ -363,7 +471,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, dest="size_mib", help="alias of --size-mib")
     parser.add_argument("--repeat", type=int, default=2, help="runs per path; the best counts (default 2)")
     parser.add_argument("--devices", type=int, default=8, help="CPU devices of the one process (default 8)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: local, s3, async, memory")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: local, s3, async, memory, processes")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.devices < 2 or args.devices % 2:
         parser.error("--repeat must be >= 1 and --devices an even number >= 2")
@@ -381,6 +490,7 @@ def main(argv: list[str]) -> int:
     size = tree_bytes(tree)
     print(f"  {len(jax.tree.leaves(tree))} arrays, {size / MiB:.1f} MiB", flush=True)
     times: dict[str, dict[str, dict[str, list[float]]]] = {}
+    two: dict[str, dict[str, list[float]]] = {}
     asyncs: dict[str, dict[str, float]] = {}
     memory: dict[tuple[str, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-jax-", dir=REPO) as tmp:
@@ -403,6 +513,9 @@ def main(argv: list[str]) -> int:
         if "async" not in skip:
             print("local disk: async save ...", flush=True)
             asyncs = measure_async(tree, root, args.repeat)
+        if "processes" not in skip:
+            print("local disk: 2 processes x 2 CPU devices (jax.distributed, gloo) ...", flush=True)
+            two = measure_two_processes(args.size_mib * MiB, args.repeat, root)
         if "memory" not in skip:
             del tree
             gc.collect()
@@ -413,6 +526,9 @@ def main(argv: list[str]) -> int:
     print()
     print(f"start: {started_as}")
     print(f"end:   {describe_run()}")
-    print(f"1 process x {args.devices} CPU devices, best of {args.repeat}")
+    print(f"1 process x {args.devices} CPU devices unless a row says otherwise; best of {args.repeat}")
+    if two:
+        times = {("local, 1 process x 8 devices" if k == "local" else k): v for k, v in times.items()}
+        times["local, 2 processes x 2 devices"] = two
     print(report(size, times, asyncs, memory))
     return 0
