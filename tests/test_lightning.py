@@ -209,6 +209,11 @@ def test_values_lightning_holds_round_trip_and_the_rest_is_refused_by_key(tmp_pa
     with pytest.raises(cloudckpt.CheckpointNotFoundError, match="TorchCheckpointIO"):
         io.load_checkpoint(tmp_path / "missing.ckpt")
 
+    tuned = CloudCheckpointIO(storage_options={"config": cloudckpt.TransferConfig(max_concurrency=2)})
+    tuned.save_checkpoint({"w": torch.ones(2)}, tmp_path / "t.ckpt")
+    assert torch.equal(tuned.load_checkpoint(tmp_path / "t.ckpt")["w"], torch.ones(2))
+    assert [s.config.max_concurrency for s in tuned._storages.values()] == [2]
+
 
 def test_tags_from_an_untrusted_index_are_checked() -> None:
     tree, tags = to_storable({"s": {1, 2}, "t": ({"q"},)})
