@@ -1,5 +1,8 @@
 """TorchTitan's checkpoint component on cloudckpt (``cloudckpt.dcp.torchtitan.CloudCheckpointManager``).
 
+A TorchTitan folder its own manager wrote (torch's ``step-N/`` directories) is converted with
+``cp`` and resumed from by cloudckpt's manager - the migration.
+
 TorchTitan's ``CheckpointManager`` is driven directly, as its trainer drives it (``save(step)``
 every step, ``load()`` at start), with a tiny model, its ``OptimizersContainer`` (Adam) and
 ``LRSchedulersContainer``, in spawned gloo processes: one trains 3 steps into a local folder and
@@ -39,7 +42,7 @@ class _TrainState:
         self.step = int(state["step"])
 
 
-def _manager(folder: str, seed: int, cls: Any = None) -> tuple[Any, Any, _TrainState]:
+def _manager(folder: str, seed: int, cls: Any = None, keep: int = 2) -> tuple[Any, Any, _TrainState]:
     import torch
     from torchtitan.components.lr_scheduler import LRSchedulersContainer
     from torchtitan.components.optimizer import OptimizersContainer
@@ -52,7 +55,7 @@ def _manager(folder: str, seed: int, cls: Any = None) -> tuple[Any, Any, _TrainS
     optimizers = OptimizersContainer([model], torch.optim.Adam, {"lr": 0.01})
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
     train_state = _TrainState()
-    config = CheckpointConfig(enable=True, folder=folder, interval=1, keep_latest_k=2)
+    config = CheckpointConfig(enable=True, folder=folder, interval=1, keep_latest_k=keep)
     manager = (cls or CloudCheckpointManager)(dataloader=None, model_parts=[model], optimizers=optimizers,
                                      lr_schedulers=schedulers, states={"train_state": train_state},
                                      checkpoint_config=config, sd_adapter=None)
@@ -70,15 +73,22 @@ def _lr(manager: Any) -> list[float]:
     return list(manager.states["lr_scheduler"].schedulers[0].get_last_lr())
 
 
-def train_then_die(rank: int, world: int, port: int, folders: list[str], notes: str, report: dict[str, Any]) -> None:
-    """Spawned: 3 steps saved into each folder, then SIGKILLed in the last folder's step-4 save."""
+def train_then_die(rank: int, world: int, port: int, folders: list[str], own: str, notes: str,
+                   report: dict[str, Any]) -> None:
+    """Spawned: 3 steps saved into each folder, then SIGKILLed in the last folder's step-4 save.
+
+    The folder ``own`` is saved by TorchTitan's own manager (torch's FileSystemWriter), the rest by cloudckpt's.
+    """
     import torch
     import torch.distributed as dist
+    from torchtitan.components.checkpoint import CheckpointManager
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     saved: dict[str, Any] = {}
     for n, folder in enumerate(folders):
-        manager, model, train_state = _manager(folder, seed=n)
+        theirs = folder == own
+        manager, model, train_state = _manager(folder, seed=n, cls=CheckpointManager if theirs else None,
+                                               keep=0 if theirs else 2)
         assert manager.load() is False  # nothing there yet: a fresh start
         x = torch.randn(8, 6)
         for step in range(1, 5):
@@ -127,13 +137,22 @@ def resume(rank: int, world: int, port: int, folders: list[str], report: dict[st
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, s3_root: str) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Folders: a TorchTitan folder torch wrote, converted by ``cp``; cloudckpt's on local disk; on SeaweedFS."""
+    from cloudckpt.tools import copy
+
     base = tmp_path_factory.mktemp("titan")
-    folders = [str(base / "checkpoint"), f"{s3_root}/titan/checkpoint"]
+    own, converted = str(base / "torch-written"), str(base / "converted")
+    folders = [own, str(base / "checkpoint"), f"{s3_root}/titan/checkpoint"]
     notes = base / "saved.json"
-    died = spawn_reports(train_then_die, 1, folders, str(notes), timeout=SPAWN_TIMEOUT, may_die={0})
+    died = spawn_reports(train_then_die, 1, folders, own, str(notes), timeout=SPAWN_TIMEOUT, may_die={0})
     assert "died" in died[0], died  # SIGKILLed at the crash point, as a preempted VM
-    resumed = spawn_reports(resume, 1, folders, timeout=SPAWN_TIMEOUT)[0]
-    return folders, json.loads(notes.read_text()), resumed
+    assert sorted(p.name for p in Path(own).iterdir()) == ["step-1", "step-2", "step-3"]  # torch's directories
+    report = copy(own + "/", converted + "/")  # the migration: every step-N/ becomes a cloudckpt step-N
+    assert [c.dst.rsplit("/", 1)[1] for c in report.copied] == ["step-1", "step-2", "step-3"]
+    saved = json.loads(notes.read_text())
+    saved[converted] = saved.pop(own)
+    resumed = spawn_reports(resume, 1, [converted, *folders[1:]], timeout=SPAWN_TIMEOUT)[0]
+    return [converted, *folders[1:]], saved, resumed
 
 
 def test_resume_loads_the_last_committed_step_bit_exact(runs: tuple[list[str], dict[str, Any], dict[str, Any]]
@@ -149,7 +168,7 @@ def test_resume_loads_the_last_committed_step_bit_exact(runs: tuple[list[str], d
 def test_a_save_killed_mid_way_leaves_the_previous_step_latest(runs: tuple[list[str], dict[str, Any],
                                                                               dict[str, Any]]) -> None:
     folders, _, resumed = runs
-    s3 = folders[1]
+    s3 = folders[2]
     assert resumed[s3]["steps"] == [2, 3]  # keep_latest_k=2 removed step 1; step 4 never committed
     keys = [m.key for m in open_storage(s3).list()]
     assert any(k.startswith("step-4.data-") for k in keys)  # the killed save's data is there ...
@@ -161,7 +180,7 @@ def test_checkpoints_are_cloudckpt_checkpoints(runs: tuple[list[str], dict[str, 
     from cloudckpt.tools import verify
 
     folders, _, _ = runs
-    report = verify(folders[0])
+    report = verify(folders[1])
     assert [c.name for c in report.checkpoints] == ["step-2", "step-3"] and report.intact
 
 

@@ -6,7 +6,9 @@ order, then the state file, naming only those copied (paths made relative, the w
 dropped: the copy is unclaimed). It skips a damaged checkpoint (malformed index, bytes failing
 their CRC32C, truncated or missing data objects), reports it and copies every intact one, so
 the destination's latest is the newest intact checkpoint of the source. It keeps data object
-names, so the checkpoints that share an object share its one copy.
+names, so the checkpoints that share an object share its one copy. A sub-directory in a
+registered foreign layout (torch DCP's ``step-N/``, as a TorchTitan folder holds them) is
+converted into the cloudckpt checkpoint ``step-N`` of the destination directory.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from cloudckpt.tools.directory import (
     scan_directory,
     sort_names,
 )
+from cloudckpt.tools.foreign import is_directory_checkpoint
 from cloudckpt.tools.progress import ProgressFactory, silent
 from cloudckpt.tools.streaming import destination_storage
 
@@ -205,10 +208,11 @@ def copy(src_url: str, dst_url: str, *, force: bool = False, reread: bool = True
         return CopyReport((done,))
     src = open_directory(src_url)
     scan = scan_directory(src)
-    if not scan.indexes:
+    foreign = {sub for sub in scan.subdirectories if is_directory_checkpoint(src, sub)}  # torch DCP's step-N/
+    if not scan.indexes and not foreign:
         raise no_checkpoints(src.url, scan)
     dst = destination_storage(dst_url.rstrip("/") or dst_url, part_size)
-    names = sort_names(set(scan.indexes))
+    names = sort_names(set(scan.indexes) | foreign)
     if not force:
         existing = [n for n in names if dst.exists(index_key(n))]
         if scan.has_state and dst.exists(STATE_KEY):
