@@ -7,6 +7,7 @@ multi-process cases (replicas on peers, a replaced host) are in tests/test_tiers
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -17,8 +18,9 @@ import pytest
 
 import cloudckpt
 from cloudckpt import Checkpoint, CheckpointManager, Variable
+from cloudckpt.cli import main
 from cloudckpt.errors import ConcurrentWriterError
-from cloudckpt.manager.tiers import LocalTier, replica_holders
+from cloudckpt.manager.tiers import LocalTier, list_local_tier, replica_holders
 from cloudckpt.manager.tiers.holdings import Holdings, Manifest, manifest_key
 from cloudckpt.storage.checksum import crc32c_of
 
@@ -185,3 +187,21 @@ def test_replicas_go_to_other_failure_domains_first() -> None:
     assert replica_holders(["h1", "h1", "h2", "h2"], 2) == [[2, 3], [3, 2], [0, 1], [1, 0]]
     assert replica_holders(["solo", "solo"], 1) == [[1], [0]]  # one machine: peers anyway (warned)
     assert replica_holders(["x"], 1) == [[]]
+
+
+def test_ls_shows_which_steps_are_in_which_tier(trained: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bucket, local = trained
+    for p in (local / "ckpt-6.index", local / "tier" / "ckpt-6.json"):  # step 6 as a killed save leaves it
+        p.unlink()
+    assert main(["ls", bucket, "--local-tier", str(local), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["status"], s["in_bucket"]) for s in listing["local_tier"]] == [
+        ("ckpt-6", "partial", False), ("ckpt-7", "committed", False)]
+    Job(bucket, local).manager.save(checkpoint_number=7)  # step 7 to the bucket too
+    assert main(["ls", bucket, "--local-tier", str(local)]) == 0
+    out = capsys.readouterr().out
+    assert f"local tier {local}" in out and "ckpt-7" in out.split("local tier")[0]
+    tiers = {line.split()[1]: line.split()[-1] for line in out.split("local tier")[1].splitlines()[2:] if line.strip()}
+    assert tiers == {"ckpt-6": "local", "ckpt-7": "local+bucket"}
+    steps = list_local_tier(local)
+    assert [(s.name, s.status, s.hosts) for s in steps] == [("ckpt-6", "partial", 0), ("ckpt-7", "committed", 1)]

@@ -71,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "ls", "ls", "list the checkpoints in a directory", """\
   cloudckpt ls s3://bucket/run
-  cloudckpt ls ./checkpoints --json | jq -r .latest""", parent)
+  cloudckpt ls ./checkpoints --json | jq -r .latest
+  cloudckpt ls s3://bucket/run --local-tier /mnt/local-ssd/ckpt   which steps are in which tier""", parent)
     p.add_argument("url", metavar="URL", help="checkpoint directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--local-tier", metavar="PATH", help="also list this host's local tier directory "
+                   "(CheckpointManager(local_tier=...)) and which of its steps the bucket has too")
 
     p = _subcommand(sub, "inspect", "inspect", "show a checkpoint's keys, dtypes, shapes, sizes and scalar values",
                     """\

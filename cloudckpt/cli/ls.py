@@ -1,5 +1,8 @@
 """``cloudckpt ls URL``: print :func:`cloudckpt.tools.list_checkpoints`'s listing as a table (or ``--json``).
 
+``--local-tier PATH`` adds this host's local tier (``cloudckpt.manager.tiers.list_local_tier``):
+each step, whether it is committed there, and whether the bucket has it too.
+
 Sizes are bytes stored, each object counted once, under the checkpoint name its write gave
 it: a row's STORED is its index plus the data objects carrying its name, so the rows add up
 to the directory's total. Bytes a checkpoint reads from another one's objects are shown
@@ -9,10 +12,11 @@ beside it ("reuses 80 B of ckpt-1"), not counted again.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cloudckpt.cli.common import human_size, human_time, iso_time, no_checkpoints_error, print_json, print_table
+from cloudckpt.manager.tiers import list_local_tier
 from cloudckpt.tools.listing import STATUSES, CheckpointRow, list_checkpoints
 
 
@@ -54,15 +58,39 @@ def _row_json(row: CheckpointRow) -> dict[str, Any]:
             "kept_for": list(row.kept_for), "kept_bytes": row.kept_bytes}
 
 
+def _local_tier(path: str | None, rows: Sequence[CheckpointRow]) -> list[dict[str, Any]] | None:
+    """The local tier's steps (``--local-tier``), each saying whether the bucket has it committed too."""
+    if path is None:
+        return None
+    in_bucket = {row.name for row in rows if row.status == "committed"}
+    return [{"name": s.name, "number": s.number, "status": s.status, "size": s.size, "objects": s.objects,
+             "hosts": s.hosts, "in_bucket": s.name in in_bucket} for s in list_local_tier(path)]
+
+
+def _print_local_tier(path: str, steps: list[dict[str, Any]]) -> None:
+    table = [["NUMBER", "NAME", "STATUS", "STORED HERE", "OBJECTS", "HOSTS", "TIERS"]]
+    for s in steps:
+        table.append([str(s["number"]), s["name"], s["status"], human_size(s["size"]), str(s["objects"]),
+                      str(s["hosts"] or "-"), "local+bucket" if s["in_bucket"] else "local"])
+    print(f"\nlocal tier {path} (this host):")
+    print_table(table)
+
+
 def run(args: Any) -> int:
     listing = list_checkpoints(args.url)
     rows, latest = listing.checkpoints, listing.latest
+    local = _local_tier(getattr(args, "local_tier", None), rows)
     if args.json:
         print_json({"directory": listing.directory, "latest": latest, "state_file": listing.state_file,
                     "stored_bytes": listing.stored_bytes, "checkpoints": [_row_json(row) for row in rows],
-                    "subdirectories": list(listing.subdirectories)})
-        if not rows:
+                    "subdirectories": list(listing.subdirectories),
+                    **({"local_tier": local} if local is not None else {})})
+        if not rows and not local:
             raise no_checkpoints_error(listing.directory, listing.subdirectories)
+        return 0
+    if not rows and local:
+        print(f"no checkpoints in {listing.directory}")
+        _print_local_tier(args.local_tier, local)
         return 0
     if not rows:
         raise no_checkpoints_error(listing.directory, listing.subdirectories)
@@ -78,4 +106,6 @@ def run(args: Any) -> int:
     summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n or status == "committed")
     print(f"\n{summary}; {human_size(listing.stored_bytes)} stored in {listing.directory}"
           f"{'' if latest else '; no latest checkpoint'}")
+    if local is not None:
+        _print_local_tier(args.local_tier, local)
     return 0
