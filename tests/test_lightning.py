@@ -25,6 +25,7 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 import cloudckpt
@@ -33,6 +34,7 @@ from cloudckpt.lightning import CloudCheckpointIO
 from cloudckpt.lightning.values import from_storable, parse_tags, to_storable
 from cloudckpt.testing.processes import spawn_reports
 from cloudckpt.tools import verify
+from cloudckpt.tools.export_hf import export_hf
 
 STEPS_PER_EPOCH = 2
 KILL_AT_STEP = 4  # after the checkpoints of epochs 0 and 1
@@ -167,22 +169,29 @@ def test_killed_runs_resume_bit_exact_on_local_disk_and_s3(tmp_path: Path, s3_ro
         "last.ckpt", "last.ckpt.index"]
 
 
-def test_removal_keeps_pieces_a_later_incremental_checkpoint_names(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "gcs"])
+def test_removal_keeps_pieces_a_later_incremental_checkpoint_names(backend: str, tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    root = str(tmp_path / "run") if backend == "local" else f"gs://{request.getfixturevalue('gcs_bucket')}/lt"
+    storage = cloudckpt.storage.resolve(f"{root}/x").storage
     io = CloudCheckpointIO()
     frozen = torch.arange(1000, dtype=torch.float32)
-    io.save_checkpoint({"state_dict": {"frozen": frozen, "head": torch.zeros(3)}}, tmp_path / "a.ckpt")
-    io.save_checkpoint({"state_dict": {"frozen": frozen, "head": torch.ones(3)}}, tmp_path / "b.ckpt")
-    index = cloudckpt.CheckpointReader(str(tmp_path / "b.ckpt"))
+    io.save_checkpoint({"state_dict": {"frozen": frozen, "head": torch.zeros(3)}}, f"{root}/a.ckpt")
+    io.save_checkpoint({"state_dict": {"frozen": frozen, "head": torch.ones(3)}}, f"{root}/b.ckpt")
+    index = cloudckpt.CheckpointReader(f"{root}/b.ckpt")
     assert index.metadata["lightning"]["version"] == 1
-    io.remove_checkpoint(tmp_path / "a.ckpt")
-    assert not (tmp_path / "a.ckpt").exists() and not (tmp_path / "a.ckpt.index").exists()
-    assert any(p.name.startswith("a.ckpt.data-") for p in tmp_path.iterdir()), "b.ckpt reuses a's piece"
-    loaded = io.load_checkpoint(tmp_path / "b.ckpt")
+    io.remove_checkpoint(f"{root}/a.ckpt")
+    keys = [m.key for m in storage.list()]
+    assert "a.ckpt" not in keys and "a.ckpt.index" not in keys
+    assert any(k.startswith("a.ckpt.data-") for k in keys), "b.ckpt reuses a's piece"
+    loaded = io.load_checkpoint(f"{root}/b.ckpt")
     assert torch.equal(loaded["state_dict"]["frozen"], frozen) and torch.equal(loaded["state_dict"]["head"],
                                                                                torch.ones(3))
-    io.remove_checkpoint(tmp_path / "b.ckpt")
-    io.remove_checkpoint(tmp_path / "b.ckpt")  # gone already: no error, as Lightning expects
-    assert list(tmp_path.iterdir()) == []
+    report = export_hf(f"{root}/b.ckpt", tmp_path / "hf", prefix="lightning/state_dict/", strip_prefix=True)
+    assert report.tensors == 2 and sorted(load_file(tmp_path / "hf" / report.shards[0])) == ["frozen", "head"]
+    io.remove_checkpoint(f"{root}/b.ckpt")
+    io.remove_checkpoint(f"{root}/b.ckpt")  # gone already: no error, as Lightning expects
+    assert storage.list() == []
 
 
 def test_values_lightning_holds_round_trip_and_the_rest_is_refused_by_key(tmp_path: Path) -> None:
