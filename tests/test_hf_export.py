@@ -135,3 +135,16 @@ def test_a_checkpoint_sharded_over_hosts_exports_in_bounded_batches(tmp_path: Pa
     assert batches and max(batches) <= 2 * 8 * 16 * 2 and sum(batches) == 6 * 8 * 16 * 2
     for name, value in weights.items():
         assert np.array_equal(tensors[name].view(torch.uint16).numpy(), value.view(np.uint16)), name
+
+
+def test_a_torch_dcp_checkpoint_exports_by_its_fqns(tmp_path: Path) -> None:
+    """What TorchTitan and FSDP2 users have: torch's own DCP layout, read through the registered reader."""
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    model = {"w": torch.randn(4, 4).to(torch.bfloat16), "b": torch.ones(4)}
+    with pytest.warns(UserWarning, match="single process"):
+        save({"model": model, "step": 3}, checkpoint_id=str(tmp_path / "dcp"))
+    report = export_hf(str(tmp_path / "dcp"), tmp_path / "out", prefix="model.", strip_prefix=True)
+    tensors = _load_shards(tmp_path / "out")
+    assert report.tensors == 2 and sorted(tensors) == ["b", "w"]
+    assert tensors["w"].dtype == torch.bfloat16 and torch.equal(tensors["w"], model["w"])
