@@ -106,20 +106,22 @@ def make_tree(total_bytes: int, seed: int = 0, *, like_only: bool = False) -> di
     mesh = Mesh(devices.reshape(len(devices) // 2, 2), ("fsdp", "model"))
     rng = np.random.default_rng(seed)
 
-    def array(shape: tuple[int, ...], fill: float | None = None, dtype: Any = np.float32) -> Any:
+    def array(shape: tuple[int, ...], scale: float = 1.0, dtype: Any = np.float32, positive: bool = False) -> Any:
         sharding = NamedSharding(mesh, PartitionSpec("fsdp", "model") if len(shape) == 2 else PartitionSpec())
         if like_only:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        host = np.full(shape, fill, dtype) if fill is not None else rng.standard_normal(shape, dtype)
-        return jax.device_put(host, sharding)
+        if not shape:
+            return jax.device_put(np.asarray(100, dtype), sharding)
+        host = rng.standard_normal(shape, dtype) * dtype(scale)  # random: compresses as trained state does
+        return jax.device_put(np.abs(host) if positive else host, sharding)
 
     layout = shapes(total_bytes)
     return {
-        "step": array((), 100, np.int32),
+        "step": array((), dtype=np.int32),
         "params": _nest({k: array(s) for k, s in layout.items()}),
-        "opt_state": {"count": array((), 100, np.int32),
-                      "mu": _nest({k: array(s) for k, s in layout.items()}),
-                      "nu": _nest({k: array(s, 1e-3) for k, s in layout.items()})},
+        "opt_state": {"count": array((), dtype=np.int32),
+                      "mu": _nest({k: array(s, 0.1) for k, s in layout.items()}),
+                      "nu": _nest({k: array(s, 1e-3, positive=True) for k, s in layout.items()})},
     }
 
 
