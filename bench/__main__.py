@@ -26,6 +26,7 @@ SUITES = {
     "jax": "bench_jax",
     "gpu": "bench_gpu",
     "frameworks": "bench_frameworks",
+    "tiers": "bench_tiers",
 }
 
 

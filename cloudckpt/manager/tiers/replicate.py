@@ -14,6 +14,7 @@ send passes no buffers. Objects are read whole into memory (a host's own shards 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -37,12 +38,15 @@ def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
         senders = {src: list(items) for src, items in routes.get(dst, {}).items() if items and src != dst}
         if not senders:
             continue
-        outgoing: list[NDArray[np.uint8]] = []
-        if me in senders:
-            outgoing = [np.frombuffer(holdings.storage.get(key), dtype=np.uint8) for key, _ in senders[me]]
-        incoming = ({src: [np.empty(size, dtype=np.uint8) for _, size in items] for src, items in senders.items()}
-                    if me == dst else {})
-        coordinator.transfer(dst, outgoing, incoming)
+        with contextlib.ExitStack() as maps:
+            outgoing: list[NDArray[np.uint8]] = []
+            if me in senders:  # mapped, not read: the transfer sends straight from the page cache
+                outgoing = [np.frombuffer(maps.enter_context(holdings.storage.view(key)), dtype=np.uint8)
+                            for key, _ in senders[me]]
+            incoming = ({src: [np.empty(size, dtype=np.uint8) for _, size in items] for src, items in senders.items()}
+                        if me == dst else {})
+            coordinator.transfer(dst, outgoing, incoming)
+            del outgoing  # the arrays export the maps' buffers: release them before the maps close
         for src, buffers in incoming.items():
             for (key, _), buf in zip(senders[src], buffers, strict=True):
                 holdings.storage.put(key, buf.data)
