@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 import cloudckpt
 import cloudckpt.jax as ccjax
-from cloudckpt import CheckpointManager, CheckpointMismatchError, CheckpointOptions
+from cloudckpt import CheckpointManager, CheckpointMismatchError, CheckpointOptions, PreemptionCheckpointHandler
 from cloudckpt.format import ArrayEntry
 from cloudckpt.format.index_fetch import load_index
 from cloudckpt.storage import resolve
@@ -278,3 +278,15 @@ def test_import_cloudckpt_and_a_numpy_checkpoint_never_import_jax(tmp_path: Path
             "assert 'jax' not in sys.modules and 'jaxlib' not in sys.modules, 'a numpy save and restore'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_preemption_notice_saves_the_tree_at_the_step_boundary(tmp_path: Path) -> None:
+    ckpt = ccjax.PyTreeCheckpoint({"w": jnp.arange(4.0), "step": 7})
+    manager = CheckpointManager(ckpt, str(tmp_path / "run"), max_to_keep=1)
+    exited: list[bool] = []
+    with PreemptionCheckpointHandler(manager, exit_fn=lambda: exited.append(True)) as handler:
+        assert handler.save_checkpoint_if_preempted() is None
+        handler.request_preemption()  # as SIGTERM would
+        saved = handler.save_checkpoint_if_preempted()
+    assert exited == [True] and saved is not None
+    assert ccjax.restore(saved, {"w": jnp.zeros(4), "step": 0})["step"] == 7
