@@ -36,9 +36,10 @@ multipart upload itself); ``s3_client`` builds the clients, ``s3_errors`` says w
 answers mean and translates them (this module's ``_diagnose`` asks the bucket why a bare
 403/404 happened), ``s3_probes`` asks a store which conditional writes it honours, and
 ``s3_multipart`` lists and aborts the uploads a store still holds, ``s3_body`` streams request
-bodies from the caller's buffers. Why this one is still ~450 lines: what is left is one
-class's data plane on one client - each verb with the S3 quirk it works around, written next
-to it - and this docstring, the reference for how S3-compatible stores differ.
+bodies from the caller's buffers and reads GET bodies straight into them. Why this one is still
+~450 lines: what is left is one class's data plane on one client - each verb with the S3 quirk
+it works around, written next to it - and this docstring, the reference for how S3-compatible
+stores differ.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ from cloudckpt.storage.clients import BUCKETS_SEEN
 from cloudckpt.storage.s3_body import SMALL_BODY as SMALL_BODY
 from cloudckpt.storage.s3_body import BufferReader as _BufferReader  # noqa: F401 - the name tests call
 from cloudckpt.storage.s3_body import body as _body
+from cloudckpt.storage.s3_body import direct_reader
 from cloudckpt.storage.s3_client import shared_client
 from cloudckpt.storage.s3_errors import delete_error as _delete_error  # the name tests call
 from cloudckpt.storage.s3_errors import error_info, is_throttle, is_transient, refusal, translate
@@ -270,7 +272,9 @@ class S3Storage(Storage):
         response = self.client.get_object(Range=f"bytes={offset}-{end - 1}", **self._loc(full_key))
         with contextlib.closing(response["Body"]) as body:
             short = int(response.get("ContentLength", size)) < size
-            filled = 0 if short else fill_from(body.readinto, outs)
+            readinto, done = direct_reader(body)
+            filled = 0 if short else fill_from(readinto, outs)
+            done()
         if filled < size:
             url = self._url_of(full_key)
             raise InvalidRangeError(f"{url} ends before byte {end}: the requested range "
