@@ -81,4 +81,27 @@ def new_client(key: ClientKey) -> Any:
     # threads while creating clients, and a Session resolves (and later refreshes)
     # credentials from the standard chain without freezing them.
     session = boto3.session.Session(region_name=key.region_name)
-    return session.client("s3", endpoint_url=key.endpoint_url, config=config)
+    client = session.client("s3", endpoint_url=key.endpoint_url, config=config)
+    _send_in_large_blocks(client)
+    return client
+
+
+#: Bytes per ``sendall`` when a request body streams from the caller's buffers.
+SEND_BLOCK = 1024 * 1024
+
+
+def _send_in_large_blocks(client: Any) -> None:
+    """Hand request bodies to the socket ``SEND_BLOCK`` bytes at a time, not 128 KiB.
+
+    http.client reads a streamed body ``blocksize`` bytes at a time and passes each block to
+    ``sendall``; botocore sets 128 KiB on the connection pools it makes. Per block that is a
+    Python read, a ``sendall`` and (over TLS) an ``SSL_write``: measured on SeaweedFS (issue 27,
+    512 MiB ``put``, 32 MiB parts x 4) 1 MiB blocks cost 0.57 instead of 0.64 client CPU-s/GiB
+    over HTTPS and 0.30 instead of 0.33 over HTTP. The pool manager is botocore's internal
+    (``_endpoint.http_session._manager``); where a botocore release moves it, clients keep its
+    default - slower, never wrong. Proxied connections keep it too.
+    """
+    manager = getattr(getattr(getattr(client, "_endpoint", None), "http_session", None), "_manager", None)
+    pool_kw = getattr(manager, "connection_pool_kw", None)
+    if isinstance(pool_kw, dict):
+        pool_kw["blocksize"] = SEND_BLOCK
