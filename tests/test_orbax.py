@@ -53,7 +53,7 @@ def _orbax_tree(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_checkpoints(root: Path) -> None:
-    """What real Orbax writes, in ``root``: standard/, zarr3/, chunked/, manager/5."""
+    """What real Orbax writes, in ``root``: standard/, zarr3/, plain/ (no OCDBT), chunked/, manager/5."""
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
@@ -63,6 +63,7 @@ def write_checkpoints(root: Path) -> None:
     standard.wait_until_finished()
     rich = {**tree, "name": "run-7", "nothing": None, "empty": {}}
     ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)).save(root / "zarr3", args=ocp.args.PyTreeSave(rich))
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(root / "plain", args=ocp.args.PyTreeSave(tree))
     big = {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)}
     ocp.PyTreeCheckpointer().save(root / "chunked", args=ocp.args.PyTreeSave(
         big, save_args={"w": ocp.SaveArgs(chunk_byte_size=4096)}))
@@ -151,14 +152,16 @@ def test_every_store_reads_the_standard_checkpoint_bit_exact(store: str) -> None
     assert "standard/_METADATA" in found.objects and "standard/manifest.ocdbt" in found.objects
 
 
-def test_zarr3_strings_empty_leaves_and_chunk_grids(written: Path) -> None:
+def test_zarr3_strings_empty_leaves_no_ocdbt_and_chunk_grids(written: Path) -> None:
     reader = cloudckpt.load_checkpoint(written / "zarr3")
     shapes = reader.get_variable_to_shape_map()
     assert "nothing" not in shapes and "empty" not in shapes  # None and {} hold no value
     assert reader.get_tensor("name") == "run-7" and reader.get_variable_to_dtype_map()["name"] is str
     want = expected_tree()
+    plain = cloudckpt.load_checkpoint(written / "plain")  # use_ocdbt=False: one zarr directory per leaf
     for key, pick in FLAT.items():
         assert_bits(reader.get_tensor(key), pick(want), f"zarr3 {key}")
+        assert_bits(plain.get_tensor(key), pick(want), f"plain {key}")
     w = cloudckpt.load_variable(written / "chunked", "w")
     assert_bits(w, np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "chunked w")
     metas = orbax_reader(written, "chunked").array_metas()
