@@ -138,7 +138,7 @@ def resume(rank: int, world: int, port: int, folders: list[str], report: dict[st
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, s3_root: str) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     """Folders: a TorchTitan folder torch wrote, converted by ``cp``; cloudckpt's on local disk; on SeaweedFS."""
-    from cloudckpt.tools import copy
+    from cloudckpt.tools import copy, verify
 
     base = tmp_path_factory.mktemp("titan")
     own, converted = str(base / "torch-written"), str(base / "converted")
@@ -147,6 +147,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, s3_root: str) -> tuple[list[s
     died = spawn_reports(train_then_die, 1, folders, own, str(notes), timeout=SPAWN_TIMEOUT, may_die={0})
     assert "died" in died[0], died  # SIGKILLed at the crash point, as a preempted VM
     assert sorted(p.name for p in Path(own).iterdir()) == ["step-1", "step-2", "step-3"]  # torch's directories
+    checked = verify(own)  # a directory of torch's step-N/ directories: each one verified
+    assert [c.name for c in checked.checkpoints] == ["step-1", "step-2", "step-3"] and checked.intact
     report = copy(own + "/", converted + "/")  # the migration: every step-N/ becomes a cloudckpt step-N
     assert [c.dst.rsplit("/", 1)[1] for c in report.copied] == ["step-1", "step-2", "step-3"]
     saved = json.loads(notes.read_text())

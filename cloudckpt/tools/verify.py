@@ -37,8 +37,8 @@ from cloudckpt.storage.checksum import combine_blocks, crc32c_of
 from cloudckpt.tfbundle import Bundle
 from cloudckpt.tfbundle.entries import DT_STRING, DTYPES, Entry
 from cloudckpt.tfbundle.strings import decode_strings
-from cloudckpt.tools.directory import checkpoint_at, no_checkpoints, open_directory, scan_directory
-from cloudckpt.tools.foreign import foreign_tensors, object_sizes, open_checkpoint
+from cloudckpt.tools.directory import checkpoint_at, no_checkpoints, open_directory, scan_directory, sort_names
+from cloudckpt.tools.foreign import foreign_tensors, is_directory_checkpoint, object_sizes, open_checkpoint
 from cloudckpt.tools.progress import ProgressFactory, ProgressSink, reporting, silent
 
 #: Bytes per ranged GET while streaming a data object.
@@ -339,9 +339,10 @@ def _targets(url: str, latest_only: bool) -> tuple[Storage, list[str], list[str]
         if latest is None:
             raise no_checkpoints(storage.url, scan)
         return storage, [latest], notes
-    if not scan.indexes:
+    foreign = sort_names({sub for sub in scan.subdirectories if is_directory_checkpoint(storage, sub)})
+    if not scan.indexes and not foreign:
         raise no_checkpoints(storage.url, scan)
-    return storage, [n for n in scan.names if n in scan.indexes], notes
+    return storage, [n for n in scan.names if n in scan.indexes] + foreign, notes
 
 
 def verify(url: str, *, latest: bool = False, progress: ProgressFactory = silent) -> VerifyReport:
