@@ -28,6 +28,7 @@ import cloudckpt.jax as ccjax
 from cloudckpt import CheckpointManager, CheckpointMismatchError, CheckpointOptions, PreemptionCheckpointHandler
 from cloudckpt.format import ArrayEntry
 from cloudckpt.format.index_fetch import load_index
+from cloudckpt.restoring import assign, buffers
 from cloudckpt.storage import resolve
 from cloudckpt.testing.processes import spawn_reports
 from cloudckpt.tools import inspect_checkpoint
@@ -146,6 +147,31 @@ def test_restore_into_shape_dtype_structs_builds_new_arrays(tmp_path: Path) -> N
     assert isinstance(restored["w"], jax.Array) and restored["w"].devices() == {device}
     assert_same_tree(tree, restored)
     assert like["n"] == 0 and isinstance(like["w"], jax.ShapeDtypeStruct)
+
+
+def test_a_restored_array_on_cpu_is_its_read_buffer_not_a_copy(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restore buffers start at 64-byte boundaries, so jax's CPU ``device_put`` aliases them: the restored
+    array is the bytes read (peak extra memory about 1x the state), not a second copy of them."""
+    made: list[np.ndarray[Any, Any]] = []
+
+    def recording(entry: ArrayEntry, shape: tuple[int, ...] | None = None) -> np.ndarray[Any, Any]:
+        made.append(buffers.new_buffer(entry, shape))
+        return made[-1]
+
+    monkeypatch.setattr(assign, "new_buffer", recording)
+    tree = {"w": random_bits((512, 1024), jnp.float32, 5), "b": random_bits((3, 5), jnp.bfloat16, 6)}
+    restored = ccjax.restore(ccjax.save(str(tmp_path / "s"), tree), tree)
+    assert_same_tree(tree, restored)
+    assert len(made) == 2 and all(buf.ctypes.data % 64 == 0 for buf in made)
+    if jax.local_devices()[0].platform == "cpu":
+        big = max(made, key=lambda buf: buf.nbytes)
+        assert restored["w"].unsafe_buffer_pointer() == big.ctypes.data  # aliased, not copied
+    for shape, dtype in (((1 << 18,), "float32"), ((0, 3), "float64"), ((), "int16"), ((7, 3), "bfloat16")):
+        entry = ArrayEntry(dtype=dtype, shape=shape, pytype="ndarray", chunks=())
+        buf = buffers.new_buffer(entry)
+        assert (buf.shape, buf.dtype.name, buf.flags.c_contiguous) == (shape, dtype, True)
+        assert buf.ctypes.data % 64 == 0 or buf.nbytes == 0  # an empty array has no bytes to align
 
 
 def test_restore_refuses_a_missing_key_or_another_shape_and_keeps_the_tree(tmp_path: Path) -> None:

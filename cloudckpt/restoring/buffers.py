@@ -43,9 +43,28 @@ class ReadTarget:
     start: tuple[int, ...] | None = None
 
 
+#: Where every fresh destination starts: a multiple of this many bytes (a cache line, and what
+#: XLA's CPU client needs to alias host memory instead of copying it).
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any], alignment: int = ALIGNMENT) -> NDArray[Any]:
+    """An uninitialised C-contiguous array whose first byte sits at a multiple of ``alignment``.
+
+    Why: numpy's large allocations land 16 bytes past a 64-byte boundary, and jax's CPU
+    ``device_put`` copies a buffer that is not 64-byte aligned instead of aliasing it, so a
+    JAX restore held the state twice. Over-allocating by ``alignment`` bytes and slicing costs
+    nothing else.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    skip = -raw.ctypes.data % alignment
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
 def new_buffer(entry: ArrayEntry, shape: tuple[int, ...] | None = None) -> NDArray[Any]:
-    """A fresh destination for ``entry`` or a box of it (uninitialised: every byte will be read)."""
-    return np.empty(entry.shape if shape is None else shape, dtype=parse_dtype(entry.dtype))
+    """A fresh destination for ``entry`` or a box of it (uninitialised: every byte will be read), 64-byte aligned."""
+    return aligned_empty(entry.shape if shape is None else shape, parse_dtype(entry.dtype))
 
 
 #: A buffer the index alone sizes (no live object of that size exists) above this many bytes is
