@@ -93,15 +93,19 @@ def parse_metadata(data: bytes, zarr3: bool, where: str) -> ArrayMeta:
     return found
 
 
-def check_chunks_stored(meta: ArrayMeta, keys: list[bytes], zarr3: bool, where: str) -> None:
-    """Refuse a large array whose chunk grid is not fully stored (listing ``keys`` under its prefix).
+def needs_chunk_check(meta: ArrayMeta, all_chunks_stored: bool) -> bool:
+    """Whether an array's chunk grid is checked stored before it is read (one listing of its prefix)."""
+    return meta.nbytes > CHECK_BEFORE_ALLOCATING or (all_chunks_stored and meta.nbytes > 0)
 
-    Why: Orbax writes every chunk (``store_array_data_equal_to_fill_value``); an array that
-    claims more chunks than are stored is damaged or hostile, and reading it would allocate
-    its whole claimed size.
+
+def check_chunks_stored(meta: ArrayMeta, keys: list[bytes], zarr3: bool, where: str) -> None:
+    """Refuse an array whose chunk grid is not fully stored (listing ``keys`` under its prefix).
+
+    Why: Orbax writes every chunk (``store_array_data_equal_to_fill_value``, its default): a
+    missing one is damage that tensorstore would silently read as zeros (the fill value). And
+    an array that claims more chunks than are stored is damaged or hostile: reading it would
+    allocate its whole claimed size - so large arrays are checked even without that flag.
     """
-    if meta.nbytes <= CHECK_BEFORE_ALLOCATING:
-        return
     stored = sum(1 for key in keys if key not in (b".zarray", b".zattrs", b"zarr.json"))
     if zarr3:
         # sharding_indexed: each stored key is one shard (a chunk of the outer grid), ``c/i/j``.

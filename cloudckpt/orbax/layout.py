@@ -66,11 +66,17 @@ class OrbaxLeaf:
 
 @dataclass(frozen=True, slots=True)
 class PyTreeItem:
-    """One pytree directory of the checkpoint and how its arrays are stored."""
+    """One pytree directory of the checkpoint and how its arrays are stored.
+
+    ``all_chunks_stored``: Orbax's ``store_array_data_equal_to_fill_value`` - every chunk was written,
+    even one equal to the fill value, so a missing chunk is damage (without it, a missing chunk
+    legitimately means "all fill value").
+    """
 
     item: str
     use_ocdbt: bool
     use_zarr3: bool
+    all_chunks_stored: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +152,13 @@ def read_tree(storage: Storage, directory: str, item: str) -> tuple[PyTreeItem, 
     tree = _field(meta, "tree_metadata", dict, url)
     if len(tree) > MAX_LEAVES:
         raise CheckpointFormatError(f"{url}: {len(tree)} leaves, over the limit of {MAX_LEAVES}", url)
-    use_ocdbt = meta.get("use_ocdbt", True)
-    use_zarr3 = meta.get("use_zarr3", False)
-    if not isinstance(use_ocdbt, bool) or not isinstance(use_zarr3, bool):
-        raise CheckpointFormatError(f"{url}: use_ocdbt / use_zarr3 are not booleans", url)
+    flags = [meta.get("use_ocdbt", True), meta.get("use_zarr3", False),
+             meta.get("store_array_data_equal_to_fill_value", False)]
+    if not all(isinstance(flag, bool) for flag in flags):
+        raise CheckpointFormatError(f"{url}: use_ocdbt / use_zarr3 / store_array_data_equal_to_fill_value are "
+                                    "not booleans", url)
     leaves = [leaf for entry in tree.values() if (leaf := _leaf(item, entry, url)) is not None]
-    return PyTreeItem(item, use_ocdbt, use_zarr3), leaves
+    return PyTreeItem(item, *flags), leaves
 
 
 def read_layout(storage: Storage, directory: str) -> OrbaxLayout:

@@ -23,6 +23,7 @@ from cloudckpt.orbax.arrays import (
     ArrayMeta,
     check_chunks_stored,
     metadata_key,
+    needs_chunk_check,
     parse_metadata,
 )
 from cloudckpt.orbax.kvstore import kvstore_spec, tensorstore
@@ -127,7 +128,7 @@ class OrbaxReader:
         item = self._items[leaf.item]
         kvstore = self._kvstore(item, leaf.param)
         try:
-            if meta.nbytes > 0:
+            if needs_chunk_check(meta, item.all_chunks_stored):
                 listing = self._ts.KvStore.open(kvstore, context=self._context).result().list().result()
                 check_chunks_stored(meta, list(listing), item.use_zarr3, self._where(leaf))
             store = self._ts.open({"driver": "zarr3" if item.use_zarr3 else "zarr", "kvstore": kvstore},
