@@ -115,10 +115,8 @@ def resume(rank: int, world: int, port: int, bucket: str, local_root: str, repor
 
     # A. A replaced host (empty disk): step 6 is complete on its replica holder.
     attempt("replaced")
-    # B. Host 3 replaced again, and the copy of its step-6 shard on its replica holder (host 0) has a
-    #    flipped byte: another host's copy (fetched at A) serves. B2: every copy flipped - step 5.
-    if rank == KILLED_RANK:
-        shutil.rmtree(mine)
+    # B. The copy of host 3's step-6 shard on its replica holder (host 0) gets a flipped byte: host 3's
+    #    own copy serves. B2: host 3 replaced again and every other copy flipped: step 5 is restored.
     if rank == (KILLED_RANK + 1) % world:
         report["flipped"] = _flip_written_by(mine, "ckpt-6", KILLED_RANK)
     dist.barrier()
@@ -140,8 +138,9 @@ def resume(rank: int, world: int, port: int, bucket: str, local_root: str, repor
     attempt("all_wiped")
 
 
-def _flip_written_by(directory: Path, name: str, rank: int) -> str:
-    """Flip a byte inside a chunk of the data object of ``name`` that ``rank`` wrote (as the manifest says)."""
+def _flip_written_by(directory: Path, name: str, rank: int) -> str | None:
+    """Flip a byte inside a chunk of the data object of ``name`` that ``rank`` wrote (as the manifest
+    says), if this host holds it."""
     from cloudckpt.format import ArrayEntry, decode_index
     from cloudckpt.manager.tiers.holdings import Manifest
 
@@ -151,6 +150,8 @@ def _flip_written_by(directory: Path, name: str, rank: int) -> str:
     position = [o.name for o in index.objects].index(key)
     offset = next(c.offset for e in index.entries.values() if isinstance(e, ArrayEntry) for c in e.chunks
                   if c.object == position)
+    if not Path(directory, key).exists():
+        return None
     data = bytearray(Path(directory, key).read_bytes())
     original = _ORIGINAL.setdefault(f"{directory}/{key}", data[offset])
     data[offset] = original ^ 0x01  # damaged, even if already flipped once (or repaired since)

@@ -7,8 +7,9 @@ Every host reports the steps its manifests commit (only those of this incarnatio
 2. every host CRC32C-verifies the candidate's data objects it holds, all-gathered;
 3. complete iff every data object the index names is verified on some host - a flipped
    byte makes a copy not count, so the other copy (or an older step) is used, never it;
-4. each host receives the objects it lacks (first: those it wrote; after a restore that
-   needed more: all it lacks) from the lowest rank holding them verified, and the index.
+4. each host receives the objects it lacks (first: those it wrote and those holding whole
+   arrays; after a restore that needed more: all it lacks) from the lowest rank holding them
+   verified, and the index.
 
 The caller restores from the local directory only then; the decisions are logged with why.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointFormatError
-from cloudckpt.format import index_key
+from cloudckpt.format import ArrayEntry, index_key
 from cloudckpt.manager.tiers.holdings import Holdings, Manifest, step_of
 from cloudckpt.manager.tiers.replicate import move
 
@@ -40,6 +41,8 @@ class Candidate:
     verified: dict[str, list[int]]
     #: the committing manifest (a host that lacked it writes it once the step is restored)
     manifest: Manifest
+    #: objects every host needs (they hold whole arrays)
+    whole: frozenset[str] | set[str] = frozenset()
 
 
 def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
@@ -64,6 +67,10 @@ def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
             log.warning("local tier: the index of %s does not validate (%s); trying an older step", name, exc)
             continue
         sizes = {obj.name: obj.size for obj in index.objects}
+        # Objects holding a whole array (an unsharded leaf - a step counter, a replicated array written
+        # as one chunk): every host restores those in full, so every host needs them.
+        whole = {index.objects[c.object].name for e in index.entries.values() if isinstance(e, ArrayEntry)
+                 for c in e.chunks if tuple(c.shape) == tuple(e.shape)}
         verified: dict[str, list[int]] = {}
         held = holdings.verified(index, holdings.data_objects(name))
         for rank, keys in enumerate(coordinator.all_gather_object(held)):
@@ -76,21 +83,21 @@ def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
             continue
         if local_text is None:  # a replaced host (or a damaged copy): the shared, validated index
             holdings.storage.put(index_key(name), text.encode())
-        yield Candidate(name, owners, sizes, verified, Manifest.parse(committed.encode(), name))
+        yield Candidate(name, owners, sizes, verified, Manifest.parse(committed.encode(), name), whole)
 
 
 def fetch(holdings: Holdings, coordinator: Coordinator, candidate: Candidate, *, everything: bool = False) -> int:
     """Bring each host the objects it lacks from a verified holder; the bytes this host received.
 
-    A host gets the objects it wrote; with ``everything`` (this host's restore needed more - a
-    replicated piece another host wrote), every object of the step it lacks. Collective: every
+    A host gets the objects it wrote and those holding whole arrays; with ``everything`` (this
+    host's restore needed more - a replicated piece another host wrote), every object it lacks. Collective: every
     rank passes its own ``everything``.
     """
     wants_all = coordinator.all_gather_object(everything)
     routes: dict[int, dict[int, list[tuple[str, int]]]] = {}
     for key, ranks in sorted(candidate.verified.items()):
         owner = candidate.owners.get(key, -1)
-        wanting = [r for r in range(coordinator.world_size) if wants_all[r] or r == owner]
+        wanting = [r for r in range(coordinator.world_size) if wants_all[r] or r == owner or key in candidate.whole]
         for dst in wanting:
             if 0 <= dst < coordinator.world_size and dst not in ranks:
                 routes.setdefault(dst, {}).setdefault(ranks[0], []).append((key, candidate.sizes[key]))
