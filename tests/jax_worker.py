@@ -10,11 +10,39 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from cloudckpt.leaves.copier import DeviceArray, HostBytes, Pending
+from cloudckpt.leaves.jax_array import JaxCopier
+
+
+class CountingJaxCopier(JaxCopier):
+    """The JAX copier, recording its batches; host memory it allocates starts as garbage and each
+    copy can be delayed, so a read of a buffer before its batch completed would store wrong bytes."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.batches: list[int] = []
+        self.completed = 0
+
+    def allocate_host(self, nbytes: int) -> HostBytes:
+        return np.full(nbytes, 0xAB, dtype=np.uint8)
+
+    def to_host(self, batch: Sequence[tuple[DeviceArray, HostBytes]]) -> Pending:
+        self.batches.append(len(batch))
+        pending = super().to_host(batch)
+
+        def finish() -> None:
+            time.sleep(self.delay)
+            pending.wait()
+            self.completed += 1
+        return self._submit(finish)  # the same one thread: after the copies, before any later batch
 
 
 def _start_jax(devices: int) -> Any:
@@ -102,6 +130,7 @@ def eight_devices(rank: int, world: int, port: int, root: str, report: dict[str,
 
     import cloudckpt.jax as ccjax
     from cloudckpt.format.index_fetch import load_index
+    from cloudckpt.leaves.jax_array import use_copier
 
     P: Any = PartitionSpec
     devices = jax.devices()
@@ -116,7 +145,10 @@ def eight_devices(rank: int, world: int, port: int, root: str, report: dict[str,
     tree = {name: jax.device_put(g[name], placed[name]) for name in g}
     tree["rng"] = jax.device_put(jax.random.key(3), NamedSharding(mesh42, P()))
     storage = counting_storage(root)
-    ccjax.save(f"{root}/sharded", tree)
+    copier = CountingJaxCopier()
+    with use_copier(copier, cpu_arrays=True):  # the accelerator path: shards read through the copier's batches
+        ccjax.save(f"{root}/sharded", tree)
+    report["copied"] = sum(copier.batches)
     index = load_index(storage, "sharded")
     report["chunks"] = {k: len(getattr(index.entries[k], "chunks", ()))
                         for k in ("w", "replicated", "cols", "rng/key_data")}

@@ -25,9 +25,16 @@ from flax import nnx, struct
 
 import cloudckpt
 import cloudckpt.jax as ccjax
-from cloudckpt import CheckpointManager, CheckpointMismatchError, CheckpointOptions, PreemptionCheckpointHandler
+from cloudckpt import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    CheckpointOptions,
+    PreemptionCheckpointHandler,
+    object_graph,
+)
 from cloudckpt.format import ArrayEntry
 from cloudckpt.format.index_fetch import load_index
+from cloudckpt.leaves.jax_array import JaxDeviceArray, use_copier
 from cloudckpt.restoring import assign, buffers
 from cloudckpt.storage import resolve
 from cloudckpt.testing.processes import spawn_reports
@@ -237,6 +244,36 @@ def test_manager_async_saves_survive_deleted_arrays_and_resume(tmp_path: Path) -
     assert ccjax.restore(f"{directory}/ckpt-4", fresh.tree)["step"] == 4
 
 
+def test_arrays_off_the_cpu_are_read_by_the_copier_in_one_batch_into_the_staging(tmp_path: Path) -> None:
+    """The accelerator path (CPU arrays standing in): an async save reads every array in one copier batch
+    straight into the staging area, blocks until it completed, and then the arrays may be deleted."""
+    slow = jax_worker.CountingJaxCopier(delay=0.1)
+    tree = {"w": random_bits((64, 32), jnp.float32, 7), "b": random_bits((5, 3), jnp.bfloat16, 8),
+            "i4": random_bits((9,), ml_dtypes.int4, 9), "empty": jnp.zeros((0, 2)), "step": 3}
+    expected = {k: bits(v) for k, v in tree.items() if k != "step"}
+    leaf = object_graph.collect(cloudckpt.Checkpoint(w=tree["w"]))["w"]
+    assert isinstance(leaf, object_graph.ArrayLeaf) and isinstance(leaf.array, np.ndarray)  # CPU: a host view
+    with use_copier(slow, cpu_arrays=True):
+        leaf = object_graph.collect(cloudckpt.Checkpoint(w=tree["w"]))["w"]
+        assert isinstance(leaf, object_graph.ArrayLeaf) and isinstance(leaf.array, JaxDeviceArray)
+        ckpt = ccjax.PyTreeCheckpoint(tree)
+        first = ckpt.save(str(tmp_path / "ck"), options=CheckpointOptions(enable_async=True))
+        assert slow.completed == 1  # the caller returned only once the batch's copies were done
+        for value in jax.tree_util.tree_leaves(tree):
+            if isinstance(value, jax.Array):
+                value.delete()  # donated by the next step: the staged bytes are the snapshot's
+        ckpt.sync()
+        ckpt.close()
+        assert slow.batches == [4]  # one batch for the save, not one read per array
+        like = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((5, 3), jnp.bfloat16), "i4": jnp.zeros(9, ml_dtypes.int4),
+                "empty": jnp.zeros((0, 2)), "step": 0}
+        synced = ccjax.save(str(tmp_path / "sync"), ccjax.restore(first, like))
+    assert sum(slow.batches) == 8  # the sync save's ring read each array once
+    for path in (first, synced):
+        restored = ccjax.restore(path, like)
+        assert {k: bits(v) for k, v in restored.items() if k != "step"} == expected and restored["step"] == 3
+
+
 def test_sharded_save_restores_onto_every_mesh(tmp_path: Path) -> None:
     """8 CPU devices in one spawned process: (4, 2) -> (2, 4), (8,), replicated, one device; bit-exact."""
     [report] = spawn_reports(jax_worker.eight_devices, 1, str(tmp_path), timeout=SPAWN_TIMEOUT)
@@ -245,6 +282,7 @@ def test_sharded_save_restores_onto_every_mesh(tmp_path: Path) -> None:
     assert sorted(report["restored"]) == ["(2, 4) P('x', 'y')", "(8,) P(None, 'x')", "one device", "replicated"]
     # the (4, 2)-sharded array: 8 distinct boxes; the replicated one: one box, written once
     assert report["chunks"] == {"w": 8, "replicated": 1, "cols": 2, "rng/key_data": 1}
+    assert report["copied"] == 8 + 1 + 2 + 1  # through the copier: each written box once, replicas never
     # each restore read at most the bytes its devices hold, never the array many times over
     assert report["bytes_read"]["one device"] == report["bytes_read"]["replicated"] == report["state_bytes"]
     assert report["bytes_read"]["(2, 4) P('x', 'y')"] == report["state_bytes"]

@@ -21,8 +21,10 @@ stores them as their key data and impl name).
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ from cloudckpt.leaves.base import (
     host_array,
     refuse,
 )
+from cloudckpt.leaves.copier import Copier, DeviceArray, HostBytes, Pending, ThreadCopier
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -79,10 +82,88 @@ def written_shards(value: Any) -> list[Any]:
     return [shard for shard in value.addressable_shards if shard.replica_id == 0]
 
 
+class JaxDeviceArray(DeviceArray):
+    """One device's ``jax.Array`` (an unsharded array, or a shard's data) read through a copier.
+
+    Why: on an accelerator ``np.asarray`` at collect time copied every array to host memory
+    and staging then copied it again, the whole state held twice on the host. Handed over
+    as a ``DeviceArray``, the array is read only when the copier's batch runs, straight into
+    the staging area or a sync save's ring slot. Never restored into (a ``jax.Array`` is
+    immutable: a restore builds new arrays with ``device_put``).
+    """
+
+    def __init__(self, value: Any, copier: Copier) -> None:
+        super().__init__(tuple(int(n) for n in value.shape), storage_dtype(np.dtype(value.dtype)), copier)
+        self.value = value
+
+    def copy_to_host(self, dest: HostBytes) -> None:
+        if self.nbytes:  # jax's transfer (started by the batch) lands in its own host buffer, freed after this
+            self.host_view(dest)[...] = np.asarray(self.value)
+
+    def copy_from_host(self, src: HostBytes, rows: tuple[int, int]) -> None:
+        raise TypeError("a jax.Array is immutable: a restore builds a new one (device_put), never copies into it")
+
+
+class JaxCopier(ThreadCopier):
+    """Starts every device-to-host transfer of a batch at once (``copy_to_host_async``), then reads
+    them one by one into the host buffers on the copier's thread: one batch, the transfers side by side."""
+
+    name = "jax"
+
+    def to_host(self, batch: Sequence[tuple[DeviceArray, HostBytes]]) -> Pending:
+        for array, _ in batch:
+            if isinstance(array, JaxDeviceArray):
+                array.value.copy_to_host_async()
+        return super().to_host(batch)
+
+
+_copier: Copier = JaxCopier()
+_cpu_arrays = False
+_copier_lock = threading.Lock()
+
+
+def copier_for(value: Any) -> Copier | None:
+    """The copier that reads ``value`` (one device's array), or ``None`` on CPU, where its host view
+    is the device memory itself (zero copy: nothing to gain from a copier)."""
+    with _copier_lock:
+        copier, cpu_arrays = _copier, _cpu_arrays
+    on_cpu = all(device.platform == "cpu" for device in value.sharding.device_set)
+    return copier if cpu_arrays or not on_cpu else None
+
+
+@contextlib.contextmanager
+def use_copier(copier: Copier, *, cpu_arrays: bool = False) -> Iterator[Copier]:
+    """Read device arrays through ``copier`` within the block; ``cpu_arrays``: CPU ones too.
+
+    The seam CI runs the accelerator path through (an instrumented copier, CPU arrays
+    standing in for device ones), as ``cloudckpt.adapters.torch_device.use_copier`` is for torch.
+    """
+    global _copier, _cpu_arrays
+    with _copier_lock:
+        saved = (_copier, _cpu_arrays)
+        _copier, _cpu_arrays = copier, cpu_arrays
+    try:
+        yield copier
+    finally:
+        with _copier_lock:
+            _copier, _cpu_arrays = saved
+
+
+def _bytes_of(value: Any, path: str) -> NDArray[Any] | DeviceArray:
+    """One device's array for a save: its host view on CPU, else a ``JaxDeviceArray`` its copier reads."""
+    copier = copier_for(value)
+    if copier is None:
+        return host_array(np.asarray(value), path)
+    return JaxDeviceArray(value, copier)
+
+
 def start_host_copies(value: Any) -> None:
     """Start the device-to-host copies of the shards a save will read (on an accelerator they then
     run side by side instead of one ``np.asarray`` at a time; on CPU the host view is the device
-    memory and nothing is copied). Only replica 0 of each box: a replicated array is copied once."""
+    memory and nothing is copied). Only replica 0 of each box: a replicated array is copied once.
+    An array a copier reads is left to its batch (started then, not held on the host meanwhile)."""
+    if copier_for(value) is not None:
+        return
     if len(value.sharding.device_set) == 1:
         value.copy_to_host_async()
         return
@@ -108,12 +189,12 @@ class JaxArrayKind(LeafKind):
                              f"cloudckpt.jax, which stores its key data and impl")
         shape = tuple(int(n) for n in value.shape)
         if len(value.sharding.device_set) == 1:
-            return ArrayLeaf(host_array(np.asarray(value), path), "ndarray")
+            return ArrayLeaf(_bytes_of(value, path), "ndarray")
         start_host_copies(value)
-        shards: list[tuple[tuple[int, ...], NDArray[Any]]] = []
+        shards: list[tuple[tuple[int, ...], NDArray[Any] | DeviceArray]] = []
         for shard in written_shards(value):  # other replicas: another device (maybe another process) writes them
             start, _ = box_of(shard.index, shape)
-            shards.append((start, host_array(np.asarray(shard.data), path)))
+            shards.append((start, _bytes_of(shard.data, path)))
         return ShardedLeaf(shape, storage_dtype(np.dtype(value.dtype)), "ndarray", tuple(shards))
 
     def restore(self, plan: LeafPlan, live: Any, setter: Setter | None) -> None:
