@@ -4,10 +4,10 @@ A TorchTitan folder its own manager wrote (torch's ``step-N/`` directories) is c
 ``cp`` and resumed from by cloudckpt's manager - the migration.
 
 TorchTitan's ``CheckpointManager`` is driven directly, as its trainer drives it (``save(step)``
-every step, ``load()`` at start), with a tiny model, its ``OptimizersContainer`` (Adam) and
-``LRSchedulersContainer``, in spawned gloo processes: one trains 3 steps into a local folder and
-a SeaweedFS one (keep_latest_k=2), then is SIGKILLed in the middle of the step-4 save (data
-uploaded, index not written); a fresh process resumes from each folder and must get step 3
+every step, ``load()`` at start), with a tiny model sharded by FSDP2 (``fully_shard``) over 2
+spawned gloo processes, its ``OptimizersContainer`` (Adam) and ``LRSchedulersContainer``: the job
+trains 3 steps into a SeaweedFS folder (keep_latest_k=2) and is SIGKILLed in the middle of the
+step-4 save (data uploaded, index not written); a fresh job resumes and must get step 3
 bit-exact, with step 4 invisible.
 """
 
@@ -25,6 +25,8 @@ from cloudckpt.storage import open_storage
 from cloudckpt.testing.processes import spawn_reports
 
 SPAWN_TIMEOUT = 180
+#: Ranks: 2 gloo processes, the model sharded by FSDP2 (fully_shard) over them.
+WORLD = 2
 
 
 class _TrainState:
@@ -52,6 +54,11 @@ def _manager(folder: str, seed: int, cls: Any = None, keep: int = 2) -> tuple[An
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    if torch.distributed.get_world_size() > 1:  # FSDP2, as TorchTitan shards: every weight a Shard(0) DTensor
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (torch.distributed.get_world_size(),)))
     optimizers = OptimizersContainer([model], torch.optim.Adam, {"lr": 0.01})
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
     train_state = _TrainState()
@@ -63,10 +70,11 @@ def _manager(folder: str, seed: int, cls: Any = None, keep: int = 2) -> tuple[An
 
 
 def _digests(model: Any) -> dict[str, str]:
+    """SHA-256 of every weight's full value (a collective under FSDP: every rank calls it)."""
     import hashlib
 
-    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in model.state_dict().items()}
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in full.items()}
 
 
 def _lr(manager: Any) -> list[float]:
@@ -100,7 +108,9 @@ def train_then_die(rank: int, world: int, port: int, folders: list[str], own: st
             train_state.step = step
             if step == 4:
                 if n == len(folders) - 1:
-                    Path(notes).write_text(json.dumps(saved))  # what the killed process last committed
+                    if rank == 0:
+                        Path(notes).write_text(json.dumps(saved))  # what the killed job last committed
+                    dist.barrier()
                     os.environ["CLOUDCKPT_CRASH_AT"] = "after_data_upload"
                 else:
                     break
@@ -137,15 +147,16 @@ def resume(rank: int, world: int, port: int, folders: list[str], report: dict[st
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, s3_root: str) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Folders: a TorchTitan folder torch wrote, converted by ``cp``; cloudckpt's on local disk; on SeaweedFS."""
+    """Folders: a local TorchTitan folder torch wrote, converted by ``cp``; cloudckpt's on SeaweedFS."""
     from cloudckpt.tools import copy, verify
 
     base = tmp_path_factory.mktemp("titan")
     own, converted = str(base / "torch-written"), str(base / "converted")
-    folders = [own, str(base / "checkpoint"), f"{s3_root}/titan/checkpoint"]
+    folders = [own, f"{s3_root}/titan/checkpoint"]
     notes = base / "saved.json"
-    died = spawn_reports(train_then_die, 1, folders, own, str(notes), timeout=SPAWN_TIMEOUT, may_die={0})
-    assert "died" in died[0], died  # SIGKILLed at the crash point, as a preempted VM
+    died = spawn_reports(train_then_die, WORLD, folders, own, str(notes), timeout=SPAWN_TIMEOUT,
+                         may_die=set(range(WORLD)))
+    assert all("died" in d for d in died), died  # SIGKILLed at the crash point, as a preempted VM
     assert sorted(p.name for p in Path(own).iterdir()) == ["step-1", "step-2", "step-3"]  # torch's directories
     checked = verify(own)  # a directory of torch's step-N/ directories: each one verified
     assert [c.name for c in checked.checkpoints] == ["step-1", "step-2", "step-3"] and checked.intact
@@ -153,7 +164,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, s3_root: str) -> tuple[list[s
     assert [c.dst.rsplit("/", 1)[1] for c in report.copied] == ["step-1", "step-2", "step-3"]
     saved = json.loads(notes.read_text())
     saved[converted] = saved.pop(own)
-    resumed = spawn_reports(resume, 1, [converted, *folders[1:]], timeout=SPAWN_TIMEOUT)[0]
+    resumed = spawn_reports(resume, WORLD, [converted, *folders[1:]], timeout=SPAWN_TIMEOUT)[0]
     return [converted, *folders[1:]], saved, resumed
 
 
@@ -170,7 +181,7 @@ def test_resume_loads_the_last_committed_step_bit_exact(runs: tuple[list[str], d
 def test_a_save_killed_mid_way_leaves_the_previous_step_latest(runs: tuple[list[str], dict[str, Any],
                                                                               dict[str, Any]]) -> None:
     folders, _, resumed = runs
-    s3 = folders[2]
+    s3 = folders[1]
     assert resumed[s3]["steps"] == [2, 3]  # keep_latest_k=2 removed step 1; step 4 never committed
     keys = [m.key for m in open_storage(s3).list()]
     assert any(k.startswith("step-4.data-") for k in keys)  # the killed save's data is there ...
