@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import cloudckpt
-from cloudckpt import Checkpoint, CheckpointManager, Variable
+from cloudckpt import Checkpoint, CheckpointManager, PreemptionCheckpointHandler, Variable
 from cloudckpt.cli import main
 from cloudckpt.errors import ConcurrentWriterError
 from cloudckpt.manager.tiers import LocalTier, list_local_tier, replica_holders
@@ -205,3 +205,16 @@ def test_ls_shows_which_steps_are_in_which_tier(trained: tuple[str, Path], capsy
     assert tiers == {"ckpt-6": "local", "ckpt-7": "local+bucket"}
     steps = list_local_tier(local)
     assert [(s.name, s.status, s.hosts) for s in steps] == [("ckpt-6", "partial", 0), ("ckpt-7", "committed", 1)]
+
+
+def test_a_preemption_saves_to_the_local_tier_first_then_the_same_step_to_the_bucket(
+        bucket: str, tmp_path: Path) -> None:
+    job = Job(bucket, tmp_path / "local")
+    job.w.assign(values(3))
+    exits: list[bool] = []
+    handler = PreemptionCheckpointHandler(job.manager, exit_fn=lambda: exits.append(True))
+    handler.request_preemption()
+    path = handler.save_checkpoint_if_preempted()
+    assert exits == [True] and path == f"{bucket}/ckpt-1"
+    assert (tmp_path / "local" / "tier" / "ckpt-1.json").exists()
+    assert cloudckpt.latest_checkpoint(bucket) == path

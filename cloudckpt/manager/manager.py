@@ -164,6 +164,11 @@ class CheckpointManager:
         return self._checkpoint
 
     @property
+    def local_tier(self) -> LocalTier | None:
+        """The ``LocalTier`` given, or ``None`` (docs/tiers.md)."""
+        return self._tier.tier if self._tier is not None else None
+
+    @property
     def coordinator(self) -> Coordinator | None:
         """The multi-host job's coordinator, or ``None`` when this manager runs on one host."""
         return self._coordinator

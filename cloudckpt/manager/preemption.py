@@ -40,7 +40,7 @@ class _Manager(Protocol):
     def coordinator(self) -> Any: ...
 
     def save(self, checkpoint_number: Any = None, check_interval: bool = True, options: Any = None,
-             metadata: Mapping[str, Any] | None = None) -> str | None: ...
+             metadata: Mapping[str, Any] | None = None, *, tier: str = "bucket") -> str | None: ...
 
     def sync(self, timeout: float | None = None) -> None: ...
 
@@ -108,7 +108,14 @@ class PreemptionCheckpointHandler:
             return None
         self._event.set()
         log.warning("preemption signal received: saving a final checkpoint before exiting")
-        path = self._manager.save(check_interval=False, metadata=metadata)
+        if getattr(self._manager, "local_tier", None) is not None:
+            # The fast tier first: safe on a replica within seconds, then the same step to the bucket.
+            local = self._manager.save(check_interval=False, metadata=metadata, tier="local")
+            log.warning("final checkpoint %s committed on the local tier; now to the bucket", local)
+            number = int(str(local).rpartition("-")[2])
+            path = self._manager.save(checkpoint_number=number, check_interval=False, metadata=metadata)
+        else:
+            path = self._manager.save(check_interval=False, metadata=metadata)
         self._manager.sync()
         log.warning("final checkpoint %s committed; exiting", path)
         self.close()
