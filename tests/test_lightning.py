@@ -12,8 +12,10 @@ or the bytes would train differently.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.lightning import CloudCheckpointIO
 from cloudckpt.lightning.values import from_storable, parse_tags, to_storable
 from cloudckpt.testing.processes import spawn_reports
-from cloudckpt.tools import verify
+from cloudckpt.tools import CheckpointInfo, inspect_checkpoint, verify
 from cloudckpt.tools.export_hf import export_hf
 
 STEPS_PER_EPOCH = 2
@@ -187,6 +189,12 @@ def test_removal_keeps_pieces_a_later_incremental_checkpoint_names(backend: str,
     loaded = io.load_checkpoint(f"{root}/b.ckpt")
     assert torch.equal(loaded["state_dict"]["frozen"], frozen) and torch.equal(loaded["state_dict"]["head"],
                                                                                torch.ones(3))
+    resumed = CloudCheckpointIO()  # a new process: its first save builds on the checkpoint it loaded
+    resumed.load_checkpoint(f"{root}/b.ckpt")
+    resumed.save_checkpoint({"state_dict": {"frozen": frozen, "head": torch.full((3,), 2.0)}}, f"{root}/c.ckpt")
+    info = inspect_checkpoint(f"{root}/c.ckpt")
+    assert isinstance(info, CheckpointInfo) and info.shared_bytes.keys() == {"a.ckpt"}, "frozen is a's piece"
+    resumed.remove_checkpoint(f"{root}/c.ckpt")
     report = export_hf(f"{root}/b.ckpt", tmp_path / "hf", prefix="lightning/state_dict/", strip_prefix=True)
     assert report.tensors == 2 and sorted(load_file(tmp_path / "hf" / report.shards[0])) == ["frozen", "head"]
     io.remove_checkpoint(f"{root}/b.ckpt")
@@ -264,3 +272,43 @@ def test_the_fsspec_view_answers_lightnings_file_calls_on_a_bucket(s3_root: str)
     assert fs.modified(f"{base}/run/best_k_models.yaml").year >= 2024
     fs.rm(f"{base}/run", recursive=True)
     assert not fs.exists(f"{base}/run") and not fs.exists(f"{base}/run/best_k_models.yaml")
+
+
+def test_a_removal_during_an_async_save_waits_for_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AsyncCheckpointIO``'s order: ``ModelCheckpoint`` removes a and b on the training thread while the
+    save of c - which references a piece a wrote, through b - is about to commit on the worker thread."""
+    commit_module = importlib.import_module("cloudckpt.saving.commit")
+    original = commit_module._confirm_earlier_objects
+    started, go = threading.Event(), threading.Event()
+
+    def paused(*args: Any) -> None:
+        started.set()
+        assert go.wait(30)
+        original(*args)
+
+    io = CloudCheckpointIO()
+    frozen = torch.arange(1000, dtype=torch.float32)
+    for name, head in (("a", 0.0), ("b", 1.0)):
+        state = {"state_dict": {"frozen": frozen, "head": torch.full((3,), head)}}
+        io.save_checkpoint(state, tmp_path / f"{name}.ckpt")
+    monkeypatch.setattr(commit_module, "_confirm_earlier_objects", paused)
+    errors: list[BaseException] = []
+
+    def save_c() -> None:
+        try:
+            io.save_checkpoint({"state_dict": {"frozen": frozen, "head": torch.full((3,), 2.0)}}, tmp_path / "c.ckpt")
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=save_c)
+    worker.start()
+    assert started.wait(30)
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    io.remove_checkpoint(tmp_path / "b.ckpt")
+    assert (tmp_path / "b.ckpt.index").exists(), "queued while the save is in flight, not run"
+    go.set()
+    worker.join(30)
+    assert not errors, errors
+    assert not (tmp_path / "a.ckpt.index").exists() and not (tmp_path / "b.ckpt").exists()
+    assert torch.equal(io.load_checkpoint(tmp_path / "c.ckpt")["state_dict"]["frozen"], frozen)
+    assert not verify(str(tmp_path / "c.ckpt")).damaged

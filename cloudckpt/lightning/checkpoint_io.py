@@ -4,8 +4,8 @@ Lightning hands the plugin a checkpoint dict and a path (``s3://bucket/run/epoch
 a ``gs://`` URL, a local path); the storage comes from the path, as everywhere in cloudckpt.
 Each Lightning checkpoint is one cloudckpt checkpoint of that name, so it gets what every
 checkpoint gets: atomic commit (``<path>.index`` written last), CRC32C on every byte, and
-incremental saves - the previous checkpoint this plugin saved in the same directory is the
-base whose unchanged pieces are referenced, not uploaded again. ``remove_checkpoint`` is
+incremental saves - the previous checkpoint this plugin saved (or, after a resume, loaded) in
+the same directory is the base whose unchanged pieces are referenced, not uploaded again. ``remove_checkpoint`` is
 ``cloudckpt.remove_checkpoint``: reference-aware, a piece a later checkpoint still names stays.
 
 Why a marker object at ``<path>`` itself: Lightning's ``ModelCheckpoint`` and
@@ -67,6 +67,9 @@ class CloudCheckpointIO(CheckpointIO):
         self._storages: dict[str, Storage] = {}
         self._last_saved: dict[str, str] = {}
         self._lock = threading.Lock()
+        #: Held while a save or a removal touches storage: the two never overlap (see ``remove_checkpoint``).
+        self._busy = threading.Lock()
+        self._pending_removals: list[Location] = []
 
     def _location(self, path: str | os.PathLike[str]) -> Location:
         location = resolve(os.fspath(path))
@@ -92,14 +95,19 @@ class CloudCheckpointIO(CheckpointIO):
                             "storage_options= to CloudCheckpointIO(...) instead")
         location = self._location(path)
         tree, tags = to_storable(checkpoint)
-        with self._lock:
-            base = self._last_saved.get(location.storage.url) if self._incremental else None
-        Checkpoint(lightning=tree)._write_managed(
-            location, self._options, metadata={METADATA_KEY: {"version": TAGS_VERSION, "types": tags}},
-            base=base if base != location.name else None)
-        location.storage.put(location.name, MARKER)
-        with self._lock:
-            self._last_saved[location.storage.url] = location.name
+        with self._busy:
+            with self._lock:
+                base = self._last_saved.get(location.storage.url) if self._incremental else None
+            try:
+                Checkpoint(lightning=tree)._write_managed(
+                    location, self._options, metadata={METADATA_KEY: {"version": TAGS_VERSION, "types": tags}},
+                    base=base if base != location.name else None)
+                location.storage.put(location.name, MARKER)
+                with self._lock:
+                    self._last_saved[location.storage.url] = location.name
+            finally:
+                self._remove_pending()
+        self._drain()
 
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -125,6 +133,8 @@ class CloudCheckpointIO(CheckpointIO):
         tags = parse_tags(reader.metadata, location.url)
         tree = reader.get_tensor(ROOT)
         loaded: dict[str, Any] = from_storable(tree, tags, location.url)
+        with self._lock:  # a resumed run's first save builds on the checkpoint it resumed from
+            self._last_saved.setdefault(location.storage.url, location.name)
         if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
             import torch
             from lightning_utilities.core.apply_func import apply_to_collection
@@ -134,11 +144,42 @@ class CloudCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Delete the marker, then the checkpoint (reference-aware: pieces that a later,
         incremental checkpoint still names stay). A path with nothing there is no error
-        (Lightning removes what its bookkeeping remembers, which may be gone already)."""
+        (Lightning removes what its bookkeeping remembers, which may be gone already).
+
+        Why a removal may run later: under ``AsyncCheckpointIO``, ``ModelCheckpoint`` removes the
+        checkpoint that fell out of its top k on the training thread while the new save is still
+        uploading on the worker thread - and that save may be about to reference pieces of the one
+        removed. A removal therefore never overlaps a save: one asked for during a save is queued and
+        done by the saving thread right after its commit (so it sees the new index's references);
+        otherwise it runs at once. ``teardown`` finishes any still queued.
+        """
         location = self._location(path)
-        location.storage.delete(location.name)
-        with contextlib.suppress(CheckpointNotFoundError, NotFoundError):
-            remove_checkpoint(location)
         with self._lock:
-            if self._last_saved.get(location.storage.url) == location.name:
-                del self._last_saved[location.storage.url]
+            self._pending_removals.append(location)
+        self._drain()
+
+    def teardown(self) -> None:
+        """Finish the removals still queued (waiting for a save in flight)."""
+        with self._busy:
+            self._remove_pending()
+
+    def _drain(self) -> None:
+        """Run the queued removals now, unless a save holds the storage (it will run them)."""
+        if self._busy.acquire(blocking=False):
+            try:
+                self._remove_pending()
+            finally:
+                self._busy.release()
+
+    def _remove_pending(self) -> None:
+        """The queued removals (the caller holds ``_busy``)."""
+        while True:
+            with self._lock:
+                if not self._pending_removals:
+                    return
+                location = self._pending_removals.pop(0)
+                if self._last_saved.get(location.storage.url) == location.name:
+                    del self._last_saved[location.storage.url]
+            location.storage.delete(location.name)
+            with contextlib.suppress(CheckpointNotFoundError, NotFoundError):
+                remove_checkpoint(location)
