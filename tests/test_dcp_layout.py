@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,18 @@ def test_any_reader_without_its_own_conversion_goes_through_the_generic_path(
         assert sorted(npz.files) == sorted(k for k in report["digests"] if k.startswith("model."))
         assert sha(npz["model.0.weight"]) == report["digests"]["model.0.weight"]
     assert written.format == "torch-dcp" and written.arrays == len(npz.files)
+
+
+def test_the_layout_on_gcs_reads_and_converts(saved: tuple[Path, dict[str, Any]], gcs_bucket: str) -> None:
+    """FsspecWriter's layout on GCS (the files uploaded to fake-gcs-server): read and cp'd like on S3."""
+    directory, report = saved
+    root = f"gs://{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(root)
+    for file in directory.iterdir():
+        storage.put(f"step-5/{file.name}", file.read_bytes())
+    for fqn in ("model.0.weight", "optim.state.0.weight.exp_avg", "extra.bf"):
+        assert sha(cloudckpt.load_variable(f"{root}/step-5", fqn)) == report["digests"][fqn]
+    copy(f"{root}/step-5", f"{root}/conv/ckpt-5")
+    state = fresh_state()
+    dcp_load(state, storage_reader=StorageReader(f"{root}/conv/ckpt-5"))
+    assert_loaded(state, report)
