@@ -21,7 +21,7 @@ from cloudckpt import Checkpoint, CheckpointManager, PreemptionCheckpointHandler
 from cloudckpt.cli import main
 from cloudckpt.errors import ConcurrentWriterError
 from cloudckpt.manager.tiers import LocalTier, list_local_tier, replica_holders
-from cloudckpt.manager.tiers.holdings import Holdings, Manifest, manifest_key
+from cloudckpt.manager.tiers.holdings import Holdings, HostDirectory, Manifest, manifest_key
 from cloudckpt.storage.checksum import crc32c_of
 
 
@@ -218,3 +218,25 @@ def test_a_preemption_saves_to_the_local_tier_first_then_the_same_step_to_the_bu
     assert exits == [True] and path == f"{bucket}/ckpt-1"
     assert (tmp_path / "local" / "tier" / "ckpt-1.json").exists()
     assert cloudckpt.latest_checkpoint(bucket) == path
+
+
+def test_a_bucket_save_made_from_the_local_copy_in_the_background(bucket: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    job = Job(bucket, tmp_path / "local")
+    job.train(range(1, 4), bucket_every=100)
+    job.w.assign(values(99))  # the live state moved on: the bucket gets step 3 as saved locally
+    assert job.manager.save(from_local=True) == f"{bucket}/ckpt-3"
+    job.manager.sync()  # committed here
+    assert cloudckpt.latest_checkpoint(bucket) == f"{bucket}/ckpt-3"
+    restored = Variable(np.zeros((8, 8), np.float32))
+    Checkpoint(w=restored).restore(f"{bucket}/ckpt-3")
+    np.testing.assert_array_equal(restored.numpy(), values(3))
+    # An upload failing in the background fails the save at sync, and leaves no checkpoint.
+    job.train(range(4, 5), bucket_every=100)
+    monkeypatch.setattr(HostDirectory, "view", lambda self, key: (_ for _ in ()).throw(OSError("disk gone")))
+    job.manager.save(from_local=True)
+    with pytest.raises(cloudckpt.SaveError, match="disk gone"):
+        job.manager.sync()
+    assert cloudckpt.latest_checkpoint(bucket) == f"{bucket}/ckpt-3"
+    with pytest.raises(ValueError, match="tier must be"):
+        CheckpointManager(Checkpoint(w=Variable(np.zeros(2))), bucket, max_to_keep=1).save(from_local=True)

@@ -14,9 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import tiers_worker
 
+from cloudckpt import load_variable
 from cloudckpt.testing.processes import spawn_reports
 
 WORLD = 4
@@ -45,6 +47,12 @@ def test_the_kill_stopped_step_7_on_every_host(runs: dict[str, Any]) -> None:
             assert report["failed_at"] == tiers_worker.KILLED_AT, report
             assert report["saved"][-1].endswith("/ckpt-6")
     assert runs["left_by_the_dead"], "host 3 should have written its step-7 shard before dying"
+
+
+def test_a_bucket_save_made_from_the_local_copies(runs: dict[str, Any]) -> None:
+    assert f"{runs['bucket']}/ckpt-4" in runs["trained"][0]["saved"]
+    np.testing.assert_array_equal(load_variable(f"{runs['bucket']}/ckpt-4", "W"), tiers_worker.expected(4)["W"])
+    np.testing.assert_array_equal(load_variable(f"{runs['bucket']}/ckpt-4", "R"), tiers_worker.expected(4)["R"])
 
 
 def test_a_replaced_host_resumes_from_its_replica_holder_with_no_bucket_reads(runs: dict[str, Any]) -> None:

@@ -85,6 +85,8 @@ def train(rank: int, world: int, port: int, bucket: str, local_root: str, report
             setattr(runner, "replicate", real)  # noqa: B010
         if s % 5 == 0:
             report.setdefault("saved", []).append(manager.save(checkpoint_number=s))
+        if s == 4:  # step 4 to the bucket from the hosts' local copies, committed at the next save
+            report.setdefault("saved", []).append(manager.save(from_local=True))
 
 
 def resume(rank: int, world: int, port: int, bucket: str, local_root: str, report: dict[str, Any]) -> None:

@@ -311,12 +311,14 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, checkpoint_number: Any = None, check_interval: bool = True,
              options: CheckpointOptions | None = None, metadata: Mapping[str, Any] | None = None, *,
-             incremental: bool | None = None, tier: str = "bucket") -> str | None:
+             incremental: bool | None = None, tier: str = "bucket", from_local: bool = False) -> str | None:
         """Save a checkpoint (``write`` semantics) and apply retention; see the class docs.
 
         ``incremental`` overrides the manager's setting for this save (``False``: upload
         every byte, e.g. to start a fresh chain). ``tier="local"``: save to the ``local_tier``
         (every host's directory and its replicas; synchronous, never incremental) instead of the bucket.
+        ``from_local=True``: a bucket save of the newest local step, uploaded from the local copies
+        in the background (no second snapshot of the live state), committed at the next ``sync``/``save``.
 
         Returns:
             The new checkpoint's path, or ``None`` when ``checkpoint_interval`` skipped it.
@@ -326,8 +328,10 @@ class CheckpointManager:
             ValueError: on many hosts, ``options`` route I/O through another host than the
                 one keeping this manager's state file (checked before anything changes).
         """
-        if tier not in ("bucket", "local") or (tier == "local" and self._tier is None):
-            raise ValueError(f"tier must be 'bucket' or (with CheckpointManager(local_tier=...)) 'local', got {tier!r}")
+        if tier not in ("bucket", "local") or (self._tier is None and tier == "local") or \
+                (from_local and (self._tier is None or tier != "bucket")):
+            raise ValueError(f"tier must be 'bucket' or (with CheckpointManager(local_tier=...)) 'local', got {tier!r} "
+                             f"(from_local=True: a bucket save from the local tier)")
         options = options if options is not None else self._options
         if self._committer(options) != self._owner:
             assert options is not None
@@ -345,6 +349,9 @@ class CheckpointManager:
         self.sync()
         if tier == "bucket":
             self._ensure_ownership()
+        if from_local and self._tier is not None and tier == "bucket":
+            return self._path(self._tier.persist(self._storage, lambda n, w: self._after_commit(n, w, None),
+                                                 self._owner))
         counter = self._checkpoint.save_counter
         counter.assign_add(1)
         number = as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
@@ -439,6 +446,8 @@ class CheckpointManager:
 
     def sync(self, timeout: float | None = None) -> None:
         """Wait for in-flight async saves; re-raise their failure. Collective on many hosts."""
+        if self._tier is not None:
+            self._tier.finish_persist()  # a save(from_local=True) commits here
         self._checkpoint.sync(timeout)
         self._share_state()
 

@@ -29,9 +29,11 @@ from cloudckpt.manager.contract import ManagedCheckpoint
 from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.manager.tiers.config import LocalTier, replica_holders
 from cloudckpt.manager.tiers.holdings import Holdings, HostDirectory, Manifest, manifest_key, step_of
+from cloudckpt.manager.tiers.persist import Persist
 from cloudckpt.manager.tiers.recover import Candidate, candidates, fetch
 from cloudckpt.manager.tiers.replicate import replicate
-from cloudckpt.storage import Location
+from cloudckpt.saving import CommittedWrite
+from cloudckpt.storage import Location, Storage
 from cloudckpt.storage.checksum import crc32c_of
 
 log = logging.getLogger("cloudckpt.manager.tiers")
@@ -50,6 +52,7 @@ class TierRunner:
         self._claimed = False
         #: Bytes this host received from its peers during the last ``restore``.
         self.received = 0
+        self._persist: Persist | None = None
         self._failed = False
 
     @property
@@ -189,6 +192,32 @@ class TierRunner:
             if attempt:
                 self._failed = False
         return True
+
+    # ------------------------------------------------------------------ persist
+    def persist(self, bucket: Storage, after_commit: Callable[[str, CommittedWrite], None],
+                committer_rank: int) -> str:
+        """Start copying the newest committed local step to ``bucket`` (collective); its name.
+
+        The copy uploads in the background and commits at ``finish_persist`` (the manager's next
+        ``sync`` or ``save``).
+
+        Raises:
+            ValueError: there is no committed local step to persist.
+        """
+        self.finish_persist()
+        steps = [m.name for m in self.holdings.manifests() if self.holdings.acceptable(m, self._start())]
+        name = self.coordinator.broadcast_object(steps[0] if steps else None, src=committer_rank)
+        if name is None:
+            raise ValueError(f"save(from_local=True): the local tier {self.url} has no committed step to persist")
+        self._persist = Persist(self.holdings, self.coordinator, bucket, name,
+                                lambda written: after_commit(name, written), committer_rank=committer_rank)
+        return str(name)
+
+    def finish_persist(self) -> None:
+        """Commit the pending persist, if any (collective); re-raise its failure."""
+        pending, self._persist = self._persist, None
+        if pending is not None:
+            pending.finish()
 
     def steps(self) -> list[str]:
         """The steps this host's manifests commit, newest first (``cloudckpt ls``)."""
