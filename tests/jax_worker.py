@@ -211,7 +211,7 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
 
     import cloudckpt
     import cloudckpt.jax as ccjax
-    from cloudckpt import CheckpointManager, CheckpointOptions
+    from cloudckpt import CheckpointManager, CheckpointOptions, PreemptionCheckpointHandler
     from cloudckpt.errors import SaveError
 
     P: Any = PartitionSpec
@@ -305,12 +305,33 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
         _check(f"io {name}", io_ckpt.tree[name], g[name] + 3, shardings[name], problems)
     coordinator.barrier()
 
-    # 7. a plain Checkpoint has no coordinator spanning the job: it refuses to plan half an array
+    # 7. a plain Checkpoint of sharded arrays: default_coordinator() knows the JAX job, so the save is coordinated
     try:
         cloudckpt.Checkpoint(state={"w": fresh.tree["w"]}).write(f"{root}/plain")
+        target = {"w": jax.numpy.zeros(g["w"].shape, g["w"].dtype, device=placed["w"])}
+        cloudckpt.Checkpoint(state=target).read(f"{root}/plain")
+        _check("plain", target["w"], g["w"] + 1, placed["w"], problems)
         report["plain_checkpoint"] = "saved"
     except Exception as exc:
         report["plain_checkpoint"] = type(exc).__name__
+    coordinator.barrier()
+
+    # 8. a preemption notice on rank 1 only: both processes save at the same step (the flag combined over a
+    #    JaxCoordinator of the training thread's own: no torch.distributed group exists in this job)
+    handler = PreemptionCheckpointHandler(async_manager, exit_fn=lambda: None)
+    try:
+        for step in range(3):
+            ckpt.tree = tree_of(10 + step)
+            if rank == 1 and step == 1:
+                handler.request_preemption()
+            path = handler.save_checkpoint_if_preempted()
+            if path is not None:
+                report["preempted"] = [step, path, cloudckpt.latest_checkpoint(directory)]
+                break
+    except Exception as exc:
+        report["preempted"] = type(exc).__name__
+    finally:
+        handler.close()
     coordinator.barrier()
     jax.distributed.shutdown()
 

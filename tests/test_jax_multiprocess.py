@@ -6,7 +6,8 @@ in tests/jax_worker.py): managed sync and async saves, each process writing only
 shards and every replicated box once; a failed upload on one process leaving no checkpoint;
 a restore onto another mesh reading only the bytes each process's devices hold; a checkpoint
 one process wrote restored sharded over two; a resume; an io_device save and restore (bytes
-routed through one process over the key-value store).
+routed through one process over the key-value store); a plain ``Checkpoint`` of sharded arrays
+(coordinated by ``default_coordinator()``); a preemption notice on one process saving on both.
 This process then restores the job's checkpoint onto its own single device.
 """
 
@@ -47,7 +48,9 @@ def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
         assert report["resumed"].endswith("/managed/ckpt-2") and report["resumed_counter"] == 2
         # each process read exactly the boxes its devices hold on the new mesh (half of w, all of the rest)
         assert report["read"] == report["needed"]
-        assert report["plain_checkpoint"] == "PlanError"
+        assert report["plain_checkpoint"] == "saved"  # default_coordinator() is the JAX job's coordinator
+        step, path, latest = report["preempted"]  # rank 1's notice: both saved at step 1, the same checkpoint
+        assert step == 1 and path == latest and path.endswith("/managed/ckpt-4")
     rank0, rank1 = reports
     # each process wrote only its own shards; the replicated boxes were written once, by replica 0's process
     assert rank0["written"] + rank1["written"] == rank0["state_bytes"]

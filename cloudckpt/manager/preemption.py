@@ -15,7 +15,9 @@ step or the save's collectives deadlock. With a multi-host manager (a
 ``DTensorCheckpoint``), each ``save_checkpoint_if_preempted`` call combines the flag
 across ranks with one tiny all-reduce on the job's default process group - the training
 loop's own group, called from the training thread like its other collectives, so it never
-interleaves with a background save's traffic on the checkpoint group.
+interleaves with a background save's traffic on the checkpoint group. A JAX job has no such
+group: there the flag goes over a ``JaxCoordinator`` of the handler's own
+(``Coordinator.for_training_thread``), apart from the one the saves use.
 
 Named after TensorFlow's ``tf.distribute.experimental.PreemptionCheckpointHandler``.
 """
@@ -76,7 +78,10 @@ class PreemptionCheckpointHandler:
             raise RuntimeError("PreemptionCheckpointHandler must be created on the main thread "
                                "(Python delivers signals only there)")
         self._manager = checkpoint_manager
-        self._combine: Callable[[bool], bool] | None = any_rank if checkpoint_manager.coordinator is not None else None
+        coordinator = checkpoint_manager.coordinator
+        own = coordinator.for_training_thread() if coordinator is not None else None  # a JAX job: no torch group
+        self._combine: Callable[[bool], bool] | None = (
+            None if coordinator is None else own.any if own is not None else any_rank)
         self._exit_fn = exit_fn
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}

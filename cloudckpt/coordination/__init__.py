@@ -116,6 +116,12 @@ class Coordinator(ABC):
         """Same as ``any`` (the name the manager's preemption helper reads best with)."""
         return self.any(flag)
 
+    def for_training_thread(self) -> Coordinator | None:
+        """A coordinator over the same processes for the training thread's own collectives (the
+        preemption flag, between steps), apart from this one's (a background save may be running
+        its collectives on it); ``None``: the job's own process group serves (torch's default group)."""
+        return None
+
 
 class LocalCoordinator(Coordinator):
     """One process: rank 0 of 1. Every collective returns at once."""
@@ -260,7 +266,8 @@ _default_lock = threading.Lock()
 
 
 def default_coordinator() -> Coordinator:
-    """The process-wide coordinator: ``TorchCoordinator`` in a multi-process torch job, else local.
+    """The process-wide coordinator: ``TorchCoordinator`` in a multi-process torch job,
+    ``JaxCoordinator`` in a multi-process JAX job (``jax.distributed.initialize``), else local.
 
     Created on first use and then shared (one checkpoint group per process). Call it -
     or construct a ``Mesh`` - on every rank at start-up: creating the group is collective.
@@ -272,7 +279,11 @@ def default_coordinator() -> Coordinator:
             if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 _default = TorchCoordinator()
             else:
-                return LocalCoordinator()
+                from cloudckpt.coordination.jax_kv import in_jax_job, jax_coordinator  # never imports jax
+
+                if not in_jax_job():
+                    return LocalCoordinator()
+                _default = jax_coordinator()
         return _default
 
 
