@@ -79,20 +79,21 @@ def _accelerate_steps(accelerator: Accelerator, model: Any, optimizer: Any, sche
         optimizer.zero_grad()
 
 
-def save_then_die(rank: int, world: int, port: int, roots: list[str], report: dict[str, Any]) -> None:
+def save_then_die(rank: int, world: int, port: int, roots: list[str], outputs: str,
+                  report: dict[str, Any]) -> None:
     """Spawned: an Accelerate state saved at 3 steps, then a CloudTrainer run SIGKILLed after step 4."""
     root = roots[rank]
     accelerated = _accelerated()
     _accelerate_steps(*accelerated, 3)
     save_state(accelerated[0], f"{root}/accelerate/state")
     report["saved"] = True
-    _trainer(Path(root if "://" not in root else "/tmp") / f"out-{rank}", f"{root}/trainer", [Kill()]).train()
+    _trainer(Path(outputs) / f"out-{rank}", f"{root}/trainer", [Kill()]).train()
     report["not_killed"] = True
 
 
 def test_killed_runs_resume_bit_exact_on_local_disk_and_s3(tmp_path: Path, s3_root: str) -> None:
     roots = [str(tmp_path / "run"), f"{s3_root}/hf"]
-    reports = spawn_reports(save_then_die, 2, roots, timeout=300, may_die={0, 1})
+    reports = spawn_reports(save_then_die, 2, roots, str(tmp_path / "outputs"), timeout=300, may_die={0, 1})
     assert all(r.get("died") == -signal.SIGKILL for r in reports), reports
 
     reference = _trainer(tmp_path / "ref", str(tmp_path / "ref-ckpt"))
