@@ -240,16 +240,20 @@ def test_import_cloudckpt_still_does_not_import_torch_and_reading_needs_it(tmp_p
     import subprocess
     import sys
 
-    code = ("import sys, cloudckpt; assert 'torch' not in sys.modules\n"
+    code = ("import sys, os, cloudckpt; assert 'torch' not in sys.modules\n"
             "sys.modules['torch'] = None\n"
+            "from cloudckpt.tools import list_checkpoints\n"
             "try:\n    cloudckpt.load_variable(sys.argv[1], 'x')\n"
-            "except ImportError as exc:\n    print(type(exc).__name__, exc)\n")
+            "except ImportError as exc:\n    print(type(exc).__name__, exc)\n"
+            "row = list_checkpoints(os.path.dirname(sys.argv[1])).checkpoints[0]\n"
+            "print('ROW', row.name, row.status, 'cloudckpt[torch]' in (row.problem or ''))\n")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / ".metadata").write_bytes(b"x")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True,
                          check=False, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.startswith("MissingDependencyError"), out.stdout + out.stderr
     assert "cloudckpt[torch]" in out.stdout
+    assert "ROW d unreadable True" in out.stdout, out.stdout + out.stderr  # ls lists it, saying what is missing
 
 
 def test_the_json_of_inspect_is_strict_json(saved: tuple[Path, dict[str, Any]]) -> None:

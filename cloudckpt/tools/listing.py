@@ -126,7 +126,7 @@ def _load(storage: Storage, name: str) -> CheckpointIndex | Bundle | ForeignChec
         if isinstance(loaded, Bundle):
             stored_size(loaded)  # HEAD its shards now, in this pool (a missing one: unreadable)
         return loaded
-    except (CheckpointFormatError, NotFoundError) as exc:
+    except (CheckpointFormatError, NotFoundError, ImportError) as exc:  # ImportError: a reader's framework
         return exc
 
 
