@@ -426,7 +426,8 @@ def measure_two_processes(size: int, repeat: int, root: Path) -> dict[str, dict[
 
 # --------------------------------------------------------------------------- report
 def ratio(theirs: float, ours: float) -> str:
-    return f"{theirs / ours:.2f}x" if ours > 0 else "n/a"
+    """``theirs / ours``; a peak at or below the baseline (memory reused, or noise) has no ratio."""
+    return f"{theirs / ours:.2f}x" if ours > 0 and theirs > 0 else "n/a (one side at or below 0)"
 
 
 def report(size: int, times: dict[str, dict[str, dict[str, list[float]]]], asyncs: dict[str, dict[str, float]],
