@@ -45,6 +45,21 @@ class CountingJaxCopier(JaxCopier):
         return self._submit(finish)  # the same one thread: after the copies, before any later batch
 
 
+class CountingClient:
+    """jax's distributed runtime client, counting the key-value reads a coordinator makes."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.gets = 0
+
+    def blocking_key_value_get_bytes(self, key: str, timeout_ms: int) -> bytes:
+        self.gets += 1
+        return bytes(self._client.blocking_key_value_get_bytes(key, timeout_ms))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 def _start_jax(devices: int) -> Any:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -333,6 +348,26 @@ def two_processes(rank: int, world: int, port: int, root: str, report: dict[str,
     finally:
         handler.close()
     coordinator.barrier()
+
+    # 9. the collectives' cost on the key-value store: gather and broadcast read keys linear in the
+    #    process count (not N on every rank), and no key outlives the collectives that read it
+    probe = ccjax.JaxCoordinator()
+    counting = CountingClient(probe._client)
+    probe._client = counting
+    gets: dict[str, int] = {}
+    results: dict[str, Any] = {}
+    for name, call in (("gather", lambda: probe.gather_object(rank * 10, dst=1)),
+                       ("broadcast", lambda: probe.broadcast_object("hello" if rank == 0 else None, src=0)),
+                       ("any", lambda: probe.any(rank == 1)),
+                       ("all_gather", lambda: probe.all_gather_object(rank))):
+        counting.gets = 0
+        results[name] = call()
+        gets[name] = counting.gets
+    probe.barrier()
+    probe.barrier()  # every rank has swept what it posted before the first one
+    report["collective_gets"] = gets
+    report["collective_results"] = results
+    report["keys_left"] = len(counting.key_value_dir_get_bytes(probe._prefix))
     jax.distributed.shutdown()
 
 

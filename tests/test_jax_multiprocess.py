@@ -52,6 +52,15 @@ def test_two_processes_save_restore_fail_and_resume(job_root: str) -> None:
         step, path, latest = report["preempted"]  # rank 1's notice: both saved at step 1, the same checkpoint
         assert step == 1 and path == latest and path.endswith("/managed/ckpt-4")
     rank0, rank1 = reports
+    # key-value reads per collective: the gather's destination reads the other's key, a broadcast's receiver
+    # the source's; any = a gather to rank 0 + a broadcast; only an all-gather reads N - 1 keys on every rank
+    assert rank0["collective_gets"] == {"gather": 0, "broadcast": 0, "any": 1, "all_gather": 1}
+    assert rank1["collective_gets"] == {"gather": 1, "broadcast": 1, "any": 1, "all_gather": 1}
+    assert rank1["collective_results"]["gather"] == [0, 10] and rank0["collective_results"]["gather"] is None
+    for report in reports:
+        assert report["collective_results"]["broadcast"] == "hello" and report["collective_results"]["any"] is True
+        assert report["collective_results"]["all_gather"] == [0, 1]
+        assert report["keys_left"] == 0  # every key deleted once every rank was past it
     # each process wrote only its own shards; the replicated boxes were written once, by replica 0's process
     assert rank0["written"] + rank1["written"] == rank0["state_bytes"]
     # rank 1: its half of w, and the two 8-byte single-device values every process holds (the key data,

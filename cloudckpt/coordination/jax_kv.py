@@ -6,12 +6,16 @@ checkpoint's collectives go there - never through XLA collectives on the devices
 async save runs them on a background thread, where device collectives would interleave
 with the training step's) and without ``torch.distributed``.
 
-How a collective works: each process posts its object under
-``cloudckpt/<coordinator>/<sequence>/<rank>`` and reads every rank's (every collective is
-an all-gather underneath; broadcast and gather just ignore what they do not need), so
-each process's sequence advances in lockstep. A process deletes its own key of collective
-``n - 1`` once collective ``n`` completed: every rank has posted ``n``, so every rank has
-read ``n - 1``. Bytes for ``transfer`` are posted in pieces the receiver reads and deletes.
+How a collective works: every call takes the next number of the coordinator's sequence
+(all processes make the same calls in the same order, so the numbers agree) and its keys
+live under ``cloudckpt/<coordinator>/<number>/``. Each costs the store a number of reads
+linear in the process count: ``gather_object`` - every rank posts its object, the
+destination reads the N keys (and deletes them); ``broadcast_object`` - the source posts
+one key, every other rank reads it; ``any`` - a gather of the flags to rank 0, then a
+broadcast of their OR. Only ``all_gather_object`` reads N keys on each of N ranks (each
+rank needs every object). A key read by others is deleted by its poster once it has proof
+that every rank went past that collective: a barrier, an all-gather, or a gather it was
+the destination of. Bytes for ``transfer`` are posted in pieces the receiver reads and deletes.
 
 What travels: plans and statuses (small dataclasses, dicts, strings) pickled between the
 processes of one job, as ``torch.distributed``'s object collectives do; the checkpoint
@@ -90,6 +94,8 @@ class JaxCoordinator(Coordinator):
         self._prefix = f"cloudckpt/{next(_instances)}"
         self._sequence = 0
         self._lock = threading.Lock()
+        #: Keys this process posted that other ranks read: ``(collective number, key)``, deleted by ``_sweep``.
+        self._posted: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ key-value plumbing
     def _ms(self) -> int:
@@ -127,35 +133,80 @@ class JaxCoordinator(Coordinator):
     def _delete(self, key: str) -> None:
         self._client.key_value_delete(key)  # deletes the key and every key under "key/"
 
-    def _exchange(self, what: str, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (the all-gather every object collective is)."""
-        number = self._next()
+    def _key(self, number: int, rank: int | str) -> str:
+        return f"{self._prefix}/{number}/{rank}"
 
-        def run() -> list[Any]:
-            self._put(f"{self._prefix}/{number}/{self.rank}", pickle.dumps(obj))
-            out = [pickle.loads(self._get(f"{self._prefix}/{number}/{r}")) for r in range(self.world_size)]
-            self._delete(f"{self._prefix}/{number - 1}/{self.rank}")
-            return out
+    def _post(self, number: int, obj: Any, *, read_by_others: bool, name: int | str | None = None) -> None:
+        key = self._key(number, self.rank if name is None else name)
+        self._put(key, pickle.dumps(obj))
+        if read_by_others:
+            with self._lock:
+                self._posted.append((number, key))
 
-        return self._run(what, run)
+    def _sweep(self, passed: int) -> None:
+        """Delete this process's keys of collectives before ``passed``: every rank has gone past them."""
+        with self._lock:
+            done = [key for number, key in self._posted if number < passed]
+            self._posted = [(number, key) for number, key in self._posted if number >= passed]
+        for key in done:
+            self._delete(key)
+
+    def _gather(self, number: int, obj: Any, dst: int) -> list[Any] | None:
+        """Every rank's ``obj`` on ``dst`` (which reads and deletes the N - 1 others' keys), ``None`` elsewhere."""
+        if self.rank != dst:
+            self._post(number, obj, read_by_others=False)  # dst deletes it
+            return None
+        out: list[Any] = []
+        for r in range(self.world_size):
+            if r == self.rank:
+                out.append(obj)
+                continue
+            key = self._key(number, r)
+            out.append(pickle.loads(self._get(key)))
+            self._delete(key)
+        self._sweep(number)  # every rank posted this one: all went past the earlier collectives
+        return out
+
+    def _broadcast(self, number: int, obj: Any, src: int) -> Any:
+        if self.rank == src:
+            self._post(number, obj, read_by_others=True, name="from")
+            return obj
+        return pickle.loads(self._get(self._key(number, "from")))
 
     # ------------------------------------------------------------------ the protocol
     def barrier(self) -> None:
         number = self._next()
         self._run("barrier", lambda: self._client.wait_at_barrier(f"{self._prefix}/{number}/barrier", self._ms()))
+        self._sweep(number)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        return self._exchange("all_gather_object", obj)
+        number = self._next()
+
+        def run() -> list[Any]:
+            self._post(number, obj, read_by_others=True)
+            out = [obj if r == self.rank else pickle.loads(self._get(self._key(number, r)))
+                   for r in range(self.world_size)]
+            self._sweep(number)
+            return out
+
+        return self._run("all_gather_object", run)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
-        gathered = self._exchange("gather_object", obj)
-        return gathered if self.rank == dst else None
+        number = self._next()
+        return self._run("gather_object", lambda: self._gather(number, obj, dst))
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return self._exchange("broadcast_object", obj if self.rank == src else None)[src]
+        number = self._next()
+        return self._run("broadcast_object", lambda: self._broadcast(number, obj if self.rank == src else None, src))
 
     def any(self, flag: bool) -> bool:
-        return any(self._exchange("any", bool(flag)))
+        gathered, number = self._next(), self._next()
+
+        def run() -> bool:
+            flags = self._gather(gathered, bool(flag), 0)
+            return bool(self._broadcast(number, None if flags is None else any(flags), 0))
+
+        return self._run("any", run)
 
     def transfer(self, dst: int, outgoing: Sequence[NDArray[np.uint8]],
                  incoming: Mapping[int, Sequence[NDArray[np.uint8]]]) -> None:
