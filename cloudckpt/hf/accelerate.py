@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from cloudckpt.checkpoint import Checkpoint
-from cloudckpt.hf.trainer import rng_states, set_rng_states
+from cloudckpt.hf.rng import rng_states, set_rng_states
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.storage import CheckpointPath
 

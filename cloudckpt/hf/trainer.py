@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
 from cloudckpt.checkpoint import Checkpoint
 from cloudckpt.errors import CheckpointNotFoundError
+from cloudckpt.hf.rng import rng_states, set_rng_states
 from cloudckpt.manager import CheckpointManager, latest_checkpoint
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.restoring.checkpoint_reader import CheckpointReader
@@ -46,28 +44,6 @@ from cloudckpt.restoring.checkpoint_reader import CheckpointReader
 #: transformers' name of the file it reads itself on resume, and of checkpoint prefixes.
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_NAME = "checkpoint"
-
-
-def rng_states() -> dict[str, Any]:
-    """The random states the Trainer saves (``Trainer._save_rng_state``), as cloudckpt values
-    (Python's 625-word state as one uint32 array rather than 625 inline ints)."""
-    version, internal, gauss = random.getstate()
-    states: dict[str, Any] = {"python": {"version": version, "state": np.array(internal, dtype=np.uint32),
-                                         "gauss": gauss},
-                              "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.random.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Put back what ``rng_states`` gave (as the Trainer's ``_load_rng_state`` does)."""
-    python = states["python"]
-    random.setstate((python["version"], tuple(int(v) for v in python["state"]), python["gauss"]))
-    np.random.set_state(states["numpy"])
-    torch.random.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.random.set_rng_state_all(states["cuda"])
 
 
 class CloudTrainer(Trainer):
