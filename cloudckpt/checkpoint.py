@@ -21,7 +21,7 @@ import numpy as np
 from cloudckpt.coordination import Coordinator, LocalCoordinator, default_coordinator, io_rank
 from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import CheckpointIndex, state_file
-from cloudckpt.format.sniff import ForeignCheckpoint, load_any_index
+from cloudckpt.format.sniff import ForeignCheckpoint, IndexFormat, load_any_index
 from cloudckpt.object_graph import Collected, ShardedLeaf, classify, collect
 from cloudckpt.options import CheckpointOptions
 from cloudckpt.restoring.assign import RestoreSession
@@ -49,6 +49,10 @@ def _check_trackable(name: str, value: object) -> None:
             f"array, torch tensor, container, or an object with state_dict()), got {value!r}. "
             f"Wrap plain Python values in cloudckpt.Variable.")
 
+
+#: Where each foreign format's reading is documented (named by the error that refuses to restore one).
+_FOREIGN_DOCS = {IndexFormat.TENSORFLOW: "docs/tensorflow-import.md", IndexFormat.TORCH_DCP: "docs/dcp.md",
+                 IndexFormat.ORBAX: "docs/orbax-import.md"}
 
 class Checkpoint(Trackable):
     """Groups trackable objects, saving and restoring them (``tf.train.Checkpoint``).
@@ -330,14 +334,16 @@ class Checkpoint(Trackable):
 
     @staticmethod
     def _load_own_index(location: Location) -> CheckpointIndex:
-        """A cloudckpt index; a TensorFlow checkpoint is named as one (restoring into objects
-        by TensorFlow's object graph is not supported - ``load_checkpoint`` reads it)."""
+        """A cloudckpt index; another framework's checkpoint is named as what it is (restoring into
+        objects through a foreign object graph is not supported - ``load_checkpoint`` reads it, and
+        ``cloudckpt cp`` converts it)."""
         found = load_any_index(location.storage, location.name)
         if isinstance(found, ForeignCheckpoint):
             raise CheckpointFormatError(
-                f"{location.url} is a TensorFlow checkpoint: Checkpoint.restore/read restore cloudckpt checkpoints "
+                f"{location.url} is a {found.format.value}: Checkpoint.restore/read restore cloudckpt checkpoints "
                 "only; read its tensors with cloudckpt.load_checkpoint(path).get_tensor(key) or "
-                "cloudckpt.load_variable(path, 'model') (docs/tensorflow-import.md)")
+                f"cloudckpt.load_variable(path, key), or convert it with `cloudckpt cp` "
+                f"({_FOREIGN_DOCS[found.format]})")
         return found
 
     def _read_relay(self, options: CheckpointOptions | None) -> ReadRelay | None:

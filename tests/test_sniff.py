@@ -66,9 +66,15 @@ def test_a_directory_layout_is_probed_by_its_marker_only_when_there_is_no_index(
     storage = LocalStorage(str(tmp_path))
     opened: list[str] = []
 
+    restored: list[tuple[str, object]] = []
+
+    class Reader:
+        def restore(self, key: str, target: object) -> None:
+            restored.append((key, target))
+
     def opener(found: object, name: str) -> ForeignCheckpoint:
         opened.append(name)
-        return ForeignCheckpoint(IndexFormat.TORCH_DCP, name, frozenset(), None, None)  # type: ignore[arg-type]
+        return ForeignCheckpoint(IndexFormat.TORCH_DCP, name, frozenset(), Reader(), None)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sniff, "_LAYOUTS", {})
     sniff.register_directory_reader(IndexFormat.TORCH_DCP, ".metadata", opener)
@@ -78,6 +84,11 @@ def test_a_directory_layout_is_probed_by_its_marker_only_when_there_is_no_index(
     found = load_any_index(storage, "step-1/")
     assert isinstance(found, ForeignCheckpoint) and found.format is IndexFormat.TORCH_DCP
     assert opened == ["step-1"]
+    with pytest.raises(CheckpointFormatError, match=r"is a torch DCP checkpoint.*docs/dcp.md"):
+        cloudckpt.Checkpoint(v=np.zeros(2)).restore(str(tmp_path / "step-1"))
+    target = np.zeros(2)
+    cloudckpt.load_checkpoint(str(tmp_path / "step-1")).restore("model/w", target)  # the foreign reader's restore
+    assert restored == [("model/w", target)]
     cloudckpt.Checkpoint(v=np.zeros(2)).write(str(tmp_path / "step-1"))  # an index wins over the directory
     assert not isinstance(load_any_index(storage, "step-1"), ForeignCheckpoint)
     with pytest.raises(ValueError, match="not a directory layout"):

@@ -720,5 +720,5 @@ def test_checkpoint_restore_of_a_tensorflow_checkpoint_says_what_it_is() -> None
     from cloudckpt import Checkpoint
     from cloudckpt.errors import CheckpointFormatError
 
-    with pytest.raises(CheckpointFormatError, match=r"is a TensorFlow checkpoint.*load_checkpoint"):
+    with pytest.raises(CheckpointFormatError, match=r"is a TensorFlow bundle.*load_checkpoint"):
         Checkpoint(v=np.zeros(3)).restore(str(FIXTURES / "basic" / "ckpt-1"))

@@ -81,6 +81,7 @@ class CheckpointReader:
         """
         if self._tf is not None:
             self._tf.restore(name, target)
+            return
         if name not in self._session.index.entries:
             raise KeyError(f"{name!r} is not in checkpoint {self._session.url}")
         self._session.restore(name, target, None)
