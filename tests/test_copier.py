@@ -249,6 +249,22 @@ def test_dcp_save_hands_device_tensors_to_the_copier(copier: Recording, tmp_path
     assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())
 
 
+def test_dcp_load_restores_device_tensors_through_bounce_buffers(copier: Recording, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP's ``StorageReader`` fills device destinations as ``Checkpoint`` restores do: rounds of bounce
+    reads the copier copies in (``restoring/device_reads``), not a host buffer per tensor and ``copy_``."""
+    monkeypatch.setattr(device_reads, "BOUNCE_BYTES", 8 * KiB)
+    state: dict[str, Any] = {**_many(3, rows=16), "bf16": torch.randn(16, 16).to(torch.bfloat16),
+                             "scalar": torch.tensor(-0.0)}
+    with use_copier(ThreadCopier(), cpu_tensors=False):
+        dcp_save(state, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    dest = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp_load(dest, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    assert all(_bits(dest[k]) == _bits(v) for k, v in state.items())
+    assert sum(copier.to_device_batches) == 3 * 8 + 1 + 1  # 64 KiB tensors in 8 KiB row blocks, bf16, scalar
+    assert max(copier.allocations) <= 8 * KiB  # bounce buffers only: no host buffer of a 64 KiB tensor
+
+
 class CountingRelay:
     """A ``RangeReader`` standing in for the io host's relay, where every call is a collective."""
 

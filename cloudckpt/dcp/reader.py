@@ -10,10 +10,12 @@ chunks, or the 1 MiB blocks around the part of a chunk a resharding load needs).
 
 Zero extra copies where the layout allows: a destination box that is contiguous CPU
 memory of the stored dtype (a whole tensor, a ``Shard(0)`` row block) is read straight into
-the tensor's own memory. Otherwise (a column block of a resharded load, a GPU tensor,
-another dtype) the bytes land in a buffer and are copied in with ``Tensor.copy_`` - as DCP's
-own readers do for every item. Byte items are handed to DCP's ``planner.load_bytes``, which
-unpickles them (``torch.load(weights_only=False)``); cloudckpt itself never does.
+the tensor's own memory. A device (CUDA) destination of the stored dtype is filled as a
+``Checkpoint`` restore fills one (``restoring.device_reads``: rounds of bounce reads its copier
+copies in). Otherwise (a column block of a resharded load, another dtype) the bytes land in a
+buffer and are copied in with ``Tensor.copy_`` - as DCP's own readers do for every item.
+Byte items are handed to DCP's ``planner.load_bytes``, which unpickles them
+(``torch.load(weights_only=False)``); cloudckpt itself never does.
 
 Untrusted sizes: a tensor box lands in memory the planner sized (the destination tensor's),
 but a byte item's buffer is sized by its index entry alone, so a large one is allocated only
@@ -38,6 +40,7 @@ from torch.distributed.checkpoint.storage import StorageReader as DCPStorageRead
 from torch.futures import Future as TorchFuture
 
 from cloudckpt.adapters import torch as torch_adapter
+from cloudckpt.adapters.torch_device import device_array
 from cloudckpt.dcp.metadata import decode_metadata, fqn_path, saved_counter
 from cloudckpt.dcp.paths import Addressed, CheckpointId
 from cloudckpt.errors import CheckpointFormatError, CheckpointMismatchError
@@ -45,6 +48,7 @@ from cloudckpt.format import ArrayEntry, CheckpointIndex, Chunk, parse_dtype
 from cloudckpt.format.index_fetch import load_index
 from cloudckpt.restoring.array_reads import read_arrays
 from cloudckpt.restoring.buffers import ObjectSizes, ReadTarget, backed_buffer, new_buffer
+from cloudckpt.restoring.device_reads import DeviceTarget, read_to_device
 from cloudckpt.storage import Location, Storage
 
 
@@ -129,6 +133,7 @@ class StorageReader(Addressed, DCPStorageReader):
         location = self._where()
         index = self._loaded()
         targets: list[ReadTarget] = []
+        on_device: list[DeviceTarget] = []
         copies: list[Callable[[], None]] = []
         tensors: list[tuple[ReadItem, torch.Tensor]] = []
         byte_items: list[tuple[ReadItem, NDArray[np.uint8]]] = []
@@ -154,7 +159,10 @@ class StorageReader(Addressed, DCPStorageReader):
                     f"{item.storage_index.fqn!r}: the planner's destination has shape {tuple(dest.shape)}, the "
                     f"item {lengths}")
             view = torch_adapter.writable_view(dest)
-            if view is not None and view.dtype == parse_dtype(entry.dtype):
+            device = device_array(dest)  # a CUDA tensor: bounce reads its copier copies in, as Checkpoint's restore
+            if device is not None and device.dtype == parse_dtype(entry.dtype):
+                on_device.append(DeviceTarget(path, entry, device, start))
+            elif view is not None and view.dtype == parse_dtype(entry.dtype):
                 targets.append(ReadTarget(path, entry, view, live=True, start=start))
             else:
                 buffer = new_buffer(entry, lengths)
@@ -162,6 +170,7 @@ class StorageReader(Addressed, DCPStorageReader):
                 copies.append(_copier(dest, buffer))
             tensors.append((item, dest))
         read_arrays(location.storage, index, targets)
+        read_to_device(location.storage, index, on_device)
         for copy in copies:
             copy()
         for item, dest in tensors:
