@@ -124,3 +124,20 @@ def test_a_checkpoint_over_https_commits_conditionally(seaweedfs: servers.Server
     finally:
         unregister_storage(storage)
         storage.close()
+
+
+def test_gcs_reads_fill_the_destination_without_urllib3s_copy(gcs_bucket: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """GCS's ranged reads take the same direct path (``requests`` streams through urllib3 too)."""
+    from cloudckpt.storage.gcs import GCSStorage
+
+    store = GCSStorage(f"gs://{gcs_bucket}/{unique_name('direct')}", config=CONFIG)
+    data = np.random.default_rng(4).integers(0, 256, 5 * MiB + 7, dtype=np.uint8)
+    store.put("obj", data)
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "read", lambda *_a, **_k: pytest.fail("urllib3 read: a copy"))
+    out = np.zeros_like(data)
+    for _ in range(3):
+        out[:] = 0
+        store.read_into([ReadRequest("obj", 0, out.data)])
+        assert np.array_equal(out, data)
+    store.close()

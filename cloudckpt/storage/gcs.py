@@ -98,7 +98,7 @@ from cloudckpt.storage.gcs_compose import MAX_COMPOSE_SOURCES as MAX_COMPOSE_SOU
 from cloudckpt.storage.gcs_compose import PART_OF_KEY as PART_OF_KEY
 from cloudckpt.storage.gcs_compose import CompositeUpload
 from cloudckpt.storage.gcs_errors import generation_match, is_throttle, is_transient, precondition_error, translate
-from cloudckpt.storage.transfer import fill_from
+from cloudckpt.storage.transfer import direct_reader, fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
@@ -232,7 +232,9 @@ class GCSStorage(Storage):
         with self._media_get(full_key, header) as response:
             if response.status_code != 206:
                 raise StorageError(f"server ignored Range {header} for {url}", url)
-            filled = fill_from(response.raw.readinto, outs)
+            readinto, done = direct_reader(response.raw)
+            filled = fill_from(readinto, outs)
+            done()
         if filled != size:
             raise InvalidRangeError(
                 f"range {header} of {url} runs past the end of the object "

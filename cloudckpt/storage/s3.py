@@ -36,7 +36,7 @@ multipart upload itself); ``s3_client`` builds the clients, ``s3_errors`` says w
 answers mean and translates them (this module's ``_diagnose`` asks the bucket why a bare
 403/404 happened), ``s3_probes`` asks a store which conditional writes it honours, and
 ``s3_multipart`` lists and aborts the uploads a store still holds, ``s3_body`` streams request
-bodies from the caller's buffers and reads GET bodies straight into them. Why this one is still
+bodies from the caller's buffers (GET bodies are read straight into them). Why this one is still
 ~450 lines: what is left is one class's data plane on one client - each verb with the S3 quirk
 it works around, written next to it - and this docstring, the reference for how S3-compatible
 stores differ.
@@ -89,14 +89,13 @@ from cloudckpt.storage.clients import BUCKETS_SEEN
 from cloudckpt.storage.s3_body import SMALL_BODY as SMALL_BODY
 from cloudckpt.storage.s3_body import BufferReader as _BufferReader  # noqa: F401 - the name tests call
 from cloudckpt.storage.s3_body import body as _body
-from cloudckpt.storage.s3_body import direct_reader
 from cloudckpt.storage.s3_client import shared_client
 from cloudckpt.storage.s3_errors import delete_error as _delete_error  # the name tests call
 from cloudckpt.storage.s3_errors import error_info, is_throttle, is_transient, refusal, translate
 from cloudckpt.storage.s3_multipart import PendingUpload as PendingUpload
 from cloudckpt.storage.s3_multipart import abort_upload, list_uploads
 from cloudckpt.storage.s3_probes import MultipartConditions, probe_multipart_conditions, probe_put_conditions
-from cloudckpt.storage.transfer import fill_from
+from cloudckpt.storage.transfer import direct_reader, fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
@@ -272,7 +271,7 @@ class S3Storage(Storage):
         response = self.client.get_object(Range=f"bytes={offset}-{end - 1}", **self._loc(full_key))
         with contextlib.closing(response["Body"]) as body:
             short = int(response.get("ContentLength", size)) < size
-            readinto, done = direct_reader(body)
+            readinto, done = direct_reader(getattr(body, "_raw_stream", body))  # botocore streams via urllib3
             filled = 0 if short else fill_from(readinto, outs)
             done()
         if filled < size:

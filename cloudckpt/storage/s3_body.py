@@ -1,16 +1,14 @@
-"""S3 bodies without extra copies: requests sent from the caller's buffers, responses read into them.
+"""Request bodies for S3 writes, sent from the caller's buffers without joining them.
 
 botocore takes ``bytes`` or a file-like body, not a list of memoryviews; ``body`` joins a
 small one (no ``Expect: 100-continue`` round trip) and wraps a large one in ``BufferReader``.
-``direct_reader`` reads a GET's bytes straight into the destination buffers (issue 27).
-Split out of ``s3`` (issue 23).
+Split out of ``s3`` (issue 23). GET bodies are read by ``transfer.direct_reader``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from cloudckpt.storage.values import MiB
 
@@ -64,33 +62,3 @@ def body(buffers: Sequence[memoryview], size: int) -> bytes | BufferReader:
         return b"".join(buffers)
     return BufferReader(buffers)
 
-
-ReadInto = Callable[[memoryview], "int | None"]
-
-
-def direct_reader(body: Any) -> tuple[ReadInto, Callable[[], None]]:
-    """``(readinto, done)`` for a GET's streaming body, reading straight into the caller's buffer.
-
-    Why: urllib3 2.x's ``HTTPResponse.readinto`` reads into a fresh ``bytes`` of the requested
-    size and copies that into the caller's buffer - an allocation and a second copy of every
-    restored byte. The ``http.client`` response under it fills the caller's buffer itself
-    (decrypting TLS records in place). Measured on SeaweedFS (issue 27, 1 GiB ``read_into``):
-    0.61 instead of 0.68 client CPU-s/GiB over HTTPS, 0.16 instead of 0.20 over HTTP.
-
-    Only where urllib3 would pass the bytes through unchanged (no ``Content-Encoding``) and the
-    objects are where urllib3 2.x keeps them; otherwise the body's own ``readinto``. ``done``
-    (after the reads) returns the connection to the pool when the response was read to its end,
-    as urllib3 does itself; a response left unfinished is closed with the body, never reused.
-    """
-    raw: Any = getattr(body, "_raw_stream", None)
-    response: Any = getattr(raw, "_fp", None)
-    headers = getattr(raw, "headers", None)
-    if (response is None or not callable(getattr(response, "readinto", None))
-            or not callable(getattr(response, "isclosed", None)) or not callable(getattr(raw, "release_conn", None))
-            or headers is None or headers.get("content-encoding")):
-        return body.readinto, lambda: None
-
-    def done() -> None:
-        if response.isclosed():  # http.client closes its file at the end of the content: reusable
-            raw.release_conn()
-    return response.readinto, done

@@ -52,6 +52,35 @@ def fill_from(readinto: Callable[[memoryview], int | None], outs: Sequence[memor
     return filled
 
 
+def direct_reader(response: Any) -> tuple[Callable[[memoryview], int | None], Callable[[], None]]:
+    """``(readinto, done)`` for a streamed urllib3 response, reading straight into the caller's buffer.
+
+    Why: urllib3 2.x's ``HTTPResponse.readinto`` reads into a fresh ``bytes`` of the requested
+    size and copies that into the caller's buffer - an allocation and a second copy of every
+    restored byte. The ``http.client`` response under it fills the caller's buffer itself
+    (decrypting TLS records in place). Measured on SeaweedFS (issue 27, 512 MiB ``read_into``,
+    A/B in one process): 0.16 instead of 0.21 client CPU-s/GiB over HTTP, 0.72 instead of 0.82
+    over HTTPS. S3 (botocore's ``StreamingBody._raw_stream``) and GCS (``requests``' ``raw``)
+    both stream through urllib3.
+
+    Only where urllib3 would pass the bytes through unchanged (no ``Content-Encoding``) and keeps
+    them where urllib3 2.x does; otherwise urllib3's own ``readinto``. ``done`` (after the reads)
+    returns the connection to the pool when the response was read to its end, as urllib3 does
+    itself; a response left unfinished is closed with it, never reused.
+    """
+    raw: Any = getattr(response, "_fp", None)
+    headers = getattr(response, "headers", None)
+    if (raw is None or not callable(getattr(raw, "readinto", None)) or not callable(getattr(raw, "isclosed", None))
+            or not callable(getattr(response, "release_conn", None))
+            or headers is None or headers.get("content-encoding")):
+        return response.readinto, lambda: None
+
+    def done() -> None:
+        if raw.isclosed():  # http.client closes its file at the end of the content: reusable
+            response.release_conn()
+    return raw.readinto, done
+
+
 def part_boundaries(size: int, part_size: int) -> list[tuple[int, int]]:
     """``[start, end)`` of each part; the last may be shorter, none is empty."""
     return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
