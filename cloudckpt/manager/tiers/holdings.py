@@ -7,6 +7,7 @@ object is whole or absent even across a power cut)::
                                        of peers' data objects, under the same write-unique names)
     tier/ckpt-7.json                   the manifest: this host's local commit of step 7
     tier/owner.json                    which incarnation owns this directory, and the fenced ones
+    tier/pieces/<data object>          the whole arrays of a peer's object a resume fetched (sparse)
 
 The manifest is written only once every host's shards are on the host and its replicas;
 it records the writer's incarnation token, which rank wrote which data object, and the
@@ -21,14 +22,18 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
 
 from cloudckpt.errors import CloudCkptError, ConcurrentWriterError, NotFoundError, PreconditionError
 from cloudckpt.format import INDEX_SUFFIX, ArrayEntry, CheckpointIndex, index_key
 from cloudckpt.format.decode import decode_index
 from cloudckpt.format.naming import object_checkpoint
-from cloudckpt.storage import UpdateVersion
+from cloudckpt.storage import ByteRange, ObjectMeta, UpdateVersion
 from cloudckpt.storage.checksum import crc32c_of
 from cloudckpt.storage.local import LocalStorage
 
@@ -36,6 +41,8 @@ log = logging.getLogger("cloudckpt.manager.tiers")
 
 MANIFEST_DIR = "tier/"
 OWNER_KEY = "tier/owner.json"
+#: Pieces of other hosts' objects (the whole arrays in them) a resume fetched: ``put_pieces``.
+PIECES_DIR = "tier/pieces/"
 
 
 def manifest_key(name: str) -> str:
@@ -83,6 +90,51 @@ class HostDirectory(LocalStorage):
         super().__init__(os.fspath(path))
         if shown is not None:
             self._url = shown
+
+    def put_pieces(self, key: str, size: int, ranges: Sequence[tuple[int, int]], data: NDArray[np.uint8]) -> None:
+        """Keep only ``ranges`` of object ``key`` (``data``: their bytes, in order), under ``tier/pieces/``.
+
+        A sparse file of the object's size (temp file, fsync, rename): reads of ``key`` find it
+        while the whole object is absent (``_readable``), so a restore reads the ranges it needs;
+        ``data_objects``, ``verified`` and a persist never see it - it is no copy of the object.
+        """
+        target = self.root / PIECES_DIR / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        with open(temp, "wb") as f:
+            f.truncate(size)
+            position = 0
+            for offset, length in ranges:
+                os.pwrite(f.fileno(), data[position:position + length].data, offset)
+                position += length
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+
+    def read_array(self, key: str, ranges: Sequence[tuple[int, int]]) -> NDArray[np.uint8]:
+        """``ranges`` of object ``key``, in order, read into one new writable array."""
+        out = np.empty(sum(n for _, n in ranges), dtype=np.uint8)
+        with open(self.root / key, "rb") as f:
+            position = 0
+            for offset, length in ranges:
+                if os.preadv(f.fileno(), [out[position:position + length].data], offset) != length:
+                    raise NotFoundError(f"{self.url_for(key)} is shorter than recorded", self.url_for(key))
+                position += length
+        return out
+
+    def _readable(self, full_key: str) -> str:
+        if not (self.root / full_key).exists() and (self.root / PIECES_DIR / full_key).exists():
+            return PIECES_DIR + full_key
+        return full_key
+
+    def _head(self, full_key: str) -> ObjectMeta:
+        return super()._head(self._readable(full_key))
+
+    def _get_range(self, full_key: str, byte_range: ByteRange | None) -> bytes:
+        return super()._get_range(self._readable(full_key), byte_range)
+
+    def _read_into(self, full_key: str, offset: int, outs: Sequence[memoryview]) -> None:
+        super()._read_into(self._readable(full_key), offset, outs)
 
     @contextlib.contextmanager
     def view(self, key: str) -> Iterator[memoryview]:
@@ -229,4 +281,4 @@ class Holdings:
         """Manifest first (the step stops counting here), then the index, then every data object held."""
         self.storage.delete(manifest_key(name))
         self.storage.delete(index_key(name))
-        self.storage.delete(list(self.data_objects(name)))
+        self.storage.delete([*self.data_objects(name), *(m.key for m in self.storage.list(PIECES_DIR + name))])

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cloudckpt.coordination import Coordinator
 from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format import ArrayEntry, index_key
 from cloudckpt.manager.tiers.holdings import Holdings, Manifest, step_of
-from cloudckpt.manager.tiers.replicate import move
+from cloudckpt.manager.tiers.replicate import Item, move
 
 log = logging.getLogger("cloudckpt.manager.tiers")
 
@@ -41,8 +41,8 @@ class Candidate:
     verified: dict[str, list[int]]
     #: the committing manifest (a host that lacked it writes it once the step is restored)
     manifest: Manifest
-    #: objects every host needs (they hold whole arrays)
-    whole: frozenset[str] | set[str] = frozenset()
+    #: objects holding whole arrays, which every host restores: key -> those chunks' (offset, length)
+    whole: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
 
 def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
@@ -69,8 +69,12 @@ def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
         sizes = {obj.name: obj.size for obj in index.objects}
         # Objects holding a whole array (an unsharded leaf - a step counter, a replicated array written
         # as one chunk): every host restores those in full, so every host needs them.
-        whole = {index.objects[c.object].name for e in index.entries.values() if isinstance(e, ArrayEntry)
-                 for c in e.chunks if tuple(c.shape) == tuple(e.shape)}
+        whole: dict[str, list[tuple[int, int]]] = {}
+        for entry in index.entries.values():
+            if isinstance(entry, ArrayEntry):
+                for c in entry.chunks:
+                    if tuple(c.shape) == tuple(entry.shape):
+                        whole.setdefault(index.objects[c.object].name, []).append((c.offset, c.length))
         verified: dict[str, list[int]] = {}
         held = holdings.verified(index, holdings.data_objects(name))
         for rank, keys in enumerate(coordinator.all_gather_object(held)):
@@ -83,24 +87,28 @@ def candidates(holdings: Holdings, coordinator: Coordinator, token: str | None,
             continue
         if local_text is None:  # a replaced host (or a damaged copy): the shared, validated index
             holdings.storage.put(index_key(name), text.encode())
-        yield Candidate(name, owners, sizes, verified, Manifest.parse(committed.encode(), name), whole)
+        yield Candidate(name, owners, sizes, verified, Manifest.parse(committed.encode(), name),
+                        {k: tuple(sorted(v)) for k, v in whole.items()})
 
 
 def fetch(holdings: Holdings, coordinator: Coordinator, candidate: Candidate, *, everything: bool = False) -> int:
     """Bring each host the objects it lacks from a verified holder; the bytes this host received.
 
-    A host gets the objects it wrote and those holding whole arrays; with ``everything`` (this
-    host's restore needed more - a replicated piece another host wrote), every object it lacks. Collective: every
+    A host gets the objects it wrote, and of other hosts' objects the chunks of whole arrays (kept
+    as pieces: ``HostDirectory.put_pieces``); with ``everything`` (this host's restore needed more -
+    a replicated piece another host wrote), every object it lacks, whole. Collective: every
     rank passes its own ``everything``.
     """
     wants_all = coordinator.all_gather_object(everything)
-    routes: dict[int, dict[int, list[tuple[str, int]]]] = {}
+    routes: dict[int, dict[int, list[Item]]] = {}
     for key, ranks in sorted(candidate.verified.items()):
         owner = candidate.owners.get(key, -1)
-        wanting = [r for r in range(coordinator.world_size) if wants_all[r] or r == owner or key in candidate.whole]
-        for dst in wanting:
-            if 0 <= dst < coordinator.world_size and dst not in ranks:
-                routes.setdefault(dst, {}).setdefault(ranks[0], []).append((key, candidate.sizes[key]))
+        for dst in range(coordinator.world_size):
+            if dst in ranks or not (wants_all[dst] or dst == owner or key in candidate.whole):
+                continue
+            # A host that needs only the whole arrays in another host's object gets only their bytes.
+            ranges = () if wants_all[dst] or dst == owner else candidate.whole[key]
+            routes.setdefault(dst, {}).setdefault(ranks[0], []).append((key, candidate.sizes[key], ranges))
     received = move(holdings, coordinator, routes)
     if routes:
         log.info("local tier: %s - rank %d received %d bytes from its peers (%d object(s) moved in all)",

@@ -14,20 +14,21 @@ send passes no buffers. Objects are read whole into memory (a host's own shards 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from numpy.typing import NDArray
 
 from cloudckpt.coordination import Coordinator
 from cloudckpt.manager.tiers.holdings import Holdings
 
 log = logging.getLogger("cloudckpt.manager.tiers")
 
-#: For each receiving rank: for each sending rank, the (key, size) it sends, in order.
-Routes = Mapping[int, Mapping[int, Sequence[tuple[str, int]]]]
+#: What one sender sends: ``(key, size, ranges)`` - the whole object when ``ranges`` is empty, else
+#: only those ``(offset, length)`` ranges of it (the receiver keeps them as pieces of the object).
+Item = tuple[str, int, tuple[tuple[int, int], ...]]
+#: For each receiving rank: for each sending rank, the items it sends, in order.
+Routes = Mapping[int, Mapping[int, Sequence[Item]]]
 
 
 def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
@@ -38,18 +39,20 @@ def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
         senders = {src: list(items) for src, items in routes.get(dst, {}).items() if items and src != dst}
         if not senders:
             continue
-        with contextlib.ExitStack() as maps:
-            outgoing: list[NDArray[np.uint8]] = []
-            if me in senders:  # mapped, not read: the transfer sends straight from the page cache
-                outgoing = [np.frombuffer(maps.enter_context(holdings.storage.view(key)), dtype=np.uint8)
-                            for key, _ in senders[me]]
-            incoming = ({src: [np.empty(size, dtype=np.uint8) for _, size in items] for src, items in senders.items()}
-                        if me == dst else {})
-            coordinator.transfer(dst, outgoing, incoming)
-            del outgoing  # the arrays export the maps' buffers: release them before the maps close
+        # Read into writable arrays (one preadv each): the transfer sends them without another copy.
+        outgoing = [holdings.storage.read_array(key, ranges or ((0, size),))
+                    for key, size, ranges in (senders.get(me, []) if me != dst else [])]
+        incoming = ({src: [np.empty(sum(n for _, n in ranges) if ranges else size, dtype=np.uint8)
+                           for _, size, ranges in items] for src, items in senders.items()}
+                    if me == dst else {})
+        coordinator.transfer(dst, outgoing, incoming)
+        del outgoing
         for src, buffers in incoming.items():
-            for (key, _), buf in zip(senders[src], buffers, strict=True):
-                holdings.storage.put(key, buf.data)
+            for (key, size, ranges), buf in zip(senders[src], buffers, strict=True):
+                if ranges:
+                    holdings.storage.put_pieces(key, size, ranges, buf)
+                else:
+                    holdings.storage.put(key, buf.data)
                 received += buf.nbytes
     return received
 
@@ -63,10 +66,10 @@ def replicate(holdings: Holdings, coordinator: Coordinator, name: str,
     mine = sorted(holdings.data_objects(name).items())
     gathered = [[(str(k), int(s)) for k, s in items] for items in coordinator.all_gather_object(mine)]
     owners = {key: rank for rank, items in enumerate(gathered) for key, _ in items}
-    routes: dict[int, dict[int, Sequence[tuple[str, int]]]] = {}
+    routes: dict[int, dict[int, Sequence[Item]]] = {}
     for src, targets in enumerate(holders):
         for dst in targets:
-            routes.setdefault(dst, {})[src] = gathered[src]
+            routes.setdefault(dst, {})[src] = [(key, size, ()) for key, size in gathered[src]]
     received = move(holdings, coordinator, routes)
     if received:
         log.debug("local tier: rank %d holds %d replica bytes of %s", coordinator.rank, received, name)
