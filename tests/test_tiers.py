@@ -119,6 +119,18 @@ def test_a_replaced_index_under_a_manifest_is_not_used(trained: tuple[str, Path]
     assert job.manager.restore_or_initialize() == f"{local}/ckpt-6"
 
 
+def test_a_later_save_removes_what_a_killed_save_left(trained: tuple[str, Path]) -> None:
+    bucket, local = trained
+    for f in [*data_files(local, 7), local / "ckpt-7.index"]:  # step 5 as a save killed before its manifest
+        (local / f.name.replace("ckpt-7", "ckpt-5")).write_bytes(f.read_bytes())
+    job = Job(bucket, local)
+    job.manager.restore_or_initialize()
+    assert data_files(local, 5)  # a resume removes nothing
+    job.train(range(8, 9), bucket_every=100)
+    assert not list(local.glob("ckpt-5*"))
+    assert sorted(p.name for p in local.glob("ckpt-*.index")) == ["ckpt-7.index", "ckpt-8.index"]
+
+
 def test_everything_local_wiped_restores_the_bucket(trained: tuple[str, Path]) -> None:
     bucket, local = trained
     for p in [*local.glob("ckpt-*"), *(local / "tier").glob("ckpt-*")]:

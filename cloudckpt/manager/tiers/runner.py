@@ -29,6 +29,7 @@ from cloudckpt.manager.contract import ManagedCheckpoint
 from cloudckpt.manager.resume import restore_newest_intact
 from cloudckpt.manager.tiers.config import LocalTier, replica_holders
 from cloudckpt.manager.tiers.holdings import Holdings, HostDirectory, Manifest, manifest_key, step_of
+from cloudckpt.manager.tiers.listing import list_local_tier
 from cloudckpt.manager.tiers.persist import Persist
 from cloudckpt.manager.tiers.recover import Candidate, candidates, fetch
 from cloudckpt.manager.tiers.replicate import replicate
@@ -127,15 +128,20 @@ class TierRunner:
         manifest = Manifest(name, self._start(), crc32c_of([text.encode()]), owners)
         self.holdings.storage.put(manifest_key(name), manifest.to_bytes())
         self.coordinator.barrier()  # committed on every host and its replicas
-        self._retain()
+        self._retain(step_of(name))
 
-    def _retain(self) -> None:
-        """Keep this host's ``max_to_keep`` newest committed steps (every host decides the same)."""
+    def _retain(self, saved: int) -> None:
+        """Keep this host's ``max_to_keep`` newest committed steps (every host decides the same), and
+        remove what saves killed before their manifests left of older steps (this job owns the directory)."""
         steps = [m.name for m in self.holdings.manifests() if self.holdings.acceptable(m, self._token)]
         for name in steps[self.tier.max_to_keep:]:
             self.holdings.delete_step(name)
             log.info("local tier: deleted %s (max_to_keep=%d)", self.holdings.storage.url_for(name),
                      self.tier.max_to_keep)
+        for step in list_local_tier(self.tier.path):
+            if step.status == "partial" and step.number < saved:
+                self.holdings.delete_step(step.name)
+                log.info("local tier: removed what a killed save left of %s", self.holdings.storage.url_for(step.name))
 
     # ------------------------------------------------------------------ restore
     def restore(self, restore: Callable[[Location], None], at_least: int) -> str | None:
