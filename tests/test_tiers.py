@@ -252,3 +252,20 @@ def test_a_bucket_save_made_from_the_local_copy_in_the_background(bucket: str, t
     assert cloudckpt.latest_checkpoint(bucket) == f"{bucket}/ckpt-3"
     with pytest.raises(ValueError, match="tier must be"):
         CheckpointManager(Checkpoint(w=Variable(np.zeros(2))), bucket, max_to_keep=1).save(from_local=True)
+
+
+def test_the_save_interval_counts_from_a_local_restore(bucket: str, tmp_path: Path) -> None:
+    def manager() -> tuple[CheckpointManager, Variable]:
+        step = Variable(0)
+        made = CheckpointManager(Checkpoint(w=Variable(np.zeros(3)), step=step), bucket, max_to_keep=2,
+                                 step_counter=step, checkpoint_interval=10, local_tier=LocalTier(tmp_path / "local"))
+        return made, step
+
+    first, step = manager()
+    step.assign(5)
+    assert first.save(tier="local") is not None
+    resumed, step = manager()
+    assert resumed.restore_or_initialize() is not None and int(step.numpy()) == 5
+    assert resumed.save(tier="local") is None  # step 5 again: within the interval
+    step.assign(15)
+    assert resumed.save(tier="local") is not None

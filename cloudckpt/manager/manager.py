@@ -404,6 +404,8 @@ class CheckpointManager:
             local = self._tier.restore(lambda where: self._checkpoint.restore(where),
                                        step_of(candidates[0]) if candidates else 0)
             if local is not None:
+                if self._step_counter is not None and self._checkpoint_interval is not None:
+                    self._last_checkpoint_step = as_number(self._step_counter, "step_counter")
                 return join_url(self._tier.url, local)
         if candidates:
             # Through this manager's storage; with an io_device, that host reads for all. A damaged
