@@ -72,7 +72,7 @@ def remove_checkpoint(path: CheckpointPath) -> Removal:
             does not list it).
         CheckpointVersionError: its index is of a newer format version (a newer cloudckpt
             owns it; nothing is changed).
-        CheckpointFormatError: it is a TensorFlow checkpoint (nothing is changed).
+        CheckpointFormatError: it is another framework's checkpoint (TensorFlow, torch DCP, Orbax) (nothing is changed).
         PreconditionError: the state file kept changing under the compare-and-swap.
     """
     location = resolve(path)
@@ -94,7 +94,7 @@ def _objects_of(storage: Storage, name: str, url: str) -> list[str] | None:
     """The data objects ``name``'s index names (``[]``: unreadable index; ``None``: no index).
 
     Raises:
-        CheckpointVersionError / CheckpointFormatError: a newer-format or TensorFlow checkpoint.
+        CheckpointVersionError / CheckpointFormatError: a newer-format or another framework's checkpoint.
     """
     if head_index(storage, name) is None:
         return None
@@ -107,7 +107,8 @@ def _objects_of(storage: Storage, name: str, url: str) -> list[str] | None:
                     "`cloudckpt gc`", url, exc)
         return []
     if isinstance(found, ForeignCheckpoint):
-        raise CheckpointFormatError(f"{url} is a TensorFlow checkpoint; remove cloudckpt checkpoints only", url)
+        raise CheckpointFormatError(
+            f"{url} is a {found.format.value}; remove_checkpoint removes cloudckpt checkpoints only", url)
     return [] if found is None else [o.name for o in found.objects]
 
 
