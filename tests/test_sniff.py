@@ -50,6 +50,9 @@ def test_a_tensorflow_checkpoint_reaches_the_core_through_its_registered_reader(
     assert found.format is IndexFormat.TENSORFLOW
     assert found.objects == frozenset(found.source.objects)
     np.testing.assert_array_equal(found.reader.get_tensor("w"), np.arange(3, dtype=np.int32))
+    with pytest.raises(CheckpointFormatError, match="is a TensorFlow bundle; remove_checkpoint removes cloudckpt"):
+        cloudckpt.remove_checkpoint(str(tmp_path / "tf"))
+    assert (tmp_path / "tf.index").exists()
     monkeypatch.delitem(sniff._READERS, IndexFormat.TENSORFLOW)  # no reader: the core names the format, typed
     with pytest.raises(CheckpointFormatError, match="is a TensorFlow bundle, and no reader for it is registered"):
         load_any_index(storage, "tf")
