@@ -49,6 +49,14 @@ def test_the_kill_stopped_step_7_on_every_host(runs: dict[str, Any]) -> None:
     assert runs["left_by_the_dead"], "host 3 should have written its step-7 shard before dying"
 
 
+def test_a_replica_that_cannot_be_stored_fails_the_local_save_on_every_host(runs: dict[str, Any]) -> None:
+    for report in runs["trained"]:
+        if report["rank"] != tiers_worker.KILLED_RANK:
+            assert report["replica_failure"].startswith("local save of "), report  # the tier's, not the pipeline's
+            assert "rank 1: OSError: injected: no space left" in report["replica_failure"], report
+            assert not any(p.endswith("/ckpt-3") for p in report["saved"])
+
+
 def test_a_bucket_save_made_from_the_local_copies(runs: dict[str, Any]) -> None:
     assert f"{runs['bucket']}/ckpt-4" in runs["trained"][0]["saved"]
     np.testing.assert_array_equal(load_variable(f"{runs['bucket']}/ckpt-4", "W"), tiers_worker.expected(4)["W"])

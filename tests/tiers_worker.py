@@ -22,6 +22,8 @@ from distributed_worker import _init, counting_storage
 
 KILLED_RANK = 3
 KILLED_AT = 7
+#: At this step host 1 fails to store the replica it receives: every host's local save fails.
+REPLICA_FAILS_AT = 3
 
 
 def expected(step: int) -> dict[str, np.ndarray[Any, Any]]:
@@ -60,12 +62,20 @@ def _problems(arrays: dict[str, Any], step: int) -> list[str]:
 
 def train(rank: int, world: int, port: int, bucket: str, local_root: str, report: dict[str, Any]) -> None:
     """Local saves every step, the bucket every 5; host 3 dies by SIGKILL in the middle of step 7's local save."""
+    from cloudckpt.errors import SaveError
     from cloudckpt.manager.tiers import runner
+    from cloudckpt.manager.tiers.holdings import HostDirectory
 
     coordinator = _init(rank, world, port)
     manager, arrays, step = _job(rank, world, coordinator, bucket, local_root)
     assert manager.restore_or_initialize() is None
     real = getattr(runner, "replicate")  # noqa: B009 - a module attribute the test swaps
+    real_put = HostDirectory.put
+
+    def _failing_put(self: Any, key: str, data: Any, **kwargs: Any) -> Any:
+        if ".data-" in key and f".data-{1:05d}-" not in key:  # a replica: its own shard is data-00001
+            raise OSError("injected: no space left for the replica")
+        return real_put(self, key, data, **kwargs)
 
     def dies_mid_save(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGKILL)  # its shards of step 7 are on its disk, replicated nowhere
@@ -75,14 +85,20 @@ def train(rank: int, world: int, port: int, bucket: str, local_root: str, report
         step.assign(s)
         if s == KILLED_AT and rank == KILLED_RANK:
             setattr(runner, "replicate", dies_mid_save)  # noqa: B010
+        if s == REPLICA_FAILS_AT and rank == 1:  # host 1 cannot store the replica it receives
+            setattr(HostDirectory, "put", _failing_put)  # noqa: B010
         try:
             report.setdefault("saved", []).append(manager.save(checkpoint_number=s, tier="local"))
+        except SaveError as exc:
+            report["replica_failure"] = str(exc)  # every host fails that save, and goes on
+            continue
         except Exception as exc:  # the survivors: the save fails on a dead peer
             report["failed_at"] = s
             report["error"] = f"{type(exc).__name__}: {exc}"
             break
         finally:
             setattr(runner, "replicate", real)  # noqa: B010
+            setattr(HostDirectory, "put", real_put)  # noqa: B010
         if s % 5 == 0:
             report.setdefault("saved", []).append(manager.save(checkpoint_number=s))
         if s == 4:  # step 4 to the bucket from the hosts' local copies, committed at the next save

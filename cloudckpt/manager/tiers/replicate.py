@@ -32,9 +32,15 @@ Routes = Mapping[int, Mapping[int, Sequence[Item]]]
 
 
 def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
-    """Run the transfers ``routes`` describes (identical on every rank); return the bytes this rank received."""
+    """Run the transfers ``routes`` describes (identical on every rank); return the bytes this rank received.
+
+    Raises:
+        the first error writing what this rank received - after every transfer ran, so that the
+        other ranks are not left waiting in one; ``CoordinationError`` when a transfer fails.
+    """
     me = coordinator.rank
     received = 0
+    failed: Exception | None = None
     for dst in range(coordinator.world_size):
         senders = {src: list(items) for src, items in routes.get(dst, {}).items() if items and src != dst}
         if not senders:
@@ -49,11 +55,16 @@ def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
         del outgoing
         for src, buffers in incoming.items():
             for (key, size, ranges), buf in zip(senders[src], buffers, strict=True):
-                if ranges:
-                    holdings.storage.put_pieces(key, size, ranges, buf)
-                else:
-                    holdings.storage.put(key, buf.data)
-                received += buf.nbytes
+                try:  # a failed write must not stop this rank's part in the transfers still to come
+                    if ranges:
+                        holdings.storage.put_pieces(key, size, ranges, buf)
+                    else:
+                        holdings.storage.put(key, buf.data)
+                    received += buf.nbytes
+                except Exception as exc:
+                    failed = failed or exc
+    if failed is not None:
+        raise failed
     return received
 
 

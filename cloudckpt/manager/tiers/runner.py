@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from cloudckpt.coordination import Coordinator, LocalCoordinator
-from cloudckpt.errors import ConcurrentWriterError, NoIntactCheckpointError
+from cloudckpt.errors import ConcurrentWriterError, CoordinationError, NoIntactCheckpointError, SaveError
 from cloudckpt.format import index_key
 from cloudckpt.manager.contract import ManagedCheckpoint
 from cloudckpt.manager.resume import restore_newest_intact
@@ -111,7 +111,17 @@ class TierRunner:
         self._check_owner()  # a zombie stops before it writes a byte
         self.holdings.delete_step(name)  # a re-save of a number: the old manifest stops counting first
         checkpoint._write_managed(Location(self.holdings.storage, name), options=None, metadata=metadata, base=None)
-        owners = replicate(self.holdings, self.coordinator, name, self._holders)
+        failure: str | None = None
+        try:
+            owners = replicate(self.holdings, self.coordinator, name, self._holders)
+        except CoordinationError:
+            raise  # a peer is gone: every rank's collective fails on its own
+        except Exception as exc:  # this host could not store a replica: every rank fails the save
+            failure, owners = f"rank {self.coordinator.rank}: {type(exc).__name__}: {exc}", {}
+        failures = [f for f in self.coordinator.all_gather_object(failure) if f is not None]
+        if failures:
+            self.holdings.delete_step(name)
+            raise SaveError(f"local save of {self.holdings.storage.url_for(name)} failed: {'; '.join(failures)}")
         text = self.holdings.storage.get(index_key(name)).decode() if self.coordinator.rank == 0 else None
         text = self.coordinator.broadcast_object(text, src=0)
         assert text is not None
