@@ -32,11 +32,22 @@ MAX_INDEX_BYTES = 512 * 1024 * 1024
 
 
 def head_index(storage: Storage, name: str) -> ObjectMeta | None:
-    """The index object of checkpoint ``name`` as it is now, or ``None`` if absent.
+    """The index object of checkpoint ``name`` as it is now, or ``None`` if absent: before a write.
+
+    Its callers HEAD an index to then commit, replace or remove it (a save's commit is
+    conditional on this answer), so this also starts what a conditional write needs
+    (``Storage.prepare_conditional_writes``: S3's once-per-process probe) while the caller
+    goes on (issue 27, first request). Reads HEAD through ``_head_index``, which does not.
 
     Raises:
         BucketNotFoundError: the bucket itself is missing (never "no checkpoint yet").
     """
+    storage.prepare_conditional_writes()
+    return _head_index(storage, name)
+
+
+def _head_index(storage: Storage, name: str) -> ObjectMeta | None:
+    """``head_index`` without the conditional-write warm-up: what a read needs."""
     try:
         return storage.head(index_key(name))
     except BucketNotFoundError:
@@ -58,7 +69,7 @@ def read_index_bytes(storage: Storage, name: str, meta: ObjectMeta | None = None
     key = index_key(name)
     url = storage.url_for(key)
     if meta is None:
-        meta = head_index(storage, name)
+        meta = _head_index(storage, name)
         if meta is None:
             return None
     if meta.size > MAX_INDEX_BYTES:

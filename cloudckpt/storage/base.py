@@ -387,6 +387,16 @@ class Storage(ABC):
         runs while the data moves instead of in front of the commit.
         """
 
+    def prepare_conditional_writes(self) -> None:
+        """Say a conditional write is coming: what it needs starts now, in the background.
+
+        S3: the once-per-process probe of whether the store honours ``If-None-Match`` (three
+        small requests). A save calls this (through ``format.index_fetch.head_index``) before
+        its first request, so the probe runs alongside the save instead of in front of its
+        commit (issue 27, first request). Cheap when the answer is known; no-op elsewhere.
+        """
+        self._warm_up_conditional()
+
     def _multipart_honours(self, mode: WriteMode, url: str) -> bool:
         """Whether the request that completes a multipart write honours ``mode``'s condition."""
         return True

@@ -67,13 +67,13 @@ class ProcessLocalCache(Generic[K, V]):
                     self._items[key] = value
             return value
 
-    def warm(self, key: K, build: Callable[[], V]) -> None:
+    def warm(self, key: K, build: Callable[[], V], name: str = "cloudckpt-probe") -> None:
         """Start building ``key`` on a background thread unless it is cached or being built.
 
         A later ``get`` waits for that build instead of running its own. The thread is not
         a daemon: interpreter exit waits for it (a probe is a few small requests, each
-        bounded by the retry policy), so it cannot be killed halfway and leave a scratch
-        object behind.
+        bounded by the retry policy; a client build sends none), so it cannot be killed
+        halfway and leave a scratch object behind.
         """
         if self.peek(key) is not None or self._key_lock(key).locked():
             return
@@ -82,9 +82,9 @@ class ProcessLocalCache(Generic[K, V]):
             try:
                 self.get(key, build)
             except Exception as exc:  # the foreground caller will run it again and see the error
-                log.debug("background probe %s failed: %s", key, exc)
+                log.debug("background build of %s failed: %s", key, exc)
 
-        threading.Thread(target=run, name="cloudckpt-probe").start()
+        threading.Thread(target=run, name=name).start()
 
     def set(self, key: K, value: V) -> None:
         """Record ``value`` for ``key`` (tests: pretend a probe gave this answer)."""

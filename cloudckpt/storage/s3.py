@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import importlib.util
 import logging
 import math
 import os
@@ -56,10 +57,14 @@ from typing import Any, ClassVar
 
 from cloudckpt.storage.extras import missing_extra
 
-# The whole SDK is imported here, though the s3_* modules use most of it: importing
-# this backend is where a missing extra must say so, whichever module is already loaded.
+# The SDK is imported here, though the s3_* modules use most of it: importing this backend
+# is where a missing extra must say so, whichever module is already loaded. botocore, not
+# boto3: clients are built on a botocore session (``s3_client`` says why), and importing
+# boto3 (with s3transfer) cost a process's first request ~0.1 s; it is only looked up, as the
+# package the extra installs (and users configure).
 try:
-    import boto3  # noqa: F401
+    if importlib.util.find_spec("boto3") is None:  # installed, not imported: cloudckpt[s3] is boto3
+        raise ModuleNotFoundError("No module named 'boto3'", name="boto3")
     import botocore.config  # noqa: F401
     import botocore.exceptions as bce
     import urllib3.exceptions  # noqa: F401
@@ -89,7 +94,7 @@ from cloudckpt.storage.clients import BUCKETS_SEEN
 from cloudckpt.storage.s3_body import SMALL_BODY as SMALL_BODY
 from cloudckpt.storage.s3_body import BufferReader
 from cloudckpt.storage.s3_body import body as _body
-from cloudckpt.storage.s3_client import shared_client
+from cloudckpt.storage.s3_client import shared_client, warm_client
 from cloudckpt.storage.s3_errors import delete_error, error_info, is_throttle, is_transient, refusal, translate
 from cloudckpt.storage.s3_multipart import PendingUpload as PendingUpload
 from cloudckpt.storage.s3_multipart import abort_upload, list_uploads
@@ -182,6 +187,8 @@ class S3Storage(Storage):
             self._write_params["StorageClass"] = storage_class
         self._client: Any = None
         self._client_pid = -1
+        if client is None:  # build it while the caller gets ready for its first request (issue 27)
+            warm_client(endpoint_url, region_name, self._pool_size())
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -194,10 +201,12 @@ class S3Storage(Storage):
         if self._own_client is not None:
             return self._own_client
         if self._client is None or self._client_pid != os.getpid():
-            pool = max(10, 2 * self.config.max_concurrency)
-            self._client = shared_client(self._endpoint_url, self._region_name, pool)
+            self._client = shared_client(self._endpoint_url, self._region_name, self._pool_size())
             self._client_pid = os.getpid()
         return self._client
+
+    def _pool_size(self) -> int:
+        return max(10, 2 * self.config.max_concurrency)
 
     def _store_identity(self) -> tuple[str, ...]:
         return ("s3", str(self.client.meta.endpoint_url), self.bucket)

@@ -3,18 +3,27 @@
 Cached by endpoint, region, pool size and addressing style, rebuilt in a forked child (a
 boto3 client's connection pool must not be shared across ``fork``); botocore's own retries
 and per-request checksums are off (``s3.py`` says why).
+
+Why botocore's session, not boto3's: a client is what boto3 builds on a botocore session, and
+building one is most of a process's first request (issue 27: 0.06-0.15 s loading the service
+model and endpoint rules, more through ``boto3.session.Session``, whose import also brings in
+boto3 and s3transfer). Each client's botocore session shares one data loader, so a second
+client (another pool size, endpoint or region) reuses the parsed models; ``warm_client``
+starts the first build on a background thread as soon as a storage is opened, so it overlaps
+whatever the caller does before its first request.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from cloudckpt.storage.extras import missing_extra
 
 try:
-    import boto3
+    import botocore.session
     from botocore.config import Config
 except ImportError as _missing:  # boto3 is the install extra cloudckpt[s3]
     raise missing_extra("s3", _missing) from _missing
@@ -46,12 +55,59 @@ def configured_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def client_key(endpoint_url: str | None, region_name: str | None, pool_size: int) -> ClientKey:
+    env_endpoint = None if endpoint_url else configured_endpoint()
+    return ClientKey(endpoint_url, env_endpoint, region_name, pool_size,
+                     path_style=bool(endpoint_url or env_endpoint))
+
+
 def shared_client(endpoint_url: str | None, region_name: str | None, pool_size: int) -> Any:
     """The process-wide boto3 S3 client for these settings (created on first use)."""
-    env_endpoint = None if endpoint_url else configured_endpoint()
-    key = ClientKey(endpoint_url, env_endpoint, region_name, pool_size,
-                     path_style=bool(endpoint_url or env_endpoint))
+    key = client_key(endpoint_url, region_name, pool_size)
     return _clients.get(key, lambda: new_client(key))
+
+
+def warm_client(endpoint_url: str | None, region_name: str | None, pool_size: int) -> None:
+    """Start building ``shared_client``'s client on a background thread unless it exists or is being built.
+
+    The first ``shared_client`` call then waits only for what is left of that build. A build
+    that fails there is run again by that call, which raises its error.
+    """
+    key = client_key(endpoint_url, region_name, pool_size)
+    _clients.warm(key, lambda: new_client(key), name="cloudckpt-s3-client")
+
+
+_loader_lock = threading.Lock()
+_loader: list[Any] = []  # the process's botocore data loader, once made (emptied in a forked child)
+
+
+def _forget_loader() -> None:
+    global _loader_lock
+    _loader_lock = threading.Lock()
+    _loader.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_loader)
+
+
+def create_client(region_name: str | None, endpoint_url: str | None, config: Config) -> Any:
+    """A new S3 client on a fresh botocore session that shares the process's data loader.
+
+    A fresh session per client, as ``boto3.session.Session`` gave: each resolves (and later
+    refreshes) credentials, profile and region from the standard chain as they are when the
+    client is built, without freezing them. The loader is shared: it caches the service model
+    and endpoint rules it parsed, so a second client skips that (about half a client's build).
+    Built under a lock: neither a session nor a loader is documented as safe to use from
+    several threads at once (the clients are).
+    """
+    with _loader_lock:
+        session = botocore.session.get_session()
+        if _loader:
+            session.register_component("data_loader", _loader[0])
+        else:
+            _loader.append(session.get_component("data_loader"))
+        return session.create_client("s3", region_name=region_name, endpoint_url=endpoint_url, config=config)
 
 
 def new_client(key: ClientKey) -> Any:
@@ -77,11 +133,7 @@ def new_client(key: ClientKey) -> Any:
         },
         user_agent_extra="cloudckpt",
     )
-    # A fresh Session per client: boto3's default session is not safe to share across
-    # threads while creating clients, and a Session resolves (and later refreshes)
-    # credentials from the standard chain without freezing them.
-    session = boto3.session.Session(region_name=key.region_name)
-    client = session.client("s3", endpoint_url=key.endpoint_url, config=config)
+    client = create_client(key.region_name, key.endpoint_url, config)
     _send_in_large_blocks(client)
     return client
 
