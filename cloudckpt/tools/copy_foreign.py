@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 
 from cloudckpt.errors import AlreadyExistsError, CheckpointFormatError, ChecksumError, StorageError
-from cloudckpt.format import DataObject, data_key, index_key, parse_dtype
+from cloudckpt.format import CheckpointIndex, DataObject, data_key, index_key, parse_dtype
 from cloudckpt.format.index_fetch import head_index
 from cloudckpt.format.references import delete_unreferenced
 from cloudckpt.format.sniff import ForeignCheckpoint
@@ -31,7 +31,7 @@ from cloudckpt.leaves.base import ShardedLeaf
 from cloudckpt.object_graph import Collected
 from cloudckpt.saving.commit import assemble_index, commit, delete_replaced, number_objects
 from cloudckpt.saving.objects import PieceId, StoredPiece, fingerprint, new_suffix
-from cloudckpt.storage import Storage
+from cloudckpt.storage import ObjectMeta, Storage
 from cloudckpt.storage.checksum import CRC_BLOCK
 from cloudckpt.tools.conversion import Conversion, Piece, conversion_of
 from cloudckpt.tools.progress import ProgressFactory, reporting
@@ -96,10 +96,7 @@ def convert_foreign(foreign: ForeignCheckpoint, dst: Storage, dst_name: str, *, 
         ChecksumError: the written copy reads back wrong (nothing committed).
         CheckpointFormatError: the source does not read as its metadata says (nothing committed).
     """
-    seen = head_index(dst, dst_name)
-    if seen is not None and not force:
-        raise AlreadyExistsError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)",
-                                 dst.url_for(index_key(dst_name)))
+    seen = claim_destination(dst, dst_name, force=force)
     try:
         conversion = conversion_of(foreign)
     except ValueError as exc:
@@ -123,18 +120,39 @@ def convert_foreign(foreign: ForeignCheckpoint, dst: Storage, dst_name: str, *, 
         index = assemble_index(dst_name, _entries(conversion), numbered, chunks, None)
         if conversion.dcp is not None:
             index = dataclasses.replace(index, dcp=dict(conversion.dcp))
-        if reread:
-            with reporting(progress, sum(o.size for o in objects), f"verify {dst_name}") as sink:
-                problems = verify_data(dst, index, sink)
-            if problems:
-                raise ChecksumError(f"the copy at {dst.url_for(dst_name)} reads back wrong, nothing was committed: "
-                                    + "; ".join(p.line() for p in problems[:5]))
-        _, _, stale = commit(dst, index, seen)
+        stale = verify_and_commit(dst, index, seen, reread=reread, progress=progress)
     except BaseException:
         discard_written(dst, written)
         raise
     delete_replaced(dst, dst_name, stale)
     return len(objects), sum(o.size for o in objects)
+
+
+def claim_destination(dst: Storage, dst_name: str, *, force: bool) -> ObjectMeta | None:
+    """The destination index a copy will replace (``None``: none), refused unless ``force``."""
+    seen = head_index(dst, dst_name)
+    if seen is not None and not force:
+        raise AlreadyExistsError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)",
+                                 dst.url_for(index_key(dst_name)))
+    return seen
+
+
+def verify_and_commit(dst: Storage, index: CheckpointIndex, seen: ObjectMeta | None, *, reread: bool,
+                      progress: ProgressFactory) -> list[str]:
+    """Commit a copy's index - after re-reading every written byte against it when ``reread`` -
+    and return the data objects the replaced index named (for ``delete_replaced``).
+
+    Raises:
+        ChecksumError: the copy reads back wrong (nothing committed).
+    """
+    if reread:
+        with reporting(progress, sum(o.size for o in index.objects), f"verify {index.name}") as sink:
+            problems = verify_data(dst, index, sink)
+        if problems:
+            raise ChecksumError(f"the copy at {dst.url_for(index.name)} reads back wrong, nothing was committed: "
+                                + "; ".join(p.line() for p in problems[:5]))
+    _, _, stale = commit(dst, index, seen)
+    return stale
 
 
 def discard_written(dst: Storage, written: Sequence[str]) -> None:

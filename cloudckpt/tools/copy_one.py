@@ -39,20 +39,19 @@ from dataclasses import dataclass, replace
 
 from cloudckpt.errors import AlreadyExistsError, CheckpointFormatError, ChecksumError, NotFoundError, StorageError
 from cloudckpt.format import CheckpointIndex, Chunk, DataObject, index_key, object_checkpoint, renamed_object
-from cloudckpt.format.index_fetch import head_index
 from cloudckpt.format.sniff import ForeignCheckpoint
-from cloudckpt.saving.commit import commit, delete_replaced
+from cloudckpt.saving.commit import delete_replaced
 from cloudckpt.saving.objects import new_suffix
 from cloudckpt.storage import Storage
 from cloudckpt.storage.transfer import gather
 from cloudckpt.tfbundle import Bundle, data_object
 from cloudckpt.tfbundle.entries import DTYPES
-from cloudckpt.tools.copy_foreign import convert_foreign, discard_written
+from cloudckpt.tools.copy_foreign import claim_destination, convert_foreign, discard_written, verify_and_commit
 from cloudckpt.tools.foreign import open_checkpoint
 from cloudckpt.tools.progress import ProgressFactory, reporting, silent
 from cloudckpt.tools.ranges import packed_index, packed_name, plan_packings
 from cloudckpt.tools.streaming import ChunkSums, Copier, chunks_by_object
-from cloudckpt.tools.verify import Finding, verify_bundle, verify_data
+from cloudckpt.tools.verify import Finding, verify_bundle
 
 log = logging.getLogger("cloudckpt.tools")
 
@@ -121,10 +120,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
     if isinstance(index, ForeignCheckpoint):
         count, size = convert_foreign(index, dst, dst_name, force=force, reread=reread, progress=progress)
         return Copied(index.url, dst.url_for(dst_name), count, size, reread)
-    seen = head_index(dst, dst_name)
-    if seen is not None and not force:
-        raise AlreadyExistsError(f"{dst.url_for(dst_name)} already exists (use --force to replace it)",
-                                 dst.url_for(index_key(dst_name)))
+    seen = claim_destination(dst, dst_name, force=force)
     renamed = _renamed(index, dst_name)
     present = {i for i, (old, new) in enumerate(zip(index.objects, renamed.objects, strict=True))
                if _already_copied(dst, new, src_name, old)}
@@ -156,13 +152,7 @@ def copy_checkpoint(src: Storage, src_name: str, dst: Storage, dst_name: str, *,
             raise ChecksumError(f"the source {src.url_for(src_name)} is damaged, nothing was committed: "
                            + "; ".join(p.line() for p in problems[:5])
                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-        if reread:
-            with reporting(progress, sum(o.size for o in new_index.objects), f"verify {dst_name}") as sink:
-                problems = verify_data(dst, new_index, sink)
-            if problems:
-                raise ChecksumError(f"the copy at {dst.url_for(dst_name)} reads back wrong, nothing was committed: "
-                               + "; ".join(p.line() for p in problems[:5]))
-        _, _, stale = commit(dst, new_index, seen)
+        stale = verify_and_commit(dst, new_index, seen, reread=reread, progress=progress)
     except BaseException:
         discard_written(dst, written)
         raise
