@@ -269,3 +269,19 @@ def test_the_save_interval_counts_from_a_local_restore(bucket: str, tmp_path: Pa
     assert resumed.save(tier="local") is None  # step 5 again: within the interval
     step.assign(15)
     assert resumed.save(tier="local") is not None
+
+
+def test_a_received_object_lands_in_its_file_whole_or_not_at_all(tmp_path: Path) -> None:
+    """``HostDirectory.land``: a transfer receives straight into the new file; nothing of an aborted one stays."""
+    directory = HostDirectory(tmp_path)
+    data = np.arange(3000, dtype=np.uint16).view(np.uint8)
+    landing = directory.land("ckpt-1.data-00000-of-00001.ab", data.nbytes)
+    assert not (tmp_path / "ckpt-1.data-00000-of-00001.ab").exists()  # invisible until committed
+    landing.array[...] = data  # what a transfer does
+    landing.commit()
+    assert directory.get("ckpt-1.data-00000-of-00001.ab") == data.tobytes()
+    sent = directory.map_for_sending("ckpt-1.data-00000-of-00001.ab")
+    assert sent.flags.writeable and bytes(sent) == data.tobytes()  # what transfer() sends without a copy
+    aborted = directory.land("ckpt-2.data-00000-of-00001.cd", 10)
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["ckpt-1.data-00000-of-00001.ab"]

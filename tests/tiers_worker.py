@@ -70,12 +70,12 @@ def train(rank: int, world: int, port: int, bucket: str, local_root: str, report
     manager, arrays, step = _job(rank, world, coordinator, bucket, local_root)
     assert manager.restore_or_initialize() is None
     real = getattr(runner, "replicate")  # noqa: B009 - a module attribute the test swaps
-    real_put = HostDirectory.put
+    real_land = HostDirectory.land
 
-    def _failing_put(self: Any, key: str, data: Any, **kwargs: Any) -> Any:
+    def _failing_land(self: Any, key: str, size: int) -> Any:
         if ".data-" in key and f".data-{1:05d}-" not in key:  # a replica: its own shard is data-00001
             raise OSError("injected: no space left for the replica")
-        return real_put(self, key, data, **kwargs)
+        return real_land(self, key, size)
 
     def dies_mid_save(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGKILL)  # its shards of step 7 are on its disk, replicated nowhere
@@ -86,19 +86,22 @@ def train(rank: int, world: int, port: int, bucket: str, local_root: str, report
         if s == KILLED_AT and rank == KILLED_RANK:
             setattr(runner, "replicate", dies_mid_save)  # noqa: B010
         if s == REPLICA_FAILS_AT and rank == 1:  # host 1 cannot store the replica it receives
-            setattr(HostDirectory, "put", _failing_put)  # noqa: B010
+            setattr(HostDirectory, "land", _failing_land)  # noqa: B010
         try:
             report.setdefault("saved", []).append(manager.save(checkpoint_number=s, tier="local"))
-        except SaveError as exc:
-            report["replica_failure"] = str(exc)  # every host fails that save, and goes on
-            continue
-        except Exception as exc:  # the survivors: the save fails on a dead peer
+        except Exception as exc:
+            report.setdefault("errors", {})[str(s)] = f"{type(exc).__name__}: {exc}"
+            if s == REPLICA_FAILS_AT and isinstance(exc, SaveError):
+                report["replica_failure"] = str(exc)  # every host fails that save, and goes on
+                continue
+            # The survivors at step 7: the save fails on the dead peer - in the tier's replication, or
+            # (when host 3 died before a slower survivor left the pipeline's last collective) as the
+            # pipeline's DistributedSaveError, also a SaveError: which one is timing, not a bug.
             report["failed_at"] = s
-            report["error"] = f"{type(exc).__name__}: {exc}"
             break
         finally:
             setattr(runner, "replicate", real)  # noqa: B010
-            setattr(HostDirectory, "put", real_put)  # noqa: B010
+            setattr(HostDirectory, "land", real_land)  # noqa: B010
         if s % 5 == 0:
             report.setdefault("saved", []).append(manager.save(checkpoint_number=s))
         if s == 4:  # step 4 to the bucket from the hosts' local copies, committed at the next save

@@ -122,6 +122,20 @@ class HostDirectory(LocalStorage):
                 position += length
         return out
 
+    def map_for_sending(self, key: str) -> NDArray[np.uint8]:
+        """Object ``key`` as a copy-on-write mapping: writable (what ``Coordinator.transfer`` sends without a
+        copy) yet never written - the transfer reads the page cache, with no read into a new array."""
+        path = self.root / key
+        if not path.is_file():
+            raise NotFoundError(f"{self.url_for(key)} not found", self.url_for(key))
+        if path.stat().st_size == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.memmap(path, dtype=np.uint8, mode="c")
+
+    def land(self, key: str, size: int) -> Landing:
+        """A new file for object ``key`` that a transfer receives into directly (see ``Landing``)."""
+        return Landing(self, key, size)
+
     def _readable(self, full_key: str) -> str:
         if not (self.root / full_key).exists() and (self.root / PIECES_DIR / full_key).exists():
             return PIECES_DIR + full_key
@@ -158,6 +172,46 @@ class HostDirectory(LocalStorage):
                     yield view
                 finally:
                     view.release()
+
+
+class Landing:
+    """Where one received object lands: ``array`` maps a new temp file of the directory, so the bytes a
+    transfer receives are written to the file once (no buffer in memory, no second write), and
+    ``commit`` makes it object ``key`` the way every write does (fsync, rename: whole or absent).
+
+    The space is reserved first (``posix_fallocate``): a full disk is an ``OSError`` here, not a
+    SIGBUS on a mapped page. ``abort`` (or a failed ``commit``) removes the temp file.
+    """
+
+    def __init__(self, directory: HostDirectory, key: str, size: int) -> None:
+        self._directory, self._full_key = directory, directory._prefix + key
+        self._temp, self._fd = directory._open_temp(self._full_key)
+        try:
+            if size:
+                os.posix_fallocate(self._fd, 0, size)
+                self.array: NDArray[np.uint8] = np.memmap(self._temp, dtype=np.uint8, mode="r+", shape=(size,))
+            else:
+                self.array = np.empty(0, dtype=np.uint8)
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        try:
+            self.array = np.empty(0, dtype=np.uint8)  # our map goes; the fsync below covers the pages written
+            self._directory._finish(self._fd, self._temp, self._full_key, "overwrite", {})
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1  # once: a descriptor number closed twice may be another file's by then
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._temp)
+        self._directory._tidy_temp_dir()
 
 
 class Holdings:

@@ -9,7 +9,8 @@ receiving rank, sizes agreed beforehand by an all-gather):
   them verified.
 
 One ``transfer`` per receiving rank, in rank order on every rank; a rank with nothing to
-send passes no buffers. Objects are read whole into memory (a host's own shards of one step).
+send passes no buffers. A whole object is sent from a mapping of its file and received straight
+into its new file (``HostDirectory.land``): each byte is copied once per side, by the transfer.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cloudckpt.coordination import Coordinator
-from cloudckpt.manager.tiers.holdings import Holdings
+from cloudckpt.manager.tiers.holdings import Holdings, Landing
 
 log = logging.getLogger("cloudckpt.manager.tiers")
 
@@ -45,24 +47,44 @@ def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
         senders = {src: list(items) for src, items in routes.get(dst, {}).items() if items and src != dst}
         if not senders:
             continue
-        # Read into writable arrays (one preadv each): the transfer sends them without another copy.
-        outgoing = [holdings.storage.read_array(key, ranges or ((0, size),))
+        # Sent from a copy-on-write mapping of the file (no read into memory first); pieces (small:
+        # whole arrays only) read into one array.
+        outgoing = [holdings.storage.read_array(key, ranges) if ranges else holdings.storage.map_for_sending(key)
                     for key, size, ranges in (senders.get(me, []) if me != dst else [])]
-        incoming = ({src: [np.empty(sum(n for _, n in ranges) if ranges else size, dtype=np.uint8)
-                           for _, size, ranges in items] for src, items in senders.items()}
-                    if me == dst else {})
-        coordinator.transfer(dst, outgoing, incoming)
+        landings: dict[int, list[Landing | None]] = {}
+        incoming: dict[int, list[NDArray[np.uint8]]] = {}
+        for src, items in (senders.items() if me == dst else ()):
+            for key, size, ranges in items:
+                landing = None
+                if not ranges:  # a whole object is received straight into its new file
+                    try:
+                        landing = holdings.storage.land(key, size)
+                    except Exception as exc:  # this rank still takes its part in every transfer
+                        failed = failed or exc
+                landings.setdefault(src, []).append(landing)
+                incoming.setdefault(src, []).append(
+                    landing.array if landing is not None else
+                    np.empty(sum(n for _, n in ranges) if ranges else size, dtype=np.uint8))
+        try:
+            coordinator.transfer(dst, outgoing, incoming)
+        except BaseException:
+            for landing in (x for xs in landings.values() for x in xs if x is not None):
+                landing.abort()
+            raise
         del outgoing
         for src, buffers in incoming.items():
-            for (key, size, ranges), buf in zip(senders[src], buffers, strict=True):
+            for (key, size, ranges), buf, landing in zip(senders[src], buffers, landings[src], strict=True):
                 try:  # a failed write must not stop this rank's part in the transfers still to come
-                    if ranges:
+                    if landing is not None:
+                        landing.commit()
+                    elif ranges:
                         holdings.storage.put_pieces(key, size, ranges, buf)
                     else:
-                        holdings.storage.put(key, buf.data)
+                        continue  # its landing failed: counted above
                     received += buf.nbytes
                 except Exception as exc:
                     failed = failed or exc
+        del incoming
     if failed is not None:
         raise failed
     return received
