@@ -280,7 +280,7 @@ def test_a_received_object_lands_in_its_file_whole_or_not_at_all(tmp_path: Path)
     landing.array[...] = data  # what a transfer does
     landing.commit()
     assert directory.get("ckpt-1.data-00000-of-00001.ab") == data.tobytes()
-    sent = directory.map_for_sending("ckpt-1.data-00000-of-00001.ab")
+    sent = directory.map_for_sending("ckpt-1.data-00000-of-00001.ab", data.nbytes)
     assert sent.flags.writeable and bytes(sent) == data.tobytes()  # what transfer() sends without a copy
     aborted = directory.land("ckpt-2.data-00000-of-00001.cd", 10)
     aborted.abort()

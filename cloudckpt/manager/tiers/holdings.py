@@ -122,15 +122,16 @@ class HostDirectory(LocalStorage):
                 position += length
         return out
 
-    def map_for_sending(self, key: str) -> NDArray[np.uint8]:
-        """Object ``key`` as a copy-on-write mapping: writable (what ``Coordinator.transfer`` sends without a
-        copy) yet never written - the transfer reads the page cache, with no read into a new array."""
+    def map_for_sending(self, key: str, size: int) -> NDArray[np.uint8]:
+        """Object ``key`` (``size`` bytes, as recorded) as a copy-on-write mapping: writable (what
+        ``Coordinator.transfer`` sends without a copy) yet never written - the transfer reads the
+        page cache, with no read into a new array."""
         path = self.root / key
-        if not path.is_file():
-            raise NotFoundError(f"{self.url_for(key)} not found", self.url_for(key))
-        if path.stat().st_size == 0:
+        if not path.is_file() or path.stat().st_size != size:
+            raise NotFoundError(f"{self.url_for(key)} is absent or not of its recorded size {size}", self.url_for(key))
+        if size == 0:
             return np.empty(0, dtype=np.uint8)
-        return np.memmap(path, dtype=np.uint8, mode="c")
+        return np.memmap(path, dtype=np.uint8, mode="c", shape=(size,))
 
     def land(self, key: str, size: int) -> Landing:
         """A new file for object ``key`` that a transfer receives into directly (see ``Landing``)."""

@@ -49,7 +49,7 @@ def move(holdings: Holdings, coordinator: Coordinator, routes: Routes) -> int:
             continue
         # Sent from a copy-on-write mapping of the file (no read into memory first); pieces (small:
         # whole arrays only) read into one array.
-        outgoing = [holdings.storage.read_array(key, ranges) if ranges else holdings.storage.map_for_sending(key)
+        outgoing = [holdings.storage.read_array(key, ranges) if ranges else holdings.storage.map_for_sending(key, size)
                     for key, size, ranges in (senders.get(me, []) if me != dst else [])]
         landings: dict[int, list[Landing | None]] = {}
         incoming: dict[int, list[NDArray[np.uint8]]] = {}
