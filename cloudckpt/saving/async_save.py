@@ -29,6 +29,7 @@ import numpy as np
 from cloudckpt.errors import ConcurrentWriterError, SaveError
 from cloudckpt.leaves.copier import Copier, DeviceArray, issue_to_host, shared_spans
 from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
+from cloudckpt.saving import parallel_copy
 
 log = logging.getLogger("cloudckpt.saving.async_save")
 
@@ -99,6 +100,8 @@ class StagingBuffer:
         self._pinned: list[Copier] = []
         #: Batches of device copies issued by the last ``stage`` (what tests and benchmarks read).
         self.device_batches = 0
+        #: Tasks the host copies of the last ``stage`` were split into (run on the copy pool).
+        self.copy_tasks = 0
 
     @property
     def capacity(self) -> int:
@@ -159,10 +162,11 @@ class StagingBuffer:
         self._pin_for(_copiers(entries))
         pending = issue_to_host([a for a, _ in device], [b for _, b in device]) if device else None
         self.device_batches = 1 if device else 0
+        host: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []  # (staged view, live source)
         try:
             for path, item, offsets in later:
                 assert buffer is not None
-                copies = [_stage_one(buffer, array, offset, where, aliases)
+                copies = [_stage_one(buffer, array, offset, where, aliases, host)
                           for array, offset in zip(_arrays_of(item), offsets, strict=True)]
                 staged += sum(int(a.nbytes) for a, offset in zip(_arrays_of(item), offsets, strict=True)
                               if offset >= 0)
@@ -171,6 +175,7 @@ class StagingBuffer:
                 else:
                     shards = tuple((start, copy) for (start, _), copy in zip(item.shards, copies, strict=True))
                     out[path] = ShardedLeaf(item.shape, item.dtype, item.pytype, shards)
+            self.copy_tasks = parallel_copy.copy_all(host)  # the host bytes, split over the copy threads
         finally:
             if pending is not None:
                 pending.wait()  # the caller is blocked until the device bytes are in the staging area
@@ -204,14 +209,18 @@ def _aliases(entries: Mapping[str, Collected]) -> dict[int, tuple[DeviceArray, i
 
 def _stage_one(buffer: np.ndarray[Any, np.dtype[np.uint8]], array: Array, offset: int,
                where: Mapping[int, np.ndarray[Any, np.dtype[np.uint8]]],
-               aliases: Mapping[int, tuple[DeviceArray, int]]) -> np.ndarray[Any, Any]:
-    """The staged host array of one placed array (a host copy made now; device bytes the batch fills)."""
+               aliases: Mapping[int, tuple[DeviceArray, int]],
+               host: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]) -> np.ndarray[Any, Any]:
+    """The staged host array of one placed array (its host copy appended to ``host``, made by the
+    copy pool once every array is placed; device bytes the batch fills)."""
     if isinstance(array, DeviceArray):
         if offset < 0:  # a view of another device array's storage: a view of that one's staged bytes
             owner, at = aliases[id(array)]
             return array.host_view(where[id(owner)][at:])
         return array.host_view(where[id(array)])
-    return _copy_into(buffer, offset, array)
+    view: np.ndarray[Any, Any] = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    host.append((view, array))
+    return view
 
 
 def _layout(entries: Mapping[str, Collected], budget: int, aliases: Mapping[int, tuple[DeviceArray, int]]
@@ -288,13 +297,6 @@ def _prefaulted(nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
     except (AttributeError, OSError):  # kernel before 5.14 (EINVAL) or not Linux
         buffer[::mmap.PAGESIZE] = 0
     return buffer
-
-
-def _copy_into(buffer: np.ndarray[Any, np.dtype[np.uint8]], offset: int,
-               array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    view: np.ndarray[Any, Any] = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
-    np.copyto(view, array, casting="no")
-    return view
 
 
 class AsyncSaver:
