@@ -311,12 +311,14 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, checkpoint_number: Any = None, check_interval: bool = True,
              options: CheckpointOptions | None = None, metadata: Mapping[str, Any] | None = None, *,
-             incremental: bool | None = None, tier: str = "bucket", from_local: bool = False) -> str | None:
+             incremental: bool | None = None, tier: str | None = None, from_local: bool = False) -> str | None:
         """Save a checkpoint (``write`` semantics) and apply retention; see the class docs.
 
         ``incremental`` overrides the manager's setting for this save (``False``: upload
         every byte, e.g. to start a fresh chain). ``tier="local"``: save to the ``local_tier``
-        (every host's directory and its replicas; synchronous, never incremental) instead of the bucket.
+        (every host's directory and its replicas; never incremental; async with ``options.enable_async``,
+        committed when ``sync`` returns) instead of the bucket. ``tier=None``: the bucket, or with a
+        ``LocalTier(every_n_steps=..., bucket_every_n_steps=...)`` policy the tier it picks (or a skip).
         ``from_local=True``: a bucket save of the newest local step, uploaded from the local copies
         in the background (no second snapshot of the live state), committed at the next ``sync``/``save``.
 
@@ -328,6 +330,12 @@ class CheckpointManager:
             ValueError: on many hosts, ``options`` route I/O through another host than the
                 one keeping this manager's state file (checked before anything changes).
         """
+        if tier is None:
+            tier = "bucket" if self._tier is None or not self._tier.tier.automatic else self._tier.choose(
+                as_number(checkpoint_number, "checkpoint_number") if checkpoint_number is not None else
+                as_number(self._step_counter, "step_counter") if self._step_counter is not None else None)
+            if tier is None:
+                return None  # the automatic policy skips this step
         if tier not in ("bucket", "local") or (self._tier is None and tier == "local") or \
                 (from_local and (self._tier is None or tier != "bucket")):
             raise ValueError(f"tier must be 'bucket' or (with CheckpointManager(local_tier=...)) 'local', got {tier!r} "
@@ -357,7 +365,7 @@ class CheckpointManager:
         number = as_number(counter if checkpoint_number is None else checkpoint_number, "checkpoint_number")
         name = f"{self._name}-{number}"
         if self._tier is not None and tier == "local":
-            self._tier.save(self._checkpoint, name, metadata)
+            self._tier.save(self._checkpoint, name, metadata, options)
             return join_url(self._tier.url, name)
         key = metric_key(self._policy)
         metric = float(metadata[key]) if key is not None and metadata is not None and key in metadata else None
@@ -449,6 +457,7 @@ class CheckpointManager:
     def sync(self, timeout: float | None = None) -> None:
         """Wait for in-flight async saves; re-raise their failure. Collective on many hosts."""
         if self._tier is not None:
+            self._tier.finish_local(timeout)  # an async local save commits on every host and its replicas here
             self._tier.finish_persist()  # a save(from_local=True) commits here
         self._checkpoint.sync(timeout)
         self._share_state()

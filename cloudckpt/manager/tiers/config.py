@@ -24,12 +24,21 @@ class LocalTier:
             ``None`` is the hostname. On one machine, pass something distinct per process
             (the rank) - otherwise every peer shares the domain and replicas go to peers anyway,
             with a warning.
+        every_n_steps: the automatic policy's local interval - ``manager.save()`` without ``tier=``
+            saves step ``s`` locally when ``s % every_n_steps == 0`` (``None``: no automatic local saves).
+        bucket_every_n_steps: the automatic policy's bucket interval - step ``s`` goes to the bucket
+            when ``s % bucket_every_n_steps == 0`` (it wins over a local save of the same step).
+            With neither set, ``save()`` goes to the bucket as without a local tier. The step is
+            ``save(checkpoint_number=...)``, else the manager's ``step_counter``, else the count of
+            ``save()`` calls of this manager. A step neither interval names is skipped (``None``).
     """
 
     path: str | os.PathLike[str]
     replicas: int = 1
     max_to_keep: int = 2
     failure_domain: str | None = None
+    every_n_steps: int | None = None
+    bucket_every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not os.fspath(self.path):
@@ -38,6 +47,27 @@ class LocalTier:
             raise ValueError(f"LocalTier replicas must be a non-negative int, got {self.replicas!r}")
         if not isinstance(self.max_to_keep, int) or self.max_to_keep <= 0:
             raise ValueError(f"LocalTier max_to_keep must be a positive int, got {self.max_to_keep!r}")
+        for field in ("every_n_steps", "bucket_every_n_steps"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"LocalTier {field} must be a positive int or None, got {value!r}")
+
+    @property
+    def automatic(self) -> bool:
+        """Whether ``manager.save()`` without ``tier=`` follows this tier's intervals."""
+        return self.every_n_steps is not None or self.bucket_every_n_steps is not None
+
+    def tier_for(self, step: int) -> str | None:
+        """The automatic policy: ``"bucket"``, ``"local"`` or ``None`` (skip) for ``step``.
+
+        A pure function of the step, so every host of a job decides the same without a
+        collective (a skipped save never waits on an async save in flight).
+        """
+        if self.bucket_every_n_steps is not None and step % self.bucket_every_n_steps == 0:
+            return "bucket"
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            return "local"
+        return None if self.automatic else "bucket"
 
     def domain(self) -> str:
         """This host's failure domain (the hostname unless given)."""

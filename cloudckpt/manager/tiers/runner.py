@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cloudckpt.coordination import Coordinator, LocalCoordinator
@@ -33,11 +35,21 @@ from cloudckpt.manager.tiers.listing import list_local_tier
 from cloudckpt.manager.tiers.persist import Persist
 from cloudckpt.manager.tiers.recover import Candidate, candidates, fetch
 from cloudckpt.manager.tiers.replicate import replicate
+from cloudckpt.options import CheckpointOptions
 from cloudckpt.saving import CommittedWrite
 from cloudckpt.storage import Location, Storage
 from cloudckpt.storage.checksum import crc32c_of
 
 log = logging.getLogger("cloudckpt.manager.tiers")
+
+
+@dataclass
+class _Pending:
+    """An async local save in flight: its step, its background thread, what it raised."""
+
+    name: str
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
 
 
 class TierRunner:
@@ -54,6 +66,8 @@ class TierRunner:
         #: Bytes this host received from its peers during the last ``restore``.
         self.received = 0
         self._persist: Persist | None = None
+        self._local: _Pending | None = None
+        self._calls = 0  # save() calls the automatic policy saw (its step when none is given)
         self._failed = False
 
     @property
@@ -105,12 +119,82 @@ class TierRunner:
         self._raise_if_any(failure)
 
     # ------------------------------------------------------------------ save
-    def save(self, checkpoint: ManagedCheckpoint, name: str, metadata: Mapping[str, Any] | None) -> None:
-        """Save step ``name`` to every host's directory and its replicas; return once it is committed there."""
+    def choose(self, step: int | None) -> str | None:
+        """The tier of a ``save()`` without ``tier=`` (``LocalTier.tier_for``); ``step=None`` counts the calls."""
+        self._calls += 1
+        return self.tier.tier_for(self._calls if step is None else step)
+
+    def save(self, checkpoint: ManagedCheckpoint, name: str, metadata: Mapping[str, Any] | None,
+             options: CheckpointOptions | None = None) -> None:
+        """Save step ``name`` to every host's directory and its replicas.
+
+        Synchronous: returns once it is committed there. With ``options.enable_async`` the caller
+        is blocked only for the checkpoint's snapshot (its async pipeline, ``saving/async_save.py``);
+        the writes, the replication to peers and the manifests run on a background thread, and
+        the step is committed on every host and its replicas when ``finish_local`` (the manager's
+        ``sync``) returns - which re-raises a background failure.
+        """
+        self.finish_local()
         self._claim()
         self._check_owner()  # a zombie stops before it writes a byte
         self.holdings.delete_step(name)  # a re-save of a number: the old manifest stops counting first
-        checkpoint._write_managed(Location(self.holdings.storage, name), options=None, metadata=metadata, base=None)
+        asynchronous = options is not None and options.enable_async
+        local_options = CheckpointOptions(enable_async=True, async_staging_budget=options.async_staging_budget) \
+            if options is not None and asynchronous else None  # never an io_device: each host writes its own
+        checkpoint._write_managed(Location(self.holdings.storage, name), options=local_options, metadata=metadata,
+                                  base=None)
+        if not asynchronous:
+            self._commit(name)
+            return
+        self._local = _Pending(name)
+        self._local.thread = threading.Thread(target=self._in_background, args=(checkpoint, self._local),
+                                              name="cloudckpt-local-save")
+        self._local.thread.start()
+
+    def _in_background(self, checkpoint: ManagedCheckpoint, pending: _Pending) -> None:
+        """The background part of an async local save: wait for the pipeline's commit, then replicate
+        and commit the manifests - holding the coordinator's session, as the pipeline's own
+        background part does, so no other save's collectives interleave with these."""
+        try:
+            failure: str | None = None
+            try:
+                checkpoint.sync()  # the checkpoint's own background write and index commit
+            except Exception as exc:
+                failure = f"rank {self.coordinator.rank}: {type(exc).__name__}: {exc}"
+            with self.coordinator.session():
+                failures = [f for f in self.coordinator.all_gather_object(failure) if f is not None]
+                if failures:
+                    self.holdings.delete_step(pending.name)
+                    raise SaveError(f"async local save of {self.holdings.storage.url_for(pending.name)} failed: "
+                                    f"{'; '.join(failures)}")
+                self._commit(pending.name)
+        except BaseException as exc:
+            pending.error = exc
+
+    def finish_local(self, timeout: float | None = None) -> None:
+        """Wait for the async local save in flight, if any; re-raise its failure (collective).
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds (it keeps running).
+            SaveError / ConcurrentWriterError: it failed; the step was not committed.
+        """
+        pending = self._local
+        if pending is None or pending.thread is None:
+            return
+        pending.thread.join(timeout)
+        if pending.thread.is_alive():
+            raise TimeoutError(f"async local save of {self.holdings.storage.url_for(pending.name)} still running "
+                               f"after {timeout} s")
+        self._local = None
+        if isinstance(pending.error, (SaveError, ConcurrentWriterError)):
+            raise pending.error
+        if pending.error is not None:
+            raise SaveError(f"async local save of {self.holdings.storage.url_for(pending.name)} failed: "
+                            f"{pending.error!r}") from pending.error
+
+    def _commit(self, name: str) -> None:
+        """After the pipeline committed the index on rank 0's directory: replicate, check ownership,
+        write every host's manifest (the local commit), retention. Collective."""
         failure: str | None = None
         try:
             owners = replicate(self.holdings, self.coordinator, name, self._holders)
@@ -160,6 +244,7 @@ class TierRunner:
         ``None`` (nothing local is newer than the bucket, or every local step is incomplete or
         damaged) sends the manager to the bucket; why is logged.
         """
+        self.finish_local()  # an async local save in flight commits (or fails) first
         self._claim()
         url_for = self.holdings.storage.url_for
         self.received = 0
@@ -220,6 +305,7 @@ class TierRunner:
         Raises:
             ValueError: there is no committed local step to persist.
         """
+        self.finish_local()
         self.finish_persist()
         steps = [m.name for m in self.holdings.manifests() if self.holdings.acceptable(m, self._start())]
         name = self.coordinator.broadcast_object(steps[0] if steps else None, src=committer_rank)
