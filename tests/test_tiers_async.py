@@ -177,3 +177,11 @@ def test_the_policy_counts_the_step_counter_or_the_calls(bucket: str, tmp_path: 
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="every_n_steps"):
             LocalTier(tmp_path / "d", every_n_steps=bad)  # type: ignore[arg-type]
+
+
+def test_a_forced_save_goes_to_the_bucket_whatever_the_policy(bucket: str, tmp_path: Path) -> None:
+    """``check_interval=False`` (what a preemption's final save passes) is never skipped by the policy."""
+    manager = CheckpointManager(Checkpoint(w=Variable(np.zeros(3))), bucket, max_to_keep=2,
+                                local_tier=LocalTier(tmp_path / "local", every_n_steps=2, bucket_every_n_steps=4))
+    assert manager.save(checkpoint_number=3, check_interval=False) == f"{bucket}/ckpt-3"
+    assert manager.save(checkpoint_number=3) is None

@@ -318,7 +318,8 @@ class CheckpointManager:
         every byte, e.g. to start a fresh chain). ``tier="local"``: save to the ``local_tier``
         (every host's directory and its replicas; never incremental; async with ``options.enable_async``,
         committed when ``sync`` returns) instead of the bucket. ``tier=None``: the bucket, or with a
-        ``LocalTier(every_n_steps=..., bucket_every_n_steps=...)`` policy the tier it picks (or a skip).
+        ``LocalTier(every_n_steps=..., bucket_every_n_steps=...)`` policy the tier it picks (or a skip;
+        ``check_interval=False`` or ``from_local=True``: the bucket).
         ``from_local=True``: a bucket save of the newest local step, uploaded from the local copies
         in the background (no second snapshot of the live state), committed at the next ``sync``/``save``.
 
@@ -330,8 +331,10 @@ class CheckpointManager:
             ValueError: on many hosts, ``options`` route I/O through another host than the
                 one keeping this manager's state file (checked before anything changes).
         """
-        if tier is None:
-            tier = "bucket" if self._tier is None or not self._tier.tier.automatic else self._tier.choose(
+        if tier is None:  # the automatic policy, unless the save is forced (a preemption) or from_local
+            automatic = self._tier if self._tier is not None and self._tier.tier.automatic and check_interval \
+                and not from_local else None
+            tier = "bucket" if automatic is None else automatic.choose(
                 as_number(checkpoint_number, "checkpoint_number") if checkpoint_number is not None else
                 as_number(self._step_counter, "step_counter") if self._step_counter is not None else None)
             if tier is None:
