@@ -11,6 +11,12 @@ on rank 0's (``saving/committer.py``: the one commit path) -> replicate the data
 their holders and the index to every host -> check ownership again -> every host writes the
 step's manifest (the local commit) -> local retention. A failure anywhere before the
 manifests leaves a step no resume uses (``recover``).
+
+Async (``CheckpointOptions(enable_async=True)``): the checkpoint's own async pipeline takes the
+snapshot on the caller's thread; everything after it (the pipeline's write and commit, the
+replication, the manifests, retention) runs on one background thread holding the
+coordinator's session, and ``finish_local`` (the manager's ``sync``, and the next save or
+restore) waits for it and re-raises its failure.
 """
 
 from __future__ import annotations
