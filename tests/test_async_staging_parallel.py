@@ -5,6 +5,8 @@ Threads and pieces are counted through ``parallel_copy.copy_piece`` (the seam), 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +204,32 @@ def test_an_async_save_of_every_leaf_kind_is_bit_exact_and_a_failed_copy_fails_i
         loaded = load_variable(path, key)
         got = np.array(loaded.float().numpy() if isinstance(loaded, torch.Tensor) else loaded, dtype=np.float64)
         assert np.array_equal(got, expected), key
+
+
+FORKED = """
+import os, signal, sys, time
+import numpy as np
+from cloudckpt.saving import parallel_copy
+parallel_copy.PIECE_BYTES = 1 << 16
+a = np.arange(1 << 18)
+parallel_copy.copy_all([(np.empty_like(a), a)])  # the parent's pool is running
+pid = os.fork()
+if pid == 0:
+    d = np.empty_like(a)
+    tasks = parallel_copy.copy_all([(d, a)])
+    os._exit(0 if tasks > 1 and np.array_equal(d, a) else 3)
+for _ in range(300):  # bounded: a child stuck on an inherited pool is killed, not left behind
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.1)
+os.kill(pid, signal.SIGKILL)
+os.waitpid(pid, 0)
+sys.exit("the forked child never finished its copy")
+"""
+
+
+def test_a_forked_child_copies_on_a_pool_of_its_own() -> None:
+    # a child inheriting the parent's pool object would queue its pieces for threads it does not have
+    done = subprocess.run([sys.executable, "-c", FORKED], timeout=60, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
