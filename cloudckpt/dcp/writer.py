@@ -29,6 +29,11 @@ behind (a killed process leaves objects no index names: a manager's next save, o
 save to the same path unless ``overwrite=True`` - and then replaced in one atomic PUT,
 its data objects deleted only after.
 
+Why one ~500-line module: it is one class whose methods DCP calls in the order above, and
+reading that protocol top to bottom is the point; what is not the protocol already lives
+elsewhere (the plan in ``saving.plan``, the uploads in ``saving.objects``, the commit in
+``saving.committer``, device tensors in ``leaves.copier``).
+
 The collectives of ``write_data`` run on the writer's ``Coordinator`` (by default
 ``cloudckpt.coordination.default_coordinator()``: a gloo group of its own in a multi-process
 job), whose ranks must be DCP's: with ``no_dist=True`` in a multi-process job, or a DCP

@@ -17,10 +17,10 @@ What this does better:
 This class is the TensorFlow surface and the glue: the managed set lives in
 ``managed_set``, ownership in ``ownership``, directory queries in ``directory``.
 
-Why one ~425-line module: it is the one class TensorFlow's API defines, and what is
+Why one ~475-line module: it is the one class TensorFlow's API defines, and what is
 left in it is that API's order of steps; everything it delegates has a module of its own
 (``contract``, ``managed_set``, ``retention``, ``ownership``, ``directory``, ``resume``,
-``cleanup``).
+``cleanup``, and the local tier's ``tiers/``).
 """
 
 from __future__ import annotations
