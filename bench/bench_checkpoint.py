@@ -585,6 +585,13 @@ def revision(root: Path = REPO) -> str:
     return commit + (f" + uncommitted changes in {len(dirty)} cloudckpt file(s)" if dirty else "")
 
 
+def use_bench_credentials() -> None:
+    """The credentials and region the bench's local S3 servers accept, unless the caller set others."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
 def describe_run(root: Path = REPO) -> str:
     """Revision and load of the machine, printed with the tables: what else ran on the 2 cores
     belongs next to the numbers as much as the library's state does."""
@@ -637,9 +644,7 @@ def main(argv: list[str]) -> int:
     def chosen(specs: list[PathSpec]) -> list[PathSpec]:
         return [spec for spec in specs if not wanted or spec.key in wanted or spec.key.endswith("-ours")]
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     started_as = describe_run()
     print(started_as, flush=True)
     print(f"building {args.size_mib} MiB of state ...", flush=True)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench_checkpoint import describe_run, make_state, state_bytes, verify
+from bench.bench_checkpoint import describe_run, make_state, state_bytes, use_bench_credentials, verify
 from bench.ckpt_paths import (
     PathSpec,
     SavePath,
@@ -346,9 +346,7 @@ def main(argv: list[str]) -> int:
     if set(wanted) - set(known) or set(protocols) - {"http", "https"}:
         parser.error(f"unknown paths or protocols; paths: {sorted(known)}")
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     started_as = describe_run()
     print(started_as, flush=True)
     state = make_state(args.size_mib * MiB)

@@ -47,7 +47,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from bench.bench_checkpoint import describe_run
+from bench.bench_checkpoint import describe_run, use_bench_credentials
 from cloudckpt.testing.processes import spawn_reports
 
 MiB = 1024 * 1024
@@ -440,9 +440,7 @@ def seaweedfs_bucket(name: str) -> Iterator[tuple[str, str]]:
     import boto3
     import servers  # the launcher the tests use: 127.0.0.1, free ports, stopped by PID
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     with tempfile.TemporaryDirectory(prefix=f"cloudckpt-bench-{name}-", dir=REPO) as tmp, \
             servers.seaweedfs(Path(tmp) / "weed") as server:
         print(f"SeaweedFS at {server.endpoint}", flush=True)

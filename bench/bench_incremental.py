@@ -24,7 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bench_checkpoint import MiB, State, describe_run, make_state, s3_server, state_bytes, verify
+from bench.bench_checkpoint import (
+    MiB,
+    State,
+    describe_run,
+    make_state,
+    s3_server,
+    state_bytes,
+    use_bench_credentials,
+    verify,
+)
 
 FRACTIONS = (0.0, 0.1, 0.5, 1.0)
 
@@ -131,9 +140,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mib, args.repeat = 64, 1
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     print(describe_run(), flush=True)
     state = make_state(args.size_mib * MiB)
     size = state_bytes(state)

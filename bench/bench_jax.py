@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench_checkpoint import _proc_status_kib, _reset_peak_rss, describe_run, s3_server
+from bench.bench_checkpoint import _proc_status_kib, _reset_peak_rss, describe_run, s3_server, use_bench_credentials
 from bench.ckpt_paths import s3_client, s3_delete_prefix
 
 MiB = 1024 * 1024
@@ -486,9 +486,7 @@ def main(argv: list[str]) -> int:
         parser.error("--repeat must be >= 1 and --devices an even number >= 2")
     skip = set(args.skip.split(",")) - {""}
     force_devices(args.devices)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     started_as = describe_run()
     print(started_as, flush=True)
     import jax

@@ -56,7 +56,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.bench_checkpoint import describe_run, revision
+from bench.bench_checkpoint import describe_run, revision, use_bench_credentials
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "bench" / "scale_worker.py"
@@ -228,9 +228,7 @@ def main(argv: list[str]) -> int:
     print(f"at start ({os.cpu_count()} cores): {describe_run()}")
     if "old" in libraries:
         print(f"old library: {old_root} @ {revision(old_root)}")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     if not args.skip_s3:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_checkpoint import use_bench_credentials
 from cloudckpt.storage import ReadRequest, TransferConfig, open_storage
 
 MiB = 1024 * 1024
@@ -184,9 +185,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     import servers  # the same launcher the tests use: 127.0.0.1, stopped by PID
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     print(f"generating {args.size_mib} MiB of random bytes ...", flush=True)
     data = np.random.default_rng(0).integers(0, 256, args.size_mib * MiB, dtype=np.uint8)
     targets = set(args.targets.split(","))

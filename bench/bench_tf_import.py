@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench_checkpoint import describe_run, make_state, s3_server
+from bench.bench_checkpoint import describe_run, make_state, s3_server, use_bench_credentials
 from bench.bench_storage import REPO, MiB, Result
 
 
@@ -148,9 +148,7 @@ def main(argv: list[str]) -> int:
     except ImportError:
         print("this benchmark needs TensorFlow: run it as `./run bench tfimport`", file=sys.stderr)
         return 2
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    use_bench_credentials()
     print(f"{describe_run()}; TensorFlow {tf.__version__}", flush=True)
     timings: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="cloudckpt-bench-tf-", dir=REPO) as tmp:
