@@ -29,7 +29,7 @@ from cloudckpt.adapters.torch_device import use_copier
 from cloudckpt.dcp import StorageReader, StorageWriter
 from cloudckpt.format import ArrayEntry
 from cloudckpt.format.index_fetch import read_index
-from cloudckpt.leaves.copier import DeviceArray, HostBytes, Pending, ThreadCopier
+from cloudckpt.leaves.copier import CopierChoice, DeviceArray, HostBytes, Pending, ThreadCopier
 from cloudckpt.object_graph import ArrayLeaf, collect
 from cloudckpt.restoring import device_reads
 from cloudckpt.restoring.array_reads import read_coalesced
@@ -113,7 +113,7 @@ def test_without_the_seam_a_cpu_tensor_is_a_host_view_and_the_cpu_copier_is_chos
     leaf = collect(cloudckpt.Checkpoint(t=tensor))["t"]
     assert isinstance(leaf, ArrayLeaf) and isinstance(leaf.array, np.ndarray)
     assert leaf.array.ctypes.data == tensor.data_ptr()  # zero copy, as before
-    monkeypatch.setattr(torch_device, "_chosen", None)
+    monkeypatch.setattr(torch_device, "_selection", CopierChoice(torch_device._first_choice))  # not chosen yet
     with caplog.at_level(logging.INFO, logger="cloudckpt.adapters.torch_device"):
         chosen = torch_device.chosen_copier()
     assert chosen.name == "cpu" and not torch.cuda.is_available()

@@ -19,16 +19,16 @@ tensors through the device path too, so the ring, batching, budget and ordering 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from cloudckpt.adapters.torch import tensor_meta
-from cloudckpt.leaves.copier import Copier, DeviceArray, HostBytes, Pending, ThreadCopier
+from cloudckpt.leaves.copier import Copier, CopierChoice, DeviceArray, HostBytes, Pending, ThreadCopier
 
 log = logging.getLogger("cloudckpt.adapters.torch_device")
 
@@ -145,24 +145,18 @@ class CudaCopier(Copier):
         return pending
 
 
-_lock = threading.Lock()
-_chosen: Copier | None = None
-_cpu_tensors = False
+def _first_choice() -> Copier:
+    """The process's copier (logged once): CUDA's for the current device, else the CPU one."""
+    if torch.cuda.is_available():
+        chosen: Copier = _cuda_copier(torch.cuda.current_device())
+        log.info("cloudckpt device copies: cuda copier (pinned staging, side stream) on %s",
+                 torch.cuda.get_device_name(torch.cuda.current_device()))
+        return chosen
+    log.info("cloudckpt device copies: cpu copier (torch.cuda.is_available() is false)")
+    return ThreadCopier()
 
 
-def _choose() -> Copier:
-    """The process's copier (chosen on first need, logged once): CUDA's for the current device, else the CPU one."""
-    global _chosen
-    with _lock:
-        if _chosen is None:
-            if torch.cuda.is_available():
-                _chosen = _cuda_copier(torch.cuda.current_device())
-                log.info("cloudckpt device copies: cuda copier (pinned staging, side stream) on %s",
-                         torch.cuda.get_device_name(torch.cuda.current_device()))
-            else:
-                _chosen = ThreadCopier()
-                log.info("cloudckpt device copies: cpu copier (torch.cuda.is_available() is false)")
-        return _chosen
+_selection = CopierChoice(_first_choice)
 
 
 _cpu_copier = ThreadCopier()
@@ -181,8 +175,8 @@ def copier_for(tensor: torch.Tensor) -> Copier | None:
     """The copier that serves ``tensor``, or ``None`` for a CPU tensor (it has a numpy view)."""
     device = tensor.device.type
     if device == "cpu":
-        return _choose() if _cpu_tensors else None
-    chosen = _choose()
+        return _selection.current() if _selection.routes_host() else None
+    chosen = _selection.current()
     if not isinstance(chosen, CudaCopier):
         return chosen  # the CPU copier (or a test's): torch's own copy_ moves any device's bytes
     if device == "cuda":
@@ -205,23 +199,13 @@ def device_array(tensor: torch.Tensor) -> TorchDeviceArray | None:
 
 def chosen_copier() -> Copier:
     """The copier device tensors of this process use (chosen once, on first need, and logged)."""
-    return _choose()
+    return _selection.current()
 
 
-@contextlib.contextmanager
-def use_copier(copier: Copier, *, cpu_tensors: bool = False) -> Iterator[Copier]:
+def use_copier(copier: Copier, *, cpu_tensors: bool = False) -> AbstractContextManager[Copier]:
     """Use ``copier`` for device tensors within the block; ``cpu_tensors``: for CPU tensors too.
 
     The seam CI runs the device pipeline through (an instrumented ``ThreadCopier``, CPU tensors
     standing in for device ones); a benchmark uses it to compare copiers.
     """
-    global _chosen, _cpu_tensors
-    with _lock:
-        saved = (_chosen, _cpu_tensors)
-        _chosen, _cpu_tensors = copier, cpu_tensors
-    try:
-        yield copier
-    finally:
-        with _lock:
-            _chosen, _cpu_tensors = saved
-
+    return _selection.use(copier, host_too=cpu_tensors)

@@ -174,6 +174,46 @@ class ThreadCopier(Copier):
         return self._submit(run)
 
 
+class CopierChoice:
+    """Which copier one kind of device value uses, chosen on first need, and whether host values
+    go through it too.
+
+    One per kind (torch tensors, jax arrays). ``use`` swaps both for a block: the seam CI runs the
+    device pipeline through (an instrumented copier, host values standing in for device ones) and
+    a benchmark compares copiers with.
+    """
+
+    def __init__(self, choose: Callable[[], Copier]) -> None:
+        self._choose = choose
+        self._lock = threading.Lock()
+        self._copier: Copier | None = None
+        self._host_too = False
+
+    def current(self) -> Copier:
+        """The copier in use (the first call chooses it, under the lock, so once per process)."""
+        with self._lock:
+            if self._copier is None:
+                self._copier = self._choose()
+            return self._copier
+
+    def routes_host(self) -> bool:
+        """Whether host values go through the copier too (only inside ``use(..., host_too=True)``)."""
+        with self._lock:
+            return self._host_too
+
+    @contextlib.contextmanager
+    def use(self, copier: Copier, *, host_too: bool = False) -> Iterator[Copier]:
+        """Use ``copier`` (and, with ``host_too``, for host values as well) within the block."""
+        with self._lock:
+            saved = (self._copier, self._host_too)
+            self._copier, self._host_too = copier, host_too
+        try:
+            yield copier
+        finally:
+            with self._lock:
+                self._copier, self._host_too = saved
+
+
 class HostRing:
     """A bounded pool of reusable host buffers from one copier: what a sync save and a restore
     stream device bytes through, so host memory is bounded by the ring, not by the state.

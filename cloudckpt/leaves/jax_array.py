@@ -21,10 +21,9 @@ stores them as their key data and impl name).
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from cloudckpt.leaves.base import (
     host_array,
     refuse,
 )
-from cloudckpt.leaves.copier import Copier, DeviceArray, HostBytes, Pending, ThreadCopier
+from cloudckpt.leaves.copier import Copier, CopierChoice, DeviceArray, HostBytes, Pending, ThreadCopier
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -117,36 +116,23 @@ class JaxCopier(ThreadCopier):
         return super().to_host(batch)
 
 
-_copier: Copier = JaxCopier()
-_cpu_arrays = False
-_copier_lock = threading.Lock()
+_selection = CopierChoice(JaxCopier)
 
 
 def copier_for(value: Any) -> Copier | None:
     """The copier that reads ``value`` (one device's array), or ``None`` on CPU, where its host view
     is the device memory itself (zero copy: nothing to gain from a copier)."""
-    with _copier_lock:
-        copier, cpu_arrays = _copier, _cpu_arrays
     on_cpu = all(device.platform == "cpu" for device in value.sharding.device_set)
-    return copier if cpu_arrays or not on_cpu else None
+    return _selection.current() if _selection.routes_host() or not on_cpu else None
 
 
-@contextlib.contextmanager
-def use_copier(copier: Copier, *, cpu_arrays: bool = False) -> Iterator[Copier]:
+def use_copier(copier: Copier, *, cpu_arrays: bool = False) -> AbstractContextManager[Copier]:
     """Read device arrays through ``copier`` within the block; ``cpu_arrays``: CPU ones too.
 
     The seam CI runs the accelerator path through (an instrumented copier, CPU arrays
     standing in for device ones), as ``cloudckpt.adapters.torch_device.use_copier`` is for torch.
     """
-    global _copier, _cpu_arrays
-    with _copier_lock:
-        saved = (_copier, _cpu_arrays)
-        _copier, _cpu_arrays = copier, cpu_arrays
-    try:
-        yield copier
-    finally:
-        with _copier_lock:
-            _copier, _cpu_arrays = saved
+    return _selection.use(copier, host_too=cpu_arrays)
 
 
 def _bytes_of(value: Any, path: str) -> NDArray[Any] | DeviceArray:
