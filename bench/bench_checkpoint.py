@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib
 import io
@@ -602,11 +603,32 @@ def describe_run(root: Path = REPO) -> str:
 @contextlib.contextmanager
 def s3_server(root: Path) -> Iterator[str]:
     """SeaweedFS on 127.0.0.1 through the tests' launcher (stopped by its PID); yields the endpoint."""
+    with seaweedfs_server(root) as server:
+        yield server.endpoint
+
+
+@contextlib.contextmanager
+def seaweedfs_server(root: Path) -> Iterator[Any]:
+    """The same, yielding the tests' ``Server`` (its master too: ``reclaim_deleted_space``)."""
     sys.path.insert(0, str(REPO / "tests"))
     import servers
 
     with servers.seaweedfs(root / "weed") as server:
-        yield server.endpoint
+        yield server
+
+
+def clear_async(client: Any, bucket: str, server: Any, i: int) -> None:
+    """Delete the ``i``-th async save and give its disk back."""
+    s3_delete_prefix(client, bucket, f"async-{i}/")
+    reclaim_deleted_space(server)
+
+
+def reclaim_deleted_space(server: Any) -> None:
+    """Vacuum SeaweedFS now (untimed, between runs): deleted checkpoints keep their disk until then."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import servers
+
+    servers.reclaim_deleted_space(server)
 
 
 def main(argv: list[str]) -> int:
@@ -678,7 +700,8 @@ def main(argv: list[str]) -> int:
                 result.target = "local"
                 async_results.append(result)
         if "s3" in backends:
-            with s3_server(root) as endpoint:
+            with seaweedfs_server(root) as server:
+                endpoint = server.endpoint
                 print(f"SeaweedFS at {endpoint} ...", flush=True)
                 os.environ["AWS_ENDPOINT_URL"] = endpoint  # how cloudckpt (and boto3) find it
                 bucket = f"bench-{uuid.uuid4().hex[:10]}"
@@ -686,14 +709,15 @@ def main(argv: list[str]) -> int:
                 client.create_bucket(Bucket=bucket)
                 if "timing" not in skip:
                     print("S3: save / restore ...", flush=True)
-                    setup = Setup(state, dest, root, endpoint, bucket)
+                    setup = Setup(state, dest, root, endpoint, bucket,
+                                  reclaim=functools.partial(reclaim_deleted_space, server))
                     paths = [spec.factory(setup) for spec in chosen(s3_specs(args.dcp_threads))]
                     timings += measure_paths(paths, state, args.repeat)
                     del setup, paths
                 if "async" not in skip:
                     print("S3: async save ...", flush=True)
                     result = measure_async(state, dest, args.repeat, lambda i: f"s3://{bucket}/async-{i}/ckpt",
-                                           lambda i: s3_delete_prefix(client, bucket, f"async-{i}/"))
+                                           functools.partial(clear_async, client, bucket, server))
                     result.target = "s3"
                     async_results.append(result)
                 if "memory" not in skip:

@@ -372,7 +372,8 @@ def main(argv: list[str]) -> int:
             with endpoint_env(endpoint, ca_bundle):
                 print(f"{protocol}: {endpoint} ...", flush=True)
                 if not args.no_timing:
-                    setup = Setup(state, dest, Path(tmp), endpoint, bucket)
+                    setup = Setup(state, dest, Path(tmp), endpoint, bucket,
+                                  reclaim=functools.partial(servers.reclaim_deleted_space, server))
                     rows += measure_protocol(protocol, [known[k] for k in wanted], setup, args.repeat)
                 if args.profile:
                     profile_ours(protocol, bucket, args.size_mib, Path(args.profile_dir))

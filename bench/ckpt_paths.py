@@ -101,6 +101,9 @@ class Setup:
     root: Path  # local disk: each path writes under it
     endpoint: str = ""  # S3: the server and the bucket
     bucket: str = ""
+    #: Untimed, after each S3 clear: give the deleted bytes' disk back (SeaweedFS keeps them
+    #: until a vacuum; without it a run of many 1 GiB saves fills the disk).
+    reclaim: Callable[[], None] | None = None
     _blob: bytes | None = field(default=None, repr=False)
     _helper: Any = field(default=None, repr=False)
 
@@ -133,7 +136,11 @@ class Setup:
         return lambda i: shutil.rmtree(self.root / f"{name}-{i}", ignore_errors=True)
 
     def s3_clear(self, name: str) -> Callable[[int], None]:
-        return lambda i: s3_delete_prefix(self.helper(), self.bucket, f"{name}-{i}/")
+        def clear(i: int) -> None:
+            s3_delete_prefix(self.helper(), self.bucket, f"{name}-{i}/")
+            if self.reclaim is not None:
+                self.reclaim()
+        return clear
 
 
 Factory = Callable[[Setup], SavePath]
