@@ -53,8 +53,8 @@ from cloudckpt.format.references import listed_sizes
 from cloudckpt.leaves.copier import DeviceArray, HostRing, on_host
 from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.storage import Storage
-from cloudckpt.storage.checksum import CRC_BLOCK, crc32c_with_blocks
-from cloudckpt.storage.transfer import gather
+from cloudckpt.storage.checksum import CRC_BLOCK, KnownCrc, crc32c_with_blocks
+from cloudckpt.storage.transfer import ChecksummedViews, gather
 
 log = logging.getLogger("cloudckpt.saving")
 
@@ -401,6 +401,11 @@ class BaseCheckpoint:
         return {p: record for p, record in matched.items() if record.object not in stale}
 
 
+def _known(offset: int, length: int, found: Fingerprint) -> KnownCrc:
+    """What the fingerprint already says of the bytes at ``offset`` of the object (no data pass)."""
+    return KnownCrc(offset, length, found.crc32c, CRC_BLOCK if found.block_crc32c else 0, found.block_crc32c)
+
+
 def _byte_view(array: NDArray[Any]) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
@@ -434,6 +439,7 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
         obj = plan.objects[k]
         done = Uploaded()
         views: list[memoryview] = []
+        known: list[KnownCrc] = []
         position = 0
         for piece, _ in obj.pieces:
             record = reused.get(piece)
@@ -445,10 +451,11 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
             array = arrays[piece]
             done.pieces[piece] = _record(obj.key, position, array, piece[1], found[piece])
             views.append(_byte_view(array))
+            known.append(_known(position, int(array.nbytes), found[piece]))
             position += int(array.nbytes)
         if views:
             log.mark(obj.key)
-            storage.put(obj.key, views)
+            storage.put(obj.key, ChecksummedViews(views, known))  # the store's checksums reuse the index's
             done.objects.append(DataObject(obj.key, position))
         return done
 

@@ -53,11 +53,11 @@ from cloudckpt.storage.clients import BUCKETS_SEEN, CAPABILITIES
 from cloudckpt.storage.keys import file_in_the_way as file_in_the_way
 from cloudckpt.storage.keys import translate_os_error as translate_os_error
 from cloudckpt.storage.keys import validate_key as validate_key
-from cloudckpt.storage.parts import consume_pieces, exact, slice_pieces
+from cloudckpt.storage.parts import consume_pieces, exact
 from cloudckpt.storage.reads import read_tasks
 from cloudckpt.storage.retry import call_with_retry
 from cloudckpt.storage.throttle import AdaptiveConcurrency, TransferStats
-from cloudckpt.storage.transfer import Cancellation, RateLimiter, as_buffers, gather
+from cloudckpt.storage.transfer import Cancellation, RateLimiter, as_buffers, gather, slice_pieces
 from cloudckpt.storage.values import PROBE_PREFIX as PROBE_PREFIX
 from cloudckpt.storage.values import TEMP_PREFIX as TEMP_PREFIX
 from cloudckpt.storage.values import TEMP_SUFFIX as TEMP_SUFFIX

@@ -82,7 +82,6 @@ from cloudckpt.storage.base import (
     TransferConfig,
     WriteMode,
     crc32c_base64,
-    crc32c_of,
 )
 from cloudckpt.storage.gcs_client import (
     CLIENTS,
@@ -98,7 +97,7 @@ from cloudckpt.storage.gcs_compose import MAX_COMPOSE_SOURCES as MAX_COMPOSE_SOU
 from cloudckpt.storage.gcs_compose import PART_OF_KEY as PART_OF_KEY
 from cloudckpt.storage.gcs_compose import CompositeUpload
 from cloudckpt.storage.gcs_errors import generation_match, is_throttle, is_transient, precondition_error, translate
-from cloudckpt.storage.transfer import direct_reader, fill_from
+from cloudckpt.storage.transfer import body_crc32c, direct_reader, fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
@@ -258,7 +257,7 @@ class GCSStorage(Storage):
         Raises the SDK's ``PreconditionFailed`` on 412 (callers map it by mode) and
         ``ChecksumError`` when the server stored other bytes than were sent.
         """
-        crc = crc32c_base64(crc32c_of(buffers))
+        crc = crc32c_base64(body_crc32c(buffers))
         resource: dict[str, Any] = {"name": full_key, "contentType": "application/octet-stream",
                                     "crc32c": crc}
         if metadata:

@@ -22,9 +22,10 @@ except ImportError as _missing:  # google-cloud-storage is the install extra clo
 
 from cloudckpt.errors import ChecksumError
 from cloudckpt.storage.base import MultipartUpload
-from cloudckpt.storage.checksum import crc32c_base64, crc32c_combine, crc32c_of
+from cloudckpt.storage.checksum import crc32c_base64, crc32c_combine
 from cloudckpt.storage.gcs_client import TIMEOUT, meta_from_blob
 from cloudckpt.storage.gcs_errors import generation_match, precondition_error
+from cloudckpt.storage.transfer import body_crc32c
 from cloudckpt.storage.values import ObjectMeta, WriteMode
 
 if TYPE_CHECKING:
@@ -73,10 +74,10 @@ class CompositeUpload(MultipartUpload):
         size = sum(p.nbytes for p in pieces)
         with self._lock:
             self._parts[index] = _Part(name, size, -1)  # registered first: abort finds it
-        self._storage._upload(name, list(pieces), generation_match=None, metadata={PART_OF_KEY: self._full_key},
+        self._storage._upload(name, pieces, generation_match=None, metadata={PART_OF_KEY: self._full_key},
                               storage_class="STANDARD")
         with self._lock:
-            self._parts[index] = _Part(name, size, crc32c_of(pieces))
+            self._parts[index] = _Part(name, size, body_crc32c(pieces))
 
     def _temp_names(self) -> list[str]:
         with self._lock:

@@ -88,17 +88,3 @@ def consume_pieces(consume: Callable[[int, memoryview], None], start: int, piece
     for piece in pieces:
         consume(start, piece)
         start += piece.nbytes
-
-
-def slice_pieces(buffers: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
-    """Bytes ``[start, end)`` of the concatenation, as views of the buffers (never a copy)."""
-    pieces = []
-    position = 0
-    for buf in buffers:
-        buf_end = position + buf.nbytes
-        if buf_end > start and position < end:
-            pieces.append(buf[max(start - position, 0):min(end, buf_end) - position])
-        position = buf_end
-        if position >= end:
-            break
-    return pieces

@@ -88,7 +88,6 @@ from cloudckpt.storage.base import (
     UpdateVersion,
     WriteMode,
     crc32c_base64,
-    crc32c_of,
 )
 from cloudckpt.storage.clients import BUCKETS_SEEN
 from cloudckpt.storage.s3_body import SMALL_BODY as SMALL_BODY
@@ -99,7 +98,7 @@ from cloudckpt.storage.s3_errors import delete_error, error_info, is_throttle, i
 from cloudckpt.storage.s3_multipart import PendingUpload as PendingUpload
 from cloudckpt.storage.s3_multipart import abort_upload, list_uploads
 from cloudckpt.storage.s3_probes import MultipartConditions, probe_multipart_conditions, probe_put_conditions
-from cloudckpt.storage.transfer import direct_reader, fill_from
+from cloudckpt.storage.transfer import body_crc32c, direct_reader, fill_from
 from cloudckpt.storage.urls import parse_bucket_url
 
 log = logging.getLogger("cloudckpt.storage")
@@ -120,7 +119,7 @@ DELETE_BATCH = 1000
 # ---------------------------------------------------------------------- small helpers
 def _crc32c_b64(buffers: Sequence[memoryview]) -> str:
     """S3's ``ChecksumCRC32C``: base64 of the big-endian 4-byte CRC32C."""
-    return crc32c_base64(crc32c_of(buffers))
+    return crc32c_base64(body_crc32c(buffers))
 
 
 def _etag(response: Mapping[str, Any]) -> str | None:
