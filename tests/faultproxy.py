@@ -157,7 +157,6 @@ class FaultProxy:
         self.record = record
         self.clock_skew = timedelta(0)
         self._lock = threading.Lock()
-        self._delays_released = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -173,11 +172,6 @@ class FaultProxy:
         with self._lock:
             self._rules.append(rule)
         return rule
-
-    def release_delays(self) -> None:
-        """End every ``delay`` now, and skip those to come: a test that holds requests until it has
-        acted (sent a signal, say) lets the held ones through at once instead of after their hold."""
-        self._delays_released.set()
 
     def clear(self) -> None:
         with self._lock:
@@ -270,7 +264,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self._reset()
                 return
             if rule is not None and action == "delay":  # a slow link: the request arrives late, whole
-                proxy._delays_released.wait(min(rule.hold_seconds, SOCKET_TIMEOUT))
+                time.sleep(min(rule.hold_seconds, SOCKET_TIMEOUT))
             status, reason, headers, data = self._forward(body)
             if action == "ignore_conditions" and status == 412:
                 status, reason, headers, data = 200, "OK", [("ETag", '"' + "0" * 32 + '"')], b""
