@@ -520,9 +520,13 @@ def test_bad_credentials_style_errors_name_the_url() -> None:
 
 # ---------------------------------------------------------------------- Ctrl-C
 CTRL_C_CHILD = """
+import signal
 import sys
 import numpy as np
 import cloudckpt
+# Python raises KeyboardInterrupt on SIGINT only if SIGINT was not ignored when it started - and a
+# shell starts background jobs with SIGINT ignored (a suite launched with '&' failed here).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 state = {f"w{i}": np.full(24 * 1024 * 1024, i, dtype=np.float32) for i in range(4)}  # 384 MiB, multipart
 print("ready", flush=True)
 try:
