@@ -401,11 +401,6 @@ class BaseCheckpoint:
         return {p: record for p, record in matched.items() if record.object not in stale}
 
 
-def _known(offset: int, length: int, found: Fingerprint) -> KnownCrc:
-    """What the fingerprint already says of the bytes at ``offset`` of the object (no data pass)."""
-    return KnownCrc(offset, length, found.crc32c, CRC_BLOCK if found.block_crc32c else 0, found.block_crc32c)
-
-
 def _byte_view(array: NDArray[Any]) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
@@ -449,9 +444,10 @@ def upload(storage: Storage, plan: ObjectPlan, which: Sequence[int], log: Upload
                 done.reused[record.object] = base.sizes[record.object]
                 continue
             array = arrays[piece]
-            done.pieces[piece] = _record(obj.key, position, array, piece[1], found[piece])
+            record = done.pieces[piece] = _record(obj.key, position, array, piece[1], found[piece])
             views.append(_byte_view(array))
-            known.append(_known(position, int(array.nbytes), found[piece]))
+            # What the index records of these bytes, for the store's checksums (no second data pass).
+            known.append(KnownCrc(record.offset, record.length, record.crc32c, record.block_size, record.block_crc32c))
             position += int(array.nbytes)
         if views:
             log.mark(obj.key)
