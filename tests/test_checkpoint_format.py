@@ -517,3 +517,41 @@ def test_a_copied_version_2_checkpoint_is_rewritten_as_version_3(tmp_path: Path,
     assert copied["entries"]["grid"]["grid"]["blocks"] == doc["entries"]["grid"]["grid"]["blocks"]
     _restores_and_verifies(tmp_path, "d", arrays)
     _restores_and_verifies(tmp_path, "c", arrays)  # the source is untouched, still version 2
+
+
+@pytest.mark.parametrize("replacement", ["longer", "shorter"])
+def test_an_index_replaced_between_its_head_and_its_get_is_read_again(tmp_path: Path, replacement: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer replacing ``last`` between the HEAD that sizes the read and the GET: the read
+    got the first bytes of a longer index (malformed JSON) or ran short of a shorter one. Neither
+    is damage; the reader HEADs again, sees a new version and reads the new index."""
+    from cloudckpt.storage import resolve
+
+    path = str(tmp_path / "last")
+    small, large = {"v": Variable(np.arange(2.0))}, {f"w{i}": Variable(np.full(3, float(i))) for i in range(20)}
+    first, second = (small, large) if replacement == "longer" else (large, small)
+    Checkpoint(**first).write(path)
+    storage = resolve(path).storage
+    real_get = storage.get
+    replaced: list[bool] = []
+
+    def get_after_a_replace(key: str, *args: Any) -> bytes:
+        if key.endswith(".index") and not replaced:
+            replaced.append(True)
+            Checkpoint(**second).write(path)  # lands after the reader's HEAD, before its GET
+        return real_get(key, *args)
+
+    monkeypatch.setattr(storage, "get", get_after_a_replace)
+    dest = {k: Variable(np.zeros_like(v.numpy())) for k, v in second.items()}
+    Checkpoint(**dest).read(path).assert_consumed()
+    assert replaced and all(np.array_equal(dest[k].numpy(), second[k].numpy()) for k in second)
+
+
+def test_a_malformed_index_that_stays_the_same_is_still_an_error(tmp_path: Path) -> None:
+    """The reread is for a replaced index only: an unchanged damaged one is reported, read once more at most."""
+    path = str(tmp_path / "ck")
+    Checkpoint(v=Variable(np.arange(4.0))).write(path)
+    index = tmp_path / "ck.index"
+    index.write_bytes(index.read_bytes()[:-7])
+    with pytest.raises(CheckpointFormatError, match="not valid UTF-8 JSON"):
+        Checkpoint(v=Variable(np.zeros(4))).read(path)

@@ -3,13 +3,17 @@
 An index is JSON read whole into memory, from a bucket other people may write to. So it
 is HEADed first and refused by its size before a byte is fetched (``MAX_INDEX_BYTES``),
 then fetched as exactly that many bytes (an object replaced by a larger one between the
-HEAD and the GET cannot make the read grow), then fully validated by ``format.decode_index``.
+HEAD and the GET cannot make the read grow), then fully validated by ``format.decode_index``;
+an index found replaced in between is read again (``read_decoded``).
 Saving, restoring, deletion, leftovers cleanup and the CLI all go through here.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from cloudckpt.errors import (
     BucketNotFoundError,
@@ -25,10 +29,17 @@ from cloudckpt.format.entries import FORMAT_VERSION, CheckpointIndex
 from cloudckpt.format.naming import INDEX_SUFFIX, index_key
 from cloudckpt.storage import ByteRange, ObjectMeta, Storage
 
+log = logging.getLogger("cloudckpt.format")
+
+T = TypeVar("T")
+
 #: Largest index a reader will fetch. A real one is ~200 bytes per array chunk, so this
 #: allows millions of chunks while refusing a multi-GB object that is not an index (or a
 #: hostile one) before a byte is fetched.
 MAX_INDEX_BYTES = 512 * 1024 * 1024
+
+#: Times an index found replaced while it was read is read again before its error stands.
+REPLACED_REREADS = 2
 
 
 def head_index(storage: Storage, name: str) -> ObjectMeta | None:
@@ -94,8 +105,35 @@ def read_index(storage: Storage, name: str, meta: ObjectMeta | None = None) -> C
         CheckpointFormatError: over ``MAX_INDEX_BYTES``, malformed, or of an unknown version.
         BucketNotFoundError: the bucket is missing.
     """
-    data = read_index_bytes(storage, name, meta)
-    return None if data is None else decode_index(data, name, storage.url_for(index_key(name)))
+    url = storage.url_for(index_key(name))
+    return read_decoded(storage, name, lambda data: decode_index(data, name, url), meta)
+
+
+def read_decoded(storage: Storage, name: str, decode: Callable[[bytes], T], meta: ObjectMeta | None = None) -> T | None:
+    """``decode`` of checkpoint ``name``'s index bytes (``None`` if it has none), read again if it was
+    replaced while it was being read.
+
+    Why: the HEAD sizes the GET, so an index another writer replaces in between (a manager
+    overwriting ``last``, an async save committing) reads as the first bytes of a longer new one -
+    malformed JSON - or runs short of a shorter one. Neither is damage. When reading or decoding
+    fails, the index is HEADed again; if its version or size changed it is read again
+    (``REPLACED_REREADS`` times at most), else the error stands. A good read costs nothing extra.
+    """
+    for attempt in range(REPLACED_REREADS + 1):
+        if meta is None:
+            meta = _head_index(storage, name)
+            if meta is None:
+                return None
+        try:
+            data = read_index_bytes(storage, name, meta)
+            return None if data is None else decode(data)
+        except CheckpointFormatError:
+            now = _head_index(storage, name) if attempt < REPLACED_REREADS else meta
+            if now is None or (now.version, now.size) == (meta.version, meta.size):
+                raise
+            log.info("%s was replaced while it was read; reading it again", storage.url_for(index_key(name)))
+            meta = now
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def newer_format(exc: BaseException) -> CheckpointVersionError | None:
@@ -113,13 +151,17 @@ def newer_format(exc: BaseException) -> CheckpointVersionError | None:
     return exc if newer else None
 
 
-def load_index_bytes(storage: Storage, name: str) -> bytes:
-    """``read_index_bytes`` of a checkpoint that must exist (``CheckpointNotFoundError`` otherwise)."""
-    data = read_index_bytes(storage, name)
-    if data is None:
-        raise CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name),
-                                      key=index_key(name))
-    return data
+def load_decoded(storage: Storage, name: str, decode: Callable[[bytes], T]) -> T:
+    """``read_decoded`` of a checkpoint that must exist (``CheckpointNotFoundError`` otherwise)."""
+    found = read_decoded(storage, name, decode)
+    if found is None:
+        raise index_not_found(storage, name)
+    return found
+
+
+def index_not_found(storage: Storage, name: str) -> CheckpointNotFoundError:
+    """The error for checkpoint ``name`` having no index (its message suggests ``<name>-N`` that exist)."""
+    return CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name), key=index_key(name))
 
 
 def load_index(storage: Storage, name: str) -> CheckpointIndex:
@@ -131,7 +173,8 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
         BucketNotFoundError: the bucket is missing.
         CheckpointFormatError: the index is malformed, too large, or of an unknown version.
     """
-    return decode_index(load_index_bytes(storage, name), name, storage.url_for(index_key(name)))
+    url = storage.url_for(index_key(name))
+    return load_decoded(storage, name, lambda data: decode_index(data, name, url))
 
 
 def _not_found_message(storage: Storage, name: str) -> str:

@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloudckpt.errors import CheckpointFormatError, CheckpointNotFoundError
+from cloudckpt.errors import CheckpointFormatError
 from cloudckpt.format.decode import decode_index
 from cloudckpt.format.entries import CheckpointIndex
-from cloudckpt.format.index_fetch import load_index_bytes
+from cloudckpt.format.index_fetch import index_not_found, read_decoded
 from cloudckpt.format.naming import index_key
 from cloudckpt.storage import Storage
 
@@ -160,13 +160,17 @@ def load_any_index(storage: Storage, name: str) -> CheckpointIndex | ForeignChec
             has lost its magic number), no reader is registered for theirs, or the index
             they hold is malformed.
     """
-    try:
-        data = load_index_bytes(storage, name)
-    except CheckpointNotFoundError:
-        layout = find_directory_layout(storage, name) if _LAYOUTS else None
-        if layout is None:
-            raise
-        return layout.opener(storage, name.rstrip("/"))
+    found = read_decoded(storage, name, lambda data: _decode_any(storage, name, data))
+    if found is not None:
+        return found
+    layout = find_directory_layout(storage, name) if _LAYOUTS else None
+    if layout is None:
+        raise index_not_found(storage, name)
+    return layout.opener(storage, name.rstrip("/"))
+
+
+def _decode_any(storage: Storage, name: str, data: bytes) -> CheckpointIndex | ForeignCheckpoint:
+    """The index in ``data``, told by its bytes: cloudckpt's, or a registered reader's."""
     url = storage.url_for(index_key(name))
     kind = sniff_index(data)
     if kind is IndexFormat.CLOUDCKPT:
