@@ -624,11 +624,17 @@ def clear_async(client: Any, bucket: str, server: Any, i: int) -> None:
 
 
 def reclaim_deleted_space(server: Any) -> None:
-    """Vacuum SeaweedFS now (untimed, between runs): deleted checkpoints keep their disk until then."""
+    """Vacuum SeaweedFS now (untimed, between runs): deleted checkpoints keep their disk until then.
+
+    Then ``os.sync()``: the vacuum rewrites volumes and the last run leaves dirty pages; flushed
+    here, neither is written back inside the next path's timed run (round-robin, so it would
+    land on whichever path comes next).
+    """
     sys.path.insert(0, str(REPO / "tests"))
     import servers
 
     servers.reclaim_deleted_space(server)
+    os.sync()
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,8 @@ suite times the same paths as ``bench checkpoint`` (``bench/ckpt_paths.py``: clo
 plain HTTP and once over HTTPS (the same server's TLS port, a self-signed certificate made at
 start, given to every client as its CA bundle - as users run it). For each operation it takes
 the wall time and the user + system CPU time of this process (``resource.getrusage``: every
-thread, the Rust / C ones included) and reports the best run of each.
+thread, the Rust / C ones included) and reports the best run of each, with the server
+process's CPU over the same span (its median per GiB): on this box the server saturates first.
 
 ``--profile`` then records where cloudckpt's own CPU goes (py-spy, every thread, in a child
 process) per phase: save, restore. ``--first`` measures the first request of a process (a fresh
@@ -37,7 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench_checkpoint import describe_run, make_state, state_bytes, use_bench_credentials, verify
+from bench.bench_checkpoint import (
+    describe_run,
+    make_state,
+    reclaim_deleted_space,
+    state_bytes,
+    use_bench_credentials,
+    verify,
+)
 from bench.ckpt_paths import (
     PathSpec,
     SavePath,
@@ -59,6 +67,7 @@ CHILD_TIMEOUT = 600.0
 class Sample:
     wall: float
     cpu: float
+    server_cpu: float = float("nan")  # the server process's CPU in the same span (NaN: not known)
 
 
 @dataclass
@@ -78,11 +87,29 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measured(fn: Callable[[], Any]) -> tuple[Sample, Any]:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of another process so far (Linux ``/proc/<pid>/stat``); NaN elsewhere.
+
+    Why: on this box the server, not the client, is what saturates first (SeaweedFS spends
+    ~8-10 CPU-s per GiB written, over half of it in MD5). Its CPU per GiB next to the client's
+    says whether a client is faster because it costs the server less or because it takes less
+    of the shared cores.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(fn: Callable[[], Any], server_cpu: Callable[[], float] | None = None) -> tuple[Sample, Any]:
     gc.collect()
+    server0 = server_cpu() if server_cpu is not None else float("nan")
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     out = fn()
-    return Sample(time.perf_counter() - wall0, cpu_seconds() - cpu0), out
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    server = server_cpu() - server0 if server_cpu is not None else float("nan")
+    return Sample(wall, cpu, server), out
 
 
 @contextlib.contextmanager
@@ -108,8 +135,13 @@ def endpoint_env(endpoint: str, ca_bundle: Path | None) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def measure_protocol(protocol: str, specs: list[PathSpec], setup: Setup, repeat: int) -> list[Row]:
-    """Save each path ``repeat`` times round-robin, then restore round-robin (each restore verified)."""
+def measure_protocol(protocol: str, specs: list[PathSpec], setup: Setup, repeat: int,
+                     server_pid: int | None = None) -> list[Row]:
+    """Save each path ``repeat`` times round-robin, then restore round-robin (each restore verified).
+
+    With ``server_pid``, each sample also holds that process's CPU over the same span.
+    """
+    server_cpu = functools.partial(process_cpu_seconds, server_pid) if server_pid is not None else None
     rows: list[tuple[Row, SavePath | None]] = []
     for spec in specs:
         try:
@@ -136,11 +168,11 @@ def measure_protocol(protocol: str, specs: list[PathSpec], setup: Setup, repeat:
                     if phase == "save":
                         if i > 0:
                             path.clear(i - 1)
-                        sample, _ = measured(functools.partial(path.save, i))
+                        sample, _ = measured(functools.partial(path.save, i), server_cpu)
                         row.save.append(sample)
                     else:
                         path.before_restore()
-                        sample, restored = measured(functools.partial(path.restore, repeat - 1))
+                        sample, restored = measured(functools.partial(path.restore, repeat - 1), server_cpu)
                         verify(restored, setup.state, f"{protocol} {row.name}")
                         del restored
                         row.restore.append(sample)
@@ -148,8 +180,8 @@ def measure_protocol(protocol: str, specs: list[PathSpec], setup: Setup, repeat:
                     row.error = f"{phase}: {type(exc).__name__}: {exc}"[:200]
                     print(f"  {protocol} {row.key} FAILED {row.error}", flush=True)
                     continue
-                print(f"  {protocol} {phase:7} {row.name}: {sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU",
-                      flush=True)
+                print(f"  {protocol} {phase:7} {row.name}: {sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU, "
+                      f"server {sample.server_cpu:.2f} s CPU", flush=True)
     for _row, path in rows:
         if path is not None:
             with contextlib.suppress(Exception):
@@ -177,20 +209,27 @@ def median_rate(samples: list[Sample], size: int) -> float:
     return size / MiB / walls[len(walls) // 2]
 
 
+def median_server_cpu(samples: list[Sample], size: int) -> float:
+    """The server's median CPU-s/GiB over ``samples`` (NaN when not measured)."""
+    known = sorted(s.server_cpu for s in samples if s.server_cpu == s.server_cpu)
+    return known[len(known) // 2] / (size / GiB) if known else float("nan")
+
+
 def report(rows: list[Row], size: int) -> str:
-    lines = ["| protocol | client | save MiB/s best (median) | save CPU-s/GiB | restore MiB/s best (median) "
-             "| restore CPU-s/GiB |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| protocol | client | save MiB/s best (median) | save CPU-s/GiB | server CPU-s/GiB (median) "
+             "| restore MiB/s best (median) | restore CPU-s/GiB | server CPU-s/GiB (median) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row.error and not (row.save and row.restore):
-            lines.append(f"| {row.protocol} | {row.name} | not measured: {row.error} | | | |")
+            lines.append(f"| {row.protocol} | {row.name} | not measured: {row.error} | | | | | |")
             continue
         save_rate, save_cpu = best(row.save, size)
         restore_rate, restore_cpu = best(row.restore, size)
         name = f"**{row.name}**" if row.ours else row.name
         lines.append(f"| {row.protocol} | {name} | {save_rate:.0f} ({median_rate(row.save, size):.0f}) | "
-                     f"{save_cpu:.2f} | {restore_rate:.0f} ({median_rate(row.restore, size):.0f}) | "
-                     f"{restore_cpu:.2f} |")
+                     f"{save_cpu:.2f} | {median_server_cpu(row.save, size):.2f} | "
+                     f"{restore_rate:.0f} ({median_rate(row.restore, size):.0f}) | "
+                     f"{restore_cpu:.2f} | {median_server_cpu(row.restore, size):.2f} |")
     lines.append("")
     for protocol in dict.fromkeys(r.protocol for r in rows):
         group = [r for r in rows if r.protocol == protocol and r.save]
@@ -391,8 +430,9 @@ def main(argv: list[str]) -> int:
                 print(f"{protocol}: {endpoint} ...", flush=True)
                 if not args.no_timing:
                     setup = Setup(state, dest, Path(tmp), endpoint, bucket,
-                                  reclaim=functools.partial(servers.reclaim_deleted_space, server))
-                    rows += measure_protocol(protocol, [known[k] for k in wanted], setup, args.repeat)
+                                  reclaim=functools.partial(reclaim_deleted_space, server))
+                    rows += measure_protocol(protocol, [known[k] for k in wanted], setup, args.repeat,
+                                             server.process.pid)
                 if args.profile:
                     profile_ours(protocol, bucket, args.size_mib, Path(args.profile_dir))
                 if args.first:
@@ -406,7 +446,8 @@ def main(argv: list[str]) -> int:
                 os.environ["STORAGE_EMULATOR_HOST"] = gcs_server.endpoint
                 print(f"gcs: fake-gcs-server at {gcs_server.endpoint} ...", flush=True)
                 setup = Setup(state, dest, Path(tmp), gcs_server.endpoint, f"cpu-{uuid.uuid4().hex[:10]}")
-                rows += measure_protocol("gcs http", gcs_paths(setup), setup, args.repeat)
+                rows += measure_protocol("gcs http", gcs_paths(setup), setup, args.repeat,
+                                         gcs_server.process.pid)
     print()
     print(f"{size / MiB:.0f} MiB, best of {args.repeat}, {os.cpu_count()} cores")
     print(f"start: {started_as}")
