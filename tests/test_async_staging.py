@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloudckpt.object_graph import ArrayLeaf, Collected
+from cloudckpt.object_graph import ArrayLeaf, Collected, ShardedLeaf
 from cloudckpt.saving import async_save
 from cloudckpt.saving.async_save import StagingBuffer
 
@@ -84,3 +84,37 @@ def test_a_manager_with_async_options_reserves_the_staging_buffer_at_constructio
     manager.save()
     manager.sync()
     assert ckpt._saver.staging._buffer is buffer  # the first save copied into the reserved buffer
+
+
+def test_frozen_leaves_are_neither_copied_nor_counted_and_the_rest_still_is() -> None:
+    """A leaf whose bytes can never change (a CPU jax.Array's view) is uploaded from where it is."""
+    staging = StagingBuffer()
+    live = entries()
+    frozen = np.arange(4096, dtype=np.float32)
+    live["frozen"] = ArrayLeaf(frozen, "ndarray", frozen=True)
+    live["sharded"] = ShardedLeaf((8192,), np.dtype(np.float32), "ndarray", (((0,), frozen), ((4096,), frozen)),
+                                  frozen=True)
+    plain = sum(int(item.array.nbytes) for path, item in live.items() if path in ("a", "b", "c"))
+    used = staging.reserve_for(live, budget=1 << 40)
+    assert used == StagingBuffer().reserve_for(entries(), budget=1 << 40)  # no room taken by the frozen ones
+    staged, overflow, nbytes = staging.stage(live, budget=used)  # exactly the plain leaves fit
+    assert overflow == set() and nbytes == plain
+    assert staged["frozen"] is live["frozen"] and staged["sharded"] is live["sharded"]
+    for path in ("a", "b", "c"):
+        copy, source = staged[path], live[path]
+        assert isinstance(copy, ArrayLeaf) and isinstance(source, ArrayLeaf)
+        assert not np.shares_memory(copy.array, source.array)
+
+
+def test_an_async_save_stages_numpy_arrays_but_not_immutable_bytes(tmp_path: Path) -> None:
+    from cloudckpt import Checkpoint, CheckpointOptions
+
+    blob, array = bytes(range(256)) * 4096, np.arange(1000, dtype=np.int64)
+    ckpt = Checkpoint(state={"blob": blob, "array": array})
+    path = ckpt.save(str(tmp_path / "ck"), options=CheckpointOptions(enable_async=True))
+    ckpt.sync()
+    stats = ckpt.last_save_stats
+    assert stats is not None and array.nbytes <= stats.staged_bytes <= array.nbytes + 8  # + save_counter
+    restored = Checkpoint(state={"blob": b"", "array": np.zeros(1000, np.int64)})
+    restored.restore(path).assert_consumed()
+    assert restored.state["blob"] == blob and np.array_equal(restored.state["array"], array)

@@ -244,6 +244,28 @@ def test_manager_async_saves_survive_deleted_arrays_and_resume(tmp_path: Path) -
     assert ccjax.restore(f"{directory}/ckpt-4", fresh.tree)["step"] == 4
 
 
+def test_an_async_save_uploads_cpu_arrays_from_their_own_buffers_and_lets_go_of_them(tmp_path: Path) -> None:
+    """A jax.Array is immutable: on CPU an async save stages none of its bytes (no copy while the caller
+    waits, as Orbax), the caller may delete it as soon as save returns, and once the save is synced
+    nothing holds its buffer any more (a donating step can take it again)."""
+    tree = {"w": random_bits((256, 64), jnp.float32, 3), "u": random_bits((128,), jnp.bfloat16, 4),
+            "n": np.arange(1000, dtype=np.int64), "step": 1}
+    expected = {k: bits(tree[k]) for k in ("w", "u", "n")}
+    donate = jax.jit(lambda a: a * 2, donate_argnums=0)
+    ckpt = ccjax.PyTreeCheckpoint(tree)
+    path = ckpt.save(str(tmp_path / "ck"), options=CheckpointOptions(enable_async=True))
+    tree["w"].delete()  # as a donated buffer would be, right after save returned
+    ckpt.sync()
+    stats = ckpt.last_save_stats
+    assert stats is not None and tree["n"].nbytes <= stats.staged_bytes <= tree["n"].nbytes + 8  # + save_counter
+    donate(tree["u"])
+    assert tree["u"].is_deleted()  # a numpy view of its buffer still held anywhere would have stopped that
+    ckpt.close()
+    like = {"w": jnp.zeros((256, 64)), "u": jnp.zeros(128, jnp.bfloat16), "n": np.zeros(1000, np.int64), "step": 0}
+    restored = ccjax.restore(path, like)
+    assert {k: bits(restored[k]) for k in expected} == expected and restored["step"] == 1
+
+
 def test_arrays_off_the_cpu_are_read_by_the_copier_in_one_batch_into_the_staging(tmp_path: Path) -> None:
     """The accelerator path (CPU arrays standing in): an async save reads every array in one copier batch
     straight into the staging area, blocks until it completed, and then the arrays may be deleted."""

@@ -63,10 +63,16 @@ class ArrayLeaf:
 
     ``array`` is the host view a kind's ``collect`` handed over, or a ``DeviceArray`` whose
     copier moves its bytes when a step needs them (see the module docstring).
+
+    ``frozen``: the host view's bytes can never change while it is referenced (a CPU
+    ``jax.Array``'s view of its immutable buffer, which the view keeps alive), so an async
+    save uploads from it after the caller resumes instead of copying it into staging first.
+    A kind sets it only when nothing - not the caller, not the framework - can write there.
     """
 
     array: NDArray[Any] | DeviceArray
     pytype: ArrayPyType
+    frozen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,7 @@ class ShardedLeaf:
     dtype: np.dtype[Any]
     pytype: ArrayPyType
     shards: tuple[tuple[tuple[int, ...], NDArray[Any] | DeviceArray], ...]
+    frozen: bool = False  # every shard's bytes can never change: as ``ArrayLeaf.frozen``
 
 
 #: What the graph walk yields per key path: inner nodes, JSON values and arrays to write.

@@ -11,7 +11,10 @@ Saving: a single-device array is an ordinary array entry (its host view; on CPU 
 view of the device buffer). A sharded one is a ``ShardedLeaf`` of the addressable shards
 whose ``replica_id`` is 0, so every replicated box is written exactly once in the job, by
 the process holding its first replica; the save plan checks that the boxes of all
-processes tile the global shape. Entries carry the ``ndarray`` pytype: without a ``like``,
+processes tile the global shape. On CPU both are marked ``frozen``: the buffer is immutable and
+the view keeps it alive, so an async save uploads from it without a staging copy, as Orbax
+does (while the view is held, jax does not donate that buffer to a jitted step, which then
+allocates anew). Entries carry the ``ndarray`` pytype: without a ``like``,
 readers (``load_variable``, ``cloudckpt export``) get numpy arrays.
 
 jax is never imported here: this kind claims only values whose type comes from jax, and
@@ -175,13 +178,15 @@ class JaxArrayKind(LeafKind):
                              f"cloudckpt.jax, which stores its key data and impl")
         shape = tuple(int(n) for n in value.shape)
         if len(value.sharding.device_set) == 1:
-            return ArrayLeaf(_bytes_of(value, path), "ndarray")
+            data = _bytes_of(value, path)
+            return ArrayLeaf(data, "ndarray", frozen=not isinstance(data, DeviceArray))
         start_host_copies(value)
         shards: list[tuple[tuple[int, ...], NDArray[Any] | DeviceArray]] = []
         for shard in written_shards(value):  # other replicas: another device (maybe another process) writes them
             start, _ = box_of(shard.index, shape)
             shards.append((start, _bytes_of(shard.data, path)))
-        return ShardedLeaf(shape, storage_dtype(np.dtype(value.dtype)), "ndarray", tuple(shards))
+        frozen = not any(isinstance(data, DeviceArray) for _, data in shards)
+        return ShardedLeaf(shape, storage_dtype(np.dtype(value.dtype)), "ndarray", tuple(shards), frozen)
 
     def restore(self, plan: LeafPlan, live: Any, setter: Setter | None) -> None:
         jax = _jax()

@@ -28,7 +28,7 @@ class OpaqueBytesKind(LeafKind):
         return type(value) is bytes
 
     def collect(self, value: Any, path: str) -> ArrayLeaf:
-        return ArrayLeaf(np.frombuffer(value, dtype=np.uint8), "bytes")
+        return ArrayLeaf(np.frombuffer(value, dtype=np.uint8), "bytes", frozen=True)  # immutable: never staged
 
     def restore(self, plan: LeafPlan, live: Any, setter: Setter | None) -> None:
         entry = array_entry(plan, live)

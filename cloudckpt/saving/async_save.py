@@ -93,6 +93,10 @@ class StagingBuffer:
     area is pinned once for a copier that wants it (``Copier.pin``: ``cudaHostRegister`` on
     this same mapping), and stays pinned while it is reused. Views of one device storage
     (tied weights, slices) are staged once.
+
+    Leaves marked ``frozen`` (bytes that can never change: a CPU ``jax.Array``'s view) are not
+    staged at all: the upload reads them where they are, after the caller resumes - no copy,
+    no staging memory for them.
     """
 
     def __init__(self) -> None:
@@ -228,14 +232,14 @@ def _layout(entries: Mapping[str, Collected], budget: int, aliases: Mapping[int,
     """Where each array leaf goes in the buffer while they fit ``budget``: (placed, overflow, bytes used).
 
     An offset of -1: a device array staged as a view of the one whose storage holds it (placed
-    only if that one is).
+    only if that one is). Frozen leaves are neither placed nor overflow: they need no snapshot.
     """
     placed: list[tuple[str, ArrayLeaf | ShardedLeaf, list[int]]] = []
     overflow: set[str] = set()
     used = 0
     deferred: list[tuple[str, ArrayLeaf | ShardedLeaf]] = []
     for path, item in entries.items():
-        if not isinstance(item, (ArrayLeaf, ShardedLeaf)):
+        if not isinstance(item, (ArrayLeaf, ShardedLeaf)) or item.frozen:  # frozen: uploaded from where it is
             continue
         arrays = _arrays_of(item)
         if any(id(a) in aliases for a in arrays):
