@@ -9,6 +9,7 @@ run in one spawned process that sets ``XLA_FLAGS`` before it imports jax
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -253,13 +254,18 @@ def test_an_async_save_uploads_cpu_arrays_from_their_own_buffers_and_lets_go_of_
     expected = {k: bits(tree[k]) for k in ("w", "u", "n")}
     donate = jax.jit(lambda a: a * 2, donate_argnums=0)
     ckpt = ccjax.PyTreeCheckpoint(tree)
-    path = ckpt.save(str(tmp_path / "ck"), options=CheckpointOptions(enable_async=True))
-    tree["w"].delete()  # as a donated buffer would be, right after save returned
-    ckpt.sync()
-    stats = ckpt.last_save_stats
-    assert stats is not None and tree["n"].nbytes <= stats.staged_bytes <= tree["n"].nbytes + 8  # + save_counter
-    donate(tree["u"])
-    assert tree["u"].is_deleted()  # a numpy view of its buffer still held anywhere would have stopped that
+    gc.collect()
+    gc.disable()  # a reference cycle holding the save's views must not hide behind a timely collection
+    try:
+        path = ckpt.save(str(tmp_path / "ck"), options=CheckpointOptions(enable_async=True))
+        tree["w"].delete()  # as a donated buffer would be, right after save returned
+        ckpt.sync()
+        stats = ckpt.last_save_stats
+        assert stats is not None and tree["n"].nbytes <= stats.staged_bytes <= tree["n"].nbytes + 8  # + save_counter
+        donate(tree["u"])
+        assert tree["u"].is_deleted()  # a numpy view of its buffer still held anywhere would have stopped that
+    finally:
+        gc.enable()
     ckpt.close()
     like = {"w": jnp.zeros((256, 64)), "u": jnp.zeros(128, jnp.bfloat16), "n": np.zeros(1000, np.int64), "step": 0}
     restored = ccjax.restore(path, like)

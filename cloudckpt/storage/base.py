@@ -260,7 +260,13 @@ class Storage(ABC):
                 raise
             if self._is_transient(exc) and not isinstance(translated, TransientError):
                 translated = TransientError(f"{describe} {url} kept failing: {exc}", url)
-            raise translated from exc
+            try:
+                raise translated from exc
+            finally:
+                # The raised error's traceback holds this frame; kept in its locals, the error would
+                # close a reference cycle through every caller's frame (a save's arrays included),
+                # freed only by the cyclic GC - an expected "not found" on every save's HEAD did that.
+                del translated
 
     def _run_parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
         """Run tasks on the pool; wait for all; raise the first failure."""
