@@ -84,7 +84,10 @@ def _translated(url: str, coordinator: Coordinator) -> Iterator[None]:
         translated = save_error(exc, url, coordinator)
         if translated is exc:
             raise
-        raise translated from exc
+        try:
+            raise translated from exc
+        finally:
+            del translated  # kept in this frame's locals, it would close a cycle through its own traceback
 
 
 def load_error(exc: BaseException, coordinator: Coordinator) -> BaseException:

@@ -330,7 +330,10 @@ class S3Storage(Storage):
             refused = refusal(exc, self._url_of(full_key), mode)
             if refused is None:
                 raise
-            raise refused from exc
+            try:
+                raise refused from exc
+            finally:
+                del refused  # kept in this frame's locals, it would close a cycle through its own traceback
 
     def _delete_many(self, full_keys: Sequence[str]) -> None:
         if len(full_keys) == 1:
