@@ -202,16 +202,17 @@ def median_rate(samples: list[Sample], size: int) -> float:
     next by 5-10 %, as much as the paths differ; a best-of-N ratio near 1.0 can fall either way
     by luck, the median says which path is usually faster.
     """
-    if not samples:
-        return float("nan")
-    walls = sorted(s.wall for s in samples)
-    return size / MiB / walls[len(walls) // 2]
+    return size / MiB / _middle([s.wall for s in samples])
 
 
 def median_server_cpu(samples: list[Sample], size: int) -> float:
     """The server's median CPU-s/GiB over ``samples`` (NaN when not measured)."""
-    known = sorted(s.server_cpu for s in samples if s.server_cpu == s.server_cpu)
-    return known[len(known) // 2] / (size / GiB) if known else float("nan")
+    return _middle([s.server_cpu for s in samples if s.server_cpu == s.server_cpu]) / (size / GiB)
+
+
+def _middle(values: list[float]) -> float:
+    """The middle value (the upper one of an even count); NaN for none."""
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 def report(rows: list[Row], size: int) -> str:

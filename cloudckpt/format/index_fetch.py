@@ -151,14 +151,6 @@ def newer_format(exc: BaseException) -> CheckpointVersionError | None:
     return exc if newer else None
 
 
-def load_decoded(storage: Storage, name: str, decode: Callable[[bytes], T]) -> T:
-    """``read_decoded`` of a checkpoint that must exist (``CheckpointNotFoundError`` otherwise)."""
-    found = read_decoded(storage, name, decode)
-    if found is None:
-        raise index_not_found(storage, name)
-    return found
-
-
 def index_not_found(storage: Storage, name: str) -> CheckpointNotFoundError:
     """The error for checkpoint ``name`` having no index (its message suggests ``<name>-N`` that exist)."""
     return CheckpointNotFoundError(_not_found_message(storage, name), storage.url_for(name), key=index_key(name))
@@ -173,8 +165,10 @@ def load_index(storage: Storage, name: str) -> CheckpointIndex:
         BucketNotFoundError: the bucket is missing.
         CheckpointFormatError: the index is malformed, too large, or of an unknown version.
     """
-    url = storage.url_for(index_key(name))
-    return load_decoded(storage, name, lambda data: decode_index(data, name, url))
+    index = read_index(storage, name)
+    if index is None:
+        raise index_not_found(storage, name)
+    return index
 
 
 def _not_found_message(storage: Storage, name: str) -> str:
